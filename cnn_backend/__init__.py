@@ -1,0 +1,45 @@
+"""cnn_backend: a convolutional neural network from scratch, on NumPy/SciPy (CPU) or CuPy (CUDA GPU).
+
+Every layer is written once against a :class:`Backend` (``xp`` = numpy or cupy, ``signal`` =
+scipy.signal or cupyx.scipy.signal); :func:`get_backend` picks the device.
+"""
+
+from .backend import Backend, DeviceUnavailableError, get_backend
+from .layers import (
+    Convolution,
+    Dropout,
+    Flatten,
+    FullyConnected,
+    MaxPool,
+    ReLU,
+    ShapeError,
+    SoftmaxCrossEntropy,
+)
+from .model import ARCHITECTURES, Sequential, default_cnn, seed_cnn
+from .optim import SGD, Adam, CosineSchedule, StepSchedule
+from .serialization import ModelFileError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "Adam",
+    "Backend",
+    "Convolution",
+    "CosineSchedule",
+    "DeviceUnavailableError",
+    "Dropout",
+    "Flatten",
+    "FullyConnected",
+    "MaxPool",
+    "ModelFileError",
+    "ReLU",
+    "SGD",
+    "Sequential",
+    "ShapeError",
+    "SoftmaxCrossEntropy",
+    "StepSchedule",
+    "default_cnn",
+    "get_backend",
+    "seed_cnn",
+]

@@ -1,0 +1,131 @@
+"""Array backends: the only place that knows whether arrays live on the host or on a CUDA device.
+
+A :class:`Backend` carries the array module ``xp`` (``numpy`` or ``cupy``) and the signal module
+``signal`` (``scipy.signal`` or ``cupyx.scipy.signal``). Layers, kernels, models and optimisers take
+every array function from it, so the same code runs on both devices. CuPy is imported lazily, only
+when CUDA is asked for (or probed by ``"auto"``): CPU users never import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy
+
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "float64")
+
+CUDA_INSTALL_HINT = (
+    "install the CuPy wheel matching your CUDA major version: "
+    "pip install 'cnn-backend[cuda12]' (CUDA 12.x) or 'cnn-backend[cuda13]' (CUDA 13.x)"
+)
+
+
+class DeviceUnavailableError(RuntimeError):
+    """Raised when a device is asked for that this machine cannot provide."""
+
+
+@dataclass(frozen=True, eq=False)
+class Backend:
+    """One compute device: its array module, its signal module and the default float dtype.
+
+    ``to_device`` moves host data onto the device; ``to_numpy`` brings device data back to the host.
+    ``synchronize`` waits for queued device work (needed before reading a clock).
+    """
+
+    name: str
+    xp: ModuleType
+    signal: ModuleType
+    dtype: numpy.dtype = numpy.dtype("float32")
+
+    def to_device(self, array: Any, dtype: Any = None):
+        """Return ``array`` as an array of this backend (no copy when it already is one)."""
+        return self.xp.asarray(array, dtype=dtype)
+
+    def to_numpy(self, array: Any) -> numpy.ndarray:
+        """Return a host (NumPy) copy of a device array; host arrays pass through."""
+        if hasattr(array, "get") and not isinstance(array, numpy.ndarray):
+            return array.get()
+        return numpy.asarray(array)
+
+    def synchronize(self) -> None:
+        """Block until all queued work on this device has finished (a no-op on the CPU)."""
+
+    def with_dtype(self, dtype: Any) -> "Backend":
+        """The same device with another default float dtype."""
+        return type(self)(self.name, self.xp, self.signal, _float_dtype(dtype))
+
+    def __repr__(self) -> str:
+        return f"Backend(name={self.name!r}, dtype={self.dtype.name})"
+
+
+class CudaBackend(Backend):
+    """CuPy on the current CUDA device."""
+
+    def synchronize(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
+
+
+def _float_dtype(dtype: Any) -> numpy.dtype:
+    resolved = numpy.dtype(dtype)
+    if resolved.name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {resolved.name!r}")
+    return resolved
+
+
+def cpu_backend(dtype: Any = "float32") -> Backend:
+    """NumPy and SciPy on the host."""
+    import scipy.signal
+
+    return Backend("cpu", numpy, scipy.signal, _float_dtype(dtype))
+
+
+def cuda_backend(dtype: Any = "float32") -> CudaBackend:
+    """CuPy and ``cupyx.scipy.signal`` on the current CUDA device.
+
+    Raises :class:`DeviceUnavailableError` with one line naming what is missing: CuPy itself, a
+    usable CUDA device, or the CUDA libraries ``cupyx.scipy.signal`` needs.
+    """
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError as exc:
+        raise DeviceUnavailableError(f"CUDA was requested but CuPy is not installed ({exc}); {CUDA_INSTALL_HINT}") from None
+    try:
+        usable = bool(cupy.cuda.is_available())
+    except Exception as exc:  # a broken driver raises instead of answering False
+        raise DeviceUnavailableError(f"CUDA was requested but the CUDA driver failed: {exc}") from None
+    if not usable:
+        raise DeviceUnavailableError(
+            f"CUDA was requested but CuPy {cupy.__version__} found no usable CUDA device "
+            "(no GPU, or the NVIDIA driver is missing)"
+        )
+    try:
+        signal = importlib.import_module("cupyx.scipy.signal")
+    except Exception as exc:  # ImportError, or a RuntimeError from a missing CUDA library
+        raise DeviceUnavailableError(
+            f"CUDA was requested but cupyx.scipy.signal failed to import ({exc}); "
+            f"the CUDA libraries are missing or mismatched: {CUDA_INSTALL_HINT}"
+        ) from None
+    return CudaBackend("cuda", cupy, signal, _float_dtype(dtype))
+
+
+def get_backend(device: str | Backend = "auto", dtype: Any = "float32") -> Backend:
+    """Return the backend for ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when usable, else CPU).
+
+    A :class:`Backend` passes through unchanged, so functions can accept either.
+    """
+    if isinstance(device, Backend):
+        return device
+    if device == "cpu":
+        return cpu_backend(dtype)
+    if device == "cuda":
+        return cuda_backend(dtype)
+    if device == "auto":
+        try:
+            return cuda_backend(dtype)
+        except DeviceUnavailableError:
+            return cpu_backend(dtype)
+    raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")

@@ -1,0 +1,42 @@
+"""Host-side parameter initialisation.
+
+Parameters are drawn on the host with a seeded :class:`numpy.random.Generator` and only then sent to
+a backend, so a model built from the same seed starts from bit-identical weights on every device
+(CuPy's random streams differ from NumPy's).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+
+
+def make_rng(seed: int | numpy.random.Generator | None) -> numpy.random.Generator:
+    """A Generator from a seed, an existing Generator (returned as is), or None (fresh entropy)."""
+    if isinstance(seed, numpy.random.Generator):
+        return seed
+    return numpy.random.default_rng(seed)
+
+
+def he_normal(rng: numpy.random.Generator, shape: tuple[int, ...], fan_in: int) -> numpy.ndarray:
+    """He (Kaiming) normal: std ``sqrt(2 / fan_in)``, suited to layers followed by ReLU."""
+    return rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+
+
+def glorot_uniform(rng: numpy.random.Generator, shape: tuple[int, ...], fan_in: int, fan_out: int) -> numpy.ndarray:
+    """Glorot (Xavier) uniform: ``U(-a, a)`` with ``a = sqrt(6 / (fan_in + fan_out))``."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape)
+
+
+INITIALIZERS = ("he", "glorot")
+
+
+def initial_weight(rng: numpy.random.Generator, shape: tuple[int, ...], fan_in: int, fan_out: int, scheme: str):
+    """Draw a weight tensor with the named scheme (``"he"`` or ``"glorot"``)."""
+    if scheme == "he":
+        return he_normal(rng, shape, fan_in)
+    if scheme == "glorot":
+        return glorot_uniform(rng, shape, fan_in, fan_out)
+    raise ValueError(f"unknown init {scheme!r}; choose one of {', '.join(INITIALIZERS)}")

@@ -1,0 +1,201 @@
+"""The Sequential model, the named architectures, and saving/loading to ``.npz`` (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .backend import Backend, get_backend
+from .init import make_rng
+from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
+from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, Parameter, ReLU
+
+CONFIG_KEY = "__model_config__"
+
+
+class Sequential:
+    """Layers applied in order. ``forward``/``backward`` run on the model's backend."""
+
+    def __init__(self, layers: Iterable[Layer], backend: Backend | str | None = None) -> None:
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("Sequential needs at least one layer")
+        self.backend = self.layers[0].backend if backend is None else get_backend(backend)
+        for layer in self.layers:
+            if layer.backend is not self.backend:
+                layer.to(self.backend)
+        self.layers[0].needs_input_grad = False
+        self.training = True
+
+    # -- device and mode ----------------------------------------------------------------------------
+
+    def to(self, backend: Backend | str) -> "Sequential":
+        """Move every parameter to ``backend`` (and its dtype)."""
+        self.backend = get_backend(backend)
+        for layer in self.layers:
+            layer.to(self.backend)
+        return self
+
+    def train(self, mode: bool = True) -> "Sequential":
+        self.training = mode
+        for layer in self.layers:
+            layer.training = mode
+        return self
+
+    def eval(self) -> "Sequential":
+        return self.train(False)
+
+    # -- computation ---------------------------------------------------------------------------------
+
+    def forward(self, x):
+        """Logits for a batch. ``x`` may be a host array; it is sent to the device in the model's dtype."""
+        x = self.backend.to_device(x)
+        if x.dtype != self.backend.dtype:
+            x = x.astype(self.backend.dtype)
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    __call__ = forward
+
+    def backward(self, grad):
+        """Backpropagate the loss gradient through every layer, filling parameter gradients."""
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad)
+        return grad
+
+    def predict_logits(self, x, batch_size: int = 1000):
+        """Logits for any number of samples, in evaluation mode, computed in batches (device array)."""
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [self.forward(x[start : start + batch_size]) for start in range(0, len(x), batch_size)]
+        finally:
+            self.train(was_training)
+        return self.backend.xp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+    def predict(self, x, batch_size: int = 1000):
+        """Predicted class indices for ``x`` (host NumPy array)."""
+        return self.backend.to_numpy(self.predict_logits(x, batch_size).argmax(axis=1))
+
+    # -- parameters ----------------------------------------------------------------------------------
+
+    def named_parameters(self) -> list[tuple[str, Parameter]]:
+        """``("<layer index>.<name>", Parameter)`` pairs in a fixed order."""
+        return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers) for name, p in layer.params.items()]
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def state_dict(self) -> dict:
+        """Host copies of every parameter, by name."""
+        return {name: self.backend.to_numpy(p.data) for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy host arrays into the parameters; names and shapes must match exactly."""
+        own = dict(self.named_parameters())
+        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+        if missing or unexpected:
+            raise ModelFileError(
+                f"parameters do not match the model: missing {sorted(missing) or 'none'}, "
+                f"unexpected {sorted(unexpected) or 'none'}"
+            )
+        for name, param in own.items():
+            value = state[name]
+            if tuple(value.shape) != tuple(param.data.shape):
+                raise ModelFileError(
+                    f"parameter {name} has shape {tuple(value.shape)} in the file, the model expects {tuple(param.data.shape)}"
+                )
+            param.data = self.backend.to_device(value.astype(self.backend.dtype))
+
+    def config(self) -> list[dict]:
+        """The architecture as data: one ``{"type": ..., "args": ...}`` per layer."""
+        return [{"type": type(layer).__name__, "args": layer.config()} for layer in self.layers]
+
+    @classmethod
+    def from_config(cls, config: list[dict], backend: Backend | str = "cpu") -> "Sequential":
+        backend = get_backend(backend)
+        try:
+            layers = [LAYER_TYPES[spec["type"]](**spec["args"], backend=backend) for spec in config]
+        except (KeyError, TypeError) as exc:
+            raise ModelFileError(f"unknown or malformed layer in the model config: {exc}") from None
+        return cls(layers, backend)
+
+    def __repr__(self) -> str:
+        inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(backend={self.backend.name}, dtype={self.backend.dtype.name}\n{inner}\n)"
+
+    # -- files ---------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write architecture and parameters to ``path`` (.npz), atomically.
+
+        ``extra`` maps names to host arrays stored beside the parameters (e.g. optimiser state).
+        """
+        arrays = {f"param/{name}": value for name, value in self.state_dict().items()}
+        arrays[CONFIG_KEY] = json_array(self.config())
+        for name, value in (extra or {}).items():
+            arrays[name] = value
+        return write_npz_atomic(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: Backend | str = "cpu") -> "Sequential":
+        """Rebuild a model saved with :meth:`save` on ``backend``."""
+        arrays = read_npz(path)
+        if CONFIG_KEY not in arrays:
+            raise ModelFileError(f"{path}: not a cnn_backend model file (no model config inside)")
+        model = cls.from_config(json.loads(str(arrays[CONFIG_KEY])), backend)
+        state = {key[len("param/") :]: value for key, value in arrays.items() if key.startswith("param/")}
+        try:
+            model.load_state_dict(state)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        return model
+
+
+# -- architectures -----------------------------------------------------------------------------------
+
+
+def seed_cnn(backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto") -> Sequential:
+    """The seed article's network: Convolution 1->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected 121->10."""
+    backend = get_backend(backend)
+    rng = make_rng(seed)
+    return Sequential(
+        [
+            Convolution(1, 1, 6, algorithm=algorithm, rng=rng, backend=backend),
+            ReLU(backend),
+            MaxPool(2, backend=backend),
+            Flatten(backend),
+            FullyConnected(121, 10, init="glorot", rng=rng, backend=backend),
+        ],
+        backend,
+    )
+
+
+def default_cnn(
+    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", dropout: float = 0.0
+) -> Sequential:
+    """A classic small CNN for 28x28 greyscale images: two 3x3 conv blocks (32, 64 filters), a 128-unit
+    dense layer and a 10-way output."""
+    backend = get_backend(backend)
+    rng = make_rng(seed)
+    layers: list[Layer] = [
+        Convolution(1, 32, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
+        ReLU(backend),
+        MaxPool(2, backend=backend),
+        Convolution(32, 64, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
+        ReLU(backend),
+        MaxPool(2, backend=backend),
+        Flatten(backend),
+        FullyConnected(64 * 7 * 7, 128, rng=rng, backend=backend),
+        ReLU(backend),
+    ]
+    if dropout:
+        layers.append(Dropout(dropout, rng=rng, backend=backend))
+    layers.append(FullyConnected(128, 10, init="glorot", rng=rng, backend=backend))
+    return Sequential(layers, backend)
+
+
+ARCHITECTURES = {"seed": seed_cnn, "default": default_cnn}

@@ -1,0 +1,45 @@
+"""Shared fixtures: one test body runs on every device; the CUDA case skips with a reason without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnn_backend.backend import DeviceUnavailableError, get_backend
+
+
+def _cuda_skip_reason() -> str | None:
+    try:
+        get_backend("cuda")
+    except DeviceUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_SKIP_REASON is None:
+        return
+    skip = pytest.mark.skip(reason=f"no usable CUDA device: {CUDA_SKIP_REASON}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """Device name; the ``cuda`` case is marked ``gpu`` and skipped where no GPU is usable."""
+    return request.param
+
+
+@pytest.fixture
+def backend(device):
+    """float32 backend of the ``device`` fixture."""
+    return get_backend(device)
+
+
+@pytest.fixture
+def backend64(device):
+    """float64 backend of the ``device`` fixture (gradient checks)."""
+    return get_backend(device, dtype="float64")
