@@ -1,0 +1,150 @@
+"""Optimisers against hand-computed steps, on tiny convex problems, and their schedules and state."""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+import pytest
+
+from cnn_backend import SGD, Adam, CosineSchedule, StepSchedule, get_backend
+from cnn_backend.layers import Parameter
+from cnn_backend.optim import ConstantSchedule, make_optimizer
+
+CPU64 = get_backend("cpu", "float64")
+
+
+def param(values, grad):
+    p = Parameter(numpy.array(values, dtype=numpy.float64))
+    p.grad = numpy.array(grad, dtype=numpy.float64)
+    return p
+
+
+def test_plain_sgd_step():
+    p = param([1.0, -2.0], [0.5, 1.0])
+    SGD([p], lr=0.1, backend=CPU64).step()
+    numpy.testing.assert_allclose(p.data, [0.95, -2.1])
+
+
+def test_sgd_momentum_and_weight_decay_match_hand_computed_steps():
+    p = param([1.0], [0.0])
+    opt = SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01, backend=CPU64)
+    w, v = 1.0, 0.0
+    for grad in (0.5, -0.2, 0.3):
+        p.grad = numpy.array([grad])
+        opt.step()
+        v = 0.9 * v + (grad + 0.01 * w)
+        w = w - 0.1 * v
+        assert p.data[0] == pytest.approx(w, rel=1e-14)
+
+
+def test_nesterov_step():
+    p = param([1.0], [0.4])
+    opt = SGD([p], lr=0.5, momentum=0.5, nesterov=True, backend=CPU64)
+    opt.step()  # v = 0.4; update = g + m v = 0.6
+    assert p.data[0] == pytest.approx(1.0 - 0.5 * 0.6)
+
+
+def test_adam_matches_its_closed_form_first_steps():
+    p = param([0.0, 0.0], [0.0, 0.0])
+    opt = Adam([p], lr=0.01, backend=CPU64)
+    grads = [numpy.array([1.0, -3.0]), numpy.array([0.5, 2.0])]
+    m = numpy.zeros(2)
+    v = numpy.zeros(2)
+    w = numpy.zeros(2)
+    for t, g in enumerate(grads, start=1):
+        p.grad = g
+        opt.step()
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w = w - 0.01 * (m / (1 - 0.9**t)) / (numpy.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        numpy.testing.assert_allclose(p.data, w, rtol=1e-12)
+        if t == 1:  # the first step moves every coordinate by about lr, whatever the gradient's scale
+            numpy.testing.assert_allclose(p.data, [-0.01, 0.01], rtol=1e-6)
+
+
+def test_adamw_decay_is_decoupled():
+    p = param([2.0], [0.0])
+    Adam([p], lr=0.1, weight_decay=0.5, backend=CPU64).step()
+    assert p.data[0] == pytest.approx(2.0 - 0.1 * 0.5 * 2.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: SGD(ps, lr=0.1, backend=CPU64),
+        lambda ps: SGD(ps, lr=0.05, momentum=0.9, backend=CPU64),
+        lambda ps: Adam(ps, lr=0.1, backend=CPU64),
+    ],
+)
+def test_optimisers_minimise_a_quadratic(make):
+    # f(w) = 0.5 * (w - target)^T A (w - target), A positive definite.
+    target = numpy.array([1.0, -2.0, 0.5])
+    a = numpy.diag([1.0, 3.0, 0.5])
+    p = Parameter(numpy.zeros(3))
+    opt = make([p])
+    for _ in range(500):
+        p.grad = a @ (p.data - target)
+        opt.step()
+    numpy.testing.assert_allclose(p.data, target, atol=1e-3)
+
+
+def test_float32_parameters_stay_float32():
+    p = Parameter(numpy.ones(3, dtype=numpy.float32))
+    p.grad = numpy.ones(3, dtype=numpy.float32)
+    for opt in (SGD([p], 0.1, momentum=0.9, weight_decay=1e-4, backend=get_backend("cpu")), Adam([p], backend=get_backend("cpu"), weight_decay=1e-4)):
+        opt.step()
+        assert p.data.dtype == numpy.float32
+        assert all(buf.dtype == numpy.float32 for bufs in opt.buffers.values() for buf in bufs)
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(steps, resume_at=None):
+        p = param([1.0, 1.0], [0.0, 0.0])
+        opt = Adam([p], lr=0.05, backend=CPU64)
+        for step in range(steps):
+            if step == resume_at:
+                state, data = opt.state_dict(), p.data.copy()
+                p = Parameter(data)
+                opt = Adam([p], lr=0.05, backend=CPU64)
+                opt.load_state_dict(state)
+            p.grad = numpy.array([math.sin(step), math.cos(step)])
+            opt.step()
+        return p.data
+
+    numpy.testing.assert_array_equal(run(6), run(6, resume_at=3))
+
+
+def test_state_dict_with_wrong_shape_is_refused():
+    opt = SGD([param([1.0], [0.0])], lr=0.1, momentum=0.9, backend=CPU64)
+    with pytest.raises(ValueError, match=r"optimiser state 'velocity/0' is missing or has the wrong shape"):
+        opt.load_state_dict({"velocity/0": numpy.zeros(2), "steps": 1})
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SGD([], lr=0, backend=CPU64), r"SGD: learning rate must be > 0"),
+        (lambda: SGD([], lr=0.1, momentum=1.0, backend=CPU64), r"SGD: momentum must be in \[0, 1\)"),
+        (lambda: Adam([], betas=(0.9, 1.0), backend=CPU64), r"Adam: betas must be in \[0, 1\)"),
+        (lambda: make_optimizer("rmsprop", [], CPU64), r"unknown optimizer 'rmsprop'; choose one of sgd, adam"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_schedules():
+    assert ConstantSchedule(0.1)(1000) == 0.1
+    step = StepSchedule(0.1, step_size=10, gamma=0.5)
+    assert [step(s) for s in (0, 9, 10, 25)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    cosine = CosineSchedule(1.0, total_steps=110, warmup_steps=10, min_lr=0.1)
+    assert cosine(0) == pytest.approx(0.1)  # first warm-up step
+    assert cosine(9) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(1.0)
+    assert cosine(60) == pytest.approx(0.55)  # half way: midpoint of base and min
+    assert cosine(110) == pytest.approx(0.1)
+    assert cosine(500) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"CosineSchedule: need total_steps >= 1"):
+        CosineSchedule(1.0, total_steps=5, warmup_steps=5)
