@@ -1,0 +1,49 @@
+"""Data augmentation on the device: random crops after zero padding, and horizontal flips.
+
+The random choices (offsets, flips) are drawn on the host from a seeded generator keyed by
+``(seed, epoch, step)`` - a few bytes per batch - and applied to the whole batch at once on the
+device with one gather, so a run is reproducible, resumable at any epoch, and identical on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from .backend import Backend
+
+
+class RandomCropFlip:
+    """Pad each image by ``padding`` zeros, crop back to the original size at a random offset, and
+    flip it left-right with probability ``flip_probability``.
+
+    Called as ``augment(x, epoch, step)`` on a device batch ``x (N, C, H, W)``, as the training loop does.
+    """
+
+    def __init__(self, backend: Backend, padding: int = 2, flip_probability: float = 0.5, seed: int = 0) -> None:
+        if padding < 0:
+            raise ValueError(f"RandomCropFlip: padding must be >= 0, got {padding!r}")
+        if not 0.0 <= flip_probability <= 1.0:
+            raise ValueError(f"RandomCropFlip: flip_probability must be in [0, 1], got {flip_probability!r}")
+        self.backend, self.padding, self.flip_probability, self.seed = backend, int(padding), float(flip_probability), int(seed)
+
+    def config(self) -> dict:
+        return {"padding": self.padding, "flip_probability": self.flip_probability, "seed": self.seed}
+
+    def __call__(self, x, epoch: int, step: int):
+        be, xp = self.backend, self.backend.xp
+        n, _, height, width = x.shape
+        rng = numpy.random.default_rng((self.seed, epoch, step))
+        top = rng.integers(0, 2 * self.padding + 1, size=n)
+        left = rng.integers(0, 2 * self.padding + 1, size=n)
+        flip = rng.random(n) < self.flip_probability
+        # Source column of every output column: shifted by the crop offset, mirrored when flipped.
+        columns = numpy.arange(width)
+        column_index = left[:, None] + numpy.where(flip[:, None], width - 1 - columns, columns)
+        row_index = top[:, None] + numpy.arange(height)
+        padded = be.xp.pad(x, ((0, 0), (0, 0), (self.padding, self.padding), (self.padding, self.padding)))
+        samples = xp.arange(n)[:, None, None]
+        rows = be.to_device(row_index)[:, :, None]
+        cols = be.to_device(column_index)[:, None, :]
+        # Advanced indices on axes 0, 2, 3 around the channel slice: the result is (N, H, W, C).
+        cropped = padded[samples, :, rows, cols]
+        return xp.ascontiguousarray(cropped.transpose(0, 3, 1, 2))

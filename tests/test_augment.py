@@ -1,0 +1,63 @@
+"""Random crop + flip: every output is a shifted (and maybe mirrored) copy of its input, seeded."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from cnn_backend import get_backend
+from cnn_backend.augment import RandomCropFlip
+
+
+def reference(image, top, left, flip, padding):
+    padded = numpy.pad(image, ((0, 0), (padding, padding), (padding, padding)))
+    h, w = image.shape[1:]
+    crop = padded[:, top : top + h, left : left + w]
+    return crop[:, :, ::-1] if flip else crop
+
+
+def test_each_sample_is_a_crop_of_the_padded_input_or_its_mirror():
+    be = get_backend("cpu")
+    x = numpy.random.default_rng(0).random((64, 2, 6, 5), dtype=numpy.float32)
+    y = RandomCropFlip(be, padding=2, seed=3)(x, epoch=1, step=1)
+    assert y.shape == x.shape and y.dtype == numpy.float32
+    seen_flip, seen_shift = False, False
+    for n in range(len(x)):
+        matches = [
+            (top, left, flip)
+            for top in range(5)
+            for left in range(5)
+            for flip in (False, True)
+            if numpy.array_equal(y[n], reference(x[n], top, left, flip, 2))
+        ]
+        assert matches, f"sample {n} is not a crop of its padded input"
+        seen_flip |= any(flip for _, _, flip in matches)
+        seen_shift |= any((top, left) != (2, 2) for top, left, _ in matches)
+    assert seen_flip and seen_shift
+
+
+def test_same_seed_epoch_step_same_batch_otherwise_different():
+    be = get_backend("cpu")
+    x = numpy.random.default_rng(1).random((16, 1, 8, 8), dtype=numpy.float32)
+    aug = RandomCropFlip(be, padding=2, seed=5)
+    numpy.testing.assert_array_equal(aug(x, 2, 7), RandomCropFlip(be, padding=2, seed=5)(x, 2, 7))
+    assert not numpy.array_equal(aug(x, 2, 7), aug(x, 2, 8))
+    assert not numpy.array_equal(aug(x, 2, 7), aug(x, 3, 7))
+
+
+def test_no_padding_no_flip_is_the_identity():
+    be = get_backend("cpu")
+    x = numpy.random.default_rng(2).random((4, 1, 5, 5), dtype=numpy.float32)
+    numpy.testing.assert_array_equal(RandomCropFlip(be, padding=0, flip_probability=0.0)(x, 1, 1), x)
+
+
+def test_always_flip_mirrors_every_sample():
+    be = get_backend("cpu")
+    x = numpy.random.default_rng(3).random((4, 1, 5, 5), dtype=numpy.float32)
+    numpy.testing.assert_array_equal(RandomCropFlip(be, padding=0, flip_probability=1.0)(x, 1, 1), x[..., ::-1])
+
+
+@pytest.mark.parametrize("kwargs, message", [({"padding": -1}, "padding must be >= 0"), ({"flip_probability": 2.0}, r"flip_probability must be in \[0, 1\]")])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RandomCropFlip(get_backend("cpu"), **kwargs)
