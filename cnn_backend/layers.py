@@ -113,6 +113,8 @@ class Convolution(Layer):
             "bias": Parameter(self.backend.xp.zeros(out_channels, dtype=self.backend.dtype)),
         }
         self._cache = None
+        # im2col buffers reused from step to step (see functional.conv2d_forward's ``workspace``).
+        self._workspace: dict = {}
 
     def config(self) -> dict:
         return {
@@ -140,9 +142,10 @@ class Convolution(Layer):
                 f"{self}: expected input of shape (N, {self.in_channels}, H, W) with H, W >= {max(smallest, 1)}, "
                 f"got {tuple(x.shape)}"
             )
-        algorithm = resolve_conv_algorithm(self.algorithm, self.backend)
+        weight = self.params["weight"].data
+        algorithm = resolve_conv_algorithm(self.algorithm, self.backend, x.shape, weight.shape, self.stride)
         y, self._cache = F.conv2d_forward(
-            self.backend, x, self.params["weight"].data, self.params["bias"].data, self.stride, self.padding, algorithm
+            self.backend, x, weight, self.params["bias"].data, self.stride, self.padding, algorithm, self._workspace
         )
         return y
 
@@ -154,10 +157,16 @@ class Convolution(Layer):
         return dx
 
 
-def resolve_conv_algorithm(algorithm: str, backend: Backend) -> str:
-    """The algorithm ``"auto"`` stands for: ``"gemm"``, the fastest measured on CPU and GPU for the
-    kernel sizes used here (see the README's benchmark); explicit choices pass through."""
-    return "gemm" if algorithm == "auto" else algorithm
+def resolve_conv_algorithm(
+    algorithm: str, backend: Backend, input_shape=None, weight_shape=None, stride: int = 1
+) -> str:
+    """The algorithm ``"auto"`` stands for; explicit choices pass through. TEMPORARY"""
+    if algorithm != "auto":
+        return algorithm
+    chosen = F.get_default_conv_algorithm()
+    if chosen != "auto":
+        return chosen
+    return "gemm"
 
 
 class ReLU(Layer):
@@ -272,8 +281,9 @@ class Dropout(Layer):
             self._mask = None
             return x
         keep = self.rng.random(x.shape) >= self.rate
-        scale = 1.0 / (1.0 - self.rate)
-        self._mask = self.backend.to_device((keep * scale).astype(x.dtype))
+        # Send the mask as booleans (a quarter of float32's bytes) and scale it on the device.
+        self._mask = self.backend.to_device(keep).astype(x.dtype)
+        self._mask *= 1.0 / (1.0 - self.rate)
         return x * self._mask
 
     def backward(self, dy):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cnn_backend.backend import DeviceUnavailableError, get_backend
+from cnn_backend.testing import standin_backend
 
 
 def _cuda_skip_reason() -> str | None:
@@ -43,3 +44,26 @@ def backend(device):
 def backend64(device):
     """float64 backend of the ``device`` fixture (gradient checks)."""
     return get_backend(device, dtype="float64")
+
+
+@pytest.fixture(params=["standin", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device_under_test(request):
+    """``dtype -> Backend`` of the device compared against the CPU in parity tests.
+
+    ``"cuda"`` is the real GPU (marked ``gpu``: selected by ``pytest -m gpu``, skipped with a reason
+    elsewhere); ``"standin"`` is the CPU stand-in for the device boundary, so the same test bodies
+    also run, and catch host-array leaks, on machines without a GPU.
+    """
+    name = request.param
+
+    def make(dtype="float32"):
+        return standin_backend(dtype) if name == "standin" else get_backend(name, dtype)
+
+    make.device_name = name
+    return make
+
+
+@pytest.fixture
+def standin():
+    """A fresh float32 stand-in device (its own usage record)."""
+    return standin_backend("float32")

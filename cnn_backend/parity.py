@@ -1,0 +1,412 @@
+"""CPU/device parity: train one seeded model on the CPU and on a device side by side and compare.
+
+Both models start from bit-identical weights (drawn on the host from the same seed) and see the same
+host batches. After every step the activations, gradients and updated weights of every layer are
+read back and compared, so a divergence is reported at the step and layer where it first appears::
+
+    cnn-backend parity --model default --steps 20 --conv-algorithm signal
+    python scripts/parity.py --dtype float64
+
+Exit status: 0 when every difference is within the tolerance, 1 when one is not (or a device result
+has the wrong dtype, shape or array type), 2 when the device is unavailable (one line says why).
+
+Differences are measured per tensor: ``max abs`` is ``max |device - cpu|`` and ``max rel`` is that
+divided by ``max |cpu|``, so entries that cancel to almost zero do not inflate it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy
+
+from . import backend as backend_module
+from .backend import Backend, DeviceUnavailableError
+from .layers import SoftmaxCrossEntropy
+from .model import ARCHITECTURES, Sequential
+from .optim import Adam, Optimizer, SGD
+
+DEVICES = ("cuda", "standin")
+DATA_SOURCES = ("synthetic", "bundled")
+OPTIMIZER_NAMES = ("sgd", "adam")
+CONV_CHOICES = ("auto", "gemm", "signal")
+IMAGE_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+
+#: Largest normwise relative difference accepted after up to a few dozen steps. Rounding differs
+#: between devices (reduction order, FFT library) and compounds through the updates, so these are
+#: looser than the per-operation tolerances of the parity test suite.
+DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
+
+#: The report's columns: what is compared for every layer at every step.
+QUANTITIES = ("activation", "gradient", "weight")
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How far the device is from the CPU for one tensor (or the loss) at one step."""
+
+    step: int
+    layer: str
+    quantity: str  # "activation", "gradient", "weight" or "loss"
+    name: str  # the tensor: "output", "input", "weight", "bias", "loss"
+    max_abs: float
+    max_rel: float
+
+
+@dataclass
+class ParityReport:
+    """Every difference of a side-by-side run, the tolerance, and any structural problem found."""
+
+    reference: str
+    device: str
+    dtype: str
+    tolerance: float
+    steps: int
+    description: str = ""
+    differences: list[Difference] = field(default_factory=list)
+    #: wrong dtype, shape or array type of a device result (e.g. a silent fall-back to NumPy)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def largest(self) -> Difference | None:
+        """The difference with the largest relative value (None for an empty report)."""
+        return max(self.differences, key=lambda d: (d.max_rel, d.max_abs), default=None)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(d.max_rel <= self.tolerance for d in self.differences)
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def first_failure(self) -> Difference | None:
+        """The earliest difference beyond the tolerance, in step and layer order."""
+        return next((d for d in self.differences if not d.max_rel <= self.tolerance), None)
+
+    def table(self) -> str:
+        """One row per step and layer: max abs / max rel of its activations, gradients and weights.
+
+        The loss appears as its own row under "activation"; a layer's gradient column covers its
+        input gradient and all its parameter gradients.
+        """
+        cell_width = 21
+        lines = [
+            (f"{'step':>4}  {'layer':<18}" + "".join(f"  {q:^{cell_width}}" for q in QUANTITIES)).rstrip(),
+            f"{'':>4}  {'':<18}" + f"  {'max abs':>10} {'max rel':>10}" * len(QUANTITIES),
+        ]
+        rows: dict[tuple[int, str], dict[str, tuple[float, float]]] = {}
+        for d in self.differences:
+            quantity = "activation" if d.quantity == "loss" else d.quantity
+            cell = rows.setdefault((d.step, d.layer), {})
+            previous = cell.get(quantity, (0.0, 0.0))
+            cell[quantity] = (max(previous[0], d.max_abs), max(previous[1], d.max_rel))
+        for (step, layer), cell in rows.items():
+            columns = "".join(
+                f"  {cell[q][0]:>10.2e} {cell[q][1]:>10.2e}" if q in cell else f"  {'-':>10} {'-':>10}" for q in QUANTITIES
+            )
+            lines.append(f"{step:>4}  {layer:<18}{columns}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The verdict in one line."""
+        largest = self.largest
+        if self.problems:
+            return f"verdict: FAIL ({len(self.problems)} problem(s); first: {self.problems[0]})"
+        if largest is None:
+            return "verdict: FAIL (nothing was compared)"
+        if largest.max_abs == 0.0:
+            worst = "identical results at every step"
+        else:
+            worst = f"largest relative difference {largest.max_rel:.2e} at step {largest.step}, {largest.layer} {largest.name}"
+        if self.passed:
+            return f"verdict: PASS ({worst}; tolerance {self.tolerance:.0e})"
+        first = self.first_failure()
+        return (
+            f"verdict: FAIL (first beyond tolerance {self.tolerance:.0e}: step {first.step}, {first.layer} "
+            f"{first.quantity} {first.name}, relative difference {first.max_rel:.2e}; {worst})"
+        )
+
+    def format(self) -> str:
+        parts = [self.description] if self.description else []
+        parts.append(self.table())
+        shown = 10
+        parts += [f"problem: {problem}" for problem in self.problems[:shown]]
+        if len(self.problems) > shown:
+            parts.append(f"... and {len(self.problems) - shown} more problems")
+        parts.append(self.summary())
+        return "\n".join(parts)
+
+
+def tensor_difference(reference, device) -> tuple[float, float]:
+    """``(max |device - reference|, that / max |reference|)`` of two host arrays; inf when they cannot match."""
+    reference = numpy.asarray(reference, dtype=numpy.float64)
+    device = numpy.asarray(device, dtype=numpy.float64)
+    if reference.shape != device.shape:
+        return math.inf, math.inf
+    if reference.size == 0:
+        return 0.0, 0.0
+    reference_nan, device_nan = numpy.isnan(reference), numpy.isnan(device)
+    if (reference_nan != device_nan).any():
+        return math.inf, math.inf
+    finite = ~reference_nan
+    with numpy.errstate(invalid="ignore"):  # inf - inf where both overflowed alike
+        gap = numpy.abs(device[finite] - reference[finite])
+    gap[numpy.isnan(gap)] = 0.0
+    max_abs = float(gap.max()) if gap.size else 0.0
+    scale = float(numpy.abs(reference[finite]).max()) if gap.size else 0.0
+    if max_abs == 0.0:
+        return 0.0, 0.0
+    return max_abs, (max_abs / scale if scale > 0 else math.inf)
+
+
+# --------------------------------------------------------------------------------------------------
+# One traced step
+# --------------------------------------------------------------------------------------------------
+
+
+def _layer_label(index: int, layer) -> str:
+    return f"{index} {type(layer).__name__}"
+
+
+def traced_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optimizer, x, y) -> list[tuple[str, str, str, object]]:
+    """One training step that keeps every intermediate: ``(layer, quantity, name, device array)``.
+
+    Runs the layers one by one (as :meth:`Sequential.forward`/``backward`` do) so each layer's
+    output, input gradient, parameter gradients and updated parameters can be compared.
+    """
+    be = model.backend
+    model.train()
+    trace: list[tuple[str, str, str, object]] = []
+    h = be.to_device(x)
+    if h.dtype != be.dtype:
+        h = h.astype(be.dtype)
+    for index, layer in enumerate(model.layers):
+        h = layer.forward(h)
+        trace.append((_layer_label(index, layer), "activation", "output", h))
+    loss = loss_fn.forward(h, be.to_device(y))
+    trace.append(("loss", "loss", "loss", loss))
+    grad = loss_fn.backward()
+    for index in reversed(range(len(model.layers))):
+        layer = model.layers[index]
+        grad = layer.backward(grad)
+        label = _layer_label(index, layer)
+        for name, param in layer.params.items():
+            trace.append((label, "gradient", name, param.grad))
+        if grad is not None:
+            trace.append((label, "gradient", "input", grad))
+    optimizer.step()
+    for index, layer in enumerate(model.layers):
+        for name, param in layer.params.items():
+            trace.append((_layer_label(index, layer), "weight", name, param.data))
+    return trace
+
+
+def _check_device_array(value, device: Backend, dtype: numpy.dtype, where: str) -> str | None:
+    if not isinstance(value, device.xp.ndarray):
+        return f"{where}: expected a {device.name} array, got {type(value).__module__}.{type(value).__name__}"
+    if value.dtype != dtype:
+        return f"{where}: dtype {value.dtype} on {device.name}, expected {dtype}"
+    return None
+
+
+def compare_models(
+    reference_model: Sequential,
+    device_model: Sequential,
+    batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]],
+    make_optimizer: Callable[[Sequential], Optimizer],
+    tolerance: float | None = None,
+    description: str = "",
+) -> ParityReport:
+    """Train both models on the same host ``batches`` and compare them after every step."""
+    reference, device = reference_model.backend, device_model.backend
+    if reference.dtype != device.dtype:
+        raise ValueError(f"the models differ in dtype: {reference.dtype.name} and {device.dtype.name}")
+    dtype = device.dtype
+    report = ParityReport(
+        reference.name,
+        device.name,
+        dtype.name,
+        DEFAULT_TOLERANCE[dtype.name] if tolerance is None else float(tolerance),
+        0,
+        description,
+    )
+    runs = [(model, SoftmaxCrossEntropy(model.backend), make_optimizer(model)) for model in (reference_model, device_model)]
+    for step, (x, y) in enumerate(batches, start=1):
+        reference_trace, device_trace = (traced_step(model, loss, optim, x, y) for model, loss, optim in runs)
+        for (layer, quantity, name, expected), (_, _, _, actual) in zip(reference_trace, device_trace):
+            problem = _check_device_array(actual, device, dtype, f"step {step}, {layer} {quantity} {name}")
+            if problem:
+                report.problems.append(problem)
+            max_abs, max_rel = tensor_difference(reference.to_numpy(expected), device.to_numpy(actual))
+            report.differences.append(Difference(step, layer, quantity, name, max_abs, max_rel))
+        report.steps = step
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a run
+# --------------------------------------------------------------------------------------------------
+
+
+def host_batches(data: str, steps: int, batch_size: int, dtype, seed: int = 0) -> list[tuple[numpy.ndarray, numpy.ndarray]]:
+    """``steps`` host batches ``(images (B, 1, 28, 28) in [0, 1], int64 labels)``.
+
+    ``synthetic``: seeded uniform noise and labels (no files needed); ``bundled``: the bundled
+    Fashion-MNIST subset, in order, wrapping around when it runs out.
+    """
+    count = steps * batch_size
+    if data == "synthetic":
+        rng = numpy.random.default_rng(seed)
+        images = rng.random((count, *IMAGE_SHAPE)).astype(dtype)
+        labels = rng.integers(0, NUM_CLASSES, size=count, dtype=numpy.int64)
+    elif data == "bundled":
+        from .data import load_fashion_mnist
+
+        all_images, all_labels = load_fashion_mnist("train", "bundled")
+        index = numpy.arange(count) % len(all_images)
+        images = all_images[index][:, None].astype(dtype)
+        images *= 1.0 / 255.0
+        labels = all_labels[index].astype(numpy.int64)
+    else:
+        raise ValueError(f"data must be one of {', '.join(DATA_SOURCES)}, got {data!r}")
+    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, count, batch_size)]
+
+
+def optimizer_factory(name: str, lr: float | None = None, momentum: float = 0.9, weight_decay: float = 0.0):
+    """A function building the named optimiser for a model (same hyper-parameters on every device)."""
+    if name == "sgd":
+        return lambda model: SGD(
+            model.parameters(), lr=0.01 if lr is None else lr, momentum=momentum, weight_decay=weight_decay, backend=model.backend
+        )
+    if name == "adam":
+        return lambda model: Adam(model.parameters(), lr=1e-3 if lr is None else lr, weight_decay=weight_decay, backend=model.backend)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}")
+
+
+def compare(
+    reference: Backend,
+    device: Backend,
+    *,
+    model: str = "seed",
+    steps: int = 20,
+    batch_size: int = 32,
+    conv_algorithm: str = "auto",
+    seed: int = 0,
+    data: str = "synthetic",
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    tolerance: float | None = None,
+) -> ParityReport:
+    """Train the seeded ``model`` for ``steps`` steps on ``reference`` and on ``device``; compare every step.
+
+    Both backends must have the same dtype.
+    """
+    if model not in ARCHITECTURES:
+        raise ValueError(f"model must be one of {', '.join(ARCHITECTURES)}, got {model!r}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch size must be >= 1, got {steps} and {batch_size}")
+    build = ARCHITECTURES[model]
+    models = [build(be, seed=seed, algorithm=conv_algorithm) for be in (reference, device)]
+    batches = host_batches(data, steps, batch_size, device.dtype, seed)
+    description = (
+        f"parity: {model} model, {device.dtype.name}, convolution {conv_algorithm}, {optimizer}, "
+        f"{steps} steps of {batch_size} {data} images, {reference.name} vs {device.name}"
+    )
+    return compare_models(*models, batches, optimizer_factory(optimizer, lr), tolerance, description)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def device_backend(name: str, dtype) -> Backend:
+    """The backend to compare against the CPU; raises DeviceUnavailableError when it cannot be had."""
+    if name == "standin":
+        from .testing import standin_backend
+
+        return standin_backend(dtype)
+    return backend_module.get_backend(name, dtype)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``parity`` command's options."""
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cuda",
+        help="device compared against the CPU (default: cuda); 'standin' is the CPU stand-in for the "
+        "device boundary, which checks the comparison and host-array leaks without a GPU",
+    )
+    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="seed", help="architecture (default: seed)")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="training steps to compare (default: 20)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default: 32)")
+    parser.add_argument("--dtype", choices=backend_module.DTYPES, default="float32", help="float dtype (default: float32)")
+    parser.add_argument("--conv-algorithm", choices=CONV_CHOICES, default="auto", help="convolution algorithm (default: auto)")
+    parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd", help="sgd (momentum 0.9) or adam (default: sgd)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
+    parser.add_argument("--data", choices=DATA_SOURCES, default="synthetic", help="batches from seeded noise or the bundled subset (default: synthetic)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data (default: 0)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest relative difference accepted (default: 1e-4 for float32, 1e-9 for float64)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the verdict line")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the comparison the arguments describe; returns the exit status (0 pass, 1 fail, 2 no device)."""
+    try:
+        device = device_backend(args.device, args.dtype)
+    except DeviceUnavailableError as exc:
+        print(f"parity: {exc}", file=sys.stderr)
+        return 2
+    reference = backend_module.get_backend("cpu", args.dtype)
+    report = compare(
+        reference,
+        device,
+        model=args.model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        conv_algorithm=args.conv_algorithm,
+        seed=args.seed,
+        data=args.data,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        tolerance=args.tolerance,
+    )
+    print(report.summary() if args.quiet else report.format())
+    return 0 if report.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnn-backend parity",
+        description="Train the same seeded model on the CPU and on a device side by side and compare "
+        "activations, gradients and weights of every layer at every step.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

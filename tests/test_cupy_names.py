@@ -1,0 +1,166 @@
+"""Every name the library takes from ``xp``, ``signal`` and device arrays exists in CuPy.
+
+A workload covering every layer, convolution algorithm, model, the loss, every optimiser option,
+the training loop, evaluation, prediction and saving runs on a fresh stand-in device, which records
+each name used; the names are then looked up in the installed CuPy (``cupy``, ``cupy.ndarray``) and
+among the exports of ``cupyx.scipy.signal`` - read from its source, since importing it needs the CUDA
+libraries. Needs CuPy installed, not a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+pytest.importorskip(
+    "cupy",
+    reason="CuPy is not installed, so the names the code uses cannot be checked against it "
+    "(pip install 'cnn-backend[cuda12]' or '[cuda13]'; no GPU needed)",
+)
+
+from cnn_backend import parity  # noqa: E402  (after the skip: nothing here is useful without CuPy)
+from cnn_backend.backend import get_backend  # noqa: E402
+from cnn_backend.data import BatchLoader  # noqa: E402
+from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU, SoftmaxCrossEntropy  # noqa: E402
+from cnn_backend.model import Sequential, default_cnn, seed_cnn  # noqa: E402
+from cnn_backend.optim import SGD, Adam  # noqa: E402
+from cnn_backend.testing import (  # noqa: E402
+    DeviceUsage,
+    cupy_signal_exports,
+    missing_cupy_names,
+    standin_backend,
+    standin_only_attributes,
+)
+from cnn_backend.training import evaluate, fit, train_step  # noqa: E402
+
+
+def run_workload(tmp_path) -> DeviceUsage:
+    """Exercise every device code path of the library on one stand-in device; returns what it used."""
+    be = standin_backend("float64")
+    rng = numpy.random.default_rng(0)
+
+    # Every layer, forward and backward, in both dtypes.
+    for dtype in ("float64", "float32"):
+        device = be.with_dtype(dtype)
+        layers = [
+            Convolution(2, 3, 3, algorithm="gemm", rng=0, backend=device),
+            Convolution(2, 3, 3, stride=2, padding=1, algorithm="gemm", rng=0, backend=device),
+            Convolution(2, 3, 3, algorithm="signal", rng=0, backend=device),
+            Convolution(2, 3, 3, stride=2, padding=1, algorithm="signal", rng=0, backend=device),
+            Convolution(2, 3, 3, padding=1, algorithm="auto", rng=0, backend=device),
+            ReLU(device),
+            MaxPool(2, backend=device),
+            MaxPool(3, stride=2, backend=device),
+            Flatten(device),
+            Dropout(0.5, rng=0, backend=device),
+        ]
+        for layer in layers:
+            x = device.to_device(rng.standard_normal((2, 2, 9, 9)).astype(dtype))
+            y = layer.forward(x)
+            layer.backward(device.xp.ones_like(y))
+        dense = FullyConnected(6, 4, rng=0, backend=device)
+        dense.backward(dense.forward(device.to_device(rng.standard_normal((3, 6)).astype(dtype))))
+        dropout = Dropout(0.3, rng=0, backend=device)
+        dropout.training = False
+        dropout.backward(dropout.forward(device.to_device(rng.standard_normal((3, 6)))))
+
+    # Both models with both algorithms; the loss with its input checks; every optimiser option.
+    optimizers = [
+        lambda p, d: SGD(p, lr=0.01, backend=d),
+        lambda p, d: SGD(p, lr=0.01, momentum=0.9, weight_decay=1e-4, backend=d),
+        lambda p, d: SGD(p, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4, backend=d),
+        lambda p, d: Adam(p, lr=1e-3, backend=d),
+        lambda p, d: Adam(p, lr=1e-3, weight_decay=1e-2, backend=d),
+    ]
+    x = rng.random((2, 1, 28, 28))
+    y = be.to_device(rng.integers(0, 10, size=2))
+    for build, algorithm, make_optimizer in [
+        (seed_cnn, "gemm", optimizers[0]),
+        (seed_cnn, "signal", optimizers[1]),
+        (default_cnn, "gemm", optimizers[2]),
+        (default_cnn, "signal", optimizers[3]),
+        (seed_cnn, "auto", optimizers[4]),
+    ]:
+        model = build(be, seed=0, algorithm=algorithm)
+        optimizer = make_optimizer(model.parameters(), be)
+        train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)
+        optimizer.load_state_dict(optimizer.state_dict())
+
+    # The training loop over a resident and a streamed loader, with validation; evaluation, prediction.
+    images = rng.integers(0, 256, size=(40, 28, 28), dtype=numpy.uint8)
+    labels = rng.integers(0, 10, size=40)
+    validation = (images[32:, None].astype("float64") / 255, labels[32:])
+    for max_device_bytes in (1 << 30, 0):
+        model = default_cnn(be, seed=0, dropout=0.5)
+        loader = BatchLoader(images[:32], labels[:32], be, batch_size=16, max_device_bytes=max_device_bytes)
+        fit(model, SGD(model.parameters(), lr=0.01, momentum=0.9, backend=be), loader, 1, validation=validation, log_every=1)
+    evaluate(model, *validation, batch_size=3)
+    model.predict(validation[0], batch_size=3)
+
+    # Saving and loading onto the device; moving a model between devices.
+    loaded = Sequential.load(model.save(tmp_path / "model.npz"), be)
+    loaded.to(be.with_dtype("float32")).to("cpu").to(be)
+
+    try:  # augmentation, where this version of the package has it
+        from cnn_backend.augment import RandomCropFlip
+    except ImportError:
+        pass
+    else:
+        RandomCropFlip(be, padding=2, seed=0)(be.to_device(validation[0]), 1, 1)
+
+    # The parity run's own tracing.
+    parity.compare(get_backend("cpu", "float64"), be, model="seed", steps=1, batch_size=2)
+    return be.usage
+
+
+@pytest.fixture(scope="module")
+def usage(tmp_path_factory) -> DeviceUsage:
+    return run_workload(tmp_path_factory.mktemp("cupy-names"))
+
+
+def test_the_workload_used_the_device(usage):
+    assert usage.module_names and usage.signal_names and usage.array_attributes
+    assert "fftconvolve" in usage.signal_names  # the "signal" convolution algorithm ran
+
+
+def test_every_xp_name_exists_in_cupy(usage):
+    assert missing_cupy_names(usage)["xp"] == [], f"used as xp.<name> but missing from cupy; recorded: {sorted(usage.module_names)}"
+
+
+def test_every_signal_name_is_exported_by_cupyx_scipy_signal(usage):
+    assert missing_cupy_names(usage)["signal"] == [], f"recorded: {sorted(usage.signal_names)}"
+
+
+def test_every_array_method_and_attribute_exists_on_cupy_ndarray(usage):
+    assert missing_cupy_names(usage)["array"] == [], f"recorded: {sorted(usage.array_attributes)}"
+
+
+def test_every_numpy_function_applied_to_device_arrays_exists_in_cupy(usage):
+    # CuPy forwards numpy.<f>(cupy_array) to cupy.<f>, and fails when there is none.
+    assert missing_cupy_names(usage)["dispatched"] == [], f"recorded: {sorted(usage.dispatched_names)}"
+
+
+def test_cupyx_signal_exports_are_read_from_the_package_source():
+    exports = cupy_signal_exports()
+    assert {"fftconvolve", "correlate", "convolve2d", "czt"} <= exports  # czt arrives by a star import
+    assert not any(name.startswith("_") for name in exports)
+
+
+def test_the_check_reports_names_cupy_lacks():
+    usage = DeviceUsage(
+        module_names={"matmul", "linalg.norm", "no_such_function", "linalg.no_such_function"},
+        signal_names={"fftconvolve", "no_such_filter"},
+        array_attributes={"reshape", "get", "no_such_method"},
+        dispatched_names={"exp", "no_such_ufunc"},
+    )
+    assert missing_cupy_names(usage) == {
+        "xp": ["linalg.no_such_function", "no_such_function"],
+        "signal": ["no_such_filter"],
+        "array": ["no_such_method"],
+        "dispatched": ["no_such_ufunc"],
+    }
+
+
+def test_standin_arrays_offer_nothing_cupy_arrays_lack():
+    # Otherwise code could rely on something (an operator, a conversion) only the stand-in has.
+    assert standin_only_attributes() == []

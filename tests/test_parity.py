@@ -1,0 +1,336 @@
+"""CPU/device parity: every layer, the loss, every optimiser and short training runs give the same
+numbers on the CPU and on the device, and the device results stay device arrays of the right dtype.
+
+The device is ``cuda`` (marked ``gpu``: ``pytest -m gpu`` on a GPU machine, skipped with the reason
+elsewhere) or the CPU stand-in (every run): the same bodies serve both, so on machines without a GPU
+they still prove the comparisons work and that no host array leaks into the device path.
+Inputs are generated on the host and sent to both devices; parameters come from the same seed.
+The last section tests the ``parity`` command's comparison itself, on the stand-in.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+
+from cnn_backend import parity
+from cnn_backend.backend import DeviceUnavailableError, get_backend
+from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, SoftmaxCrossEntropy
+from cnn_backend.model import Sequential, default_cnn, seed_cnn
+from cnn_backend.optim import SGD, Adam
+from cnn_backend.testing import StandinBackend, standin_backend
+from cnn_backend.training import train_step
+
+DTYPES = ("float32", "float64")
+
+
+def tolerances(dtype: str, reduction_size: int, scale: float) -> tuple[float, float]:
+    """``(rtol, atol)`` for a device result against the CPU's.
+
+    rtol: 1e-10 in float64, 1e-5 in float32. atol covers entries that cancel to nearly zero: the
+    rounding error of a K-term sum grows like sqrt(K) * eps times the size of its terms, so it scales
+    with sqrt(reduction_size) and with the largest magnitude of the result.
+    """
+    rtol = 1e-10 if dtype == "float64" else 1e-5
+    eps = float(numpy.finfo(dtype).eps)
+    return rtol, 16 * eps * math.sqrt(max(1, reduction_size)) * max(scale, 1e-30)
+
+
+def assert_device_matches(device_result, cpu_result, device, cpu, dtype: str, reduction_size: int = 1) -> None:
+    """The device result is a device array of ``dtype`` (no fall-back to NumPy) and equals the CPU's."""
+    assert isinstance(device_result, device.xp.ndarray), f"expected a {device.name} array, got {type(device_result)}"
+    assert not isinstance(device_result, numpy.ndarray) or device.xp is numpy
+    assert device_result.dtype == numpy.dtype(dtype)
+    expected = cpu.to_numpy(cpu_result)
+    actual = device.to_numpy(device_result)
+    assert isinstance(actual, numpy.ndarray)
+    rtol, atol = tolerances(dtype, reduction_size, float(numpy.abs(expected).max(initial=0.0)))
+    numpy.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def host_normal(shape, dtype, seed=0) -> numpy.ndarray:
+    return numpy.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def host_distinct(shape, dtype, seed=0) -> numpy.ndarray:
+    """Distinct values in random order: no ties, so every max-pool window has one winner."""
+    size = math.prod(shape)
+    values = numpy.linspace(-1.0, 1.0, size)
+    return numpy.random.default_rng(seed).permutation(values).reshape(shape).astype(dtype)
+
+
+def test_device_under_test_is_a_device(device_under_test):
+    device = device_under_test("float32")
+    assert device.name != "cpu" and device.xp is not numpy
+    assert device_under_test.device_name == device.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers: forward output, input gradient and parameter gradients
+# --------------------------------------------------------------------------------------------------
+
+# name -> (layer factory, input shape, input generator, reduction sizes of (forward, input grad, param grads))
+LAYER_CASES = {
+    "conv-gemm": (lambda be: Convolution(3, 4, 3, algorithm="gemm", rng=1, backend=be), (4, 3, 9, 9), host_normal, (27, 36, 196)),
+    "conv-gemm-stride2-pad1": (
+        lambda be: Convolution(3, 4, 3, stride=2, padding=1, algorithm="gemm", rng=1, backend=be),
+        (4, 3, 9, 9),
+        host_normal,
+        (27, 36, 100),
+    ),
+    "conv-signal": (lambda be: Convolution(3, 4, 3, algorithm="signal", rng=1, backend=be), (4, 3, 9, 9), host_normal, (27, 36, 196)),
+    "conv-signal-stride2-pad1": (
+        lambda be: Convolution(3, 4, 3, stride=2, padding=1, algorithm="signal", rng=1, backend=be),
+        (4, 3, 9, 9),
+        host_normal,
+        (27, 36, 100),
+    ),
+    "conv-signal-5x5-pad2": (
+        lambda be: Convolution(2, 3, 5, padding=2, algorithm="signal", rng=1, backend=be),
+        (2, 2, 12, 12),
+        host_normal,
+        (50, 75, 288),
+    ),
+    "relu": (lambda be: ReLU(be), (4, 3, 6, 6), host_normal, (1, 1, 1)),
+    "maxpool-2": (lambda be: MaxPool(2, backend=be), (4, 3, 8, 8), host_distinct, (1, 1, 1)),
+    "maxpool-2-odd-size": (lambda be: MaxPool(2, backend=be), (4, 3, 9, 9), host_distinct, (1, 1, 1)),
+    "maxpool-3-stride2-overlapping": (lambda be: MaxPool(3, stride=2, backend=be), (4, 3, 9, 9), host_distinct, (1, 9, 1)),
+    "flatten": (lambda be: Flatten(be), (4, 3, 5, 5), host_normal, (1, 1, 1)),
+    "fully-connected": (lambda be: FullyConnected(75, 10, rng=1, backend=be), (4, 75), host_normal, (75, 10, 4)),
+    "dropout": (lambda be: Dropout(0.5, rng=1, backend=be), (4, 3, 6, 6), host_normal, (1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_layer_forward_and_backward_match_cpu(device_under_test, case, dtype):
+    make_layer, input_shape, make_input, (forward_k, input_grad_k, param_grad_k) = LAYER_CASES[case]
+    cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
+    x = make_input(input_shape, dtype, seed=2)
+    cpu_layer, device_layer = make_layer(cpu), make_layer(device)
+    for name, param in cpu_layer.params.items():  # same seed, same host draw: identical start
+        numpy.testing.assert_array_equal(device.to_numpy(device_layer.params[name].data), param.data)
+
+    cpu_y = cpu_layer.forward(cpu.to_device(x))
+    device_y = device_layer.forward(device.to_device(x))
+    assert_device_matches(device_y, cpu_y, device, cpu, dtype, forward_k)
+
+    dy = host_normal(cpu_y.shape, dtype, seed=3)
+    cpu_dx = cpu_layer.backward(cpu.to_device(dy))
+    device_dx = device_layer.backward(device.to_device(dy))
+    assert_device_matches(device_dx, cpu_dx, device, cpu, dtype, input_grad_k)
+    for name, param in cpu_layer.params.items():
+        assert_device_matches(device_layer.params[name].grad, param.grad, device, cpu, dtype, param_grad_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_in_evaluation_is_the_identity_on_the_device(device_under_test, dtype):
+    device = device_under_test(dtype)
+    layer = Dropout(0.5, rng=1, backend=device)
+    layer.training = False
+    x = device.to_device(host_normal((4, 10), dtype))
+    assert_device_matches(layer.forward(x), device.to_numpy(x), device, get_backend("cpu", dtype), dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_cross_entropy_matches_cpu(device_under_test, dtype):
+    cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
+    logits = host_normal((16, 10), dtype) * 4
+    labels = numpy.random.default_rng(5).integers(0, 10, size=16)
+    cpu_loss_fn, device_loss_fn = SoftmaxCrossEntropy(cpu), SoftmaxCrossEntropy(device)
+    cpu_loss = cpu_loss_fn.forward(cpu.to_device(logits), cpu.to_device(labels))
+    device_loss = device_loss_fn.forward(device.to_device(logits), device.to_device(labels))
+    # The loss stays a 0-d device array: reading it is the caller's (synchronising) choice.
+    assert device_loss.shape == ()
+    assert_device_matches(device_loss, cpu_loss, device, cpu, dtype, 16 * 10)
+    assert_device_matches(device_loss_fn.backward(), cpu_loss_fn.backward(), device, cpu, dtype, 10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimisers
+# --------------------------------------------------------------------------------------------------
+
+OPTIMIZER_CASES = {
+    "sgd": lambda params, be: SGD(params, lr=0.1, backend=be),
+    "sgd-momentum": lambda params, be: SGD(params, lr=0.1, momentum=0.9, backend=be),
+    "sgd-nesterov-weight-decay": lambda params, be: SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2, backend=be),
+    "adam": lambda params, be: Adam(params, lr=1e-2, backend=be),
+    "adam-weight-decay": lambda params, be: Adam(params, lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, backend=be),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(OPTIMIZER_CASES))
+def test_optimizer_updates_match_cpu(device_under_test, case, dtype):
+    cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
+    cpu_layer = FullyConnected(6, 5, rng=1, backend=cpu)
+    device_layer = FullyConnected(6, 5, rng=1, backend=device)
+    cpu_optimizer = OPTIMIZER_CASES[case](cpu_layer.params.values(), cpu)
+    device_optimizer = OPTIMIZER_CASES[case](device_layer.params.values(), device)
+    for step in range(5):
+        for name, param in cpu_layer.params.items():
+            grad = host_normal(param.data.shape, dtype, seed=10 * step + len(name))
+            param.grad = cpu.to_device(grad)
+            device_layer.params[name].grad = device.to_device(grad)
+        cpu_optimizer.step()
+        device_optimizer.step()
+    for name, param in cpu_layer.params.items():
+        assert_device_matches(device_layer.params[name].data, param.data, device, cpu, dtype)
+    for buffer_name, cpu_buffers in cpu_optimizer.buffers.items():
+        for cpu_buffer, device_buffer in zip(cpu_buffers, device_optimizer.buffers[buffer_name]):
+            assert_device_matches(device_buffer, cpu_buffer, device, cpu, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training: 20 steps end with the same weights and losses
+# --------------------------------------------------------------------------------------------------
+
+#: Tolerances after 20 updates: rounding differences compound through the steps.
+TRAINING_RTOL = {"float64": 1e-9, "float32": 1e-4}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("algorithm", ["gemm", "signal"])
+@pytest.mark.parametrize("architecture", ["seed", "default"])
+def test_twenty_training_steps_match_cpu(device_under_test, architecture, algorithm, dtype):
+    cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
+    build = {"seed": seed_cnn, "default": default_cnn}[architecture]
+    batch_size = 8 if architecture == "seed" else 2  # the default model is 100x the work per image
+    rng = numpy.random.default_rng(7)
+    images = rng.random((20, batch_size, 1, 28, 28)).astype(dtype)
+    labels = rng.integers(0, 10, size=(20, batch_size))
+
+    results = {}
+    for be in (cpu, device):
+        model = build(be, seed=0, algorithm=algorithm)
+        optimizer = SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, backend=be)
+        loss_fn = SoftmaxCrossEntropy(be, check_inputs=False)
+        losses = [train_step(model, loss_fn, optimizer, be.to_device(x), be.to_device(y))[0] for x, y in zip(images, labels)]
+        results[be.name] = (be.xp.stack(losses), [p.data for p in model.parameters()])
+
+    cpu_losses, cpu_weights = results[cpu.name]
+    device_losses, device_weights = results[device.name]
+    assert isinstance(device_losses, device.xp.ndarray) and device_losses.dtype == numpy.dtype(dtype)
+    numpy.testing.assert_allclose(device.to_numpy(device_losses), cpu_losses, rtol=TRAINING_RTOL[dtype])
+    for cpu_weight, device_weight in zip(cpu_weights, device_weights):
+        assert isinstance(device_weight, device.xp.ndarray) and device_weight.dtype == numpy.dtype(dtype)
+        expected = cpu.to_numpy(cpu_weight)
+        atol = TRAINING_RTOL[dtype] * float(numpy.abs(expected).max())
+        numpy.testing.assert_allclose(device.to_numpy(device_weight), expected, rtol=TRAINING_RTOL[dtype], atol=atol)
+
+
+# --------------------------------------------------------------------------------------------------
+# The parity command's comparison, exercised on the stand-in (no GPU needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_parity_run_on_the_standin_passes_with_every_layer_and_step_compared():
+    report = parity.compare(get_backend("cpu", "float64"), standin_backend("float64"), model="seed", steps=3, batch_size=4)
+    assert report.verdict == "pass" and report.passed and report.problems == []
+    assert report.steps == 3 and {d.step for d in report.differences} == {1, 2, 3}
+    layers = {d.layer for d in report.differences}
+    assert layers == {"0 Convolution", "1 ReLU", "2 MaxPool", "3 Flatten", "4 FullyConnected", "loss"}
+    assert {d.quantity for d in report.differences} == {"activation", "gradient", "weight", "loss"}
+    assert all(d.max_abs == 0.0 for d in report.differences)  # NumPy underneath: bit-identical
+    text = report.format()
+    assert "verdict: PASS" in text and "4 FullyConnected" in text and "cpu vs standin" in text
+
+
+def test_parity_run_fails_at_the_first_step_and_layer_that_differ():
+    cpu, device = get_backend("cpu", "float64"), standin_backend("float64")
+    reference_model, device_model = seed_cnn(cpu, seed=0), seed_cnn(device, seed=0)
+    device_model.layers[4].params["bias"].data += 1e-6  # a device that got one parameter slightly wrong
+    batches = parity.host_batches("synthetic", steps=2, batch_size=4, dtype="float64")
+    report = parity.compare_models(reference_model, device_model, batches, parity.optimizer_factory("sgd"))
+    assert report.verdict == "fail"
+    first = report.first_failure()
+    assert (first.step, first.layer, first.quantity) == (1, "4 FullyConnected", "activation")
+    assert "verdict: FAIL" in report.summary() and "step 1, 4 FullyConnected" in report.summary()
+
+
+class WidensToFloat64(Layer):
+    """A layer whose device result silently changes dtype."""
+
+    def forward(self, x):
+        return x.astype("float64")
+
+    def backward(self, dy):
+        return dy.astype("float32")
+
+
+def test_parity_run_reports_a_device_result_of_the_wrong_dtype():
+    cpu, device = get_backend("cpu", "float32"), standin_backend("float32")
+    reference_model = Sequential([FullyConnected(784, 10, rng=0, backend=cpu), Flatten(cpu)])
+    device_model = Sequential([FullyConnected(784, 10, rng=0, backend=device), WidensToFloat64(device)])
+    batches = [(x.reshape(len(x), -1), y) for x, y in parity.host_batches("synthetic", 1, 4, "float32")]
+    report = parity.compare_models(reference_model, device_model, batches, parity.optimizer_factory("sgd"))
+    assert all(d.max_rel <= report.tolerance for d in report.differences)  # the values agree ...
+    assert report.verdict == "fail"  # ... but one device result is no longer float32
+    assert any("dtype float64 on standin, expected float32" in problem for problem in report.problems)
+
+
+def test_tensor_difference_handles_shapes_nans_and_zeros():
+    assert parity.tensor_difference(numpy.zeros(3), numpy.zeros(4)) == (math.inf, math.inf)
+    assert parity.tensor_difference(numpy.array([1.0, numpy.nan]), numpy.array([1.0, 2.0])) == (math.inf, math.inf)
+    assert parity.tensor_difference(numpy.array([1.0, numpy.nan]), numpy.array([1.0, numpy.nan])) == (0.0, 0.0)
+    assert parity.tensor_difference(numpy.zeros(2), numpy.array([0.0, 1e-3])) == (1e-3, math.inf)
+    assert parity.tensor_difference(numpy.array([2.0, -4.0]), numpy.array([2.0, -3.0])) == (1.0, 0.25)
+
+
+def test_parity_command_passes_on_the_standin(capsys):
+    assert parity.main(["--device", "standin", "--steps", "2", "--batch-size", "4", "--conv-algorithm", "signal"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: PASS" in out and "activation" in out and "max rel" in out
+
+
+def test_parity_command_without_the_device_says_why_in_one_line_and_exits_2(monkeypatch, capsys):
+    def unavailable(device="auto", dtype="float32"):
+        raise DeviceUnavailableError("CUDA was requested but CuPy found no usable CUDA device")
+
+    monkeypatch.setattr(parity.backend_module, "get_backend", unavailable)
+    assert parity.main(["--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == "parity: CUDA was requested but CuPy found no usable CUDA device"
+
+
+def test_parity_command_exits_1_when_the_device_computes_differently(monkeypatch, capsys):
+    honest = standin_backend("float32")
+
+    class SlightlyWrongSignal:
+        """An FFT library off by one part in a thousand."""
+
+        def fftconvolve(self, *args, **kwargs):
+            return honest.signal.fftconvolve(*args, **kwargs) * 1.001
+
+    faulty = StandinBackend("standin", honest.xp, SlightlyWrongSignal(), honest.dtype)
+    monkeypatch.setattr(parity, "device_backend", lambda name, dtype: faulty)
+    status = parity.main(["--device", "standin", "--steps", "1", "--batch-size", "2", "--conv-algorithm", "signal", "--quiet"])
+    assert status == 1
+    assert capsys.readouterr().out.startswith("verdict: FAIL (first beyond tolerance 1e-04: step 1, 0 Convolution")
+
+
+def test_parity_is_a_subcommand_of_the_command_line(capsys):
+    cli = pytest.importorskip("cnn_backend.cli", reason="cnn_backend.cli is not part of this version of the package")
+    assert cli.main(["parity", "--device", "standin", "--steps", "1", "--batch-size", "2", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("verdict: PASS")
+
+
+def test_parity_script_runs(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "parity.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "standin", "--steps", "1", "--batch-size", "2", "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("verdict: PASS")
