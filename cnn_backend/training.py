@@ -1,4 +1,5 @@
-"""Training and evaluation loops.
+"""Training and evaluation loops, the per-architecture training recipes, and learning-rate schedules
+as data.
 
 The step never reads a device value back: per-step losses and correct-prediction counts stay on the
 device and are read once per log interval (one transfer), where a non-finite loss is also detected
@@ -7,13 +8,109 @@ with the exact step it first appeared at.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import numpy
+
 from .layers import SoftmaxCrossEntropy
 from .model import Sequential
-from .optim import ConstantSchedule, Optimizer
+from .optim import ConstantSchedule, CosineSchedule, Optimizer, StepSchedule
+
+# -- recipes ----------------------------------------------------------------------------------------
+
+#: Default hyper-parameters of each architecture in :data:`cnn_backend.model.ARCHITECTURES`: the one
+#: place the command line (and anything else) takes its defaults from. ``train_split``/``val_split``
+#: of None mean "decided by the data available" (see ``cnn_backend.cli``).
+RECIPES: dict[str, dict] = {
+    # The seed article's experiment (as scripts/seed_experiment.py runs it): SGD on train[:5000],
+    # validated on train[5000:10000].
+    "seed": {
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "batch_size": 32,
+        "epochs": 20,
+        "dropout": 0.0,
+        "train_split": ":5000",
+        "val_split": "5000:10000",
+    },
+    "default": {
+        "optimizer": "sgd",
+        "lr": 0.02,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
+        "batch_size": 64,
+        "epochs": 10,
+        "dropout": 0.0,
+        "train_split": None,
+        "val_split": None,
+    },
+}
+
+#: Learning rate and momentum of an optimiser chosen against its recipe (``--optimizer adam`` on a
+#: recipe written for SGD). For Adam, "momentum" is beta1.
+OPTIMIZER_DEFAULTS: dict[str, dict] = {
+    "sgd": {"lr": 0.01, "momentum": 0.0},
+    "adam": {"lr": 1e-3, "momentum": 0.9},
+}
+
+# -- schedules as data ------------------------------------------------------------------------------
+
+SCHEDULES = ("constant", "step", "cosine")
+#: the step schedule multiplies the rate by this factor twice per run (see :func:`schedule_for_run`)
+STEP_GAMMA = 0.1
+
+
+def schedule_for_run(name: str, base_lr: float, epochs: int, steps_per_epoch: int) -> dict:
+    """The config of schedule ``name`` for a run of ``epochs`` x ``steps_per_epoch`` steps.
+
+    ``constant``: ``base_lr`` throughout; ``step``: multiplied by 0.1 every ``ceil(epochs / 3)``
+    epochs; ``cosine``: cosine decay to 0 over the whole run.
+    """
+    if name == "constant":
+        return {"name": "constant", "base_lr": base_lr}
+    if name == "step":
+        step_size = steps_per_epoch * max(1, math.ceil(epochs / 3))
+        return {"name": "step", "base_lr": base_lr, "step_size": step_size, "gamma": STEP_GAMMA}
+    if name == "cosine":
+        return {"name": "cosine", "base_lr": base_lr, "total_steps": epochs * steps_per_epoch, "warmup_steps": 0, "min_lr": 0.0}
+    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def schedule_from_config(config: dict) -> ConstantSchedule:
+    """Build a schedule from its config (as :func:`schedule_for_run` or :func:`schedule_config` give it)."""
+    kwargs = {key: value for key, value in config.items() if key != "name"}
+    builders = {"constant": ConstantSchedule, "step": StepSchedule, "cosine": CosineSchedule}
+    try:
+        return builders[config["name"]](**kwargs)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed schedule config {config!r} ({exc})") from None
+
+
+def schedule_config(schedule: ConstantSchedule) -> dict:
+    """The schedule as JSON-ready data, rebuilt by :func:`schedule_from_config`."""
+    if isinstance(schedule, CosineSchedule):
+        return {
+            "name": "cosine",
+            "base_lr": schedule.base_lr,
+            "total_steps": schedule.total_steps,
+            "warmup_steps": schedule.warmup_steps,
+            "min_lr": schedule.min_lr,
+        }
+    if isinstance(schedule, StepSchedule):
+        return {"name": "step", "base_lr": schedule.base_lr, "step_size": schedule.step_size, "gamma": schedule.gamma}
+    if isinstance(schedule, ConstantSchedule):
+        return {"name": "constant", "base_lr": schedule.base_lr}
+    raise ValueError(f"cannot describe schedule {schedule!r} as data")
+
+
+# -- one step, evaluation ---------------------------------------------------------------------------
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,6 +141,16 @@ class EpochStats:
         return asdict(self)
 
 
+def prepare_images(images, dtype="float32") -> numpy.ndarray:
+    """Host uint8 images ``(N, H, W)`` or ``(N, 1, H, W)`` as model input: ``(N, 1, H, W)`` in [0, 1]."""
+    images = numpy.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    scaled = images.astype(dtype)
+    scaled *= 1.0 / 255.0
+    return scaled
+
+
 def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optimizer, x, y):
     """Forward, backward and one optimiser update; returns ``(loss, n_correct)`` as device scalars."""
     logits = model.forward(x)
@@ -54,22 +161,33 @@ def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optim
     return loss, n_correct
 
 
-def evaluate(model: Sequential, images, labels, batch_size: int = 1000) -> dict:
-    """Mean loss and accuracy of ``model`` on host ``images (N, 1, H, W)`` in [0, 1] and ``labels``."""
+def evaluate(model: Sequential, images, labels, batch_size: int = 1000, *, with_predictions: bool = False) -> dict:
+    """Mean loss and accuracy of ``model`` on host ``images (N, 1, H, W)`` in [0, 1] and ``labels``.
+
+    ``with_predictions`` adds the predicted classes (host array) under ``"predictions"``.
+    """
     be = model.backend
     loss_fn = SoftmaxCrossEntropy(be)
     y = be.to_device(labels)
     logits = model.predict_logits(images, batch_size)
     loss = loss_fn.forward(logits, y)
-    correct = (logits.argmax(axis=1) == y).sum()
-    return {"loss": float(be.to_numpy(loss)), "accuracy": float(be.to_numpy(correct)) / len(labels)}
+    predicted = logits.argmax(axis=1)
+    correct = (predicted == y).sum()
+    result = {"loss": float(be.to_numpy(loss)), "accuracy": float(be.to_numpy(correct)) / len(labels)}
+    if with_predictions:
+        result["predictions"] = be.to_numpy(predicted)
+    return result
+
+
+# -- the loop ---------------------------------------------------------------------------------------
 
 
 class Trainer:
     """Runs epochs of ``train_step`` over a batch loader.
 
     ``loader`` provides ``len(loader)`` batches per epoch and ``loader.epoch(index)`` yielding device
-    ``(x, y)`` batches; ``schedule(step)`` gives the learning rate of each global step.
+    ``(x, y)`` batches; ``schedule(step)`` gives the learning rate of each global step;
+    ``augment(x, epoch, step)``, when given, transforms each training batch on the device.
     """
 
     def __init__(
@@ -92,7 +210,8 @@ class Trainer:
     def run_epoch(self, epoch: int, on_interval: Callable[[int, float, float], None] | None = None) -> tuple[float, float, int]:
         """Train one epoch; returns ``(mean loss, accuracy, samples)``.
 
-        ``on_interval(steps_done, mean_loss_so_far, accuracy_so_far)`` is called once per log interval.
+        ``on_interval(steps_done, mean_loss_so_far, accuracy_so_far)`` is called once per log interval
+        and after the last step.
         """
         be, xp = self.model.backend, self.model.backend.xp
         self.model.train()
@@ -100,6 +219,7 @@ class Trainer:
         pending_losses, total_loss, total_correct, samples, step = [], 0.0, 0, 0, 0
         correct_acc = None
         for step, (x, y) in enumerate(self.loader.epoch(epoch), start=1):
+            # The rate depends only on the global step, so a resumed run follows the same schedule.
             self.optimizer.lr = self.schedule((epoch - 1) * steps_per_epoch + step - 1)
             if self.augment is not None:
                 x = self.augment(x, epoch, step)
@@ -124,10 +244,8 @@ class Trainer:
 
 
 def _first_non_finite(values) -> int | None:
-    for index, value in enumerate(values.tolist()):
-        if value != value or value in (float("inf"), float("-inf")):
-            return index
-    return None
+    bad = numpy.flatnonzero(~numpy.isfinite(values))
+    return int(bad[0]) if bad.size else None
 
 
 def fit(
@@ -140,17 +258,22 @@ def fit(
     schedule: Callable[[int], float] | None = None,
     augment: Callable | None = None,
     start_epoch: int = 1,
+    on_epoch_start: Callable[[int], None] | None = None,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     on_interval: Callable[[int, float, float], None] | None = None,
     log_every: int = 50,
 ) -> list[EpochStats]:
     """Train for epochs ``start_epoch .. epochs``; returns one :class:`EpochStats` per epoch.
 
-    ``validation`` is ``(images, labels)`` on the host, evaluated after every epoch.
+    ``validation`` is ``(images, labels)`` on the host (images as :func:`prepare_images` returns
+    them), evaluated after every epoch. ``on_epoch_start(epoch)`` runs before an epoch's first step,
+    ``on_epoch_end(stats)`` after its validation.
     """
     trainer = Trainer(model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every)
     history: list[EpochStats] = []
     for epoch in range(start_epoch, epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         started = time.perf_counter()
         train_loss, train_accuracy, samples = trainer.run_epoch(epoch, on_interval)
         model.backend.synchronize()
@@ -163,4 +286,3 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(stats)
     return history
-

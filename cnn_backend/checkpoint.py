@@ -1,0 +1,236 @@
+"""Training checkpoints: everything needed to continue a run, in one ``.npz`` file without pickle.
+
+One archive holds:
+
+* ``__model_config__`` and ``param/<layer>.<name>``: the model exactly as :meth:`Sequential.save`
+  writes it, so :meth:`Sequential.load` reads a checkpoint as a plain model file too;
+* ``optim/<buffer>/<index>``: the optimiser's state buffers (momentum, Adam moments);
+* ``__training_state__``: one JSON document with the epoch, the optimiser's name, config and step
+  count, the schedule config, the run settings, the RNG state (the data loader's seed and every
+  Dropout layer's generator state), the best epoch so far and the metrics history.
+
+Files are written atomically (temporary file + rename): a crash or Ctrl-C never leaves half a
+checkpoint behind. Every problem reading one raises :class:`ModelFileError` with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy
+
+from .backend import Backend
+from .layers import Dropout
+from .model import CONFIG_KEY, Sequential
+from .optim import OPTIMIZERS, Optimizer, make_optimizer
+from .serialization import ModelFileError, json_array, read_npz
+from .training import schedule_config
+
+STATE_KEY = "__training_state__"
+OPTIMIZER_PREFIX = "optim/"
+PARAM_PREFIX = "param/"
+FORMAT_VERSION = 1
+_REQUIRED_STATE = ("format", "epoch", "optimizer", "schedule", "settings", "rng", "best", "history")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: Sequential,
+    optimizer: Optimizer,
+    *,
+    epoch: int,
+    schedule,
+    settings: dict,
+    loader_seed: int,
+    best: dict,
+    history: list[dict],
+) -> Path:
+    """Write the complete training state after ``epoch`` to ``path``, atomically.
+
+    ``settings`` are the run's arguments (JSON-ready); ``best`` is ``{"epoch", "val_accuracy"}``;
+    ``history`` the metrics rows of every finished epoch.
+    """
+    optimizer_state = optimizer.state_dict()
+    steps = int(optimizer_state.pop("steps"))
+    state = {
+        "format": FORMAT_VERSION,
+        "epoch": int(epoch),
+        "optimizer": {"name": optimizer_name(optimizer), "config": optimizer.config(), "steps": steps},
+        "schedule": schedule_config(schedule),
+        "settings": settings,
+        "rng": {"loader_seed": int(loader_seed), "dropout": dropout_rng_states(model)},
+        "best": best,
+        "history": history,
+        "dtype": model.backend.dtype.name,
+    }
+    extra = {OPTIMIZER_PREFIX + key: value for key, value in optimizer_state.items()}
+    extra[STATE_KEY] = json_array(state)
+    return model.save(path, extra=extra)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint (or plain model file) read from disk, on the host.
+
+    ``state`` is the decoded training state, or None for a model file written by
+    :meth:`Sequential.save` (which can be evaluated but not resumed).
+    """
+
+    path: Path
+    model_config: list
+    parameters: dict
+    state: dict | None = None
+    optimizer_buffers: dict = field(default_factory=dict)
+
+    @property
+    def is_training_checkpoint(self) -> bool:
+        return self.state is not None
+
+    @property
+    def epoch(self) -> int | None:
+        return self.state["epoch"] if self.state else None
+
+    @property
+    def settings(self) -> dict:
+        """The run settings stored with the checkpoint (empty for a plain model file)."""
+        return dict(self.state["settings"]) if self.state else {}
+
+    @property
+    def history(self) -> list[dict]:
+        return list(self.state["history"]) if self.state else []
+
+    @property
+    def best(self) -> dict:
+        return dict(self.state["best"]) if self.state else {"epoch": None, "val_accuracy": None}
+
+    @property
+    def schedule(self) -> dict | None:
+        """The learning-rate schedule config the run used."""
+        return dict(self.state["schedule"]) if self.state else None
+
+    @property
+    def optimizer_name(self) -> str | None:
+        return self.state["optimizer"]["name"] if self.state else None
+
+    def build_model(self, backend: Backend) -> Sequential:
+        """The model on ``backend``, with its parameters and its Dropout layers' generator state."""
+        model = Sequential.from_config(self.model_config, backend)
+        try:
+            model.load_state_dict(self.parameters)
+            if self.state:
+                restore_dropout_rng_states(model, self.state["rng"]["dropout"])
+        except (ModelFileError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFileError(f"{self.path}: {_one_line(exc)}") from None
+        return model
+
+    def build_optimizer(self, model: Sequential, **overrides) -> Optimizer:
+        """The optimiser of the run for ``model``, with its state buffers and step count restored.
+
+        ``overrides`` replace stored hyper-parameters (e.g. a new learning rate).
+        """
+        if not self.state:
+            raise ModelFileError(f"{self.path}: a model file without training state; it cannot be resumed")
+        stored = self.state["optimizer"]
+        config = {**stored["config"], **overrides}
+        optimizer = make_optimizer(stored["name"], model.parameters(), model.backend, **config)
+        try:
+            optimizer.load_state_dict({**self.optimizer_buffers, "steps": stored["steps"]})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelFileError(f"{self.path}: {_one_line(exc)}") from None
+        return optimizer
+
+
+def load_checkpoint(path: str | os.PathLike, *, require_training_state: bool = True) -> Checkpoint:
+    """Read and check a checkpoint; with ``require_training_state=False`` a plain model file passes too.
+
+    Raises :class:`ModelFileError` (one line, naming the file) when the file is unreadable, is not a
+    cnn_backend file, or lacks part of the state.
+    """
+    path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # Checked first: numpy would report any other content as "pickled data".
+        raise ModelFileError(f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)")
+    arrays = read_npz(path)
+    if CONFIG_KEY not in arrays:
+        raise ModelFileError(f"{path}: not a cnn_backend model or checkpoint (no model config inside)")
+    model_config = _decode_json(arrays[CONFIG_KEY], path, "model config")
+    if not isinstance(model_config, list):
+        raise ModelFileError(f"{path}: the model config is not a list of layers")
+    parameters = {key[len(PARAM_PREFIX) :]: value for key, value in arrays.items() if key.startswith(PARAM_PREFIX)}
+    if not parameters:
+        raise ModelFileError(f"{path}: the file holds no parameters")
+    if STATE_KEY not in arrays:
+        if require_training_state:
+            raise ModelFileError(f"{path}: a model file without training state (not a checkpoint); it cannot be resumed")
+        return Checkpoint(path, model_config, parameters)
+
+    state = _decode_json(arrays[STATE_KEY], path, "training state")
+    _check_state(state, path)
+    buffers = {key[len(OPTIMIZER_PREFIX) :]: value for key, value in arrays.items() if key.startswith(OPTIMIZER_PREFIX)}
+    return Checkpoint(path, model_config, parameters, state, buffers)
+
+
+def _check_state(state, path: Path) -> None:
+    """Refuse a training state this module did not write, in one line."""
+    missing = [key for key in _REQUIRED_STATE if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ModelFileError(f"{path}: incomplete training state (missing {', '.join(missing)})")
+    if not isinstance(state["format"], int) or state["format"] > FORMAT_VERSION:
+        raise ModelFileError(f"{path}: checkpoint format {state['format']!r} is not one this cnn_backend reads (up to {FORMAT_VERSION})")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or optimizer.get("name") not in OPTIMIZERS:
+        name = optimizer.get("name") if isinstance(optimizer, dict) else optimizer
+        raise ModelFileError(f"{path}: unknown optimizer {name!r} in the training state")
+    expected_types = {"epoch": int, "settings": dict, "rng": dict, "best": dict, "history": list, "schedule": dict}
+    wrong = [key for key, kind in expected_types.items() if not isinstance(state[key], kind)]
+    if wrong or not isinstance(optimizer.get("config"), dict) or not isinstance(optimizer.get("steps"), int):
+        raise ModelFileError(f"{path}: malformed training state ({', '.join(wrong) or 'optimizer'})")
+    if not isinstance(state["rng"].get("dropout", {}), dict) or state["epoch"] < 1:
+        raise ModelFileError(f"{path}: malformed training state (rng or epoch)")
+
+
+def optimizer_name(optimizer: Optimizer) -> str:
+    """The name :func:`cnn_backend.optim.make_optimizer` builds ``optimizer``'s class from."""
+    for name, cls in OPTIMIZERS.items():
+        if type(optimizer) is cls:
+            return name
+    raise ValueError(f"{type(optimizer).__name__} is not one of the named optimizers ({', '.join(OPTIMIZERS)})")
+
+
+def dropout_rng_states(model: Sequential) -> dict:
+    """``{layer index: bit generator state}`` of every Dropout layer (JSON-ready)."""
+    return {str(index): layer.rng.bit_generator.state for index, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+
+
+def restore_dropout_rng_states(model: Sequential, states: dict) -> None:
+    """Put saved generator states back into the model's Dropout layers."""
+    dropout_indices = {str(index) for index, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+    if set(states) != dropout_indices:
+        raise ModelFileError(
+            f"Dropout generator states for layers {sorted(states) or 'none'}, "
+            f"but the model has Dropout at {sorted(dropout_indices) or 'none'}"
+        )
+    for index, state in states.items():
+        layer = model.layers[int(index)]
+        # A generator of the same kind as the saved one, so the state always fits.
+        kind = getattr(numpy.random, str(state["bit_generator"]), None)
+        if not (isinstance(kind, type) and issubclass(kind, numpy.random.BitGenerator)):
+            raise ModelFileError(f"unknown bit generator {state['bit_generator']!r} in a Dropout state")
+        bit_generator = kind()
+        bit_generator.state = state
+        layer.rng = numpy.random.Generator(bit_generator)
+
+
+def _decode_json(array, path: Path, what: str):
+    try:
+        return json.loads(str(array))
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{path}: the {what} is not valid JSON ({exc})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,757 @@
+"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``download``, ``benchmark``, ``parity``.
+
+:func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
+cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
+when interrupted. Known errors are reported as one line, ``cnn-backend: error: <message>``, on
+stderr, without a traceback. Results go to stdout; the progress bar and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy
+
+from . import __version__
+from .backend import DEVICES, DTYPES, DeviceUnavailableError, get_backend
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import CLASS_NAMES, BatchLoader, DataError, describe_source, download, load_fashion_mnist
+from .functional import CONV_ALGORITHMS
+from .layers import Convolution, ShapeError
+from .model import ARCHITECTURES, default_cnn, seed_cnn
+from .optim import OPTIMIZERS, make_optimizer
+from .report import (
+    HistoryWriter,
+    classification_report,
+    confusion_matrix,
+    format_report,
+    matplotlib_available,
+    plot_confusion_matrix,
+    plot_curves,
+    plot_filters,
+    write_json,
+)
+from .serialization import ModelFileError
+from .training import (
+    OPTIMIZER_DEFAULTS,
+    RECIPES,
+    SCHEDULES,
+    NonFiniteLossError,
+    evaluate,
+    fit,
+    prepare_images,
+    schedule_for_run,
+    schedule_from_config,
+)
+
+PROG = "cnn-backend"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: errors a user can fix from the command line: reported in one line, exit status 2
+USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError)
+
+#: commands provided by optional modules, loaded only when invoked: name -> (module, help)
+OPTIONAL_COMMANDS = {
+    "benchmark": ("cnn_backend.benchmark", "measure training speed on a device"),
+    "parity": ("cnn_backend.parity", "compare CPU and GPU results"),
+}
+
+DEFAULT_MODEL = "default"
+#: run settings that are not part of a recipe
+GENERAL_DEFAULTS = {"seed": 0, "dtype": "float32", "data": "auto"}
+#: what defines a run (stored in its checkpoints and restored on --resume); device, output folder
+#: and display options are chosen afresh by each invocation.
+SETTING_NAMES = (
+    "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+    "dropout", "seed", "dtype", "data", "train_split", "val_split",
+)
+#: the training/validation split of a full 60,000-image training set
+FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
+#: share of a smaller data set (the bundled 10,000 images) used for training; the rest validates
+FALLBACK_TRAIN_SHARE = 0.8
+
+LAST_CHECKPOINT, BEST_CHECKPOINT, HISTORY_FILE = "last.npz", "best.npz", "history.jsonl"
+CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png", "filters.png"
+
+
+# == entry point ====================================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_name(argv)
+    optional_module = None
+    if command in OPTIONAL_COMMANDS:
+        try:
+            optional_module = load_optional_command(command)
+        except ImportError as exc:
+            _print_error(exc)
+            return EXIT_USAGE
+    parser = build_parser({command: optional_module} if optional_module else {})
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        _print_error("interrupted", prefix="")
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as exc:
+        _print_error(exc)
+        return EXIT_USAGE
+    except OSError as exc:
+        _print_error(exc)
+        return EXIT_FAILED
+
+
+def _print_error(message, prefix: str = "error: ") -> None:
+    text = " ".join(str(message).split())  # always one line
+    print(f"{PROG}: {prefix}{text}", file=sys.stderr, flush=True)
+
+
+def _say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def _command_name(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+# == argument parsing ===============================================================================
+
+
+def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParser:
+    """The full parser. ``optional_modules`` maps optional command names to their loaded modules;
+    the others are listed in the help only, so their modules are imported just when invoked."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train and evaluate a from-scratch CNN on Fashion-MNIST, on the CPU or a CUDA GPU."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(commands)
+    _add_evaluate_command(commands)
+    _add_download_command(commands)
+    for name, (_, help_text) in OPTIONAL_COMMANDS.items():
+        module = (optional_modules or {}).get(name)
+        description = (module.__doc__ or "").strip().split("\n\n")[0] if module is not None else ""
+        sub = commands.add_parser(name, help=help_text, description=description or help_text)
+        if module is not None:
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.run)
+    return parser
+
+
+def load_optional_command(name: str):
+    """The module behind an optional command; ImportError (one line) when it is missing or incomplete."""
+    module_name = OPTIONAL_COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"the {name} command is not available: {module_name} cannot be imported ({exc})") from None
+    if not (callable(getattr(module, "add_arguments", None)) and callable(getattr(module, "run", None))):
+        raise ImportError(f"the {name} command is not available: {module_name} lacks add_arguments(parser) and run(args)")
+    return module
+
+
+def _add_train_command(commands) -> None:
+    def recipe_default(key: str) -> str:
+        return ", ".join(f"{model} model {recipe[key]}" for model, recipe in RECIPES.items())
+
+    train = commands.add_parser(
+        "train",
+        help="train a model; writes history, checkpoints and plots to --out",
+        description="Train a model on Fashion-MNIST. Options left out take the model's recipe "
+        "(cnn_backend.training.RECIPES) or, with --resume, the values stored in the checkpoint.",
+    )
+    model = train.add_argument_group("model and data")
+    model.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture: seed (the seed article's one-filter "
+                       "network) or default (a two-block CNN, used when --model is left out)")
+    model.add_argument("--dropout", type=_fraction, metavar="RATE", help="dropout before the output layer, default model only (default: 0)")
+    model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
+    model.add_argument("--conv-algorithm", choices=("auto",) + CONV_ALGORITHMS, help="convolution algorithm (default: auto)")
+    model.add_argument("--data", metavar="auto|bundled|DIR", help="Fashion-MNIST source: the downloaded full set if present "
+                       "else the bundled 10,000-image subset (auto, the default), the bundled subset, or a folder of IDX files")
+    model.add_argument("--train-split", type=_range_text, metavar="START:STOP", help="training images, a slice of the "
+                       f"training set (default: seed model {RECIPES['seed']['train_split']}; default model "
+                       f"{FULL_SPLIT[0]} on the full data, the first {FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set "
+                       "such as the bundled one)")
+    model.add_argument("--val-split", type=_range_text, metavar="START:STOP", help="validation images (default: "
+                       f"seed model {RECIPES['seed']['val_split']}; default model {FULL_SPLIT[1]} on the full data, "
+                       f"the last {100 - FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set)")
+
+    optimisation = train.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=_positive_int, help=f"last epoch to train (default: {recipe_default('epochs')})")
+    optimisation.add_argument("--batch-size", type=_positive_int, help=f"samples per step (default: {recipe_default('batch_size')})")
+    optimisation.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"(default: {recipe_default('optimizer')})")
+    optimisation.add_argument("--lr", type=_learning_rate, help=f"base learning rate (default: {recipe_default('lr')}; "
+                              f"adam {OPTIMIZER_DEFAULTS['adam']['lr']} when chosen against the recipe)")
+    optimisation.add_argument("--momentum", type=_fraction, help=f"SGD momentum, or Adam's beta1 (default: {recipe_default('momentum')}; "
+                              f"adam {OPTIMIZER_DEFAULTS['adam']['momentum']})")
+    optimisation.add_argument("--weight-decay", type=_non_negative_float, help=f"L2 (SGD) or decoupled (Adam) weight decay "
+                              f"(default: {recipe_default('weight_decay')})")
+    optimisation.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the run: constant; step (x0.1 every "
+                              f"ceil(epochs/3) epochs); cosine decay to 0 (default: {recipe_default('schedule')})")
+    optimisation.add_argument("--seed", type=_non_negative_int, help="seeds the initial weights, the batch order and dropout (default: 0)")
+
+    run = train.add_argument_group("run")
+    run.add_argument("--device", choices=DEVICES, default="auto", help="cpu, cuda, or auto: cuda when usable, else cpu (default: auto)")
+    run.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/<date-time>, or the "
+                     "checkpoint's folder with --resume)")
+    run.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz) "
+                     "up to --epochs; other options default to the stored ones")
+    run.add_argument("--log-every", type=_positive_int, default=50, metavar="STEPS", help="steps between progress updates "
+                     "(each reads the loss back from the device once) (default: 50)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar: one line per epoch")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots written at the end")
+    train.set_defaults(handler=run_train)
+
+
+def _add_evaluate_command(commands) -> None:
+    evaluate_parser = commands.add_parser(
+        "evaluate",
+        help="accuracy, per-class precision/recall/F1 and confusion matrix of a checkpoint",
+        description="Evaluate a checkpoint (or model file) on a split: prints a table and writes a JSON report.",
+    )
+    evaluate_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .npz written by train (or Sequential.save)")
+    evaluate_parser.add_argument("--data", metavar="auto|bundled|DIR", help="Fashion-MNIST source (default: the one the checkpoint was trained on)")
+    evaluate_parser.add_argument("--split", choices=("train", "test"), default="train", help="train (default) or test (needs the full download)")
+    evaluate_parser.add_argument("--range", type=_range_text, metavar="START:STOP", help="images of the split to use (default: "
+                                 "the checkpoint's validation range on train, all of test)")
+    evaluate_parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    evaluate_parser.add_argument("--dtype", choices=DTYPES, help="(default: the checkpoint's)")
+    evaluate_parser.add_argument("--batch-size", type=_positive_int, default=1000, help="samples per forward pass (default: 1000)")
+    evaluate_parser.add_argument("--json", type=Path, metavar="PATH", help="report file (default: <checkpoint>-<split>-evaluation.json beside the checkpoint)")
+    evaluate_parser.set_defaults(handler=run_evaluate)
+
+
+def _add_download_command(commands) -> None:
+    download_parser = commands.add_parser(
+        "download",
+        help="fetch the full Fashion-MNIST (60,000 + 10,000 images) and verify it",
+        description="Download the four official Fashion-MNIST files and check their published MD5s.",
+    )
+    download_parser.add_argument("--data-dir", type=Path, metavar="DIR", help="target folder (default: $CNN_BACKEND_DATA, else the user cache)")
+    download_parser.set_defaults(handler=run_download)
+
+
+# -- argument types: a bad value is a usage error (status 2) ---------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = _parse(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _parse(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    value = _parse(float, text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _parse(float, text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _parse(float, text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def _parse(kind, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
+def _range_text(text: str) -> str:
+    parse_range(text)  # syntax only; bounds are checked against the data
+    return text
+
+
+def parse_range(text: str) -> tuple[int | None, int | None]:
+    """``"START:STOP"`` (either end may be empty) as ``(start, stop)``; raises ArgumentTypeError."""
+    start, colon, stop = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        bounds = tuple(int(part) if part.strip() else None for part in (start, stop))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (e.g. :5000 or 5000:10000), got {text!r}") from None
+    if any(bound is not None and bound < 0 for bound in bounds):
+        raise argparse.ArgumentTypeError(f"START and STOP must be >= 0, got {text!r}")
+    return bounds
+
+
+def select_range(text: str, total: int, option: str) -> slice:
+    """The slice ``text`` names in a split of ``total`` images; ValueError when empty or out of bounds."""
+    start, stop = parse_range(text)
+    start = 0 if start is None else start
+    stop = total if stop is None else stop
+    if stop > total:
+        raise DataError(
+            f"{option} {text} reaches past the {total:,} images available"
+            + ("; run `cnn-backend download` for the full 60,000" if total < FULL_DATA_SIZE else "")
+        )
+    if start >= stop:
+        raise ValueError(f"{option} {text} selects no images")
+    return slice(start, stop)
+
+
+def _range_label(window: slice) -> str:
+    return f"[{window.start}:{window.stop}] ({window.stop - window.start:,} images)"
+
+
+# == train ==========================================================================================
+
+
+def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> dict:
+    """The run settings: explicit options, else (with a checkpoint) the stored ones, else the recipe.
+
+    The model and optimiser of a resumed run are fixed by its checkpoint; asking for others is an
+    error. Choosing an optimiser other than the recipe's brings that optimiser's own defaults.
+    """
+    stored = {key: value for key, value in (checkpoint.settings if checkpoint else {}).items() if key in SETTING_NAMES}
+    for key in ("model", "optimizer"):
+        if stored.get(key) and explicit.get(key) not in (None, stored[key]):
+            raise ValueError(
+                f"{checkpoint.path} was trained with --{key} {stored[key]}, so --{key} {explicit[key]} cannot "
+                f"resume it (start a new run without --resume instead)"
+            )
+    model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
+    recipe = RECIPES[model]
+    optimizer = explicit.get("optimizer") or stored.get("optimizer") or recipe["optimizer"]
+    defaults = {**GENERAL_DEFAULTS, **recipe}
+    if optimizer != recipe["optimizer"]:
+        defaults.update(OPTIMIZER_DEFAULTS[optimizer])
+    settings = {**defaults, **stored, **explicit, "model": model, "optimizer": optimizer}
+    if settings["dropout"] and model != "default":
+        raise ValueError(f"--dropout applies to the default model only, not {model}")
+    return {key: settings[key] for key in SETTING_NAMES}
+
+
+def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:
+    """Training and validation slices of ``total`` images, and one line saying which were chosen.
+
+    Ranges left to the data (None) are decided here and written back into ``settings``, so the
+    checkpoints record the ranges actually used.
+    """
+    train_text, val_text = settings["train_split"], settings["val_split"]
+    if train_text is None or val_text is None:
+        if total >= FULL_DATA_SIZE:
+            defaults, why = FULL_SPLIT, "the full-data split"
+        else:
+            cut = int(total * FALLBACK_TRAIN_SHARE)
+            defaults = (f":{cut}", f"{cut}:{total}")
+            why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available " \
+                  f"(the full-data split {FULL_SPLIT[0]}/{FULL_SPLIT[1]} needs `cnn-backend download`)"
+        train_text = train_text or defaults[0]
+        val_text = val_text or defaults[1]
+    elif (train_text, val_text) == (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]):
+        why = "the seed experiment's split"
+    else:
+        why = "as requested"
+    settings["train_split"], settings["val_split"] = train_text, val_text
+    train_window = select_range(train_text, total, "--train-split")
+    val_window = select_range(val_text, total, "--val-split")
+    line = f"split: training on {_range_label(train_window)}, validating on {_range_label(val_window)}: {why}"
+    if train_window.start < val_window.stop and val_window.start < train_window.stop:
+        line += " (warning: the two ranges overlap, validation accuracy is optimistic)"
+    return train_window, val_window, line
+
+
+def open_backend(device: str, dtype: str):
+    """The backend for ``--device`` and one line describing it; DeviceUnavailableError explains itself."""
+    if device == "auto":
+        backend = get_backend("auto", dtype)
+        found = "found a CUDA device" if backend.name == "cuda" else "found no usable CUDA device"
+        return backend, f"device: {backend.name} ({backend.dtype.name}; --device auto {found})"
+    try:
+        backend = get_backend(device, dtype)
+    except DeviceUnavailableError as exc:
+        raise DeviceUnavailableError(f"{exc}; `--device auto` would fall back to the CPU") from None
+    return backend, f"device: {backend.name} ({backend.dtype.name})"
+
+
+def build_model(settings: dict, backend, conv_algorithm: str):
+    """A freshly initialised model of ``settings["model"]``, seeded by ``settings["seed"]``."""
+    if settings["model"] == "seed":
+        return seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm)
+    return default_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"])
+
+
+def optimizer_config(settings: dict) -> dict:
+    """Keyword arguments of the settings' optimiser."""
+    if settings["optimizer"] == "adam":
+        return {"lr": settings["lr"], "betas": (settings["momentum"], 0.999), "weight_decay": settings["weight_decay"]}
+    return {"lr": settings["lr"], "momentum": settings["momentum"], "weight_decay": settings["weight_decay"]}
+
+
+def prepare_out_dir(requested: Path | None, checkpoint: Checkpoint | None) -> Path:
+    """The output folder: never one that holds another run, except the folder being resumed."""
+    if requested is None:
+        if checkpoint is not None:
+            return checkpoint.path.parent
+        requested = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        base, suffix = requested, 2
+        while requested.exists():
+            requested, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
+    if requested.exists() and not requested.is_dir():
+        raise ValueError(f"--out {requested} is a file, not a folder")
+    resuming_here = checkpoint is not None and requested.resolve() == checkpoint.path.parent.resolve()
+    existing = [name for name in (HISTORY_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT) if (requested / name).exists()]
+    if existing and not resuming_here:
+        raise ValueError(
+            f"{requested} already holds a training run ({', '.join(existing)}); choose another --out, "
+            f"or continue it with --resume {requested / LAST_CHECKPOINT}"
+        )
+    requested.mkdir(parents=True, exist_ok=True)
+    return requested
+
+
+class DeferredInterrupt:
+    """Hold Ctrl-C back while an epoch's files are written, then raise it: the history and the
+    checkpoints always describe the same finished epoch."""
+
+    def __enter__(self):
+        self.received = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        self.received = True
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.received and exc_type is None:
+            raise KeyboardInterrupt
+        return False
+
+
+def _make_interruptible() -> None:
+    # A process started in the background may inherit an ignored SIGINT; training should still stop
+    # cleanly (with a checkpoint) when sent one.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class EpochProgress:
+    """A per-epoch progress bar (loss, accuracy, samples/s) fed from the Trainer's log intervals;
+    nothing at all when ``show_bar`` is False (the per-epoch lines are printed either way)."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, batch_size: int, samples_per_epoch: int, show_bar: bool) -> None:
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.batch_size, self.samples_per_epoch = batch_size, samples_per_epoch
+        self.show_bar = show_bar
+        self.bar = None
+        self.epoch = 0
+
+    def start(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.started = time.perf_counter()
+        if self.show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.epochs}", unit="step",
+                leave=False, file=sys.stderr, dynamic_ncols=True,
+            )
+
+    def update(self, steps_done: int, loss: float, accuracy: float) -> None:
+        if self.bar is None:
+            return
+        samples = min(steps_done * self.batch_size, self.samples_per_epoch)
+        rate = samples / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"loss {loss:.4f}, acc {accuracy:.3f}, {rate:,.0f} samples/s", refresh=False)
+        self.bar.update(steps_done - self.bar.n)
+        if steps_done == self.steps_per_epoch:
+            self.bar.set_description(f"epoch {self.epoch}/{self.epochs} validating")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class RunRecorder:
+    """Records each finished epoch in the output folder: a history row, ``best.npz`` when the
+    validation accuracy improved, and ``last.npz``, all as one step that Ctrl-C cannot split."""
+
+    def __init__(self, out_dir: Path, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict) -> None:
+        self.out_dir, self.model, self.optimizer, self.schedule = out_dir, model, optimizer, schedule
+        self.settings = settings
+        self.history = list(history)
+        self.best = dict(best)
+        self.last_saved_epoch = history[-1]["epoch"] if history else None
+        self.samples = 0
+        self.seconds = 0.0
+        self.writer = HistoryWriter(out_dir / HISTORY_FILE)
+        self.writer.start(self.history)
+
+    def record(self, stats) -> bool:
+        """Write the files of a finished epoch; returns whether it is the new best."""
+        row = stats.as_dict()
+        improved = stats.val_accuracy is not None and (self.best["val_accuracy"] is None or stats.val_accuracy > self.best["val_accuracy"])
+        with DeferredInterrupt():
+            self.history.append(row)
+            self.writer.append(row)
+            if improved:
+                self.best = {"epoch": stats.epoch, "val_accuracy": stats.val_accuracy}
+                self._save(BEST_CHECKPOINT, stats.epoch)
+            self._save(LAST_CHECKPOINT, stats.epoch)
+            self.last_saved_epoch = stats.epoch
+        self.samples += stats.samples_per_second * stats.seconds
+        self.seconds += stats.seconds
+        return improved
+
+    def _save(self, name: str, epoch: int) -> None:
+        save_checkpoint(
+            self.out_dir / name, self.model, self.optimizer, epoch=epoch, schedule=self.schedule,
+            settings=self.settings, loader_seed=self.settings["seed"], best=self.best, history=self.history,
+        )
+
+
+def format_epoch_line(stats, epochs: int, improved: bool) -> str:
+    """One line per finished epoch."""
+    width = len(str(epochs))
+    line = f"epoch {stats.epoch:>{width}}/{epochs}  train loss {stats.train_loss:.4f} acc {stats.train_accuracy:.4f}"
+    if stats.val_accuracy is not None:
+        line += f"  val loss {stats.val_loss:.4f} acc {stats.val_accuracy:.4f}"
+    line += f"  lr {stats.lr:.3g}  {stats.seconds:.1f} s  {stats.samples_per_second:,.0f} samples/s"
+    return line + ("  *best" if improved else "")
+
+
+def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None, conv_algorithm: str | None):
+    """A fresh model and optimiser, or the checkpoint's; also the first epoch left to train."""
+    if checkpoint is None:
+        model = build_model(settings, backend, conv_algorithm or "auto")
+        optimizer = make_optimizer(settings["optimizer"], model.parameters(), backend, **optimizer_config(settings))
+        return model, optimizer, 1
+    if checkpoint.epoch >= settings["epochs"]:
+        raise ValueError(
+            f"{checkpoint.path} already finished epoch {checkpoint.epoch} of {settings['epochs']}: "
+            f"nothing to resume; pass --epochs N (N > {checkpoint.epoch}) to train further"
+        )
+    model = checkpoint.build_model(backend)
+    if conv_algorithm:
+        for layer in model.layers:
+            if isinstance(layer, Convolution):
+                layer.algorithm = conv_algorithm
+    optimizer = checkpoint.build_optimizer(model, **optimizer_config(settings))
+    return model, optimizer, checkpoint.epoch + 1
+
+
+def run_train(args) -> int:
+    """The ``train`` command."""
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
+    settings = resolve_settings(explicit, checkpoint)
+    backend, device_line = open_backend(args.device, settings["dtype"])
+
+    model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm)
+
+    images, labels = load_fashion_mnist("train", settings["data"])
+    data_line = f"data: {describe_source('train', settings['data'])}"
+    train_window, val_window, split_line = resolve_ranges(settings, len(images))
+    out_dir = prepare_out_dir(args.out, checkpoint)
+    history, best = [], {"epoch": None, "val_accuracy": None}
+    if checkpoint is not None:
+        history = checkpoint.history
+        # best.npz of another folder is not carried over: there, best tracking starts afresh.
+        if out_dir.resolve() == checkpoint.path.parent.resolve():
+            best = checkpoint.best
+
+    loader = BatchLoader(images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"])
+    schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
+    schedule = schedule_from_config(schedule_settings)
+    validation = (prepare_images(images[val_window], backend.dtype), labels[val_window])
+
+    _say(f"{PROG} train: {_describe_settings(settings)}")
+    _say(device_line)
+    _say(data_line)
+    _say(split_line)
+    if checkpoint is not None:
+        _say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
+        if checkpoint.schedule != schedule_settings:
+            _say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
+    _say(f"outputs: {out_dir}")
+
+    recorder = RunRecorder(out_dir, model, optimizer, schedule, {**settings, "device": backend.name}, history=history, best=best)
+    progress = EpochProgress(
+        settings["epochs"], len(loader), settings["batch_size"], loader.num_samples,
+        show_bar=not args.quiet and sys.stderr.isatty(),
+    )
+
+    def epoch_finished(stats) -> None:
+        progress.close()
+        improved = recorder.record(stats)
+        _say(format_epoch_line(stats, settings["epochs"], improved))
+
+    _make_interruptible()
+    started = time.perf_counter()
+    try:
+        # Overflow warnings would only repeat what the non-finite loss check reports in one line.
+        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            fit(
+                model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
+                augment=None,  # data augmentation plugs in here: augment(x, epoch, step) on the device
+                start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
+                on_epoch_end=epoch_finished, log_every=args.log_every,
+            )
+    except KeyboardInterrupt:
+        progress.close()
+        _print_error(f"interrupted during epoch {progress.epoch}; {_last_checkpoint_text(recorder, out_dir, resume_hint=True)}", prefix="")
+        return EXIT_INTERRUPTED
+    except NonFiniteLossError as exc:
+        progress.close()
+        _print_error(f"{exc}; {_last_checkpoint_text(recorder, out_dir, resume_hint=False)}")
+        return EXIT_FAILED
+    training_seconds = time.perf_counter() - started
+
+    plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation)
+    _say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
+    written = [HISTORY_FILE, LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if (out_dir / BEST_CHECKPOINT).exists() else []) + plots
+    _say(f"outputs in {out_dir}: {', '.join(written)}")
+    return EXIT_OK
+
+
+def _summary_line(recorder: RunRecorder, epochs_run: int, seconds: float, backend) -> str:
+    if recorder.best["epoch"] is not None:
+        best = f"best validation accuracy {recorder.best['val_accuracy']:.4f} at epoch {recorder.best['epoch']}"
+    else:
+        best = "no validation accuracy recorded"
+    throughput = recorder.samples / recorder.seconds if recorder.seconds else 0.0
+    return (
+        f"done: {best}; {epochs_run} epoch{'s' if epochs_run != 1 else ''} in {seconds:.1f} s, "
+        f"{throughput:,.0f} training samples/s on {backend.name} ({backend.dtype.name})"
+    )
+
+
+def _describe_settings(settings: dict) -> str:
+    momentum_name = "beta1" if settings["optimizer"] == "adam" else "momentum"
+    text = (
+        f"{settings['model']} model, {settings['optimizer']} lr {settings['lr']:g} {momentum_name} {settings['momentum']:g} "
+        f"weight decay {settings['weight_decay']:g}, {settings['schedule']} schedule, batch {settings['batch_size']}, "
+        f"{settings['epochs']} epochs, seed {settings['seed']}, {settings['dtype']}"
+    )
+    return text + (f", dropout {settings['dropout']:g}" if settings["dropout"] else "")
+
+
+def _last_checkpoint_text(recorder: RunRecorder, out_dir: Path, *, resume_hint: bool) -> str:
+    path = out_dir / LAST_CHECKPOINT
+    if recorder.last_saved_epoch is None:
+        return "no epoch finished, so no checkpoint was written"
+    text = f"the last good checkpoint is {path} (epoch {recorder.last_saved_epoch})"
+    return text + (f"; resume with: {PROG} train --resume {path}" if resume_hint else "")
+
+
+def _write_training_plots(out_dir: Path, model, history: list[dict], validation) -> list[str]:
+    """Curves, validation confusion matrix and first-layer filters; skipped without matplotlib."""
+    if not matplotlib_available():
+        _say("plots skipped: matplotlib is not installed (pip install 'cnn-backend[plot]')")
+        return []
+    images, labels = validation
+    predictions = evaluate(model, images, labels, with_predictions=True)["predictions"]
+    confusion = confusion_matrix(labels, predictions, len(CLASS_NAMES))
+    plot_curves(history, out_dir / CURVES_PLOT)
+    epoch = history[-1]["epoch"]
+    plot_confusion_matrix(confusion, CLASS_NAMES, out_dir / CONFUSION_PLOT, title=f"validation confusion matrix, epoch {epoch}")
+    written = [CURVES_PLOT, CONFUSION_PLOT]
+    first_conv = next((layer for layer in model.layers if isinstance(layer, Convolution)), None)
+    if first_conv is not None:
+        plot_filters(model.backend.to_numpy(first_conv.params["weight"].data), out_dir / FILTERS_PLOT,
+                     title=f"first convolution layer filters, epoch {epoch}")
+        written.append(FILTERS_PLOT)
+    return written
+
+
+# == evaluate =======================================================================================
+
+
+def run_evaluate(args) -> int:
+    """The ``evaluate`` command."""
+    checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
+    stored = checkpoint.settings
+    backend, device_line = open_backend(args.device, args.dtype or stored.get("dtype", "float32"))
+    model = checkpoint.build_model(backend)
+
+    source = args.data or stored.get("data", "auto")
+    if args.split == "test" and source == "bundled":
+        source = "auto"  # the bundled subset has no test split; look for the downloaded one
+    images, labels = load_fashion_mnist(args.split, source)
+    range_text, why = args.range, "as requested"
+    if range_text is None and args.split == "test":
+        range_text, why = ":", "the whole test split"
+    elif range_text is None:
+        range_text, why = stored.get("val_split"), "the checkpoint's validation range"
+        if range_text is None:
+            raise ValueError(f"{args.checkpoint} stores no validation range; pass --range START:STOP or --split test")
+    window = select_range(range_text, len(images), "--range")
+
+    _say(f"checkpoint: {checkpoint.path}" + (f" (epoch {checkpoint.epoch}, {stored.get('model')} model)" if checkpoint.is_training_checkpoint else ""))
+    _say(device_line)
+    _say(f"data: {describe_source(args.split, source)}")
+    _say(f"evaluating on {args.split} {_range_label(window)}: {why}")
+
+    with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        scores = evaluate(model, prepare_images(images[window], backend.dtype), labels[window], args.batch_size, with_predictions=True)
+    report = classification_report(confusion_matrix(labels[window], scores["predictions"], len(CLASS_NAMES)), CLASS_NAMES)
+    document = {
+        "checkpoint": str(checkpoint.path),
+        "epoch": checkpoint.epoch,
+        "model": stored.get("model"),
+        "split": args.split,
+        "range": f"{window.start}:{window.stop}",
+        "data": describe_source(args.split, source),
+        "device": backend.name,
+        "loss": scores["loss"],
+        **report,
+    }
+    _say("")
+    _say(format_report(report))
+    _say(f"loss {scores['loss']:.4f}")
+    json_path = args.json or checkpoint.path.with_name(f"{checkpoint.path.stem}-{args.split}-evaluation.json")
+    write_json(json_path, document)
+    _say(f"report written to {json_path}")
+    return EXIT_OK
+
+
+# == download =======================================================================================
+
+
+def run_download(args) -> int:
+    """The ``download`` command."""
+    # The data module reports each file (fetched, or already present and verified) at INFO.
+    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    directory = download(args.data_dir)
+    _say(f"Fashion-MNIST is ready in {directory} (all files verified)")
+    return EXIT_OK
+

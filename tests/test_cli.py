@@ -1,0 +1,328 @@
+"""The command line end to end: `python -m cnn_backend ...` on the bundled data, a few hundred images
+per run so that each takes seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import pytest
+
+from cnn_backend import DeviceUnavailableError, Sequential, get_backend
+from cnn_backend.checkpoint import STATE_KEY, load_checkpoint
+from cnn_backend.cli import main, open_backend, resolve_ranges, resolve_settings
+from cnn_backend.report import matplotlib_available, read_history
+from cnn_backend.training import OPTIMIZER_DEFAULTS, RECIPES
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["--model", "seed", "--device", "cpu", "--data", "bundled", "--train-split", ":512", "--val-split", "9000:9256", "--quiet"]
+
+
+def has_usable_gpu() -> bool:
+    try:
+        get_backend("cuda")
+    except DeviceUnavailableError:
+        return False
+    return True
+
+
+def cli(*args, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cnn_backend", *map(str, args)],
+        cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _env() -> dict:
+    # The checkout's package, whatever is installed; no downloaded data set from this machine.
+    return {**os.environ, "PYTHONPATH": str(REPO), "CNN_BACKEND_DATA": str(REPO / "tests" / "no-such-data-dir")}
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, status: int, *fragments: str) -> str:
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def parameters(path: Path) -> dict:
+    with numpy.load(path) as archive:
+        return {key: archive[key] for key in archive.files if key != STATE_KEY and not key.startswith("__")}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished two-epoch run of the seed model."""
+    root = tmp_path_factory.mktemp("run")
+    result = cli("train", *SMALL, "--epochs", 2, "--out", "run", cwd=root)
+    assert result.returncode == 0, result.stderr
+    (root / "stdout.txt").write_text(result.stdout)
+    return root / "run"
+
+
+def test_train_writes_history_checkpoints_and_plots(trained):
+    stdout = (trained.parent / "stdout.txt").read_text()
+    assert "split: training on [0:512] (512 images), validating on [9000:9256] (256 images)" in stdout
+    assert re.search(r"done: best validation accuracy 0\.\d+ at epoch [12]; 2 epochs in .* samples/s on cpu", stdout)
+
+    history = read_history(trained / "history.jsonl")
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "samples_per_second"} <= set(history[0])
+
+    last, best = load_checkpoint(trained / "last.npz"), load_checkpoint(trained / "best.npz")
+    assert last.epoch == 2 and last.history == history
+    best_row = max(history, key=lambda row: row["val_accuracy"])
+    assert best.epoch == best_row["epoch"] and best.best["val_accuracy"] == best_row["val_accuracy"]
+    assert last.settings["train_split"] == ":512" and last.settings["val_split"] == "9000:9256"
+    assert last.optimizer_name == "sgd" and last.state["optimizer"]["steps"] == 2 * 16
+    Sequential.load(trained / "last.npz")  # also a plain model file
+
+    plots = {"curves.png", "confusion_matrix.png", "filters.png"}
+    written = {path.name for path in trained.iterdir()}
+    if matplotlib_available():
+        assert plots <= written
+        assert all((trained / name).read_bytes()[:4] == b"\x89PNG" for name in plots)
+    assert not [name for name in written if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("optimizer", [["--optimizer", "sgd", "--momentum", "0.9"], ["--optimizer", "adam"]], ids=["sgd-momentum", "adam"])
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, optimizer):
+    options = [*SMALL, *optimizer, "--weight-decay", "1e-3", "--no-plots"]
+    assert cli("train", *options, "--epochs", 2, "--out", "straight", cwd=tmp_path).returncode == 0
+    assert cli("train", *options, "--epochs", 1, "--out", "split", cwd=tmp_path).returncode == 0
+    resumed = cli("train", "--resume", tmp_path / "split" / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet", "--no-plots", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: " in resumed.stdout and "training epochs 2-2" in resumed.stdout
+
+    straight, split = parameters(tmp_path / "straight" / "last.npz"), parameters(tmp_path / "split" / "last.npz")
+    assert straight.keys() == split.keys() and any(key.startswith("optim/") for key in straight)
+    for key in straight:
+        numpy.testing.assert_allclose(split[key], straight[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    straight_history = read_history(tmp_path / "straight" / "history.jsonl")
+    split_history = read_history(tmp_path / "split" / "history.jsonl")
+    assert [row["epoch"] for row in split_history] == [1, 2]
+    assert [row["val_accuracy"] for row in split_history] == [row["val_accuracy"] for row in straight_history]
+
+
+def test_ctrl_c_keeps_a_complete_checkpoint_and_says_how_to_resume(tmp_path):
+    # Many epochs of 4,000 images: still training when the signal arrives.
+    args = [*SMALL, "--train-split", ":4000", "--epochs", 1000, "--out", "run", "--no-plots"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnn_backend", "train", *map(str, args)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    last = tmp_path / "run" / "last.npz"
+    deadline = time.monotonic() + 90
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert last.exists(), "no checkpoint appeared"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    line = assert_one_error_line(
+        subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), 130, "interrupted during epoch",
+    )
+    assert f"resume with: cnn-backend train --resume {Path('run') / 'last.npz'}" in line
+    checkpoint = load_checkpoint(last)
+    assert checkpoint.epoch >= 1
+    assert [row["epoch"] for row in read_history(tmp_path / "run" / "history.jsonl")] == list(range(1, checkpoint.epoch + 1))
+    assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.endswith(".tmp")]
+
+    resumed = cli("train", "--resume", last, "--epochs", checkpoint.epoch + 1, "--device", "cpu", "--quiet", "--no-plots", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(last).epoch == checkpoint.epoch + 1
+
+
+@pytest.mark.skipif(has_usable_gpu(), reason="this machine has a usable CUDA device")
+def test_device_cuda_without_a_gpu_exits_2_with_one_line(tmp_path):
+    result = cli("train", "--device", "cuda", "--model", "seed", "--out", "run", cwd=tmp_path)
+    assert_one_error_line(result, 2, "cnn-backend: error: CUDA was requested", "`--device auto` would fall back to the CPU")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_exits_1_naming_epoch_and_step(tmp_path):
+    result = cli("train", *SMALL, "--lr", "1e38", "--epochs", 2, "--out", "run", "--no-plots", cwd=tmp_path)
+    line = assert_one_error_line(result, 1, "cnn-backend: error: the loss became non-finite at epoch 1, step ")
+    assert re.search(r"epoch 1, step \d+", line) and "no checkpoint was written" in line
+
+
+def test_evaluate_prints_the_table_and_writes_a_consistent_report(trained, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = cli("evaluate", trained / "best.npz", "--device", "cpu", "--json", report_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "the checkpoint's validation range" in result.stdout
+    assert "Ankle boot" in result.stdout and "confusion matrix" in result.stdout
+
+    report = json.loads(report_path.read_text())
+    assert report["split"] == "train" and report["range"] == "9000:9256" and report["samples"] == 256
+    assert report["epoch"] == load_checkpoint(trained / "best.npz").epoch
+    confusion = numpy.array(report["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 256
+    assert report["accuracy"] == pytest.approx(numpy.trace(confusion) / 256)
+    assert report["accuracy"] == pytest.approx(load_checkpoint(trained / "best.npz").best["val_accuracy"])
+    for row in report["per_class"]:
+        i = row["index"]
+        assert row["support"] == confusion[i].sum()
+        expected_precision = confusion[i, i] / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
+        assert row["precision"] == pytest.approx(expected_precision)
+        assert row["recall"] == pytest.approx(confusion[i, i] / confusion[i].sum())
+    assert [row["name"] for row in report["per_class"]][0] == "T-shirt/top"
+
+
+def test_scripts_train_is_the_train_command(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--help"], env=_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0 and "usage: cnn-backend train" in result.stdout and "--resume CHECKPOINT" in result.stdout
+
+
+# -- error paths, in-process (same main(), no interpreter start-up) ---------------------------------
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    status = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--epochs", "0"], "--epochs: must be a positive integer"),
+        (["train", "--train-split", "abc"], "expected START:STOP"),
+        (["train", "--lr", "nan"], "--lr: must be a finite number > 0"),
+        (["train", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["fly"], "invalid choice: 'fly'"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(capsys, args, message):
+    status, _, err = run_main(capsys, *args)
+    assert status == 2 and "usage: cnn-backend" in err and message in err
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda data: data[: len(data) // 2], "not an .npz archive"),
+        (lambda data: numpy.random.default_rng(0).bytes(len(data)), "not an .npz archive"),
+    ],
+    ids=["truncated", "random-bytes"],
+)
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+def test_unreadable_checkpoints_are_refused_in_one_line(trained, tmp_path, capsys, corrupt, message, command):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(corrupt((trained / "last.npz").read_bytes()))
+    args = ["evaluate", bad, "--device", "cpu"] if command == "evaluate" else ["train", "--resume", bad, "--device", "cpu"]
+    status, _, err = run_main(capsys, *args)
+    assert status == 2 and err.count("\n") == 1 and f"cnn-backend: error: {bad}: {message}" in err
+
+
+def test_a_checkpoint_with_missing_keys_is_refused(trained, tmp_path, capsys):
+    with numpy.load(trained / "last.npz") as archive:
+        arrays = {key: archive[key] for key in archive.files if key != "param/0.weight"}
+    numpy.savez(tmp_path / "partial.npz", **arrays)
+    status, _, err = run_main(capsys, "train", "--resume", tmp_path / "partial.npz", "--epochs", 3, "--device", "cpu")
+    assert status == 2 and err.count("\n") == 1 and "missing ['0.weight']" in err
+
+
+def test_resume_refuses_another_optimizer_and_a_finished_run(trained, capsys):
+    status, _, err = run_main(capsys, "train", "--resume", trained / "last.npz", "--optimizer", "adam", "--device", "cpu")
+    assert status == 2 and "was trained with --optimizer sgd, so --optimizer adam cannot resume it" in err
+    status, _, err = run_main(capsys, "train", "--resume", trained / "last.npz", "--device", "cpu")
+    assert status == 2 and "already finished epoch 2 of 2" in err and "--epochs" in err
+
+
+def test_train_refuses_an_output_folder_holding_another_run(trained, capsys):
+    status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", trained)
+    assert status == 2 and "already holds a training run" in err and "--resume" in err
+
+
+def test_split_beyond_the_bundled_data_is_refused(tmp_path, capsys):
+    status, _, err = run_main(capsys, "train", *SMALL, "--train-split", ":20000", "--out", tmp_path / "run")
+    assert status == 2 and "reaches past the 10,000 images" in err and "cnn-backend download" in err
+
+
+def test_evaluate_test_split_needs_the_download(trained, capsys, monkeypatch):
+    monkeypatch.setenv("CNN_BACKEND_DATA", str(trained / "no-data-here"))
+    status, _, err = run_main(capsys, "evaluate", trained / "last.npz", "--split", "test", "--data", "auto", "--device", "cpu")
+    assert status == 2 and "the test split is not bundled" in err
+
+
+@pytest.mark.parametrize("command", ["benchmark", "parity"])
+def test_optional_commands_run_or_say_they_are_missing(capsys, command):
+    status, out, err = run_main(capsys, command, "--help")
+    if importlib.util.find_spec(f"cnn_backend.{command}") is None:
+        assert status == 2 and err.strip() == (
+            f"cnn-backend: error: the {command} command is not available: cnn_backend.{command} cannot be imported "
+            f"(No module named 'cnn_backend.{command}')"
+        )
+    else:
+        assert status == 0 and f"usage: cnn-backend {command}" in out
+
+
+def test_help_lists_every_command(capsys):
+    status, out, _ = run_main(capsys, "--help")
+    assert status == 0
+    for command in ("train", "evaluate", "download", "benchmark", "parity"):
+        assert command in out
+
+
+def test_download_fetches_into_the_given_folder(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr("cnn_backend.cli.download", lambda data_dir: calls.append(data_dir) or data_dir)
+    status, out, _ = run_main(capsys, "download", "--data-dir", tmp_path)
+    assert status == 0 and calls == [tmp_path] and f"ready in {tmp_path}" in out
+
+
+# -- settings and splits ------------------------------------------------------------------------------
+
+
+def test_settings_come_from_the_recipe_unless_given():
+    seed = resolve_settings({"model": "seed"})
+    assert {key: seed[key] for key in ("lr", "batch_size", "optimizer")} == {key: RECIPES["seed"][key] for key in ("lr", "batch_size", "optimizer")}
+    assert resolve_settings({})["model"] == "default"
+    adam = resolve_settings({"model": "seed", "optimizer": "adam"})
+    assert (adam["lr"], adam["momentum"]) == (OPTIMIZER_DEFAULTS["adam"]["lr"], OPTIMIZER_DEFAULTS["adam"]["momentum"])
+    assert resolve_settings({"model": "seed", "optimizer": "adam", "lr": 0.5})["lr"] == 0.5
+    with pytest.raises(ValueError, match="default model only"):
+        resolve_settings({"model": "seed", "dropout": 0.5})
+
+
+def test_resumed_settings_come_from_the_checkpoint_unless_given(trained):
+    checkpoint = load_checkpoint(trained / "last.npz")
+    settings = resolve_settings({"epochs": 5}, checkpoint)
+    assert settings["epochs"] == 5 and settings["train_split"] == ":512" and settings["model"] == "seed"
+    assert {key: settings[key] for key in settings if key != "epochs"} == {
+        key: value for key, value in checkpoint.settings.items() if key in settings and key != "epochs"
+    }
+
+
+@pytest.mark.parametrize(
+    "model, total, expected",
+    [("default", 60_000, ((0, 50_000), (50_000, 60_000))), ("default", 10_000, ((0, 8_000), (8_000, 10_000))),
+     ("seed", 10_000, ((0, 5_000), (5_000, 10_000))), ("seed", 60_000, ((0, 5_000), (5_000, 10_000)))],
+)
+def test_default_splits_follow_the_model_and_the_data(model, total, expected):
+    settings = resolve_settings({"model": model})
+    train, val, line = resolve_ranges(settings, total)
+    assert ((train.start, train.stop), (val.start, val.stop)) == expected
+    assert line.startswith("split: training on") and "\n" not in line
+    assert settings["train_split"] is not None  # recorded for the checkpoint
+
+
+@pytest.mark.skipif(has_usable_gpu(), reason="this machine has a usable CUDA device")
+def test_device_auto_falls_back_to_the_cpu_and_says_so():
+    backend, line = open_backend("auto", "float64")
+    assert backend.name == "cpu" and backend.dtype == numpy.float64
+    assert line == "device: cpu (float64; --device auto found no usable CUDA device)"

@@ -1,0 +1,144 @@
+"""The training loop: it learns, it is reproducible from a seed, and it names the step a loss diverged at."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from cnn_backend import SGD, get_backend, seed_cnn
+from cnn_backend.data import BatchLoader, load_fashion_mnist
+from cnn_backend.model import ARCHITECTURES
+from cnn_backend.optim import OPTIMIZERS, ConstantSchedule, CosineSchedule, StepSchedule
+from cnn_backend.training import (
+    RECIPES,
+    SCHEDULES,
+    NonFiniteLossError,
+    Trainer,
+    evaluate,
+    fit,
+    prepare_images,
+    schedule_config,
+    schedule_for_run,
+    schedule_from_config,
+)
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    images, labels = load_fashion_mnist("train", "bundled")
+    return (images[:512], labels[:512]), (images[9000:9500], labels[9000:9500])
+
+
+def train_seed_model(fashion, epochs: int, seed: int = 0, **fit_kwargs):
+    (train_x, train_y), (val_x, val_y) = fashion
+    backend = get_backend("cpu")
+    model = seed_cnn(backend, seed=seed)
+    optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, backend=backend)
+    loader = BatchLoader(train_x, train_y, backend, 32, seed=seed)
+    history = fit(model, optimizer, loader, epochs, validation=(prepare_images(val_x), val_y), **fit_kwargs)
+    return model, history
+
+
+def test_fit_learns_on_a_few_hundred_samples(fashion):
+    _, history = train_seed_model(fashion, epochs=6)
+    assert history[-1].train_loss < 0.7 * history[0].train_loss
+    assert history[-1].train_accuracy > 0.5  # chance is 0.1
+    assert history[-1].val_accuracy > 0.4
+    assert [stats.epoch for stats in history] == list(range(1, 7))
+
+
+def test_two_runs_from_one_seed_give_identical_weights(fashion):
+    first, _ = train_seed_model(fashion, epochs=2, seed=3)
+    second, _ = train_seed_model(fashion, epochs=2, seed=3)
+    other, _ = train_seed_model(fashion, epochs=2, seed=4)
+    for name, value in first.state_dict().items():
+        numpy.testing.assert_array_equal(value, second.state_dict()[name])
+    assert not numpy.array_equal(first.state_dict()["0.weight"], other.state_dict()["0.weight"])
+
+
+def test_callbacks_run_at_epoch_start_each_interval_and_epoch_end(fashion):
+    events = []
+    train_seed_model(
+        fashion, epochs=2, log_every=5,
+        on_epoch_start=lambda epoch: events.append(("start", epoch)),
+        on_interval=lambda steps, loss, accuracy: events.append(("interval", steps)),
+        on_epoch_end=lambda stats: events.append(("end", stats.epoch)),
+    )
+    one_epoch = [("interval", 5), ("interval", 10), ("interval", 15), ("interval", 16)]  # 512 / 32 = 16 steps
+    assert events == [("start", 1), *one_epoch, ("end", 1), ("start", 2), *one_epoch, ("end", 2)]
+
+
+class PoisonedLoader:
+    """Batches of a real loader, with NaN images at one (epoch, step)."""
+
+    def __init__(self, loader, epoch: int, step: int) -> None:
+        self.loader, self.bad = loader, (epoch, step)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, index: int):
+        for step, (x, y) in enumerate(self.loader.epoch(index), start=1):
+            yield (x * numpy.nan if (index, step) == self.bad else x), y
+
+
+@pytest.mark.parametrize("log_every", [1, 2, 50])
+def test_non_finite_loss_names_the_epoch_and_step_it_appeared_at(fashion, log_every):
+    (train_x, train_y), _ = fashion
+    backend = get_backend("cpu")
+    model = seed_cnn(backend, seed=0)
+    loader = PoisonedLoader(BatchLoader(train_x, train_y, backend, 32, seed=0), epoch=2, step=5)
+    with numpy.errstate(invalid="ignore"), pytest.raises(NonFiniteLossError, match="epoch 2, step 5") as caught:
+        fit(model, SGD(model.parameters(), lr=0.01, backend=backend), loader, 3, log_every=log_every)
+    assert (caught.value.epoch, caught.value.step) == (2, 5)
+
+
+def test_trainer_follows_the_schedule_by_global_step(fashion):
+    (train_x, train_y), _ = fashion
+    backend = get_backend("cpu")
+    model = seed_cnn(backend, seed=0)
+    optimizer = SGD(model.parameters(), lr=0.01, backend=backend)
+    loader = BatchLoader(train_x, train_y, backend, 32, seed=0)
+    seen = []
+    trainer = Trainer(model, optimizer, loader, schedule=lambda step: seen.append(step) or 0.01)
+    trainer.run_epoch(3)  # epoch 3 starts at global step 2 * 16
+    assert seen == list(range(32, 48))
+
+
+def test_evaluate_returns_loss_accuracy_and_predictions(fashion):
+    _, (val_x, val_y) = fashion
+    model = seed_cnn("cpu", seed=0)
+    result = evaluate(model, prepare_images(val_x), val_y, batch_size=128, with_predictions=True)
+    assert result["predictions"].shape == val_y.shape
+    assert result["accuracy"] == pytest.approx(numpy.mean(result["predictions"] == val_y))
+    assert numpy.isfinite(result["loss"])
+
+
+def test_prepare_images_scales_to_unit_range_with_a_channel_axis():
+    images = numpy.array([[[0, 255], [51, 102]]], dtype=numpy.uint8)
+    prepared = prepare_images(images, "float64")
+    assert prepared.shape == (1, 1, 2, 2) and prepared.dtype == numpy.float64
+    numpy.testing.assert_allclose(prepared[0, 0], [[0.0, 1.0], [0.2, 0.4]])
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedules_round_trip_through_their_config(name):
+    config = schedule_for_run(name, 0.1, epochs=6, steps_per_epoch=10)
+    schedule = schedule_from_config(config)
+    assert schedule_config(schedule) == config
+    rebuilt = schedule_from_config(schedule_config(schedule))
+    assert [rebuilt(step) for step in range(60)] == [schedule(step) for step in range(60)]
+    assert isinstance(schedule, {"constant": ConstantSchedule, "step": StepSchedule, "cosine": CosineSchedule}[name])
+
+
+def test_step_schedule_decays_twice_per_run():
+    schedule = schedule_from_config(schedule_for_run("step", 1.0, epochs=6, steps_per_epoch=10))
+    assert [schedule(step) for step in (0, 19, 20, 40, 59)] == pytest.approx([1.0, 1.0, 0.1, 0.01, 0.01])
+
+
+def test_every_architecture_has_a_complete_recipe():
+    assert set(RECIPES) == set(ARCHITECTURES)
+    keys = set(RECIPES["seed"])
+    for recipe in RECIPES.values():
+        assert set(recipe) == keys
+        assert recipe["optimizer"] in OPTIMIZERS and recipe["schedule"] in SCHEDULES
