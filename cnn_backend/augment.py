@@ -47,3 +47,15 @@ class RandomCropFlip:
         # Advanced indices on axes 0, 2, 3 around the channel slice: the result is (N, H, W, C).
         cropped = padded[samples, :, rows, cols]
         return xp.ascontiguousarray(cropped.transpose(0, 3, 1, 2))
+
+
+AUGMENTATIONS = ("none", "crop-flip")
+
+
+def make_augmentation(name: str, backend: Backend, seed: int = 0) -> RandomCropFlip | None:
+    """The training-time augmentation called ``name`` (``"none"`` gives None: batches pass unchanged)."""
+    if name == "none":
+        return None
+    if name == "crop-flip":
+        return RandomCropFlip(backend, padding=2, flip_probability=0.5, seed=seed)
+    raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy
 
 from . import __version__
+from .augment import AUGMENTATIONS, make_augmentation
 from .backend import DEVICES, DTYPES, DeviceUnavailableError, get_backend
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CLASS_NAMES, BatchLoader, DataError, describe_source, download, load_fashion_mnist
@@ -71,7 +72,7 @@ GENERAL_DEFAULTS = {"seed": 0, "dtype": "float32", "data": "auto"}
 #: and display options are chosen afresh by each invocation.
 SETTING_NAMES = (
     "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-    "dropout", "seed", "dtype", "data", "train_split", "val_split",
+    "dropout", "augment", "seed", "dtype", "data", "train_split", "val_split",
 )
 #: the training/validation split of a full 60,000-image training set
 FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
@@ -177,6 +178,8 @@ def _add_train_command(commands) -> None:
     model.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture: seed (the seed article's one-filter "
                        "network) or default (a two-block CNN, used when --model is left out)")
     model.add_argument("--dropout", type=_fraction, metavar="RATE", help="dropout before the output layer, default model only (default: 0)")
+    model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, or "
+                       f"crop-flip (random 2-pixel shifts and left-right flips) (default: {recipe_default('augment')})")
     model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
     model.add_argument("--conv-algorithm", choices=("auto",) + CONV_ALGORITHMS, help="convolution algorithm (default: auto)")
     model.add_argument("--data", metavar="auto|bundled|DIR", help="Fashion-MNIST source: the downloaded full set if present "
@@ -622,7 +625,7 @@ def run_train(args) -> int:
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             fit(
                 model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
-                augment=None,  # data augmentation plugs in here: augment(x, epoch, step) on the device
+                augment=make_augmentation(settings["augment"], backend, settings["seed"]),
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
                 on_epoch_end=epoch_finished, log_every=args.log_every,
             )
@@ -662,7 +665,8 @@ def _describe_settings(settings: dict) -> str:
         f"weight decay {settings['weight_decay']:g}, {settings['schedule']} schedule, batch {settings['batch_size']}, "
         f"{settings['epochs']} epochs, seed {settings['seed']}, {settings['dtype']}"
     )
-    return text + (f", dropout {settings['dropout']:g}" if settings["dropout"] else "")
+    text += f", dropout {settings['dropout']:g}" if settings["dropout"] else ""
+    return text + (f", augment {settings['augment']}" if settings["augment"] != "none" else "")
 
 
 def _last_checkpoint_text(recorder: RunRecorder, out_dir: Path, *, resume_hint: bool) -> str:

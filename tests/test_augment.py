@@ -61,3 +61,13 @@ def test_always_flip_mirrors_every_sample():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RandomCropFlip(get_backend("cpu"), **kwargs)
+
+
+def test_augmentations_by_name():
+    from cnn_backend.augment import make_augmentation
+
+    be = get_backend("cpu")
+    assert make_augmentation("none", be) is None
+    assert isinstance(make_augmentation("crop-flip", be, seed=4), RandomCropFlip)
+    with pytest.raises(ValueError, match=r"unknown augmentation 'mixup'; choose one of none, crop-flip"):
+        make_augmentation("mixup", be)

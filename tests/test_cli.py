@@ -95,7 +95,11 @@ def test_train_writes_history_checkpoints_and_plots(trained):
     assert not [name for name in written if name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("optimizer", [["--optimizer", "sgd", "--momentum", "0.9"], ["--optimizer", "adam"]], ids=["sgd-momentum", "adam"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [["--optimizer", "sgd", "--momentum", "0.9"], ["--optimizer", "adam"], ["--optimizer", "sgd", "--augment", "crop-flip"]],
+    ids=["sgd-momentum", "adam", "sgd-augmented"],
+)
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, optimizer):
     options = [*SMALL, *optimizer, "--weight-decay", "1e-3", "--no-plots"]
     assert cli("train", *options, "--epochs", 2, "--out", "straight", cwd=tmp_path).returncode == 0
@@ -326,3 +330,14 @@ def test_device_auto_falls_back_to_the_cpu_and_says_so():
     backend, line = open_backend("auto", "float64")
     assert backend.name == "cpu" and backend.dtype == numpy.float64
     assert line == "device: cpu (float64; --device auto found no usable CUDA device)"
+
+
+def test_augmentation_changes_training_and_is_recorded(tmp_path):
+    options = [*SMALL, "--epochs", 1, "--no-plots"]
+    assert cli("train", *options, "--out", "plain", cwd=tmp_path).returncode == 0
+    augmented = cli("train", *options, "--augment", "crop-flip", "--out", "augmented", cwd=tmp_path)
+    assert augmented.returncode == 0, augmented.stderr
+    assert "augment crop-flip" in augmented.stdout
+    assert load_checkpoint(tmp_path / "augmented" / "last.npz").settings["augment"] == "crop-flip"
+    plain, shifted = parameters(tmp_path / "plain" / "last.npz"), parameters(tmp_path / "augmented" / "last.npz")
+    assert not numpy.array_equal(plain["param/0.weight"], shifted["param/0.weight"])
