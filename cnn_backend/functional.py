@@ -7,19 +7,67 @@ never over samples, pixels or channels.
 
 Two convolution algorithms compute the same cross-correlation:
 
-* ``"gemm"``: im2col by slicing over kernel offsets, then one batched matrix product; the backward
-  pass scatters back with slice-adds (deterministic, unlike atomic scatter-adds on a GPU).
+* ``"gemm"``: im2col by slicing over kernel offsets into a ``(C * KH * KW, N * OH * OW)`` matrix,
+  then one contiguous 2-D matrix product for the whole batch; the backward pass folds back with
+  slice-adds (deterministic, unlike atomic scatter-adds on a GPU).
 * ``"signal"``: FFT convolution through ``be.signal.fftconvolve`` over the two spatial axes, with the
   batch and filter axes broadcast so one call covers the whole batch. ``correlate``/``convolve`` are
   not used because their ``'valid'`` mode rejects broadcast batch axes, and their default
   ``method='auto'`` is not implemented for N-D input on CuPy.
+
+Memory layout. Arrays always have NCHW *shapes*, but the gemm convolution stores its output
+channel-major, ``(F, N, OH, OW)`` in memory, and returns it as a transposed view: that is the layout
+its matrix product produces, and the one the next im2col reads (``x.transpose(1, 0, 2, 3)`` is then
+contiguous), so no transposing copy is made between layers. Element-wise layers keep the layout they
+are given, max-pooling returns channel-major arrays both ways, and reshaping to ``(N, features)``
+makes the one copy into row order. Any layout is accepted everywhere; only speed depends on it.
+
+Buffers. A caller may pass a ``workspace`` dict to :func:`conv2d_forward` (a layer keeps one); the
+im2col matrix and the padded input are then allocated once and reused from step to step.
+
+``"auto"`` is resolved by :func:`cnn_backend.layers.resolve_conv_algorithm`; it consults the global
+default first: :func:`set_default_conv_algorithm`, else the environment variable
+``CNN_BACKEND_CONV_ALGORITHM`` (``gemm``, ``signal`` or ``auto``).
 """
 
 from __future__ import annotations
 
+import os
+
 from .backend import Backend
 
 CONV_ALGORITHMS = ("gemm", "signal")
+CONV_ALGORITHM_ENV = "CNN_BACKEND_CONV_ALGORITHM"
+
+_default_conv_algorithm: str | None = None
+
+
+def set_default_conv_algorithm(name: str | None) -> None:
+    """Make every ``algorithm="auto"`` convolution use ``name`` (``"gemm"`` or ``"signal"``).
+
+    ``"auto"`` or None restores the built-in rule (and the environment variable, if set). Layers
+    given an explicit algorithm are not affected.
+    """
+    global _default_conv_algorithm
+    if name is not None and name not in CONV_ALGORITHMS + ("auto",):
+        raise ValueError(f"unknown convolution algorithm {name!r}; choose one of auto, {', '.join(CONV_ALGORITHMS)}")
+    _default_conv_algorithm = None if name == "auto" else name
+
+
+def get_default_conv_algorithm() -> str:
+    """The global choice ``"auto"`` consults first: the one set by :func:`set_default_conv_algorithm`,
+    else ``$CNN_BACKEND_CONV_ALGORITHM``, else ``"auto"`` (use the built-in rule)."""
+    if _default_conv_algorithm is not None:
+        return _default_conv_algorithm
+    from_env = os.environ.get(CONV_ALGORITHM_ENV, "").strip().lower()
+    if not from_env:
+        return "auto"
+    if from_env not in CONV_ALGORITHMS + ("auto",):
+        raise ValueError(
+            f"{CONV_ALGORITHM_ENV}={from_env!r} is not a convolution algorithm; "
+            f"choose one of auto, {', '.join(CONV_ALGORITHMS)}"
+        )
+    return from_env
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -31,8 +79,10 @@ def pad_spatial(be: Backend, x, padding: int):
     """Zero-pad the last two axes of ``x`` by ``padding`` on each side."""
     if padding == 0:
         return x
-    pad = ((0, 0),) * (x.ndim - 2) + ((padding, padding), (padding, padding))
-    return be.xp.pad(x, pad)
+    *lead, h, w = x.shape
+    padded = be.xp.zeros((*lead, h + 2 * padding, w + 2 * padding), dtype=x.dtype)
+    padded[..., padding : padding + h, padding : padding + w] = x
+    return padded
 
 
 def crop_padding(x, padding: int):
@@ -42,41 +92,80 @@ def crop_padding(x, padding: int):
     return x[..., padding:-padding, padding:-padding]
 
 
+def _window(x, i: int, j: int, stride: int, out_h: int, out_w: int):
+    """The view of ``x``'s last two axes that kernel offset ``(i, j)`` sees at every output position."""
+    return x[..., i : i + stride * out_h : stride, j : j + stride * out_w : stride]
+
+
+def _scratch(be: Backend, workspace: dict | None, name: str, shape: tuple, dtype, zeros: bool = False):
+    """A scratch array kept in the caller's ``workspace`` and reused while shape, dtype and device hold.
+
+    Reuse matters on the CPU: a fresh multi-megabyte array per call comes from a fresh ``mmap`` whose
+    pages the operating system faults in and zeroes again every step (thousands of page faults per
+    training step of the default model). Without a workspace the array is simply allocated.
+    """
+    xp = be.xp
+    allocate = xp.zeros if zeros else xp.empty
+    if workspace is None:
+        return allocate(shape, dtype=dtype)
+    buffer = workspace.get(name)
+    if buffer is None or buffer.shape != shape or buffer.dtype != dtype or not isinstance(buffer, xp.ndarray):
+        buffer = workspace[name] = allocate(shape, dtype=dtype)
+    return buffer
+
+
 # --------------------------------------------------------------------------------------------------
 # im2col / col2im
 # --------------------------------------------------------------------------------------------------
 
 
 def im2col(be: Backend, x, kernel_h: int, kernel_w: int, stride: int, padding: int):
-    """Unfold ``x (N, C, H, W)`` into ``cols (N, C, KH, KW, OH, OW)``.
+    """Unfold ``x (N, C, H, W)`` into ``cols (C, KH, KW, N, OH, OW)``.
 
-    ``cols[n, c, i, j, oy, ox] == x_padded[n, c, oy * stride + i, ox * stride + j]``.
+    ``cols[c, i, j, n, oy, ox] == x_padded[n, c, oy * stride + i, ox * stride + j]``. ``cols`` is
+    contiguous, so ``cols.reshape(C * KH * KW, N * OH * OW)`` is free and one matrix product with the
+    ``(F, C * KH * KW)`` weights convolves the whole batch.
     """
-    x = pad_spatial(be, x, padding)
-    n, c, h, w = x.shape
-    out_h = (h - kernel_h) // stride + 1
-    out_w = (w - kernel_w) // stride + 1
-    cols = be.xp.empty((n, c, kernel_h, kernel_w, out_h, out_w), dtype=x.dtype)
-    for i in range(kernel_h):
-        rows = slice(i, i + stride * out_h, stride)
-        for j in range(kernel_w):
-            cols[:, :, i, j] = x[:, :, rows, j : j + stride * out_w : stride]
+    n, channels, h, w = x.shape
+    out_h, out_w = output_size(h, kernel_h, stride, padding), output_size(w, kernel_w, stride, padding)
+    cols = be.xp.empty((channels, kernel_h, kernel_w, n, out_h, out_w), dtype=x.dtype)
+    _unfold_into(be, x, cols, stride, padding)
     return cols
 
 
-def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
-    """Fold ``cols (N, C, KH, KW, OH, OW)`` back to ``(N, C, H, W)``, summing overlaps.
-
-    The adjoint of :func:`im2col`: used for the input gradient of a convolution.
-    """
-    n, c, kernel_h, kernel_w, out_h, out_w = cols.shape
-    h, w = input_shape[2] + 2 * padding, input_shape[3] + 2 * padding
-    x = be.xp.zeros((n, c, h, w), dtype=cols.dtype)
+def _unfold_into(be: Backend, x, cols, stride: int, padding: int, workspace: dict | None = None):
+    """Fill ``cols (C, KH, KW, N, OH, OW)`` from ``x (N, C, H, W)`` as :func:`im2col` does."""
+    channels, kernel_h, kernel_w, n, out_h, out_w = cols.shape
+    # Channel-major (C, N, H, W): each kernel offset then copies whole (N, OH, OW) blocks per channel.
+    # Zero-copy when x came out of a gemm convolution (see the module notes on layout).
+    x_by_channel = x.transpose(1, 0, 2, 3)
+    if padding:
+        h, w = x.shape[2:]
+        padded_shape = (channels, n, h + 2 * padding, w + 2 * padding)
+        # Created zeroed, and only its interior is ever written: the border stays zero on reuse.
+        padded = _scratch(be, workspace, "padded", padded_shape, x.dtype, zeros=True)
+        padded[:, :, padding : padding + h, padding : padding + w] = x_by_channel
+        x_by_channel = padded
     for i in range(kernel_h):
-        rows = slice(i, i + stride * out_h, stride)
         for j in range(kernel_w):
-            x[:, :, rows, j : j + stride * out_w : stride] += cols[:, :, i, j]
-    return crop_padding(x, padding)
+            cols[:, i, j] = _window(x_by_channel, i, j, stride, out_h, out_w)
+
+
+def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
+    """Fold ``cols (C, KH, KW, N, OH, OW)`` back to an ``(N, C, H, W)`` array, summing overlaps.
+
+    The adjoint of :func:`im2col`: used for the input gradient of a convolution. The result is a
+    view of a channel-major buffer, the layout the convolutions produce.
+    """
+    channels, kernel_h, kernel_w, n, out_h, out_w = cols.shape
+    h, w = input_shape[2] + 2 * padding, input_shape[3] + 2 * padding
+    x_by_channel = be.xp.zeros((channels, n, h, w), dtype=cols.dtype)
+    # Slice-adds in a fixed order: deterministic on every device (no atomics).
+    for i in range(kernel_h):
+        for j in range(kernel_w):
+            target = _window(x_by_channel, i, j, stride, out_h, out_w)
+            target += cols[:, i, j]  # in place through the view, with no write-back of it
+    return crop_padding(x_by_channel, padding).transpose(1, 0, 2, 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,10 +173,17 @@ def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def conv2d_forward(be: Backend, x, weight, bias, stride: int = 1, padding: int = 0, algorithm: str = "gemm"):
-    """``y[n, f] = sum_c x[n, c] (*) weight[f, c] + bias[f]``; returns ``(y, cache)`` for backward."""
+def conv2d_forward(
+    be: Backend, x, weight, bias, stride: int = 1, padding: int = 0, algorithm: str = "gemm", workspace: dict | None = None
+):
+    """``y[n, f] = sum_c x[n, c] (*) weight[f, c] + bias[f]``; returns ``(y, cache)`` for backward.
+
+    ``workspace``: an optional dict owned by the caller (one per layer) in which the gemm path keeps
+    its im2col buffers from call to call. The cache then refers into it, so it stays valid only until
+    the next call with the same workspace, which is how a layer uses it.
+    """
     if algorithm == "gemm":
-        return _conv2d_forward_gemm(be, x, weight, bias, stride, padding)
+        return _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace)
     if algorithm == "signal":
         return _conv2d_forward_signal(be, x, weight, bias, stride, padding)
     raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {', '.join(CONV_ALGORITHMS)}")
@@ -101,29 +197,40 @@ def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True):
     return _conv2d_backward_signal(be, dy, cache, need_input_grad)
 
 
-def _conv2d_forward_gemm(be, x, weight, bias, stride, padding):
+def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
+    xp = be.xp
     n_filters, channels, kernel_h, kernel_w = weight.shape
-    cols = im2col(be, x, kernel_h, kernel_w, stride, padding)
-    n, _, _, _, out_h, out_w = cols.shape
-    patches = cols.reshape(n, channels * kernel_h * kernel_w, out_h * out_w)
-    # One batched GEMM: (F, CKK) @ (N, CKK, OH*OW) -> (N, F, OH*OW), already NCHW.
-    y = be.xp.matmul(weight.reshape(n_filters, -1), patches)
-    y += bias.reshape(1, n_filters, 1)
-    return y.reshape(n, n_filters, out_h, out_w), ("gemm", x.shape, weight, patches, cols.shape, stride, padding)
+    n, _, h, w = x.shape
+    out_h, out_w = output_size(h, kernel_h, stride, padding), output_size(w, kernel_w, stride, padding)
+    patch_size = channels * kernel_h * kernel_w
+    # cols as (C*KH*KW + 1, N*OH*OW): the extra last row of ones carries the bias, so the product
+    # adds it and the backward product sums dy into dbias, saving a pass over y and one over dy.
+    cols_2d = _scratch(be, workspace, "cols", (patch_size + 1, n * out_h * out_w), x.dtype)
+    cols_2d[-1] = 1
+    _unfold_into(be, x, cols_2d[:-1].reshape(channels, kernel_h, kernel_w, n, out_h, out_w), stride, padding, workspace)
+    weight_and_bias = xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
+    # (F, C*KH*KW + 1) @ (C*KH*KW + 1, N*OH*OW): one contiguous 2-D product, which BLAS runs at full speed.
+    y = weight_and_bias @ cols_2d
+    y_nchw = y.reshape(n_filters, n, out_h, out_w).transpose(1, 0, 2, 3)
+    return y_nchw, ("gemm", x.shape, weight, cols_2d, stride, padding)
 
 
 def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
     xp = be.xp
-    _, x_shape, weight, patches, cols_shape, stride, padding = cache
-    n, n_filters = dy.shape[:2]
-    dy_flat = dy.reshape(n, n_filters, -1)
-    # dW = sum_n dy[n] @ patches[n].T, as one batched GEMM plus a reduction over the batch.
-    dweight = xp.matmul(dy_flat, patches.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
-    dbias = dy_flat.sum(axis=(0, 2))
+    _, x_shape, weight, cols_2d, stride, padding = cache
+    n_filters, channels, kernel_h, kernel_w = weight.shape
+    n, _, out_h, out_w = dy.shape
+    # dy as (F, N*OH*OW): free when dy is channel-major, as the layers between convolutions keep it.
+    dy_2d = dy.transpose(1, 0, 2, 3).reshape(n_filters, n * out_h * out_w)
+    # Computed as (cols @ dy.T).T: the same product, but BLAS runs this operand order about 1.7x
+    # faster here (the long N*OH*OW axis is the reduction of a tall-by-wide product).
+    d_weight_and_bias = (cols_2d @ dy_2d.T).T
+    dweight = xp.ascontiguousarray(d_weight_and_bias[:, :-1]).reshape(weight.shape)
+    dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
     dx = None
     if need_input_grad:
-        dcols = xp.matmul(weight.reshape(n_filters, -1).T, dy_flat)
-        dx = col2im(be, dcols.reshape(cols_shape), x_shape, stride, padding)
+        dcols = weight.reshape(n_filters, -1).T @ dy_2d
+        dx = col2im(be, dcols.reshape(channels, kernel_h, kernel_w, n, out_h, out_w), x_shape, stride, padding)
     return dx, dweight, dbias
 
 
@@ -135,9 +242,7 @@ def _conv2d_forward_signal(be, x, weight, bias, stride, padding):
     x_padded = pad_spatial(be, x, padding)
     # (N, 1, C, H, W) * (1, F, C, KH, KW) over the spatial axes -> (N, F, C, OH, OW); sum over C.
     # Correlation is convolution with the kernel flipped.
-    per_channel = be.signal.fftconvolve(
-        x_padded[:, None], _flip_spatial(weight)[None], mode="valid", axes=(-2, -1)
-    )
+    per_channel = be.signal.fftconvolve(x_padded[:, None], _flip_spatial(weight)[None], mode="valid", axes=(-2, -1))
     y = per_channel.sum(axis=2)
     if stride > 1:
         y = y[:, :, ::stride, ::stride]
@@ -174,47 +279,92 @@ def _conv2d_backward_signal(be, dy, cache, need_input_grad):
 # --------------------------------------------------------------------------------------------------
 
 
-def _pool_windows(be, x, pool: int, stride: int):
-    """Stack every pooling window of ``x`` on a last axis: ``(N, C, OH, OW, pool * pool)``."""
-    n, c, h, w = x.shape
-    out_h, out_w = (h - pool) // stride + 1, (w - pool) // stride + 1
-    if stride == pool:
-        # Non-overlapping windows are a reshape of the (cropped) input: no gather needed.
-        tiles = x[:, :, : out_h * pool, : out_w * pool].reshape(n, c, out_h, pool, out_w, pool)
-        return tiles.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, out_h, out_w, pool * pool)
-    offsets = [
-        x[:, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride]
-        for i in range(pool)
-        for j in range(pool)
-    ]
-    return be.xp.stack(offsets, axis=-1)
-
-
 def maxpool_forward(be: Backend, x, pool: int, stride: int):
-    """Max over each ``pool x pool`` window; returns ``(y, cache)``. Ties go to the first maximum."""
-    windows = _pool_windows(be, x, pool, stride)
-    winner = windows.argmax(axis=-1)
-    y = be.xp.take_along_axis(windows, winner[..., None], axis=-1)[..., 0]
-    return y, (x.shape, winner, pool, stride)
+    """Max over each ``pool x pool`` window (floor mode); returns ``(y, cache)``.
+
+    Separable: the max over a window is the max over its rows of each row's max, so one sweep along W
+    (``pool`` strided views) gives ``(N, C, H, OW)`` row maxima and one sweep along H reduces them to
+    ``(N, C, OH, OW)``. No window array is gathered. Which input won is worked out by the backward
+    pass, so inference does not pay for it.
+    """
+    h, w = x.shape[2:]
+    out_h, out_w = (h - pool) // stride + 1, (w - pool) // stride + 1
+    row_max = _max_over_taps(be, x, pool, stride, out_w, axis=-1)
+    # Found now, while x is at hand, so the cache need not keep the (largest) input alive.
+    col_winner = _first_tap_holding(be, x, row_max, pool, stride, out_w, axis=-1)
+    y = _max_over_taps(be, row_max, pool, stride, out_h, axis=-2)
+    if pool == 1:
+        y = y.copy()  # a 1x1 window leaves y a view of x: never hand out an alias of the input
+    return y, (x.shape, col_winner, row_max, y, pool, stride)
 
 
 def maxpool_backward(be: Backend, dy, cache):
-    """Route each output gradient to the input that won its window."""
+    """Route each output gradient to the input that won its window: back through the H sweep to the
+    row maxima, then through the W sweep to the inputs. Ties go to the first maximum in row-major
+    window order: between rows the topmost, within a row the leftmost."""
+    x_shape, col_winner, row_max, y, pool, stride = cache
+    h, w = x_shape[2:]
+    out_h, out_w = y.shape[2:]
+    # Element-wise passes over arrays of different memory layouts are several times slower on NumPy:
+    # bring dy to the channel-major layout of the activations first (no copy when it already is).
+    dy = _as_channel_major(be, dy)
+    row_winner = _first_tap_holding(be, row_max, y, pool, stride, out_h, axis=-2)
+    d_row_max = _route_to_winner(be, dy, row_winner, pool, stride, h, axis=-2)
+    return _route_to_winner(be, d_row_max, col_winner, pool, stride, w, axis=-1)
+
+
+def _as_channel_major(be: Backend, x):
+    """``x (N, C, H, W)`` backed by a contiguous ``(C, N, H, W)`` array (a copy only if it is not)."""
+    return be.xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+
+
+def _taps(x, tap: int, stride: int, count: int, axis: int):
+    """Element ``tap`` of each of ``count`` windows ``stride`` apart along ``axis`` (-1 or -2)."""
+    taps = slice(tap, tap + stride * count, stride)
+    return x[..., taps] if axis == -1 else x[..., taps, :]
+
+
+def _max_over_taps(be: Backend, x, pool: int, stride: int, count: int, axis: int):
+    """The max over the ``pool`` taps of each of ``count`` windows along ``axis``."""
+    best = _taps(x, 0, stride, count, axis)
+    for tap in range(1, pool):
+        best = be.xp.maximum(best, _taps(x, tap, stride, count, axis))
+    return best
+
+
+def _first_tap_holding(be: Backend, x, best, pool: int, stride: int, count: int, axis: int):
+    """For each window along ``axis``, the index of its first tap equal to ``best`` (its max).
+
+    That index is the number of leading taps that miss the max, which sends ties to the first.
+    """
+    misses = _taps(x, 0, stride, count, axis) != best
+    winner = misses.astype("int8" if pool <= 127 else "int32")
+    for tap in range(1, pool - 1):
+        misses &= _taps(x, tap, stride, count, axis) != best
+        winner += misses
+    return winner
+
+
+def _route_to_winner(be: Backend, grad, winner, pool: int, stride: int, length: int, axis: int):
+    """Adjoint of :func:`_max_over_taps`: spread ``grad`` back to the winning taps, ``length`` long on ``axis``."""
     xp = be.xp
-    x_shape, winner, pool, stride = cache
-    n, c, h, w = x_shape
-    out_h, out_w = winner.shape[2:]
-    is_winner = winner[..., None] == xp.arange(pool * pool)
-    dwindows = is_winner * dy[..., None]
-    dx = xp.zeros(x_shape, dtype=dy.dtype)
-    if stride == pool:
-        tiles = dwindows.reshape(n, c, out_h, out_w, pool, pool).transpose(0, 1, 2, 4, 3, 5)
-        dx[:, :, : out_h * pool, : out_w * pool] = tiles.reshape(n, c, out_h * pool, out_w * pool)
-        return dx
-    for i in range(pool):
-        for j in range(pool):
-            dx[:, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride] += dwindows[..., i * pool + j]
-    return dx
+    n, c = grad.shape[:2]
+    count = grad.shape[axis]
+    full_shape = (grad.shape[2], length) if axis == -1 else (length, grad.shape[3])
+    overlapping = stride < pool
+    # Every element is written exactly once when the windows tile the axis; otherwise start from zero.
+    tiles = stride == pool and length == pool * count
+    allocate = xp.empty if tiles else xp.zeros
+    # Channel-major, like the convolutions' activations (see the module notes on layout), so the ReLU
+    # and convolution backward passes that follow read it without a transposing copy.
+    out = allocate((c, n) + full_shape, dtype=grad.dtype).transpose(1, 0, 2, 3)
+    for tap in range(pool):
+        target = _taps(out, tap, stride, count, axis)
+        if overlapping:
+            target += grad * (winner == tap)  # windows share inputs: sum in tap order (deterministic)
+        else:
+            xp.multiply(grad, winner == tap, out=target)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -178,16 +178,20 @@ def default_cnn(
     backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", dropout: float = 0.0
 ) -> Sequential:
     """A classic small CNN for 28x28 greyscale images: two 3x3 conv blocks (32, 64 filters), a 128-unit
-    dense layer and a 10-way output."""
+    dense layer and a 10-way output.
+
+    Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool
+    (max and ReLU are both monotone, so they commute), with ReLU on a quarter of the values.
+    """
     backend = get_backend(backend)
     rng = make_rng(seed)
     layers: list[Layer] = [
         Convolution(1, 32, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
-        ReLU(backend),
         MaxPool(2, backend=backend),
+        ReLU(backend),
         Convolution(32, 64, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
-        ReLU(backend),
         MaxPool(2, backend=backend),
+        ReLU(backend),
         Flatten(backend),
         FullyConnected(64 * 7 * 7, 128, rng=rng, backend=backend),
         ReLU(backend),

@@ -8,7 +8,7 @@ import numpy
 import pytest
 
 from cnn_backend import ModelFileError, Sequential, default_cnn, get_backend, seed_cnn
-from cnn_backend.layers import Convolution, Dropout, FullyConnected
+from cnn_backend.layers import Convolution, Dropout, FullyConnected, MaxPool, ReLU
 from cnn_backend.serialization import write_npz_atomic
 
 
@@ -152,3 +152,14 @@ def test_saved_file_is_a_plain_zip_of_npy_files(tmp_path):
     path = seed_cnn().save(tmp_path / "m.npz")
     with zipfile.ZipFile(path) as archive:
         assert all(name.endswith(".npy") for name in archive.namelist())
+
+
+def test_default_model_pools_before_relu_which_is_the_same_function():
+    # max-pool(ReLU(z)) == ReLU(max-pool(z)): the default model uses the cheaper order.
+    model = default_cnn(get_backend("cpu", "float64"), seed=0)
+    kinds = [type(layer).__name__ for layer in model.layers[:6]]
+    assert kinds == ["Convolution", "MaxPool", "ReLU", "Convolution", "MaxPool", "ReLU"]
+    z = numpy.random.default_rng(1).standard_normal((2, 3, 8, 8))
+    be = model.backend
+    pooled_then_relu = ReLU(be).forward(MaxPool(2, backend=be).forward(z))
+    numpy.testing.assert_array_equal(pooled_then_relu, MaxPool(2, backend=be).forward(ReLU(be).forward(z)))

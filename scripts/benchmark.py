@@ -1,0 +1,5 @@
+"""Throughput benchmark (the same as ``cnn-backend benchmark``); see ``--help``."""
+
+from cnn_backend.benchmark import main
+
+raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The benchmark harness runs end to end in --quick mode and writes every field of its JSON report
+(the figures themselves are not checked: they depend on the machine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cnn_backend import benchmark
+
+RESULT_FIELDS = {
+    "device", "model", "algorithm", "mode", "batch_size", "samples_per_second", "repeats_samples_per_second",
+    "steps_per_repeat", "torch_nchw", "torch_channels_last", "ratio_to_torch_nchw", "ratio_to_torch_channels_last",
+}  # fmt: skip
+
+
+def test_quick_run_writes_the_report(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    status = benchmark.main(["--quick", "--devices", "cpu", "--algorithms", "gemm,signal", "--json", str(path)])
+    assert status == 0
+    report = json.loads(path.read_text())
+
+    assert {"settings", "machine", "libraries", "blas", "environment", "torch", "results", "peak_memory"} <= set(report)
+    assert report["settings"]["quick"] is True
+    assert {"cpu_model", "logical_cores", "usable_cores", "compute_threads"} <= set(report["machine"])
+    assert {"python", "numpy", "scipy", "cupy", "torch"} <= set(report["libraries"])
+    assert set(report["environment"]) == {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}
+
+    # every device x model x algorithm x (training and inference batch sizes)
+    combos = {(r["device"], r["model"], r["algorithm"], r["mode"], r["batch_size"]) for r in report["results"]}
+    assert len(combos) == len(report["results"]) == 2 * 2 * 2
+    assert {m for _, m, _, _, _ in combos} == {"seed", "default"}
+    for row in report["results"]:
+        assert RESULT_FIELDS <= set(row)
+        assert row["samples_per_second"] > 0
+        if report["torch"]["available"]:
+            assert row["torch_nchw"] > 0 and row["ratio_to_torch_nchw"] > 0
+
+    memory = report["peak_memory"]
+    assert memory["model"] == "default" and memory["batch_size"] == 128
+    assert "error" not in memory, memory.get("error")
+    assert memory["peak_rss_mib"] >= memory["baseline_peak_rss_mib"] > 0
+
+    table = capsys.readouterr().out
+    assert "samples/s" in table and "peak resident memory" in table
+
+
+def test_no_torch_says_so_and_drops_the_column(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["--quick", "--no-torch", "--no-memory", "--models", "seed", "--algorithms", "gemm", "--json", str(path)]
+    assert benchmark.main(argv) == 0
+    report = json.loads(path.read_text())
+    assert report["torch"]["available"] is False and report["peak_memory"] is None
+    assert all(row["torch_nchw"] is None and row["ratio_to_torch_nchw"] is None for row in report["results"])
+    out = capsys.readouterr().out
+    assert "PyTorch comparison: skipped" in out and "torch NCHW" not in out
+
+
+def test_mounts_on_a_subcommand_parser():
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser.add_subparsers().add_parser("benchmark"))
+    args = parser.parse_args(["benchmark", "--train-batch-sizes", "32,64", "--out", "x.json"])
+    assert args.train_batch_sizes == [32, 64] and args.json == "x.json" and args.repeats == 5
