@@ -28,7 +28,6 @@ import http.client
 import logging
 import math
 import os
-import secrets
 import sys
 import time
 import urllib.error
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy
+
+from .serialization import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def write_idx(path: str | os.PathLike, array: Any) -> None:
             stream.write(header)
             stream.write(payload)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def read_images(path: str | os.PathLike, image_shape: tuple[int, int] | None = IMAGE_SHAPE) -> numpy.ndarray:
@@ -232,22 +233,6 @@ def _label_problem(labels: numpy.ndarray) -> str | None:
 
 def _shape_text(shape) -> str:
     return "x".join(str(size) for size in shape)
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call ``write(stream)`` on a temporary file next to ``path``, then move it into place."""
-    # Not tempfile.mkstemp: its 0600 mode would stick to the final file; os.open honours the umask.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------- file names

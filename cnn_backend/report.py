@@ -9,16 +9,15 @@ matplotlib's Agg canvas, never through pyplot, so no display or global state is 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy
 
 from .data import CLASS_NAMES
+from .serialization import atomic_path
 
 # -- metrics ----------------------------------------------------------------------------------------
 
@@ -111,19 +110,6 @@ def format_report(report: dict) -> str:
 
 
 # -- files ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, document) -> Path:

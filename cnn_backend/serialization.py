@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
+from typing import Callable
 
 import numpy
 
@@ -20,21 +22,35 @@ def json_array(value):
     return numpy.array(json.dumps(value))
 
 
-def write_npz_atomic(path: str | os.PathLike, arrays: dict) -> Path:
-    """Write ``arrays`` to ``path`` through a temporary file and a rename: never half-written."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
+
+    Readers of ``path`` see the old file or the complete new one, never a half-written one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            numpy.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable) -> Path:
+    """Call ``write(stream)`` on a binary file that replaces ``path`` once flushed to disk."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return Path(path)
+
+
+def write_npz_atomic(path: str | os.PathLike, arrays: dict) -> Path:
+    """Write ``arrays`` to ``path`` as an ``.npz``, atomically."""
+    return write_atomically(path, lambda stream: numpy.savez(stream, **arrays))
 
 
 def read_npz(path: str | os.PathLike) -> dict:
