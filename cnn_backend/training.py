@@ -2,7 +2,7 @@
 as data.
 
 The step never reads a device value back: per-step losses and correct-prediction counts stay on the
-device and are read once per log interval (one transfer), where a non-finite loss is also detected
+device and are read once per log interval (two small reads), where a non-finite loss is also detected
 with the exact step it first appeared at.
 """
 
