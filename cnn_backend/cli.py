@@ -24,7 +24,7 @@ from . import __version__
 from .augment import AUGMENTATIONS, make_augmentation
 from .backend import DEVICES, DTYPES, DeviceUnavailableError, get_backend
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import CLASS_NAMES, BatchLoader, DataError, describe_source, download, load_fashion_mnist
+from .data import CLASS_NAMES, BatchLoader, DataError, describe_source, download, load_fashion_mnist, prepare_images
 from .functional import CONV_ALGORITHMS
 from .layers import Convolution, ShapeError
 from .model import ARCHITECTURES, default_cnn, seed_cnn
@@ -48,7 +48,6 @@ from .training import (
     NonFiniteLossError,
     evaluate,
     fit,
-    prepare_images,
     schedule_for_run,
     schedule_from_config,
 )

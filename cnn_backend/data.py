@@ -536,6 +536,17 @@ def split_train_validation(
     return (images[:n_train], labels[:n_train]), (images[n_train:stop], labels[n_train:stop])
 
 
+def prepare_images(images, dtype="float32") -> numpy.ndarray:
+    """Host uint8 images ``(N, H, W)`` or ``(N, 1, H, W)`` as model input on the host: ``(N, 1, H, W)``
+    in [0, 1] (what :class:`BatchLoader` does on the device, for evaluation sets and predictions)."""
+    images = numpy.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    scaled = images.astype(dtype)
+    scaled *= 1.0 / 255.0
+    return scaled
+
+
 # ---------------------------------------------------------------------------------------- batching
 
 

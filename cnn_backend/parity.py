@@ -266,12 +266,11 @@ def host_batches(data: str, steps: int, batch_size: int, dtype, seed: int = 0) -
         images = rng.random((count, *IMAGE_SHAPE)).astype(dtype)
         labels = rng.integers(0, NUM_CLASSES, size=count, dtype=numpy.int64)
     elif data == "bundled":
-        from .data import load_fashion_mnist
+        from .data import load_fashion_mnist, prepare_images
 
         all_images, all_labels = load_fashion_mnist("train", "bundled")
         index = numpy.arange(count) % len(all_images)
-        images = all_images[index][:, None].astype(dtype)
-        images *= 1.0 / 255.0
+        images = prepare_images(all_images[index], dtype)
         labels = all_labels[index].astype(numpy.int64)
     else:
         raise ValueError(f"data must be one of {', '.join(DATA_SOURCES)}, got {data!r}")

@@ -149,16 +149,6 @@ class EpochStats:
         return asdict(self)
 
 
-def prepare_images(images, dtype="float32") -> numpy.ndarray:
-    """Host uint8 images ``(N, H, W)`` or ``(N, 1, H, W)`` as model input: ``(N, 1, H, W)`` in [0, 1]."""
-    images = numpy.asarray(images)
-    if images.ndim == 3:
-        images = images[:, None]
-    scaled = images.astype(dtype)
-    scaled *= 1.0 / 255.0
-    return scaled
-
-
 def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optimizer, x, y):
     """Forward, backward and one optimiser update; returns ``(loss, n_correct)`` as device scalars."""
     logits = model.forward(x)
@@ -273,8 +263,8 @@ def fit(
 ) -> list[EpochStats]:
     """Train for epochs ``start_epoch .. epochs``; returns one :class:`EpochStats` per epoch.
 
-    ``validation`` is ``(images, labels)`` on the host (images as :func:`prepare_images` returns
-    them), evaluated after every epoch. ``on_epoch_start(epoch)`` runs before an epoch's first step,
+    ``validation`` is ``(images, labels)`` on the host (images as
+    :func:`cnn_backend.data.prepare_images` returns them), evaluated after every epoch. ``on_epoch_start(epoch)`` runs before an epoch's first step,
     ``on_epoch_end(stats)`` after its validation.
     """
     trainer = Trainer(model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every)

@@ -13,7 +13,7 @@ import argparse
 import time
 
 from cnn_backend import SGD, get_backend, seed_cnn
-from cnn_backend.data import SEED_SPLIT, BatchLoader, load_fashion_mnist, split_train_validation
+from cnn_backend.data import SEED_SPLIT, BatchLoader, load_fashion_mnist, prepare_images, split_train_validation
 from cnn_backend.training import fit
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     model = seed_cnn(backend, seed=args.seed)
     optimizer = SGD(model.parameters(), lr=args.lr, momentum=args.momentum, backend=backend)
     loader = BatchLoader(train_x, train_y, backend, args.batch_size, seed=args.seed)
-    test_images = test_x[:, None].astype(backend.dtype) / 255.0
+    test_images = prepare_images(test_x, backend.dtype)
 
     print(f"seed CNN on {backend.name}: train[:5000], test[5000:10000], SGD lr={args.lr} momentum={args.momentum}, batch {args.batch_size}")
     print("| epoch | train acc | test acc | seconds |")

@@ -20,7 +20,7 @@ import pytest
 
 from cnn_backend import data
 from cnn_backend.backend import Backend, get_backend
-from cnn_backend.data import BatchLoader, DataError
+from cnn_backend.data import BatchLoader, DataError, prepare_images
 
 SHARED_CANDIDATES = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist",
@@ -627,3 +627,10 @@ def test_batch_loader_rejects_bad_input():
         BatchLoader(images, numpy.zeros(3, int), backend, 2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         BatchLoader(images, numpy.zeros(4, int), backend, 0)
+
+
+def test_prepare_images_scales_to_unit_range_with_a_channel_axis():
+    images = numpy.array([[[0, 255], [51, 102]]], dtype=numpy.uint8)
+    prepared = prepare_images(images, "float64")
+    assert prepared.shape == (1, 1, 2, 2) and prepared.dtype == numpy.float64
+    numpy.testing.assert_allclose(prepared[0, 0], [[0.0, 1.0], [0.2, 0.4]])

@@ -6,7 +6,7 @@ import numpy
 import pytest
 
 from cnn_backend import SGD, get_backend, seed_cnn
-from cnn_backend.data import BatchLoader, load_fashion_mnist
+from cnn_backend.data import BatchLoader, load_fashion_mnist, prepare_images
 from cnn_backend.model import ARCHITECTURES
 from cnn_backend.optim import OPTIMIZERS, ConstantSchedule, CosineSchedule, StepSchedule
 from cnn_backend.training import (
@@ -16,7 +16,6 @@ from cnn_backend.training import (
     Trainer,
     evaluate,
     fit,
-    prepare_images,
     schedule_config,
     schedule_for_run,
     schedule_from_config,
@@ -112,13 +111,6 @@ def test_evaluate_returns_loss_accuracy_and_predictions(fashion):
     assert result["predictions"].shape == val_y.shape
     assert result["accuracy"] == pytest.approx(numpy.mean(result["predictions"] == val_y))
     assert numpy.isfinite(result["loss"])
-
-
-def test_prepare_images_scales_to_unit_range_with_a_channel_axis():
-    images = numpy.array([[[0, 255], [51, 102]]], dtype=numpy.uint8)
-    prepared = prepare_images(images, "float64")
-    assert prepared.shape == (1, 1, 2, 2) and prepared.dtype == numpy.float64
-    numpy.testing.assert_allclose(prepared[0, 0], [[0.0, 1.0], [0.2, 0.4]])
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
