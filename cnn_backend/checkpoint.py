@@ -28,7 +28,6 @@ from .layers import Dropout
 from .model import CONFIG_KEY, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
 from .serialization import ModelFileError, json_array, read_npz
-from .training import schedule_config
 
 STATE_KEY = "__training_state__"
 OPTIMIZER_PREFIX = "optim/"
@@ -60,7 +59,7 @@ def save_checkpoint(
         "format": FORMAT_VERSION,
         "epoch": int(epoch),
         "optimizer": {"name": optimizer_name(optimizer), "config": optimizer.config(), "steps": steps},
-        "schedule": schedule_config(schedule),
+        "schedule": schedule.config(),
         "settings": settings,
         "rng": {"loader_seed": int(loader_seed), "dropout": dropout_rng_states(model)},
         "best": best,

@@ -165,15 +165,23 @@ def make_optimizer(name: str, params: Sequence[Parameter], backend: Backend, **k
 class ConstantSchedule:
     """The base learning rate at every step."""
 
+    name = "constant"
+
     def __init__(self, base_lr: float) -> None:
         self.base_lr = float(base_lr)
 
     def __call__(self, step: int) -> float:
         return self.base_lr
 
+    def config(self) -> dict:
+        """The schedule as JSON-ready data: ``name`` plus the constructor arguments."""
+        return {"name": self.name, "base_lr": self.base_lr}
+
 
 class StepSchedule(ConstantSchedule):
     """``base_lr * gamma ** (step // step_size)``."""
+
+    name = "step"
 
     def __init__(self, base_lr: float, step_size: int, gamma: float = 0.1) -> None:
         super().__init__(base_lr)
@@ -184,9 +192,14 @@ class StepSchedule(ConstantSchedule):
     def __call__(self, step: int) -> float:
         return self.base_lr * self.gamma ** (step // self.step_size)
 
+    def config(self) -> dict:
+        return {**super().config(), "step_size": self.step_size, "gamma": self.gamma}
+
 
 class CosineSchedule(ConstantSchedule):
     """Linear warm-up over ``warmup_steps``, then cosine decay from ``base_lr`` to ``min_lr`` at ``total_steps``."""
+
+    name = "cosine"
 
     def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> None:
         super().__init__(base_lr)
@@ -201,3 +214,14 @@ class CosineSchedule(ConstantSchedule):
             return self.base_lr * (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "min_lr": self.min_lr,
+        }
+
+
+SCHEDULE_TYPES = {cls.name: cls for cls in (ConstantSchedule, StepSchedule, CosineSchedule)}

@@ -17,7 +17,7 @@ import numpy
 
 from .layers import SoftmaxCrossEntropy
 from .model import Sequential
-from .optim import ConstantSchedule, CosineSchedule, Optimizer, StepSchedule
+from .optim import SCHEDULE_TYPES, ConstantSchedule, Optimizer
 
 # -- recipes ----------------------------------------------------------------------------------------
 
@@ -67,7 +67,7 @@ OPTIMIZER_DEFAULTS: dict[str, dict] = {
 
 # -- schedules as data ------------------------------------------------------------------------------
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = tuple(SCHEDULE_TYPES)
 #: the step schedule multiplies the rate by this factor twice per run (see :func:`schedule_for_run`)
 STEP_GAMMA = 0.1
 
@@ -92,30 +92,12 @@ def schedule_for_run(name: str, base_lr: float, epochs: int, steps_per_epoch: in
 
 
 def schedule_from_config(config: dict) -> ConstantSchedule:
-    """Build a schedule from its config (as :func:`schedule_for_run` or :func:`schedule_config` give it)."""
+    """Build a schedule from its config (as :func:`schedule_for_run` or a schedule's ``config()`` give it)."""
     kwargs = {key: value for key, value in config.items() if key != "name"}
-    builders = {"constant": ConstantSchedule, "step": StepSchedule, "cosine": CosineSchedule}
     try:
-        return builders[config["name"]](**kwargs)
+        return SCHEDULE_TYPES[config["name"]](**kwargs)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed schedule config {config!r} ({exc})") from None
-
-
-def schedule_config(schedule: ConstantSchedule) -> dict:
-    """The schedule as JSON-ready data, rebuilt by :func:`schedule_from_config`."""
-    if isinstance(schedule, CosineSchedule):
-        return {
-            "name": "cosine",
-            "base_lr": schedule.base_lr,
-            "total_steps": schedule.total_steps,
-            "warmup_steps": schedule.warmup_steps,
-            "min_lr": schedule.min_lr,
-        }
-    if isinstance(schedule, StepSchedule):
-        return {"name": "step", "base_lr": schedule.base_lr, "step_size": schedule.step_size, "gamma": schedule.gamma}
-    if isinstance(schedule, ConstantSchedule):
-        return {"name": "constant", "base_lr": schedule.base_lr}
-    raise ValueError(f"cannot describe schedule {schedule!r} as data")
 
 
 # -- one step, evaluation ---------------------------------------------------------------------------

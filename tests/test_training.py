@@ -16,7 +16,6 @@ from cnn_backend.training import (
     Trainer,
     evaluate,
     fit,
-    schedule_config,
     schedule_for_run,
     schedule_from_config,
 )
@@ -117,8 +116,8 @@ def test_evaluate_returns_loss_accuracy_and_predictions(fashion):
 def test_schedules_round_trip_through_their_config(name):
     config = schedule_for_run(name, 0.1, epochs=6, steps_per_epoch=10)
     schedule = schedule_from_config(config)
-    assert schedule_config(schedule) == config
-    rebuilt = schedule_from_config(schedule_config(schedule))
+    assert schedule.config() == config
+    rebuilt = schedule_from_config(schedule.config())
     assert [rebuilt(step) for step in range(60)] == [schedule(step) for step in range(60)]
     assert isinstance(schedule, {"constant": ConstantSchedule, "step": StepSchedule, "cosine": CosineSchedule}[name])
 
