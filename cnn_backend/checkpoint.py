@@ -58,7 +58,7 @@ def save_checkpoint(
     state = {
         "format": FORMAT_VERSION,
         "epoch": int(epoch),
-        "optimizer": {"name": optimizer_name(optimizer), "config": optimizer.config(), "steps": steps},
+        "optimizer": {"name": optimizer.name, "config": optimizer.config(), "steps": steps},
         "schedule": schedule.config(),
         "settings": settings,
         "rng": {"loader_seed": int(loader_seed), "dropout": dropout_rng_states(model)},
@@ -190,14 +190,6 @@ def _check_state(state, path: Path) -> None:
         raise ModelFileError(f"{path}: malformed training state ({', '.join(wrong) or 'optimizer'})")
     if not isinstance(state["rng"].get("dropout", {}), dict) or state["epoch"] < 1:
         raise ModelFileError(f"{path}: malformed training state (rng or epoch)")
-
-
-def optimizer_name(optimizer: Optimizer) -> str:
-    """The name :func:`cnn_backend.optim.make_optimizer` builds ``optimizer``'s class from."""
-    for name, cls in OPTIMIZERS.items():
-        if type(optimizer) is cls:
-            return name
-    raise ValueError(f"{type(optimizer).__name__} is not one of the named optimizers ({', '.join(OPTIMIZERS)})")
 
 
 def dropout_rng_states(model: Sequential) -> dict:

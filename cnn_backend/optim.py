@@ -17,6 +17,8 @@ from .layers import Parameter
 class Optimizer:
     """Base class: holds the parameters, the current learning rate and per-parameter state buffers."""
 
+    #: the name :func:`make_optimizer` knows it by
+    name: str = ""
     #: names of the per-parameter state buffers (e.g. momentum), saved in checkpoints
     buffer_names: tuple[str, ...] = ()
 
@@ -67,6 +69,8 @@ class SGD(Optimizer):
     with Nesterov), as in PyTorch.
     """
 
+    name = "sgd"
+
     def __init__(
         self,
         params: Sequence[Parameter],
@@ -103,6 +107,7 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam with bias correction; ``weight_decay`` is decoupled (AdamW): ``w -= lr * wd * w``."""
 
+    name = "adam"
     buffer_names = ("first_moment", "second_moment")
 
     def __init__(
@@ -147,7 +152,7 @@ class Adam(Optimizer):
         param.data -= step_size * (m / denom)
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam}
+OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam)}
 
 
 def make_optimizer(name: str, params: Sequence[Parameter], backend: Backend, **kwargs) -> Optimizer:
