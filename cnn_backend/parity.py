@@ -28,11 +28,12 @@ from . import backend as backend_module
 from .backend import Backend, DeviceUnavailableError
 from .layers import SoftmaxCrossEntropy
 from .model import ARCHITECTURES, Sequential
-from .optim import Adam, Optimizer, SGD
+from .optim import OPTIMIZERS, Optimizer, make_optimizer
+from .training import OPTIMIZER_DEFAULTS
 
 DEVICES = ("cuda", "standin")
 DATA_SOURCES = ("synthetic", "bundled")
-OPTIMIZER_NAMES = ("sgd", "adam")
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 CONV_CHOICES = ("auto", "gemm", "signal")
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
@@ -278,14 +279,16 @@ def host_batches(data: str, steps: int, batch_size: int, dtype, seed: int = 0) -
 
 
 def optimizer_factory(name: str, lr: float | None = None, momentum: float = 0.9, weight_decay: float = 0.0):
-    """A function building the named optimiser for a model (same hyper-parameters on every device)."""
+    """A function building the named optimiser for a model (same hyper-parameters on every device).
+
+    ``lr`` defaults to the optimiser's usual rate; ``momentum`` applies to SGD.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}")
+    config = {"lr": OPTIMIZER_DEFAULTS[name]["lr"] if lr is None else lr, "weight_decay": weight_decay}
     if name == "sgd":
-        return lambda model: SGD(
-            model.parameters(), lr=0.01 if lr is None else lr, momentum=momentum, weight_decay=weight_decay, backend=model.backend
-        )
-    if name == "adam":
-        return lambda model: Adam(model.parameters(), lr=1e-3 if lr is None else lr, weight_decay=weight_decay, backend=model.backend)
-    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, got {name!r}")
+        config["momentum"] = momentum
+    return lambda model: make_optimizer(name, model.parameters(), model.backend, **config)
 
 
 def compare(
