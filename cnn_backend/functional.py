@@ -16,14 +16,18 @@ Two convolution algorithms compute the same cross-correlation:
   ``method='auto'`` is not implemented for N-D input on CuPy.
 
 Memory layout. Arrays always have NCHW *shapes*, but the gemm convolution stores its output
-channel-major, ``(F, N, OH, OW)`` in memory, and returns it as a transposed view: that is the layout
-its matrix product produces, and the one the next im2col reads (``x.transpose(1, 0, 2, 3)`` is then
-contiguous), so no transposing copy is made between layers. Element-wise layers keep the layout they
-are given, max-pooling returns channel-major arrays both ways, and reshaping to ``(N, features)``
-makes the one copy into row order. Any layout is accepted everywhere; only speed depends on it.
+batch-innermost, ``(F, OH, OW, N)`` in memory (the layout of cuda-convnet), and returns it as a
+transposed view. That is the layout its matrix product produces, and every other kernel runs fastest
+on it: im2col and col2im copy and add whole ``(OW, N)`` rows per kernel offset, max-pooling's taps are
+runs of ``N`` consecutive values, and element-wise layers see one contiguous block. NumPy's cost per
+element-wise call grows with the number of contiguous runs, and in NCHW order a 2x2 pooling tap or a
+3x3 kernel offset breaks an activation into runs of a handful of pixels. Element-wise layers keep the
+layout they are given, max-pooling returns batch-innermost arrays both ways, and Flatten hands the
+dense layer a transposed ``(features, N)`` view instead of copying. Any layout is accepted
+everywhere; only speed depends on it.
 
 Buffers. A caller may pass a ``workspace`` dict to :func:`conv2d_forward` (a layer keeps one); the
-im2col matrix and the padded input are then allocated once and reused from step to step.
+im2col matrix is then allocated once and reused from step to step.
 
 ``"auto"`` is resolved by :func:`cnn_backend.layers.resolve_conv_algorithm`; it consults the global
 default first: :func:`set_default_conv_algorithm`, else the environment variable
@@ -92,9 +96,30 @@ def crop_padding(x, padding: int):
     return x[..., padding:-padding, padding:-padding]
 
 
-def _window(x, i: int, j: int, stride: int, out_h: int, out_w: int):
-    """The view of ``x``'s last two axes that kernel offset ``(i, j)`` sees at every output position."""
-    return x[..., i : i + stride * out_h : stride, j : j + stride * out_w : stride]
+def _overlap(length: int, kernel_offset: int, stride: int, padding: int, count: int):
+    """Where kernel offset ``kernel_offset`` lands inside the unpadded input along one axis.
+
+    Output ``o`` reads input ``o * stride + kernel_offset - padding``; returns the slice of outputs
+    for which that is inside ``[0, length)`` and the slice of inputs they read, or None when every
+    read falls in the padding. What lies outside is zero padding, which im2col leaves zero and
+    col2im drops, so neither ever builds a padded copy of the input.
+    """
+    first = max(0, -(-(padding - kernel_offset) // stride))  # ceiling division
+    stop = min(count, (length - 1 + padding - kernel_offset) // stride + 1)
+    if stop <= first:
+        return None
+    start = first * stride + kernel_offset - padding
+    return slice(first, stop), slice(start, start + (stop - first - 1) * stride + 1, stride)
+
+
+def _kernel_offsets(input_hw, kernel_hw, stride: int, padding: int, output_hw):
+    """``(i, j, output_slices, input_slices)`` for every kernel offset that reads some real input."""
+    for i in range(kernel_hw[0]):
+        rows = _overlap(input_hw[0], i, stride, padding, output_hw[0])
+        for j in range(kernel_hw[1]):
+            cols = _overlap(input_hw[1], j, stride, padding, output_hw[1])
+            if rows is not None and cols is not None:
+                yield i, j, (rows[0], cols[0]), (rows[1], cols[1])
 
 
 def _scratch(be: Backend, workspace: dict | None, name: str, shape: tuple, dtype, zeros: bool = False):
@@ -119,53 +144,59 @@ def _scratch(be: Backend, workspace: dict | None, name: str, shape: tuple, dtype
 # --------------------------------------------------------------------------------------------------
 
 
-def im2col(be: Backend, x, kernel_h: int, kernel_w: int, stride: int, padding: int):
-    """Unfold ``x (N, C, H, W)`` into ``cols (C, KH, KW, N, OH, OW)``.
+def as_batch_innermost(be: Backend, x):
+    """``x (N, C, H, W)`` as a contiguous ``(C, H, W, N)`` array: free when ``x`` is a view of one."""
+    return be.xp.ascontiguousarray(x.transpose(1, 2, 3, 0))
 
-    ``cols[c, i, j, n, oy, ox] == x_padded[n, c, oy * stride + i, ox * stride + j]``. ``cols`` is
-    contiguous, so ``cols.reshape(C * KH * KW, N * OH * OW)`` is free and one matrix product with the
+
+def nchw_view(x_chwn):
+    """The ``(N, C, H, W)`` view of a batch-innermost ``(C, H, W, N)`` array."""
+    return x_chwn.transpose(3, 0, 1, 2)
+
+
+def im2col(be: Backend, x, kernel_h: int, kernel_w: int, stride: int, padding: int):
+    """Unfold ``x (N, C, H, W)`` into ``cols (C, KH, KW, OH, OW, N)``.
+
+    ``cols[c, i, j, oy, ox, n] == x_padded[n, c, oy * stride + i, ox * stride + j]``. ``cols`` is
+    contiguous, so ``cols.reshape(C * KH * KW, OH * OW * N)`` is free and one matrix product with the
     ``(F, C * KH * KW)`` weights convolves the whole batch.
     """
     n, channels, h, w = x.shape
     out_h, out_w = output_size(h, kernel_h, stride, padding), output_size(w, kernel_w, stride, padding)
-    cols = be.xp.empty((channels, kernel_h, kernel_w, n, out_h, out_w), dtype=x.dtype)
+    cols = be.xp.zeros((channels, kernel_h, kernel_w, out_h, out_w, n), dtype=x.dtype)
     _unfold_into(be, x, cols, stride, padding)
     return cols
 
 
-def _unfold_into(be: Backend, x, cols, stride: int, padding: int, workspace: dict | None = None):
-    """Fill ``cols (C, KH, KW, N, OH, OW)`` from ``x (N, C, H, W)`` as :func:`im2col` does."""
-    channels, kernel_h, kernel_w, n, out_h, out_w = cols.shape
-    # Channel-major (C, N, H, W): each kernel offset then copies whole (N, OH, OW) blocks per channel.
-    # Zero-copy when x came out of a gemm convolution (see the module notes on layout).
-    x_by_channel = x.transpose(1, 0, 2, 3)
-    if padding:
-        h, w = x.shape[2:]
-        padded_shape = (channels, n, h + 2 * padding, w + 2 * padding)
-        # Created zeroed, and only its interior is ever written: the border stays zero on reuse.
-        padded = _scratch(be, workspace, "padded", padded_shape, x.dtype, zeros=True)
-        padded[:, :, padding : padding + h, padding : padding + w] = x_by_channel
-        x_by_channel = padded
-    for i in range(kernel_h):
-        for j in range(kernel_w):
-            cols[:, i, j] = _window(x_by_channel, i, j, stride, out_h, out_w)
+def _unfold_into(be: Backend, x, cols, stride: int, padding: int):
+    """Fill ``cols (C, KH, KW, OH, OW, N)`` from ``x (N, C, H, W)`` as :func:`im2col` does.
+
+    Writes only the entries that read real input: ``cols`` must come zeroed, and a reused buffer of
+    the same shape stays zero wherever it reads padding.
+    """
+    channels, kernel_h, kernel_w, out_h, out_w, n = cols.shape
+    x_chwn = as_batch_innermost(be, x)  # free after a gemm convolution; else one copy, not one per offset
+    offsets = _kernel_offsets(x.shape[2:], (kernel_h, kernel_w), stride, padding, (out_h, out_w))
+    for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets:
+        cols[:, i, j, out_rows, out_cols] = x_chwn[:, in_rows, in_cols]
 
 
 def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
-    """Fold ``cols (C, KH, KW, N, OH, OW)`` back to an ``(N, C, H, W)`` array, summing overlaps.
+    """Fold ``cols (C, KH, KW, OH, OW, N)`` back to an ``(N, C, H, W)`` array, summing overlaps.
 
     The adjoint of :func:`im2col`: used for the input gradient of a convolution. The result is a
-    view of a channel-major buffer, the layout the convolutions produce.
+    view of a batch-innermost buffer, the layout the convolutions produce.
     """
-    channels, kernel_h, kernel_w, n, out_h, out_w = cols.shape
-    h, w = input_shape[2] + 2 * padding, input_shape[3] + 2 * padding
-    x_by_channel = be.xp.zeros((channels, n, h, w), dtype=cols.dtype)
+    channels, kernel_h, kernel_w, out_h, out_w, n = cols.shape
+    h, w = input_shape[2:]
+    x_chwn = be.xp.zeros((channels, h, w, n), dtype=cols.dtype)
     # Slice-adds in a fixed order: deterministic on every device (no atomics).
-    for i in range(kernel_h):
-        for j in range(kernel_w):
-            target = _window(x_by_channel, i, j, stride, out_h, out_w)
-            target += cols[:, i, j]  # in place through the view, with no write-back of it
-    return crop_padding(x_by_channel, padding).transpose(1, 0, 2, 3)
+    for i, j, (out_rows, out_cols), (in_rows, in_cols) in _kernel_offsets(
+        (h, w), (kernel_h, kernel_w), stride, padding, (out_h, out_w)
+    ):
+        target = x_chwn[:, in_rows, in_cols]
+        target += cols[:, i, j, out_rows, out_cols]  # in place through the view, with no write-back of it
+    return nchw_view(x_chwn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,14 +236,14 @@ def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
     patch_size = channels * kernel_h * kernel_w
     # cols as (C*KH*KW + 1, N*OH*OW): the extra last row of ones carries the bias, so the product
     # adds it and the backward product sums dy into dbias, saving a pass over y and one over dy.
-    cols_2d = _scratch(be, workspace, "cols", (patch_size + 1, n * out_h * out_w), x.dtype)
+    # Created zeroed: the entries that read padding are never written and stay zero on reuse.
+    cols_2d = _scratch(be, workspace, "cols", (patch_size + 1, out_h * out_w * n), x.dtype, zeros=True)
     cols_2d[-1] = 1
-    _unfold_into(be, x, cols_2d[:-1].reshape(channels, kernel_h, kernel_w, n, out_h, out_w), stride, padding, workspace)
+    _unfold_into(be, x, cols_2d[:-1].reshape(channels, kernel_h, kernel_w, out_h, out_w, n), stride, padding)
     weight_and_bias = xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
-    # (F, C*KH*KW + 1) @ (C*KH*KW + 1, N*OH*OW): one contiguous 2-D product, which BLAS runs at full speed.
+    # (F, C*KH*KW + 1) @ (C*KH*KW + 1, OH*OW*N): one contiguous 2-D product, which BLAS runs at full speed.
     y = weight_and_bias @ cols_2d
-    y_nchw = y.reshape(n_filters, n, out_h, out_w).transpose(1, 0, 2, 3)
-    return y_nchw, ("gemm", x.shape, weight, cols_2d, stride, padding)
+    return nchw_view(y.reshape(n_filters, out_h, out_w, n)), ("gemm", x.shape, weight, cols_2d, stride, padding)
 
 
 def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
@@ -220,17 +251,17 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
     _, x_shape, weight, cols_2d, stride, padding = cache
     n_filters, channels, kernel_h, kernel_w = weight.shape
     n, _, out_h, out_w = dy.shape
-    # dy as (F, N*OH*OW): free when dy is channel-major, as the layers between convolutions keep it.
-    dy_2d = dy.transpose(1, 0, 2, 3).reshape(n_filters, n * out_h * out_w)
+    # dy as (F, OH*OW*N): free when dy is batch-innermost, as the layers between convolutions keep it.
+    dy_2d = as_batch_innermost(be, dy).reshape(n_filters, out_h * out_w * n)
     # Computed as (cols @ dy.T).T: the same product, but BLAS runs this operand order about 1.7x
-    # faster here (the long N*OH*OW axis is the reduction of a tall-by-wide product).
+    # faster here (the long OH*OW*N axis is the reduction of a tall-by-wide product).
     d_weight_and_bias = (cols_2d @ dy_2d.T).T
     dweight = xp.ascontiguousarray(d_weight_and_bias[:, :-1]).reshape(weight.shape)
     dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
     dx = None
     if need_input_grad:
         dcols = weight.reshape(n_filters, -1).T @ dy_2d
-        dx = col2im(be, dcols.reshape(channels, kernel_h, kernel_w, n, out_h, out_w), x_shape, stride, padding)
+        dx = col2im(be, dcols.reshape(channels, kernel_h, kernel_w, out_h, out_w, n), x_shape, stride, padding)
     return dx, dweight, dbias
 
 
@@ -282,11 +313,20 @@ def _conv2d_backward_signal(be, dy, cache, need_input_grad):
 def maxpool_forward(be: Backend, x, pool: int, stride: int):
     """Max over each ``pool x pool`` window (floor mode); returns ``(y, cache)``.
 
-    Separable: the max over a window is the max over its rows of each row's max, so one sweep along W
-    (``pool`` strided views) gives ``(N, C, H, OW)`` row maxima and one sweep along H reduces them to
-    ``(N, C, OH, OW)``. No window array is gathered. Which input won is worked out by the backward
-    pass, so inference does not pay for it.
+    Ties go to the first maximum in row-major window order (between rows the topmost, within a row
+    the leftmost), as in PyTorch. Two ways, both without gathering a window array:
+
+    * 2x2 windows with stride 2 (the common case): a tournament, see :func:`_maxpool_2x2_forward`.
+    * Any other window: separable. The max over a window is the max over its rows of each row's
+      max, so one sweep along W (``pool`` strided views) gives ``(N, C, H, OW)`` row maxima and one
+      sweep along H reduces them to ``(N, C, OH, OW)``. Which row won is worked out by the backward
+      pass, so inference does not pay for it.
     """
+    # Each tap is then a run of N consecutive values (see the module notes on layout): free when x
+    # came from a gemm convolution, one copy otherwise that every pass below repays.
+    x = nchw_view(as_batch_innermost(be, x))
+    if pool == stride == 2:
+        return _maxpool_2x2_forward(be, x)
     h, w = x.shape[2:]
     out_h, out_w = (h - pool) // stride + 1, (w - pool) // stride + 1
     row_max = _max_over_taps(be, x, pool, stride, out_w, axis=-1)
@@ -295,27 +335,64 @@ def maxpool_forward(be: Backend, x, pool: int, stride: int):
     y = _max_over_taps(be, row_max, pool, stride, out_h, axis=-2)
     if pool == 1:
         y = y.copy()  # a 1x1 window leaves y a view of x: never hand out an alias of the input
-    return y, (x.shape, col_winner, row_max, y, pool, stride)
+    return y, ("separable", x.shape, col_winner, row_max, y, pool, stride)
 
 
 def maxpool_backward(be: Backend, dy, cache):
-    """Route each output gradient to the input that won its window: back through the H sweep to the
-    row maxima, then through the W sweep to the inputs. Ties go to the first maximum in row-major
-    window order: between rows the topmost, within a row the leftmost."""
-    x_shape, col_winner, row_max, y, pool, stride = cache
-    h, w = x_shape[2:]
-    out_h, out_w = y.shape[2:]
+    """Route each output gradient to the input that won its window (the first maximum, as above)."""
     # Element-wise passes over arrays of different memory layouts are several times slower on NumPy:
-    # bring dy to the channel-major layout of the activations first (no copy when it already is).
-    dy = _as_channel_major(be, dy)
+    # bring dy to the batch-innermost layout of the activations first (no copy when it already is).
+    dy = nchw_view(as_batch_innermost(be, dy))
+    if cache[0] == "2x2":
+        return _maxpool_2x2_backward(be, dy, cache)
+    _, x_shape, col_winner, row_max, y, pool, stride = cache
+    h, w = x_shape[2:]
+    out_h = y.shape[2]
+    # Back through the H sweep to the row maxima, then through the W sweep to the inputs.
     row_winner = _first_tap_holding(be, row_max, y, pool, stride, out_h, axis=-2)
     d_row_max = _route_to_winner(be, dy, row_winner, pool, stride, h, axis=-2)
     return _route_to_winner(be, d_row_max, col_winner, pool, stride, w, axis=-1)
 
 
-def _as_channel_major(be: Backend, x):
-    """``x (N, C, H, W)`` backed by a contiguous ``(C, N, H, W)`` array (a copy only if it is not)."""
-    return be.xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+def _quadrant(x, row: int, col: int, out_h: int, out_w: int):
+    """Element ``(row, col)`` of every 2x2 window of ``x (N, C, H, W)`` (stride 2, floor mode)."""
+    return x[:, :, row : 2 * out_h : 2, col : 2 * out_w : 2]
+
+
+def _maxpool_2x2_forward(be: Backend, x):
+    """2x2 max-pooling with stride 2 as a tournament: each row's two values, then the two row winners.
+
+    Three boolean masks record who won each match, with ties to the top row and the left column,
+    which is exactly the row-major first maximum. It costs six passes over quarter-size arrays,
+    against about ten for the separable sweeps.
+    """
+    xp = be.xp
+    out_h, out_w = x.shape[2] // 2, x.shape[3] // 2
+    top_left, top_right, bottom_left, bottom_right = (
+        _quadrant(x, row, col, out_h, out_w) for row in (0, 1) for col in (0, 1)
+    )
+    top = xp.maximum(top_left, top_right)
+    bottom = xp.maximum(bottom_left, bottom_right)
+    y = xp.maximum(top, bottom)
+    masks = (top >= bottom, top_left >= top_right, bottom_left >= bottom_right)
+    return y, ("2x2", x.shape, *masks)
+
+
+def _maxpool_2x2_backward(be: Backend, dy, cache):
+    """Adjoint of :func:`_maxpool_2x2_forward`: send ``dy`` down the winning side of each match."""
+    xp = be.xp
+    _, (n, channels, h, w), top_won, top_left_won, bottom_left_won = cache
+    out_h, out_w = dy.shape[2:]
+    # Every input is written when the windows tile the input; an odd last row or column gets zero.
+    allocate = xp.empty if h % 2 == 0 and w % 2 == 0 else xp.zeros
+    dx = nchw_view(allocate((channels, h, w, n), dtype=dy.dtype))
+    d_top = dy * top_won
+    d_bottom = dy - d_top  # exact for finite gradients: dy or 0, whichever d_top is not
+    for row, d_row, left_won in ((0, d_top, top_left_won), (1, d_bottom, bottom_left_won)):
+        left, right = (_quadrant(dx, row, col, out_h, out_w) for col in (0, 1))
+        xp.multiply(d_row, left_won, out=left)
+        xp.subtract(d_row, left, out=right)
+    return dx
 
 
 def _taps(x, tap: int, stride: int, count: int, axis: int):
@@ -355,9 +432,9 @@ def _route_to_winner(be: Backend, grad, winner, pool: int, stride: int, length: 
     # Every element is written exactly once when the windows tile the axis; otherwise start from zero.
     tiles = stride == pool and length == pool * count
     allocate = xp.empty if tiles else xp.zeros
-    # Channel-major, like the convolutions' activations (see the module notes on layout), so the ReLU
-    # and convolution backward passes that follow read it without a transposing copy.
-    out = allocate((c, n) + full_shape, dtype=grad.dtype).transpose(1, 0, 2, 3)
+    # Batch-innermost, like the convolutions' activations (see the module notes on layout), so the
+    # ReLU and convolution backward passes that follow read it without a transposing copy.
+    out = nchw_view(allocate((c,) + full_shape + (n,), dtype=grad.dtype))
     for tap in range(pool):
         target = _taps(out, tap, stride, count, axis)
         if overlapping:

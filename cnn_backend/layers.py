@@ -235,15 +235,27 @@ class MaxPool(Layer):
 
 
 class Flatten(Layer):
-    """``(N, C, H, W) -> (N, C * H * W)``."""
+    """``(N, C, H, W) -> (N, C * H * W)``, features in C, H, W order.
+
+    A batch-innermost activation (see :mod:`cnn_backend.functional` on layout) is flattened for free
+    as the transposed view of its ``(C * H * W, N)`` memory, which the dense layer multiplies as is;
+    the gradient goes back the same way.
+    """
 
     def forward(self, x):
         if x.ndim < 2:
             raise ShapeError(f"{self}: expected an input of shape (N, ...), got shape {tuple(x.shape)}")
         self._shape = x.shape
-        return x.reshape(x.shape[0], -1)
+        n = x.shape[0]
+        self._batch_innermost = x.ndim == 4 and not x.flags.c_contiguous
+        if self._batch_innermost:
+            return F.as_batch_innermost(self.backend, x).reshape(-1, n).T
+        return x.reshape(n, -1)
 
     def backward(self, dy):
+        if self._batch_innermost:
+            n, c, h, w = self._shape
+            return F.nchw_view(dy.T.reshape(c, h, w, n))
         return dy.reshape(self._shape)
 
 
@@ -280,8 +292,15 @@ class FullyConnected(Layer):
     def backward(self, dy):
         self.params["weight"].grad = self._x.T @ dy
         self.params["bias"].grad = dy.sum(axis=0)
-        self._x = None
-        return dy @ self.params["weight"].data.T if self.needs_input_grad else None
+        x, self._x = self._x, None
+        if not self.needs_input_grad:
+            return None
+        weight = self.params["weight"].data
+        if x.T.flags.c_contiguous and not x.flags.c_contiguous:
+            # x is a transposed (features, N) array (Flatten's batch-innermost view): give dx the
+            # same memory order, so the layers before need no transposing copy.
+            return (weight @ dy.T).T
+        return dy @ weight.T
 
 
 class Dropout(Layer):

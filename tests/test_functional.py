@@ -342,10 +342,10 @@ def test_im2col_layout_and_col2im_adjoint(make_backend, stride, padding):
     x = rng.standard_normal((2, 3, 7, 8))
     cols = to_host(be, F.im2col(be, be.to_device(x), 3, 2, stride, padding))
     x_padded = numpy.pad(x, ((0, 0), (0, 0), (padding,) * 2, (padding,) * 2))
-    channels, kernel_h, kernel_w, n, out_h, out_w = cols.shape
+    channels, kernel_h, kernel_w, out_h, out_w, n = cols.shape
     assert (channels, kernel_h, kernel_w, n) == (3, 3, 2, 2)
-    for c, i, j, sample, oy, ox in numpy.ndindex(cols.shape):
-        assert cols[c, i, j, sample, oy, ox] == x_padded[sample, c, oy * stride + i, ox * stride + j]
+    for c, i, j, oy, ox, sample in numpy.ndindex(cols.shape):
+        assert cols[c, i, j, oy, ox, sample] == x_padded[sample, c, oy * stride + i, ox * stride + j]
     # <im2col(x), r> == <x, col2im(r)>: col2im is the adjoint the backward pass needs.
     r = rng.standard_normal(cols.shape)
     folded = to_host(be, F.col2im(be, be.to_device(r), x.shape, stride, padding))
@@ -355,7 +355,7 @@ def test_im2col_layout_and_col2im_adjoint(make_backend, stride, padding):
 
 def test_col2im_is_deterministic(make_backend):
     be = make_backend("float32")
-    r = be.to_device(numpy.random.default_rng(0).standard_normal((4, 3, 3, 5, 6, 6)).astype("float32"))
+    r = be.to_device(numpy.random.default_rng(0).standard_normal((4, 3, 3, 6, 6, 5)).astype("float32"))
     first = to_host(be, F.col2im(be, r, (5, 4, 8, 8), 1, 1))
     for _ in range(3):
         numpy.testing.assert_array_equal(to_host(be, F.col2im(be, r, (5, 4, 8, 8), 1, 1)), first)
