@@ -253,9 +253,13 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
     n, _, out_h, out_w = dy.shape
     # dy as (F, OH*OW*N): free when dy is batch-innermost, as the layers between convolutions keep it.
     dy_2d = as_batch_innermost(be, dy).reshape(n_filters, out_h * out_w * n)
-    # Computed as (cols @ dy.T).T: the same product, but BLAS runs this operand order about 1.7x
-    # faster here (the long OH*OW*N axis is the reduction of a tall-by-wide product).
-    d_weight_and_bias = (cols_2d @ dy_2d.T).T
+    # dW = dy @ cols.T, a product whose long OH*OW*N axis is the reduction. OpenBLAS shares out the
+    # rows of a product between its threads, so the larger of the two small dimensions goes first:
+    # (cols @ dy.T).T for the 32->64 layer, 1.4x faster; dy @ cols.T for the 1->32 layer, 2x faster.
+    if cols_2d.shape[0] >= n_filters:
+        d_weight_and_bias = (cols_2d @ dy_2d.T).T
+    else:
+        d_weight_and_bias = dy_2d @ cols_2d.T
     dweight = xp.ascontiguousarray(d_weight_and_bias[:, :-1]).reshape(weight.shape)
     dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
     dx = None
