@@ -36,6 +36,7 @@ default first: :func:`set_default_conv_algorithm`, else the environment variable
 
 from __future__ import annotations
 
+import functools
 import os
 
 from .backend import Backend
@@ -112,14 +113,20 @@ def _overlap(length: int, kernel_offset: int, stride: int, padding: int, count: 
     return slice(first, stop), slice(start, start + (stop - first - 1) * stride + 1, stride)
 
 
-def _kernel_offsets(input_hw, kernel_hw, stride: int, padding: int, output_hw):
-    """``(i, j, output_slices, input_slices)`` for every kernel offset that reads some real input."""
+@functools.lru_cache(maxsize=256)
+def _kernel_offsets(input_hw: tuple, kernel_hw: tuple, stride: int, padding: int, output_hw: tuple) -> tuple:
+    """``(i, j, output_slices, input_slices)`` for every kernel offset that reads some real input.
+
+    Cached: a layer asks for the same geometry at every step.
+    """
+    offsets = []
     for i in range(kernel_hw[0]):
         rows = _overlap(input_hw[0], i, stride, padding, output_hw[0])
         for j in range(kernel_hw[1]):
             cols = _overlap(input_hw[1], j, stride, padding, output_hw[1])
             if rows is not None and cols is not None:
-                yield i, j, (rows[0], cols[0]), (rows[1], cols[1])
+                offsets.append((i, j, (rows[0], cols[0]), (rows[1], cols[1])))
+    return tuple(offsets)
 
 
 def _scratch(be: Backend, workspace: dict | None, name: str, shape: tuple, dtype, zeros: bool = False):
@@ -176,7 +183,7 @@ def _unfold_into(be: Backend, x, cols, stride: int, padding: int):
     """
     channels, kernel_h, kernel_w, out_h, out_w, n = cols.shape
     x_chwn = as_batch_innermost(be, x)  # free after a gemm convolution; else one copy, not one per offset
-    offsets = _kernel_offsets(x.shape[2:], (kernel_h, kernel_w), stride, padding, (out_h, out_w))
+    offsets = _kernel_offsets(tuple(x.shape[2:]), (kernel_h, kernel_w), stride, padding, (out_h, out_w))
     for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets:
         cols[:, i, j, out_rows, out_cols] = x_chwn[:, in_rows, in_cols]
 

@@ -172,13 +172,14 @@ def test_algorithms_agree(make_backend, stride, padding, dtype):
 
 
 def test_conv_accepts_any_memory_layout(make_backend):
-    """NCHW shapes are what counts: a channel-major or channels-last input gives the same result."""
+    """NCHW shapes are what counts: any memory order of the input gives the same result."""
     be = make_backend("float64")
     x_host, weight, bias = conv_case((2, 3, 7, 8, 4, 3))
     weight, bias = be.to_device(weight), be.to_device(bias)
     layouts = {
         "nchw": be.to_device(x_host),
         "channel-major": be.to_device(x_host.transpose(1, 0, 2, 3).copy()).transpose(1, 0, 2, 3),
+        "batch-innermost": be.to_device(x_host.transpose(1, 2, 3, 0).copy()).transpose(3, 0, 1, 2),
         "channels-last": be.to_device(x_host.transpose(0, 2, 3, 1).copy()).transpose(0, 3, 1, 2),
     }
     expected = naive_conv2d(x_host, be.to_numpy(weight), be.to_numpy(bias), 1, 1)
@@ -351,6 +352,33 @@ def test_im2col_layout_and_col2im_adjoint(make_backend, stride, padding):
     folded = to_host(be, F.col2im(be, be.to_device(r), x.shape, stride, padding))
     assert folded.shape == x.shape
     numpy.testing.assert_allclose((cols * r).sum(), (x * folded).sum(), rtol=1e-12)
+
+
+OVERLAP_CASES = [
+    (length, kernel, stride, padding)
+    for length in (1, 5, 8)
+    for kernel in (1, 3, 4)
+    for stride in (1, 2, 3)
+    for padding in (0, 1, 3)
+    if F.output_size(length, kernel, stride, padding) >= 1  # the kernel fits the padded input
+]
+
+
+@pytest.mark.parametrize("length, kernel, stride, padding", OVERLAP_CASES)
+def test_kernel_offset_overlaps_match_padded_indexing(length, kernel, stride, padding):
+    """For each kernel offset, the outputs whose read lands inside the input, and the inputs they read,
+    found by brute force over the padded axis."""
+    count = F.output_size(length, kernel, stride, padding)
+    for offset in range(kernel):
+        reads = {o: o * stride + offset - padding for o in range(count)}
+        inside = [o for o, read in reads.items() if 0 <= read < length]
+        overlap = F._overlap(length, offset, stride, padding, count)
+        if not inside:
+            assert overlap is None
+            continue
+        outputs, inputs = overlap
+        assert list(range(count))[outputs] == inside
+        assert list(range(length))[inputs] == [reads[o] for o in inside]
 
 
 def test_col2im_is_deterministic(make_backend):

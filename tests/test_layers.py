@@ -111,6 +111,51 @@ def test_flatten_round_trip():
     check_layer_gradients(layer, x, rng)
 
 
+def layouts_of(x):
+    """``x`` (N, C, H, W) in three memory orders, each an array with NCHW shape and values."""
+    return {
+        "nchw": x.copy(),
+        "batch-innermost": numpy.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2),
+        "channels-last": numpy.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+    }
+
+
+@pytest.mark.parametrize("layout", ["nchw", "batch-innermost", "channels-last"])
+def test_flatten_gives_c_h_w_feature_order_in_any_layout(layout):
+    rng = numpy.random.default_rng(6)
+    x_host = rng.standard_normal((3, 2, 4, 5))
+    x = layouts_of(x_host)[layout]
+    layer = Flatten(CPU64)
+    flat = layer.forward(x)
+    numpy.testing.assert_array_equal(flat, x_host.reshape(3, -1))
+    probe = rng.standard_normal(flat.shape)
+    numpy.testing.assert_array_equal(layer.backward(probe), probe.reshape(x_host.shape))
+    check_layer_gradients(layer, x, rng)
+
+
+def test_flatten_of_a_batch_innermost_activation_is_a_view():
+    x = layouts_of(numpy.arange(2 * 3 * 4 * 4, dtype=float).reshape(2, 3, 4, 4))["batch-innermost"]
+    layer = Flatten(CPU64)
+    flat = layer.forward(x)
+    assert numpy.shares_memory(flat, x)
+    # A gradient in the same transposed layout goes back without a copy either.
+    dy = numpy.ascontiguousarray(numpy.ones(flat.shape).T).T
+    assert numpy.shares_memory(layer.backward(dy), dy)
+
+
+def test_fully_connected_input_gradient_takes_the_layout_of_its_input():
+    rng = numpy.random.default_rng(7)
+    layer = FullyConnected(6, 4, rng=0, backend=CPU64)
+    x_rows = rng.standard_normal((5, 6))
+    dy = rng.standard_normal((5, 4))
+    expected = dy @ layer.params["weight"].data.T
+    for x, transposed in ((x_rows, False), (numpy.ascontiguousarray(x_rows.T).T, True)):
+        layer.forward(x)
+        dx = layer.backward(dy)
+        numpy.testing.assert_allclose(dx, expected, rtol=1e-12)
+        assert dx.T.flags.c_contiguous == transposed and dx.flags.c_contiguous != transposed
+
+
 def test_fully_connected_gradients_and_values():
     rng = numpy.random.default_rng(5)
     layer = FullyConnected(5, 3, rng=0, backend=CPU64)
