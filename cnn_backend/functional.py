@@ -7,9 +7,11 @@ never over samples, pixels or channels.
 
 Two convolution algorithms compute the same cross-correlation:
 
-* ``"gemm"``: im2col by slicing over kernel offsets into a ``(C * KH * KW, N * OH * OW)`` matrix,
+* ``"gemm"``: im2col by slicing over kernel offsets into a ``(C * KH * KW, OH * OW * N)`` matrix,
   then one contiguous 2-D matrix product for the whole batch; the backward pass folds back with
-  slice-adds (deterministic, unlike atomic scatter-adds on a GPU).
+  slice-adds (deterministic, unlike atomic scatter-adds on a GPU). Each offset copies (or adds back)
+  only the part of its window that overlaps the input: what falls in the zero padding is left zero,
+  so no padded copy of the input or of its gradient is made.
 * ``"signal"``: FFT convolution through ``be.signal.fftconvolve`` over the two spatial axes, with the
   batch and filter axes broadcast so one call covers the whole batch. ``correlate``/``convolve`` are
   not used because their ``'valid'`` mode rejects broadcast batch axes, and their default
@@ -19,7 +21,8 @@ Memory layout. Arrays always have NCHW *shapes*, but the gemm convolution stores
 batch-innermost, ``(F, OH, OW, N)`` in memory (the layout of cuda-convnet), and returns it as a
 transposed view. That is the layout its matrix product produces, and every other kernel runs fastest
 on it: im2col and col2im copy and add whole ``(OW, N)`` rows per kernel offset, max-pooling's taps are
-runs of ``N`` consecutive values, and element-wise layers see one contiguous block. NumPy's cost per
+runs of ``N`` consecutive values, and element-wise layers see one contiguous block. The same holds
+for CuPy, whose kernels take any strides. NumPy's cost per
 element-wise call grows with the number of contiguous runs, and in NCHW order a 2x2 pooling tap or a
 3x3 kernel offset breaks an activation into runs of a handful of pixels. Element-wise layers keep the
 layout they are given, max-pooling returns batch-innermost arrays both ways, and Flatten hands the
