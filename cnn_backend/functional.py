@@ -244,7 +244,7 @@ def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
     n, _, h, w = x.shape
     out_h, out_w = output_size(h, kernel_h, stride, padding), output_size(w, kernel_w, stride, padding)
     patch_size = channels * kernel_h * kernel_w
-    # cols as (C*KH*KW + 1, N*OH*OW): the extra last row of ones carries the bias, so the product
+    # cols as (C*KH*KW + 1, OH*OW*N): the extra last row of ones carries the bias, so the product
     # adds it and the backward product sums dy into dbias, saving a pass over y and one over dy.
     # Created zeroed: the entries that read padding are never written and stay zero on reuse.
     cols_2d = _scratch(be, workspace, "cols", (patch_size + 1, out_h * out_w * n), x.dtype, zeros=True)
