@@ -324,8 +324,10 @@ def _conv2d_backward_signal(be, dy, cache, need_input_grad):
 # --------------------------------------------------------------------------------------------------
 
 
-def maxpool_forward(be: Backend, x, pool: int, stride: int):
+def maxpool_forward(be: Backend, x, pool: int, stride: int, for_backward: bool = True):
     """Max over each ``pool x pool`` window (floor mode); returns ``(y, cache)``.
+
+    ``for_backward=False`` (inference) skips recording the winners and returns ``(y, None)``.
 
     Ties go to the first maximum in row-major window order (between rows the topmost, within a row
     the leftmost), as in PyTorch. Two ways, both without gathering a window array:
@@ -340,15 +342,17 @@ def maxpool_forward(be: Backend, x, pool: int, stride: int):
     # came from a gemm convolution, one copy otherwise that every pass below repays.
     x = nchw_view(as_batch_innermost(be, x))
     if pool == stride == 2:
-        return _maxpool_2x2_forward(be, x)
+        return _maxpool_2x2_forward(be, x, for_backward)
     h, w = x.shape[2:]
     out_h, out_w = (h - pool) // stride + 1, (w - pool) // stride + 1
     row_max = _max_over_taps(be, x, pool, stride, out_w, axis=-1)
-    # Found now, while x is at hand, so the cache need not keep the (largest) input alive.
-    col_winner = _first_tap_holding(be, x, row_max, pool, stride, out_w, axis=-1)
     y = _max_over_taps(be, row_max, pool, stride, out_h, axis=-2)
     if pool == 1:
         y = y.copy()  # a 1x1 window leaves y a view of x: never hand out an alias of the input
+    if not for_backward:
+        return y, None
+    # Found now, while x is at hand, so the cache need not keep the (largest) input alive.
+    col_winner = _first_tap_holding(be, x, row_max, pool, stride, out_w, axis=-1)
     return y, ("separable", x.shape, col_winner, row_max, y, pool, stride)
 
 
@@ -373,7 +377,7 @@ def _quadrant(x, row: int, col: int, out_h: int, out_w: int):
     return x[:, :, row : 2 * out_h : 2, col : 2 * out_w : 2]
 
 
-def _maxpool_2x2_forward(be: Backend, x):
+def _maxpool_2x2_forward(be: Backend, x, for_backward: bool = True):
     """2x2 max-pooling with stride 2 as a tournament: each row's two values, then the two row winners.
 
     Three boolean masks record who won each match, with ties to the top row and the left column,
@@ -385,11 +389,16 @@ def _maxpool_2x2_forward(be: Backend, x):
     top_left, top_right, bottom_left, bottom_right = (
         _quadrant(x, row, col, out_h, out_w) for row in (0, 1) for col in (0, 1)
     )
+    # "left won" is tested against the fresh row maximum rather than the right value: the same
+    # answer, but it reads one quarter of x less, and while that quarter is still in cache.
     top = xp.maximum(top_left, top_right)
     bottom = xp.maximum(bottom_left, bottom_right)
+    if not for_backward:
+        return xp.maximum(top, bottom), None
+    top_left_won = top_left == top
+    bottom_left_won = bottom_left == bottom
     y = xp.maximum(top, bottom)
-    masks = (top >= bottom, top_left >= top_right, bottom_left >= bottom_right)
-    return y, ("2x2", x.shape, *masks)
+    return y, ("2x2", x.shape, top >= bottom, top_left_won, bottom_left_won)
 
 
 def _maxpool_2x2_backward(be: Backend, dy, cache):

@@ -225,10 +225,13 @@ class MaxPool(Layer):
         self._expect_rank(x, 4, "(N, C, H, W)")
         if min(x.shape[2:]) < self.pool_size:
             raise ShapeError(f"{self}: expected H, W >= {self.pool_size}, got input of shape {tuple(x.shape)}")
-        y, self._cache = F.maxpool_forward(self.backend, x, self.pool_size, self.stride)
+        # In evaluation mode nothing is recorded for a backward pass (about half the work).
+        y, self._cache = F.maxpool_forward(self.backend, x, self.pool_size, self.stride, for_backward=self.training)
         return y
 
     def backward(self, dy):
+        if self._cache is None:
+            raise RuntimeError(f"{self}: backward needs a forward pass in training mode first (call model.train())")
         dx = F.maxpool_backward(self.backend, dy, self._cache)
         self._cache = None
         return dx

@@ -321,6 +321,17 @@ def test_maxpool_matches_reference(make_backend, pool, stride, h, w, dtype):
     numpy.testing.assert_array_equal(to_host(be, x_device), x)  # the input is left untouched
 
 
+@pytest.mark.parametrize("pool, stride", [(2, 2), (3, 2), (1, 1)])
+def test_maxpool_for_inference_gives_the_same_values_and_no_cache(make_backend, pool, stride):
+    be = make_backend("float32")
+    x = be.to_device(numpy.random.default_rng(3).standard_normal((2, 3, 7, 8)).astype("float32"))
+    y_train, _ = F.maxpool_forward(be, x, pool, stride)
+    y_infer, cache = F.maxpool_forward(be, x, pool, stride, for_backward=False)
+    assert cache is None
+    numpy.testing.assert_array_equal(to_host(be, y_infer), to_host(be, y_train))
+    assert not numpy.shares_memory(to_host(be, y_infer), to_host(be, x))
+
+
 def test_maxpool_ties_go_to_first_maximum(make_backend):
     be = make_backend("float64")
     x = numpy.array([[[[0.0, 5.0, 1.0, 1.0], [5.0, 0.0, 1.0, 1.0], [2.0, 2.0, 0.0, 0.0], [3.0, 3.0, 0.0, 0.0]]]])

@@ -103,6 +103,14 @@ def test_maxpool_tie_sends_the_gradient_to_one_input_only():
     assert dx.sum() == 1.0 and dx[0, 0, 0, 0] == 1.0
 
 
+def test_maxpool_backward_after_an_evaluation_forward_says_what_to_do():
+    layer = MaxPool(2, backend=CPU64)
+    layer.training = False
+    y = layer.forward(numpy.ones((1, 1, 4, 4)))
+    with pytest.raises(RuntimeError, match=r"backward needs a forward pass in training mode"):
+        layer.backward(numpy.ones_like(y))
+
+
 def test_flatten_round_trip():
     rng = numpy.random.default_rng(4)
     layer = Flatten(CPU64)
