@@ -21,13 +21,13 @@ Memory layout. Arrays always have NCHW *shapes*, but the gemm convolution stores
 batch-innermost, ``(F, OH, OW, N)`` in memory (the layout of cuda-convnet), and returns it as a
 transposed view. That is the layout its matrix product produces, and every other kernel runs fastest
 on it: im2col and col2im copy and add whole ``(OW, N)`` rows per kernel offset, max-pooling's taps are
-runs of ``N`` consecutive values, and element-wise layers see one contiguous block. The same holds
-for CuPy, whose kernels take any strides. NumPy's cost per
+runs of ``N`` consecutive values, and element-wise layers see one contiguous block. NumPy's cost per
 element-wise call grows with the number of contiguous runs, and in NCHW order a 2x2 pooling tap or a
-3x3 kernel offset breaks an activation into runs of a handful of pixels. Element-wise layers keep the
-layout they are given, max-pooling returns batch-innermost arrays both ways, and Flatten hands the
-dense layer a transposed ``(features, N)`` view instead of copying. Any layout is accepted
-everywhere; only speed depends on it.
+3x3 kernel offset breaks an activation into runs of a handful of pixels (CuPy's kernels take any
+strides, so the device path needs nothing else). Element-wise layers keep the layout they are
+given, max-pooling returns batch-innermost arrays both ways, and Flatten hands the dense layer a
+transposed ``(features, N)`` view instead of copying. Any layout is accepted everywhere; only speed
+depends on it.
 
 Buffers. A caller may pass a ``workspace`` dict to :func:`conv2d_forward` (a layer keeps one); the
 im2col matrix is then allocated once and reused from step to step.
@@ -393,12 +393,10 @@ def _maxpool_2x2_forward(be: Backend, x, for_backward: bool = True):
     # answer, but it reads one quarter of x less, and while that quarter is still in cache.
     top = xp.maximum(top_left, top_right)
     bottom = xp.maximum(bottom_left, bottom_right)
-    if not for_backward:
-        return xp.maximum(top, bottom), None
-    top_left_won = top_left == top
-    bottom_left_won = bottom_left == bottom
     y = xp.maximum(top, bottom)
-    return y, ("2x2", x.shape, top >= bottom, top_left_won, bottom_left_won)
+    if not for_backward:
+        return y, None
+    return y, ("2x2", x.shape, top >= bottom, top_left == top, bottom_left == bottom)
 
 
 def _maxpool_2x2_backward(be: Backend, dy, cache):

@@ -250,13 +250,14 @@ class Flatten(Layer):
             raise ShapeError(f"{self}: expected an input of shape (N, ...), got shape {tuple(x.shape)}")
         self._shape = x.shape
         n = x.shape[0]
-        self._batch_innermost = x.ndim == 4 and not x.flags.c_contiguous
-        if self._batch_innermost:
+        # Any 4-D layout other than plain NCHW goes the batch-innermost way (free if it is one, else one copy).
+        self._through_batch_innermost = x.ndim == 4 and not x.flags.c_contiguous
+        if self._through_batch_innermost:
             return F.as_batch_innermost(self.backend, x).reshape(-1, n).T
         return x.reshape(n, -1)
 
     def backward(self, dy):
-        if self._batch_innermost:
+        if self._through_batch_innermost:
             n, c, h, w = self._shape
             return F.nchw_view(dy.T.reshape(c, h, w, n))
         return dy.reshape(self._shape)
