@@ -66,7 +66,8 @@ class Layer:
         return input_shape
 
     def macs(self) -> int:
-        """Multiply-accumulates per sample of the last built shapes (0 for layers that do none)."""
+        """Multiply-accumulates per sample at the last built shapes (see :mod:`cnn_backend.summary`
+        for what is counted; 0 for layers without weights)."""
         return 0
 
     def _expect_built_rank(self, input_shape: tuple, rank: int, layout: str) -> None:
@@ -675,9 +676,6 @@ class AvgPool(Layer):
     def _build(self, input_shape: tuple, rng) -> tuple:
         return _pool_output_shape(self, input_shape)
 
-    def macs(self) -> int:
-        return 0 if self.output_shape is None else _size(self.output_shape) * self.pool_size * self.pool_size
-
     def _window_taps(self, x, out_h: int, out_w: int):
         """``(i, j, view)`` for every offset of the window: the tap of each output's window."""
         s = self.stride
@@ -717,9 +715,6 @@ class GlobalAvgPool(Layer):
     def _build(self, input_shape: tuple, rng) -> tuple:
         self._expect_built_rank(input_shape, 3, "(C, H, W)")
         return (input_shape[0],)
-
-    def macs(self) -> int:
-        return 0 if self.input_shape is None else _size(self.input_shape)
 
     def forward(self, x):
         self._expect_rank(x, 4, "(N, C, H, W)")
@@ -893,7 +888,7 @@ class Residual(Layer):
         return shape
 
     def macs(self) -> int:
-        return sum(layer.macs() for _, layer in self.children()) + (0 if self.output_shape is None else _size(self.output_shape))
+        return sum(layer.macs() for _, layer in self.children())
 
     def forward(self, x):
         out = x

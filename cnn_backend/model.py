@@ -200,6 +200,13 @@ class Sequential:
             raise ModelFileError(f"unknown or malformed layer in the model config: {exc}") from None
         return cls(layers, backend)
 
+    def summary(self):
+        """The layer table (output shapes, parameters, MACs per sample, totals) as data: a
+        :class:`cnn_backend.summary.ModelSummary`; ``print(format_summary(model.summary()))`` shows it."""
+        from .summary import summarize
+
+        return summarize(self)
+
     @staticmethod
     def from_spec(spec, input_shape, backend: Backend | str = "cpu", seed: int | None = 0, **options) -> "Sequential":
         """A model built from an architecture spec: see :func:`cnn_backend.spec.build_model`."""

@@ -135,7 +135,7 @@ def resolve_spec(model: str | os.PathLike | dict | list) -> tuple[str, dict]:
 
 
 def _label(index: int, entry, parents: str) -> str:
-    kind = entry.get("type") if isinstance(entry, dict) and isinstance(entry.get("type"), str) else "?"
+    kind = entry.get("type") if isinstance(entry, dict) and isinstance(entry.get("type"), (str, int, float)) else "?"
     return f"{parents}layer {index} ({kind})"
 
 
@@ -178,7 +178,7 @@ def _normalize_layer(index: int, entry, parents: str) -> dict:
     if not isinstance(kind, str) or kind not in LAYER_OPTIONS:
         close = difflib.get_close_matches(str(kind), LAYER_OPTIONS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise SpecError(f"{parents}layer {index}: unknown layer type {kind!r}; {hint}known types: {', '.join(LAYER_OPTIONS)}")
+        raise SpecError(f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(LAYER_OPTIONS)}")
     options = LAYER_OPTIONS[kind]
     normalized = {"type": kind}
     for name, value in entry.items():
