@@ -137,6 +137,18 @@ def run_workload(tmp_path) -> DeviceUsage:
     loaded = Sequential.load(model.save(tmp_path / "model.npz"), be)
     loaded.to(be.with_dtype("float32")).to("cpu").to(be)
 
+    # A network from an architecture file with buffers (BatchNorm) and residual blocks: a training
+    # step, evaluation, its summary, saving and loading the buffers onto the device.
+    from pathlib import Path
+
+    from cnn_backend.spec import build_model
+
+    resnet = build_model(Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml", (1, 28, 28), be, seed=0)
+    train_step(resnet, SoftmaxCrossEntropy(be), Adam(resnet.parameters(), lr=1e-3, backend=be), x, y)
+    evaluate(resnet, *validation, batch_size=3)
+    resnet.summary()
+    Sequential.load(resnet.save(tmp_path / "resnet.npz"), be).to(be.with_dtype("float32"))
+
     try:  # augmentation, where this version of the package has it
         from cnn_backend.augment import RandomCropFlip
     except ImportError:

@@ -296,6 +296,39 @@ def test_twenty_training_steps_match_cpu(device_under_test, architecture, algori
         numpy.testing.assert_allclose(device.to_numpy(device_weight), expected, rtol=TRAINING_RTOL[dtype], atol=atol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_batchnorm_network_training_matches_cpu(device_under_test, dtype):
+    """The small ResNet example (BatchNorm, residual blocks, a projection, global average pooling):
+    ten training steps, then the weights, the running statistics and evaluation-mode logits."""
+    from cnn_backend.spec import build_model
+
+    spec = Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml"
+    cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
+    rng = numpy.random.default_rng(9)
+    images = rng.random((10, 4, 1, 28, 28)).astype(dtype)
+    labels = rng.integers(0, 10, size=(10, 4))
+    results = {}
+    for be in (cpu, device):
+        model = build_model(spec, (1, 28, 28), be, seed=0)
+        optimizer = SGD(model.parameters(), lr=0.05, momentum=0.9, backend=be)
+        loss_fn = SoftmaxCrossEntropy(be, check_inputs=False)
+        losses = [train_step(model, loss_fn, optimizer, be.to_device(x), be.to_device(y))[0] for x, y in zip(images, labels)]
+        model.eval()
+        logits = model.forward(be.to_device(images[0, :1]))  # a batch of one, on the running statistics
+        results[be.name] = (be.xp.stack(losses), dict(model.named_parameters()), dict(model.named_buffers()), logits)
+    cpu_losses, cpu_params, cpu_buffers, cpu_logits = results[cpu.name]
+    device_losses, device_params, device_buffers, device_logits = results[device.name]
+    rtol = TRAINING_RTOL[dtype]
+    numpy.testing.assert_allclose(device.to_numpy(device_losses), cpu_losses, rtol=rtol)
+    for name, value in [(n, p.data) for n, p in cpu_params.items()] + list(cpu_buffers.items()):
+        device_value = device_params[name].data if name in device_params else device_buffers[name]
+        assert isinstance(device_value, device.xp.ndarray) and device_value.dtype == numpy.dtype(dtype)
+        expected = cpu.to_numpy(value)
+        atol = rtol * float(numpy.abs(expected).max())
+        numpy.testing.assert_allclose(device.to_numpy(device_value), expected, rtol=rtol, atol=atol, err_msg=name)
+    numpy.testing.assert_allclose(device.to_numpy(device_logits), cpu_logits, rtol=rtol, atol=rtol * float(numpy.abs(cpu_logits).max()))
+
+
 # --------------------------------------------------------------------------------------------------
 # The parity command's comparison, exercised on the stand-in (no GPU needed)
 # --------------------------------------------------------------------------------------------------
