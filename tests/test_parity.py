@@ -434,3 +434,11 @@ def test_parity_script_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("verdict: PASS")
+
+
+def test_parity_run_of_an_architecture_file_compares_nested_parameters_and_buffers():
+    spec = Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml"
+    report = parity.compare(get_backend("cpu", "float64"), standin_backend("float64"), model=str(spec), steps=2, batch_size=4)
+    assert report.verdict == "pass" and report.problems == []
+    names = {(d.layer, d.name) for d in report.differences}
+    assert {("5 Residual", "projection.weight"), ("5 Residual", "layers.1.running_var"), ("1 BatchNorm", "running_mean")} <= names
