@@ -446,11 +446,18 @@ def build_model(settings: dict, backend, conv_algorithm: str, input_shape=INPUT_
     """A freshly initialised model of ``settings["model"]`` (a built-in name or an architecture
     file) for per-sample ``input_shape``, seeded by ``settings["seed"]``; SpecError (one line,
     naming the file and the layer) for an architecture that cannot work."""
+    if settings["model"] not in BUILTIN_NAMES:
+        return load_spec_model(settings["model"], input_shape, backend, settings["seed"], num_classes, conv_algorithm)
     if settings["model"] == "seed":
-        return seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, input_shape=input_shape)
-    if settings["model"] == "default":
-        return default_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"], input_shape=input_shape)
-    return load_spec_model(settings["model"], input_shape, backend, settings["seed"], num_classes, conv_algorithm)
+        model = seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, input_shape=input_shape)
+    else:
+        model = default_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"], input_shape=input_shape)
+    if num_classes is not None and model.output_shape != (num_classes,):
+        raise SpecError(
+            f"the {settings['model']} network ends with {model.output_shape[0]} outputs but the data has {num_classes} classes: "
+            f"copy examples/{settings['model']}.toml, set the last out_features, and pass it as --model"
+        )
+    return model
 
 
 def check_spec_file(model: str) -> None:
