@@ -846,6 +846,18 @@ class Residual(Layer):
         for _, child in self.children():
             child.training = mode
 
+    @property
+    def needs_input_grad(self) -> bool:
+        return self._needs_input_grad
+
+    @needs_input_grad.setter
+    def needs_input_grad(self, needed: bool) -> None:
+        # The block's input is also its first inner layer's and the projection's: they skip dx with it.
+        self._needs_input_grad = needed
+        self.layers[0].needs_input_grad = needed
+        if self.projection is not None:
+            self.projection.needs_input_grad = needed
+
     def children(self) -> list[tuple[str, Layer]]:
         named = [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
         return named + ([("projection", self.projection)] if self.projection is not None else [])
@@ -882,6 +894,7 @@ class Residual(Layer):
                 input_shape[0], shape[0], 1, stride=stride, bias=False, rng=make_rng(rng), backend=self.backend
             )
             self.projection.training = self.training
+            self.projection.needs_input_grad = self.needs_input_grad
         projected = self.projection.build(input_shape, rng)
         if projected != shape:
             raise ShapeError(f"the projection maps {input_shape} to {projected}, the inner layers to {shape}")

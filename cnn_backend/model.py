@@ -166,9 +166,11 @@ class Sequential:
         for name, current in own_buffers.items():
             value = buffers[name]
             _check_shape("buffer", name, value, current)
-            self._set_buffer(name, self.backend.to_device(value.astype(self.backend.dtype)))
+            self.set_buffer(name, self.backend.to_device(value.astype(self.backend.dtype)))
 
-    def _set_buffer(self, name: str, value) -> None:
+    def set_buffer(self, name: str, value) -> None:
+        """Replace the buffer ``name`` (as in :meth:`named_buffers`) with the device array ``value``
+        (e.g. running statistics averaged across processes)."""
         index, _, rest = name.partition(".")
         self.layers[int(index)].set_buffer(rest, value)
 

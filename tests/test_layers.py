@@ -558,3 +558,14 @@ def test_to_moves_buffers_and_casts_them():
 def test_bad_arguments_of_the_new_layers(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_residual_block_first_in_a_model_skips_its_input_gradient():
+    from cnn_backend import Sequential
+
+    block = Residual([Convolution(out_channels=4, kernel_size=3, stride=2, padding=1, backend=CPU64), ReLU(CPU64)])
+    model = Sequential([block, Flatten(CPU64), FullyConnected(out_features=3, backend=CPU64)], input_shape=(2, 6, 6), rng=0)
+    assert not block.layers[0].needs_input_grad and not block.projection.needs_input_grad
+    y = model.forward(numpy.random.default_rng(0).standard_normal((2, 2, 6, 6)))
+    assert model.backward(numpy.ones_like(y)) is None
+    assert block.projection.params["weight"].grad is not None and block.layers[0].params["weight"].grad is not None
