@@ -47,7 +47,7 @@ from .runfolder import (
     DeferredInterrupt,
     Interrupted,
     RunFolder,
-    install_stop_signals,
+    stop_signals_raise,
 )
 from .serialization import FileWriteError, ModelFileError
 from .training import (
@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
         return exc.code if isinstance(exc.code, int) else EXIT_OK
-    install_stop_signals()
     try:
-        return args.handler(args)
+        with stop_signals_raise():
+            return args.handler(args)
     except KeyboardInterrupt as exc:
         _print_error(getattr(exc, "description", "interrupted"), prefix="")
         return getattr(exc, "exit_status", EXIT_INTERRUPTED)
@@ -195,7 +195,7 @@ def _add_train_command(commands) -> None:
     model.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture: seed (the seed article's one-filter "
                        "network) or default (a two-block CNN, used when --model is left out)")
     model.add_argument("--dropout", type=_fraction, metavar="RATE", help="dropout before the output layer, default model only "
-                       f"(default: {recipe_default('dropout')})")
+                       f"(default: {RECIPES['default']['dropout']})")
     model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, or "
                        f"crop-flip (random 2-pixel shifts and left-right flips) (default: {recipe_default('augment')})")
     model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")

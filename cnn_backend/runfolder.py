@@ -14,7 +14,7 @@
   SIGKILL landing between the rename and the next system call leaves it one row short (and
   ``best.npz`` one best behind), which the next start in the folder repairs from ``last.npz``.
   SIGINT and SIGTERM wait until the three writes are done.
-* **SIGTERM is Ctrl-C.** :func:`install_stop_signals` makes both raise :class:`Interrupted`, a
+* **SIGTERM is Ctrl-C.** :func:`stop_signals_raise` makes both raise :class:`Interrupted`, a
   ``KeyboardInterrupt`` carrying the exit status (130 for SIGINT, 143 for SIGTERM).
 """
 
@@ -56,16 +56,23 @@ def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def install_stop_signals() -> None:
-    """SIGINT and SIGTERM raise :class:`Interrupted` from now on (main thread only).
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only); the
+    previous handlers come back after it.
 
     Also undoes an ignored SIGINT inherited by a process started in the background: training should
     still stop cleanly, with its checkpoint, when sent one.
     """
     if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _raise_interrupted)
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class DeferredInterrupt:
@@ -98,6 +105,7 @@ class RunFolder:
         self.path, self.created = path, created
         self._descriptor: int | None = None
         self._accepted = False  # whether the folder was found free for this run (its leftovers are ours)
+        self.created_parent = False  # runs/ itself was made for this folder
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -112,7 +120,9 @@ class RunFolder:
         if requested is None and resumed_folder is not None:
             requested = resumed_folder
         if requested is None:
+            made_parent = not DEFAULT_PARENT.exists()
             folder = cls(_new_default_folder(), created=True)
+            folder.created_parent = made_parent
         else:
             if requested.exists() and not requested.is_dir():
                 raise ValueError(f"--out {requested} is a file, not a folder")
@@ -187,7 +197,8 @@ class RunFolder:
         except OSError as exc:
             raise FileWriteError(best, exc) from None
         finally:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
 
     def holds_checkpoint(self) -> bool:
         return (self.path / LAST_CHECKPOINT).exists()
@@ -203,8 +214,10 @@ class RunFolder:
                 if self._accepted and not self.holds_checkpoint():
                     (self.path / HISTORY_FILE).unlink(missing_ok=True)
                     self._clear_leftovers()
-                    if self.created and not any(self.path.iterdir()):
-                        self.path.rmdir()
+                if self.created and not any(self.path.iterdir()):
+                    self.path.rmdir()
+                    if self.created_parent:
+                        self.path.parent.rmdir()
             os.close(self._descriptor)  # releases the lock
             self._descriptor = None
 

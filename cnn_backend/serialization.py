@@ -56,7 +56,8 @@ def atomic_path(path: str | os.PathLike):
     except OSError as exc:
         raise FileWriteError(path, exc) from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 def temporary_name(path: Path) -> Path:
