@@ -83,16 +83,15 @@ class Sequential:
         xp = self.backend.xp
         was_training = self.training
         self.eval()
-        chunks, non_finite = [], 0
+        chunks, bad = [], 0
         try:
             for start in range(0, len(x), batch_size):
                 chunk = self.backend.to_device(x[start : start + batch_size])
-                # Counted on the device, read once at the end.
-                non_finite = non_finite + xp.count_nonzero(~xp.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))
-                chunks.append(self.forward(chunk))
+                bad += int(self.backend.to_numpy(xp.count_nonzero(~xp.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))))
+                if not bad:  # after a bad sample, only count the others
+                    chunks.append(self.forward(chunk))
         finally:
             self.train(was_training)
-        bad = int(self.backend.to_numpy(non_finite))
         if bad:
             raise ShapeError(f"Sequential.predict_logits: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
         return self.backend.xp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
