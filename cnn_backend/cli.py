@@ -45,7 +45,6 @@ from .runfolder import (
     HISTORY_FILE,
     LAST_CHECKPOINT,
     DeferredInterrupt,
-    Interrupted,
     RunFolder,
     stop_signals_raise,
 )

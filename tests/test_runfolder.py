@@ -16,7 +16,7 @@ import pytest
 
 import cnn_backend.serialization
 import cnn_backend.training
-from cnn_backend import Sequential
+from cnn_backend import Sequential, seed_cnn
 from cnn_backend.checkpoint import load_checkpoint
 from cnn_backend.cli import main
 from cnn_backend.report import read_history
@@ -147,7 +147,7 @@ def test_a_folder_with_an_empty_history_is_not_a_run(tmp_path):
 
 def test_a_folder_holding_a_run_is_refused_without_naming_missing_files(tmp_path):
     (tmp_path / "run").mkdir()
-    Sequential.save(__import__("cnn_backend").seed_cnn(), tmp_path / "run" / "best.npz")
+    seed_cnn("cpu").save(tmp_path / "run" / "best.npz")
     result = cli("train", *SMALL, "--epochs", 1, "--out", "run", cwd=tmp_path)
     line = one_line(result.stderr)
     assert result.returncode == 2 and "already holds a training run (best.npz)" in line and "--resume" not in line
@@ -301,7 +301,6 @@ def test_a_non_finite_validation_loss_stops_the_run_and_is_never_best(tmp_path, 
 
 
 def test_fit_treats_nan_validation_logits_as_divergence():
-    from cnn_backend import seed_cnn
     from cnn_backend.data import BatchLoader
     from cnn_backend.optim import make_optimizer
     from cnn_backend.training import NonFiniteLossError, fit
