@@ -106,3 +106,15 @@ def test_loading_a_model_file_with_a_broken_config_is_one_line(tmp_path):
     numpy.savez(path, __model_config__=numpy.array('[{"type": "Teleporter", "args": {}}]'))
     with pytest.raises(ModelFileError, match=r"model.npz: unknown or malformed layer"):
         Sequential.load(path)
+
+
+def test_nan_input_is_refused_on_a_device_for_host_and_device_input(device_under_test):
+    backend = device_under_test("float32")
+    model = seed_cnn(backend)
+    images = numpy.zeros((5, 1, 28, 28), numpy.float32)
+    images[4, 0, 0, 0] = numpy.nan
+    for given in (images, backend.to_device(images)):
+        with pytest.raises(ShapeError, match=r"1 of 5 samples contain NaN or infinity"):
+            model.predict(given, batch_size=2)
+    clean = numpy.zeros((3, 1, 28, 28), numpy.float32)
+    numpy.testing.assert_allclose(model.predict(clean), seed_cnn("cpu").predict(clean))
