@@ -11,7 +11,8 @@
 * **Files agree.** Each epoch is committed by renaming ``last.npz`` into place; then its history row
   is appended (one ``write`` call), then ``best.npz`` becomes a hard link to (or copy of) that
   ``last.npz`` when the epoch is the best. The history never runs ahead of ``last.npz``; only a
-  SIGKILL landing between the rename and the next system call leaves it one row short (and
+  SIGKILL landing in the few system calls between the rename and the history write (the folder's
+  flush, the ``write``) leaves it one row short (and
   ``best.npz`` one best behind), which the next start in the folder repairs from ``last.npz``.
   SIGINT and SIGTERM wait until the three writes are done.
 * **SIGTERM is Ctrl-C.** :func:`stop_signals_raise` makes both raise :class:`Interrupted`, a
@@ -116,6 +117,7 @@ class RunFolder:
         Refuses a folder that holds another run (unless it is the resumed checkpoint's own), is
         held by a live process, or is a file.
         """
+        _fcntl()  # before anything is created
         resumed_folder = resumed_checkpoint.parent if resumed_checkpoint is not None else None
         if requested is None and resumed_folder is not None:
             requested = resumed_folder
@@ -144,12 +146,7 @@ class RunFolder:
         return folder
 
     def _lock(self) -> None:
-        try:
-            import fcntl
-        except ImportError:
-            raise RunFolderBusyError(
-                "this platform has no fcntl module, which locks the output folder; run on Linux or macOS"
-            ) from None
+        fcntl = _fcntl()
         descriptor = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,6 +217,14 @@ class RunFolder:
                         self.path.parent.rmdir()
             os.close(self._descriptor)  # releases the lock
             self._descriptor = None
+
+
+def _fcntl():
+    try:
+        import fcntl
+    except ImportError:
+        raise RunFolderBusyError("this platform has no fcntl module, which locks the output folder; run on Linux or macOS") from None
+    return fcntl
 
 
 def _new_default_folder() -> Path:

@@ -114,6 +114,13 @@ def test_resume_takes_the_same_lock(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "last.npz").epoch == 2
 
 
+def test_without_fcntl_the_run_says_so_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", tmp_path / "run")
+    assert status == 2 and "this platform has no fcntl module" in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
 # -- 2: a failed start leaves nothing that blocks the next ------------------------------------------
 
 
