@@ -32,6 +32,7 @@ from cnn_backend.checkpoint import STATE_KEY, load_checkpoint
 from cnn_backend.report import read_history
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals (SIGSTOP, SIGKILL)")
 EPOCHS, STEPS_PER_INTERVAL, STEPS_PER_EPOCH = 3, 2, 8
 TRAIN = [
     "train", "--model", "seed", "--device", "cpu", "--data", "bundled", "--train-split", ":256", "--val-split", "9000:9128",

@@ -22,6 +22,7 @@ from cnn_backend.cli import main
 from cnn_backend.report import read_history
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals (SIGSTOP, SIGKILL)")
 SMALL = ["--model", "seed", "--device", "cpu", "--data", "bundled", "--train-split", ":256", "--val-split", "9000:9128", "--quiet", "--no-plots"]
 TIMEOUT = 60
 
