@@ -11,11 +11,15 @@ import math
 
 from . import functional as F
 from .backend import Backend, cpu_backend, get_backend
-from .init import initial_weight, make_rng
+from .init import as_integer, initial_weight, make_rng
 
 
 class ShapeError(ValueError):
     """An input whose shape, dtype or values a layer cannot take."""
+
+
+class NonFiniteLogitsError(ShapeError):
+    """Logits holding NaN or infinity: diverged weights or bad input."""
 
 
 class Parameter:
@@ -141,19 +145,15 @@ class Layer:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
+    def _forward_first(self) -> RuntimeError:
+        return RuntimeError(f"{self}: backward needs a forward pass first (call forward, then backward once)")
+
     def _expect_rank(self, x, rank: int, layout: str) -> None:
         if x.ndim != rank:
             raise ShapeError(f"{self}: expected a {rank}-D input {layout}, got shape {tuple(x.shape)}")
 
     def _not_built(self, what: str) -> ShapeError:
         return ShapeError(f"{self}: {what} is not known yet: build the layer with its input shape first (or give {what})")
-
-
-def _check_int(owner: str, name: str, value, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
 
 
 class Convolution(Layer):
@@ -179,9 +179,11 @@ class Convolution(Layer):
         backend: Backend | str | None = None,
     ) -> None:
         super().__init__(backend)
-        _check_int("Convolution", "in_channels", in_channels, 1, allow_none=True)
-        for name, value, low in (("out_channels", out_channels, 1), ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
-            _check_int("Convolution", name, value, low)
+        in_channels = _optional_size("Convolution", "in_channels", in_channels, 1)
+        out_channels, kernel_size, stride, padding = (
+            _size("Convolution", name, value, low)
+            for name, value, low in (("out_channels", out_channels, 1), ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0))
+        )
         if not isinstance(bias, bool):
             raise ValueError(f"Convolution: bias must be true or false, got {bias!r}")
         if algorithm not in F.CONV_ALGORITHMS + ("auto",):
@@ -268,6 +270,8 @@ class Convolution(Layer):
         return y
 
     def backward(self, dy):
+        if self._cache is None:
+            raise self._forward_first()
         dx, dweight, dbias = F.conv2d_backward(self.backend, dy, self._cache, self.needs_input_grad)
         self.params["weight"].grad = dweight
         if self.bias:
@@ -315,11 +319,15 @@ def resolve_conv_algorithm(algorithm: str, backend: Backend, weight_shape=None, 
 class ReLU(Layer):
     """``max(x, 0)``; its gradient passes where the input was positive."""
 
+    _positive = None
+
     def forward(self, x):
         self._positive = x > 0
         return self.backend.xp.maximum(x, 0)
 
     def backward(self, dy):
+        if self._positive is None:
+            raise self._forward_first()
         dx = dy * self._positive
         self._positive = None
         return dx
@@ -331,9 +339,7 @@ class MaxPool(Layer):
     def __init__(self, pool_size: int, stride: int | None = None, *, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
         stride = pool_size if stride is None else stride
-        for name, value in (("pool_size", pool_size), ("stride", stride)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MaxPool: {name} must be an integer >= 1, got {value!r}")
+        pool_size, stride = (_size("MaxPool", name, value, 1) for name, value in (("pool_size", pool_size), ("stride", stride)))
         self.pool_size, self.stride = pool_size, stride
         self._cache = None
 
@@ -393,7 +399,11 @@ class Flatten(Layer):
             return F.as_batch_innermost(self.backend, x).reshape(-1, n).T
         return x.reshape(n, -1)
 
+    _shape = None
+
     def backward(self, dy):
+        if self._shape is None:
+            raise self._forward_first()
         if self._through_batch_innermost:
             n, c, h, w = self._shape
             return F.nchw_view(dy.T.reshape(c, h, w, n))
@@ -416,8 +426,8 @@ class FullyConnected(Layer):
         backend: Backend | str | None = None,
     ) -> None:
         super().__init__(backend)
-        _check_int("FullyConnected", "in_features", in_features, 1, allow_none=True)
-        _check_int("FullyConnected", "out_features", out_features, 1)
+        in_features = _optional_size("FullyConnected", "in_features", in_features, 1)
+        out_features = _size("FullyConnected", "out_features", out_features, 1)
         self.in_features, self.out_features, self.init = in_features, out_features, init
         if in_features is not None:
             self._create_parameters(rng)
@@ -461,7 +471,11 @@ class FullyConnected(Layer):
         self._x = x
         return x @ self.params["weight"].data + self.params["bias"].data
 
+    _x = None
+
     def backward(self, dy):
+        if self._x is None:
+            raise self._forward_first()
         self.params["weight"].grad = self._x.T @ dy
         self.params["bias"].grad = dy.sum(axis=0)
         x, self._x = self._x, None
@@ -534,7 +548,7 @@ class BatchNorm(Layer):
         self, num_features: int | None = None, momentum: float = 0.1, eps: float = 1e-5, *, backend: Backend | str | None = None
     ) -> None:
         super().__init__(backend)
-        _check_int("BatchNorm", "num_features", num_features, 1, allow_none=True)
+        num_features = _optional_size("BatchNorm", "num_features", num_features, 1)
         for name, value in (("momentum", momentum), ("eps", eps)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"BatchNorm: {name} must be a number, got {value!r}")
@@ -569,7 +583,7 @@ class BatchNorm(Layer):
         return {"type": "BatchNorm", "momentum": self.momentum, "eps": self.eps}
 
     def macs(self) -> int:
-        return 0 if self.output_shape is None else _size(self.output_shape)
+        return 0 if self.output_shape is None else _element_count(self.output_shape)
 
     def _as_rows(self, x):
         """``x`` as a ``(features, samples)`` 2-D array: one row per channel (4-D: over N, H, W in
@@ -620,6 +634,8 @@ class BatchNorm(Layer):
         return self._from_rows(y_rows, x.shape)
 
     def backward(self, dy):
+        if self._cache is None:
+            raise self._forward_first()
         mode, shape, saved, factor = self._cache
         self._cache = None
         dy_rows = self._as_rows(dy)
@@ -646,11 +662,11 @@ class BatchNorm(Layer):
         return self._from_rows(dx_rows, shape)
 
 
-def _size(shape) -> int:
-    size = 1
+def _element_count(shape) -> int:
+    count = 1
     for extent in shape:
-        size *= extent
-    return size
+        count *= extent
+    return count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -665,8 +681,7 @@ class AvgPool(Layer):
     def __init__(self, pool_size: int, stride: int | None = None, *, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
         stride = pool_size if stride is None else stride
-        for name, value in (("pool_size", pool_size), ("stride", stride)):
-            _check_int("AvgPool", name, value, 1)
+        pool_size, stride = (_size("AvgPool", name, value, 1) for name, value in (("pool_size", pool_size), ("stride", stride)))
         self.pool_size, self.stride = pool_size, stride
         self._shape = None
 
@@ -699,7 +714,10 @@ class AvgPool(Layer):
         return total
 
     def backward(self, dy):
+        if self._shape is None:
+            raise self._forward_first()
         n, c, h, w = self._shape
+        self._shape = None
         out_h, out_w = dy.shape[2:]
         share = F.nchw_view(F.as_batch_innermost(self.backend, dy)) * (1.0 / (self.pool_size * self.pool_size))
         dx = F.nchw_view(self.backend.xp.zeros((c, h, w, n), dtype=dy.dtype))
@@ -724,8 +742,13 @@ class GlobalAvgPool(Layer):
         # (C, N) memory handed on as its (N, C) transpose, as Flatten does for the dense layer.
         return rows.mean(axis=1).T
 
+    _shape = None
+
     def backward(self, dy):
+        if self._shape is None:
+            raise self._forward_first()
         n, c, h, w = self._shape
+        self._shape = None
         dx = self.backend.xp.empty((c, h * w, n), dtype=dy.dtype)
         dx[...] = (dy.T * (1.0 / (h * w)))[:, None, :]
         return F.nchw_view(dx.reshape(c, h, w, n))
@@ -756,7 +779,11 @@ class LeakyReLU(Layer):
         self._slope = slope
         return x * slope
 
+    _slope = None
+
     def backward(self, dy):
+        if self._slope is None:
+            raise self._forward_first()
         dx = dy * self._slope
         self._slope = None
         return dx
@@ -769,7 +796,11 @@ class Tanh(Layer):
         self._y = self.backend.xp.tanh(x)
         return self._y
 
+    _y = None
+
     def backward(self, dy):
+        if self._y is None:
+            raise self._forward_first()
         y, self._y = self._y, None
         return dy * (1.0 - y * y)
 
@@ -784,7 +815,11 @@ class Sigmoid(Layer):
         self._y = y
         return y
 
+    _y = None
+
     def backward(self, dy):
+        if self._y is None:
+            raise self._forward_first()
         y, self._y = self._y, None
         return dy * (y * (1.0 - y))
 
@@ -803,7 +838,11 @@ class GELU(Layer):
         self._saved = (x, squared, t)
         return 0.5 * x * (1.0 + t)
 
+    _saved = None
+
     def backward(self, dy):
+        if self._saved is None:
+            raise self._forward_first()
         x, squared, t = self._saved
         self._saved = None
         inner_derivative = (1.0 + (3.0 * self.COEFFICIENT) * squared) * self.SQRT_2_OVER_PI
@@ -946,6 +985,8 @@ class SoftmaxCrossEntropy:
         self._dlogits = None
 
     def forward(self, logits, labels):
+        if not hasattr(labels, "shape"):  # a list or tuple of class indices
+            labels = self.backend.to_device(labels)
         if logits.ndim != 2:
             raise ShapeError(f"SoftmaxCrossEntropy: expected logits of shape (N, classes), got {tuple(logits.shape)}")
         if labels.shape != (logits.shape[0],):
@@ -969,13 +1010,26 @@ class SoftmaxCrossEntropy:
                 f"got values from {int(labels.min())} to {int(labels.max())}"
             )
         if not bool(xp.isfinite(logits).all()):
-            raise ShapeError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
+            raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
 
     def backward(self):
         """Gradient of the mean loss with respect to the logits: ``(softmax - onehot) / N``."""
         return self._dlogits
 
     __call__ = forward
+
+
+def _size(layer: str, name: str, value, low: int) -> int:
+    """A size argument as a Python int; NumPy integers count as integers."""
+    try:
+        return as_integer(value, name, low)
+    except ValueError as exc:
+        raise ValueError(f"{layer}: {exc}") from None
+
+
+def _optional_size(layer: str, name: str, value, low: int) -> int | None:
+    """As :func:`_size`, with None (a size that build infers) passed through."""
+    return None if value is None else _size(layer, name, value, low)
 
 
 LAYER_TYPES = {
