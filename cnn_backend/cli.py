@@ -25,6 +25,7 @@ from .augment import AUGMENTATIONS, make_augmentation
 from .backend import DEVICES, DTYPES, DeviceUnavailableError, get_backend
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CLASS_NAMES, BatchLoader, DataError, describe_source, download, load_fashion_mnist, prepare_images
+from .distributed import DistributedSetupError, bind_device, communicator_for_backend, world_communicator
 from .functional import CONV_ALGORITHMS
 from .layers import Convolution, ShapeError
 from .model import ARCHITECTURES, default_cnn, seed_cnn
@@ -56,7 +57,11 @@ PROG = "cnn-backend"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: errors a user can fix from the command line: reported in one line, exit status 2
-USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError)
+USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError, DistributedSetupError)
+#: seconds a failing process other than rank 0 waits before ending the job, so that an error every
+#: process meets (a bad option) is reported once, by rank 0; and after Ctrl-C, the time rank 0 has to
+#: finish writing an epoch's files
+FAILURE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 10.0
 
 #: commands provided by optional modules, loaded only when invoked: name -> (module, help)
 OPTIONAL_COMMANDS = {
@@ -103,15 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     try:
         return args.handler(args)
-    except KeyboardInterrupt:
-        _print_error("interrupted", prefix="")
-        return EXIT_INTERRUPTED
-    except USER_ERRORS as exc:
-        _print_error(exc)
-        return EXIT_USAGE
-    except OSError as exc:
-        _print_error(exc)
-        return EXIT_FAILED
+    except BaseException as exc:
+        status, message, prefix = _failure(exc)
+        _print_error(message, prefix)
+        return status
+
+
+def _failure(exc: BaseException) -> tuple[int, str, str]:
+    """Exit status, message and prefix of a failed command; exceptions that are not known errors
+    propagate (with their traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted", ""
+    if isinstance(exc, USER_ERRORS):
+        return EXIT_USAGE, str(exc), "error: "
+    if isinstance(exc, OSError):
+        return EXIT_FAILED, str(exc), "error: "
+    raise exc
 
 
 def _print_error(message, prefix: str = "error: ") -> None:
@@ -121,6 +133,10 @@ def _print_error(message, prefix: str = "error: ") -> None:
 
 def _say(*parts) -> None:
     print(*parts, flush=True)
+
+
+def _silent(*parts, **options) -> None:
+    pass
 
 
 def _command_name(argv: list[str]) -> str | None:
@@ -507,7 +523,10 @@ class RunRecorder:
     """Records each finished epoch in the output folder: a history row, ``best.npz`` when the
     validation accuracy improved, and ``last.npz``, all as one step that Ctrl-C cannot split."""
 
-    def __init__(self, out_dir: Path, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict) -> None:
+    def __init__(
+        self, out_dir: Path, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict,
+        write_files: bool = True,
+    ) -> None:
         self.out_dir, self.model, self.optimizer, self.schedule = out_dir, model, optimizer, schedule
         self.settings = settings
         self.history = list(history)
@@ -515,8 +534,11 @@ class RunRecorder:
         self.last_saved_epoch = history[-1]["epoch"] if history else None
         self.samples = 0
         self.seconds = 0.0
+        # Processes other than rank 0 of a data-parallel job keep the record without writing it.
+        self.write_files = write_files
         self.writer = HistoryWriter(out_dir / HISTORY_FILE)
-        self.writer.start(self.history)
+        if write_files:
+            self.writer.start(self.history)
 
     def record(self, stats) -> bool:
         """Write the files of a finished epoch; returns whether it is the new best."""
@@ -524,7 +546,8 @@ class RunRecorder:
         improved = stats.val_accuracy is not None and (self.best["val_accuracy"] is None or stats.val_accuracy > self.best["val_accuracy"])
         with DeferredInterrupt():
             self.history.append(row)
-            self.writer.append(row)
+            if self.write_files:
+                self.writer.append(row)
             if improved:
                 self.best = {"epoch": stats.epoch, "val_accuracy": stats.val_accuracy}
                 self._save(BEST_CHECKPOINT, stats.epoch)
@@ -535,6 +558,8 @@ class RunRecorder:
         return improved
 
     def _save(self, name: str, epoch: int) -> None:
+        if not self.write_files:
+            return
         save_checkpoint(
             self.out_dir / name, self.model, self.optimizer, epoch=epoch, schedule=self.schedule,
             settings=self.settings, loader_seed=self.settings["seed"], best=self.best, history=self.history,
@@ -572,18 +597,55 @@ def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None,
 
 
 def run_train(args) -> int:
-    """The ``train`` command."""
+    """The ``train`` command: in this process, or in every process of an ``mpiexec`` job."""
+    world = world_communicator()
+    if world.size == 1:
+        return _train(args, world)
+    return _train_in_job(args, world)
+
+
+def _train_in_job(args, world) -> int:
+    """One process of a data-parallel job. A failure anywhere ends the whole job (``MPI_Abort``)
+    within seconds, with one line naming the process and the reason, instead of leaving the
+    others waiting in a collective operation."""
+    try:
+        status = _train(args, world)
+    except BaseException as exc:
+        try:
+            status, message, prefix = _failure(exc)
+        except BaseException:  # not a known error: still one line, and the job must end
+            status, message, prefix = EXIT_FAILED, f"{type(exc).__name__}: {exc}", "error: "
+        if status != EXIT_INTERRUPTED:
+            if not world.is_root:
+                time.sleep(FAILURE_GRACE_SECONDS)
+            _print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
+    if status != EXIT_OK:
+        if not world.is_root:
+            time.sleep(INTERRUPT_GRACE_SECONDS if status == EXIT_INTERRUPTED else FAILURE_GRACE_SECONDS)
+        world.abort(status)
+    return status
+
+
+def _train(args, world) -> int:
+    """Train in this process; ``world`` is the job's communicator (one process for a plain run).
+    Rank 0 alone prints and writes files."""
+    say = _say if world.is_root else _silent
+    report_error = _print_error if world.is_root else _silent
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
     settings = resolve_settings(explicit, checkpoint)
     backend, device_line = open_backend(args.device, settings["dtype"])
+    gpu = bind_device(backend, world.local_rank)
+    if gpu is not None and world.size > 1:
+        device_line += f"; rank {world.rank} on GPU {gpu}"
+    communicator, distributed_line = communicator_for_backend(world, backend)
 
     model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm)
 
     images, labels = load_fashion_mnist("train", settings["data"])
     data_line = f"data: {describe_source('train', settings['data'])}"
     train_window, val_window, split_line = resolve_ranges(settings, len(images))
-    out_dir = prepare_out_dir(args.out, checkpoint)
+    out_dir = world.broadcast_object(prepare_out_dir(args.out, checkpoint) if world.is_root else None)
     history, best = [], {"epoch": None, "val_accuracy": None}
     if checkpoint is not None:
         history = checkpoint.history
@@ -591,31 +653,38 @@ def run_train(args) -> int:
         if out_dir.resolve() == checkpoint.path.parent.resolve():
             best = checkpoint.best
 
-    loader = BatchLoader(images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"])
+    loader = BatchLoader(
+        images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
+        rank=communicator.rank, size=communicator.size,
+    )
     schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
     schedule = schedule_from_config(schedule_settings)
     validation = (prepare_images(images[val_window], backend.dtype), labels[val_window])
 
-    _say(f"{PROG} train: {_describe_settings(settings)}")
-    _say(device_line)
-    _say(data_line)
-    _say(split_line)
+    say(f"{PROG} train: {_describe_settings(settings)}")
+    say(device_line)
+    say(distributed_line)
+    say(data_line)
+    say(split_line)
     if checkpoint is not None:
-        _say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
+        say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
         if checkpoint.schedule != schedule_settings:
-            _say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
-    _say(f"outputs: {out_dir}")
+            say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
+    say(f"outputs: {out_dir}")
 
-    recorder = RunRecorder(out_dir, model, optimizer, schedule, {**settings, "device": backend.name}, history=history, best=best)
+    recorder = RunRecorder(
+        out_dir, model, optimizer, schedule, {**settings, "device": backend.name, "processes": communicator.size},
+        history=history, best=best, write_files=world.is_root,
+    )
     progress = EpochProgress(
         settings["epochs"], len(loader), settings["batch_size"], loader.num_samples,
-        show_bar=not args.quiet and sys.stderr.isatty(),
+        show_bar=not args.quiet and sys.stderr.isatty() and world.is_root,
     )
 
     def epoch_finished(stats) -> None:
         progress.close()
         improved = recorder.record(stats)
-        _say(format_epoch_line(stats, settings["epochs"], improved))
+        say(format_epoch_line(stats, settings["epochs"], improved))
 
     _make_interruptible()
     started = time.perf_counter()
@@ -626,22 +695,24 @@ def run_train(args) -> int:
                 model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
                 augment=make_augmentation(settings["augment"], backend, settings["seed"]),
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
-                on_epoch_end=epoch_finished, log_every=args.log_every,
+                on_epoch_end=epoch_finished, log_every=args.log_every, communicator=communicator,
             )
     except KeyboardInterrupt:
         progress.close()
-        _print_error(f"interrupted during epoch {progress.epoch}; {_last_checkpoint_text(recorder, out_dir, resume_hint=True)}", prefix="")
+        report_error(f"interrupted during epoch {progress.epoch}; {_last_checkpoint_text(recorder, out_dir, resume_hint=True)}", prefix="")
         return EXIT_INTERRUPTED
     except NonFiniteLossError as exc:
         progress.close()
-        _print_error(f"{exc}; {_last_checkpoint_text(recorder, out_dir, resume_hint=False)}")
+        report_error(f"{exc}; {_last_checkpoint_text(recorder, out_dir, resume_hint=False)}")
         return EXIT_FAILED
     training_seconds = time.perf_counter() - started
+    if not world.is_root:
+        return EXIT_OK
 
     plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation)
-    _say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
+    say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
     written = [HISTORY_FILE, LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if (out_dir / BEST_CHECKPOINT).exists() else []) + plots
-    _say(f"outputs in {out_dir}: {', '.join(written)}")
+    say(f"outputs in {out_dir}: {', '.join(written)}")
     return EXIT_OK
 
 

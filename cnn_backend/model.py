@@ -47,6 +47,16 @@ class Sequential:
     def eval(self) -> "Sequential":
         return self.train(False)
 
+    def set_batch_share(self, start: int, total: int) -> None:
+        """Tell layers that draw random numbers per sample (Dropout) that the coming batches are
+        samples ``start ..`` of global batches of ``total`` (data-parallel training)."""
+        pending = list(self.layers)
+        while pending:
+            layer = pending.pop()
+            if hasattr(layer, "batch_share"):
+                layer.batch_share = (int(start), int(total))
+            pending.extend(getattr(layer, "layers", ()))
+
     # -- computation ---------------------------------------------------------------------------------
 
     def forward(self, x):
