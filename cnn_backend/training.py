@@ -106,6 +106,11 @@ def schedule_from_config(config: dict) -> ConstantSchedule:
 # -- one step, evaluation ---------------------------------------------------------------------------
 
 
+#: samples per forward pass of the validation after each epoch; also the unit in which validation is
+#: shared among the processes of a data-parallel run
+VALIDATION_BATCH_SIZE = 250
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
@@ -320,6 +325,7 @@ def fit(
     on_interval: Callable[[int, float, float], None] | None = None,
     log_every: int = 50,
     communicator=None,
+    validation_batch_size: int = VALIDATION_BATCH_SIZE,
 ) -> list[EpochStats]:
     """Train for epochs ``start_epoch .. epochs``; returns one :class:`EpochStats` per epoch.
 
@@ -339,7 +345,10 @@ def fit(
         train_loss, train_accuracy, samples = trainer.run_epoch(epoch, on_interval)
         model.backend.synchronize()
         seconds = time.perf_counter() - started
-        val = evaluate(model, *validation, communicator=trainer.communicator) if validation is not None else {"loss": None, "accuracy": None}
+        val = (
+            evaluate(model, *validation, validation_batch_size, communicator=trainer.communicator)
+            if validation is not None else {"loss": None, "accuracy": None}
+        )
         stats = EpochStats(
             epoch, train_loss, train_accuracy, val["loss"], val["accuracy"], optimizer.lr, seconds, samples / seconds
         )
