@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy
 
+from .backend import cuda_nccl
+
 #: Environment variables an MPI launcher sets in every process it starts (MPICH/Hydra and Intel MPI,
 #: Open MPI, PMIx launchers, MVAPICH), with the ones giving the number of processes.
 LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_RANK")
@@ -143,13 +145,13 @@ class NcclCommunicator:
     """Device arrays reduced on the GPUs by NCCL (``cupy.cuda.nccl``); everything else goes to MPI.
 
     The NCCL communicator is created once, after each rank has chosen its device: rank 0 draws the
-    unique id and broadcasts it over ``mpi``. ``nccl`` is the ``cupy.cuda.nccl`` module (taken from
-    the backend's CuPy; tests hand in a recording double).
+    unique id and broadcasts it over ``mpi``. ``nccl`` is the ``cupy.cuda.nccl`` module (by default;
+    tests hand in a recording double).
     """
 
     def __init__(self, mpi: MpiCommunicator, backend, nccl=None) -> None:
         self.mpi, self.backend = mpi, backend
-        self.nccl = backend.xp.cuda.nccl if nccl is None else nccl
+        self.nccl = cuda_nccl() if nccl is None else nccl
         self.rank, self.size, self.local_rank, self.is_root = mpi.rank, mpi.size, mpi.local_rank, mpi.is_root
         self.name = "NCCL"
         unique_id = self.nccl.get_unique_id() if mpi.is_root else None
@@ -267,7 +269,7 @@ def communicator_for_backend(world, backend, *, nccl=None):
         staged = world if backend.name == "cpu" else MpiCommunicator(world.comm, backend)
         how = "host arrays" if backend.name == "cpu" else "device arrays staged through host copies"
         return staged, f"distributed: {world.describe()}; gradients all-reduced by MPI on {how}"
-    nccl_module = backend.xp.cuda.nccl if nccl is None else nccl
+    nccl_module = cuda_nccl() if nccl is None else nccl
     if getattr(nccl_module, "available", False):
         communicator = NcclCommunicator(world, backend, nccl_module)
         return communicator, f"distributed: {communicator.describe()}"

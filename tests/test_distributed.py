@@ -36,7 +36,8 @@ from cnn_backend.testing import is_device_array, standin_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
-MPIEXEC = shutil.which("mpiexec")
+# The one beside this Python first (the mpich wheel installs it into the virtual environment).
+MPIEXEC = next((str(path) for path in [Path(sys.executable).parent / "mpiexec"] if path.is_file()), None) or shutil.which("mpiexec")
 HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 needs_mpi = pytest.mark.skipif(
     MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpi4py and an MPI runtime with mpiexec (pip install mpi4py mpich)"
