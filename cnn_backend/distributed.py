@@ -270,14 +270,22 @@ def communicator_for_backend(world, backend, *, nccl=None):
         how = "host arrays" if backend.name == "cpu" else "device arrays staged through host copies"
         return staged, f"distributed: {world.describe()}; gradients all-reduced by MPI on {how}"
     nccl_module = cuda_nccl() if nccl is None else nccl
-    if getattr(nccl_module, "available", False):
+    # Every process must make the same choice (NCCL's set-up is collective), so the reasons
+    # against NCCL are counted over the whole job.
+    reasons = numpy.array([
+        0.0 if getattr(nccl_module, "available", False) else 1.0,
+        1.0 if world.local_size > backend.xp.cuda.runtime.getDeviceCount() else 0.0,
+    ])
+    world.allreduce_sum(reasons)
+    if not reasons.any():
         communicator = NcclCommunicator(world, backend, nccl_module)
         return communicator, f"distributed: {communicator.describe()}"
-    staged = MpiCommunicator(world.comm, backend)
-    return staged, (
-        f"distributed: {world.describe()}; NCCL is not available in CuPy (pip install nvidia-nccl-cu12), "
-        "so gradients are all-reduced by MPI through host copies"
+    why = (
+        "NCCL is not available in CuPy (pip install nvidia-nccl-cu12)" if reasons[0]
+        else "processes share a GPU, which NCCL does not allow"
     )
+    staged = MpiCommunicator(world.comm, backend)
+    return staged, f"distributed: {world.describe()}; {why}, so gradients are all-reduced by MPI through host copies"
 
 
 # -- the data-parallel step -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from cnn_backend.distributed import (
     MpiCommunicator,
     NcclCommunicator,
     SingleProcess,
+    bind_device,
     communicator_for_backend,
     world_communicator,
 )
@@ -142,8 +143,11 @@ def staged(world) -> dict:
         "broadcast": standin.to_numpy(shared).tolist(),
     }
     # A CUDA backend (a double: only the names the choice reads) with and without NCCL.
-    cuda = SimpleNamespace(name="cuda", xp=SimpleNamespace(cuda=SimpleNamespace(get_current_stream=lambda: SimpleNamespace(ptr=99))),
-                           synchronize=lambda: None)
+    runtime = SimpleNamespace(getDeviceCount=lambda: 2)
+    cuda = SimpleNamespace(
+        name="cuda", synchronize=lambda: None,
+        xp=SimpleNamespace(cuda=SimpleNamespace(get_current_stream=lambda: SimpleNamespace(ptr=99), runtime=runtime)),
+    )
     fallback, fallback_line = communicator_for_backend(world, cuda, nccl=SimpleNamespace(available=False))
     recording = RecordingNccl()
     nccl, nccl_line = communicator_for_backend(world, cuda, nccl=recording)
@@ -152,7 +156,10 @@ def staged(world) -> dict:
     nccl.broadcast(FakeDeviceArray(numpy.ones(2)), root=0)
     host = numpy.full(2, float(world.rank))
     nccl.allreduce_sum(host)  # host arrays go to MPI
+    runtime.getDeviceCount = lambda: 1  # both processes on one GPU: NCCL cannot have them
+    shared, shared_line = communicator_for_backend(world, cuda, nccl=RecordingNccl())
     result.update(
+        shared=type(shared).__name__, shared_line=shared_line,
         fallback=type(fallback).__name__, fallback_line=fallback_line, nccl=type(nccl).__name__, nccl_line=nccl_line,
         nccl_calls=[list(call) for call in recording.calls], scaled=array.host.tolist(), host_sum=host.tolist(),
     )
@@ -161,10 +168,11 @@ def staged(world) -> dict:
 
 def gpu(world) -> dict:
     backend = get_backend("cuda", "float64")
+    result = {"device": bind_device(backend, world.local_rank)}
     staged_communicator = MpiCommunicator(world.comm, backend)
     values = backend.to_device(numpy.arange(4.0) + 10.0 * world.rank)
     staged_communicator.allreduce_mean(values)
-    result = {"staged_mean": backend.to_numpy(values).tolist()}
+    result["staged_mean"] = backend.to_numpy(values).tolist()
     single = MpiCommunicator(world.comm.Split(world.rank, 0), backend)  # a one-rank NCCL group per GPU
     nccl = NcclCommunicator(single, backend)
     ones = backend.xp.ones(6, dtype=backend.xp.float32)
@@ -172,6 +180,14 @@ def gpu(world) -> dict:
     nccl.broadcast(ones)
     backend.synchronize()
     result["nccl_mean"] = backend.to_numpy(ones).tolist()
+    # Training on the GPU through the communicator chosen for it, against one CPU process.
+    communicator, result["line"] = communicator_for_backend(world, backend)
+    images, labels = load_fashion_mnist("train", "bundled")
+    model, _ = train(backend, communicator, images, labels)
+    if world.is_root:
+        reference, _ = train(get_backend("cpu", "float64"), SingleProcess(), images, labels)
+        weights, expected = model.state_dict(), reference.state_dict()
+        result["max_difference"] = max(float(numpy.abs(weights[k] - expected[k]).max()) for k in expected)
     return result
 
 

@@ -147,7 +147,10 @@ def test_the_distributed_path_takes_only_names_cupy_has():
 
     from cnn_backend.testing import _has_dotted
 
+    from cnn_backend.backend import cuda_nccl
+
     cupy = importlib.import_module("cupy")
+    assert isinstance(cuda_nccl().available, bool)  # imported here without CuPy's missing-library warning
     assert [name for name in CUDA_NAMES if not _has_dotted(cupy.cuda, name, "cupy.cuda")] == []
     # Without the NCCL library cupy.cuda.nccl holds only `available`; the names live in CuPy's
     # compiled binding, whose symbol table names every function and method it defines.
@@ -155,9 +158,6 @@ def test_the_distributed_path_takes_only_names_cupy_has():
     assert binding is not None and binding.origin, "CuPy's NCCL binding is missing"
     text = open(binding.origin, "rb").read()
     assert [name for name in NCCL_NAMES[1:] if name.encode() not in text] == []
-    from cnn_backend.backend import cuda_nccl
-
-    assert isinstance(cuda_nccl().available, bool)
 
 
 def test_the_workload_used_the_device(usage):

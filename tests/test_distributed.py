@@ -251,6 +251,17 @@ def test_device_arrays_are_staged_through_host_copies_and_nccl_is_chosen_when_av
     # on the current stream, scaled by 1/2 on the device, and a broadcast of 2 float64 values.
     assert result["nccl_calls"] == [["init", 2, [1, 2, 3], 0], ["allReduce", 5, 7, 0, 99], ["bcast", 2, 8, 0, 99]]
     assert result["scaled"] == [0.5] * 5 and result["host_sum"] == [1.0, 1.0]
+    assert result["shared"] == "MpiCommunicator" and "processes share a GPU" in result["shared_line"]
+
+
+@needs_mpi
+@pytest.mark.gpu
+def test_on_a_gpu_device_arrays_are_reduced_and_training_matches_one_cpu_process(tmp_path):
+    result = worker("gpu", tmp_path)
+    assert result["device"] == 0 or result["device"] == 1
+    assert result["staged_mean"] == [5.0, 6.0, 7.0, 8.0] and result["nccl_mean"] == [1.0] * 6
+    # float64 on the GPU against the CPU: the kernels' own summation orders, 20 Adam steps.
+    assert result["max_difference"] < 1e-6, result
 
 
 @pytest.fixture(scope="module")
