@@ -615,7 +615,10 @@ def _train_in_job(args, world) -> int:
             status, message, prefix = _failure(exc)
         except BaseException:  # not a known error: still one line, and the job must end
             status, message, prefix = EXIT_FAILED, f"{type(exc).__name__}: {exc}", "error: "
-        if status != EXIT_INTERRUPTED:
+        if status == EXIT_INTERRUPTED:  # every process was interrupted: rank 0 says so
+            if world.is_root:
+                _print_error(message, prefix)
+        else:
             if not world.is_root:
                 time.sleep(FAILURE_GRACE_SECONDS)
             _print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
