@@ -619,14 +619,19 @@ def _train_in_job(args, world) -> int:
             if world.is_root:
                 _print_error(message, prefix)
         else:
-            if not world.is_root:
-                time.sleep(FAILURE_GRACE_SECONDS)
+            _wait_for_rank_0(world, FAILURE_GRACE_SECONDS)
             _print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
+            world.abort(status)
     if status != EXIT_OK:
-        if not world.is_root:
-            time.sleep(INTERRUPT_GRACE_SECONDS if status == EXIT_INTERRUPTED else FAILURE_GRACE_SECONDS)
+        # Rank 0 has reported (a non-finite loss, Ctrl-C) and ends the job; the others give it time.
+        _wait_for_rank_0(world, INTERRUPT_GRACE_SECONDS if status == EXIT_INTERRUPTED else FAILURE_GRACE_SECONDS)
         world.abort(status)
     return status
+
+
+def _wait_for_rank_0(world, seconds: float) -> None:
+    if not world.is_root:
+        time.sleep(seconds)
 
 
 def _train(args, world) -> int:

@@ -39,6 +39,7 @@ def worker(steps: int) -> None:
     """One process of a measurement; rank 0 prints a JSON line."""
     import numpy
 
+    from cnn_backend.backend import get_backend
     from cnn_backend.data import BatchLoader, load_fashion_mnist
     from cnn_backend.distributed import GradientAverager, world_communicator
     from cnn_backend.layers import SoftmaxCrossEntropy
@@ -47,7 +48,7 @@ def worker(steps: int) -> None:
     from cnn_backend.training import train_step
 
     world = world_communicator()
-    backend = __import__("cnn_backend.backend", fromlist=["get_backend"]).get_backend("cpu", "float32")
+    backend = get_backend("cpu", "float32")
     images, labels = load_fashion_mnist("train", "bundled")
     model = default_cnn(backend, seed=0, dropout=0.4)
     optimizer = make_optimizer("adam", model.parameters(), backend, lr=2e-3)

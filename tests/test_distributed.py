@@ -318,19 +318,27 @@ def test_a_two_rank_checkpoint_resumes_exactly_in_two_processes_and_in_one(runs)
     assert validation_numbers(history(runs / "half-copy" / "history.jsonl")) == validation_numbers(history(runs / "one" / "history.jsonl"))
 
 
+#: runs the command line with rank 1's third training step replaced by FAULT (a Python statement)
 INJECT_ON_RANK_1 = (
-    "import os, sys\n"
+    "import math, os, signal, sys\n"
     "import cnn_backend.training as training\n"
     "original, calls = training.train_step, []\n"
     "def failing_step(*args):\n"
     "    calls.append(1)\n"
     "    if os.environ.get('PMI_RANK') == '1' and len(calls) == 3:\n"
-    "        raise RuntimeError('injected failure at step 3')\n"
+    "        FAULT\n"
     "    return original(*args)\n"
     "training.train_step = failing_step\n"
     "from cnn_backend.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
+
+
+def run_with_fault(fault: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    script = INJECT_ON_RANK_1.replace("FAULT", fault)
+    started = time.monotonic()
+    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *TRAIN_ARGS, "--epochs", "2", "--out", "run"], tmp_path, timeout=60)
+    return result, time.monotonic() - started
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -339,13 +347,30 @@ def error_lines(stderr: str) -> list[str]:
 
 @needs_mpi
 def test_an_exception_on_rank_1_ends_both_processes_with_one_line(tmp_path):
-    started = time.monotonic()
-    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", INJECT_ON_RANK_1, *TRAIN_ARGS, "--epochs", "2", "--out", "run"], tmp_path, timeout=60)
-    elapsed = time.monotonic() - started
+    result, elapsed = run_with_fault("raise RuntimeError('injected failure at step 3')", tmp_path)
     assert result.returncode != 0
     assert error_lines(result.stderr) == ["cnn-backend: error: rank 1 of 2: RuntimeError: injected failure at step 3"], result.stderr
     assert elapsed < 45
     assert "Traceback" not in result.stderr
+
+
+@needs_mpi
+def test_a_killed_process_ends_the_job(tmp_path):
+    result, elapsed = run_with_fault("os.kill(os.getpid(), signal.SIGKILL)", tmp_path)
+    assert result.returncode != 0 and elapsed < 45
+    assert not (tmp_path / "run" / "last.npz").exists()  # killed in epoch 1: no epoch finished
+
+
+@needs_mpi
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    # Rank 1's third batch loss is NaN: the all-reduced losses are NaN on every rank, so all stop
+    # there together, and rank 0 reports it as one process would.
+    result, elapsed = run_with_fault("loss, correct = original(*args); return loss * math.nan, correct", tmp_path)
+    assert result.returncode == 1 and elapsed < 45
+    assert error_lines(result.stderr) == [
+        "cnn-backend: error: the loss became non-finite at epoch 1, step 3: lower the learning rate (or check the "
+        "input data); parameters after this step are not usable; no epoch finished, so no checkpoint was written"
+    ], result.stderr
 
 
 @needs_mpi
