@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy
 
 from cnn_backend.augment import RandomCropFlip
-from cnn_backend.backend import get_backend
+from cnn_backend.backend import cuda_nccl, get_backend
 from cnn_backend.data import BatchLoader, load_fashion_mnist, prepare_images
 from cnn_backend.distributed import (
     MpiCommunicator,
@@ -173,13 +173,15 @@ def gpu(world) -> dict:
     values = backend.to_device(numpy.arange(4.0) + 10.0 * world.rank)
     staged_communicator.allreduce_mean(values)
     result["staged_mean"] = backend.to_numpy(values).tolist()
-    single = MpiCommunicator(world.comm.Split(world.rank, 0), backend)  # a one-rank NCCL group per GPU
-    nccl = NcclCommunicator(single, backend)
-    ones = backend.xp.ones(6, dtype=backend.xp.float32)
-    nccl.allreduce_mean(ones)
-    nccl.broadcast(ones)
-    backend.synchronize()
-    result["nccl_mean"] = backend.to_numpy(ones).tolist()
+    result["nccl_available"] = bool(cuda_nccl().available)
+    if result["nccl_available"]:
+        single = MpiCommunicator(world.comm.Split(world.rank, 0), backend)  # a one-rank NCCL group per process
+        nccl = NcclCommunicator(single, backend)
+        ones = backend.xp.ones(6, dtype=backend.xp.float32)
+        nccl.allreduce_mean(ones)
+        nccl.broadcast(ones)
+        backend.synchronize()
+        result["nccl_mean"] = backend.to_numpy(ones).tolist()
     # Training on the GPU through the communicator chosen for it, against one CPU process.
     communicator, result["line"] = communicator_for_backend(world, backend)
     images, labels = load_fashion_mnist("train", "bundled")

@@ -259,7 +259,11 @@ def test_device_arrays_are_staged_through_host_copies_and_nccl_is_chosen_when_av
 def test_on_a_gpu_device_arrays_are_reduced_and_training_matches_one_cpu_process(tmp_path):
     result = worker("gpu", tmp_path)
     assert result["device"] == 0 or result["device"] == 1
-    assert result["staged_mean"] == [5.0, 6.0, 7.0, 8.0] and result["nccl_mean"] == [1.0] * 6
+    assert result["staged_mean"] == [5.0, 6.0, 7.0, 8.0]
+    if result["nccl_available"]:  # else CuPy lacks the NCCL library (pip install nvidia-nccl-cu12)
+        assert result["nccl_mean"] == [1.0] * 6
+    # Two processes on one GPU: NCCL cannot have them, so the run stages through MPI and says so.
+    assert "gradients are all-reduced by MPI through host copies" in result["line"], result["line"]
     # float64 on the GPU against the CPU: the kernels' own summation orders, 20 Adam steps.
     assert result["max_difference"] < 1e-6, result
 
