@@ -168,7 +168,7 @@ def staged(world) -> dict:
 
 def gpu(world) -> dict:
     backend = get_backend("cuda", "float64")
-    result = {"device": bind_device(backend, world.local_rank)}
+    result = {"device": bind_device(backend, world.local_rank), "gpus": int(backend.xp.cuda.runtime.getDeviceCount())}
     staged_communicator = MpiCommunicator(world.comm, backend)
     values = backend.to_device(numpy.arange(4.0) + 10.0 * world.rank)
     staged_communicator.allreduce_mean(values)
