@@ -29,8 +29,9 @@ class RandomCropFlip:
         self.backend, self.padding, self.flip_probability, self.seed = backend, int(padding), float(flip_probability), int(seed)
         self.batch_share: tuple[int, int] | None = None
 
-    def set_batch_share(self, start: int, total: int) -> None:
-        self.batch_share = (int(start), int(total))
+    def set_batch_share(self, share: tuple[int, int] | None) -> None:
+        """``(start, total)``: the coming batches are samples ``start ..`` of global batches of ``total``."""
+        self.batch_share = share
 
     def config(self) -> dict:
         return {"padding": self.padding, "flip_probability": self.flip_probability, "seed": self.seed}

@@ -255,8 +255,14 @@ class Trainer:
         ``on_interval(steps_done, mean_loss_so_far, accuracy_so_far)`` is called once per log interval
         and after the last step.
         """
-        be, xp = self.model.backend, self.model.backend.xp
         self.model.train()
+        try:
+            return self._run_epoch(epoch, on_interval)
+        finally:
+            self._tell_share(None)  # batches outside this loop are whole batches again
+
+    def _run_epoch(self, epoch: int, on_interval) -> tuple[float, float, int]:
+        be, xp = self.model.backend, self.model.backend.xp
         steps_per_epoch = len(self.loader)
         pending, total_loss, total_correct, samples, step = [], 0.0, 0, 0, 0
         correct_acc = None
@@ -299,10 +305,13 @@ class Trainer:
         """This process's part of global batch ``index``, told to the layers and the augmentation."""
         share_of = getattr(self.loader, "share", None)
         share = share_of(index) if share_of is not None else BatchShare(0, count, count)
-        self.model.set_batch_share(share.start, share.total)
-        if self._share_augment is not None:
-            self._share_augment(share.start, share.total)
+        self._tell_share((share.start, share.total))
         return share
+
+    def _tell_share(self, share: tuple[int, int] | None) -> None:
+        self.model.set_batch_share(share)
+        if self._share_augment is not None:
+            self._share_augment(share)
 
 
 def _first_non_finite(values) -> int | None:

@@ -169,7 +169,7 @@ def test_dropout_and_augmentation_draw_for_the_global_batch_and_apply_this_share
     parts = []
     for start, stop in ((0, 2), (2, 6)):
         augment = RandomCropFlip(be, seed=2)
-        augment.set_batch_share(start, 6)
+        augment.set_batch_share((start, 6))
         parts.append(be.to_numpy(augment(images[start:stop], 1, 4)))
     assert numpy.array_equal(numpy.concatenate(parts), whole)
 
