@@ -23,7 +23,9 @@ from cnn_backend.distributed import (
     NcclCommunicator,
     SingleProcess,
     bind_device,
+    broadcast_parameters,
     communicator_for_backend,
+    flat_parameters,
     world_communicator,
 )
 from cnn_backend.model import default_cnn
@@ -142,6 +144,13 @@ def staged(world) -> dict:
         "same_array": same is values and is_device_array(values),
         "broadcast": standin.to_numpy(shared).tolist(),
     }
+    # Rank 1 starts from other parameters: it is given rank 0's, and rank 0 learns which rank differed.
+    model = default_cnn(standin, seed=world.rank)
+    replaced = broadcast_parameters(model, communicator)
+    flat = standin.to_numpy(flat_parameters(model))
+    result["replaced"], result["parameters_equal"] = replaced, bool((world.broadcast(flat.copy()) == flat).all())
+    result["equal_to_seed_0"] = bool((flat == standin.to_numpy(flat_parameters(default_cnn(standin, seed=0)))).all())
+
     # A CUDA backend (a double: only the names the choice reads) with and without NCCL.
     runtime = SimpleNamespace(getDeviceCount=lambda: 2)
     cuda = SimpleNamespace(

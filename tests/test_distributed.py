@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy
 import pytest
@@ -25,6 +26,7 @@ from cnn_backend.distributed import (
     DistributedSetupError,
     GradientAverager,
     SingleProcess,
+    average_buffers,
     device_index,
     launched_by_mpi,
     world_communicator,
@@ -207,6 +209,33 @@ def test_gradients_are_averaged_in_one_call_over_one_contiguous_device_buffer():
     GradientAverager(model, SingleProcess())()
 
 
+class HalvingCommunicator(SingleProcess):
+    """Two processes, the other one holding zeros: the mean halves every value."""
+
+    size = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def allreduce_mean(self, array):
+        self.calls += 1
+        array *= 0.5
+        return array
+
+
+def test_running_statistics_are_averaged_over_the_processes_in_one_call():
+    be = standin_backend("float64")
+    buffers = {"3.running_mean": be.to_device(numpy.arange(4.0)), "3.running_var": be.to_device(numpy.full((2, 3), 8.0))}
+    model = SimpleNamespace(backend=be, named_buffers=lambda: list(buffers.items()))
+    communicator = HalvingCommunicator()
+    average_buffers(model, communicator)
+    assert communicator.calls == 1
+    assert be.to_numpy(buffers["3.running_mean"]).tolist() == [0.0, 0.5, 1.0, 1.5]
+    assert be.to_numpy(buffers["3.running_var"]).tolist() == [[4.0] * 3] * 2
+    average_buffers(default_cnn(be, seed=0), communicator)  # a model without buffers: nothing to do
+    assert communicator.calls == 1
+
+
 # -- under mpiexec -n 2 ----------------------------------------------------------------------------
 
 
@@ -252,6 +281,7 @@ def test_device_arrays_are_staged_through_host_copies_and_nccl_is_chosen_when_av
     assert result["nccl_calls"] == [["init", 2, [1, 2, 3], 0], ["allReduce", 5, 7, 0, 99], ["bcast", 2, 8, 0, 99]]
     assert result["scaled"] == [0.5] * 5 and result["host_sum"] == [1.0, 1.0]
     assert result["shared"] == "MpiCommunicator" and "processes share a GPU" in result["shared_line"]
+    assert result["replaced"] == [1] and result["parameters_equal"] and result["equal_to_seed_0"]
 
 
 @needs_mpi
