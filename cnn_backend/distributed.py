@@ -20,6 +20,7 @@ step) and :func:`broadcast_parameters` (rank 0's initial parameters to every ran
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from typing import Any
@@ -90,14 +91,22 @@ class MpiCommunicator:
         self.backend = backend
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
-        # The processes sharing this machine's memory: their order gives each one its GPU.
+        # The processes sharing this machine's memory (a collective call): their order gives each
+        # one its GPU.
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self.name = "MPI"
 
+    def staging(self, backend) -> "MpiCommunicator":
+        """The same communicator, for device arrays of ``backend`` (through host copies). Not a
+        collective call: processes on different devices may make different ones."""
+        staged = copy.copy(self)
+        staged.backend = backend
+        return staged
+
     def describe(self) -> str:
-        library = self._mpi.Get_library_version().splitlines()[0].strip()
+        library = " ".join(self._mpi.Get_library_version().splitlines()[0].split())
         return f"{self.size} processes, MPI through mpi4py ({library})"
 
     def allreduce_sum(self, array):
@@ -260,32 +269,37 @@ def bind_device(backend, local_rank: int) -> int | None:
 def communicator_for_backend(world, backend, *, nccl=None):
     """The communicator for gradients living on ``backend``, and one line saying which it is.
 
-    Host backends (and the stand-in device) use ``world`` itself; a CUDA backend gets NCCL when
-    CuPy's NCCL binding is available, else MPI through host copies.
+    NCCL when every process runs on CUDA, CuPy's NCCL binding is available, and no two processes of a
+    machine share a GPU; otherwise MPI: on host arrays directly, on device arrays (a GPU, the stand-in
+    device) through host copies. The choice is made collectively, so all processes make the same one.
     """
     if world.size == 1:
         return world, "distributed: no (1 process)"
-    if backend.name != "cuda":
-        staged = world if backend.name == "cpu" else MpiCommunicator(world.comm, backend)
-        how = "host arrays" if backend.name == "cpu" else "device arrays staged through host copies"
-        return staged, f"distributed: {world.describe()}; gradients all-reduced by MPI on {how}"
-    nccl_module = cuda_nccl() if nccl is None else nccl
-    # Every process must make the same choice (NCCL's set-up is collective), so the reasons
-    # against NCCL are counted over the whole job.
-    reasons = numpy.array([
-        0.0 if getattr(nccl_module, "available", False) else 1.0,
-        1.0 if world.local_size > backend.xp.cuda.runtime.getDeviceCount() else 0.0,
+    on_cuda = backend.name == "cuda"
+    nccl_module = (cuda_nccl() if nccl is None else nccl) if on_cuda else None
+    votes = numpy.array([
+        1.0 if on_cuda else 0.0,
+        1.0 if on_cuda and not getattr(nccl_module, "available", False) else 0.0,
+        1.0 if on_cuda and world.local_size > backend.xp.cuda.runtime.getDeviceCount() else 0.0,
     ])
-    world.allreduce_sum(reasons)
-    if not reasons.any():
+    world.allreduce_sum(votes)
+    cuda_processes, without_nccl, sharing = (int(v) for v in votes)
+    if cuda_processes == world.size and not without_nccl and not sharing:
         communicator = NcclCommunicator(world, backend, nccl_module)
         return communicator, f"distributed: {communicator.describe()}"
-    why = (
-        "NCCL is not available in CuPy (pip install nvidia-nccl-cu12)" if reasons[0]
-        else "processes share a GPU, which NCCL does not allow"
-    )
-    staged = MpiCommunicator(world.comm, backend)
-    return staged, f"distributed: {world.describe()}; {why}, so gradients are all-reduced by MPI through host copies"
+    if backend.name == "cpu":
+        communicator, how = world, "on host arrays"
+    else:
+        communicator, how = world.staging(backend), "through host copies of the device arrays"
+    if cuda_processes == 0:
+        why = ""
+    elif cuda_processes < world.size:
+        why = " (not every process has a GPU)"
+    elif without_nccl:
+        why = " (NCCL is not available in CuPy: pip install nvidia-nccl-cu12)"
+    else:
+        why = " (processes share a GPU, which NCCL does not allow)"
+    return communicator, f"distributed: {world.describe()}; gradients all-reduced by MPI {how}{why}"
 
 
 # -- the data-parallel step -------------------------------------------------------------------------

@@ -165,6 +165,9 @@ def staged(world) -> dict:
     nccl.broadcast(FakeDeviceArray(numpy.ones(2)), root=0)
     host = numpy.full(2, float(world.rank))
     nccl.allreduce_sum(host)  # host arrays go to MPI
+    # Rank 0 on the CPU, rank 1 on a GPU (--device auto on unlike machines): MPI for both, no hang.
+    mixed, mixed_line = communicator_for_backend(world, get_backend("cpu") if world.is_root else cuda, nccl=RecordingNccl())
+    result["mixed_line"] = mixed_line
     runtime.getDeviceCount = lambda: 1  # both processes on one GPU: NCCL cannot have them
     shared, shared_line = communicator_for_backend(world, cuda, nccl=RecordingNccl())
     result.update(
@@ -178,7 +181,7 @@ def staged(world) -> dict:
 def gpu(world) -> dict:
     backend = get_backend("cuda", "float64")
     result = {"device": bind_device(backend, world.local_rank), "gpus": int(backend.xp.cuda.runtime.getDeviceCount())}
-    staged_communicator = MpiCommunicator(world.comm, backend)
+    staged_communicator = world.staging(backend)
     values = backend.to_device(numpy.arange(4.0) + 10.0 * world.rank)
     staged_communicator.allreduce_mean(values)
     result["staged_mean"] = backend.to_numpy(values).tolist()

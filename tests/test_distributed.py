@@ -64,10 +64,19 @@ def job_environment() -> dict:
 
 
 def run_job(command: list[str], cwd: Path, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group; past ``timeout`` the whole group is killed and the
+    test fails (a hang)."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
     try:
-        return subprocess.run(command, cwd=cwd, env=job_environment(), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(command)} did not finish within {timeout} s (a hang): {exc.stderr}")
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish within {timeout} s (a hang): {stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def cli(*args: str) -> list[str]:
@@ -273,7 +282,7 @@ def test_device_arrays_are_staged_through_host_copies_and_nccl_is_chosen_when_av
     result = worker("staged", tmp_path)
     assert result["mean"] == [5.0, 6.0, 7.0, 8.0] and result["same_array"]  # (0..3 + 10..13) / 2, in place
     assert result["broadcast"] == [1.0, 1.0, 1.0]  # rank 0's values
-    assert "device arrays staged through host copies" in result["line"]
+    assert result["line"].endswith("gradients all-reduced by MPI through host copies of the device arrays")
     assert result["fallback"] == "MpiCommunicator" and "NCCL is not available" in result["fallback_line"]
     assert result["nccl"] == "NcclCommunicator" and "NCCL on the GPUs" in result["nccl_line"]
     # Rendezvous through MPI: rank 0's id reached both; then one in-place sum of 5 float32 values
@@ -281,6 +290,7 @@ def test_device_arrays_are_staged_through_host_copies_and_nccl_is_chosen_when_av
     assert result["nccl_calls"] == [["init", 2, [1, 2, 3], 0], ["allReduce", 5, 7, 0, 99], ["bcast", 2, 8, 0, 99]]
     assert result["scaled"] == [0.5] * 5 and result["host_sum"] == [1.0, 1.0]
     assert result["shared"] == "MpiCommunicator" and "processes share a GPU" in result["shared_line"]
+    assert result["mixed_line"].endswith("on host arrays (not every process has a GPU)")
     assert result["replaced"] == [1] and result["parameters_equal"] and result["equal_to_seed_0"]
 
 
@@ -295,7 +305,7 @@ def test_on_a_gpu_device_arrays_are_reduced_and_training_matches_one_cpu_process
     if result["gpus"] >= 2 and result["nccl_available"]:
         assert "NCCL on the GPUs" in result["line"], result["line"]
     else:  # two processes on one GPU (NCCL cannot have them), or no NCCL: MPI through host copies
-        assert "gradients are all-reduced by MPI through host copies" in result["line"], result["line"]
+        assert "gradients all-reduced by MPI through host copies" in result["line"], result["line"]
     # float64 on the GPU against the CPU: the kernels' own summation orders, 20 Adam steps.
     assert result["max_difference"] < 1e-6, result
 
@@ -422,7 +432,10 @@ def test_a_batch_size_two_ranks_cannot_share_is_refused_in_one_line(tmp_path):
 @needs_mpi
 def test_ctrl_c_through_mpiexec_leaves_the_last_complete_checkpoint(tmp_path):
     command = on_two_ranks(*TRAIN_ARGS, "--train-split", ":160", "--epochs", "30", "--out", "run")
-    process = subprocess.Popen(command, cwd=tmp_path, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + JOB_TIMEOUT
         while not (tmp_path / "run" / "last.npz").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -432,7 +445,7 @@ def test_ctrl_c_through_mpiexec_leaves_the_last_complete_checkpoint(tmp_path):
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0
     assert "interrupted during epoch" in stderr or "Abort(130)" in stderr, stderr
     from cnn_backend.checkpoint import load_checkpoint
