@@ -18,8 +18,8 @@ import numpy
 
 from .data import BatchShare
 from .distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
-from .layers import SoftmaxCrossEntropy
-from .model import Sequential
+from .layers import NonFiniteLogitsError, ShapeError, SoftmaxCrossEntropy
+from .model import EVALUATION_BATCH_SIZE, Sequential
 from .optim import SCHEDULE_TYPES, ConstantSchedule, Optimizer
 
 # -- recipes ----------------------------------------------------------------------------------------
@@ -106,18 +106,16 @@ def schedule_from_config(config: dict) -> ConstantSchedule:
 # -- one step, evaluation ---------------------------------------------------------------------------
 
 
-#: samples per forward pass of the validation after each epoch; also the unit in which validation is
-#: shared among the processes of a data-parallel run
-VALIDATION_BATCH_SIZE = 250
-
-
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss (``step`` is None when the validation loss did)."""
 
-    def __init__(self, epoch: int, step: int) -> None:
+    def __init__(self, epoch: int, step: int | None) -> None:
+        if step is None:
+            where, after = f"the validation loss became non-finite after epoch {epoch}", "this epoch"
+        else:
+            where, after = f"the loss became non-finite at epoch {epoch}, step {step}", "this step"
         super().__init__(
-            f"the loss became non-finite at epoch {epoch}, step {step}: lower the learning rate "
-            "(or check the input data); parameters after this step are not usable"
+            f"{where}: lower the learning rate (or check the input data); parameters after {after} are not usable"
         )
         self.epoch, self.step = epoch, step
 
@@ -156,7 +154,8 @@ def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optim
 
 
 def evaluate(
-    model: Sequential, images, labels, batch_size: int = 1000, *, with_predictions: bool = False, communicator=None
+    model: Sequential, images, labels, batch_size: int = EVALUATION_BATCH_SIZE, *, with_predictions: bool = False,
+    communicator=None,
 ) -> dict:
     """Mean loss and accuracy of ``model`` on host ``images (N, 1, H, W)`` in [0, 1] and ``labels``.
 
@@ -171,30 +170,41 @@ def evaluate(
     communicator = communicator or SingleProcess()
     if with_predictions and communicator.size > 1:
         raise ValueError("evaluate: predictions are gathered by a single process only")
-    loss_fn = SoftmaxCrossEntropy(be)
+    labels = numpy.asarray(labels)
     starts = list(range(0, len(labels), batch_size))
     first, last = _chunk_range(len(starts), communicator.rank, communicator.size)
+    stop = starts[last] if last < len(starts) else len(labels)
+    begin = starts[first] if first < len(starts) else stop
     sums = xp.zeros((2, len(starts)), dtype=xp.float64)  # loss sum and correct count of each chunk
-    predictions = []
-    was_training = model.training
-    model.eval()
-    try:
+    predicted = None
+    if stop > begin or communicator.size == 1:
+        logits = model.predict_logits(images[begin:stop], batch_size)  # refuses empty or non-finite input
+        _check_labels(labels, logits.shape[1])
+        y = be.to_device(labels[begin:stop])
+        predicted = logits.argmax(axis=1)
+        # Values are checked once the chunks are combined, the same on every process.
+        loss_fn = SoftmaxCrossEntropy(be, check_inputs=False)
         for chunk in range(first, last):
-            window = slice(starts[chunk], starts[chunk] + batch_size)
-            y = be.to_device(labels[window])
-            logits = model.forward(images[window])
-            predicted = logits.argmax(axis=1)
-            sums[0, chunk] = loss_fn.forward(logits, y).astype(xp.float64) * float(len(y))
-            sums[1, chunk] = (predicted == y).sum()
-            if with_predictions:
-                predictions.append(predicted)
-    finally:
-        model.train(was_training)
+            window = slice(starts[chunk] - begin, min(starts[chunk] + batch_size, stop) - begin)
+            count = window.stop - window.start
+            sums[0, chunk] = loss_fn.forward(logits[window], y[window]).astype(xp.float64) * float(count)
+            sums[1, chunk] = (predicted[window] == y[window]).sum()
     host = be.to_numpy(communicator.allreduce_sum(sums.reshape(-1))).reshape(2, -1)
-    result = {"loss": float(host[0].sum()) / len(labels), "accuracy": float(host[1].sum()) / len(labels)}
+    loss_sum = float(host[0].sum())
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
+    result = {"loss": loss_sum / len(labels), "accuracy": float(host[1].sum()) / len(labels)}
     if with_predictions:
-        result["predictions"] = be.to_numpy(xp.concatenate(predictions))
+        result["predictions"] = be.to_numpy(predicted)
     return result
+
+
+def _check_labels(labels: numpy.ndarray, n_classes: int) -> None:
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ShapeError(
+            f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], "
+            f"got values from {int(labels.min())} to {int(labels.max())}"
+        )
 
 
 def _chunk_range(n_chunks: int, rank: int, size: int) -> tuple[int, int]:
@@ -334,14 +344,15 @@ def fit(
     on_interval: Callable[[int, float, float], None] | None = None,
     log_every: int = 50,
     communicator=None,
-    validation_batch_size: int = VALIDATION_BATCH_SIZE,
+    validation_batch_size: int = EVALUATION_BATCH_SIZE,
 ) -> list[EpochStats]:
     """Train for epochs ``start_epoch .. epochs``; returns one :class:`EpochStats` per epoch.
 
     ``validation`` is ``(images, labels)`` on the host (images as
     :func:`cnn_backend.data.prepare_images` returns them), evaluated after every epoch. ``on_epoch_start(epoch)`` runs before an epoch's first step,
     ``on_epoch_end(stats)`` after its validation. ``communicator``: see :class:`Trainer`; validation
-    is then shared among the processes too.
+    is then shared among the processes too, in chunks of ``validation_batch_size`` images (the
+    samples per forward pass).
     """
     trainer = Trainer(
         model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every, communicator=communicator
@@ -354,10 +365,16 @@ def fit(
         train_loss, train_accuracy, samples = trainer.run_epoch(epoch, on_interval)
         model.backend.synchronize()
         seconds = time.perf_counter() - started
-        val = (
-            evaluate(model, *validation, validation_batch_size, communicator=trainer.communicator)
-            if validation is not None else {"loss": None, "accuracy": None}
-        )
+        try:
+            val = (
+                evaluate(model, *validation, validation_batch_size, communicator=trainer.communicator)
+                if validation is not None else {"loss": None, "accuracy": None}
+            )
+        except NonFiniteLogitsError:
+            val = {"loss": math.nan}
+        if val["loss"] is not None and not math.isfinite(val["loss"]):
+            # Diverged weights (the last update overflowed): never a result, let alone the best one.
+            raise NonFiniteLossError(epoch, None)
         stats = EpochStats(
             epoch, train_loss, train_accuracy, val["loss"], val["accuracy"], optimizer.lr, seconds, samples / seconds
         )
