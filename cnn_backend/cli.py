@@ -91,7 +91,7 @@ GENERAL_DEFAULTS = {"seed": 0, "dtype": "float32", "data": "auto"}
 #: and display options are chosen afresh by each invocation.
 SETTING_NAMES = (
     "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-    "dropout", "augment", "seed", "dtype", "data", "train_split", "val_split",
+    "dropout", "augment", "label_smoothing", "seed", "dtype", "data", "train_split", "val_split",
 )
 #: the training/validation split of a full 60,000-image training set
 FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
@@ -246,6 +246,9 @@ def _add_train_command(commands) -> None:
                               f"(default: {recipe_default('weight_decay')})")
     optimisation.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the run: constant; step (x0.1 every "
                               f"ceil(epochs/3) epochs); cosine decay to 0 (default: {recipe_default('schedule')})")
+    optimisation.add_argument("--label-smoothing", type=_fraction, metavar="EPSILON", help="train against targets "
+                              "(1 - EPSILON) one-hot + EPSILON / classes, in [0, 1); validation reports the plain loss "
+                              f"(default: {recipe_default('label_smoothing')})")
     optimisation.add_argument("--seed", type=_non_negative_int, help="seeds the initial weights, the batch order and dropout (default: 0)")
 
     run = train.add_argument_group("run")
@@ -799,6 +802,7 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
                 augment=make_augmentation(settings["augment"], backend, settings["seed"]),
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
                 on_epoch_end=epoch_finished, log_every=args.log_every, communicator=communicator,
+                label_smoothing=settings["label_smoothing"],
             )
         training_seconds = time.perf_counter() - started
         if folder is None:
@@ -852,6 +856,7 @@ def _describe_settings(settings: dict) -> str:
         f"{settings['epochs']} epochs, seed {settings['seed']}, {settings['dtype']}"
     )
     text += f", dropout {settings['dropout']:g}" if settings["dropout"] else ""
+    text += f", label smoothing {settings['label_smoothing']:g}" if settings["label_smoothing"] else ""
     return text + (f", augment {settings['augment']}" if settings["augment"] != "none" else "")
 
 

@@ -489,18 +489,29 @@ def log_softmax(be: Backend, logits):
     return shifted - be.xp.log(be.xp.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def softmax_cross_entropy(be: Backend, logits, labels):
+def softmax_cross_entropy(be: Backend, logits, labels, label_smoothing: float = 0.0):
     """Mean cross-entropy of integer ``labels`` under ``softmax(logits)`` and its gradient.
 
     Returns ``(loss, dlogits)`` with ``loss`` a 0-d device array (reading it synchronises the
-    device, so callers decide when) and ``dlogits = (softmax(logits) - onehot(labels)) / N``.
+    device, so callers decide when) and ``dlogits = (softmax(logits) - target) / N``.
+
+    ``label_smoothing`` ``e`` (as in PyTorch's ``CrossEntropyLoss``) mixes the one-hot target with
+    the uniform distribution over the ``K`` classes: ``target = (1 - e) onehot + e / K``, so the loss
+    is ``(1 - e) * CE + e * mean_k(-log p_k)``; 0 gives the plain cross-entropy.
     """
     xp = be.xp
-    n = logits.shape[0]
+    n, n_classes = logits.shape
     log_probs = log_softmax(be, logits)
     rows = xp.arange(n)
-    loss = -log_probs[rows, labels].mean()
+    smoothing = float(label_smoothing)
+    picked = log_probs[rows, labels]
+    if smoothing:
+        loss = -((1.0 - smoothing) * picked + smoothing * log_probs.mean(axis=1)).mean()
+    else:
+        loss = -picked.mean()
     dlogits = xp.exp(log_probs)
-    dlogits[rows, labels] -= 1
+    dlogits[rows, labels] -= 1.0 - smoothing
+    if smoothing:
+        dlogits -= smoothing / n_classes
     dlogits *= 1.0 / n
     return loss, dlogits

@@ -40,6 +40,7 @@ RECIPES: dict[str, dict] = {
         "epochs": 20,
         "dropout": 0.0,
         "augment": "none",
+        "label_smoothing": 0.0,
         "train_split": ":5000",
         "val_split": "5000:10000",
     },
@@ -56,6 +57,7 @@ RECIPES: dict[str, dict] = {
         "epochs": 10,
         "dropout": 0.4,
         "augment": "none",
+        "label_smoothing": 0.0,
         "train_split": None,
         "val_split": None,
     },
@@ -222,7 +224,9 @@ class Trainer:
 
     ``loader`` provides ``len(loader)`` batches per epoch and ``loader.epoch(index)`` yielding device
     ``(x, y)`` batches; ``schedule(step)`` gives the learning rate of each global step;
-    ``augment(x, epoch, step)``, when given, transforms each training batch on the device.
+    ``augment(x, epoch, step)``, when given, transforms each training batch on the device;
+    ``label_smoothing`` is that of the training loss (:class:`SoftmaxCrossEntropy`; validation
+    always reports the plain cross-entropy).
 
     ``communicator`` (:mod:`cnn_backend.distributed`) makes the run data-parallel: the model starts
     from rank 0's parameters, the loader yields this process's share of each global batch
@@ -241,6 +245,7 @@ class Trainer:
         augment: Callable | None = None,
         log_every: int = 50,
         communicator=None,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.schedule = schedule or ConstantSchedule(optimizer.lr)
@@ -255,7 +260,7 @@ class Trainer:
                 "es" if len(replaced) > 1 else "", ", ".join(map(str, replaced)),
             )
         # Labels were validated on the host by the loader: skip the per-step device syncs.
-        self.loss_fn = SoftmaxCrossEntropy(model.backend, check_inputs=False)
+        self.loss_fn = SoftmaxCrossEntropy(model.backend, check_inputs=False, label_smoothing=label_smoothing)
         # Augmentations that draw per sample learn which part of each global batch they get.
         self._share_augment = getattr(augment, "set_batch_share", None)
 
@@ -345,6 +350,7 @@ def fit(
     log_every: int = 50,
     communicator=None,
     validation_batch_size: int = EVALUATION_BATCH_SIZE,
+    label_smoothing: float = 0.0,
 ) -> list[EpochStats]:
     """Train for epochs ``start_epoch .. epochs``; returns one :class:`EpochStats` per epoch.
 
@@ -352,10 +358,11 @@ def fit(
     :func:`cnn_backend.data.prepare_images` returns them), evaluated after every epoch. ``on_epoch_start(epoch)`` runs before an epoch's first step,
     ``on_epoch_end(stats)`` after its validation. ``communicator``: see :class:`Trainer`; validation
     is then shared among the processes too, in chunks of ``validation_batch_size`` images (the
-    samples per forward pass).
+    samples per forward pass). ``label_smoothing``: that of the training loss (see :class:`Trainer`).
     """
     trainer = Trainer(
-        model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every, communicator=communicator
+        model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every, communicator=communicator,
+        label_smoothing=label_smoothing,
     )
     history: list[EpochStats] = []
     for epoch in range(start_epoch, epochs + 1):

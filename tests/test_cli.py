@@ -97,8 +97,9 @@ def test_train_writes_history_checkpoints_and_plots(trained):
 
 @pytest.mark.parametrize(
     "optimizer",
-    [["--optimizer", "sgd", "--momentum", "0.9"], ["--optimizer", "adam"], ["--optimizer", "sgd", "--augment", "crop-flip"]],
-    ids=["sgd-momentum", "adam", "sgd-augmented"],
+    [["--optimizer", "sgd", "--momentum", "0.9"], ["--optimizer", "adam"], ["--optimizer", "sgd", "--augment", "crop-flip"],
+     ["--optimizer", "sgd", "--label-smoothing", "0.2"]],
+    ids=["sgd-momentum", "adam", "sgd-augmented", "sgd-label-smoothing"],
 )
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, optimizer):
     options = [*SMALL, *optimizer, "--weight-decay", "1e-3", "--no-plots"]
@@ -369,3 +370,21 @@ def test_augmentation_changes_training_and_is_recorded(tmp_path):
     assert load_checkpoint(tmp_path / "augmented" / "last.npz").settings["augment"] == "crop-flip"
     plain, shifted = parameters(tmp_path / "plain" / "last.npz"), parameters(tmp_path / "augmented" / "last.npz")
     assert not numpy.array_equal(plain["param/0.weight"], shifted["param/0.weight"])
+
+
+def test_label_smoothing_changes_training_and_is_recorded(tmp_path):
+    options = [*SMALL, "--epochs", 1, "--no-plots"]
+    assert cli("train", *options, "--out", "plain", cwd=tmp_path).returncode == 0
+    smoothed = cli("train", *options, "--label-smoothing", "0.1", "--out", "smoothed", cwd=tmp_path)
+    assert smoothed.returncode == 0, smoothed.stderr
+    assert "label smoothing 0.1" in smoothed.stdout
+    assert load_checkpoint(tmp_path / "smoothed" / "last.npz").settings["label_smoothing"] == 0.1
+    assert load_checkpoint(tmp_path / "plain" / "last.npz").settings["label_smoothing"] == 0.0
+    plain, changed = parameters(tmp_path / "plain" / "last.npz"), parameters(tmp_path / "smoothed" / "last.npz")
+    assert not numpy.array_equal(plain["param/0.weight"], changed["param/0.weight"])
+
+
+def test_label_smoothing_outside_0_1_is_a_usage_error(tmp_path):
+    result = cli("train", *SMALL, "--label-smoothing", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --label-smoothing: must be in [0, 1), got '1'" in result.stderr

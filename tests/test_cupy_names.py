@@ -144,7 +144,7 @@ def run_workload(tmp_path) -> DeviceUsage:
     from cnn_backend.spec import build_model
 
     resnet = build_model(Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml", (1, 28, 28), be, seed=0)
-    train_step(resnet, SoftmaxCrossEntropy(be), Adam(resnet.parameters(), lr=1e-3, backend=be), x, y)
+    train_step(resnet, SoftmaxCrossEntropy(be, label_smoothing=0.1), Adam(resnet.parameters(), lr=1e-3, backend=be), x, y)
     evaluate(resnet, *validation, batch_size=3)
     resnet.summary()
     Sequential.load(resnet.save(tmp_path / "resnet.npz"), be).to(be.with_dtype("float32"))

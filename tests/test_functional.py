@@ -291,6 +291,20 @@ def test_softmax_cross_entropy_gradient_check(make_backend):
     numpy.testing.assert_allclose(to_host(be, dlogits), numerical_gradient(loss, logits.copy()), rtol=1e-6, atol=1e-8)
 
 
+def test_label_smoothed_cross_entropy_gradient_check(make_backend):
+    be = make_backend("float64")
+    rng = numpy.random.default_rng(1)
+    logits = rng.standard_normal((6, 5)) * 3
+    labels = numpy.array([0, 4, 2, 2, 1, 3])
+
+    def loss(logits_):
+        value = F.softmax_cross_entropy(be, be.to_device(logits_), be.to_device(labels), label_smoothing=0.2)[0]
+        return float(to_host(be, value))
+
+    _, dlogits = F.softmax_cross_entropy(be, be.to_device(logits), be.to_device(labels), label_smoothing=0.2)
+    numpy.testing.assert_allclose(to_host(be, dlogits), numerical_gradient(loss, logits.copy()), rtol=1e-6, atol=1e-8)
+
+
 # --------------------------------------------------------------------------------------------------
 # Max pooling
 # --------------------------------------------------------------------------------------------------

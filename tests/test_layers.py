@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy
 import pytest
 
@@ -230,6 +232,36 @@ def test_softmax_cross_entropy_value_and_gradient():
     numpy.testing.assert_allclose(loss_fn.backward(), expected_grad, rtol=1e-12)
     numeric = numerical_gradient(lambda: float(loss_fn.forward(logits, labels)), logits)
     numpy.testing.assert_allclose(expected_grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_label_smoothing_matches_a_hand_computed_value():
+    # logits (0, ln 2, ln 5) give probabilities (1/8, 2/8, 5/8); with label 0 and smoothing 0.3 over
+    # 3 classes the target is (0.8, 0.1, 0.1), so the loss is -(0.8 ln 1/8 + 0.1 ln 2/8 + 0.1 ln 5/8).
+    logits = numpy.array([[0.0, math.log(2.0), math.log(5.0)]])
+    loss_fn = SoftmaxCrossEntropy(CPU64, label_smoothing=0.3)
+    expected = -(0.8 * math.log(1 / 8) + 0.1 * math.log(2 / 8) + 0.1 * math.log(5 / 8))
+    assert float(loss_fn.forward(logits, numpy.array([0]))) == pytest.approx(expected, rel=1e-12)
+    numpy.testing.assert_allclose(loss_fn.backward(), [[1 / 8 - 0.8, 2 / 8 - 0.1, 5 / 8 - 0.1]], rtol=1e-12)
+
+
+def test_label_smoothing_agrees_with_torch():
+    torch = pytest.importorskip("torch")
+    rng = numpy.random.default_rng(3)
+    logits = rng.standard_normal((7, 10)) * 2
+    labels = rng.integers(0, 10, size=7)
+    loss_fn = SoftmaxCrossEntropy(CPU64, label_smoothing=0.1)
+    loss = float(loss_fn.forward(logits, labels))
+    reference = torch.tensor(logits, requires_grad=True)
+    torch_loss = torch.nn.functional.cross_entropy(reference, torch.tensor(labels), label_smoothing=0.1)
+    torch_loss.backward()
+    assert loss == pytest.approx(torch_loss.item(), rel=1e-12)
+    numpy.testing.assert_allclose(loss_fn.backward(), reference.grad.numpy(), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, "0.1", True, float("nan")])
+def test_label_smoothing_outside_0_1_is_refused(value):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\), got"):
+        SoftmaxCrossEntropy(CPU64, label_smoothing=value)
 
 
 def test_softmax_cross_entropy_is_stable_for_huge_logits():

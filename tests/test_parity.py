@@ -209,12 +209,14 @@ def test_dropout_in_evaluation_is_the_identity_on_the_device(device_under_test, 
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_cross_entropy_matches_cpu(device_under_test, dtype):
+def test_softmax_cross_entropy_matches_cpu(device_under_test, dtype, label_smoothing):
     cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
     logits = host_normal((16, 10), dtype) * 4
     labels = numpy.random.default_rng(5).integers(0, 10, size=16)
-    cpu_loss_fn, device_loss_fn = SoftmaxCrossEntropy(cpu), SoftmaxCrossEntropy(device)
+    cpu_loss_fn = SoftmaxCrossEntropy(cpu, label_smoothing=label_smoothing)
+    device_loss_fn = SoftmaxCrossEntropy(device, label_smoothing=label_smoothing)
     cpu_loss = cpu_loss_fn.forward(cpu.to_device(logits), cpu.to_device(labels))
     device_loss = device_loss_fn.forward(device.to_device(logits), device.to_device(labels))
     # The loss stays a 0-d device array: reading it is the caller's (synchronising) choice.

@@ -268,10 +268,11 @@ def test_a_training_step_runs_on_the_standin_as_on_the_cpu(standin, build, algor
         numpy.testing.assert_array_equal(param, cpu_param)
 
 
-def test_a_training_step_reads_nothing_back_from_the_device(standin):
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_a_training_step_reads_nothing_back_from_the_device(standin, label_smoothing):
     model = seed_cnn(standin, seed=0)
     optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4, backend=standin)
-    loss_fn = SoftmaxCrossEntropy(standin, check_inputs=False)
+    loss_fn = SoftmaxCrossEntropy(standin, check_inputs=False, label_smoothing=label_smoothing)
     x, y = (standin.to_device(a) for a in host_batch())
     standin.usage.reset_counters()
     for _ in range(3):
