@@ -279,6 +279,8 @@ def _add_evaluate_command(commands) -> None:
     evaluate_parser.add_argument("--dtype", choices=DTYPES, help="(default: the checkpoint's)")
     evaluate_parser.add_argument("--batch-size", type=_positive_int, default=EVALUATION_BATCH_SIZE, help="samples per forward pass "
                                  f"(default: {EVALUATION_BATCH_SIZE})")
+    evaluate_parser.add_argument("--flip-average", action="store_true", help="also score the mean of the logits of each "
+                                 "image and its left-right mirror, reported beside the plain figures (twice the work)")
     evaluate_parser.add_argument("--json", type=Path, metavar="PATH", help="report file (default: <checkpoint>-<split>-evaluation.json beside the checkpoint)")
     evaluate_parser.set_defaults(handler=run_evaluate)
 
@@ -922,9 +924,16 @@ def run_evaluate(args) -> int:
         "loss": scores["loss"],
         **report,
     }
+    if args.flip_average:
+        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            flipped = evaluate(model, prepare_images(images[window], backend.dtype), labels[window], args.batch_size, flip_average=True)
+        document["flip_average"] = {"accuracy": flipped["accuracy"], "loss": flipped["loss"]}
     _say("")
     _say(format_report(report))
     _say(f"loss {scores['loss']:.4f}")
+    if args.flip_average:
+        _say(f"flip-averaged: accuracy {flipped['accuracy']:.4f}, loss {flipped['loss']:.4f} "
+             f"(without: accuracy {scores['accuracy']:.4f}, loss {scores['loss']:.4f})")
     json_path = args.json or checkpoint.path.with_name(f"{checkpoint.path.stem}-{args.split}-evaluation.json")
     try:
         write_json(json_path, document)

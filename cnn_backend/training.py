@@ -157,11 +157,13 @@ def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optim
 
 def evaluate(
     model: Sequential, images, labels, batch_size: int = EVALUATION_BATCH_SIZE, *, with_predictions: bool = False,
-    communicator=None,
+    communicator=None, flip_average: bool = False,
 ) -> dict:
     """Mean loss and accuracy of ``model`` on host ``images (N, 1, H, W)`` in [0, 1] and ``labels``.
 
     ``with_predictions`` adds the predicted classes (host array) under ``"predictions"``.
+    ``flip_average`` scores the mean of the logits of each image and of its left-right mirror (a
+    test-time use of the flips that crop-flip augmentation trains on; it doubles the work).
 
     The set is evaluated in chunks of ``batch_size``; each chunk's loss sum and correct count are kept
     apart and added on the host in float64, in chunk order. With a ``communicator`` the chunks are
@@ -181,6 +183,9 @@ def evaluate(
     predicted = None
     if stop > begin or communicator.size == 1:
         logits = model.predict_logits(images[begin:stop], batch_size)  # refuses empty or non-finite input
+        if flip_average:
+            mirrored = numpy.ascontiguousarray(numpy.asarray(images[begin:stop])[..., ::-1])
+            logits = (logits + model.predict_logits(mirrored, batch_size)) * 0.5
         _check_labels(labels, logits.shape[1])
         y = be.to_device(labels[begin:stop])
         predicted = logits.argmax(axis=1)

@@ -185,6 +185,18 @@ def test_evaluate_prints_the_table_and_writes_a_consistent_report(trained, tmp_p
     assert [row["name"] for row in report["per_class"]][0] == "T-shirt/top"
 
 
+def test_evaluate_reports_flip_averaging_beside_the_plain_figures(trained, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = cli("evaluate", trained / "best.npz", "--device", "cpu", "--flip-average", "--json", report_path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    plain = load_checkpoint(trained / "best.npz").best["val_accuracy"]
+    assert report["accuracy"] == pytest.approx(plain)  # the headline figure stays the plain one
+    flipped = report["flip_average"]
+    assert 0.0 <= flipped["accuracy"] <= 1.0 and flipped["loss"] > 0
+    assert f"flip-averaged: accuracy {flipped['accuracy']:.4f}, loss {flipped['loss']:.4f} (without: accuracy {plain:.4f}" in result.stdout
+
+
 def test_scripts_train_is_the_train_command(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train.py"), "--help"], env=_env(), capture_output=True, text=True, timeout=60,

@@ -145,7 +145,7 @@ def run_workload(tmp_path) -> DeviceUsage:
 
     resnet = build_model(Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml", (1, 28, 28), be, seed=0)
     train_step(resnet, SoftmaxCrossEntropy(be, label_smoothing=0.1), Adam(resnet.parameters(), lr=1e-3, backend=be), x, y)
-    evaluate(resnet, *validation, batch_size=3)
+    evaluate(resnet, *validation, batch_size=3, flip_average=True)
     resnet.summary()
     Sequential.load(resnet.save(tmp_path / "resnet.npz"), be).to(be.with_dtype("float32"))
 

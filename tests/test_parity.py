@@ -225,6 +225,18 @@ def test_softmax_cross_entropy_matches_cpu(device_under_test, dtype, label_smoot
     assert_device_matches(device_loss_fn.backward(), cpu_loss_fn.backward(), device, cpu, dtype, 10)
 
 
+def test_flip_averaged_evaluation_matches_cpu(device_under_test):
+    from cnn_backend.training import evaluate
+
+    cpu, device = get_backend("cpu", "float64"), device_under_test("float64")
+    images = numpy.random.default_rng(6).random((12, 1, 28, 28))
+    labels = numpy.random.default_rng(7).integers(0, 10, size=12)
+    cpu_scores = evaluate(default_cnn(cpu, seed=2), images, labels, 5, flip_average=True)
+    device_scores = evaluate(default_cnn(device, seed=2), images, labels, 5, flip_average=True)
+    assert device_scores["accuracy"] == cpu_scores["accuracy"]
+    assert device_scores["loss"] == pytest.approx(cpu_scores["loss"], rel=1e-9)
+
+
 # --------------------------------------------------------------------------------------------------
 # Optimisers
 # --------------------------------------------------------------------------------------------------

@@ -318,6 +318,8 @@ def test_evaluate_and_predict_on_the_standin(standin):
     cpu_model, model = seed_cnn("cpu", seed=1), seed_cnn(standin, seed=1)
     scores = evaluate(model, x, labels, batch_size=10)
     assert isinstance(scores["loss"], float) and scores == evaluate(cpu_model, x, labels, batch_size=10)
+    flipped = evaluate(model, x, labels, batch_size=10, flip_average=True)
+    assert flipped == evaluate(cpu_model, x, labels, batch_size=10, flip_average=True)
     predictions = model.predict(x, batch_size=10)
     assert type(predictions) is numpy.ndarray
     numpy.testing.assert_array_equal(predictions, cpu_model.predict(x))

@@ -112,6 +112,23 @@ def test_evaluate_returns_loss_accuracy_and_predictions(fashion):
     assert numpy.isfinite(result["loss"])
 
 
+def test_flip_average_scores_the_mean_logits_of_each_image_and_its_mirror(fashion):
+    _, (val_x, val_y) = fashion
+    model = seed_cnn(get_backend("cpu", "float64"), seed=0)
+    images = prepare_images(val_x, numpy.float64)
+    result = evaluate(model, images, val_y, batch_size=128, with_predictions=True, flip_average=True)
+    logits = (model.predict_logits(images) + model.predict_logits(numpy.ascontiguousarray(images[..., ::-1]))) / 2
+    assert numpy.array_equal(result["predictions"], logits.argmax(axis=1))
+    log_probs = logits - logits.max(axis=1, keepdims=True)
+    log_probs -= numpy.log(numpy.exp(log_probs).sum(axis=1, keepdims=True))
+    assert result["loss"] == pytest.approx(-log_probs[numpy.arange(len(val_y)), val_y].mean(), rel=1e-10)
+    plain = evaluate(model, images, val_y, batch_size=128)
+    assert plain["loss"] != pytest.approx(result["loss"], rel=1e-6)
+    # A mirror-symmetric set scores the same with and without flips.
+    symmetric = (images + images[..., ::-1]) / 2
+    assert evaluate(model, symmetric, val_y, 100, flip_average=True) == pytest.approx(evaluate(model, symmetric, val_y, 100))
+
+
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_schedules_round_trip_through_their_config(name):
     config = schedule_for_run(name, 0.1, epochs=6, steps_per_epoch=10)
