@@ -230,11 +230,15 @@ def conv2d_forward(
     raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {', '.join(CONV_ALGORITHMS)}")
 
 
-def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True):
-    """Gradients ``(dx, dweight, dbias)`` of :func:`conv2d_forward`; ``dx`` is None when not needed."""
+def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True, grad_out=(None, None)):
+    """Gradients ``(dx, dweight, dbias)`` of :func:`conv2d_forward`; ``dx`` is None when not needed.
+
+    ``grad_out``: optional ``(dweight, dbias)`` arrays to write the parameter gradients into (views
+    of a flat gradient buffer); the gemm path fills them and returns them, saving a copy each.
+    """
     algorithm = cache[0]
     if algorithm == "gemm":
-        return _conv2d_backward_gemm(be, dy, cache, need_input_grad)
+        return _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out)
     return _conv2d_backward_signal(be, dy, cache, need_input_grad)
 
 
@@ -256,7 +260,7 @@ def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
     return nchw_view(y.reshape(n_filters, out_h, out_w, n)), ("gemm", x.shape, weight, cols_2d, stride, padding)
 
 
-def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
+def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None)):
     xp = be.xp
     _, x_shape, weight, cols_2d, stride, padding = cache
     n_filters, channels, kernel_h, kernel_w = weight.shape
@@ -270,8 +274,15 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
         d_weight_and_bias = (cols_2d @ dy_2d.T).T
     else:
         d_weight_and_bias = dy_2d @ cols_2d.T
-    dweight = xp.ascontiguousarray(d_weight_and_bias[:, :-1]).reshape(weight.shape)
-    dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
+    dweight, dbias = grad_out
+    if dweight is None:
+        dweight = xp.ascontiguousarray(d_weight_and_bias[:, :-1]).reshape(weight.shape)
+    else:
+        dweight.reshape(n_filters, -1)[...] = d_weight_and_bias[:, :-1]
+    if dbias is None:
+        dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
+    else:
+        dbias[...] = d_weight_and_bias[:, -1]
     dx = None
     if need_input_grad:
         dcols = weight.reshape(n_filters, -1).T @ dy_2d

@@ -10,20 +10,11 @@ from __future__ import annotations
 from . import functional as F
 from .backend import Backend, cpu_backend, get_backend
 from .init import initial_weight, make_rng
+from .parameters import Parameter
 
 
 class ShapeError(ValueError):
     """An input whose shape, dtype or values a layer cannot take."""
-
-
-class Parameter:
-    """A trainable array and its gradient (filled by the owning layer's ``backward``)."""
-
-    __slots__ = ("data", "grad")
-
-    def __init__(self, data):
-        self.data = data
-        self.grad = None
 
 
 class Layer:
@@ -39,8 +30,12 @@ class Layer:
         self.needs_input_grad = True
 
     def to(self, backend: Backend) -> "Layer":
-        """Move parameters to ``backend`` (cast to its dtype) and compute there from now on."""
+        """Move parameters to ``backend`` (cast to its dtype) and compute there from now on.
+
+        Parameters leave the model's flat buffer; :meth:`Sequential.to` builds a new one.
+        """
         for param in self.params.values():
+            param.detach_from_flat()
             host = self.backend.to_numpy(param.data)
             param.data = backend.to_device(host.astype(backend.dtype))
             param.grad = None
@@ -150,9 +145,10 @@ class Convolution(Layer):
         return y
 
     def backward(self, dy):
-        dx, dweight, dbias = F.conv2d_backward(self.backend, dy, self._cache, self.needs_input_grad)
-        self.params["weight"].grad = dweight
-        self.params["bias"].grad = dbias
+        weight, bias = self.params["weight"], self.params["bias"]
+        dx, weight.grad, bias.grad = F.conv2d_backward(
+            self.backend, dy, self._cache, self.needs_input_grad, grad_out=(weight.grad_view, bias.grad_view)
+        )
         self._cache = None
         return dx
 
@@ -294,8 +290,11 @@ class FullyConnected(Layer):
         return x @ self.params["weight"].data + self.params["bias"].data
 
     def backward(self, dy):
-        self.params["weight"].grad = self._x.T @ dy
-        self.params["bias"].grad = dy.sum(axis=0)
+        xp = self.backend.xp
+        weight, bias = self.params["weight"], self.params["bias"]
+        # Written straight into the flat gradient buffer when the model has one (out=None allocates).
+        weight.grad = xp.matmul(self._x.T, dy, out=weight.grad_view)
+        bias.grad = xp.sum(dy, axis=0, out=bias.grad_view)
         x, self._x = self._x, None
         if not self.needs_input_grad:
             return None

@@ -10,7 +10,8 @@ from typing import Iterable
 from .backend import Backend, get_backend
 from .init import make_rng
 from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
-from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, Parameter, ReLU
+from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU
+from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
 
@@ -28,6 +29,8 @@ class Sequential:
                 layer.to(self.backend)
         self.layers[0].needs_input_grad = False
         self.training = True
+        self._flat: FlatParameters | None = None
+        self.flatten_parameters()
 
     # -- device and mode ----------------------------------------------------------------------------
 
@@ -36,6 +39,7 @@ class Sequential:
         self.backend = get_backend(backend)
         for layer in self.layers:
             layer.to(self.backend)
+        self.flatten_parameters()
         return self
 
     def train(self, mode: bool = True) -> "Sequential":
@@ -88,6 +92,37 @@ class Sequential:
 
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
+
+    def flatten_parameters(self) -> None:
+        """Make every parameter's data and gradient views of :attr:`flat_data` and :attr:`flat_grad`.
+
+        Called by the constructor and :meth:`to`; idempotent (nothing happens while the current
+        buffer still covers :meth:`parameters` in order). Call it again after changing the layers.
+        """
+        params = self.parameters()
+        flat = self._flat
+        if flat is not None and flat.backend is self.backend and flat.covers(params):
+            return
+        self._flat = FlatParameters(params, self.backend)
+
+    @property
+    def flat_data(self):
+        """Every parameter's values in one contiguous 1-D device array, in :meth:`parameters` order
+        (each starting at an aligned offset: see :mod:`cnn_backend.parameters`)."""
+        self.flatten_parameters()
+        return self._flat.data
+
+    @property
+    def flat_grad(self):
+        """Every parameter's gradient in one contiguous 1-D device array, laid out like :attr:`flat_data`."""
+        self.flatten_parameters()
+        return self._flat.grad
+
+    @property
+    def flat_parameters(self) -> FlatParameters:
+        """The flat buffer itself (offsets, per-parameter views)."""
+        self.flatten_parameters()
+        return self._flat
 
     def state_dict(self) -> dict:
         """Host copies of every parameter, by name."""
