@@ -85,6 +85,10 @@ def run_workload(tmp_path) -> DeviceUsage:
         optimizer = make_optimizer(model.parameters(), be)
         train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)
         optimizer.load_state_dict(optimizer.state_dict())
+        # The same optimiser over parameters outside the flat buffer: updated one by one.
+        make_optimizer(list(reversed(model.parameters())), be).step()
+        model.layers[0].params["weight"].detach_from_flat()
+        model.flatten_parameters()
 
     # The training loop over a resident and a streamed loader, with validation; evaluation, prediction.
     images = rng.integers(0, 256, size=(40, 28, 28), dtype=numpy.uint8)
