@@ -65,8 +65,8 @@ class Optimizer:
         self.steps += 1
         if self._scratch is None:
             self._scratch = [self._zero_state() for _ in range(self.scratch_count)]
-        flat = self._flat
-        if flat is not None and flat.covers(self.params) and all(p.grad is not None for p in self.params):
+        flat = self._current_flat()
+        if flat is not None and all(p.grad is not None for p in self.params):
             state = {name: self._flat_buffers[name] for name in self.buffer_names}
             self._update(flat.data, flat.grad, state, [whole for whole, _ in self._scratch])
             return
@@ -74,6 +74,21 @@ class Optimizer:
             if param.grad is not None:
                 state = {name: bufs[index] for name, bufs in self.buffers.items()}
                 self._update(param.data, param.grad, state, [parts[index] for _, parts in self._scratch])
+
+    def _current_flat(self) -> FlatParameters | None:
+        """The flat buffer to update whole, if the parameters are still exactly one.
+
+        A model that rebuilt its buffer with the same layout (``flatten_parameters`` after a
+        parameter left it) is followed; the state arrays stay valid since the layout is the same.
+        """
+        flat = self._flat
+        if flat is None or flat.covers(self.params):
+            return flat
+        rebuilt = shared_flat_buffer(self.params)
+        if rebuilt is not None and (rebuilt.offsets, rebuilt.size, rebuilt.dtype) == (flat.offsets, flat.size, flat.dtype):
+            self._flat = rebuilt
+            return rebuilt
+        return None
 
     def _update(self, data, grad, state: dict, scratch: list) -> None:
         """Update ``data`` in place from ``grad``, the state arrays ``state[name]`` and writable

@@ -6,9 +6,10 @@ parameters end to end in two contiguous 1-D device arrays, ``data`` and ``grad``
 all parameters in a few whole-array operations (a few GPU kernel launches per step instead of
 several per parameter) and a data-parallel step all-reduces every gradient in one call.
 
-Once flattened, a parameter keeps its views for good: assigning ``param.data = value`` or
+Once flattened, a parameter keeps its views: assigning ``param.data = value`` or
 ``param.grad = value`` copies into the view (same shape required), so the flat arrays always hold
-the current values. Gradients that a layer computes straight into ``param.grad_view`` (for example
+the current values. Only a ``data`` array of another device or dtype (a parameter being moved, as
+``Layer.to`` does) takes the parameter out of the buffer, which the model then rebuilds. Gradients that a layer computes straight into ``param.grad_view`` (for example
 ``xp.matmul(a, b, out=param.grad_view)``) and then assigns are not copied at all.
 
 Each parameter starts at an offset aligned to :data:`ALIGNMENT_BYTES`; the few elements of padding
@@ -51,6 +52,12 @@ class Parameter:
         if value is self._data:  # ``param.data -= update`` updates in place, then assigns it back
             return
         if self._flat is None:
+            self._data = value
+            return
+        if type(value) is not type(self._data) or value.dtype != self._data.dtype:
+            # An array of another device or dtype: the parameter is moving (as ``Layer.to`` moves
+            # it), so it leaves the flat buffer; the model builds a new one (``flatten_parameters``).
+            self.detach_from_flat()
             self._data = value
             return
         _check_shape("data", value, self._data)

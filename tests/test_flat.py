@@ -88,14 +88,15 @@ def test_assigning_data_or_grad_copies_into_the_views():
     model = seed_cnn("cpu", seed=0)
     weight = model.layers[0].params["weight"]
     view = weight.data
-    weight.data = numpy.full(view.shape, 2.0)  # float64 value into a float32 buffer: cast on copy
-    assert weight.data is view and weight.data.dtype == numpy.float32
-    assert (model.flat_data[: view.size] == 2.0).all()
+    weight.data = numpy.full(view.shape, 2.0, dtype=numpy.float32)
+    assert weight.data is view and (model.flat_data[: view.size] == 2.0).all()
+    weight.data -= 1.0  # in place, then assigned back: no copy
+    assert weight.data is view and (model.flat_data[: view.size] == 1.0).all()
     assert weight.grad is None
     weight.grad = numpy.ones(view.shape, dtype=numpy.float32)
     assert numpy.shares_memory(weight.grad, model.flat_grad) and (model.flat_grad[: view.size] == 1.0).all()
     with pytest.raises(ValueError, match=r"parameter data of shape \(3,\) does not fit the parameter's shape \(1, 1, 6, 6\)"):
-        weight.data = numpy.zeros(3)
+        weight.data = numpy.zeros(3, dtype=numpy.float32)
     with pytest.raises(ValueError, match=r"parameter gradient of shape \(2, 2\) does not fit"):
         weight.grad = numpy.zeros((2, 2))
     weight.grad = None
@@ -116,6 +117,21 @@ def test_load_state_dict_and_to_keep_the_buffer_current():
         assert numpy.shares_memory(host(param.data), host(model.flat_data)), name
         numpy.testing.assert_array_equal(param.data.get(), original.data)
     assert model.flat_data is not data
+
+
+def test_data_of_another_dtype_or_device_moves_the_parameter_out_of_the_buffer():
+    model = seed_cnn("cpu", seed=0)
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, backend=model.backend)
+    old = model.flat_parameters
+    weight = model.layers[0].params["weight"]
+    weight.data = numpy.ones(weight.data.shape)  # float64 into a float32 model
+    assert not old.valid and weight.flat is None and weight.data.dtype == numpy.float64
+    assert optimizer._current_flat() is None
+    # Reading the flat arrays rebuilds the buffer (in the model's dtype, values kept); the
+    # optimiser follows it, since its layout is unchanged.
+    assert model.flat_data.dtype == numpy.float32 and weight.flat is model.flat_parameters
+    assert (weight.data == 1.0).all() and numpy.shares_memory(weight.data, model.flat_data)
+    assert optimizer._current_flat() is model.flat_parameters
 
 
 def test_a_moved_layer_leaves_the_buffer_and_the_model_rebuilds_it():
