@@ -47,8 +47,10 @@ def count_launches(
     """
     backend = standin_backend(dtype)
     model = ARCHITECTURES[model_name](backend, seed=seed, algorithm=algorithm)
+    # model.parameters() would put detached parameters back into a flat buffer: take them as they are.
+    params = [param for _, param in model.named_parameters()]
     if not flat:
-        for param in model.parameters():
+        for param in params:
             param.detach_from_flat()
     rng = numpy.random.default_rng(seed)
     x = backend.to_device(rng.random((batch_size, *IMAGE_SHAPE)).astype(dtype))
@@ -60,7 +62,7 @@ def count_launches(
 
     elif mode == "train":
         y = backend.to_device(rng.integers(0, N_CLASSES, size=batch_size))
-        updater = make_optimizer(optimizer, model.parameters(), backend, **OPTIMIZER_SETTINGS[optimizer])
+        updater = make_optimizer(optimizer, params, backend, **OPTIMIZER_SETTINGS[optimizer])
         # Labels are valid by construction: no per-step input checks (device reads), as in training.
         loss_fn = SoftmaxCrossEntropy(backend, check_inputs=False)
 
@@ -81,7 +83,7 @@ def count_launches(
         "algorithm": algorithm,
         "dtype": dtype,
         "flat": flat,
-        "parameters": len(model.parameters()),
+        "parameters": len(params),
         "launches": usage.kernel_launches,
         "bytes_allocated": usage.bytes_allocated,
         "device_reads": usage.device_reads,

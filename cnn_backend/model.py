@@ -91,16 +91,19 @@ class Sequential:
         return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers) for name, p in layer.params.items()]
 
     def parameters(self) -> list[Parameter]:
-        return [p for _, p in self.named_parameters()]
+        """Every parameter in :meth:`named_parameters` order, in the model's flat buffer (built or
+        rebuilt first when needed, so an optimiser given this list updates the buffer whole)."""
+        self.flatten_parameters()
+        return list(self._flat.parameters)
 
     def flatten_parameters(self) -> None:
         """Make every parameter's data and gradient views of :attr:`flat_data` and :attr:`flat_grad`.
 
-        Called by the constructor and :meth:`to`; idempotent (nothing happens while the current
-        buffer still covers :meth:`parameters` in order). Call it again after changing the layers.
+        Called by the constructor, :meth:`to` and :meth:`parameters`; idempotent (nothing happens
+        while the current buffer still covers the parameters in order).
         """
-        params = self.parameters()
-        flat = self._flat
+        params = [p for _, p in self.named_parameters()]
+        flat = getattr(self, "_flat", None)
         if flat is not None and flat.backend is self.backend and flat.covers(params):
             return
         self._flat = FlatParameters(params, self.backend)

@@ -26,11 +26,16 @@ def batch(n=8, seed=0):
     return rng.random((n, 1, 28, 28)), rng.integers(0, 10, size=n)
 
 
+def own_parameters(model: Sequential) -> list[Parameter]:
+    """The model's parameters as they are (``model.parameters()`` would put them back in a flat buffer)."""
+    return [param for _, param in model.named_parameters()]
+
+
 def unflattened(model: Sequential) -> Sequential:
     """The same model with every parameter given its own storage again (the per-parameter path)."""
-    for param in model.parameters():
+    for param in own_parameters(model):
         param.detach_from_flat()
-    assert shared_flat_buffer(model.parameters()) is None
+    assert shared_flat_buffer(own_parameters(model)) is None
     return model
 
 
@@ -63,6 +68,14 @@ def test_layout_aligns_each_parameter():
     assert flat_layout([(32,), (1,)], 8) == ([0, 32], 33)
 
 
+def test_parameters_puts_detached_parameters_back_in_a_buffer():
+    # So an optimiser built from model.parameters() always gets the flat path.
+    model = unflattened(seed_cnn("cpu", seed=0))
+    params = model.parameters()
+    assert shared_flat_buffer(params) is model.flat_parameters
+    assert SGD(params, lr=0.1, backend=model.backend)._flat is model.flat_parameters
+
+
 def test_flatten_is_idempotent_and_the_arrays_stay_the_same():
     model = seed_cnn("cpu", seed=0)
     data, grad = model.flat_data, model.flat_grad
@@ -78,7 +91,7 @@ def test_gradients_are_written_in_place_and_match_the_unflattened_model():
         loss = SoftmaxCrossEntropy(CPU64)
         loss.forward(model.forward(x), y)
         model.backward(loss.backward())
-        grads.append([p.grad for p in model.parameters()])
+        grads.append([p.grad for p in own_parameters(model)])
     for flat_grad, plain_grad in zip(*grads):
         assert numpy.shares_memory(flat_grad, flat_model.flat_grad)
         numpy.testing.assert_array_equal(flat_grad, plain_grad)
@@ -172,15 +185,14 @@ def test_flat_updates_equal_per_parameter_updates(name, dtype):
     be = get_backend("cpu", dtype)
     runs = []
     for model in (default_cnn(be, seed=2), unflattened(default_cnn(be, seed=2))):
-        optimizer = OPTIMISERS[name](model.parameters(), be)
-        assert (optimizer._flat is not None) == (shared_flat_buffer(model.parameters()) is not None)
+        optimizer = OPTIMISERS[name](own_parameters(model), be)
         for step in range(3):
             x, y = batch(seed=step)
             train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)
         runs.append((model, optimizer))
     (flat_model, flat_opt), (plain_model, plain_opt) = runs
     assert flat_opt._flat is not None and plain_opt._flat is None
-    for flat_param, plain_param in zip(flat_model.parameters(), plain_model.parameters()):
+    for flat_param, plain_param in zip(own_parameters(flat_model), own_parameters(plain_model)):
         numpy.testing.assert_array_equal(flat_param.data, plain_param.data)
     assert flat_opt.state_dict().keys() == plain_opt.state_dict().keys()
     for key, value in flat_opt.state_dict().items():
@@ -214,7 +226,7 @@ def test_a_parameter_without_gradient_is_skipped_as_before(name):
     be = CPU64
     runs = []
     for model in (default_cnn(be, seed=3), unflattened(default_cnn(be, seed=3))):
-        optimizer = OPTIMISERS[name](model.parameters(), be)
+        optimizer = OPTIMISERS[name](own_parameters(model), be)
         x, y = batch()
         loss = SoftmaxCrossEntropy(be)
         loss.forward(model.forward(x), y)
@@ -226,7 +238,7 @@ def test_a_parameter_without_gradient_is_skipped_as_before(name):
         numpy.testing.assert_array_equal(frozen.data, before)
         assert all(not bufs[0].any() for bufs in optimizer.buffers.values())
         runs.append(model)
-    for flat_param, plain_param in zip(*(model.parameters() for model in runs)):
+    for flat_param, plain_param in zip(*(own_parameters(model) for model in runs)):
         numpy.testing.assert_array_equal(flat_param.data, plain_param.data)
 
 
