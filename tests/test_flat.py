@@ -270,3 +270,36 @@ def test_an_optimiser_over_some_parameters_takes_the_per_parameter_path():
     optimizer.step()
     numpy.testing.assert_array_equal(model.layers[0].params["weight"].data, first)
     numpy.testing.assert_allclose(head["weight"].data, before - 0.1 * head["weight"].grad, rtol=1e-6)
+
+
+def test_nested_parameters_of_containers_and_normalisation_are_in_the_buffer():
+    # A residual block (inner layers, a 1x1 projection), BatchNorm's gamma and beta, a convolution
+    # without bias: every parameter is a view of the flat arrays, and training matches the
+    # per-parameter path bit for bit.
+    from cnn_backend.layers import BatchNorm, Convolution, Flatten, Residual
+
+    def build():
+        layers = [
+            Convolution(out_channels=4, kernel_size=3, padding=1, bias=False),
+            BatchNorm(),
+            Residual([Convolution(out_channels=6, kernel_size=3, padding=1), ReLU()]),
+            Flatten(),
+            FullyConnected(out_features=10),
+        ]
+        return Sequential(layers, CPU64, input_shape=(1, 6, 6), rng=0)
+
+    flat_model, plain_model = build(), unflattened(build())
+    names = [name for name, _ in flat_model.named_parameters()]
+    assert "0.bias" not in names and "1.weight" in names and any(".layers.0.weight" in n for n in names)
+    assert any("projection" in n for n in names)
+    optimizers = [Adam(own_parameters(m), lr=1e-2, weight_decay=0.01, backend=CPU64) for m in (flat_model, plain_model)]
+    assert optimizers[0]._flat is flat_model.flat_parameters and optimizers[1]._flat is None
+    rng = numpy.random.default_rng(0)
+    for step in range(2):
+        x, y = rng.random((5, 1, 6, 6)), rng.integers(0, 10, size=5)
+        for model, optimizer in zip((flat_model, plain_model), optimizers):
+            train_step(model, SoftmaxCrossEntropy(CPU64), optimizer, x, y)
+    for (name, flat_param), plain_param in zip(flat_model.named_parameters(), own_parameters(plain_model)):
+        assert numpy.shares_memory(flat_param.data, flat_model.flat_data), name
+        assert numpy.shares_memory(flat_param.grad, flat_model.flat_grad), name
+        numpy.testing.assert_array_equal(flat_param.data, plain_param.data, err_msg=name)
