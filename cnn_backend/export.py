@@ -112,8 +112,9 @@ def build_onnx_model(
     """The checked ``onnx.ModelProto`` that :func:`export_onnx` writes."""
     onnx = import_onnx()
     check_opset(opset, onnx)
-    shape = resolve_input_shape(model, input_shape)
+    input_shape = resolve_input_shape(model, input_shape)
     graph = GraphBuilder(onnx, opset)
+    shape = input_shape
 
     x = INPUT_NAME
     if normalization is not None:
@@ -134,7 +135,7 @@ def build_onnx_model(
 
     helper = onnx.helper
     elem = onnx.TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, [BATCH_DIM, *resolve_input_shape(model, input_shape)])]
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, [BATCH_DIM, *input_shape])]
     outputs = [helper.make_tensor_value_info(output, elem, [BATCH_DIM, n_classes])]
     onnx_graph = helper.make_graph(graph.nodes, "cnn_backend", inputs, outputs, graph.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
@@ -143,7 +144,7 @@ def build_onnx_model(
         producer_name="cnn_backend", producer_version=_library_version(),
         doc_string="A cnn_backend network; see the metadata for the expected input and the class names.",
     )
-    properties = describe(model, resolve_input_shape(model, input_shape), output, class_names, normalization, opset)
+    properties = describe(model, input_shape, output, class_names, normalization, opset)
     properties.update({str(key): str(value) for key, value in (metadata or {}).items()})
     helper.set_model_props(proto, properties)
     try:
