@@ -28,6 +28,7 @@ from cnn_backend.cli import main  # noqa: E402
 from cnn_backend.data import CLASS_NAMES, load_fashion_mnist, prepare_images  # noqa: E402
 from cnn_backend.export import (  # noqa: E402
     DEFAULT_OPSET,
+    EXPORTERS,
     GELU_OPSET,
     MIN_OPSET,
     ExportError,
@@ -176,6 +177,86 @@ def test_model_on_the_device_boundary_exports_the_same_graph(device_under_test):
     assert on_device.graph.SerializeToString() == reference.graph.SerializeToString()
 
 
+# -- every layer type ---------------------------------------------------------------------------------
+
+def conv(out_channels: int, kernel_size: int = 3, **options) -> dict:
+    return {"type": "Convolution", "out_channels": out_channels, "kernel_size": kernel_size, "padding": kernel_size // 2, **options}
+
+
+#: Every layer type with a Flatten head: 1x28x28 -> ... -> 10. Convolutions with and without bias,
+#: stride 2 inside a Residual (so it gets a projection), overlapping pools, BatchNorm on 4-D and 2-D.
+EVERY_LAYER_SPEC = {"layers": [
+    conv(8, bias=False), {"type": "BatchNorm"}, {"type": "LeakyReLU", "negative_slope": 0.1},
+    {"type": "Residual", "layers": [conv(8, bias=False), {"type": "BatchNorm"}, {"type": "GELU"}, conv(8)]},
+    {"type": "MaxPool", "pool_size": 2},                                                     # 8x14x14
+    {"type": "Residual", "layers": [conv(12, stride=2), {"type": "Tanh"}, conv(12, bias=False)]},  # 12x7x7, projection
+    {"type": "AvgPool", "pool_size": 3, "stride": 2},                                        # 12x3x3
+    {"type": "Sigmoid"},
+    {"type": "Flatten"},
+    {"type": "FullyConnected", "out_features": 32}, {"type": "BatchNorm"}, {"type": "ReLU"},
+    {"type": "Dropout", "rate": 0.3},
+    {"type": "FullyConnected", "out_features": 10},
+]}
+#: The GlobalAvgPool head of a small ResNet, BatchNorm straight after it (2-D).
+GLOBAL_POOL_SPEC = {"layers": [
+    conv(8, bias=False), {"type": "BatchNorm"}, {"type": "ReLU"},
+    {"type": "Residual", "layers": [conv(16, stride=2, bias=False), {"type": "BatchNorm"}, {"type": "GELU"}]},
+    {"type": "GlobalAvgPool"}, {"type": "BatchNorm"},
+    {"type": "FullyConnected", "out_features": 10},
+]}
+
+
+def spec_network(spec: dict, seed: int, backend="cpu") -> Sequential:
+    build_model = pytest.importorskip("cnn_backend.spec", reason="architecture specs (cnn_backend.spec) are not available").build_model
+    for layer_type in ("BatchNorm", "AvgPool", "GlobalAvgPool", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Residual"):
+        if not hasattr(layer_module, layer_type):
+            pytest.skip(f"cnn_backend.layers has no {layer_type} layer")
+    return build_model(spec, (1, 28, 28), backend=backend, seed=seed)
+
+
+def layer_types(layers) -> set[str]:
+    types = set()
+    for layer in layers:
+        types.add(type(layer).__name__)
+        types |= layer_types(getattr(layer, "layers", []))
+        projection = getattr(layer, "projection", None)
+        types |= layer_types([projection] if projection is not None else [])
+    return types
+
+
+def test_the_test_networks_use_every_layer_type():
+    networks = [spec_network(EVERY_LAYER_SPEC, 0), spec_network(GLOBAL_POOL_SPEC, 0)]
+    used = set().union(*(layer_types(model.layers) for model in networks))
+    assert used == set(layer_module.LAYER_TYPES) <= set(EXPORTERS)
+    residuals = [layer for model in networks for layer in model.layers if type(layer).__name__ == "Residual"]
+    assert any(block.projection is not None for block in residuals) and any(block.projection is None for block in residuals)
+    assert any("bias" not in layer.params for model in networks for _, layer in model.named_layers()
+               if type(layer).__name__ == "Convolution")
+
+
+@pytest.mark.parametrize("opset", [17, DEFAULT_OPSET], ids=["gelu-expanded", "gelu-operator"])
+@pytest.mark.parametrize("spec", [EVERY_LAYER_SPEC, GLOBAL_POOL_SPEC], ids=["flatten-head", "global-pool-head"])
+def test_network_of_every_layer_type_matches_onnxruntime(bundled, spec, opset):
+    images, labels = bundled
+    model = train_briefly(spec_network(spec, seed=14), images, labels, steps=6)
+    buffers = model.buffer_state_dict()
+    # The running statistics have moved well away from their initial 0 and 1: the export must carry them.
+    assert buffers and all(numpy.abs(value - (0.0 if name.endswith("mean") else 1.0)).max() > 1e-2 for name, value in buffers.items())
+    assert_matches_library(model, images, opset=opset)
+    ops = {node.op_type for node in build_onnx_model(model, opset=opset).graph.node}
+    assert ("Gelu" in ops) == (opset >= GELU_OPSET)
+
+
+def test_batchnorm_network_on_the_device_boundary_exports_the_same_graph(device_under_test):
+    """Buffers too are read through the backend."""
+    reference = spec_network(GLOBAL_POOL_SPEC, seed=15)
+    on_device = spec_network(GLOBAL_POOL_SPEC, seed=15, backend=device_under_test("float32"))
+    statistics = {name: numpy.linspace(0.5, 1.5, value.size, dtype=numpy.float32) for name, value in reference.buffer_state_dict().items()}
+    for model in (reference, on_device):
+        model.load_state_dict(reference.state_dict(), statistics)
+    assert build_onnx_model(on_device).graph.SerializeToString() == build_onnx_model(reference).graph.SerializeToString()
+
+
 # -- the file: metadata, dynamic batch, softmax, atomic writes ----------------------------------------
 
 
@@ -188,7 +269,8 @@ def dims(value_info) -> list:
 
 
 def test_cli_export_writes_a_checked_graph_with_metadata(tmp_path, capsys):
-    checkpoint = save_model(default_cnn(seed=11), tmp_path / "model.npz")
+    model = default_cnn(seed=11)
+    checkpoint = save_model(model, tmp_path / "model.npz")
     assert main(["export", str(checkpoint), str(tmp_path / "out" / "model.onnx")]) == 0
     assert "wrote" in capsys.readouterr().out
     proto = onnx.load(tmp_path / "out" / "model.onnx")
@@ -204,7 +286,7 @@ def test_cli_export_writes_a_checked_graph_with_metadata(tmp_path, capsys):
     assert preprocessing["layout"] == "NCHW" and preprocessing["range"] == [0.0, 1.0]
     assert preprocessing["normalization"] is None
     assert properties["output"] == "logits"
-    assert json.loads(properties["architecture"])[0]["type"] == "Convolution"
+    assert json.loads(properties["architecture"]) == model.config()
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["model.onnx"]
 
 
@@ -286,9 +368,10 @@ def test_cli_reports_an_unwritable_path_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_cli_refuses_an_unexportable_layer(tmp_path, capsys, monkeypatch):
+    # A model file in the layer-list form (no input shape recorded), which loads any registered type.
     monkeypatch.setitem(layer_module.LAYER_TYPES, "Doubling", Doubling)
-    model = seed_cnn()
-    model.layers.insert(1, Doubling())
+    L, rng = layer_module, numpy.random.default_rng(0)
+    model = Sequential([L.Convolution(1, 1, 6, rng=rng), Doubling(), L.ReLU(), L.MaxPool(2), L.Flatten(), L.FullyConnected(121, 10, rng=rng)])
     checkpoint = save_model(model, tmp_path / "model.npz")
     out = tmp_path / "m.onnx"
     out.write_bytes(b"an earlier export")
