@@ -4,8 +4,8 @@ Tolerance. Both sides compute in float32 from the same float32 weights but in di
 (ONNX Runtime's MLAS kernels against im2col + BLAS here), so each logit carries a few float32
 roundings (eps 1.2e-7) of its largest partial sums: for these networks (sums of up to 3,136
 products, logits up to ~5) the differences measured 4e-7 to 2e-6. 1e-4 leaves a 50x margin for
-other CPUs' kernels, while a mapping mistake (features in H, W, C order, a transposed weight, a
-missing epsilon) moves logits by 1e-2 or more, as test_the_tolerance_catches_a_wrong_feature_order shows.
+other CPUs' kernels, while a mapping mistake such as features in H, W, C order moves logits by
+~1 (test_the_tolerance_catches_a_wrong_feature_order).
 """
 
 from __future__ import annotations
