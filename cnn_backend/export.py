@@ -181,7 +181,8 @@ def check_opset(opset: int, onnx=None) -> None:
 
 
 def resolve_input_shape(model, input_shape: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Per-sample input shape: the one given, the model's, or the first convolution's channels at 28x28."""
+    """Per-sample input shape, ``(C, H, W)`` or ``(features,)``: the one given, the model's, or the first
+    convolution's channels at 28x28 (networks saved before models recorded their input shape)."""
     shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
     if shape is None:
         first = model.layers[0]
@@ -190,8 +191,8 @@ def resolve_input_shape(model, input_shape: Sequence[int] | None = None) -> tupl
             raise ExportError("the network records no input shape and does not start with a convolution; pass input_shape=(C, H, W)")
         shape = (channels, *DEFAULT_IMAGE_SIZE)
     shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ExportError(f"input shape must be (C, H, W) with positive sizes, got {shape}")
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ExportError(f"input shape must be (C, H, W) or (features,) with positive sizes, got {shape}")
     return shape
 
 
@@ -199,7 +200,7 @@ def describe(model, input_shape, output: str, class_names, normalization: Normal
     """The metadata entries (``metadata_props``) of an exported graph: all strings, JSON where structured."""
     preprocessing = {
         "input": INPUT_NAME,
-        "layout": "NCHW",
+        "layout": "NCHW" if len(input_shape) == 3 else "NF",
         "dtype": "float32",
         "shape": [BATCH_DIM, *input_shape],
         "pixel_scale": "8-bit pixel values divided by 255",
@@ -419,8 +420,9 @@ def _normalize_input(graph: GraphBuilder, x: str, shape: Shape, normalization: N
     channels = shape[0]
     if len(normalization.mean) != channels:
         raise ExportError(f"normalisation has {len(normalization.mean)} channels, the network's input {channels}")
-    mean = graph.constant("input.mean", numpy.reshape(normalization.mean, (1, channels, 1, 1)))
-    std = graph.constant("input.std", numpy.reshape(normalization.std, (1, channels, 1, 1)))
+    per_channel = (1, channels) + (1,) * (len(shape) - 1)
+    mean = graph.constant("input.mean", numpy.reshape(normalization.mean, per_channel))
+    std = graph.constant("input.std", numpy.reshape(normalization.std, per_channel))
     centred = graph.node("Sub", [x, mean], name="input.subtract_mean")
     return graph.node("Div", [centred, std], name="input.divide_std")
 

@@ -135,6 +135,17 @@ def test_strided_padded_convolution_and_overlapping_pool(bundled):
     assert_matches_library(train_briefly(model, images, labels), images)
 
 
+def test_network_on_feature_vectors():
+    L, rng = layer_module, numpy.random.default_rng(16)
+    model = Sequential([L.FullyConnected(20, 16, rng=rng), L.ReLU(), L.FullyConnected(16, 10, rng=rng)])
+    proto = build_onnx_model(model, input_shape=(20,), normalization=Normalization((0.5,) * 20, (0.25,) * 20))
+    assert dims(proto.graph.input[0]) == ["batch", 20]
+    assert json.loads(metadata(proto)["preprocessing"])["layout"] == "NF"
+    x = rng.random((37, 20), dtype=numpy.float32)
+    expected = library_logits(model, (x - 0.5) / 0.25)
+    assert numpy.abs(run_onnx(proto.SerializeToString(), x) - expected).max() <= TOLERANCE
+
+
 def test_float64_model_is_written_in_float32(bundled):
     images, labels = bundled
     model = train_briefly(seed_cnn(get_backend("cpu", "float64"), seed=7), images, labels, steps=2)
