@@ -91,12 +91,8 @@ def export_onnx(
         normalization=normalization, metadata=metadata,
     )
     data = proto.SerializeToString()
-    try:
-        return write_atomically(path, lambda stream: stream.write(data))
-    except OSError as exc:
-        # Name the folder at fault (a missing or non-folder parent); a temporary file's name would only confuse.
-        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) in Path(path).parents else ""
-        raise OSError(f"cannot write {path}: {exc.strerror or exc}{where}; choose a writable path") from None
+    # FileWriteError (an OSError: "cannot write PATH: reason") when the file cannot be written.
+    return write_atomically(path, lambda stream: stream.write(data))
 
 
 def build_onnx_model(
