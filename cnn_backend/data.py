@@ -48,8 +48,8 @@ __all__ = [
     "BUNDLED_COUNT", "BUNDLED_DIR", "BUNDLED_SHA256", "CLASS_NAMES", "DATA_DIR_ENV", "DataError", "DataSource",
     "FULL_SPLIT", "IMAGE_SHAPE", "NUM_CLASSES", "OFFICIAL_BASE_URL", "OFFICIAL_MD5", "SEED_SPLIT", "SPLITS",
     "BatchLoader", "default_data_dir", "describe_source", "download", "load_fashion_mnist", "prepare_images",
-    "read_idx", "read_images", "read_labels", "resolve_source", "split_train_validation", "stratified_holdout",
-    "write_idx",
+    "Normalization", "read_idx", "read_images", "read_labels", "resolve_source", "split_train_validation",
+    "stratified_holdout", "write_idx",
 ]
 
 CLASS_NAMES = FASHION_MNIST.class_names
@@ -142,15 +142,100 @@ def split_train_validation(
     return (images[:n_train], labels[:n_train]), (images[n_train:stop], labels[n_train:stop])
 
 
-def prepare_images(images, dtype="float32") -> numpy.ndarray:
-    """Host uint8 images ``(N, H, W)`` or ``(N, 1, H, W)`` as model input on the host: ``(N, 1, H, W)``
-    in [0, 1] (what :class:`BatchLoader` does on the device, for evaluation sets and predictions)."""
+def stratified_holdout(labels, fraction: float, seed: int = 0) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """Indices ``(train, validation)`` holding out ``fraction`` of every class, chosen by ``seed``.
+
+    Each class with at least two images keeps at least one for training and gives at least one
+    to validation; both index arrays are sorted, so the images keep their order.
+    """
+    labels = numpy.asarray(labels)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must be between 0 and 1 (exclusive), got {fraction!r}")
+    rng = numpy.random.default_rng(seed)
+    held_out = []
+    for label in numpy.unique(labels):  # a loop over classes, on the host
+        members = numpy.flatnonzero(labels == label)
+        count = min(max(int(round(fraction * len(members))), 1), len(members) - 1)
+        held_out.append(rng.permutation(members)[:count])
+    validation = numpy.sort(numpy.concatenate(held_out)) if held_out else numpy.zeros(0, dtype=numpy.int64)
+    if not len(validation):
+        raise DataError(f"a validation fraction of {fraction:g} leaves no validation images (every class has one image)")
+    train = numpy.setdiff1d(numpy.arange(len(labels)), validation)
+    return train, validation
+
+
+class Normalization:
+    """Per-channel ``(x - mean) / std`` on images already scaled to [0, 1].
+
+    ``mean`` and ``std`` have one value per channel; :meth:`from_images` measures them on the
+    training images, and :meth:`config` / :meth:`from_config` store them in checkpoints.
+    """
+
+    def __init__(self, mean, std) -> None:
+        self.mean = tuple(float(value) for value in mean)
+        self.std = tuple(float(value) for value in std)
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean and std need one value per channel, got {len(self.mean)} and {len(self.std)}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @classmethod
+    def from_images(cls, images, chunk: int = 4096) -> "Normalization":
+        """Mean and standard deviation of each channel of uint8 ``(N, C, H, W)`` images, in [0, 1] units."""
+        images = numpy.asarray(images) if not isinstance(images, numpy.ndarray) else images
+        channels = images.shape[1]
+        total = numpy.zeros(channels)
+        squares = numpy.zeros(channels)
+        for start in range(0, len(images), chunk):  # chunks bound the float64 copy of a memory-mapped set
+            part = images[start:start + chunk].astype(numpy.float64) / 255.0
+            total += part.sum(axis=(0, 2, 3))
+            squares += numpy.square(part).sum(axis=(0, 2, 3))
+        count = len(images) * images.shape[2] * images.shape[3]
+        mean = total / count
+        std = numpy.sqrt(numpy.maximum(squares / count - mean * mean, 0.0))
+        return cls(mean, numpy.where(std > 1e-6, std, 1.0))
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def config(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "Normalization | None":
+        return None if not config else cls(config["mean"], config["std"])
+
+    def shaped(self, dtype) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """Host arrays ``mean`` and ``1 / std`` of shape ``(1, C, 1, 1)`` in ``dtype``."""
+        mean = numpy.asarray(self.mean, dtype=dtype).reshape(1, -1, 1, 1)
+        inverse_std = (1.0 / numpy.asarray(self.std, dtype=numpy.float64)).astype(dtype).reshape(1, -1, 1, 1)
+        return mean, inverse_std
+
+    def __repr__(self) -> str:
+        return f"Normalization(mean={self.mean}, std={self.std})"
+
+
+def prepare_images(images, dtype="float32", normalization: Normalization | None = None) -> numpy.ndarray:
+    """Host uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` as model input on the host: ``(N, C, H, W)``
+    in [0, 1], then normalised per channel when ``normalization`` is given (what :class:`BatchLoader`
+    does on the device, for evaluation sets and predictions)."""
     images = numpy.asarray(images)
     if images.ndim == 3:
         images = images[:, None]
     scaled = images.astype(dtype)
     scaled *= 1.0 / 255.0
+    if normalization is not None:
+        _check_normalization(normalization, scaled.shape[1])
+        mean, inverse_std = normalization.shaped(scaled.dtype)
+        scaled -= mean
+        scaled *= inverse_std
     return scaled
+
+
+def _check_normalization(normalization: Normalization, channels: int) -> None:
+    if normalization.channels != channels:
+        raise ValueError(f"the normalisation has {normalization.channels} channels, the images have {channels}")
 
 
 # ---------------------------------------------------------------------------------------- batching
@@ -159,7 +244,8 @@ def prepare_images(images, dtype="float32") -> numpy.ndarray:
 class BatchLoader:
     """Minibatches ``(x, y)`` on the backend's device, in a seeded order that any epoch reproduces.
 
-    ``x`` has shape ``(B, 1, H, W)`` (NCHW) in ``backend.dtype``, scaled to [0, 1]; ``y`` is int64.
+    ``x`` has shape ``(B, C, H, W)`` (NCHW) in ``backend.dtype``, scaled to [0, 1] (then normalised
+    per channel when ``normalization`` is given); ``y`` is int64, each label below ``num_classes``.
     Images go to the device as uint8 (4x less traffic than float32) and are converted there. When
     the split needs at most ``max_device_bytes`` on the device it is sent once, and each epoch sends
     only its permutation; otherwise each batch is gathered on the host and sent on its own.
@@ -179,6 +265,8 @@ class BatchLoader:
         seed: int = 0,
         drop_last: bool = False,
         max_device_bytes: int = DEFAULT_MAX_DEVICE_BYTES,
+        num_classes: int = NUM_CLASSES,
+        normalization: Normalization | None = None,
     ):
         images = numpy.asarray(images)
         labels = numpy.asarray(labels)
@@ -186,15 +274,17 @@ class BatchLoader:
             raise ValueError(f"images must be uint8 (as loaded), got {images.dtype}")
         if images.ndim == 3:
             images = images[:, None]  # add the channel axis: (N, H, W) -> (N, 1, H, W)
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"images must have shape (N, H, W) or (N, 1, H, W), got {images.shape}")
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape (N, H, W) or (N, C, H, W), got {images.shape}")
         if labels.ndim != 1 or len(labels) != len(images):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         if not numpy.issubdtype(labels.dtype, numpy.integer):
             raise ValueError(f"labels must be integers, got {labels.dtype}")
-        problem = _label_problem(labels)
+        problem = _label_problem(labels, num_classes)
         if problem:
             raise DataError(problem)
+        if normalization is not None:
+            _check_normalization(normalization, images.shape[1])
         if not isinstance(batch_size, (int, numpy.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(seed, (int, numpy.integer)) or seed < 0:
@@ -211,6 +301,10 @@ class BatchLoader:
         device_bytes = self._host_images.nbytes + self._host_labels.nbytes
         #: True when the whole split lives on the device.
         self.resident = device_bytes <= max_device_bytes
+        self._normalization = None
+        if normalization is not None:
+            # Sent once: (1, C, 1, 1) device arrays in the backend's dtype.
+            self._normalization = tuple(backend.to_device(part) for part in normalization.shaped(backend.dtype))
         if self.resident:
             self._device_images = backend.to_device(self._host_images)
             self._device_labels = backend.to_device(self._host_labels)
@@ -252,4 +346,8 @@ class BatchLoader:
     def _to_float(self, x_uint8):
         x = x_uint8.astype(self.backend.dtype)
         x *= 1.0 / 255.0  # a Python float keeps the array's dtype
+        if self._normalization is not None:
+            mean, inverse_std = self._normalization
+            x -= mean
+            x *= inverse_std
         return x
