@@ -158,47 +158,54 @@ class Sequential:
 # -- architectures -----------------------------------------------------------------------------------
 
 
-def seed_cnn(backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto") -> Sequential:
-    """The seed article's network: Convolution 1->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected 121->10."""
+def seed_cnn(
+    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto",
+    input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+) -> Sequential:
+    """The seed article's network: Convolution C->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected
+    (121 -> 10 for 28x28 greyscale input)."""
     backend = get_backend(backend)
     rng = make_rng(seed)
+    channels, height, width = input_shape
     return Sequential(
         [
-            Convolution(1, 1, 6, algorithm=algorithm, rng=rng, backend=backend),
+            Convolution(channels, 1, 6, algorithm=algorithm, rng=rng, backend=backend),
             ReLU(backend),
             MaxPool(2, backend=backend),
             Flatten(backend),
-            FullyConnected(121, 10, init="glorot", rng=rng, backend=backend),
+            FullyConnected(((height - 5) // 2) * ((width - 5) // 2), num_classes, init="glorot", rng=rng, backend=backend),
         ],
         backend,
     )
 
 
 def default_cnn(
-    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", dropout: float = 0.0
+    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", dropout: float = 0.0,
+    input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
 ) -> Sequential:
-    """A classic small CNN for 28x28 greyscale images: two 3x3 conv blocks (32, 64 filters), a 128-unit
-    dense layer and a 10-way output.
+    """A classic small CNN (made for 28x28 greyscale images; ``input_shape`` takes others): two 3x3
+    conv blocks (32, 64 filters), a 128-unit dense layer and a ``num_classes``-way output.
 
     Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool
     (max and ReLU are both monotone, so they commute), with ReLU on a quarter of the values.
     """
     backend = get_backend(backend)
     rng = make_rng(seed)
+    channels, height, width = input_shape
     layers: list[Layer] = [
-        Convolution(1, 32, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
+        Convolution(channels, 32, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
         MaxPool(2, backend=backend),
         ReLU(backend),
         Convolution(32, 64, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
         MaxPool(2, backend=backend),
         ReLU(backend),
         Flatten(backend),
-        FullyConnected(64 * 7 * 7, 128, rng=rng, backend=backend),
+        FullyConnected(64 * (height // 4) * (width // 4), 128, rng=rng, backend=backend),
         ReLU(backend),
     ]
     if dropout:
         layers.append(Dropout(dropout, rng=rng, backend=backend))
-    layers.append(FullyConnected(128, 10, init="glorot", rng=rng, backend=backend))
+    layers.append(FullyConnected(128, num_classes, init="glorot", rng=rng, backend=backend))
     return Sequential(layers, backend)
 
 

@@ -268,7 +268,7 @@ def _finish(decoded: _Decoded, folder: Path, strict: bool) -> LabelledImages:
         if strict:
             raise DataError(f"{summary}; refused (strict): remove or fix them, or load without --strict to skip them")
         notes = (summary,)
-        logger.warning("%s", summary)
+        logger.info("%s", summary)
     channels, height, width = decoded.images.shape[1:]
     source = (
         f"image folder {folder}: {len(decoded.images):,} images, {len(decoded.class_names)} classes, "

@@ -18,8 +18,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy
-
 from .base import DATA_DIR_ENV, DataError, LabelledImages, dataset_dir
 from .cifar import read_cifar_batches
 from .download import download_files, extract_tar, file_digest, offline_instructions
@@ -272,7 +270,3 @@ def has_test_split(source: str | os.PathLike) -> bool:
         return has_split_layout(root) and (root / "test").is_dir()
     return True
 
-
-def as_channels_first(images: numpy.ndarray) -> numpy.ndarray:
-    """``(N, H, W)`` greyscale images as ``(N, 1, H, W)``; 4-D arrays pass unchanged."""
-    return images[:, None] if images.ndim == 3 else images
