@@ -97,28 +97,38 @@ def split_folder(root: Path, split: str) -> tuple[Path, Path]:
 
 
 def list_images(folder: Path, class_names: list[str]) -> tuple[list[ImageFile], list[str]]:
-    """Image files of every class folder (recursively, sorted) and the relative names of other files."""
+    """Image files of every class folder (recursively: each folder's files by name, then its
+    sub-folders) and the relative names of other files. Plain strings and ``os.scandir`` keep
+    this quick: it runs on every load, cached or not."""
     images, others = [], []
-    for label, name in enumerate(class_names):
-        class_dir = folder / name
-        if not class_dir.is_dir():
-            continue
-        for directory, subdirs, files in os.walk(class_dir, followlinks=True):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            for file_name in sorted(files):
-                if file_name.startswith("."):
+
+    def walk(directory: str, relative: str, label: int) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError:
+            return
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{relative}/{entry.name}"
+            try:
+                if entry.is_dir():
+                    subfolders.append((entry.path, name))
                     continue
-                path = Path(directory) / file_name
-                relative = path.relative_to(folder).as_posix()
-                if not file_name.lower().endswith(IMAGE_EXTENSIONS):
-                    others.append(relative)
+                if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    others.append(name)
                     continue
-                try:
-                    stat = path.stat()
-                except OSError:
-                    others.append(relative)  # a dangling link, say
-                    continue
-                images.append(ImageFile(relative, label, stat.st_size, stat.st_mtime_ns))
+                stat = entry.stat()
+            except OSError:
+                others.append(name)  # a dangling link, say
+                continue
+            images.append(ImageFile(name, label, stat.st_size, stat.st_mtime_ns))
+        for path, name in subfolders:
+            walk(path, name, label)
+
+    for label, class_name in enumerate(class_names):
+        walk(os.path.join(folder, class_name), class_name, label)
     return images, others
 
 
