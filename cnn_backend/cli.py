@@ -146,7 +146,7 @@ def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParse
     """The full parser. ``optional_modules`` maps optional command names to their loaded modules;
     the others are listed in the help only, so their modules are imported just when invoked."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Train and evaluate a from-scratch CNN on Fashion-MNIST, on the CPU or a CUDA GPU."
+        prog=PROG, description="Train and evaluate a from-scratch CNN on Fashion-MNIST, other datasets or your own images, on the CPU or a CUDA GPU."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -433,8 +433,9 @@ def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:
         else:
             cut = int(total * FALLBACK_TRAIN_SHARE)
             defaults = (f":{cut}", f"{cut}:{total}")
-            why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available " \
-                  f"(the full-data split {FULL_SPLIT[0]}/{FULL_SPLIT[1]} needs `cnn-backend download`)"
+            why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available"
+            if total == BUNDLED_COUNT:
+                why += f" (the full-data split {FULL_SPLIT[0]}/{FULL_SPLIT[1]} needs `cnn-backend download`)"
         train_text = train_text or defaults[0]
         val_text = val_text or defaults[1]
     elif (train_text, val_text) == (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]):

@@ -102,3 +102,17 @@ def test_crop_flip_moves_every_channel_together(channels):
             if numpy.array_equal(out[sample], (lambda crop: crop[..., ::-1] if flip else crop)(padded[sample, :, top:top + 5, left:left + 7]))
         ]
         assert matches, sample
+
+
+def test_normalised_colour_batches_and_crop_flip_match_the_cpu(device_under_test):
+    """Parity: the device (stand-in, or the GPU under ``-m gpu``) gives the CPU's batches bit for bit."""
+    images, labels = colour_images(10, seed=4), numpy.arange(10) % 3
+    norm = Normalization.from_images(images)
+    results = []
+    for backend in (get_backend("cpu", "float32"), device_under_test("float32")):
+        loader = BatchLoader(images, labels, backend, 4, seed=1, normalization=norm, num_classes=3)
+        augment = RandomCropFlip(backend, padding=2, seed=7)
+        results.append([(backend.to_numpy(augment(x, 0, step)), backend.to_numpy(y)) for step, (x, y) in enumerate(loader.epoch(2))])
+    for (cpu_x, cpu_y), (device_x, device_y) in zip(*results):
+        numpy.testing.assert_allclose(device_x, cpu_x, rtol=1e-6, atol=1e-6)
+        numpy.testing.assert_array_equal(device_y, cpu_y)
