@@ -534,3 +534,26 @@ def test_fashion_mnist_names_keep_working():
     bundled = load_dataset("bundled")
     assert bundled.images.shape == (10_000, 1, 28, 28) and bundled.class_names[0] == "T-shirt/top"
     assert "bundled subset" in load_dataset("fashion-mnist").source
+
+
+def test_an_image_that_fails_only_when_decoded_is_dropped_from_the_cache_too(tmp_path):
+    root = tmp_path / "pictures"
+    kept = [save(root / name / "a.png", random_uint8((6, 6, 3), seed)) for seed, name in enumerate(("x", "y"))]
+    truncated = root / "x" / "b.png"
+    save(truncated, random_uint8((6, 6, 3), 9))
+    truncated.write_bytes(truncated.read_bytes()[:80])  # the header reads, the pixels do not
+    for attempt in ("decoded", "cached"):
+        loaded = load_dataset(root)
+        assert len(loaded) == 2 and loaded.labels.tolist() == [0, 1], attempt
+        for row, array in enumerate(kept):
+            numpy.testing.assert_array_equal(loaded.images[row], array.transpose(2, 0, 1))
+        assert "x/b.png (cannot decode" in loaded.notes[0]
+    assert "(cached)" in loaded.source
+
+
+def test_a_link_back_up_the_tree_is_followed_once(tmp_path):
+    root = tmp_path / "pictures"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    (root / "x" / "loop").symlink_to(root / "x", target_is_directory=True)
+    assert len(load_dataset(root)) == 2

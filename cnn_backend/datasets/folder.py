@@ -101,8 +101,13 @@ def list_images(folder: Path, class_names: list[str]) -> tuple[list[ImageFile], 
     sub-folders) and the relative names of other files. Plain strings and ``os.scandir`` keep
     this quick: it runs on every load, cached or not."""
     images, others = [], []
+    visited: set[str] = set()  # real paths: a link back up the tree is walked once
 
     def walk(directory: str, relative: str, label: int) -> None:
+        real = os.path.realpath(directory)
+        if real in visited:
+            return
+        visited.add(real)
         try:
             entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
         except OSError:
@@ -171,7 +176,7 @@ def read_header(path: Path) -> tuple[str, tuple[int, int]]:
             return image.mode, (image.height, image.width)
     except UnidentifiedImageError:
         raise DataError("not an image Pillow recognises") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read ({_reason(exc)})") from None
 
 
@@ -314,7 +319,11 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_dir
     if cache_dir is not None:
         staging = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.partial")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:  # a read-only cache folder: decode into memory, uncached
+            logger.info("%s: cannot write the image cache (%s); decoding without it", staging.parent, exc.strerror or exc)
+            staging = None
     try:
         shape = (len(readable), channels, *size)
         if staging is not None:
@@ -343,8 +352,9 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_dir
         decoded = _Decoded(images, labels, tuple(class_names), skipped, len(files) + len(others), False)
         if staging is not None:
             if not keep.all():
-                del images
-                numpy.save(staging / "images.npy", decoded.images)
+                del images  # the memory map of the uncompacted file; the compacted copy replaces it
+                numpy.save(staging / "images.compact.npy", decoded.images)
+                os.replace(staging / "images.compact.npy", staging / "images.npy")
             else:
                 decoded.images.flush()
             numpy.save(staging / "labels.npy", labels)
@@ -353,9 +363,13 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_dir
                 "skipped": skipped, "total": decoded.total,
             }
             (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-            if cache_dir.exists():
-                shutil.rmtree(cache_dir)
-            os.replace(staging, cache_dir)
+            try:
+                if cache_dir.exists():
+                    shutil.rmtree(cache_dir)
+                os.replace(staging, cache_dir)
+            except OSError:  # another process put its entry there first: keep this result in memory
+                decoded.images = numpy.array(decoded.images)
+                return decoded
             staging = None
             cached = _read_cache(cache_dir, listing)
             if cached is not None:
