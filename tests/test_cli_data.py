@@ -227,3 +227,24 @@ def test_download_takes_a_dataset_name(tmp_path, capsys, monkeypatch):
     assert status == 0 and calls == [("cifar10", tmp_path / "c")] and "CIFAR-10 is ready in" in stdout
     status, _, err = run_main(capsys, "download", "imagenet")
     assert status == 2 and "invalid choice: 'imagenet'" in err
+
+
+def test_a_checkpoint_from_before_input_descriptions_evaluates_and_predicts_as_fashion_mnist(tmp_path, capsys):
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--model", "seed", "--data", "bundled", "--train-split", ":256", "--val-split",
+                              "9000:9128", "--epochs", 1, "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    # Rewrite the checkpoint as an earlier version wrote it: everything but the input description.
+    with numpy.load(out / "last.npz") as archive:
+        arrays = {key: archive[key] for key in archive.files if key != "__inputs__"}
+    old = tmp_path / "old.npz"
+    numpy.savez(old, **arrays)
+    assert load_checkpoint(old).inputs is None
+
+    status, stdout, err = run_main(capsys, "evaluate", old, "--device", "cpu")
+    assert status == 0, err
+    assert "assumed" in stdout and "Ankle boot" in stdout
+    picture = save_png(tmp_path / "shoe.png", numpy.random.default_rng(0).integers(0, 256, (40, 40, 3)))
+    status, stdout, err = run_main(capsys, "predict", old, picture, "--top", 1)
+    assert status == 0 and "assumed" in err
+    assert stdout.split(": ")[1].rsplit(" ", 1)[0] in DATASETS["fashion-mnist"].class_names

@@ -557,3 +557,15 @@ def test_a_link_back_up_the_tree_is_followed_once(tmp_path):
     save(root / "y" / "b.png", random_uint8((4, 4), 2))
     (root / "x" / "loop").symlink_to(root / "x", target_is_directory=True)
     assert len(load_dataset(root)) == 2
+
+
+def test_cifar_offline_download_says_which_file_to_put_where(data_root):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DataError) as excinfo:
+        datasets.download_dataset("cifar10", mirrors=[f"http://127.0.0.1:{port}/"], retries=0, progress=False)
+    assert_one_line(excinfo, "cannot reach the server", re.escape(f"place cifar-10-binary.tar.gz into {data_root / 'cifar10'}"))
+    assert list((data_root / "cifar10").iterdir()) == []
