@@ -569,3 +569,19 @@ def test_cifar_offline_download_says_which_file_to_put_where(data_root):
         datasets.download_dataset("cifar10", mirrors=[f"http://127.0.0.1:{port}/"], retries=0, progress=False)
     assert_one_line(excinfo, "cannot reach the server", re.escape(f"place cifar-10-binary.tar.gz into {data_root / 'cifar10'}"))
     assert list((data_root / "cifar10").iterdir()) == []
+
+
+def test_a_folder_of_fashion_mnist_pngs_gives_the_idx_pixels_back(tmp_path):
+    bundled = load_dataset("bundled")
+    root = tmp_path / "fashion"
+    for index in range(40):
+        label = int(bundled.labels[index])
+        folder = root / bundled.class_names[label].replace("/", "-")
+        save(folder / f"{index:03d}.png", bundled.images[index, 0])
+    loaded = load_dataset(root)
+    assert loaded.images.shape == (40, 1, 28, 28)  # greyscale PNGs: one channel
+    # Folder order is class by class (sorted names), then file name: map back through the file names.
+    order = sorted(range(40), key=lambda i: (bundled.class_names[int(bundled.labels[i])].replace("/", "-"), i))
+    numpy.testing.assert_array_equal(loaded.images, bundled.images[order])
+    names = [bundled.class_names[int(bundled.labels[i])].replace("/", "-") for i in order]
+    assert [loaded.class_names[label] for label in loaded.labels] == names
