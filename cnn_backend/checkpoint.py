@@ -100,7 +100,8 @@ class Checkpoint:
                 return InputSpec.from_config(self.inputs)
             except ValueError as exc:
                 raise ModelFileError(f"{self.path}: {exc}") from None
-        return InputSpec.legacy(_output_count(self.parameters))
+        shape = self.model_config.get("input_shape") if isinstance(self.model_config, dict) else None
+        return InputSpec.legacy(_output_count(self.parameters), shape)
 
     @property
     def is_training_checkpoint(self) -> bool:

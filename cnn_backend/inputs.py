@@ -41,9 +41,14 @@ class InputSpec:
         return cls(tuple(data.class_names), channels, (height, width), normalization)
 
     @classmethod
-    def legacy(cls, num_outputs: int = len(CLASS_NAMES)) -> "InputSpec":
+    def legacy(cls, num_outputs: int = len(CLASS_NAMES), input_shape=None) -> "InputSpec":
+        """The assumed input of a file that records none: Fashion-MNIST's names (generic ones when
+        the network has not ten outputs) and ``input_shape`` when the model config gives one, else 1x28x28."""
         names = CLASS_NAMES if num_outputs == len(CLASS_NAMES) else tuple(f"class {index}" for index in range(num_outputs))
-        return cls(tuple(names), 1, (28, 28), None, recorded=False)
+        channels, height, width = (1, 28, 28)
+        if input_shape is not None and len(input_shape) == 3 and int(input_shape[0]) in (1, 3):
+            channels, height, width = (int(size) for size in input_shape)
+        return cls(tuple(names), channels, (height, width), None, recorded=False)
 
     def config(self) -> dict:
         return {
