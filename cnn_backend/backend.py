@@ -76,11 +76,26 @@ def _float_dtype(dtype: Any) -> numpy.dtype:
     return resolved
 
 
-def cpu_backend(dtype: Any = "float32") -> Backend:
-    """NumPy and SciPy on the host."""
-    import scipy.signal
+class _ModuleOnFirstUse(ModuleType):
+    """A module imported on its first attribute access: ``scipy.signal`` costs about a second and
+    70 MiB to import and only the FFT convolution algorithm uses it."""
 
-    return Backend("cpu", numpy, scipy.signal, _float_dtype(dtype))
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._module_name = name
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return getattr(importlib.import_module(self._module_name), attribute)
+
+
+_SCIPY_SIGNAL = _ModuleOnFirstUse("scipy.signal")
+
+
+def cpu_backend(dtype: Any = "float32") -> Backend:
+    """NumPy and SciPy on the host (``scipy.signal`` is imported when first used)."""
+    return Backend("cpu", numpy, _SCIPY_SIGNAL, _float_dtype(dtype))
 
 
 def cuda_backend(dtype: Any = "float32") -> CudaBackend:
