@@ -9,6 +9,7 @@ when CUDA is asked for (or probed by ``"auto"``): CPU users never import it.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -125,6 +126,14 @@ def cuda_backend(dtype: Any = "float32") -> CudaBackend:
             f"the CUDA libraries are missing or mismatched: {CUDA_INSTALL_HINT}"
         ) from None
     return CudaBackend("cuda", cupy, signal, _float_dtype(dtype))
+
+
+def cuda_nccl() -> ModuleType:
+    """CuPy's NCCL binding, ``cupy.cuda.nccl`` (a submodule ``import cupy`` leaves out); its
+    ``available`` says whether the NCCL library could be loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CuPy warns when libnccl is missing: `available` says so
+        return importlib.import_module("cupy.cuda.nccl")
 
 
 def get_backend(device: str | Backend = "auto", dtype: Any = "float32") -> Backend:

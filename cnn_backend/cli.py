@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import BUNDLED_COUNT, BatchLoader, DataError, Normalization, download, stratified_holdout
 from .datasets import DATA_DIR_ENV, DATASETS, dataset_dir, download_dataset, load_dataset, source_kind
 from .datasets.folder import CHANNEL_CHOICES, parse_image_size
+from .distributed import DistributedSetupError, bind_device, communicator_for_backend, world_communicator
 from .inputs import InputSpec
 from .predict import predict_files
 from .functional import CONV_ALGORITHMS
@@ -69,7 +70,11 @@ PROG = "cnn-backend"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: errors a user can fix from the command line: reported in one line, exit status 2
-USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError)
+USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError, DistributedSetupError)
+#: seconds a failing process other than rank 0 waits before ending the job, so that an error every
+#: process meets (a bad option) is reported once, by rank 0; and after Ctrl-C, the time rank 0 has to
+#: finish writing an epoch's files
+FAILURE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 10.0
 
 #: commands provided by optional modules, loaded only when invoked: name -> (module, help)
 OPTIONAL_COMMANDS = {
@@ -123,15 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals_raise():
             return args.handler(args)
-    except KeyboardInterrupt as exc:
-        _print_error(getattr(exc, "description", "interrupted"), prefix="")
-        return getattr(exc, "exit_status", EXIT_INTERRUPTED)
-    except USER_ERRORS as exc:
-        _print_error(exc)
-        return EXIT_USAGE
-    except OSError as exc:
-        _print_error(exc)
-        return EXIT_FAILED
+    except BaseException as exc:
+        status, message, prefix = _failure(exc)
+        _print_error(message, prefix)
+        return status
+
+
+def _failure(exc: BaseException) -> tuple[int, str, str]:
+    """Exit status, message and prefix of a failed command; exceptions that are not known errors
+    propagate (with their traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return getattr(exc, "exit_status", EXIT_INTERRUPTED), getattr(exc, "description", "interrupted"), ""
+    if isinstance(exc, USER_ERRORS):
+        return EXIT_USAGE, str(exc), "error: "
+    if isinstance(exc, OSError):
+        return EXIT_FAILED, str(exc), "error: "
+    raise exc
 
 
 def _print_error(message, prefix: str = "error: ") -> None:
@@ -141,6 +153,10 @@ def _print_error(message, prefix: str = "error: ") -> None:
 
 def _say(*parts) -> None:
     print(*parts, flush=True)
+
+
+def _silent(*parts, **options) -> None:
+    pass
 
 
 def _command_name(argv: list[str]) -> str | None:
@@ -676,11 +692,54 @@ def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None,
 
 
 def run_train(args) -> int:
-    """The ``train`` command."""
+    """The ``train`` command: in this process, or in every process of an ``mpiexec`` job."""
+    world = world_communicator()
+    if world.size == 1:
+        return _train(args, world)
+    return _train_in_job(args, world)
+
+
+def _train_in_job(args, world) -> int:
+    """One process of a data-parallel job. A failure anywhere ends the whole job (``MPI_Abort``)
+    within seconds, with one line naming the process and the reason, instead of leaving the
+    others waiting in a collective operation."""
+    try:
+        status = _train(args, world)
+    except BaseException as exc:
+        try:
+            status, message, prefix = _failure(exc)
+        except BaseException:  # not a known error: still one line, and the job must end
+            status, message, prefix = EXIT_FAILED, f"{type(exc).__name__}: {exc}", "error: "
+        if isinstance(exc, KeyboardInterrupt):  # every process was interrupted: rank 0 says so
+            if world.is_root:
+                _print_error(message, prefix)
+        else:
+            _wait_for_rank_0(world, FAILURE_GRACE_SECONDS)
+            _print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
+            world.abort(status)
+    if status != EXIT_OK:
+        # Rank 0 has reported (a non-finite loss, Ctrl-C) and ends the job; the others give it time.
+        _wait_for_rank_0(world, FAILURE_GRACE_SECONDS if status == EXIT_FAILED else INTERRUPT_GRACE_SECONDS)
+        world.abort(status)
+    return status
+
+
+def _wait_for_rank_0(world, seconds: float) -> None:
+    if not world.is_root:
+        time.sleep(seconds)
+
+
+def _train(args, world) -> int:
+    """Train in this process; ``world`` is the job's communicator (one process for a plain run).
+    Rank 0 alone prints and writes files."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
     settings = resolve_settings(explicit, checkpoint)
     backend, device_line = open_backend(args.device, settings["dtype"])
+    gpu = bind_device(backend, world.local_rank)
+    if gpu is not None and world.size > 1:
+        device_line += f"; rank {world.rank} on GPU {gpu}"
+    communicator, distributed_line = communicator_for_backend(world, backend)
 
     data = load_training_data(settings)
     images, labels = data.images, data.labels
@@ -700,29 +759,36 @@ def run_train(args) -> int:
 
     loader = BatchLoader(
         images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
-        num_classes=inputs.num_classes, normalization=inputs.normalization,
+        num_classes=inputs.num_classes, normalization=inputs.normalization, rank=communicator.rank, size=communicator.size,
     )
     schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
     schedule = schedule_from_config(schedule_settings)
     validation = (inputs.prepare(images[val_window], backend.dtype), labels[val_window])
-    lines = [device_line, f"data: {data.source}", *(f"note: {note}" for note in data.notes), f"input: {inputs.describe()}", split_line]
+    lines = [device_line, distributed_line, f"data: {data.source}", *(f"note: {note}" for note in data.notes),
+             f"input: {inputs.describe()}", split_line]
     del images, labels, data  # the loader and the validation set keep what they use
     pause_point("start")
 
-    # Everything that can be refused has been checked: only now is the output folder touched.
-    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None)
+    # Everything that can be refused has been checked: only now is the output folder touched (by
+    # rank 0 alone; the others learn its name).
+    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None) if world.is_root else None
     try:
+        out_dir = world.broadcast_object(folder.path if folder is not None else None)
         return _train_in_folder(
-            args, folder, settings, backend, model, optimizer, start_epoch, checkpoint, loader, schedule, schedule_settings,
-            validation, lines, inputs,
+            args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch, checkpoint,
+            loader, schedule, schedule_settings, validation, lines, inputs,
         )
     finally:
-        folder.close()
+        if folder is not None:
+            folder.close()
 
 
-def _train_in_folder(args, folder, settings, backend, model, optimizer, start_epoch, checkpoint, loader, schedule,
-                     schedule_settings, validation, lines, inputs: InputSpec) -> int:
-    out_dir = folder.path
+def _train_in_folder(args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch,
+                     checkpoint, loader, schedule, schedule_settings, validation, lines, inputs: InputSpec) -> int:
+    """The training run; ``folder`` is None on the processes other than rank 0, which neither print
+    nor write."""
+    say = _say if world.is_root else _silent
+    report_error = _print_error if world.is_root else _silent
     history, best = [], {"epoch": None, "val_accuracy": None}
     if checkpoint is not None:
         history = checkpoint.history
@@ -730,25 +796,26 @@ def _train_in_folder(args, folder, settings, backend, model, optimizer, start_ep
         if _same_folder(out_dir, checkpoint.path.parent):
             best = checkpoint.best
 
-    _say(f"{PROG} train: {_describe_settings(settings)}")
+    say(f"{PROG} train: {_describe_settings(settings)}")
     for line in lines:
-        _say(line)
+        say(line)
     if checkpoint is not None:
-        _say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
+        say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
         if checkpoint.schedule != schedule_settings:
-            _say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
-    _say(f"outputs: {out_dir}")
+            say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
+    say(f"outputs: {out_dir}")
 
     recorder = None
     progress = EpochProgress(
         settings["epochs"], len(loader), settings["batch_size"], loader.num_samples,
-        show_bar=not args.quiet and sys.stderr.isatty(),
+        show_bar=not args.quiet and sys.stderr.isatty() and world.is_root,
     )
 
     def epoch_finished(stats) -> None:
         progress.close()
-        improved = recorder.record(stats)
-        _say(format_epoch_line(stats, settings["epochs"], improved))
+        if recorder is not None:
+            improved = recorder.record(stats)
+            say(format_epoch_line(stats, settings["epochs"], improved))
 
     def intact(resume_hint: bool) -> str:
         if recorder is None:
@@ -758,8 +825,10 @@ def _train_in_folder(args, folder, settings, backend, model, optimizer, start_ep
 
     stage = "training"
     try:
-        recorder = RunRecorder(folder, model, optimizer, schedule, {**settings, "device": backend.name},
-                               history=history, best=best, resumed=checkpoint, inputs=inputs)
+        if folder is not None:
+            recorder = RunRecorder(folder, model, optimizer, schedule,
+                                   {**settings, "device": backend.name, "processes": communicator.size},
+                                   history=history, best=best, resumed=checkpoint, inputs=inputs)
         pause_point("folder")
         started = time.perf_counter()
         # Overflow warnings would only repeat what the non-finite loss check reports in one line.
@@ -768,9 +837,11 @@ def _train_in_folder(args, folder, settings, backend, model, optimizer, start_ep
                 model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
                 augment=make_augmentation(settings["augment"], backend, settings["seed"]),
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
-                on_epoch_end=epoch_finished, log_every=args.log_every,
+                on_epoch_end=epoch_finished, log_every=args.log_every, communicator=communicator,
             )
         training_seconds = time.perf_counter() - started
+        if folder is None:
+            return EXIT_OK
         stage = "plots"
         pause_point("plots")
         plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation, inputs.class_names)
@@ -778,25 +849,25 @@ def _train_in_folder(args, folder, settings, backend, model, optimizer, start_ep
         progress.close()
         what = getattr(exc, "description", "interrupted")
         if stage == "plots":
-            _print_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
+            report_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
         else:
-            _print_error(f"{what} during epoch {progress.epoch or start_epoch}; {intact(resume_hint=True)}", prefix="")
+            report_error(f"{what} during epoch {progress.epoch or start_epoch}; {intact(resume_hint=True)}", prefix="")
         return getattr(exc, "exit_status", EXIT_INTERRUPTED)
     except NonFiniteLossError as exc:
         progress.close()
-        _print_error(f"{exc}; {intact(resume_hint=False)}")
+        report_error(f"{exc}; {intact(resume_hint=False)}")
         return EXIT_FAILED
     except FileWriteError as exc:
         progress.close()
-        _print_error(f"{exc}; {intact(resume_hint=False)}; free space or choose another --out")
+        report_error(f"{exc}; {intact(resume_hint=False)}; free space or choose another --out")
         return EXIT_FAILED
     finally:
         if recorder is not None:
             recorder.close()
 
-    _say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
+    say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
     written = [HISTORY_FILE, LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if (out_dir / BEST_CHECKPOINT).exists() else []) + plots
-    _say(f"outputs in {out_dir}: {', '.join(written)}")
+    say(f"outputs in {out_dir}: {', '.join(written)}")
     return EXIT_OK
 
 

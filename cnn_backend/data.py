@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,24 @@ def _check_normalization(normalization: Normalization, channels: int) -> None:
 # ---------------------------------------------------------------------------------------- batching
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """One process's part of a global batch: samples ``[start, stop)`` of the ``total`` in it."""
+
+    start: int
+    stop: int
+    total: int
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+def _nearby_multiples(value: int, factor: int) -> list[int]:
+    below = value // factor
+    return [k for k in (below, below + 1) if k >= 1]
+
+
 class BatchLoader:
     """Minibatches ``(x, y)`` on the backend's device, in a seeded order that any epoch reproduces.
 
@@ -252,6 +271,11 @@ class BatchLoader:
 
     The order of epoch ``e`` is ``numpy.random.default_rng((seed, e)).permutation(N)``, so resuming
     at epoch ``e`` needs no saved generator state.
+
+    Data-parallel training: with ``size`` processes, ``batch_size`` is the global batch and process
+    ``rank`` receives its contiguous share of every global batch (the same global batches, in the same
+    order, as one process); :meth:`share` says which part of batch ``index`` that is. A batch size
+    that ``size`` does not divide is refused; a smaller last batch is shared as evenly as it can be.
     """
 
     def __init__(
@@ -267,6 +291,8 @@ class BatchLoader:
         max_device_bytes: int = DEFAULT_MAX_DEVICE_BYTES,
         num_classes: int = NUM_CLASSES,
         normalization: Normalization | None = None,
+        rank: int = 0,
+        size: int = 1,
     ):
         images = numpy.asarray(images)
         labels = numpy.asarray(labels)
@@ -290,14 +316,29 @@ class BatchLoader:
         if not isinstance(seed, (int, numpy.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
+        if not 0 <= rank < size:
+            raise ValueError(f"rank must be in [0, {size}), got {rank!r}")
+        if batch_size % size:
+            raise ValueError(
+                f"the batch size {batch_size} cannot be shared by {size} processes: choose a multiple of "
+                f"{size} ({', '.join(str(size * k) for k in _nearby_multiples(batch_size, size))})"
+            )
+
         self.backend = backend
         self.batch_size = int(batch_size)
+        self.rank, self.size = int(rank), int(size)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_last = drop_last
         self.num_samples = len(images)
         self._host_images = numpy.ascontiguousarray(images)
         self._host_labels = labels.astype(numpy.int64)
+        last = self.num_samples - (len(self) - 1) * self.batch_size if len(self) else 0
+        if 0 < last < self.size:
+            raise ValueError(
+                f"the last batch of an epoch holds {last} samples, fewer than the {self.size} processes: "
+                f"use drop_last, or change the batch size or the number of training samples"
+            )
         device_bytes = self._host_images.nbytes + self._host_labels.nbytes
         #: True when the whole split lives on the device.
         self.resident = device_bytes <= max_device_bytes
@@ -315,6 +356,13 @@ class BatchLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
+    def share(self, index: int) -> BatchShare:
+        """This process's part of global batch ``index`` (0-based) of an epoch."""
+        total = min(self.batch_size, self.num_samples - index * self.batch_size)
+        base, extra = divmod(total, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return BatchShare(start, start + base + (self.rank < extra), total)
+
     def order(self, epoch_index: int) -> numpy.ndarray:
         """Host permutation of sample indices for this epoch (identity when not shuffling)."""
         if not self.shuffle:
@@ -323,22 +371,26 @@ class BatchLoader:
 
     def epoch(self, epoch_index: int = 0) -> Iterator[tuple[Any, Any]]:
         """Yield the minibatches ``(x, y)`` of epoch ``epoch_index``, all on the device."""
-        starts = range(0, len(self) * self.batch_size, self.batch_size)
+        # This process's [start, stop) of every global batch, as positions in the epoch's order.
+        bounds = []
+        for batch in range(len(self)):
+            share = self.share(batch)
+            bounds.append((batch * self.batch_size + share.start, batch * self.batch_size + share.stop))
         if self.resident:
             images, labels = self._device_images, self._device_labels
             # One transfer of the order per epoch; batches are then gathered with device indices.
             order = self.backend.to_device(self.order(epoch_index)) if self.shuffle else None
-            for start in starts:
+            for start, stop in bounds:
                 if order is None:
-                    x, y = images[start:start + self.batch_size], labels[start:start + self.batch_size]
+                    x, y = images[start:stop], labels[start:stop]
                 else:
-                    index = order[start:start + self.batch_size]
+                    index = order[start:stop]
                     x, y = images[index], labels[index]
                 yield self._to_float(x), y
         else:
             order = self.order(epoch_index)
-            for start in starts:
-                index = order[start:start + self.batch_size]
+            for start, stop in bounds:
+                index = order[start:stop]
                 x = self.backend.to_device(self._host_images[index])
                 y = self.backend.to_device(self._host_labels[index])
                 yield self._to_float(x), y

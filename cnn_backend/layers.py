@@ -330,7 +330,11 @@ class FullyConnected(Layer):
 class Dropout(Layer):
     """Inverted dropout: in training, zero each input with probability ``rate`` and scale the rest by
     ``1 / (1 - rate)``; in evaluation, the identity. Masks are drawn on the host from the layer's
-    seeded generator, so CPU and GPU runs drop the same units."""
+    seeded generator, so CPU and GPU runs drop the same units.
+
+    In data-parallel training ``batch_share`` is ``(start, total)``: this process holds samples
+    ``start ..`` of a global batch of ``total``, so the mask is drawn for the whole global batch (every
+    process advances the generator alike) and this process applies its rows, as one process would."""
 
     def __init__(self, rate: float = 0.5, *, rng=None, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
@@ -338,6 +342,7 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: rate must be in [0, 1), got {rate!r}")
         self.rate = float(rate)
         self.rng = make_rng(rng)
+        self.batch_share: tuple[int, int] | None = None
         self._mask = None
 
     def config(self) -> dict:
@@ -347,7 +352,8 @@ class Dropout(Layer):
         if not self.training or self.rate == 0.0:
             self._mask = None
             return x
-        keep = self.rng.random(x.shape) >= self.rate
+        start, total = self.batch_share or (0, x.shape[0])
+        keep = (self.rng.random((total,) + tuple(x.shape[1:])) >= self.rate)[start:start + x.shape[0]]
         # Send the mask as booleans (a quarter of float32's bytes) and scale it on the device.
         self._mask = self.backend.to_device(keep).astype(x.dtype)
         self._mask *= 1.0 / (1.0 - self.rate)

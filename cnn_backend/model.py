@@ -50,6 +50,17 @@ class Sequential:
     def eval(self) -> "Sequential":
         return self.train(False)
 
+    def set_batch_share(self, share: tuple[int, int] | None) -> None:
+        """Tell layers that draw random numbers per sample (Dropout) that the coming batches are
+        samples ``start ..`` of global batches of ``total``, ``share = (start, total)``
+        (data-parallel training); None: each batch is a whole batch."""
+        pending = list(self.layers)
+        while pending:
+            layer = pending.pop()
+            if hasattr(layer, "batch_share"):
+                layer.batch_share = share
+            pending.extend(getattr(layer, "layers", ()))
+
     # -- computation ---------------------------------------------------------------------------------
 
     def forward(self, x):

@@ -116,6 +116,24 @@ def run_workload(tmp_path) -> DeviceUsage:
     for x, _ in colour_loader.epoch(0):
         RandomCropFlip(be, padding=1, seed=0)(x, 1, 1)
 
+    # The data-parallel path on the device: packing the gradients, broadcasting the parameters,
+    # sharded validation and the per-interval reduction (a two-process communicator whose
+    # collectives leave arrays as they are, since one process holds both "ranks" here).
+    from cnn_backend.augment import RandomCropFlip
+    from cnn_backend.distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
+
+    class TwoProcesses(SingleProcess):
+        size = 2
+
+    model = default_cnn(be, seed=0, dropout=0.5)
+    loader = BatchLoader(images[:32], labels[:32], be, batch_size=16, rank=0, size=2)
+    fit(model, SGD(model.parameters(), lr=0.01, backend=be), loader, 1, validation=validation, log_every=1,
+        communicator=TwoProcesses(), augment=RandomCropFlip(be, seed=0))
+    GradientAverager(model, TwoProcesses())(weight=0.5)
+    broadcast_parameters(model, TwoProcesses())
+    average_buffers(model, TwoProcesses())
+    evaluate(model, *validation, batch_size=3, communicator=TwoProcesses())
+
     # The parity run's own tracing.
     parity.compare(get_backend("cpu", "float64"), be, model="seed", steps=1, batch_size=2)
     return be.usage
@@ -124,6 +142,30 @@ def run_workload(tmp_path) -> DeviceUsage:
 @pytest.fixture(scope="module")
 def usage(tmp_path_factory) -> DeviceUsage:
     return run_workload(tmp_path_factory.mktemp("cupy-names"))
+
+
+#: what the NCCL communicator and the device binding take from CuPy (cnn_backend.distributed)
+CUDA_NAMES = ("get_current_stream", "Device", "runtime.getDeviceCount", "nccl")
+NCCL_NAMES = ("available", "get_unique_id", "NcclCommunicator", "NCCL_SUM", "NCCL_FLOAT32", "NCCL_FLOAT64", "allReduce", "bcast")
+
+
+def test_the_distributed_path_takes_only_names_cupy_has():
+    import importlib
+    import importlib.util
+
+    from cnn_backend.testing import _has_dotted
+
+    from cnn_backend.backend import cuda_nccl
+
+    cupy = importlib.import_module("cupy")
+    assert isinstance(cuda_nccl().available, bool)  # imported here without CuPy's missing-library warning
+    assert [name for name in CUDA_NAMES if not _has_dotted(cupy.cuda, name, "cupy.cuda")] == []
+    # Without the NCCL library cupy.cuda.nccl holds only `available`; the names live in CuPy's
+    # compiled binding, whose symbol table names every function and method it defines.
+    binding = importlib.util.find_spec("cupy_backends.cuda.libs.nccl")
+    assert binding is not None and binding.origin, "CuPy's NCCL binding is missing"
+    text = open(binding.origin, "rb").read()
+    assert [name for name in NCCL_NAMES[1:] if name.encode() not in text] == []
 
 
 def test_the_workload_used_the_device(usage):
