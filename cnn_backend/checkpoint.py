@@ -2,8 +2,9 @@
 
 One archive holds:
 
-* ``__model_config__`` and ``param/<layer>.<name>``: the model exactly as :meth:`Sequential.save`
-  writes it, so :meth:`Sequential.load` reads a checkpoint as a plain model file too;
+* ``__model_config__``, ``param/<layer>.<name>`` and ``buffer/<layer>.<name>``: the model exactly
+  as :meth:`Sequential.save` writes it (the architecture with its input shape, the parameters and
+  the non-trained buffers), so :meth:`Sequential.load` reads a checkpoint as a plain model file too;
 * ``optim/<buffer>/<index>``: the optimiser's state buffers (momentum, Adam moments);
 * ``__inputs__``: what the model expects as input (class names, channels, image size,
   normalisation; see :class:`cnn_backend.inputs.InputSpec`), absent from files of earlier versions;
@@ -35,6 +36,7 @@ from .serialization import ModelFileError, json_array, read_npz
 STATE_KEY = "__training_state__"
 OPTIMIZER_PREFIX = "optim/"
 PARAM_PREFIX = "param/"
+BUFFER_PREFIX = "buffer/"
 FORMAT_VERSION = 1
 _REQUIRED_STATE = ("format", "epoch", "optimizer", "schedule", "settings", "rng", "best", "history")
 
@@ -86,10 +88,11 @@ class Checkpoint:
     """
 
     path: Path
-    model_config: list
+    model_config: list | dict
     parameters: dict
     state: dict | None = None
     optimizer_buffers: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)
     inputs: dict | None = None
 
     def input_spec(self) -> InputSpec:
@@ -134,10 +137,13 @@ class Checkpoint:
         return self.state["optimizer"]["name"] if self.state else None
 
     def build_model(self, backend: Backend) -> Sequential:
-        """The model on ``backend``, with its parameters and its Dropout layers' generator state."""
-        model = Sequential.from_config(self.model_config, backend)
+        """The model on ``backend``, with its parameters, buffers and its Dropout layers' generator state."""
         try:
-            model.load_state_dict(self.parameters)
+            model = Sequential.from_config(self.model_config, backend)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{self.path}: {_one_line(exc)}") from None
+        try:
+            model.load_state_dict(self.parameters, self.buffers)
             if self.state:
                 restore_dropout_rng_states(model, self.state["rng"]["dropout"])
         except (ModelFileError, ValueError, KeyError, TypeError) as exc:
@@ -175,9 +181,10 @@ def load_checkpoint(path: str | os.PathLike, *, require_training_state: bool = T
     if CONFIG_KEY not in arrays:
         raise ModelFileError(f"{path}: not a cnn_backend model or checkpoint (no model config inside)")
     model_config = _decode_json(arrays[CONFIG_KEY], path, "model config")
-    if not isinstance(model_config, list):
-        raise ModelFileError(f"{path}: the model config is not a list of layers")
+    if not isinstance(model_config, (list, dict)):
+        raise ModelFileError(f"{path}: the model config is not an architecture (a list of layers or a spec)")
     parameters = {key[len(PARAM_PREFIX) :]: value for key, value in arrays.items() if key.startswith(PARAM_PREFIX)}
+    model_buffers = {key[len(BUFFER_PREFIX) :]: value for key, value in arrays.items() if key.startswith(BUFFER_PREFIX)}
     if not parameters:
         raise ModelFileError(f"{path}: the file holds no parameters")
     inputs = _decode_json(arrays[INPUTS_KEY], path, "input description") if INPUTS_KEY in arrays else None
@@ -186,12 +193,12 @@ def load_checkpoint(path: str | os.PathLike, *, require_training_state: bool = T
     if STATE_KEY not in arrays:
         if require_training_state:
             raise ModelFileError(f"{path}: a model file without training state (not a checkpoint); it cannot be resumed")
-        return Checkpoint(path, model_config, parameters, inputs=inputs)
+        return Checkpoint(path, model_config, parameters, buffers=model_buffers, inputs=inputs)
 
     state = _decode_json(arrays[STATE_KEY], path, "training state")
     _check_state(state, path)
     buffers = {key[len(OPTIMIZER_PREFIX) :]: value for key, value in arrays.items() if key.startswith(OPTIMIZER_PREFIX)}
-    return Checkpoint(path, model_config, parameters, state, buffers, inputs)
+    return Checkpoint(path, model_config, parameters, state, buffers, model_buffers, inputs)
 
 
 def _output_count(parameters: dict) -> int:
@@ -221,20 +228,22 @@ def _check_state(state, path: Path) -> None:
 
 
 def dropout_rng_states(model: Sequential) -> dict:
-    """``{layer index: bit generator state}`` of every Dropout layer (JSON-ready)."""
-    return {str(index): layer.rng.bit_generator.state for index, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+    """``{layer name: bit generator state}`` of every Dropout layer (JSON-ready; names as in
+    :meth:`Sequential.named_layers`, the index for a top-level layer)."""
+    return {name: layer.rng.bit_generator.state for name, layer in model.named_layers() if isinstance(layer, Dropout)}
 
 
 def restore_dropout_rng_states(model: Sequential, states: dict) -> None:
     """Put saved generator states back into the model's Dropout layers."""
-    dropout_indices = {str(index) for index, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+    named = dict(model.named_layers())
+    dropout_indices = {name for name, layer in named.items() if isinstance(layer, Dropout)}
     if set(states) != dropout_indices:
         raise ModelFileError(
             f"Dropout generator states for layers {sorted(states) or 'none'}, "
             f"but the model has Dropout at {sorted(dropout_indices) or 'none'}"
         )
     for index, state in states.items():
-        layer = model.layers[int(index)]
+        layer = named[index]
         # A generator of the same kind as the saved one, so the state always fits.
         kind = getattr(numpy.random, str(state["bit_generator"]), None)
         if not (isinstance(kind, type) and issubclass(kind, numpy.random.BitGenerator)):

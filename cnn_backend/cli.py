@@ -1,4 +1,4 @@
-"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``predict``, ``download``, ``benchmark``, ``parity``.
+"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``predict``, ``summary``, ``download``, ``benchmark``, ``parity``.
 
 :func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
 cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
@@ -32,7 +32,9 @@ from .inputs import InputSpec
 from .predict import predict_files
 from .functional import CONV_ALGORITHMS
 from .layers import Convolution, ShapeError
-from .model import ARCHITECTURES, EVALUATION_BATCH_SIZE, default_cnn, seed_cnn
+from .model import EVALUATION_BATCH_SIZE, default_cnn, seed_cnn
+from .spec import BUILTIN_NAMES, SpecError, build_model as build_spec_model, normalize_spec, resolve_spec
+from .summary import format_summary
 from .optim import OPTIMIZERS, make_optimizer
 from .report import (
     HistoryWriter,
@@ -83,6 +85,11 @@ OPTIONAL_COMMANDS = {
 }
 
 DEFAULT_MODEL = "default"
+#: the per-sample shape of Fashion-MNIST images, which the built-in networks were designed for
+INPUT_SHAPE = (1, 28, 28)
+#: the recipe of a network from an architecture file: the default model's, without the dropout
+#: that --dropout would add to the default network (a file writes its own Dropout layers)
+SPEC_FILE_RECIPE = {**RECIPES["default"], "dropout": 0.0}
 #: run settings that are not part of a recipe
 GENERAL_DEFAULTS = {
     "seed": 0, "dtype": "float32", "data": "auto",
@@ -186,6 +193,7 @@ def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParse
     _add_train_command(commands)
     _add_evaluate_command(commands)
     _add_predict_command(commands)
+    _add_summary_command(commands)
     _add_download_command(commands)
     for name, (_, help_text) in OPTIONAL_COMMANDS.items():
         module = (optional_modules or {}).get(name)
@@ -220,10 +228,11 @@ def _add_train_command(commands) -> None:
         "(cnn_backend.training.RECIPES) or, with --resume, the values stored in the checkpoint.",
     )
     model = train.add_argument_group("model and data")
-    model.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture: seed (the seed article's one-filter "
-                       "network) or default (a two-block CNN, used when --model is left out)")
+    model.add_argument("--model", type=_model_text, metavar="seed|default|FILE", help="architecture: seed (the seed article's "
+                       "one-filter network), default (a two-block CNN, used when --model is left out), or an architecture "
+                       "file (.toml or .json, see docs/spec-format.md; trained with the default model's recipe, without its dropout)")
     model.add_argument("--dropout", type=_fraction, metavar="RATE", help="dropout before the output layer, default model only "
-                       f"(default: {RECIPES['default']['dropout']})")
+                       f"(default: {RECIPES['default']['dropout']}); an architecture file writes its own Dropout layers")
     model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, or "
                        f"crop-flip (random 2-pixel shifts and left-right flips) (default: {recipe_default('augment')})")
     model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
@@ -314,6 +323,19 @@ def _add_predict_command(commands) -> None:
     predict_parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
     predict_parser.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default: 256)")
     predict_parser.set_defaults(handler=run_predict)
+def _add_summary_command(commands) -> None:
+    summary_parser = commands.add_parser(
+        "summary",
+        help="print a network's layers, output shapes, parameter counts and MACs",
+        description="Build a network (a built-in name or an architecture file) for an input shape and print its "
+        "layers with output shape, parameters and multiply-accumulates per sample, then the totals and the parameter memory.",
+    )
+    summary_parser.add_argument("--model", type=_model_text, default=DEFAULT_MODEL, metavar="seed|default|FILE",
+                                help="a built-in network or a .toml/.json architecture file (default: default)")
+    summary_parser.add_argument("--input-shape", type=_input_shape, default=INPUT_SHAPE, metavar="C,H,W",
+                                help="per-sample input shape, channels,height,width (or features) (default: 1,28,28, Fashion-MNIST)")
+    summary_parser.add_argument("--dtype", choices=DTYPES, default="float32", help="for the parameter memory (default: float32)")
+    summary_parser.set_defaults(handler=run_summary)
 
 
 def _add_download_command(commands) -> None:
@@ -389,6 +411,22 @@ def _parse(kind, text: str):
         raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
 
 
+def _model_text(text: str) -> str:
+    if text in BUILTIN_NAMES or Path(text).suffix in (".toml", ".json"):
+        return text
+    raise argparse.ArgumentTypeError(f"choose {', '.join(BUILTIN_NAMES)}, or an architecture file ending in .toml or .json, got {text!r}")
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,28,28) or a feature count, got {text!r}")
+    return shape
+
+
 def _range_text(text: str) -> str:
     parse_range(text)  # syntax only; bounds are checked against the data
     return text
@@ -444,14 +482,15 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
                 f"resume it (start a new run without --resume instead)"
             )
     model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
-    recipe = RECIPES[model]
+    recipe = RECIPES.get(model, SPEC_FILE_RECIPE)
     optimizer = explicit.get("optimizer") or stored.get("optimizer") or recipe["optimizer"]
     defaults = {**GENERAL_DEFAULTS, **recipe}
     if optimizer != recipe["optimizer"]:
         defaults.update(OPTIMIZER_DEFAULTS[optimizer])
     settings = {**defaults, **stored, **explicit, "model": model, "optimizer": optimizer}
     if settings["dropout"] and model != "default":
-        raise ValueError(f"--dropout applies to the default model only, not {model}")
+        hint = "" if model in BUILTIN_NAMES else "; write a Dropout layer into the architecture file instead"
+        raise ValueError(f"--dropout applies to the default model only, not {model}{hint}")
     return {key: settings[key] for key in SETTING_NAMES}
 
 
@@ -500,17 +539,38 @@ def open_backend(device: str, dtype: str):
 
 
 def build_model(settings: dict, backend, conv_algorithm: str, inputs: InputSpec | None = None):
-    """A freshly initialised model of ``settings["model"]`` for ``inputs`` (default: Fashion-MNIST's
-    1x28x28 and ten classes), seeded by ``settings["seed"]``."""
+    """A freshly initialised model of ``settings["model"]`` (a built-in name or an architecture
+    file) for ``inputs`` (default: Fashion-MNIST's 1x28x28 and ten classes), seeded by
+    ``settings["seed"]``. The built-in networks take the data's shape and class count; an
+    architecture file must end in as many outputs as the data has classes (SpecError otherwise,
+    one line naming the file and the layer)."""
     inputs = inputs or InputSpec.legacy()
+    if settings["model"] not in BUILTIN_NAMES:
+        return load_spec_model(settings["model"], inputs.input_shape, backend, settings["seed"], inputs.num_classes, conv_algorithm)
     shape = {"input_shape": inputs.input_shape, "num_classes": inputs.num_classes}
     if settings["model"] == "seed":
-        if min(inputs.image_size) < 7:
-            raise ValueError(f"the seed model needs images of at least 7x7 pixels, got {inputs.image_size[0]}x{inputs.image_size[1]}")
         return seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, **shape)
-    if min(inputs.image_size) < 4:
-        raise ValueError(f"the default model needs images of at least 4x4 pixels, got {inputs.image_size[0]}x{inputs.image_size[1]}")
     return default_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"], **shape)
+
+
+def check_spec_file(model: str) -> None:
+    """Read and check an architecture file's structure and options (SpecError naming the file)."""
+    label, document = resolve_spec(model)
+    try:
+        normalize_spec(document)
+    except SpecError as exc:
+        raise SpecError(f"{label}: {exc}") from None
+
+
+def load_spec_model(model: str, input_shape, backend, seed: int = 0, num_classes: int | None = None, conv_algorithm: str = "auto"):
+    """Build the network ``model`` names (built-in or file); errors name the file."""
+    label, document = resolve_spec(model)
+    try:
+        return build_spec_model(
+            document, input_shape, backend, seed, num_classes=num_classes, algorithm=None if conv_algorithm == "auto" else conv_algorithm
+        )
+    except SpecError as exc:
+        raise SpecError(f"{label}: {exc}") from None
 
 
 def load_training_data(settings: dict):
@@ -683,8 +743,10 @@ def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None,
             f"nothing to resume; pass --epochs N (N > {checkpoint.epoch}) to train further"
         )
     model = checkpoint.build_model(backend)
+    if model.input_shape is not None and tuple(model.input_shape) != inputs.input_shape:
+        raise ValueError(f"{checkpoint.path} holds a model for inputs of shape {tuple(model.input_shape)}, the data has {inputs.input_shape}")
     if conv_algorithm:
-        for layer in model.layers:
+        for _, layer in model.named_layers():
             if isinstance(layer, Convolution):
                 layer.algorithm = conv_algorithm
     optimizer = checkpoint.build_optimizer(model, **optimizer_config(settings))
@@ -735,6 +797,8 @@ def _train(args, world) -> int:
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
     settings = resolve_settings(explicit, checkpoint)
+    if checkpoint is None and settings["model"] not in BUILTIN_NAMES:
+        check_spec_file(settings["model"])  # refused before the data is read; shapes are checked once it is
     backend, device_line = open_backend(args.device, settings["dtype"])
     gpu = bind_device(backend, world.local_rank)
     if gpu is not None and world.size > 1:
@@ -804,6 +868,7 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
         if checkpoint.schedule != schedule_settings:
             say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
     say(f"outputs: {out_dir}")
+    say(format_summary(model.summary()))
 
     recorder = None
     progress = EpochProgress(
@@ -906,7 +971,7 @@ def _write_training_plots(out_dir: Path, model, history: list[dict], validation,
     epoch = history[-1]["epoch"]
     plot_confusion_matrix(confusion, class_names, out_dir / CONFUSION_PLOT, title=f"validation confusion matrix, epoch {epoch}")
     written = [CURVES_PLOT, CONFUSION_PLOT]
-    first_conv = next((layer for layer in model.layers if isinstance(layer, Convolution)), None)
+    first_conv = next((layer for _, layer in model.named_layers() if isinstance(layer, Convolution)), None)
     if first_conv is not None:
         plot_filters(model.backend.to_numpy(first_conv.params["weight"].data), out_dir / FILTERS_PLOT,
                      title=f"first convolution layer filters, epoch {epoch}")
@@ -1016,6 +1081,15 @@ def run_predict(args) -> int:
             if prediction.ok:
                 _say(f"{prediction.path}: " + ", ".join(f"{name} {probability:.1%}" for name, probability in prediction.top))
     return EXIT_OK if all(prediction.ok for prediction in predictions) else EXIT_USAGE
+# == summary ========================================================================================
+
+
+def run_summary(args) -> int:
+    """The ``summary`` command."""
+    backend = get_backend("cpu", args.dtype)
+    model = load_spec_model(args.model, args.input_shape, backend)
+    _say(format_summary(model.summary()))
+    return EXIT_OK
 
 
 # == download =======================================================================================

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from cnn_backend import cli
+from cnn_backend.backend import get_backend
 from cnn_backend.checkpoint import load_checkpoint
 from cnn_backend.datasets import DATASETS
 from cnn_backend.datasets.cifar import write_cifar_batch
@@ -248,3 +249,35 @@ def test_a_checkpoint_from_before_input_descriptions_evaluates_and_predicts_as_f
     status, stdout, err = run_main(capsys, "predict", old, picture, "--top", 1)
     assert status == 0 and "assumed" in err
     assert stdout.split(": ")[1].rsplit(" ", 1)[0] in DATASETS["fashion-mnist"].class_names
+
+
+def test_an_architecture_file_trains_on_colour_data_and_must_match_the_class_count(tmp_path, capsys):
+    from pathlib import Path
+
+    resnet = Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml"
+    data = make_cifar_folder(tmp_path / "cifar")
+    out = tmp_path / "run"
+    status, stdout, err = run_main(capsys, "train", "--data", data, "--model", resnet, "--epochs", 1, "--batch-size", 8,
+                                   "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    assert "3x32x32 input, 10 classes" in stdout
+    assert load_checkpoint(out / "last.npz").input_spec().class_names == CIFAR_NAMES
+    picture = save_png(tmp_path / "p.png", numpy.zeros((32, 32, 3)))
+    assert run_main(capsys, "predict", out / "last.npz", picture)[0] == 0
+
+    shapes = make_image_folder(tmp_path / "shapes")  # three classes; the file ends in ten outputs
+    status, _, err = run_main(capsys, "train", "--data", shapes, "--model", resnet, "--epochs", 1, "--device", "cpu",
+                              "--out", tmp_path / "other", "--quiet")
+    assert status == 2
+    one_error_line(err, "small-resnet.toml", "ends with 10 outputs but the data has 3 classes")
+
+
+def test_built_in_networks_take_the_class_count_of_the_data(tmp_path, capsys):
+    shapes = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--data", shapes, "--model", "default", "--epochs", 1, "--device", "cpu",
+                              "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    checkpoint = load_checkpoint(out / "last.npz")
+    model = checkpoint.build_model(get_backend("cpu"))
+    assert model.output_shape == (3,) and tuple(model.input_shape) == (3, 12, 12)

@@ -21,7 +21,23 @@ pytest.importorskip(
 from cnn_backend import parity  # noqa: E402  (after the skip: nothing here is useful without CuPy)
 from cnn_backend.backend import get_backend  # noqa: E402
 from cnn_backend.data import BatchLoader  # noqa: E402
-from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU, SoftmaxCrossEntropy  # noqa: E402
+from cnn_backend.layers import (  # noqa: E402
+    GELU,
+    AvgPool,
+    BatchNorm,
+    Convolution,
+    Dropout,
+    Flatten,
+    FullyConnected,
+    GlobalAvgPool,
+    LeakyReLU,
+    MaxPool,
+    ReLU,
+    Residual,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Tanh,
+)
 from cnn_backend.model import Sequential, default_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import SGD, Adam  # noqa: E402
 from cnn_backend.testing import (  # noqa: E402
@@ -53,11 +69,31 @@ def run_workload(tmp_path) -> DeviceUsage:
             MaxPool(3, stride=2, backend=device),
             Flatten(device),
             Dropout(0.5, rng=0, backend=device),
+            Convolution(2, 3, 3, bias=False, algorithm="gemm", rng=0, backend=device),
+            Convolution(2, 3, 3, bias=False, algorithm="signal", rng=0, backend=device),
+            BatchNorm(2, backend=device),
+            AvgPool(2, backend=device),
+            AvgPool(3, stride=2, backend=device),
+            GlobalAvgPool(device),
+            LeakyReLU(0.1, backend=device),
+            Tanh(device),
+            Sigmoid(device),
+            GELU(device),
+            Residual([Convolution(out_channels=2, kernel_size=3, padding=1, backend=device), BatchNorm(backend=device)]),
+            Residual([Convolution(out_channels=4, kernel_size=3, stride=2, padding=1, backend=device), ReLU(device)]),
         ]
         for layer in layers:
+            if isinstance(layer, Residual):
+                layer.build((2, 9, 9), numpy.random.default_rng(0))
             x = device.to_device(rng.standard_normal((2, 2, 9, 9)).astype(dtype))
             y = layer.forward(x)
             layer.backward(device.xp.ones_like(y))
+        # BatchNorm on dense input, and in evaluation mode (running statistics) on a batch of one.
+        for shape in ((3, 2), (1, 2, 4, 4)):
+            norm = BatchNorm(2, backend=device)
+            norm.forward(device.to_device(rng.standard_normal((4,) + shape[1:]).astype(dtype)))
+            norm.training = False
+            norm.backward(norm.forward(device.to_device(rng.standard_normal(shape).astype(dtype))))
         dense = FullyConnected(6, 4, rng=0, backend=device)
         dense.backward(dense.forward(device.to_device(rng.standard_normal((3, 6)).astype(dtype))))
         dropout = Dropout(0.3, rng=0, backend=device)
@@ -100,6 +136,18 @@ def run_workload(tmp_path) -> DeviceUsage:
     # Saving and loading onto the device; moving a model between devices.
     loaded = Sequential.load(model.save(tmp_path / "model.npz"), be)
     loaded.to(be.with_dtype("float32")).to("cpu").to(be)
+
+    # A network from an architecture file with buffers (BatchNorm) and residual blocks: a training
+    # step, evaluation, its summary, saving and loading the buffers onto the device.
+    from pathlib import Path
+
+    from cnn_backend.spec import build_model
+
+    resnet = build_model(Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml", (1, 28, 28), be, seed=0)
+    train_step(resnet, SoftmaxCrossEntropy(be), Adam(resnet.parameters(), lr=1e-3, backend=be), x, y)
+    evaluate(resnet, *validation, batch_size=3)
+    resnet.summary()
+    Sequential.load(resnet.save(tmp_path / "resnet.npz"), be).to(be.with_dtype("float32"))
 
     try:  # augmentation, where this version of the package has it
         from cnn_backend.augment import RandomCropFlip
