@@ -1,4 +1,5 @@
-"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``predict``, ``summary``, ``download``, ``benchmark``, ``parity``.
+"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``predict``, ``summary``, ``download``, ``benchmark``,
+``parity``, ``export``.
 
 :func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
 cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
@@ -82,6 +83,7 @@ FAILURE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 10.0
 OPTIONAL_COMMANDS = {
     "benchmark": ("cnn_backend.benchmark", "measure training speed on a device"),
     "parity": ("cnn_backend.parity", "compare CPU and GPU results"),
+    "export": ("cnn_backend.export", "write a checkpoint as an ONNX model"),
 }
 
 DEFAULT_MODEL = "default"

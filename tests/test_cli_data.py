@@ -281,3 +281,25 @@ def test_built_in_networks_take_the_class_count_of_the_data(tmp_path, capsys):
     checkpoint = load_checkpoint(out / "last.npz")
     model = checkpoint.build_model(get_backend("cpu"))
     assert model.output_shape == (3,) and tuple(model.input_shape) == (3, 12, 12)
+
+
+def test_export_carries_the_recorded_class_names_and_normalisation(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    data = make_cifar_folder(tmp_path / "cifar")
+    out = tmp_path / "run"
+    assert run_main(capsys, "train", "--data", data, "--model", "seed", "--epochs", 1, "--normalize", "--device", "cpu",
+                    "--out", out, "--quiet", "--no-plots")[0] == 0
+    status, stdout, err = run_main(capsys, "export", out / "last.npz", tmp_path / "model.onnx")
+    assert status == 0, err
+    assert "normalised in the graph" in stdout
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert json.loads(metadata["class_names"]) == list(CIFAR_NAMES)
+    # The graph normalises as training did: ONNX Runtime on [0, 1] images agrees with the model on prepared ones.
+    checkpoint = load_checkpoint(out / "last.npz")
+    inputs = checkpoint.input_spec()
+    model = checkpoint.build_model(get_backend("cpu"))
+    images = numpy.random.default_rng(5).integers(0, 256, (3, 3, 32, 32)).astype(numpy.uint8)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: (images / 255.0).astype(numpy.float32)})
+    numpy.testing.assert_allclose(logits, model.predict_logits(inputs.prepare(images, "float32")), rtol=1e-4, atol=1e-4)
