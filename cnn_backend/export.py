@@ -456,6 +456,12 @@ def checkpoint_preparation(checkpoint, n_classes: int | None) -> tuple[list[str]
     """
     from .data import CLASS_NAMES
 
+    inputs = checkpoint.input_spec() if hasattr(checkpoint, "input_spec") else None
+    if inputs is not None and inputs.recorded:  # what training recorded about its input (``__inputs__``)
+        recorded_normalization = inputs.normalization
+        return list(inputs.class_names), (
+            Normalization(recorded_normalization.mean, recorded_normalization.std) if recorded_normalization else None
+        )
     settings = checkpoint.settings
     names = settings.get("class_names")
     if names is None and n_classes == len(CLASS_NAMES):

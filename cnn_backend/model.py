@@ -346,13 +346,15 @@ FASHION_MNIST_SHAPE = (1, 28, 28)
 
 
 def seed_cnn(
-    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", input_shape=FASHION_MNIST_SHAPE
+    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", input_shape=FASHION_MNIST_SHAPE,
+    num_classes: int = 10,
 ) -> Sequential:
     """The seed article's network: Convolution 1->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected 121->10
-    (built from the packaged ``architectures/seed.toml``)."""
+    (built from the packaged ``architectures/seed.toml``; ``input_shape`` and ``num_classes`` adapt it
+    to other data)."""
     from .spec import build_model
 
-    return build_model("seed", input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+    return build_model(builtin_spec("seed", num_classes), input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
 
 
 def default_cnn(
@@ -361,20 +363,33 @@ def default_cnn(
     algorithm: str = "auto",
     dropout: float = 0.0,
     input_shape=FASHION_MNIST_SHAPE,
+    num_classes: int = 10,
 ) -> Sequential:
     """A classic small CNN for 28x28 greyscale images: two 3x3 conv blocks (32, 64 filters), a 128-unit
     dense layer and a 10-way output (the packaged ``architectures/default.toml``); ``dropout`` > 0
-    adds a Dropout layer of that rate before the output layer.
+    adds a Dropout layer of that rate before the output layer; ``input_shape`` and ``num_classes``
+    adapt it to other data.
 
     Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool
     (max and ReLU are both monotone, so they commute), with ReLU on a quarter of the values.
     """
-    from .spec import build_model, builtin_spec_path, read_spec_file
+    from .spec import build_model
 
-    spec = read_spec_file(builtin_spec_path("default"))
+    spec = builtin_spec("default", num_classes)
     if dropout:
         spec["layers"].insert(len(spec["layers"]) - 1, {"type": "Dropout", "rate": float(dropout)})
     return build_model(spec, input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+
+
+def builtin_spec(name: str, num_classes: int = 10) -> dict:
+    """The packaged spec of a built-in network, its output layer resized to ``num_classes``."""
+    from .spec import builtin_spec_path, read_spec_file
+
+    spec = read_spec_file(builtin_spec_path(name))
+    output = spec["layers"][-1]
+    if output.get("type") == "FullyConnected" and output.get("out_features") != num_classes:
+        spec["layers"][-1] = {**output, "out_features": int(num_classes)}
+    return spec
 
 
 ARCHITECTURES = {"seed": seed_cnn, "default": default_cnn}

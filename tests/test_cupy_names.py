@@ -160,6 +160,14 @@ def run_workload(tmp_path) -> DeviceUsage:
     else:
         RandomCropFlip(be, padding=2, seed=0)(be.to_device(validation[0]), 1, 1)
 
+    # Colour images, normalised per channel on the device, then augmented.
+    from cnn_backend.data import Normalization
+
+    colour = rng.integers(0, 256, size=(8, 3, 6, 5), dtype=numpy.uint8)
+    colour_loader = BatchLoader(colour, labels[:8], be, batch_size=4, normalization=Normalization.from_images(colour))
+    for x, _ in colour_loader.epoch(0):
+        RandomCropFlip(be, padding=1, seed=0)(x, 1, 1)
+
     # The data-parallel path on the device: packing the gradients, broadcasting the parameters,
     # sharded validation and the per-interval reduction (a two-process communicator whose
     # collectives leave arrays as they are, since one process holds both "ranks" here).
