@@ -6,6 +6,8 @@ One archive holds:
   as :meth:`Sequential.save` writes it (the architecture with its input shape, the parameters and
   the non-trained buffers), so :meth:`Sequential.load` reads a checkpoint as a plain model file too;
 * ``optim/<buffer>/<index>``: the optimiser's state buffers (momentum, Adam moments);
+* ``__inputs__``: what the model expects as input (class names, channels, image size,
+  normalisation; see :class:`cnn_backend.inputs.InputSpec`), absent from files of earlier versions;
 * ``__training_state__``: one JSON document with the epoch, the optimiser's name, config and step
   count, the schedule config, the run settings, the RNG state (the data loader's seed and every
   Dropout layer's generator state), the best epoch so far and the metrics history.
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy
 
 from .backend import Backend
+from .inputs import INPUTS_KEY, InputSpec
 from .layers import Dropout
 from .model import CONFIG_KEY, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
@@ -49,11 +52,12 @@ def save_checkpoint(
     loader_seed: int,
     best: dict,
     history: list[dict],
+    inputs: InputSpec | None = None,
 ) -> Path:
     """Write the complete training state after ``epoch`` to ``path``, atomically.
 
     ``settings`` are the run's arguments (JSON-ready); ``best`` is ``{"epoch", "val_accuracy"}``;
-    ``history`` the metrics rows of every finished epoch.
+    ``history`` the metrics rows of every finished epoch; ``inputs`` what the model expects as input.
     """
     optimizer_state = optimizer.state_dict()
     steps = int(optimizer_state.pop("steps"))
@@ -70,6 +74,8 @@ def save_checkpoint(
     }
     extra = {OPTIMIZER_PREFIX + key: value for key, value in optimizer_state.items()}
     extra[STATE_KEY] = json_array(state)
+    if inputs is not None:
+        extra[INPUTS_KEY] = json_array(inputs.config())
     return model.save(path, extra=extra)
 
 
@@ -87,6 +93,18 @@ class Checkpoint:
     state: dict | None = None
     optimizer_buffers: dict = field(default_factory=dict)
     buffers: dict = field(default_factory=dict)
+    inputs: dict | None = None
+
+    def input_spec(self) -> InputSpec:
+        """What the model expects as input: as recorded, or (files of earlier versions, all trained
+        on Fashion-MNIST) its 28x28 greyscale input and class names."""
+        if self.inputs is not None:
+            try:
+                return InputSpec.from_config(self.inputs)
+            except ValueError as exc:
+                raise ModelFileError(f"{self.path}: {exc}") from None
+        shape = self.model_config.get("input_shape") if isinstance(self.model_config, dict) else None
+        return InputSpec.legacy(_output_count(self.parameters), shape)
 
     @property
     def is_training_checkpoint(self) -> bool:
@@ -169,15 +187,25 @@ def load_checkpoint(path: str | os.PathLike, *, require_training_state: bool = T
     model_buffers = {key[len(BUFFER_PREFIX) :]: value for key, value in arrays.items() if key.startswith(BUFFER_PREFIX)}
     if not parameters:
         raise ModelFileError(f"{path}: the file holds no parameters")
+    inputs = _decode_json(arrays[INPUTS_KEY], path, "input description") if INPUTS_KEY in arrays else None
+    if inputs is not None and not isinstance(inputs, dict):
+        raise ModelFileError(f"{path}: the input description is not a JSON object")
     if STATE_KEY not in arrays:
         if require_training_state:
             raise ModelFileError(f"{path}: a model file without training state (not a checkpoint); it cannot be resumed")
-        return Checkpoint(path, model_config, parameters, buffers=model_buffers)
+        return Checkpoint(path, model_config, parameters, buffers=model_buffers, inputs=inputs)
 
     state = _decode_json(arrays[STATE_KEY], path, "training state")
     _check_state(state, path)
     buffers = {key[len(OPTIMIZER_PREFIX) :]: value for key, value in arrays.items() if key.startswith(OPTIMIZER_PREFIX)}
-    return Checkpoint(path, model_config, parameters, state, buffers, model_buffers)
+    return Checkpoint(path, model_config, parameters, state, buffers, model_buffers, inputs)
+
+
+def _output_count(parameters: dict) -> int:
+    """Outputs of the last dense layer (the class count), from the parameter shapes alone."""
+    dense = [(int(name.split(".")[0]), value.shape[1]) for name, value in parameters.items()
+             if name.endswith(".weight") and value.ndim == 2 and name.split(".")[0].isdigit()]
+    return max(dense)[1] if dense else 10
 
 
 def _check_state(state, path: Path) -> None:

@@ -232,12 +232,16 @@ def conv2d_forward(
     raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {', '.join(CONV_ALGORITHMS)}")
 
 
-def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True):
+def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True, grad_out=(None, None)):
     """Gradients ``(dx, dweight, dbias)`` of :func:`conv2d_forward`; ``dx`` is None when not needed,
-    ``dbias`` when the forward pass had no bias."""
+    ``dbias`` when the forward pass had no bias.
+
+    ``grad_out``: optional ``(dweight, dbias)`` arrays to write the parameter gradients into (views
+    of a flat gradient buffer); the gemm path fills them and returns them, saving a copy each.
+    """
     algorithm = cache[0]
     if algorithm == "gemm":
-        return _conv2d_backward_gemm(be, dy, cache, need_input_grad)
+        return _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out)
     return _conv2d_backward_signal(be, dy, cache, need_input_grad)
 
 
@@ -264,7 +268,7 @@ def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
     return nchw_view(y.reshape(n_filters, out_h, out_w, n)), ("gemm", x.shape, weight, cols_2d, stride, padding)
 
 
-def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
+def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None)):
     xp = be.xp
     _, x_shape, weight, cols_2d, stride, padding = cache
     n_filters, channels, kernel_h, kernel_w = weight.shape
@@ -279,11 +283,18 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
     else:
         d_weight_and_bias = dy_2d @ cols_2d.T
     has_bias = cols_2d.shape[0] > channels * kernel_h * kernel_w
-    if has_bias:
-        dweight = xp.ascontiguousarray(d_weight_and_bias[:, :-1]).reshape(weight.shape)
+    weight_rows = d_weight_and_bias[:, :-1] if has_bias else d_weight_and_bias
+    dweight, dbias = grad_out
+    if dweight is None:
+        dweight = xp.ascontiguousarray(weight_rows).reshape(weight.shape)
+    else:
+        dweight.reshape(n_filters, -1)[...] = weight_rows
+    if not has_bias:
+        dbias = None
+    elif dbias is None:
         dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
     else:
-        dweight, dbias = d_weight_and_bias.reshape(weight.shape), None
+        dbias[...] = d_weight_and_bias[:, -1]
     dx = None
     if need_input_grad:
         dcols = weight.reshape(n_filters, -1).T @ dy_2d

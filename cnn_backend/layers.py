@@ -13,6 +13,7 @@ import numbers
 from . import functional as F
 from .backend import Backend, cpu_backend, get_backend
 from .init import as_integer, initial_weight, make_rng
+from .parameters import Parameter
 
 
 class ShapeError(ValueError):
@@ -21,16 +22,6 @@ class ShapeError(ValueError):
 
 class NonFiniteLogitsError(ShapeError):
     """Logits holding NaN or infinity: diverged weights or bad input."""
-
-
-class Parameter:
-    """A trainable array and its gradient (filled by the owning layer's ``backward``)."""
-
-    __slots__ = ("data", "grad")
-
-    def __init__(self, data):
-        self.data = data
-        self.grad = None
 
 
 class Layer:
@@ -112,8 +103,12 @@ class Layer:
         raise KeyError(name)
 
     def to(self, backend: Backend) -> "Layer":
-        """Move parameters and buffers to ``backend`` (cast to its dtype) and compute there from now on."""
+        """Move parameters and buffers to ``backend`` (cast to its dtype) and compute there from now on.
+
+        Parameters leave the model's flat buffer; :meth:`Sequential.to` builds a new one.
+        """
         for param in self.params.values():
+            param.detach_from_flat()
             host = self.backend.to_numpy(param.data)
             param.data = backend.to_device(host.astype(backend.dtype))
             param.grad = None
@@ -273,10 +268,13 @@ class Convolution(Layer):
     def backward(self, dy):
         if self._cache is None:
             raise self._forward_first()
-        dx, dweight, dbias = F.conv2d_backward(self.backend, dy, self._cache, self.needs_input_grad)
-        self.params["weight"].grad = dweight
+        weight, bias = self.params["weight"], self.params.get("bias")
+        dx, weight.grad, dbias = F.conv2d_backward(
+            self.backend, dy, self._cache, self.needs_input_grad,
+            grad_out=(weight.grad_view, None if bias is None else bias.grad_view),
+        )
         if self.bias:
-            self.params["bias"].grad = dbias
+            bias.grad = dbias
         self._cache = None
         return dx
 
@@ -477,8 +475,11 @@ class FullyConnected(Layer):
     def backward(self, dy):
         if self._x is None:
             raise self._forward_first()
-        self.params["weight"].grad = self._x.T @ dy
-        self.params["bias"].grad = dy.sum(axis=0)
+        xp = self.backend.xp
+        weight, bias = self.params["weight"], self.params["bias"]
+        # Written straight into the flat gradient buffer when the model has one (out=None allocates).
+        weight.grad = xp.matmul(self._x.T, dy, out=weight.grad_view)
+        bias.grad = xp.sum(dy, axis=0, out=bias.grad_view)
         x, self._x = self._x, None
         if not self.needs_input_grad:
             return None

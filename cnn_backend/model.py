@@ -10,7 +10,8 @@ from typing import Iterable
 from .backend import Backend, get_backend
 from .init import as_integer, make_rng
 from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
-from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, Parameter, ReLU, ShapeError
+from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
+from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
 #: samples per forward pass when predicting or evaluating: large enough for fast matrix products,
@@ -43,6 +44,8 @@ class Sequential:
             self.build(input_shape, rng)
         self.layers[0].needs_input_grad = False
         self.training = True
+        self._flat: FlatParameters | None = None
+        self.flatten_parameters()
 
     def build(self, input_shape, rng=None) -> tuple:
         """Build every layer in order for the per-sample ``input_shape``; returns the output shape.
@@ -71,6 +74,7 @@ class Sequential:
         self.backend = get_backend(backend)
         for layer in self.layers:
             layer.to(self.backend)
+        self.flatten_parameters()
         return self
 
     def train(self, mode: bool = True) -> "Sequential":
@@ -167,7 +171,41 @@ class Sequential:
         return [pair for i, layer in enumerate(self.layers) for pair in layer.named_parameters(f"{i}.")]
 
     def parameters(self) -> list[Parameter]:
-        return [p for _, p in self.named_parameters()]
+        """Every parameter in :meth:`named_parameters` order, in the model's flat buffer (built or
+        rebuilt first when needed, so an optimiser given this list updates the buffer whole)."""
+        self.flatten_parameters()
+        return list(self._flat.parameters)
+
+    def flatten_parameters(self) -> None:
+        """Make every parameter's data and gradient views of :attr:`flat_data` and :attr:`flat_grad`.
+
+        Called by the constructor, :meth:`to` and :meth:`parameters`; idempotent (nothing happens
+        while the current buffer still covers the parameters in order).
+        """
+        params = [p for _, p in self.named_parameters()]
+        flat = getattr(self, "_flat", None)
+        if flat is not None and flat.backend is self.backend and flat.covers(params):
+            return
+        self._flat = FlatParameters(params, self.backend)
+
+    @property
+    def flat_data(self):
+        """Every parameter's values in one contiguous 1-D device array, in :meth:`parameters` order
+        (each starting at an aligned offset: see :mod:`cnn_backend.parameters`)."""
+        self.flatten_parameters()
+        return self._flat.data
+
+    @property
+    def flat_grad(self):
+        """Every parameter's gradient in one contiguous 1-D device array, laid out like :attr:`flat_data`."""
+        self.flatten_parameters()
+        return self._flat.grad
+
+    @property
+    def flat_parameters(self) -> FlatParameters:
+        """The flat buffer itself (offsets, per-parameter views)."""
+        self.flatten_parameters()
+        return self._flat
 
     def named_buffers(self) -> list[tuple[str, object]]:
         """``("<layer index>.<name>", device array)`` for every non-trained buffer (BatchNorm's
@@ -308,13 +346,15 @@ FASHION_MNIST_SHAPE = (1, 28, 28)
 
 
 def seed_cnn(
-    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", input_shape=FASHION_MNIST_SHAPE
+    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", input_shape=FASHION_MNIST_SHAPE,
+    num_classes: int = 10,
 ) -> Sequential:
     """The seed article's network: Convolution 1->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected 121->10
-    (built from the packaged ``architectures/seed.toml``)."""
+    (built from the packaged ``architectures/seed.toml``; ``input_shape`` and ``num_classes`` adapt it
+    to other data)."""
     from .spec import build_model
 
-    return build_model("seed", input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+    return build_model(builtin_spec("seed", num_classes), input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
 
 
 def default_cnn(
@@ -323,20 +363,33 @@ def default_cnn(
     algorithm: str = "auto",
     dropout: float = 0.0,
     input_shape=FASHION_MNIST_SHAPE,
+    num_classes: int = 10,
 ) -> Sequential:
     """A classic small CNN for 28x28 greyscale images: two 3x3 conv blocks (32, 64 filters), a 128-unit
     dense layer and a 10-way output (the packaged ``architectures/default.toml``); ``dropout`` > 0
-    adds a Dropout layer of that rate before the output layer.
+    adds a Dropout layer of that rate before the output layer; ``input_shape`` and ``num_classes``
+    adapt it to other data.
 
     Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool
     (max and ReLU are both monotone, so they commute), with ReLU on a quarter of the values.
     """
-    from .spec import build_model, builtin_spec_path, read_spec_file
+    from .spec import build_model
 
-    spec = read_spec_file(builtin_spec_path("default"))
+    spec = builtin_spec("default", num_classes)
     if dropout:
         spec["layers"].insert(len(spec["layers"]) - 1, {"type": "Dropout", "rate": float(dropout)})
     return build_model(spec, input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+
+
+def builtin_spec(name: str, num_classes: int = 10) -> dict:
+    """The packaged spec of a built-in network, its output layer resized to ``num_classes``."""
+    from .spec import builtin_spec_path, read_spec_file
+
+    spec = read_spec_file(builtin_spec_path(name))
+    output = spec["layers"][-1]
+    if output.get("type") == "FullyConnected" and output.get("out_features") != num_classes:
+        spec["layers"][-1] = {**output, "out_features": int(num_classes)}
+    return spec
 
 
 ARCHITECTURES = {"seed": seed_cnn, "default": default_cnn}

@@ -87,6 +87,8 @@ def equivalence(world) -> dict:
             entry["max_difference"] = max(float(numpy.abs(weights[k] - reference[k]).max()) for k in reference)
             entry["history"], entry["reference_history"] = history, reference_history
             entry["parameters"] = int(sum(value.size for value in reference.values()))
+            # The flat gradient buffer: every parameter plus the alignment padding between them.
+            entry["flat_size"], entry["tensors"] = int(model.flat_grad.size), len(reference)
             if float64_reference is None:
                 float64_reference = reference
             else:  # float32: how far one process's own rounding takes it from the float64 run

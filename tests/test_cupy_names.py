@@ -121,6 +121,10 @@ def run_workload(tmp_path) -> DeviceUsage:
         optimizer = make_optimizer(model.parameters(), be)
         train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)
         optimizer.load_state_dict(optimizer.state_dict())
+        # The same optimiser over parameters outside the flat buffer: updated one by one.
+        make_optimizer(list(reversed(model.parameters())), be).step()
+        model.layers[0].params["weight"].detach_from_flat()
+        model.flatten_parameters()
 
     # The training loop over a resident and a streamed loader, with validation; evaluation, prediction.
     images = rng.integers(0, 256, size=(40, 28, 28), dtype=numpy.uint8)
@@ -155,6 +159,14 @@ def run_workload(tmp_path) -> DeviceUsage:
         pass
     else:
         RandomCropFlip(be, padding=2, seed=0)(be.to_device(validation[0]), 1, 1)
+
+    # Colour images, normalised per channel on the device, then augmented.
+    from cnn_backend.data import Normalization
+
+    colour = rng.integers(0, 256, size=(8, 3, 6, 5), dtype=numpy.uint8)
+    colour_loader = BatchLoader(colour, labels[:8], be, batch_size=4, normalization=Normalization.from_images(colour))
+    for x, _ in colour_loader.epoch(0):
+        RandomCropFlip(be, padding=1, seed=0)(x, 1, 1)
 
     # The data-parallel path on the device: packing the gradients, broadcasting the parameters,
     # sharded validation and the per-interval reduction (a two-process communicator whose

@@ -287,11 +287,12 @@ def test_the_examples_include_a_batchnorm_residual_network():
     assert any(isinstance(layer, Convolution) and not layer.bias for _, layer in model.named_layers())
 
 
-def test_built_in_networks_adapt_to_the_input_shape_and_check_the_class_count():
+def test_built_in_networks_adapt_to_the_input_shape_and_the_class_count():
     from cnn_backend.cli import build_model as build_for_run
+    from cnn_backend.inputs import InputSpec
 
     settings = {"model": "default", "seed": 0, "dropout": 0.0}
-    colour = build_for_run(settings, get_backend("cpu"), "auto", (3, 32, 32), 10)
+    colour = build_for_run(settings, get_backend("cpu"), "auto", InputSpec(tuple("abcdefghij"), 3, (32, 32)))
     assert colour.layers[0].in_channels == 3 and colour.layers[7].in_features == 64 * 8 * 8
-    with pytest.raises(SpecError, match=r"the seed network ends with 10 outputs but the data has 100 classes"):
-        build_for_run({**settings, "model": "seed"}, get_backend("cpu"), "auto", (1, 28, 28), 100)
+    many = build_for_run({**settings, "model": "seed"}, get_backend("cpu"), "auto", InputSpec(tuple(map(str, range(100))), 1, (28, 28)))
+    assert many.output_shape == (100,)
