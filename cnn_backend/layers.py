@@ -197,11 +197,11 @@ class ReLU(Layer):
     """``max(x, 0)``; its gradient passes where the input was positive."""
 
     def forward(self, x):
-        self._positive = x > 0
-        return self.backend.xp.maximum(x, 0)
+        y, self._positive = F.relu_forward(self.backend, x)
+        return y
 
     def backward(self, dy):
-        dx = dy * self._positive
+        dx = F.multiply(self.backend, dy, self._positive)
         self._positive = None
         return dx
 
@@ -291,10 +291,12 @@ class FullyConnected(Layer):
         if x.shape[1] != self.in_features:
             raise ShapeError(f"{self}: expected input of shape (N, {self.in_features}), got {tuple(x.shape)}")
         self._x = x
-        return x @ self.params["weight"].data + self.params["bias"].data
+        y = self.backend.matmul(x, self.params["weight"].data)
+        y += self.params["bias"].data
+        return y
 
     def backward(self, dy):
-        self.params["weight"].grad = self._x.T @ dy
+        self.params["weight"].grad = self.backend.matmul(self._x.T, dy)
         self.params["bias"].grad = dy.sum(axis=0)
         x, self._x = self._x, None
         if not self.needs_input_grad:
@@ -303,8 +305,8 @@ class FullyConnected(Layer):
         if x.T.flags.c_contiguous and not x.flags.c_contiguous:
             # x is a transposed (features, N) array (Flatten's batch-innermost view): give dx the
             # same memory order, so the layers before need no transposing copy.
-            return (weight @ dy.T).T
-        return dy @ weight.T
+            return self.backend.matmul(weight, dy.T).T
+        return self.backend.matmul(dy, weight.T)
 
 
 class Dropout(Layer):
@@ -331,10 +333,10 @@ class Dropout(Layer):
         # Send the mask as booleans (a quarter of float32's bytes) and scale it on the device.
         self._mask = self.backend.to_device(keep).astype(x.dtype)
         self._mask *= 1.0 / (1.0 - self.rate)
-        return x * self._mask
+        return F.multiply(self.backend, x, self._mask)
 
     def backward(self, dy):
-        return dy if self._mask is None else dy * self._mask
+        return dy if self._mask is None else F.multiply(self.backend, dy, self._mask)
 
 
 class SoftmaxCrossEntropy:
