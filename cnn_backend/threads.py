@@ -2,8 +2,9 @@
 
 NumPy runs each element-wise operation or copy on one core, releasing the GIL while it does.
 :func:`map_chunks` cuts one such operation along an outer axis into as many chunks as there are
-threads and runs them at once: the calling thread takes the first chunk, a small pool of worker
-threads the others. Workers wait on a lock, not in a busy loop, so an idle pool costs no CPU.
+threads and runs them at once: the calling thread and a small pool of worker threads take chunks
+(a few per thread) until none are left, so a thread that another process keeps off its core
+delays no one. Workers wait on a lock, not in a busy loop, so an idle pool costs no CPU.
 
 :func:`matmul` runs NumPy's BLAS with one thread per chunk of the product on the same threads,
 instead of BLAS's own pool. OpenBLAS's worker threads spin for a while after each product (about
@@ -33,6 +34,10 @@ THREADS_ENV = "CNN_BACKEND_NUM_THREADS"
 MIN_SPLIT_ELEMENTS = 1 << 17
 #: products below this many floating-point operations run as one call on one BLAS thread
 MIN_SPLIT_FLOPS = 4_000_000
+#: chunks per thread: more balance on a busy machine, more calls on a quiet one
+CHUNKS_PER_THREAD = 2
+#: rows or columns of a product per chunk at least, so that each stays an efficient BLAS call
+MIN_PRODUCT_CHUNK = 128
 
 _lock = threading.Lock()
 _thread_count: int | None = None
@@ -129,15 +134,25 @@ def _chunk(array, axis: int, start: int, stop: int):
     return array[(slice(None),) * axis + (slice(start, stop),)]
 
 
-def _run_split(kernel, arrays, axes, length: int) -> None:
-    parts = min(thread_count(), length)
-    chunks = [
-        [_chunk(array, axis, start, stop) for array, axis in zip(arrays, axes)] for start, stop in _bounds(length, parts)
-    ]
+def _run_split(kernel, arrays, axes, length: int, min_chunk: int = 1) -> None:
+    # A few chunks per thread, handed out as threads ask for them: when another process holds a
+    # core, the threads that do run take the chunks left over instead of waiting for it.
+    parts = max(1, min(thread_count() * CHUNKS_PER_THREAD, length // min_chunk))
+    bounds = iter(_bounds(length, parts))
+    handing_out = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with handing_out:
+                start, stop = next(bounds, (None, None))
+            if start is None:
+                return
+            kernel(*[_chunk(array, axis, start, stop) for array, axis in zip(arrays, axes)])
+
     pool = _workers()
-    futures = [pool.submit(kernel, *chunk) for chunk in chunks[1:]]
+    futures = [pool.submit(drain) for _ in range(min(thread_count(), parts) - 1)]
     try:
-        kernel(*chunks[0])
+        drain()
     finally:
         # Wait for every chunk before returning (or raising): they write into the caller's arrays.
         for future in futures:
@@ -193,7 +208,7 @@ def matmul(a, b):
         if 2 * m * n * k < MIN_SPLIT_FLOPS or not _splittable(length, MIN_SPLIT_ELEMENTS):
             numpy.matmul(a, b, out=out)
         elif n >= m:
-            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n)
+            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n, MIN_PRODUCT_CHUNK)
         else:
-            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m)
+            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m, MIN_PRODUCT_CHUNK)
     return out
