@@ -100,10 +100,10 @@ class CpuBackend(Backend):
     """NumPy and SciPy on the host, with the hot operations split over every core.
 
     NumPy runs element-wise work and copies on one core, and releases the GIL while it does: each
-    large :meth:`map_chunks` call is cut along ``axis`` into one chunk per thread of
-    :mod:`cnn_backend.threads`, the calling thread taking the first. :meth:`matmul` runs OpenBLAS
-    with one thread per chunk of the product on the same threads, so no BLAS worker is left
-    spinning on a core that the next element-wise chunk needs (see ``docs/performance.md``).
+    large :meth:`map_chunks` call is cut along ``axis`` into chunks that the calling thread and
+    the workers of :mod:`cnn_backend.threads` share out. :meth:`matmul` splits a product the same
+    way, each chunk on one BLAS thread, so no idle BLAS worker is left spinning on a core that the
+    next chunk needs (see ``docs/performance.md``).
     """
 
     def matmul(self, a, b):
@@ -113,15 +113,30 @@ class CpuBackend(Backend):
         threads.map_chunks(kernel, arrays, axis)
 
 
+class _ModuleOnFirstUse(ModuleType):
+    """A module imported on its first attribute access: ``scipy.signal`` costs about a second and
+    70 MiB to import and only the FFT convolution algorithm uses it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._module_name = name
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return getattr(importlib.import_module(self._module_name), attribute)
+
+
+_SCIPY_SIGNAL = _ModuleOnFirstUse("scipy.signal")
+
+
 def cpu_backend(dtype: Any = "float32", parallel: bool = True) -> Backend:
-    """NumPy and SciPy on the host.
+    """NumPy and SciPy on the host (``scipy.signal`` is imported when first used).
 
     ``parallel=False``: the plain single-call operations of every other device (one core for
     element-wise work, BLAS's own threads for products), the reference the fast paths are tested against.
     """
-    import scipy.signal
-
-    return (CpuBackend if parallel else Backend)("cpu", numpy, scipy.signal, _float_dtype(dtype))
+    return (CpuBackend if parallel else Backend)("cpu", numpy, _SCIPY_SIGNAL, _float_dtype(dtype))
 
 
 def cuda_backend(dtype: Any = "float32") -> CudaBackend:

@@ -3,7 +3,8 @@
 :func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
 cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
 when interrupted. Known errors are reported as one line, ``cnn-backend: error: <message>``, on
-stderr, without a traceback. Results go to stdout; the progress bar and errors go to stderr.
+stderr, without a traceback; usage errors too (with the command's ``--help`` to see). SIGTERM is
+handled like Ctrl-C, with exit status 143. Results go to stdout; the progress bar and errors go to stderr.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import argparse
 import importlib
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CLASS_NAMES, BatchLoader, DataError, describe_source, download, load_fashion_mnist, prepare_images
 from .functional import CONV_ALGORITHMS
 from .layers import Convolution, ShapeError
-from .model import ARCHITECTURES, default_cnn, seed_cnn
+from .model import ARCHITECTURES, EVALUATION_BATCH_SIZE, default_cnn, seed_cnn
 from .optim import OPTIMIZERS, make_optimizer
 from .report import (
     HistoryWriter,
@@ -40,7 +39,16 @@ from .report import (
     plot_filters,
     write_json,
 )
-from .serialization import ModelFileError
+from .faults import pause_point
+from .runfolder import (
+    BEST_CHECKPOINT,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    DeferredInterrupt,
+    RunFolder,
+    stop_signals_raise,
+)
+from .serialization import FileWriteError, ModelFileError
 from .training import (
     OPTIMIZER_DEFAULTS,
     RECIPES,
@@ -78,7 +86,6 @@ FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
 #: share of a smaller data set (the bundled 10,000 images) used for training; the rest validates
 FALLBACK_TRAIN_SHARE = 0.8
 
-LAST_CHECKPOINT, BEST_CHECKPOINT, HISTORY_FILE = "last.npz", "best.npz", "history.jsonl"
 CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png", "filters.png"
 
 
@@ -99,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser({command: optional_module} if optional_module else {})
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error argparse already printed
+    except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     try:
-        return args.handler(args)
-    except KeyboardInterrupt:
-        _print_error("interrupted", prefix="")
-        return EXIT_INTERRUPTED
+        with stop_signals_raise():
+            return args.handler(args)
+    except KeyboardInterrupt as exc:
+        _print_error(getattr(exc, "description", "interrupted"), prefix="")
+        return getattr(exc, "exit_status", EXIT_INTERRUPTED)
     except USER_ERRORS as exc:
         _print_error(exc)
         return EXIT_USAGE
@@ -130,10 +138,19 @@ def _command_name(argv: list[str]) -> str | None:
 # == argument parsing ===============================================================================
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line, ``cnn-backend: error: <message>; see <command> --help``, exit 2
+    (instead of argparse's usage block before the message)."""
+
+    def error(self, message: str):
+        _print_error(f"{message}; see {self.prog} --help")
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParser:
     """The full parser. ``optional_modules`` maps optional command names to their loaded modules;
     the others are listed in the help only, so their modules are imported just when invoked."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=PROG, description="Train and evaluate a from-scratch CNN on Fashion-MNIST, on the CPU or a CUDA GPU."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -176,7 +193,8 @@ def _add_train_command(commands) -> None:
     model = train.add_argument_group("model and data")
     model.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture: seed (the seed article's one-filter "
                        "network) or default (a two-block CNN, used when --model is left out)")
-    model.add_argument("--dropout", type=_fraction, metavar="RATE", help="dropout before the output layer, default model only (default: 0)")
+    model.add_argument("--dropout", type=_fraction, metavar="RATE", help="dropout before the output layer, default model only "
+                       f"(default: {RECIPES['default']['dropout']})")
     model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, or "
                        f"crop-flip (random 2-pixel shifts and left-right flips) (default: {recipe_default('augment')})")
     model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
@@ -231,7 +249,8 @@ def _add_evaluate_command(commands) -> None:
                                  "the checkpoint's validation range on train, all of test)")
     evaluate_parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
     evaluate_parser.add_argument("--dtype", choices=DTYPES, help="(default: the checkpoint's)")
-    evaluate_parser.add_argument("--batch-size", type=_positive_int, default=1000, help="samples per forward pass (default: 1000)")
+    evaluate_parser.add_argument("--batch-size", type=_positive_int, default=EVALUATION_BATCH_SIZE, help="samples per forward pass "
+                                 f"(default: {EVALUATION_BATCH_SIZE})")
     evaluate_parser.add_argument("--json", type=Path, metavar="PATH", help="report file (default: <checkpoint>-<split>-evaluation.json beside the checkpoint)")
     evaluate_parser.set_defaults(handler=run_evaluate)
 
@@ -414,57 +433,6 @@ def optimizer_config(settings: dict) -> dict:
     return {"lr": settings["lr"], "momentum": settings["momentum"], "weight_decay": settings["weight_decay"]}
 
 
-def prepare_out_dir(requested: Path | None, checkpoint: Checkpoint | None) -> Path:
-    """The output folder: never one that holds another run, except the folder being resumed."""
-    if requested is None:
-        if checkpoint is not None:
-            return checkpoint.path.parent
-        requested = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        base, suffix = requested, 2
-        while requested.exists():
-            requested, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
-    if requested.exists() and not requested.is_dir():
-        raise ValueError(f"--out {requested} is a file, not a folder")
-    resuming_here = checkpoint is not None and requested.resolve() == checkpoint.path.parent.resolve()
-    existing = [name for name in (HISTORY_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT) if (requested / name).exists()]
-    if existing and not resuming_here:
-        raise ValueError(
-            f"{requested} already holds a training run ({', '.join(existing)}); choose another --out, "
-            f"or continue it with --resume {requested / LAST_CHECKPOINT}"
-        )
-    requested.mkdir(parents=True, exist_ok=True)
-    return requested
-
-
-class DeferredInterrupt:
-    """Hold Ctrl-C back while an epoch's files are written, then raise it: the history and the
-    checkpoints always describe the same finished epoch."""
-
-    def __enter__(self):
-        self.received = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._hold)
-        return self
-
-    def _hold(self, signum, frame) -> None:
-        self.received = True
-
-    def __exit__(self, exc_type, exc, traceback) -> bool:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.received and exc_type is None:
-            raise KeyboardInterrupt
-        return False
-
-
-def _make_interruptible() -> None:
-    # A process started in the background may inherit an ignored SIGINT; training should still stop
-    # cleanly (with a checkpoint) when sent one.
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 class EpochProgress:
     """A per-epoch progress bar (loss, accuracy, samples/s) fed from the Trainer's log intervals;
     nothing at all when ``show_bar`` is False (the per-epoch lines are printed either way)."""
@@ -488,6 +456,7 @@ class EpochProgress:
             )
 
     def update(self, steps_done: int, loss: float, accuracy: float) -> None:
+        pause_point("step")
         if self.bar is None:
             return
         samples = min(steps_done * self.batch_size, self.samples_per_epoch)
@@ -504,41 +473,71 @@ class EpochProgress:
 
 
 class RunRecorder:
-    """Records each finished epoch in the output folder: a history row, ``best.npz`` when the
-    validation accuracy improved, and ``last.npz``, all as one step that Ctrl-C cannot split."""
+    """Records each finished epoch in the run folder: ``last.npz`` (the commit), the history row,
+    then ``best.npz`` when the validation accuracy improved, as one step that SIGINT and SIGTERM
+    cannot split (see :mod:`cnn_backend.runfolder` for the order)."""
 
-    def __init__(self, out_dir: Path, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict) -> None:
-        self.out_dir, self.model, self.optimizer, self.schedule = out_dir, model, optimizer, schedule
+    def __init__(self, folder: RunFolder, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict,
+                 resumed: Checkpoint | None = None) -> None:
+        self.folder, self.out_dir = folder, folder.path
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.settings = settings
         self.history = list(history)
         self.best = dict(best)
-        self.last_saved_epoch = history[-1]["epoch"] if history else None
+        self.resumed = resumed
+        self.last_saved_epoch = None  # the epoch of this folder's last.npz, once this run wrote one
         self.samples = 0
         self.seconds = 0.0
-        self.writer = HistoryWriter(out_dir / HISTORY_FILE)
+        self.writer = HistoryWriter(self.out_dir / HISTORY_FILE)
+        if resumed is not None and _same_folder(resumed.path.parent, self.out_dir):
+            self.last_saved_epoch = resumed.epoch
+            if self.best["epoch"] == resumed.epoch and resumed.path.name == LAST_CHECKPOINT:
+                folder.link_best()  # repairs a best.npz left one best behind by a kill (cheap: a link)
+        # Rewritten from the checkpoint: also repairs a history left one row short by a kill.
         self.writer.start(self.history)
 
     def record(self, stats) -> bool:
         """Write the files of a finished epoch; returns whether it is the new best."""
         row = stats.as_dict()
         improved = stats.val_accuracy is not None and (self.best["val_accuracy"] is None or stats.val_accuracy > self.best["val_accuracy"])
+        best = {"epoch": stats.epoch, "val_accuracy": stats.val_accuracy} if improved else self.best
         with DeferredInterrupt():
+            self._save(LAST_CHECKPOINT, stats.epoch, best, self.history + [row])
             self.history.append(row)
+            self.best, self.last_saved_epoch = best, stats.epoch
             self.writer.append(row)
+            pause_point("history")
             if improved:
-                self.best = {"epoch": stats.epoch, "val_accuracy": stats.val_accuracy}
-                self._save(BEST_CHECKPOINT, stats.epoch)
-            self._save(LAST_CHECKPOINT, stats.epoch)
-            self.last_saved_epoch = stats.epoch
+                self.folder.link_best()
         self.samples += stats.samples_per_second * stats.seconds
         self.seconds += stats.seconds
         return improved
 
-    def _save(self, name: str, epoch: int) -> None:
+    def _save(self, name: str, epoch: int, best: dict, history: list[dict]) -> None:
         save_checkpoint(
             self.out_dir / name, self.model, self.optimizer, epoch=epoch, schedule=self.schedule,
-            settings=self.settings, loader_seed=self.settings["seed"], best=self.best, history=self.history,
+            settings=self.settings, loader_seed=self.settings["seed"], best=best, history=history,
         )
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def intact_text(self, *, resume_hint: bool) -> str:
+        """Which checkpoint is good after a failure (never a file that does not exist), and how to resume."""
+        if self.last_saved_epoch is not None:
+            path, epoch, out = self.out_dir / LAST_CHECKPOINT, self.last_saved_epoch, None
+        elif self.resumed is not None:
+            path, epoch, out = self.resumed.path, self.resumed.epoch, self.out_dir
+        else:
+            return "no epoch finished, so no checkpoint was written"
+        text = f"the last good checkpoint is {path} (epoch {epoch})"
+        if resume_hint:
+            text += f"; resume with: {PROG} train --resume {path}" + (f" --out {out}" if out is not None else "")
+        return text
+
+
+def _same_folder(first: Path, second: Path) -> bool:
+    return first.resolve() == second.resolve()
 
 
 def format_epoch_line(stats, epochs: int, improved: bool) -> str:
@@ -583,30 +582,44 @@ def run_train(args) -> int:
     images, labels = load_fashion_mnist("train", settings["data"])
     data_line = f"data: {describe_source('train', settings['data'])}"
     train_window, val_window, split_line = resolve_ranges(settings, len(images))
-    out_dir = prepare_out_dir(args.out, checkpoint)
-    history, best = [], {"epoch": None, "val_accuracy": None}
-    if checkpoint is not None:
-        history = checkpoint.history
-        # best.npz of another folder is not carried over: there, best tracking starts afresh.
-        if out_dir.resolve() == checkpoint.path.parent.resolve():
-            best = checkpoint.best
-
     loader = BatchLoader(images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"])
     schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
     schedule = schedule_from_config(schedule_settings)
     validation = (prepare_images(images[val_window], backend.dtype), labels[val_window])
+    del images, labels  # the loader and the validation set keep what they use
+    pause_point("start")
+
+    # Everything that can be refused has been checked: only now is the output folder touched.
+    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None)
+    try:
+        return _train_in_folder(
+            args, folder, settings, backend, model, optimizer, start_epoch, checkpoint, loader, schedule, schedule_settings,
+            validation, [device_line, data_line, split_line],
+        )
+    finally:
+        folder.close()
+
+
+def _train_in_folder(args, folder, settings, backend, model, optimizer, start_epoch, checkpoint, loader, schedule,
+                     schedule_settings, validation, lines) -> int:
+    out_dir = folder.path
+    history, best = [], {"epoch": None, "val_accuracy": None}
+    if checkpoint is not None:
+        history = checkpoint.history
+        # best.npz of another folder is not carried over: there, best tracking starts afresh.
+        if _same_folder(out_dir, checkpoint.path.parent):
+            best = checkpoint.best
 
     _say(f"{PROG} train: {_describe_settings(settings)}")
-    _say(device_line)
-    _say(data_line)
-    _say(split_line)
+    for line in lines:
+        _say(line)
     if checkpoint is not None:
         _say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
         if checkpoint.schedule != schedule_settings:
             _say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
     _say(f"outputs: {out_dir}")
 
-    recorder = RunRecorder(out_dir, model, optimizer, schedule, {**settings, "device": backend.name}, history=history, best=best)
+    recorder = None
     progress = EpochProgress(
         settings["epochs"], len(loader), settings["batch_size"], loader.num_samples,
         show_bar=not args.quiet and sys.stderr.isatty(),
@@ -617,9 +630,18 @@ def run_train(args) -> int:
         improved = recorder.record(stats)
         _say(format_epoch_line(stats, settings["epochs"], improved))
 
-    _make_interruptible()
-    started = time.perf_counter()
+    def intact(resume_hint: bool) -> str:
+        if recorder is None:
+            return "no epoch finished, so no checkpoint was written" if checkpoint is None else \
+                f"the last good checkpoint is {checkpoint.path} (epoch {checkpoint.epoch})"
+        return recorder.intact_text(resume_hint=resume_hint)
+
+    stage = "training"
     try:
+        recorder = RunRecorder(folder, model, optimizer, schedule, {**settings, "device": backend.name},
+                               history=history, best=best, resumed=checkpoint)
+        pause_point("folder")
+        started = time.perf_counter()
         # Overflow warnings would only repeat what the non-finite loss check reports in one line.
         with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
             fit(
@@ -628,17 +650,30 @@ def run_train(args) -> int:
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
                 on_epoch_end=epoch_finished, log_every=args.log_every,
             )
-    except KeyboardInterrupt:
+        training_seconds = time.perf_counter() - started
+        stage = "plots"
+        pause_point("plots")
+        plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation)
+    except KeyboardInterrupt as exc:
         progress.close()
-        _print_error(f"interrupted during epoch {progress.epoch}; {_last_checkpoint_text(recorder, out_dir, resume_hint=True)}", prefix="")
-        return EXIT_INTERRUPTED
+        what = getattr(exc, "description", "interrupted")
+        if stage == "plots":
+            _print_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
+        else:
+            _print_error(f"{what} during epoch {progress.epoch or start_epoch}; {intact(resume_hint=True)}", prefix="")
+        return getattr(exc, "exit_status", EXIT_INTERRUPTED)
     except NonFiniteLossError as exc:
         progress.close()
-        _print_error(f"{exc}; {_last_checkpoint_text(recorder, out_dir, resume_hint=False)}")
+        _print_error(f"{exc}; {intact(resume_hint=False)}")
         return EXIT_FAILED
-    training_seconds = time.perf_counter() - started
+    except FileWriteError as exc:
+        progress.close()
+        _print_error(f"{exc}; {intact(resume_hint=False)}; free space or choose another --out")
+        return EXIT_FAILED
+    finally:
+        if recorder is not None:
+            recorder.close()
 
-    plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation)
     _say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
     written = [HISTORY_FILE, LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if (out_dir / BEST_CHECKPOINT).exists() else []) + plots
     _say(f"outputs in {out_dir}: {', '.join(written)}")
@@ -666,14 +701,6 @@ def _describe_settings(settings: dict) -> str:
     )
     text += f", dropout {settings['dropout']:g}" if settings["dropout"] else ""
     return text + (f", augment {settings['augment']}" if settings["augment"] != "none" else "")
-
-
-def _last_checkpoint_text(recorder: RunRecorder, out_dir: Path, *, resume_hint: bool) -> str:
-    path = out_dir / LAST_CHECKPOINT
-    if recorder.last_saved_epoch is None:
-        return "no epoch finished, so no checkpoint was written"
-    text = f"the last good checkpoint is {path} (epoch {recorder.last_saved_epoch})"
-    return text + (f"; resume with: {PROG} train --resume {path}" if resume_hint else "")
 
 
 def _write_training_plots(out_dir: Path, model, history: list[dict], validation) -> list[str]:
@@ -742,7 +769,10 @@ def run_evaluate(args) -> int:
     _say(format_report(report))
     _say(f"loss {scores['loss']:.4f}")
     json_path = args.json or checkpoint.path.with_name(f"{checkpoint.path.stem}-{args.split}-evaluation.json")
-    write_json(json_path, document)
+    try:
+        write_json(json_path, document)
+    except FileWriteError as exc:
+        raise FileWriteError(exc.path, OSError(exc.errno, f"{exc.strerror}; pass --json PATH to write the report elsewhere")) from None
     _say(f"report written to {json_path}")
     return EXIT_OK
 

@@ -8,6 +8,7 @@ a backend, so a model built from the same seed starts from bit-identical weights
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy
 
@@ -16,7 +17,17 @@ def make_rng(seed: int | numpy.random.Generator | None) -> numpy.random.Generato
     """A Generator from a seed, an existing Generator (returned as is), or None (fresh entropy)."""
     if isinstance(seed, numpy.random.Generator):
         return seed
+    if seed is not None:
+        seed = as_integer(seed, "seed", 0)
     return numpy.random.default_rng(seed)
+
+
+def as_integer(value, name: str, low: int) -> int:
+    """``value`` as a Python int (NumPy integers included, booleans not); ValueError naming ``name``
+    when it is not an integer or is below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
 
 
 def he_normal(rng: numpy.random.Generator, shape: tuple[int, ...], fan_in: int) -> numpy.ndarray:

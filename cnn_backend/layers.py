@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from . import functional as F
 from .backend import Backend, cpu_backend, get_backend
-from .init import initial_weight, make_rng
+from .init import as_integer, initial_weight, make_rng
 
 
 class ShapeError(ValueError):
     """An input whose shape, dtype or values a layer cannot take."""
+
+
+class NonFiniteLogitsError(ShapeError):
+    """Logits holding NaN or infinity: diverged weights or bad input."""
 
 
 class Parameter:
@@ -64,6 +68,9 @@ class Layer:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
+    def _forward_first(self) -> RuntimeError:
+        return RuntimeError(f"{self}: backward needs a forward pass first (call forward, then backward once)")
+
     def _expect_rank(self, x, rank: int, layout: str) -> None:
         if x.ndim != rank:
             raise ShapeError(f"{self}: expected a {rank}-D input {layout}, got shape {tuple(x.shape)}")
@@ -90,15 +97,16 @@ class Convolution(Layer):
         backend: Backend | str | None = None,
     ) -> None:
         super().__init__(backend)
-        for name, value, low in (
-            ("in_channels", in_channels, 1),
-            ("out_channels", out_channels, 1),
-            ("kernel_size", kernel_size, 1),
-            ("stride", stride, 1),
-            ("padding", padding, 0),
-        ):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"Convolution: {name} must be an integer >= {low}, got {value!r}")
+        in_channels, out_channels, kernel_size, stride, padding = (
+            _size("Convolution", name, value, low)
+            for name, value, low in (
+                ("in_channels", in_channels, 1),
+                ("out_channels", out_channels, 1),
+                ("kernel_size", kernel_size, 1),
+                ("stride", stride, 1),
+                ("padding", padding, 0),
+            )
+        )
         if algorithm not in F.CONV_ALGORITHMS + ("auto",):
             raise ValueError(f"Convolution: algorithm must be one of auto, {', '.join(F.CONV_ALGORITHMS)}, got {algorithm!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -150,6 +158,8 @@ class Convolution(Layer):
         return y
 
     def backward(self, dy):
+        if self._cache is None:
+            raise self._forward_first()
         dx, dweight, dbias = F.conv2d_backward(self.backend, dy, self._cache, self.needs_input_grad)
         self.params["weight"].grad = dweight
         self.params["bias"].grad = dbias
@@ -196,11 +206,15 @@ def resolve_conv_algorithm(algorithm: str, backend: Backend, weight_shape=None, 
 class ReLU(Layer):
     """``max(x, 0)``; its gradient passes where the input was positive."""
 
+    _positive = None
+
     def forward(self, x):
         y, self._positive = F.relu_forward(self.backend, x)
         return y
 
     def backward(self, dy):
+        if self._positive is None:
+            raise self._forward_first()
         dx = F.multiply(self.backend, dy, self._positive)
         self._positive = None
         return dx
@@ -212,9 +226,7 @@ class MaxPool(Layer):
     def __init__(self, pool_size: int, stride: int | None = None, *, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
         stride = pool_size if stride is None else stride
-        for name, value in (("pool_size", pool_size), ("stride", stride)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MaxPool: {name} must be an integer >= 1, got {value!r}")
+        pool_size, stride = (_size("MaxPool", name, value, 1) for name, value in (("pool_size", pool_size), ("stride", stride)))
         self.pool_size, self.stride = pool_size, stride
         self._cache = None
 
@@ -256,7 +268,11 @@ class Flatten(Layer):
             return F.as_batch_innermost(self.backend, x).reshape(-1, n).T
         return x.reshape(n, -1)
 
+    _shape = None
+
     def backward(self, dy):
+        if self._shape is None:
+            raise self._forward_first()
         if self._through_batch_innermost:
             n, c, h, w = self._shape
             return F.nchw_view(dy.T.reshape(c, h, w, n))
@@ -270,9 +286,9 @@ class FullyConnected(Layer):
         self, in_features: int, out_features: int, *, init: str = "he", rng=None, backend: Backend | str | None = None
     ) -> None:
         super().__init__(backend)
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"FullyConnected: {name} must be an integer >= 1, got {value!r}")
+        in_features, out_features = (
+            _size("FullyConnected", name, value, 1) for name, value in (("in_features", in_features), ("out_features", out_features))
+        )
         self.in_features, self.out_features, self.init = in_features, out_features, init
         weight = initial_weight(make_rng(rng), (in_features, out_features), in_features, out_features, init)
         self.params = {
@@ -295,7 +311,11 @@ class FullyConnected(Layer):
         y += self.params["bias"].data
         return y
 
+    _x = None
+
     def backward(self, dy):
+        if self._x is None:
+            raise self._forward_first()
         self.params["weight"].grad = self.backend.matmul(self._x.T, dy)
         self.params["bias"].grad = dy.sum(axis=0)
         x, self._x = self._x, None
@@ -352,6 +372,8 @@ class SoftmaxCrossEntropy:
         self._dlogits = None
 
     def forward(self, logits, labels):
+        if not hasattr(labels, "shape"):  # a list or tuple of class indices
+            labels = self.backend.to_device(labels)
         if logits.ndim != 2:
             raise ShapeError(f"SoftmaxCrossEntropy: expected logits of shape (N, classes), got {tuple(logits.shape)}")
         if labels.shape != (logits.shape[0],):
@@ -375,13 +397,21 @@ class SoftmaxCrossEntropy:
                 f"got values from {int(labels.min())} to {int(labels.max())}"
             )
         if not bool(xp.isfinite(logits).all()):
-            raise ShapeError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
+            raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
 
     def backward(self):
         """Gradient of the mean loss with respect to the logits: ``(softmax - onehot) / N``."""
         return self._dlogits
 
     __call__ = forward
+
+
+def _size(layer: str, name: str, value, low: int) -> int:
+    """A size argument as a Python int; NumPy integers count as integers."""
+    try:
+        return as_integer(value, name, low)
+    except ValueError as exc:
+        raise ValueError(f"{layer}: {exc}") from None
 
 
 LAYER_TYPES = {cls.__name__: cls for cls in (Convolution, ReLU, MaxPool, Flatten, FullyConnected, Dropout)}

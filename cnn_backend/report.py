@@ -9,6 +9,8 @@ matplotlib's Agg canvas, never through pyplot, so no display or global state is 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Iterable, Sequence
 import numpy
 
 from .data import CLASS_NAMES
-from .serialization import atomic_path
+from .serialization import FileWriteError, atomic_path
 
 # -- metrics ----------------------------------------------------------------------------------------
 
@@ -123,21 +125,46 @@ class HistoryWriter:
     """The metrics history as JSON lines, one row per finished epoch.
 
     :meth:`start` replaces the file with the rows a run begins from (none, or those kept in the
-    checkpoint it resumes); :meth:`append` adds one row, flushed to disk at once.
+    checkpoint it resumes) and keeps it open; :meth:`append` adds one row in a single ``write``
+    system call (a process killed around it leaves the row whole or absent), flushed to disk at
+    once; :meth:`close` closes the file. Write failures raise
+    :class:`~cnn_backend.serialization.FileWriteError` naming the file.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._descriptor: int | None = None
 
     def start(self, rows: Iterable[dict] = ()) -> None:
+        self.close()
         with atomic_path(self.path) as temporary:
             temporary.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        try:
+            self._descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise FileWriteError(self.path, exc) from None
 
     def append(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(row) + "\n")
-            stream.flush()
-            os.fsync(stream.fileno())
+        data = (json.dumps(row) + "\n").encode("utf-8")
+        size = None
+        try:
+            if self._descriptor is None:
+                self._descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            size = os.fstat(self._descriptor).st_size
+            written = os.write(self._descriptor, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(self._descriptor)
+        except OSError as exc:
+            if size is not None:  # no half row left behind
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._descriptor, size)
+            raise FileWriteError(self.path, exc) from None
+
+    def close(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:

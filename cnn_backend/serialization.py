@@ -6,14 +6,29 @@ import contextlib
 import json
 import os
 import secrets
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy
 
+from .faults import pause_point
+
 
 class ModelFileError(ValueError):
     """A model or checkpoint file that cannot be read or does not fit the model."""
+
+
+class FileWriteError(OSError):
+    """A file that could not be written (disk full, read-only folder, ...); the message names it.
+    The file's previous version, if any, is untouched."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.strerror}"
 
 
 
@@ -29,13 +44,42 @@ def atomic_path(path: str | os.PathLike):
     Readers of ``path`` see the old file or the complete new one, never a half-written one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temporary = temporary_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
+        pause_point(f"replace {path.name}")
         os.replace(temporary, path)
+        _sync_directory(path.parent)
+    except FileWriteError:
+        raise
+    except OSError as exc:
+        raise FileWriteError(path, exc) from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def temporary_name(path: Path) -> Path:
+    """Where :func:`atomic_path` writes ``path`` before renaming it (hidden, marked with the PID)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}")
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _sync_directory(directory: Path) -> None:
+    # The rename itself reaches the disk only when the folder is flushed (POSIX; a no-op elsewhere).
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable) -> Path:
@@ -55,6 +99,9 @@ def write_npz_atomic(path: str | os.PathLike, arrays: dict) -> Path:
 
 def read_npz(path: str | os.PathLike) -> dict:
     """All arrays of an ``.npz`` file, refusing pickled objects; one-line error when unreadable."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
+        # Checked first: numpy would call any other content "pickled data" and suggest pickle.
+        raise ModelFileError(f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)")
     try:
         with numpy.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}

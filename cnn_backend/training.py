@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy
 
-from .layers import SoftmaxCrossEntropy
-from .model import Sequential
+from .layers import NonFiniteLogitsError, SoftmaxCrossEntropy
+from .model import EVALUATION_BATCH_SIZE, Sequential
 from .optim import SCHEDULE_TYPES, ConstantSchedule, Optimizer
 
 # -- recipes ----------------------------------------------------------------------------------------
@@ -104,12 +104,15 @@ def schedule_from_config(config: dict) -> ConstantSchedule:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss (``step`` is None when the validation loss did)."""
 
-    def __init__(self, epoch: int, step: int) -> None:
+    def __init__(self, epoch: int, step: int | None) -> None:
+        if step is None:
+            where, after = f"the validation loss became non-finite after epoch {epoch}", "this epoch"
+        else:
+            where, after = f"the loss became non-finite at epoch {epoch}, step {step}", "this step"
         super().__init__(
-            f"the loss became non-finite at epoch {epoch}, step {step}: lower the learning rate "
-            "(or check the input data); parameters after this step are not usable"
+            f"{where}: lower the learning rate (or check the input data); parameters after {after} are not usable"
         )
         self.epoch, self.step = epoch, step
 
@@ -141,7 +144,7 @@ def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optim
     return loss, n_correct
 
 
-def evaluate(model: Sequential, images, labels, batch_size: int = 1000, *, with_predictions: bool = False) -> dict:
+def evaluate(model: Sequential, images, labels, batch_size: int = EVALUATION_BATCH_SIZE, *, with_predictions: bool = False) -> dict:
     """Mean loss and accuracy of ``model`` on host ``images (N, 1, H, W)`` in [0, 1] and ``labels``.
 
     ``with_predictions`` adds the predicted classes (host array) under ``"predictions"``.
@@ -258,7 +261,13 @@ def fit(
         train_loss, train_accuracy, samples = trainer.run_epoch(epoch, on_interval)
         model.backend.synchronize()
         seconds = time.perf_counter() - started
-        val = evaluate(model, *validation) if validation is not None else {"loss": None, "accuracy": None}
+        try:
+            val = evaluate(model, *validation) if validation is not None else {"loss": None, "accuracy": None}
+        except NonFiniteLogitsError:
+            val = {"loss": math.nan}
+        if val["loss"] is not None and not math.isfinite(val["loss"]):
+            # Diverged weights (the last update overflowed): never a result, let alone the best one.
+            raise NonFiniteLossError(epoch, None)
         stats = EpochStats(
             epoch, train_loss, train_accuracy, val["loss"], val["accuracy"], optimizer.lr, seconds, samples / seconds
         )

@@ -212,7 +212,10 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
 )
 def test_bad_arguments_are_usage_errors(capsys, args, message):
     status, _, err = run_main(capsys, *args)
-    assert status == 2 and "usage: cnn-backend" in err and message in err
+    help_command = "cnn-backend train" if args[0] == "train" else "cnn-backend"
+    # One line: the message and where to read more, no usage block.
+    assert status == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    assert err.startswith("cnn-backend: error: ") and message in err and err.rstrip().endswith(f"; see {help_command} --help")
 
 
 @pytest.mark.parametrize(

@@ -95,14 +95,16 @@ def test_missing_file_is_refused_in_one_line(tmp_path):
 def test_corrupt_file_is_refused(tmp_path):
     path = tmp_path / "corrupt.npz"
     path.write_bytes(b"\x00not a zip at all" * 10)
-    with pytest.raises(ModelFileError, match=r"corrupt.npz: not a readable .npz file"):
+    with pytest.raises(ModelFileError, match=r"corrupt.npz: not an .npz archive") as info:
         Sequential.load(path)
+    # NumPy's own message would suggest loading it with pickle, which this library never does.
+    assert "pickle" not in str(info.value) and "\n" not in str(info.value)
 
 
 def test_truncated_file_is_refused(tmp_path):
     path = seed_cnn().save(tmp_path / "m.npz")
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(ModelFileError, match=r"not a readable .npz file"):
+    with pytest.raises(ModelFileError, match=r"not an .npz archive|not a readable .npz file"):
         Sequential.load(path)
 
 

@@ -1,0 +1,253 @@
+"""A training run's output folder: one owner at a time, and files that agree after any failure.
+
+* **One owner.** :meth:`RunFolder.open` takes an exclusive ``flock`` on the folder itself; the
+  operating system releases it when the process ends, however it ends, so a crash never leaves a
+  stale lock. A second run on the folder is refused naming the holder's PID (kept in ``.owner``
+  while the run lasts).
+* **Nothing stuck.** A folder holds a run when it has ``last.npz`` or ``best.npz``. What a start
+  that died leaves (a history without checkpoints, temporaries of a killed process) is cleared by
+  the next owner; a start that fails without being killed removes what it wrote, and the folder
+  when it made it.
+* **Files agree.** Each epoch is committed by renaming ``last.npz`` into place; then its history row
+  is appended (one ``write`` call), then ``best.npz`` becomes a hard link to (or copy of) that
+  ``last.npz`` when the epoch is the best. The history never runs ahead of ``last.npz``; only a
+  SIGKILL landing in the few system calls between the rename and the history write (the folder's
+  flush, the ``write``) leaves it one row short (and
+  ``best.npz`` one best behind), which the next start in the folder repairs from ``last.npz``.
+  SIGINT and SIGTERM wait until the three writes are done.
+* **SIGTERM is Ctrl-C.** :func:`stop_signals_raise` makes both raise :class:`Interrupted`, a
+  ``KeyboardInterrupt`` carrying the exit status (130 for SIGINT, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+from .faults import pause_point
+from .serialization import TEMPORARY_SUFFIX, FileWriteError, atomic_path, temporary_name
+
+LAST_CHECKPOINT, BEST_CHECKPOINT, HISTORY_FILE = "last.npz", "best.npz", "history.jsonl"
+OWNER_FILE = ".owner"
+#: folder that holds the default output folders (runs/<date-time>)
+DEFAULT_PARENT = Path("runs")
+
+STOP_SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated by SIGTERM", 143)}
+
+
+class RunFolderBusyError(ValueError):
+    """The output folder is held by another live run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: ``description`` ("interrupted", "terminated by SIGTERM") and ``exit_status``."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signum = signum
+        self.description, self.exit_status = STOP_SIGNALS.get(signum, ("interrupted", 130))
+        super().__init__(self.description)
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Within the block, SIGINT and SIGTERM raise :class:`Interrupted` (main thread only); the
+    previous handlers come back after it.
+
+    Also undoes an ignored SIGINT inherited by a process started in the background: training should
+    still stop cleanly, with its checkpoint, when sent one.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class DeferredInterrupt:
+    """Hold SIGINT and SIGTERM back while an epoch's files are written, then raise the first one
+    received: the history and the checkpoints always describe the same finished epoch."""
+
+    def __enter__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._hold) for signum in STOP_SIGNALS}
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if self.received is not None and exc_type is None:
+            raise Interrupted(self.received)
+        return False
+
+
+class RunFolder:
+    """An output folder this process owns (see the module docstring); :meth:`close` gives it up."""
+
+    def __init__(self, path: Path, created: bool) -> None:
+        self.path, self.created = path, created
+        self._descriptor: int | None = None
+        self._accepted = False  # whether the folder was found free for this run (its leftovers are ours)
+        self.created_parent = False  # runs/ itself was made for this folder
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, requested: Path | None, resumed_checkpoint: Path | None = None) -> "RunFolder":
+        """Own ``requested`` (default: the resumed checkpoint's folder, else a new ``runs/<date-time>``).
+
+        Refuses a folder that holds another run (unless it is the resumed checkpoint's own), is
+        held by a live process, or is a file.
+        """
+        _fcntl()  # before anything is created
+        resumed_folder = resumed_checkpoint.parent if resumed_checkpoint is not None else None
+        if requested is None and resumed_folder is not None:
+            requested = resumed_folder
+        if requested is None:
+            made_parent = not DEFAULT_PARENT.exists()
+            folder = cls(_new_default_folder(), created=True)
+            folder.created_parent = made_parent
+        else:
+            if requested.exists() and not requested.is_dir():
+                raise ValueError(f"--out {requested} is a file, not a folder")
+            created = not requested.exists()
+            try:
+                requested.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FileWriteError(requested, exc) from None
+            folder = cls(requested, created)
+        try:
+            folder._lock()
+            resuming_here = resumed_folder is not None and _same_folder(folder.path, resumed_folder)
+            folder._refuse_another_run(resuming_here)
+            folder._accepted = True
+            folder._clear_leftovers()
+        except BaseException:
+            folder.close()
+            raise
+        return folder
+
+    def _lock(self) -> None:
+        fcntl = _fcntl()
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            raise RunFolderBusyError(
+                f"{self.path} is in use by another training run ({self._holder()}); wait for it to end, "
+                "or choose another --out"
+            ) from None
+        self._descriptor = descriptor
+        with atomic_path(self.path / OWNER_FILE) as temporary:
+            temporary.write_text(f"{os.getpid()}\n", encoding="ascii")
+
+    def _holder(self) -> str:
+        try:
+            return f"PID {int((self.path / OWNER_FILE).read_text(encoding='ascii'))}"
+        except (OSError, ValueError):
+            return "PID unknown"
+
+    def _refuse_another_run(self, resuming_here: bool) -> None:
+        existing = [name for name in (LAST_CHECKPOINT, BEST_CHECKPOINT) if (self.path / name).exists()]
+        if existing and not resuming_here:
+            hint = f", or continue it with --resume {self.path / LAST_CHECKPOINT}" if LAST_CHECKPOINT in existing else ""
+            raise ValueError(f"{self.path} already holds a training run ({', '.join(existing)}); choose another --out{hint}")
+
+    def _clear_leftovers(self) -> None:
+        # Only the owner writes here, so every temporary file is a killed process's.
+        for entry in self.path.iterdir():
+            if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX):
+                entry.unlink(missing_ok=True)
+
+    # -- an epoch's files ------------------------------------------------------------------------
+
+    def link_best(self) -> None:
+        """Make ``best.npz`` the current ``last.npz`` (a hard link, or a copy where links fail), atomically."""
+        last, best = self.path / LAST_CHECKPOINT, self.path / BEST_CHECKPOINT
+        temporary = temporary_name(best)
+        try:
+            try:
+                os.link(last, temporary)
+            except OSError:
+                shutil.copyfile(last, temporary)
+            pause_point(f"replace {best.name}")
+            os.replace(temporary, best)
+        except OSError as exc:
+            raise FileWriteError(best, exc) from None
+        finally:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+
+    def holds_checkpoint(self) -> bool:
+        return (self.path / LAST_CHECKPOINT).exists()
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Give the folder up. Without a checkpoint in it, what this run wrote goes too (and the
+        folder, when this run made it and nothing else is left in it)."""
+        if self._descriptor is not None:
+            with contextlib.suppress(OSError):
+                (self.path / OWNER_FILE).unlink(missing_ok=True)
+                if self._accepted and not self.holds_checkpoint():
+                    (self.path / HISTORY_FILE).unlink(missing_ok=True)
+                    self._clear_leftovers()
+                if self.created and not any(self.path.iterdir()):
+                    self.path.rmdir()
+                    if self.created_parent:
+                        self.path.parent.rmdir()
+            os.close(self._descriptor)  # releases the lock
+            self._descriptor = None
+
+
+def _fcntl():
+    try:
+        import fcntl
+    except ImportError:
+        raise RunFolderBusyError("this platform has no fcntl module, which locks the output folder; run on Linux or macOS") from None
+    return fcntl
+
+
+def _new_default_folder() -> Path:
+    """A new, empty ``runs/<date-time>[-N]``, claimed atomically (two runs started in the same second
+    get different folders)."""
+    base = DEFAULT_PARENT / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        DEFAULT_PARENT.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileWriteError(DEFAULT_PARENT, exc) from None
+    candidate, suffix = base, 2
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
+        except OSError as exc:
+            raise FileWriteError(candidate, exc) from None
+
+
+def _same_folder(first: Path, second: Path) -> bool:
+    try:
+        return first.resolve() == second.resolve()
+    except OSError:
+        return False

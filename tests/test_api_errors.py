@@ -1,0 +1,120 @@
+"""Mistakes made through the Python API get one clear line saying what was wrong."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from cnn_backend import Sequential, seed_cnn
+from cnn_backend.data import BatchLoader
+from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU, ShapeError, SoftmaxCrossEntropy
+from cnn_backend.model import default_cnn
+from cnn_backend.serialization import ModelFileError
+from cnn_backend.training import evaluate
+
+
+@pytest.fixture(scope="module")
+def model():
+    return seed_cnn("cpu")
+
+
+def test_an_empty_batch_is_refused(model):
+    with pytest.raises(ShapeError, match=r"expected a batch of at least one sample, got shape \(0, 1, 28, 28\)"):
+        model.forward(numpy.zeros((0, 1, 28, 28), numpy.float32))
+    with pytest.raises(ShapeError, match="no samples to predict"):
+        model.predict(numpy.zeros((0, 1, 28, 28), numpy.float32))
+
+
+def test_labels_may_be_a_list(model):
+    logits = model.forward(numpy.zeros((2, 1, 28, 28), numpy.float32))
+    loss_fn = SoftmaxCrossEntropy("cpu")
+    assert numpy.isclose(float(loss_fn.forward(logits, [1, 2])), float(loss_fn.forward(logits, numpy.array([1, 2]))))
+    with pytest.raises(ShapeError, match="labels must be integer class indices"):
+        loss_fn.forward(logits, [0.5, 1.5])
+
+
+@pytest.mark.parametrize(
+    "layer, gradient",
+    [
+        (FullyConnected(4, 3), numpy.zeros((2, 3), numpy.float32)),
+        (Convolution(1, 2, 3), numpy.zeros((2, 2, 4, 4), numpy.float32)),
+        (ReLU(), numpy.zeros((2, 3), numpy.float32)),
+        (Flatten(), numpy.zeros((2, 3), numpy.float32)),
+    ],
+    ids=lambda value: type(value).__name__,
+)
+def test_backward_before_forward_says_so(layer, gradient):
+    with pytest.raises(RuntimeError, match=r"backward needs a forward pass first"):
+        layer.backward(gradient)
+
+
+def test_backward_of_a_model_before_forward_says_so():
+    with pytest.raises(RuntimeError, match=r"FullyConnected\(121->10\): backward needs a forward pass first"):
+        seed_cnn("cpu").backward(numpy.zeros((2, 10), numpy.float32))
+
+
+def test_numpy_integers_are_integers():
+    layer = Convolution(numpy.int64(1), numpy.int32(3), numpy.uint8(3), stride=numpy.int16(1), padding=numpy.int64(1))
+    assert layer.config()["in_channels"] == 1 and type(layer.in_channels) is int and type(layer.padding) is int
+    assert MaxPool(numpy.int64(2)).pool_size == 2
+    assert FullyConnected(numpy.int64(4), numpy.int64(2)).params["weight"].data.shape == (4, 2)
+    Dropout(0.5, rng=numpy.int64(3))
+    seed_cnn("cpu", seed=numpy.int64(7))
+    model = seed_cnn("cpu")
+    assert model.predict(numpy.zeros((3, 1, 28, 28), numpy.float32), batch_size=numpy.int64(2)).shape == (3,)
+    BatchLoader(numpy.zeros((4, 28, 28), numpy.uint8), numpy.zeros(4, numpy.int64), model.backend, numpy.int64(2))
+
+
+@pytest.mark.parametrize("value", [True, 1.0, "3", 0])
+def test_sizes_that_are_not_positive_integers_are_refused(value):
+    with pytest.raises(ValueError, match=r"Convolution: out_channels must be an integer >= 1, got"):
+        Convolution(1, value, 3)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0"])
+def test_a_bad_seed_is_named(seed):
+    with pytest.raises(ValueError, match=rf"seed must be an integer >= 0, got {seed!r}"):
+        seed_cnn("cpu", seed=seed)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
+        default_cnn("cpu", seed=seed)
+
+
+@pytest.mark.parametrize("bad", [numpy.nan, numpy.inf])
+def test_nan_or_infinite_input_is_refused_not_predicted(model, bad):
+    images = numpy.zeros((5, 1, 28, 28), numpy.float32)
+    images[[1, 3], 0, 4, 4] = bad
+    with pytest.raises(ShapeError, match=r"2 of 5 samples contain NaN or infinity"):
+        model.predict(images, batch_size=2)
+    with pytest.raises(ShapeError, match=r"2 of 5 samples contain NaN or infinity"):
+        evaluate(model, images, numpy.zeros(5, numpy.int64))
+
+
+def test_loading_a_file_that_is_not_a_zip_gives_this_librarys_message(tmp_path):
+    path = tmp_path / "model.npz"
+    path.write_bytes(b"#!/bin/sh\necho not a model\n")
+    with pytest.raises(ModelFileError) as info:
+        Sequential.load(path)
+    message = str(info.value)
+    assert message == f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)"
+
+
+def test_loading_a_model_file_with_a_broken_config_is_one_line(tmp_path):
+    path = tmp_path / "model.npz"
+    numpy.savez(path, __model_config__=numpy.array("{not json"))
+    with pytest.raises(ModelFileError, match=r"model.npz: the model config is not valid JSON"):
+        Sequential.load(path)
+    numpy.savez(path, __model_config__=numpy.array('[{"type": "Teleporter", "args": {}}]'))
+    with pytest.raises(ModelFileError, match=r"model.npz: unknown or malformed layer"):
+        Sequential.load(path)
+
+
+def test_nan_input_is_refused_on_a_device_for_host_and_device_input(device_under_test):
+    backend = device_under_test("float32")
+    model = seed_cnn(backend)
+    images = numpy.zeros((5, 1, 28, 28), numpy.float32)
+    images[4, 0, 0, 0] = numpy.nan
+    for given in (images, backend.to_device(images)):
+        with pytest.raises(ShapeError, match=r"1 of 5 samples contain NaN or infinity"):
+            model.predict(given, batch_size=2)
+    clean = numpy.zeros((3, 1, 28, 28), numpy.float32)
+    numpy.testing.assert_allclose(model.predict(clean), seed_cnn("cpu").predict(clean))
