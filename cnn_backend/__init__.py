@@ -6,6 +6,14 @@ scipy.signal or cupyx.scipy.signal); :func:`get_backend` picks the device.
 
 from .backend import Backend, DeviceUnavailableError, get_backend
 from .layers import (
+    AvgPool,
+    BatchNorm,
+    GELU,
+    GlobalAvgPool,
+    LeakyReLU,
+    Residual,
+    Sigmoid,
+    Tanh,
     Convolution,
     Dropout,
     Flatten,
@@ -18,10 +26,20 @@ from .layers import (
 from .model import ARCHITECTURES, Sequential, default_cnn, seed_cnn
 from .optim import SGD, Adam, CosineSchedule, StepSchedule
 from .serialization import ModelFileError
+from .spec import SpecError, build_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AvgPool",
+    "BatchNorm",
+    "GELU",
+    "GlobalAvgPool",
+    "LeakyReLU",
+    "Residual",
+    "Sigmoid",
+    "Tanh",
+    "build_model",
     "ARCHITECTURES",
     "Adam",
     "Backend",
@@ -38,6 +56,7 @@ __all__ = [
     "Sequential",
     "ShapeError",
     "SoftmaxCrossEntropy",
+    "SpecError",
     "StepSchedule",
     "default_cnn",
     "get_backend",

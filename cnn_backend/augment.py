@@ -17,6 +17,8 @@ class RandomCropFlip:
     flip it left-right with probability ``flip_probability``.
 
     Called as ``augment(x, epoch, step)`` on a device batch ``x (N, C, H, W)``, as the training loop does.
+    In data-parallel training :meth:`set_batch_share` says which part of the global batch ``x`` is:
+    the choices are drawn for the whole global batch and this part applied, as one process would.
     """
 
     def __init__(self, backend: Backend, padding: int = 2, flip_probability: float = 0.5, seed: int = 0) -> None:
@@ -25,6 +27,11 @@ class RandomCropFlip:
         if not 0.0 <= flip_probability <= 1.0:
             raise ValueError(f"RandomCropFlip: flip_probability must be in [0, 1], got {flip_probability!r}")
         self.backend, self.padding, self.flip_probability, self.seed = backend, int(padding), float(flip_probability), int(seed)
+        self.batch_share: tuple[int, int] | None = None
+
+    def set_batch_share(self, share: tuple[int, int] | None) -> None:
+        """``(start, total)``: the coming batches are samples ``start ..`` of global batches of ``total``."""
+        self.batch_share = share
 
     def config(self) -> dict:
         return {"padding": self.padding, "flip_probability": self.flip_probability, "seed": self.seed}
@@ -33,9 +40,11 @@ class RandomCropFlip:
         be, xp = self.backend, self.backend.xp
         n, _, height, width = x.shape
         rng = numpy.random.default_rng((self.seed, epoch, step))
-        top = rng.integers(0, 2 * self.padding + 1, size=n)
-        left = rng.integers(0, 2 * self.padding + 1, size=n)
-        flip = rng.random(n) < self.flip_probability
+        start, total = self.batch_share or (0, n)
+        mine = slice(start, start + n)
+        top = rng.integers(0, 2 * self.padding + 1, size=total)[mine]
+        left = rng.integers(0, 2 * self.padding + 1, size=total)[mine]
+        flip = (rng.random(total) < self.flip_probability)[mine]
         # Source column of every output column: shifted by the crop offset, mirrored when flipped.
         columns = numpy.arange(width)
         column_index = left[:, None] + numpy.where(flip[:, None], width - 1 - columns, columns)

@@ -14,6 +14,7 @@ path does not change.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -61,9 +62,9 @@ class Backend:
     def synchronize(self) -> None:
         """Block until all queued work on this device has finished (a no-op on the CPU)."""
 
-    def matmul(self, a, b):
-        """``a @ b`` for 2-D arrays of any memory order."""
-        return a @ b
+    def matmul(self, a, b, out=None):
+        """``a @ b`` for 2-D arrays of any memory order (into ``out`` when given)."""
+        return self.xp.matmul(a, b, out=out)
 
     def map_chunks(self, kernel, *arrays, axis: int = 0) -> None:
         """Run ``kernel(*arrays)``, which writes its results into some of ``arrays`` in place.
@@ -106,8 +107,8 @@ class CpuBackend(Backend):
     next chunk needs (see ``docs/performance.md``).
     """
 
-    def matmul(self, a, b):
-        return threads.matmul(a, b)
+    def matmul(self, a, b, out=None):
+        return threads.matmul(a, b, out)
 
     def map_chunks(self, kernel, *arrays, axis: int = 0) -> None:
         threads.map_chunks(kernel, arrays, axis)
@@ -166,6 +167,14 @@ def cuda_backend(dtype: Any = "float32") -> CudaBackend:
             f"the CUDA libraries are missing or mismatched: {CUDA_INSTALL_HINT}"
         ) from None
     return CudaBackend("cuda", cupy, signal, _float_dtype(dtype))
+
+
+def cuda_nccl() -> ModuleType:
+    """CuPy's NCCL binding, ``cupy.cuda.nccl`` (a submodule ``import cupy`` leaves out); its
+    ``available`` says whether the NCCL library could be loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CuPy warns when libnccl is missing: `available` says so
+        return importlib.import_module("cupy.cuda.nccl")
 
 
 def get_backend(device: str | Backend = "auto", dtype: Any = "float32") -> Backend:

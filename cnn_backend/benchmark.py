@@ -114,6 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a smoke run: tiny batches, one repeat, no warm-up minimum time (figures are not meaningful)",
     )
     parser.add_argument(
+        "--launches", action="store_true",
+        help="instead of timing, count the device kernel launches and allocations of a training step and an "
+        "inference batch of each model on the stand-in device (no GPU needed; see docs/device-cost.md)",
+    )
+    parser.add_argument(
         "--json", "--out", dest="json", default="benchmark.json", metavar="PATH",
         help="where to write the results as JSON (default: benchmark.json)",
     )
@@ -141,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"benchmark: {problem}", file=sys.stderr)
         return 2
+    if args.launches:
+        return run_launch_count(args)
 
     environment = describe_environment()
     for line in environment_warnings(environment):
@@ -198,6 +205,20 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     path = Path(args.json)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"results written to {path}")
+    return 0
+
+
+def run_launch_count(args: argparse.Namespace) -> int:
+    """``--launches``: print the launch table of :mod:`cnn_backend.launches` and write it as JSON."""
+    from .launches import format_launch_table, launch_report
+
+    rows = launch_report(
+        args.models, args.train_batch_sizes, args.infer_batch_sizes, args.algorithms, args.dtype, args.seed
+    )
+    print(format_launch_table(rows))
+    path = Path(args.json)
+    path.write_text(json.dumps({"launches": rows}, indent=2) + "\n", encoding="utf-8")
     print(f"results written to {path}")
     return 0
 

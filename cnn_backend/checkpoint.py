@@ -2,9 +2,12 @@
 
 One archive holds:
 
-* ``__model_config__`` and ``param/<layer>.<name>``: the model exactly as :meth:`Sequential.save`
-  writes it, so :meth:`Sequential.load` reads a checkpoint as a plain model file too;
+* ``__model_config__``, ``param/<layer>.<name>`` and ``buffer/<layer>.<name>``: the model exactly
+  as :meth:`Sequential.save` writes it (the architecture with its input shape, the parameters and
+  the non-trained buffers), so :meth:`Sequential.load` reads a checkpoint as a plain model file too;
 * ``optim/<buffer>/<index>``: the optimiser's state buffers (momentum, Adam moments);
+* ``__inputs__``: what the model expects as input (class names, channels, image size,
+  normalisation; see :class:`cnn_backend.inputs.InputSpec`), absent from files of earlier versions;
 * ``__training_state__``: one JSON document with the epoch, the optimiser's name, config and step
   count, the schedule config, the run settings, the RNG state (the data loader's seed and every
   Dropout layer's generator state), the best epoch so far and the metrics history.
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy
 
 from .backend import Backend
+from .inputs import INPUTS_KEY, InputSpec
 from .layers import Dropout
 from .model import CONFIG_KEY, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
@@ -32,6 +36,7 @@ from .serialization import ModelFileError, json_array, read_npz
 STATE_KEY = "__training_state__"
 OPTIMIZER_PREFIX = "optim/"
 PARAM_PREFIX = "param/"
+BUFFER_PREFIX = "buffer/"
 FORMAT_VERSION = 1
 _REQUIRED_STATE = ("format", "epoch", "optimizer", "schedule", "settings", "rng", "best", "history")
 
@@ -47,11 +52,12 @@ def save_checkpoint(
     loader_seed: int,
     best: dict,
     history: list[dict],
+    inputs: InputSpec | None = None,
 ) -> Path:
     """Write the complete training state after ``epoch`` to ``path``, atomically.
 
     ``settings`` are the run's arguments (JSON-ready); ``best`` is ``{"epoch", "val_accuracy"}``;
-    ``history`` the metrics rows of every finished epoch.
+    ``history`` the metrics rows of every finished epoch; ``inputs`` what the model expects as input.
     """
     optimizer_state = optimizer.state_dict()
     steps = int(optimizer_state.pop("steps"))
@@ -68,6 +74,8 @@ def save_checkpoint(
     }
     extra = {OPTIMIZER_PREFIX + key: value for key, value in optimizer_state.items()}
     extra[STATE_KEY] = json_array(state)
+    if inputs is not None:
+        extra[INPUTS_KEY] = json_array(inputs.config())
     return model.save(path, extra=extra)
 
 
@@ -80,10 +88,23 @@ class Checkpoint:
     """
 
     path: Path
-    model_config: list
+    model_config: list | dict
     parameters: dict
     state: dict | None = None
     optimizer_buffers: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)
+    inputs: dict | None = None
+
+    def input_spec(self) -> InputSpec:
+        """What the model expects as input: as recorded, or (files of earlier versions, all trained
+        on Fashion-MNIST) its 28x28 greyscale input and class names."""
+        if self.inputs is not None:
+            try:
+                return InputSpec.from_config(self.inputs)
+            except ValueError as exc:
+                raise ModelFileError(f"{self.path}: {exc}") from None
+        shape = self.model_config.get("input_shape") if isinstance(self.model_config, dict) else None
+        return InputSpec.legacy(_output_count(self.parameters), shape)
 
     @property
     def is_training_checkpoint(self) -> bool:
@@ -116,10 +137,13 @@ class Checkpoint:
         return self.state["optimizer"]["name"] if self.state else None
 
     def build_model(self, backend: Backend) -> Sequential:
-        """The model on ``backend``, with its parameters and its Dropout layers' generator state."""
-        model = Sequential.from_config(self.model_config, backend)
+        """The model on ``backend``, with its parameters, buffers and its Dropout layers' generator state."""
         try:
-            model.load_state_dict(self.parameters)
+            model = Sequential.from_config(self.model_config, backend)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{self.path}: {_one_line(exc)}") from None
+        try:
+            model.load_state_dict(self.parameters, self.buffers)
             if self.state:
                 restore_dropout_rng_states(model, self.state["rng"]["dropout"])
         except (ModelFileError, ValueError, KeyError, TypeError) as exc:
@@ -157,20 +181,31 @@ def load_checkpoint(path: str | os.PathLike, *, require_training_state: bool = T
     if CONFIG_KEY not in arrays:
         raise ModelFileError(f"{path}: not a cnn_backend model or checkpoint (no model config inside)")
     model_config = _decode_json(arrays[CONFIG_KEY], path, "model config")
-    if not isinstance(model_config, list):
-        raise ModelFileError(f"{path}: the model config is not a list of layers")
+    if not isinstance(model_config, (list, dict)):
+        raise ModelFileError(f"{path}: the model config is not an architecture (a list of layers or a spec)")
     parameters = {key[len(PARAM_PREFIX) :]: value for key, value in arrays.items() if key.startswith(PARAM_PREFIX)}
+    model_buffers = {key[len(BUFFER_PREFIX) :]: value for key, value in arrays.items() if key.startswith(BUFFER_PREFIX)}
     if not parameters:
         raise ModelFileError(f"{path}: the file holds no parameters")
+    inputs = _decode_json(arrays[INPUTS_KEY], path, "input description") if INPUTS_KEY in arrays else None
+    if inputs is not None and not isinstance(inputs, dict):
+        raise ModelFileError(f"{path}: the input description is not a JSON object")
     if STATE_KEY not in arrays:
         if require_training_state:
             raise ModelFileError(f"{path}: a model file without training state (not a checkpoint); it cannot be resumed")
-        return Checkpoint(path, model_config, parameters)
+        return Checkpoint(path, model_config, parameters, buffers=model_buffers, inputs=inputs)
 
     state = _decode_json(arrays[STATE_KEY], path, "training state")
     _check_state(state, path)
     buffers = {key[len(OPTIMIZER_PREFIX) :]: value for key, value in arrays.items() if key.startswith(OPTIMIZER_PREFIX)}
-    return Checkpoint(path, model_config, parameters, state, buffers)
+    return Checkpoint(path, model_config, parameters, state, buffers, model_buffers, inputs)
+
+
+def _output_count(parameters: dict) -> int:
+    """Outputs of the last dense layer (the class count), from the parameter shapes alone."""
+    dense = [(int(name.split(".")[0]), value.shape[1]) for name, value in parameters.items()
+             if name.endswith(".weight") and value.ndim == 2 and name.split(".")[0].isdigit()]
+    return max(dense)[1] if dense else 10
 
 
 def _check_state(state, path: Path) -> None:
@@ -193,20 +228,22 @@ def _check_state(state, path: Path) -> None:
 
 
 def dropout_rng_states(model: Sequential) -> dict:
-    """``{layer index: bit generator state}`` of every Dropout layer (JSON-ready)."""
-    return {str(index): layer.rng.bit_generator.state for index, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+    """``{layer name: bit generator state}`` of every Dropout layer (JSON-ready; names as in
+    :meth:`Sequential.named_layers`, the index for a top-level layer)."""
+    return {name: layer.rng.bit_generator.state for name, layer in model.named_layers() if isinstance(layer, Dropout)}
 
 
 def restore_dropout_rng_states(model: Sequential, states: dict) -> None:
     """Put saved generator states back into the model's Dropout layers."""
-    dropout_indices = {str(index) for index, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
+    named = dict(model.named_layers())
+    dropout_indices = {name for name, layer in named.items() if isinstance(layer, Dropout)}
     if set(states) != dropout_indices:
         raise ModelFileError(
             f"Dropout generator states for layers {sorted(states) or 'none'}, "
             f"but the model has Dropout at {sorted(dropout_indices) or 'none'}"
         )
     for index, state in states.items():
-        layer = model.layers[int(index)]
+        layer = named[index]
         # A generator of the same kind as the saved one, so the state always fits.
         kind = getattr(numpy.random, str(state["bit_generator"]), None)
         if not (isinstance(kind, type) and issubclass(kind, numpy.random.BitGenerator)):

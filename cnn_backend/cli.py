@@ -1,4 +1,5 @@
-"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``download``, ``benchmark``, ``parity``.
+"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``predict``, ``summary``, ``download``, ``benchmark``,
+``parity``, ``export``.
 
 :func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
 cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import math
 import sys
@@ -23,10 +25,17 @@ from . import __version__
 from .augment import AUGMENTATIONS, make_augmentation
 from .backend import DEVICES, DTYPES, DeviceUnavailableError, get_backend
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .data import CLASS_NAMES, BatchLoader, DataError, describe_source, download, load_fashion_mnist, prepare_images
+from .data import BUNDLED_COUNT, BatchLoader, DataError, Normalization, download, stratified_holdout
+from .datasets import DATA_DIR_ENV, DATASETS, dataset_dir, download_dataset, load_dataset, source_kind
+from .datasets.folder import CHANNEL_CHOICES, parse_image_size
+from .distributed import DistributedSetupError, bind_device, communicator_for_backend, world_communicator
+from .inputs import InputSpec
+from .predict import predict_files
 from .functional import CONV_ALGORITHMS
 from .layers import Convolution, ShapeError
-from .model import ARCHITECTURES, EVALUATION_BATCH_SIZE, default_cnn, seed_cnn
+from .model import EVALUATION_BATCH_SIZE, default_cnn, seed_cnn
+from .spec import BUILTIN_NAMES, SpecError, build_model as build_spec_model, normalize_spec, resolve_spec
+from .summary import format_summary
 from .optim import OPTIMIZERS, make_optimizer
 from .report import (
     HistoryWriter,
@@ -64,27 +73,44 @@ PROG = "cnn-backend"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 #: errors a user can fix from the command line: reported in one line, exit status 2
-USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError)
+USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError, DistributedSetupError)
+#: seconds a failing process other than rank 0 waits before ending the job, so that an error every
+#: process meets (a bad option) is reported once, by rank 0; and after Ctrl-C, the time rank 0 has to
+#: finish writing an epoch's files
+FAILURE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 10.0
 
 #: commands provided by optional modules, loaded only when invoked: name -> (module, help)
 OPTIONAL_COMMANDS = {
     "benchmark": ("cnn_backend.benchmark", "measure training speed on a device"),
     "parity": ("cnn_backend.parity", "compare CPU and GPU results"),
+    "export": ("cnn_backend.export", "write a checkpoint as an ONNX model"),
 }
 
 DEFAULT_MODEL = "default"
+#: the per-sample shape of Fashion-MNIST images, which the built-in networks were designed for
+INPUT_SHAPE = (1, 28, 28)
+#: the recipe of a network from an architecture file: the default model's, without the dropout
+#: that --dropout would add to the default network (a file writes its own Dropout layers)
+SPEC_FILE_RECIPE = {**RECIPES["default"], "dropout": 0.0}
 #: run settings that are not part of a recipe
-GENERAL_DEFAULTS = {"seed": 0, "dtype": "float32", "data": "auto"}
+GENERAL_DEFAULTS = {
+    "seed": 0, "dtype": "float32", "data": "auto",
+    "image_size": None, "channels": None, "strict": False, "val_fraction": None, "normalize": False,
+}
 #: what defines a run (stored in its checkpoints and restored on --resume); device, output folder
 #: and display options are chosen afresh by each invocation.
 SETTING_NAMES = (
     "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
     "dropout", "augment", "seed", "dtype", "data", "train_split", "val_split",
+    "image_size", "channels", "strict", "val_fraction", "normalize",
 )
 #: the training/validation split of a full 60,000-image training set
 FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
 #: share of a smaller data set (the bundled 10,000 images) used for training; the rest validates
 FALLBACK_TRAIN_SHARE = 0.8
+#: share of an image folder (ordered by class) held out per class when no split is given
+FOLDER_VALIDATION_FRACTION = 0.2
+DATA_METAVAR = "|".join(("auto", "bundled") + tuple(DATASETS)) + "|DIR"
 
 CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png", "filters.png"
 
@@ -111,15 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals_raise():
             return args.handler(args)
-    except KeyboardInterrupt as exc:
-        _print_error(getattr(exc, "description", "interrupted"), prefix="")
-        return getattr(exc, "exit_status", EXIT_INTERRUPTED)
-    except USER_ERRORS as exc:
-        _print_error(exc)
-        return EXIT_USAGE
-    except OSError as exc:
-        _print_error(exc)
-        return EXIT_FAILED
+    except BaseException as exc:
+        status, message, prefix = _failure(exc)
+        _print_error(message, prefix)
+        return status
+
+
+def _failure(exc: BaseException) -> tuple[int, str, str]:
+    """Exit status, message and prefix of a failed command; exceptions that are not known errors
+    propagate (with their traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return getattr(exc, "exit_status", EXIT_INTERRUPTED), getattr(exc, "description", "interrupted"), ""
+    if isinstance(exc, USER_ERRORS):
+        return EXIT_USAGE, str(exc), "error: "
+    if isinstance(exc, OSError):
+        return EXIT_FAILED, str(exc), "error: "
+    raise exc
 
 
 def _print_error(message, prefix: str = "error: ") -> None:
@@ -129,6 +162,10 @@ def _print_error(message, prefix: str = "error: ") -> None:
 
 def _say(*parts) -> None:
     print(*parts, flush=True)
+
+
+def _silent(*parts, **options) -> None:
+    pass
 
 
 def _command_name(argv: list[str]) -> str | None:
@@ -151,12 +188,14 @@ def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParse
     """The full parser. ``optional_modules`` maps optional command names to their loaded modules;
     the others are listed in the help only, so their modules are imported just when invoked."""
     parser = OneLineParser(
-        prog=PROG, description="Train and evaluate a from-scratch CNN on Fashion-MNIST, on the CPU or a CUDA GPU."
+        prog=PROG, description="Train and evaluate a from-scratch CNN on Fashion-MNIST, other datasets or your own images, on the CPU or a CUDA GPU."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_command(commands)
     _add_evaluate_command(commands)
+    _add_predict_command(commands)
+    _add_summary_command(commands)
     _add_download_command(commands)
     for name, (_, help_text) in OPTIONAL_COMMANDS.items():
         module = (optional_modules or {}).get(name)
@@ -187,20 +226,34 @@ def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train",
         help="train a model; writes history, checkpoints and plots to --out",
-        description="Train a model on Fashion-MNIST. Options left out take the model's recipe "
+        description="Train a model on a dataset (Fashion-MNIST by default). Options left out take the model's recipe "
         "(cnn_backend.training.RECIPES) or, with --resume, the values stored in the checkpoint.",
     )
     model = train.add_argument_group("model and data")
-    model.add_argument("--model", choices=sorted(ARCHITECTURES), help="architecture: seed (the seed article's one-filter "
-                       "network) or default (a two-block CNN, used when --model is left out)")
+    model.add_argument("--model", type=_model_text, metavar="seed|default|FILE", help="architecture: seed (the seed article's "
+                       "one-filter network), default (a two-block CNN, used when --model is left out), or an architecture "
+                       "file (.toml or .json, see docs/spec-format.md; trained with the default model's recipe, without its dropout)")
     model.add_argument("--dropout", type=_fraction, metavar="RATE", help="dropout before the output layer, default model only "
-                       f"(default: {RECIPES['default']['dropout']})")
+                       f"(default: {RECIPES['default']['dropout']}); an architecture file writes its own Dropout layers")
     model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, or "
                        f"crop-flip (random 2-pixel shifts and left-right flips) (default: {recipe_default('augment')})")
     model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
     model.add_argument("--conv-algorithm", choices=("auto",) + CONV_ALGORITHMS, help="convolution algorithm (default: auto)")
-    model.add_argument("--data", metavar="auto|bundled|DIR", help="Fashion-MNIST source: the downloaded full set if present "
-                       "else the bundled 10,000-image subset (auto, the default), the bundled subset, or a folder of IDX files")
+    model.add_argument("--data", metavar=DATA_METAVAR, help="the data: auto (the default: the downloaded Fashion-MNIST "
+                       "if present, else its bundled 10,000-image subset), bundled, a dataset name (fashion-mnist, mnist, "
+                       "kmnist, cifar10: fetched by `cnn-backend download NAME`), or a folder: of IDX files, of CIFAR-10 "
+                       "binary batches, or of class sub-folders of images (DIR/<class>/<image>, or DIR/train/<class>/...)")
+    model.add_argument("--image-size", type=_image_size_text, metavar="N|HxW", help="image folders: resize every image to "
+                       "this size (default: the most common size in the folder)")
+    model.add_argument("--channels", type=int, choices=CHANNEL_CHOICES, help="image folders: 1 (greyscale) or 3 (RGB) "
+                       "(default: 3 if any image is in colour, else 1)")
+    model.add_argument("--strict", action="store_true", default=None, help="image folders: refuse files that are not "
+                       "usable images instead of skipping them")
+    model.add_argument("--normalize", action="store_true", default=None, help="normalise each channel by the mean and "
+                       "standard deviation of the training images (recorded in the checkpoint)")
+    model.add_argument("--val-fraction", type=_open_fraction, metavar="FRACTION", help="validate on a seeded, stratified "
+                       f"hold-out of this share of every class instead of ranges (default for image folders: "
+                       f"{FOLDER_VALIDATION_FRACTION:g})")
     model.add_argument("--train-split", type=_range_text, metavar="START:STOP", help="training images, a slice of the "
                        f"training set (default: seed model {RECIPES['seed']['train_split']}; default model "
                        f"{FULL_SPLIT[0]} on the full data, the first {FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set "
@@ -243,8 +296,10 @@ def _add_evaluate_command(commands) -> None:
         description="Evaluate a checkpoint (or model file) on a split: prints a table and writes a JSON report.",
     )
     evaluate_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .npz written by train (or Sequential.save)")
-    evaluate_parser.add_argument("--data", metavar="auto|bundled|DIR", help="Fashion-MNIST source (default: the one the checkpoint was trained on)")
-    evaluate_parser.add_argument("--split", choices=("train", "test"), default="train", help="train (default) or test (needs the full download)")
+    evaluate_parser.add_argument("--data", metavar=DATA_METAVAR, help="the data (default: the one the checkpoint was trained on)")
+    evaluate_parser.add_argument("--split", choices=("train", "test"), default="train", help="train (default: the "
+                                 "checkpoint's validation images) or test (datasets with a test split; for Fashion-MNIST "
+                                 "the full download)")
     evaluate_parser.add_argument("--range", type=_range_text, metavar="START:STOP", help="images of the split to use (default: "
                                  "the checkpoint's validation range on train, all of test)")
     evaluate_parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
@@ -255,13 +310,46 @@ def _add_evaluate_command(commands) -> None:
     evaluate_parser.set_defaults(handler=run_evaluate)
 
 
+def _add_predict_command(commands) -> None:
+    predict_parser = commands.add_parser(
+        "predict",
+        help="the most likely classes of image files, with a trained checkpoint",
+        description="Predict image files (any format Pillow reads, any size): each is converted to the model's "
+        "channel count and size and normalised as in training. A file that cannot be used is reported in one "
+        "line and the others are still predicted; the exit status is 2 when any failed.",
+    )
+    predict_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .npz written by train (or Sequential.save)")
+    predict_parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
+    predict_parser.add_argument("--top", type=_positive_int, default=3, metavar="K", help="classes to show per image (default: 3)")
+    predict_parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    predict_parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    predict_parser.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass (default: 256)")
+    predict_parser.set_defaults(handler=run_predict)
+def _add_summary_command(commands) -> None:
+    summary_parser = commands.add_parser(
+        "summary",
+        help="print a network's layers, output shapes, parameter counts and MACs",
+        description="Build a network (a built-in name or an architecture file) for an input shape and print its "
+        "layers with output shape, parameters and multiply-accumulates per sample, then the totals and the parameter memory.",
+    )
+    summary_parser.add_argument("--model", type=_model_text, default=DEFAULT_MODEL, metavar="seed|default|FILE",
+                                help="a built-in network or a .toml/.json architecture file (default: default)")
+    summary_parser.add_argument("--input-shape", type=_input_shape, default=INPUT_SHAPE, metavar="C,H,W",
+                                help="per-sample input shape, channels,height,width (or features) (default: 1,28,28, Fashion-MNIST)")
+    summary_parser.add_argument("--dtype", choices=DTYPES, default="float32", help="for the parameter memory (default: float32)")
+    summary_parser.set_defaults(handler=run_summary)
+
+
 def _add_download_command(commands) -> None:
     download_parser = commands.add_parser(
         "download",
-        help="fetch the full Fashion-MNIST (60,000 + 10,000 images) and verify it",
-        description="Download the four official Fashion-MNIST files and check their published MD5s.",
+        help="fetch a dataset (Fashion-MNIST, MNIST, KMNIST, CIFAR-10) and verify it",
+        description="Download a dataset's official files and check their published MD5s (CIFAR-10 is then unpacked).",
     )
-    download_parser.add_argument("--data-dir", type=Path, metavar="DIR", help="target folder (default: $CNN_BACKEND_DATA, else the user cache)")
+    download_parser.add_argument("name", nargs="?", default="fashion-mnist", choices=tuple(DATASETS), metavar="NAME",
+                                 help=f"one of {', '.join(DATASETS)} (default: fashion-mnist)")
+    download_parser.add_argument("--data-dir", type=Path, metavar="DIR", help="target folder (default: "
+                                 "$CNN_BACKEND_DATA/NAME, else NAME in the user cache)")
     download_parser.set_defaults(handler=run_download)
 
 
@@ -296,6 +384,21 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    value = _parse(float, text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+def _image_size_text(text: str) -> str:
+    try:
+        parse_image_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _fraction(text: str) -> float:
     value = _parse(float, text)
     if not 0.0 <= value < 1.0:
@@ -308,6 +411,22 @@ def _parse(kind, text: str):
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
+def _model_text(text: str) -> str:
+    if text in BUILTIN_NAMES or Path(text).suffix in (".toml", ".json"):
+        return text
+    raise argparse.ArgumentTypeError(f"choose {', '.join(BUILTIN_NAMES)}, or an architecture file ending in .toml or .json, got {text!r}")
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,28,28) or a feature count, got {text!r}")
+    return shape
 
 
 def _range_text(text: str) -> str:
@@ -337,7 +456,7 @@ def select_range(text: str, total: int, option: str) -> slice:
     if stop > total:
         raise DataError(
             f"{option} {text} reaches past the {total:,} images available"
-            + ("; run `cnn-backend download` for the full 60,000" if total < FULL_DATA_SIZE else "")
+            + ("; run `cnn-backend download` for the full 60,000" if total == BUNDLED_COUNT else "")
         )
     if start >= stop:
         raise ValueError(f"{option} {text} selects no images")
@@ -365,14 +484,15 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
                 f"resume it (start a new run without --resume instead)"
             )
     model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
-    recipe = RECIPES[model]
+    recipe = RECIPES.get(model, SPEC_FILE_RECIPE)
     optimizer = explicit.get("optimizer") or stored.get("optimizer") or recipe["optimizer"]
     defaults = {**GENERAL_DEFAULTS, **recipe}
     if optimizer != recipe["optimizer"]:
         defaults.update(OPTIMIZER_DEFAULTS[optimizer])
     settings = {**defaults, **stored, **explicit, "model": model, "optimizer": optimizer}
     if settings["dropout"] and model != "default":
-        raise ValueError(f"--dropout applies to the default model only, not {model}")
+        hint = "" if model in BUILTIN_NAMES else "; write a Dropout layer into the architecture file instead"
+        raise ValueError(f"--dropout applies to the default model only, not {model}{hint}")
     return {key: settings[key] for key in SETTING_NAMES}
 
 
@@ -389,8 +509,9 @@ def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:
         else:
             cut = int(total * FALLBACK_TRAIN_SHARE)
             defaults = (f":{cut}", f"{cut}:{total}")
-            why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available " \
-                  f"(the full-data split {FULL_SPLIT[0]}/{FULL_SPLIT[1]} needs `cnn-backend download`)"
+            why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available"
+            if total == BUNDLED_COUNT:
+                why += f" (the full-data split {FULL_SPLIT[0]}/{FULL_SPLIT[1]} needs `cnn-backend download`)"
         train_text = train_text or defaults[0]
         val_text = val_text or defaults[1]
     elif (train_text, val_text) == (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]):
@@ -419,11 +540,71 @@ def open_backend(device: str, dtype: str):
     return backend, f"device: {backend.name} ({backend.dtype.name})"
 
 
-def build_model(settings: dict, backend, conv_algorithm: str):
-    """A freshly initialised model of ``settings["model"]``, seeded by ``settings["seed"]``."""
+def build_model(settings: dict, backend, conv_algorithm: str, inputs: InputSpec | None = None):
+    """A freshly initialised model of ``settings["model"]`` (a built-in name or an architecture
+    file) for ``inputs`` (default: Fashion-MNIST's 1x28x28 and ten classes), seeded by
+    ``settings["seed"]``. The built-in networks take the data's shape and class count; an
+    architecture file must end in as many outputs as the data has classes (SpecError otherwise,
+    one line naming the file and the layer)."""
+    inputs = inputs or InputSpec.legacy()
+    if settings["model"] not in BUILTIN_NAMES:
+        return load_spec_model(settings["model"], inputs.input_shape, backend, settings["seed"], inputs.num_classes, conv_algorithm)
+    shape = {"input_shape": inputs.input_shape, "num_classes": inputs.num_classes}
     if settings["model"] == "seed":
-        return seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm)
-    return default_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"])
+        return seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, **shape)
+    return default_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"], **shape)
+
+
+def check_spec_file(model: str) -> None:
+    """Read and check an architecture file's structure and options (SpecError naming the file)."""
+    label, document = resolve_spec(model)
+    try:
+        normalize_spec(document)
+    except SpecError as exc:
+        raise SpecError(f"{label}: {exc}") from None
+
+
+def load_spec_model(model: str, input_shape, backend, seed: int = 0, num_classes: int | None = None, conv_algorithm: str = "auto"):
+    """Build the network ``model`` names (built-in or file); errors name the file."""
+    label, document = resolve_spec(model)
+    try:
+        return build_spec_model(
+            document, input_shape, backend, seed, num_classes=num_classes, algorithm=None if conv_algorithm == "auto" else conv_algorithm
+        )
+    except SpecError as exc:
+        raise SpecError(f"{label}: {exc}") from None
+
+
+def load_training_data(settings: dict):
+    """The training split of ``settings["data"]``, with the folder options the settings name."""
+    folder_options = {"channels": settings["channels"], "image_size": settings["image_size"]}
+    if source_kind(settings["data"]) != "image-folder":
+        if any(value is not None for value in folder_options.values()):
+            raise ValueError(f"--channels and --image-size apply to folders of images only, not to --data {settings['data']}")
+        folder_options = {}
+    return load_dataset(settings["data"], "train", strict=bool(settings["strict"]), **folder_options)
+
+
+def resolve_validation(settings: dict, data, explicit: dict) -> tuple:
+    """Training and validation selections (slices, or index arrays for a hold-out) and the line
+    saying which were chosen. Writes the choice back into ``settings`` for the checkpoints."""
+    ranges_given = any(key in explicit for key in ("train_split", "val_split"))
+    if "val_fraction" in explicit and ranges_given:
+        raise ValueError("--val-fraction and --train-split/--val-split choose the validation images two ways; pass one of them")
+    fraction = settings["val_fraction"]
+    if fraction is None and not ranges_given and settings["train_split"] is None and source_kind(settings["data"]) == "image-folder":
+        fraction, why = FOLDER_VALIDATION_FRACTION, "the default for image folders (ordered by class)"
+    else:
+        why = "as requested"
+    if fraction is None:
+        return resolve_ranges(settings, len(data))
+    settings["val_fraction"], settings["train_split"], settings["val_split"] = fraction, None, None
+    train_index, val_index = stratified_holdout(data.labels, fraction, settings["seed"])
+    line = (
+        f"split: training on {len(train_index):,} images, validating on a stratified {fraction:g} hold-out of "
+        f"every class ({len(val_index):,} images, seed {settings['seed']}): {why}"
+    )
+    return train_index, val_index, line
 
 
 def optimizer_config(settings: dict) -> dict:
@@ -478,9 +659,10 @@ class RunRecorder:
     cannot split (see :mod:`cnn_backend.runfolder` for the order)."""
 
     def __init__(self, folder: RunFolder, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict,
-                 resumed: Checkpoint | None = None) -> None:
+                 resumed: Checkpoint | None = None, inputs: InputSpec | None = None) -> None:
         self.folder, self.out_dir = folder, folder.path
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.inputs = inputs
         self.settings = settings
         self.history = list(history)
         self.best = dict(best)
@@ -517,6 +699,7 @@ class RunRecorder:
         save_checkpoint(
             self.out_dir / name, self.model, self.optimizer, epoch=epoch, schedule=self.schedule,
             settings=self.settings, loader_seed=self.settings["seed"], best=best, history=history,
+            inputs=self.inputs,
         )
 
     def close(self) -> None:
@@ -550,10 +733,10 @@ def format_epoch_line(stats, epochs: int, improved: bool) -> str:
     return line + ("  *best" if improved else "")
 
 
-def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None, conv_algorithm: str | None):
+def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None, conv_algorithm: str | None, inputs: InputSpec):
     """A fresh model and optimiser, or the checkpoint's; also the first epoch left to train."""
     if checkpoint is None:
-        model = build_model(settings, backend, conv_algorithm or "auto")
+        model = build_model(settings, backend, conv_algorithm or "auto", inputs)
         optimizer = make_optimizer(settings["optimizer"], model.parameters(), backend, **optimizer_config(settings))
         return model, optimizer, 1
     if checkpoint.epoch >= settings["epochs"]:
@@ -562,8 +745,10 @@ def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None,
             f"nothing to resume; pass --epochs N (N > {checkpoint.epoch}) to train further"
         )
     model = checkpoint.build_model(backend)
+    if model.input_shape is not None and tuple(model.input_shape) != inputs.input_shape:
+        raise ValueError(f"{checkpoint.path} holds a model for inputs of shape {tuple(model.input_shape)}, the data has {inputs.input_shape}")
     if conv_algorithm:
-        for layer in model.layers:
+        for _, layer in model.named_layers():
             if isinstance(layer, Convolution):
                 layer.algorithm = conv_algorithm
     optimizer = checkpoint.build_optimizer(model, **optimizer_config(settings))
@@ -571,38 +756,105 @@ def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None,
 
 
 def run_train(args) -> int:
-    """The ``train`` command."""
+    """The ``train`` command: in this process, or in every process of an ``mpiexec`` job."""
+    world = world_communicator()
+    if world.size == 1:
+        return _train(args, world)
+    return _train_in_job(args, world)
+
+
+def _train_in_job(args, world) -> int:
+    """One process of a data-parallel job. A failure anywhere ends the whole job (``MPI_Abort``)
+    within seconds, with one line naming the process and the reason, instead of leaving the
+    others waiting in a collective operation."""
+    try:
+        status = _train(args, world)
+    except BaseException as exc:
+        try:
+            status, message, prefix = _failure(exc)
+        except BaseException:  # not a known error: still one line, and the job must end
+            status, message, prefix = EXIT_FAILED, f"{type(exc).__name__}: {exc}", "error: "
+        if isinstance(exc, KeyboardInterrupt):  # every process was interrupted: rank 0 says so
+            if world.is_root:
+                _print_error(message, prefix)
+        else:
+            _wait_for_rank_0(world, FAILURE_GRACE_SECONDS)
+            _print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
+            world.abort(status)
+    if status != EXIT_OK:
+        # Rank 0 has reported (a non-finite loss, Ctrl-C) and ends the job; the others give it time.
+        _wait_for_rank_0(world, FAILURE_GRACE_SECONDS if status == EXIT_FAILED else INTERRUPT_GRACE_SECONDS)
+        world.abort(status)
+    return status
+
+
+def _wait_for_rank_0(world, seconds: float) -> None:
+    if not world.is_root:
+        time.sleep(seconds)
+
+
+def _train(args, world) -> int:
+    """Train in this process; ``world`` is the job's communicator (one process for a plain run).
+    Rank 0 alone prints and writes files."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
     settings = resolve_settings(explicit, checkpoint)
+    if checkpoint is None and settings["model"] not in BUILTIN_NAMES:
+        check_spec_file(settings["model"])  # refused before the data is read; shapes are checked once it is
     backend, device_line = open_backend(args.device, settings["dtype"])
+    gpu = bind_device(backend, world.local_rank)
+    if gpu is not None and world.size > 1:
+        device_line += f"; rank {world.rank} on GPU {gpu}"
+    communicator, distributed_line = communicator_for_backend(world, backend)
 
-    model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm)
+    data = load_training_data(settings)
+    images, labels = data.images, data.labels
+    if checkpoint is None and source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder"):
+        # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX sets.
+        for key in ("train_split", "val_split"):
+            if key not in explicit:
+                settings[key] = None
+    train_window, val_window, split_line = resolve_validation(settings, data, explicit)
+    if checkpoint is not None:
+        inputs = checkpoint.input_spec()
+        inputs.check(data, f"--data {settings['data']}")
+    else:
+        normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None
+        inputs = InputSpec.for_data(data, normalization)
+    model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
 
-    images, labels = load_fashion_mnist("train", settings["data"])
-    data_line = f"data: {describe_source('train', settings['data'])}"
-    train_window, val_window, split_line = resolve_ranges(settings, len(images))
-    loader = BatchLoader(images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"])
+    loader = BatchLoader(
+        images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
+        num_classes=inputs.num_classes, normalization=inputs.normalization, rank=communicator.rank, size=communicator.size,
+    )
     schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
     schedule = schedule_from_config(schedule_settings)
-    validation = (prepare_images(images[val_window], backend.dtype), labels[val_window])
-    del images, labels  # the loader and the validation set keep what they use
+    validation = (inputs.prepare(images[val_window], backend.dtype), labels[val_window])
+    lines = [device_line, distributed_line, f"data: {data.source}", *(f"note: {note}" for note in data.notes),
+             f"input: {inputs.describe()}", split_line]
+    del images, labels, data  # the loader and the validation set keep what they use
     pause_point("start")
 
-    # Everything that can be refused has been checked: only now is the output folder touched.
-    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None)
+    # Everything that can be refused has been checked: only now is the output folder touched (by
+    # rank 0 alone; the others learn its name).
+    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None) if world.is_root else None
     try:
+        out_dir = world.broadcast_object(folder.path if folder is not None else None)
         return _train_in_folder(
-            args, folder, settings, backend, model, optimizer, start_epoch, checkpoint, loader, schedule, schedule_settings,
-            validation, [device_line, data_line, split_line],
+            args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch, checkpoint,
+            loader, schedule, schedule_settings, validation, lines, inputs,
         )
     finally:
-        folder.close()
+        if folder is not None:
+            folder.close()
 
 
-def _train_in_folder(args, folder, settings, backend, model, optimizer, start_epoch, checkpoint, loader, schedule,
-                     schedule_settings, validation, lines) -> int:
-    out_dir = folder.path
+def _train_in_folder(args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch,
+                     checkpoint, loader, schedule, schedule_settings, validation, lines, inputs: InputSpec) -> int:
+    """The training run; ``folder`` is None on the processes other than rank 0, which neither print
+    nor write."""
+    say = _say if world.is_root else _silent
+    report_error = _print_error if world.is_root else _silent
     history, best = [], {"epoch": None, "val_accuracy": None}
     if checkpoint is not None:
         history = checkpoint.history
@@ -610,25 +862,27 @@ def _train_in_folder(args, folder, settings, backend, model, optimizer, start_ep
         if _same_folder(out_dir, checkpoint.path.parent):
             best = checkpoint.best
 
-    _say(f"{PROG} train: {_describe_settings(settings)}")
+    say(f"{PROG} train: {_describe_settings(settings)}")
     for line in lines:
-        _say(line)
+        say(line)
     if checkpoint is not None:
-        _say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
+        say(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
         if checkpoint.schedule != schedule_settings:
-            _say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
-    _say(f"outputs: {out_dir}")
+            say(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
+    say(f"outputs: {out_dir}")
+    say(format_summary(model.summary()))
 
     recorder = None
     progress = EpochProgress(
         settings["epochs"], len(loader), settings["batch_size"], loader.num_samples,
-        show_bar=not args.quiet and sys.stderr.isatty(),
+        show_bar=not args.quiet and sys.stderr.isatty() and world.is_root,
     )
 
     def epoch_finished(stats) -> None:
         progress.close()
-        improved = recorder.record(stats)
-        _say(format_epoch_line(stats, settings["epochs"], improved))
+        if recorder is not None:
+            improved = recorder.record(stats)
+            say(format_epoch_line(stats, settings["epochs"], improved))
 
     def intact(resume_hint: bool) -> str:
         if recorder is None:
@@ -638,8 +892,10 @@ def _train_in_folder(args, folder, settings, backend, model, optimizer, start_ep
 
     stage = "training"
     try:
-        recorder = RunRecorder(folder, model, optimizer, schedule, {**settings, "device": backend.name},
-                               history=history, best=best, resumed=checkpoint)
+        if folder is not None:
+            recorder = RunRecorder(folder, model, optimizer, schedule,
+                                   {**settings, "device": backend.name, "processes": communicator.size},
+                                   history=history, best=best, resumed=checkpoint, inputs=inputs)
         pause_point("folder")
         started = time.perf_counter()
         # Overflow warnings would only repeat what the non-finite loss check reports in one line.
@@ -648,35 +904,37 @@ def _train_in_folder(args, folder, settings, backend, model, optimizer, start_ep
                 model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
                 augment=make_augmentation(settings["augment"], backend, settings["seed"]),
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
-                on_epoch_end=epoch_finished, log_every=args.log_every,
+                on_epoch_end=epoch_finished, log_every=args.log_every, communicator=communicator,
             )
         training_seconds = time.perf_counter() - started
+        if folder is None:
+            return EXIT_OK
         stage = "plots"
         pause_point("plots")
-        plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation)
+        plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation, inputs.class_names)
     except KeyboardInterrupt as exc:
         progress.close()
         what = getattr(exc, "description", "interrupted")
         if stage == "plots":
-            _print_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
+            report_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
         else:
-            _print_error(f"{what} during epoch {progress.epoch or start_epoch}; {intact(resume_hint=True)}", prefix="")
+            report_error(f"{what} during epoch {progress.epoch or start_epoch}; {intact(resume_hint=True)}", prefix="")
         return getattr(exc, "exit_status", EXIT_INTERRUPTED)
     except NonFiniteLossError as exc:
         progress.close()
-        _print_error(f"{exc}; {intact(resume_hint=False)}")
+        report_error(f"{exc}; {intact(resume_hint=False)}")
         return EXIT_FAILED
     except FileWriteError as exc:
         progress.close()
-        _print_error(f"{exc}; {intact(resume_hint=False)}; free space or choose another --out")
+        report_error(f"{exc}; {intact(resume_hint=False)}; free space or choose another --out")
         return EXIT_FAILED
     finally:
         if recorder is not None:
             recorder.close()
 
-    _say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
+    say(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
     written = [HISTORY_FILE, LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if (out_dir / BEST_CHECKPOINT).exists() else []) + plots
-    _say(f"outputs in {out_dir}: {', '.join(written)}")
+    say(f"outputs in {out_dir}: {', '.join(written)}")
     return EXIT_OK
 
 
@@ -703,19 +961,19 @@ def _describe_settings(settings: dict) -> str:
     return text + (f", augment {settings['augment']}" if settings["augment"] != "none" else "")
 
 
-def _write_training_plots(out_dir: Path, model, history: list[dict], validation) -> list[str]:
+def _write_training_plots(out_dir: Path, model, history: list[dict], validation, class_names) -> list[str]:
     """Curves, validation confusion matrix and first-layer filters; skipped without matplotlib."""
     if not matplotlib_available():
         _say("plots skipped: matplotlib is not installed (pip install 'cnn-backend[plot]')")
         return []
     images, labels = validation
     predictions = evaluate(model, images, labels, with_predictions=True)["predictions"]
-    confusion = confusion_matrix(labels, predictions, len(CLASS_NAMES))
+    confusion = confusion_matrix(labels, predictions, len(class_names))
     plot_curves(history, out_dir / CURVES_PLOT)
     epoch = history[-1]["epoch"]
-    plot_confusion_matrix(confusion, CLASS_NAMES, out_dir / CONFUSION_PLOT, title=f"validation confusion matrix, epoch {epoch}")
+    plot_confusion_matrix(confusion, class_names, out_dir / CONFUSION_PLOT, title=f"validation confusion matrix, epoch {epoch}")
     written = [CURVES_PLOT, CONFUSION_PLOT]
-    first_conv = next((layer for layer in model.layers if isinstance(layer, Convolution)), None)
+    first_conv = next((layer for _, layer in model.named_layers() if isinstance(layer, Convolution)), None)
     if first_conv is not None:
         plot_filters(model.backend.to_numpy(first_conv.params["weight"].data), out_dir / FILTERS_PLOT,
                      title=f"first convolution layer filters, epoch {epoch}")
@@ -730,37 +988,51 @@ def run_evaluate(args) -> int:
     """The ``evaluate`` command."""
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
     stored = checkpoint.settings
+    inputs = checkpoint.input_spec()
     backend, device_line = open_backend(args.device, args.dtype or stored.get("dtype", "float32"))
     model = checkpoint.build_model(backend)
 
     source = args.data or stored.get("data", "auto")
     if args.split == "test" and source == "bundled":
         source = "auto"  # the bundled subset has no test split; look for the downloaded one
-    images, labels = load_fashion_mnist(args.split, source)
+    data = load_evaluation_data(source, args.split, inputs, bool(stored.get("strict")))
+    inputs.check(data, f"--data {source} ({args.split})")
+    images, labels = data.images, data.labels
     range_text, why = args.range, "as requested"
     if range_text is None and args.split == "test":
         range_text, why = ":", "the whole test split"
+    elif range_text is None and stored.get("val_fraction"):
+        why = f"the checkpoint's stratified {stored['val_fraction']:g} hold-out (seed {stored.get('seed', 0)})"
     elif range_text is None:
         range_text, why = stored.get("val_split"), "the checkpoint's validation range"
         if range_text is None:
             raise ValueError(f"{args.checkpoint} stores no validation range; pass --range START:STOP or --split test")
-    window = select_range(range_text, len(images), "--range")
+    if range_text is None:
+        window = stratified_holdout(labels, stored["val_fraction"], stored.get("seed", 0))[1]
+        window_text, label = "hold-out", f"hold-out ({len(window):,} images)"
+    else:
+        window = select_range(range_text, len(images), "--range")
+        window_text, label = f"{window.start}:{window.stop}", _range_label(window)
 
     _say(f"checkpoint: {checkpoint.path}" + (f" (epoch {checkpoint.epoch}, {stored.get('model')} model)" if checkpoint.is_training_checkpoint else ""))
     _say(device_line)
-    _say(f"data: {describe_source(args.split, source)}")
-    _say(f"evaluating on {args.split} {_range_label(window)}: {why}")
+    _say(f"data: {data.source}")
+    for note in data.notes:
+        _say(f"note: {note}")
+    _say(f"input: {inputs.describe()}")
+    _say(f"evaluating on {args.split} {label}: {why}")
 
     with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        scores = evaluate(model, prepare_images(images[window], backend.dtype), labels[window], args.batch_size, with_predictions=True)
-    report = classification_report(confusion_matrix(labels[window], scores["predictions"], len(CLASS_NAMES)), CLASS_NAMES)
+        scores = evaluate(model, inputs.prepare(images[window], backend.dtype), labels[window], args.batch_size, with_predictions=True)
+    confusion = confusion_matrix(labels[window], scores["predictions"], inputs.num_classes)
+    report = classification_report(confusion, inputs.class_names)
     document = {
         "checkpoint": str(checkpoint.path),
         "epoch": checkpoint.epoch,
         "model": stored.get("model"),
         "split": args.split,
-        "range": f"{window.start}:{window.stop}",
-        "data": describe_source(args.split, source),
+        "range": window_text,
+        "data": data.source,
         "device": backend.name,
         "loss": scores["loss"],
         **report,
@@ -777,6 +1049,51 @@ def run_evaluate(args) -> int:
     return EXIT_OK
 
 
+def load_evaluation_data(source, split: str, inputs: InputSpec, strict: bool):
+    """``split`` of ``source``; an image folder is decoded to the model's channel count and size."""
+    if source_kind(source) == "image-folder":
+        return load_dataset(source, split, channels=inputs.channels, image_size=inputs.image_size, strict=strict)
+    return load_dataset(source, split)
+
+
+# == predict ========================================================================================
+
+
+def run_predict(args) -> int:
+    """The ``predict`` command: 0 when every image was predicted, 2 when any could not be used."""
+    checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
+    inputs = checkpoint.input_spec()
+    backend, device_line = open_backend(args.device, checkpoint.settings.get("dtype", "float32"))
+    model = checkpoint.build_model(backend)
+    with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        predictions = predict_files(model, inputs, args.images, top=args.top, batch_size=args.batch_size)
+    for prediction in predictions:
+        if not prediction.ok:
+            _print_error(prediction.error)
+    if args.json:
+        document = {
+            "checkpoint": str(checkpoint.path), "input": inputs.config(), "assumed_input": not inputs.recorded,
+            "predictions": [prediction.as_dict() for prediction in predictions],
+        }
+        _say(json.dumps(document, indent=2))
+    else:
+        if not inputs.recorded:
+            print(f"{PROG}: note: {inputs.describe()}", file=sys.stderr, flush=True)
+        for prediction in predictions:
+            if prediction.ok:
+                _say(f"{prediction.path}: " + ", ".join(f"{name} {probability:.1%}" for name, probability in prediction.top))
+    return EXIT_OK if all(prediction.ok for prediction in predictions) else EXIT_USAGE
+# == summary ========================================================================================
+
+
+def run_summary(args) -> int:
+    """The ``summary`` command."""
+    backend = get_backend("cpu", args.dtype)
+    model = load_spec_model(args.model, args.input_shape, backend)
+    _say(format_summary(model.summary()))
+    return EXIT_OK
+
+
 # == download =======================================================================================
 
 
@@ -784,7 +1101,14 @@ def run_download(args) -> int:
     """The ``download`` command."""
     # The data module reports each file (fetched, or already present and verified) at INFO.
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
-    directory = download(args.data_dir)
-    _say(f"Fashion-MNIST is ready in {directory} (all files verified)")
+    info = DATASETS[args.name]
+    if args.name == "fashion-mnist":
+        directory = download(args.data_dir)
+    else:
+        directory = download_dataset(args.name, args.data_dir)
+    where = ""
+    if args.data_dir is not None and directory != dataset_dir(args.name) and args.name != "fashion-mnist":
+        where = f"; --data {args.name} reads {dataset_dir(args.name)}: set ${DATA_DIR_ENV} to the folder above one named {args.name}"
+    _say(f"{info.title} is ready in {directory} (all files verified){where}")
     return EXIT_OK
 

@@ -262,6 +262,8 @@ def conv2d_forward(
 ):
     """``y[n, f] = sum_c x[n, c] (*) weight[f, c] + bias[f]``; returns ``(y, cache)`` for backward.
 
+    ``bias`` may be None (no bias term; the backward pass then returns ``dbias=None``).
+
     ``workspace``: an optional dict owned by the caller (one per layer) in which the gemm path keeps
     its im2col buffers from call to call. The cache then refers into it, so it stays valid only until
     the next call with the same workspace, which is how a layer uses it.
@@ -273,11 +275,16 @@ def conv2d_forward(
     raise ValueError(f"unknown convolution algorithm {algorithm!r}; choose one of {', '.join(CONV_ALGORITHMS)}")
 
 
-def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True):
-    """Gradients ``(dx, dweight, dbias)`` of :func:`conv2d_forward`; ``dx`` is None when not needed."""
+def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True, grad_out=(None, None)):
+    """Gradients ``(dx, dweight, dbias)`` of :func:`conv2d_forward`; ``dx`` is None when not needed,
+    ``dbias`` when the forward pass had no bias.
+
+    ``grad_out``: optional ``(dweight, dbias)`` arrays to write the parameter gradients into (views
+    of a flat gradient buffer); the gemm path fills them and returns them, saving a copy each.
+    """
     algorithm = cache[0]
     if algorithm == "gemm":
-        return _conv2d_backward_gemm(be, dy, cache, need_input_grad)
+        return _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out)
     return _conv2d_backward_signal(be, dy, cache, need_input_grad)
 
 
@@ -289,17 +296,22 @@ def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
     patch_size = channels * kernel_h * kernel_w
     # cols as (C*KH*KW + 1, OH*OW*N): the extra last row of ones carries the bias, so the product
     # adds it and the backward product sums dy into dbias, saving a pass over y and one over dy.
+    # Without a bias (bias=None) there is no such row.
     # Created zeroed: the entries that read padding are never written and stay zero on reuse.
-    cols_2d = _scratch(be, workspace, "cols", (patch_size + 1, out_h * out_w * n), x.dtype, zeros=True)
-    cols_2d[-1] = 1
-    _unfold_into(be, x, cols_2d[:-1].reshape(channels, kernel_h, kernel_w, out_h, out_w, n), stride, padding)
-    weight_and_bias = xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
+    bias_rows = 0 if bias is None else 1
+    cols_2d = _scratch(be, workspace, "cols", (patch_size + bias_rows, out_h * out_w * n), x.dtype, zeros=True)
+    if bias is None:
+        weight_and_bias = weight.reshape(n_filters, patch_size)
+    else:
+        cols_2d[-1] = 1
+        weight_and_bias = xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
+    _unfold_into(be, x, cols_2d[:patch_size].reshape(channels, kernel_h, kernel_w, out_h, out_w, n), stride, padding)
     # (F, C*KH*KW + 1) @ (C*KH*KW + 1, OH*OW*N): one contiguous 2-D product, which BLAS runs at full speed.
     y = be.matmul(weight_and_bias, cols_2d)
     return nchw_view(y.reshape(n_filters, out_h, out_w, n)), ("gemm", x.shape, weight, cols_2d, stride, padding)
 
 
-def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
+def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None)):
     xp = be.xp
     _, x_shape, weight, cols_2d, stride, padding = cache
     n_filters, channels, kernel_h, kernel_w = weight.shape
@@ -313,8 +325,19 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad):
         d_weight_and_bias = be.matmul(cols_2d, dy_2d.T).T
     else:
         d_weight_and_bias = be.matmul(dy_2d, cols_2d.T)
-    dweight = xp.ascontiguousarray(d_weight_and_bias[:, :-1]).reshape(weight.shape)
-    dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
+    has_bias = cols_2d.shape[0] > channels * kernel_h * kernel_w
+    weight_rows = d_weight_and_bias[:, :-1] if has_bias else d_weight_and_bias
+    dweight, dbias = grad_out
+    if dweight is None:
+        dweight = xp.ascontiguousarray(weight_rows).reshape(weight.shape)
+    else:
+        dweight.reshape(n_filters, -1)[...] = weight_rows
+    if not has_bias:
+        dbias = None
+    elif dbias is None:
+        dbias = xp.ascontiguousarray(d_weight_and_bias[:, -1])
+    else:
+        dbias[...] = d_weight_and_bias[:, -1]
     dx = None
     if need_input_grad:
         dcols = be.matmul(weight.reshape(n_filters, -1).T, dy_2d)
@@ -334,12 +357,13 @@ def _conv2d_forward_signal(be, x, weight, bias, stride, padding):
     y = per_channel.sum(axis=2)
     if stride > 1:
         y = y[:, :, ::stride, ::stride]
-    y = y + bias.reshape(1, -1, 1, 1)
-    return y.astype(x.dtype, copy=False), ("signal", x_padded, weight, stride, padding)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y.astype(x.dtype, copy=False), ("signal", x_padded, weight, stride, padding, bias is not None)
 
 
 def _conv2d_backward_signal(be, dy, cache, need_input_grad):
-    _, x_padded, weight, stride, padding = cache
+    _, x_padded, weight, stride, padding, has_bias = cache
     kernel_h, kernel_w = weight.shape[2:]
     # A strided forward is the stride-1 result subsampled: spread dy back onto that full grid.
     full_h = x_padded.shape[2] - kernel_h + 1
@@ -353,7 +377,7 @@ def _conv2d_backward_signal(be, dy, cache, need_input_grad):
     dweight = be.signal.fftconvolve(
         x_padded[:, None], _flip_spatial(dy_full)[:, :, None], mode="valid", axes=(-2, -1)
     ).sum(axis=0)
-    dbias = dy.sum(axis=(0, 2, 3))
+    dbias = dy.sum(axis=(0, 2, 3)) if has_bias else None
     dx = None
     if need_input_grad:
         # dx[n, c] = sum_f dy[n, f] * W[f, c]   (full convolution)

@@ -10,7 +10,8 @@ from typing import Iterable
 from .backend import Backend, get_backend
 from .init import as_integer, make_rng
 from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
-from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, Parameter, ReLU, ShapeError
+from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
+from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
 #: samples per forward pass when predicting or evaluating: large enough for fast matrix products,
@@ -19,9 +20,17 @@ EVALUATION_BATCH_SIZE = 250
 
 
 class Sequential:
-    """Layers applied in order. ``forward``/``backward`` run on the model's backend."""
+    """Layers applied in order. ``forward``/``backward`` run on the model's backend.
 
-    def __init__(self, layers: Iterable[Layer], backend: Backend | str | None = None) -> None:
+    ``input_shape``: the per-sample input shape, ``(C, H, W)`` or ``(features,)``. When given, every
+    layer is built with it (sizes left out are inferred, parameters drawn from ``rng`` in layer
+    order) and a shape that cannot work is refused here, naming the layer. Without it the layers
+    must come built, and the shape is recorded from the first batch.
+    """
+
+    def __init__(
+        self, layers: Iterable[Layer], backend: Backend | str | None = None, *, input_shape=None, rng=None
+    ) -> None:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("Sequential needs at least one layer")
@@ -29,8 +38,34 @@ class Sequential:
         for layer in self.layers:
             if layer.backend is not self.backend:
                 layer.to(self.backend)
+        self.input_shape: tuple | None = None
+        self.spec_options: dict = {}
+        if input_shape is not None:
+            self.build(input_shape, rng)
         self.layers[0].needs_input_grad = False
         self.training = True
+        self._flat: FlatParameters | None = None
+        self.flatten_parameters()
+
+    def build(self, input_shape, rng=None) -> tuple:
+        """Build every layer in order for the per-sample ``input_shape``; returns the output shape.
+
+        Raises :class:`~cnn_backend.layers.ShapeError` naming the first layer (index and type) that
+        cannot take the shape it receives.
+        """
+        rng = make_rng(rng) if rng is not None else None
+        shape = tuple(int(size) for size in input_shape)
+        self.input_shape = shape
+        for index, layer in enumerate(self.layers):
+            try:
+                shape = layer.build(shape, rng)
+            except ShapeError as exc:
+                raise ShapeError(f"layer {index} ({type(layer).__name__}): {exc}") from None
+        return shape
+
+    @property
+    def output_shape(self) -> tuple | None:
+        return self.layers[-1].output_shape
 
     # -- device and mode ----------------------------------------------------------------------------
 
@@ -39,6 +74,7 @@ class Sequential:
         self.backend = get_backend(backend)
         for layer in self.layers:
             layer.to(self.backend)
+        self.flatten_parameters()
         return self
 
     def train(self, mode: bool = True) -> "Sequential":
@@ -50,6 +86,17 @@ class Sequential:
     def eval(self) -> "Sequential":
         return self.train(False)
 
+    def set_batch_share(self, share: tuple[int, int] | None) -> None:
+        """Tell layers that draw random numbers per sample (Dropout) that the coming batches are
+        samples ``start ..`` of global batches of ``total``, ``share = (start, total)``
+        (data-parallel training); None: each batch is a whole batch."""
+        pending = list(self.layers)
+        while pending:
+            layer = pending.pop()
+            if hasattr(layer, "batch_share"):
+                layer.batch_share = share
+            pending.extend(getattr(layer, "layers", ()))
+
     # -- computation ---------------------------------------------------------------------------------
 
     def forward(self, x):
@@ -59,6 +106,8 @@ class Sequential:
             raise ShapeError(f"Sequential: expected a batch of at least one sample, got shape {tuple(x.shape)}")
         if x.dtype != self.backend.dtype:
             x = x.astype(self.backend.dtype)
+        if self.input_shape is None:
+            self.input_shape = tuple(x.shape[1:])
         for layer in self.layers:
             x = layer.forward(x)
         return x
@@ -102,46 +151,139 @@ class Sequential:
 
     # -- parameters ----------------------------------------------------------------------------------
 
+    def named_layers(self) -> list[tuple[str, Layer]]:
+        """Every layer with its dotted name (``"3"``, ``"3.layers.0"``, ``"3.projection"``), containers
+        before their children."""
+        named = []
+
+        def visit(name: str, layer: Layer) -> None:
+            named.append((name, layer))
+            for child_name, child in layer.children():
+                visit(f"{name}.{child_name}", child)
+
+        for index, layer in enumerate(self.layers):
+            visit(str(index), layer)
+        return named
+
     def named_parameters(self) -> list[tuple[str, Parameter]]:
-        """``("<layer index>.<name>", Parameter)`` pairs in a fixed order."""
-        return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers) for name, p in layer.params.items()]
+        """``("<layer index>.<name>", Parameter)`` pairs in a fixed order; containers' with dotted
+        names (``"3.layers.0.weight"``)."""
+        return [pair for i, layer in enumerate(self.layers) for pair in layer.named_parameters(f"{i}.")]
 
     def parameters(self) -> list[Parameter]:
-        return [p for _, p in self.named_parameters()]
+        """Every parameter in :meth:`named_parameters` order, in the model's flat buffer (built or
+        rebuilt first when needed, so an optimiser given this list updates the buffer whole)."""
+        self.flatten_parameters()
+        return list(self._flat.parameters)
+
+    def flatten_parameters(self) -> None:
+        """Make every parameter's data and gradient views of :attr:`flat_data` and :attr:`flat_grad`.
+
+        Called by the constructor, :meth:`to` and :meth:`parameters`; idempotent (nothing happens
+        while the current buffer still covers the parameters in order).
+        """
+        params = [p for _, p in self.named_parameters()]
+        flat = getattr(self, "_flat", None)
+        if flat is not None and flat.backend is self.backend and flat.covers(params):
+            return
+        self._flat = FlatParameters(params, self.backend)
+
+    @property
+    def flat_data(self):
+        """Every parameter's values in one contiguous 1-D device array, in :meth:`parameters` order
+        (each starting at an aligned offset: see :mod:`cnn_backend.parameters`)."""
+        self.flatten_parameters()
+        return self._flat.data
+
+    @property
+    def flat_grad(self):
+        """Every parameter's gradient in one contiguous 1-D device array, laid out like :attr:`flat_data`."""
+        self.flatten_parameters()
+        return self._flat.grad
+
+    @property
+    def flat_parameters(self) -> FlatParameters:
+        """The flat buffer itself (offsets, per-parameter views)."""
+        self.flatten_parameters()
+        return self._flat
+
+    def named_buffers(self) -> list[tuple[str, object]]:
+        """``("<layer index>.<name>", device array)`` for every non-trained buffer (BatchNorm's
+        running statistics), in a fixed order."""
+        return [pair for i, layer in enumerate(self.layers) for pair in layer.named_buffers(f"{i}.")]
 
     def state_dict(self) -> dict:
         """Host copies of every parameter, by name."""
         return {name: self.backend.to_numpy(p.data) for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Copy host arrays into the parameters; names and shapes must match exactly."""
+    def buffer_state_dict(self) -> dict:
+        """Host copies of every buffer, by name (copies even on the CPU: buffers change in place)."""
+        return {name: self.backend.to_numpy(value).copy() for name, value in self.named_buffers()}
+
+    def load_state_dict(self, state: dict, buffers: dict | None = None) -> None:
+        """Copy host arrays into the parameters (and, given ``buffers``, into the buffers); names
+        and shapes must match exactly. A model with buffers needs them all."""
         own = dict(self.named_parameters())
-        missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
-        if missing or unexpected:
-            raise ModelFileError(
-                f"parameters do not match the model: missing {sorted(missing) or 'none'}, "
-                f"unexpected {sorted(unexpected) or 'none'}"
-            )
+        _check_names("parameters", own.keys(), state.keys())
+        own_buffers = dict(self.named_buffers())
+        if own_buffers or buffers:
+            _check_names("buffers", own_buffers.keys(), (buffers or {}).keys())
         for name, param in own.items():
             value = state[name]
-            if tuple(value.shape) != tuple(param.data.shape):
-                raise ModelFileError(
-                    f"parameter {name} has shape {tuple(value.shape)} in the file, the model expects {tuple(param.data.shape)}"
-                )
+            _check_shape("parameter", name, value, param.data)
             param.data = self.backend.to_device(value.astype(self.backend.dtype))
+        for name, current in own_buffers.items():
+            value = buffers[name]
+            _check_shape("buffer", name, value, current)
+            self.set_buffer(name, self.backend.to_device(value.astype(self.backend.dtype)))
 
-    def config(self) -> list[dict]:
-        """The architecture as data: one ``{"type": ..., "args": ...}`` per layer."""
-        return [{"type": type(layer).__name__, "args": layer.config()} for layer in self.layers]
+    def set_buffer(self, name: str, value) -> None:
+        """Replace the buffer ``name`` (as in :meth:`named_buffers`) with the device array ``value``
+        (e.g. running statistics averaged across processes)."""
+        index, _, rest = name.partition(".")
+        self.layers[int(index)].set_buffer(rest, value)
+
+    def config(self):
+        """The architecture as data: ``{"input_shape": [...], "layers": [spec entries]}`` (what
+        :mod:`cnn_backend.spec` builds), or, for a model whose input shape is not known yet, the
+        older list of ``{"type": ..., "args": ...}`` per layer."""
+        if self.input_shape is None:
+            return [{"type": type(layer).__name__, "args": layer.config()} for layer in self.layers]
+        return {"input_shape": list(self.input_shape), "layers": [layer.spec() for layer in self.layers], **self.spec_options}
 
     @classmethod
-    def from_config(cls, config: list[dict], backend: Backend | str = "cpu") -> "Sequential":
+    def from_config(cls, config, backend: Backend | str = "cpu") -> "Sequential":
+        """Rebuild the architecture of :meth:`config` (either form) with fresh parameters."""
         backend = get_backend(backend)
+        if isinstance(config, dict):
+            from .spec import SpecError, build_model
+
+            if "input_shape" not in config:
+                raise ModelFileError("the model config has no input_shape")
+            spec = {key: value for key, value in config.items() if key != "input_shape"}
+            try:
+                return build_model(spec, config["input_shape"], backend=backend, seed=0)
+            except (SpecError, ShapeError, ValueError) as exc:
+                raise ModelFileError(f"the model config cannot be built: {exc}") from None
         try:
             layers = [LAYER_TYPES[spec["type"]](**spec["args"], backend=backend) for spec in config]
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"unknown or malformed layer in the model config: {exc}") from None
         return cls(layers, backend)
+
+    def summary(self):
+        """The layer table (output shapes, parameters, MACs per sample, totals) as data: a
+        :class:`cnn_backend.summary.ModelSummary`; ``print(format_summary(model.summary()))`` shows it."""
+        from .summary import summarize
+
+        return summarize(self)
+
+    @staticmethod
+    def from_spec(spec, input_shape, backend: Backend | str = "cpu", seed: int | None = 0, **options) -> "Sequential":
+        """A model built from an architecture spec: see :func:`cnn_backend.spec.build_model`."""
+        from .spec import build_model
+
+        return build_model(spec, input_shape, backend, seed, **options)
 
     def __repr__(self) -> str:
         inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
@@ -155,6 +297,7 @@ class Sequential:
         ``extra`` maps names to host arrays stored beside the parameters (e.g. optimiser state).
         """
         arrays = {f"param/{name}": value for name, value in self.state_dict().items()}
+        arrays.update({f"buffer/{name}": value for name, value in self.buffer_state_dict().items()})
         arrays[CONFIG_KEY] = json_array(self.config())
         for name, value in (extra or {}).items():
             arrays[name] = value
@@ -175,58 +318,78 @@ class Sequential:
         except ModelFileError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         state = {key[len("param/") :]: value for key, value in arrays.items() if key.startswith("param/")}
+        buffers = {key[len("buffer/") :]: value for key, value in arrays.items() if key.startswith("buffer/")}
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(state, buffers)
         except ModelFileError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         return model
 
 
+def _check_names(what: str, expected, found) -> None:
+    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{what} do not match the model: missing {sorted(missing) or 'none'}, unexpected {sorted(unexpected) or 'none'}"
+        )
+
+
+def _check_shape(what: str, name: str, value, current) -> None:
+    if tuple(value.shape) != tuple(current.shape):
+        raise ModelFileError(f"{what} {name} has shape {tuple(value.shape)} in the file, the model expects {tuple(current.shape)}")
+
+
 # -- architectures -----------------------------------------------------------------------------------
 
+#: the per-sample shape of the images the built-in networks were designed for (Fashion-MNIST)
+FASHION_MNIST_SHAPE = (1, 28, 28)
 
-def seed_cnn(backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto") -> Sequential:
-    """The seed article's network: Convolution 1->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected 121->10."""
-    backend = get_backend(backend)
-    rng = make_rng(seed)
-    return Sequential(
-        [
-            Convolution(1, 1, 6, algorithm=algorithm, rng=rng, backend=backend),
-            ReLU(backend),
-            MaxPool(2, backend=backend),
-            Flatten(backend),
-            FullyConnected(121, 10, init="glorot", rng=rng, backend=backend),
-        ],
-        backend,
-    )
+
+def seed_cnn(
+    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", input_shape=FASHION_MNIST_SHAPE,
+    num_classes: int = 10,
+) -> Sequential:
+    """The seed article's network: Convolution 1->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected 121->10
+    (built from the packaged ``architectures/seed.toml``; ``input_shape`` and ``num_classes`` adapt it
+    to other data)."""
+    from .spec import build_model
+
+    return build_model(builtin_spec("seed", num_classes), input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
 
 
 def default_cnn(
-    backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", dropout: float = 0.0
+    backend: Backend | str = "cpu",
+    seed: int | None = 0,
+    algorithm: str = "auto",
+    dropout: float = 0.0,
+    input_shape=FASHION_MNIST_SHAPE,
+    num_classes: int = 10,
 ) -> Sequential:
     """A classic small CNN for 28x28 greyscale images: two 3x3 conv blocks (32, 64 filters), a 128-unit
-    dense layer and a 10-way output.
+    dense layer and a 10-way output (the packaged ``architectures/default.toml``); ``dropout`` > 0
+    adds a Dropout layer of that rate before the output layer; ``input_shape`` and ``num_classes``
+    adapt it to other data.
 
     Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool
     (max and ReLU are both monotone, so they commute), with ReLU on a quarter of the values.
     """
-    backend = get_backend(backend)
-    rng = make_rng(seed)
-    layers: list[Layer] = [
-        Convolution(1, 32, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
-        MaxPool(2, backend=backend),
-        ReLU(backend),
-        Convolution(32, 64, 3, padding=1, algorithm=algorithm, rng=rng, backend=backend),
-        MaxPool(2, backend=backend),
-        ReLU(backend),
-        Flatten(backend),
-        FullyConnected(64 * 7 * 7, 128, rng=rng, backend=backend),
-        ReLU(backend),
-    ]
+    from .spec import build_model
+
+    spec = builtin_spec("default", num_classes)
     if dropout:
-        layers.append(Dropout(dropout, rng=rng, backend=backend))
-    layers.append(FullyConnected(128, 10, init="glorot", rng=rng, backend=backend))
-    return Sequential(layers, backend)
+        spec["layers"].insert(len(spec["layers"]) - 1, {"type": "Dropout", "rate": float(dropout)})
+    return build_model(spec, input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+
+
+def builtin_spec(name: str, num_classes: int = 10) -> dict:
+    """The packaged spec of a built-in network, its output layer resized to ``num_classes``."""
+    from .spec import builtin_spec_path, read_spec_file
+
+    spec = read_spec_file(builtin_spec_path(name))
+    output = spec["layers"][-1]
+    if output.get("type") == "FullyConnected" and output.get("out_features") != num_classes:
+        spec["layers"][-1] = {**output, "out_features": int(num_classes)}
+    return spec
 
 
 ARCHITECTURES = {"seed": seed_cnn, "default": default_cnn}

@@ -2,7 +2,16 @@
 
 Updates are in place on the device arrays, with Python-float hyper-parameters so that float32
 parameters stay float32. ``state_dict``/``load_state_dict`` move optimiser state to and from host
-arrays for checkpoints.
+arrays for checkpoints, one array per parameter.
+
+When the parameters are exactly a model's flat buffer (``model.parameters()`` of a
+:class:`~cnn_backend.model.Sequential`, see :mod:`cnn_backend.parameters`), the state buffers are
+flat too and a step updates every parameter at once: a few whole-array operations per step instead
+of as many per parameter (13 instead of 13 per parameter for Adam: a GPU kernel launch each).
+Other parameter lists (a subset, hand-built parameters) are updated one by one with the same
+operations, so both paths give identical results. A parameter whose gradient is None is skipped
+(no decay, no moment update), as it always was: a step in which any gradient is None takes the
+per-parameter path.
 """
 
 from __future__ import annotations
@@ -11,16 +20,23 @@ import math
 from typing import Sequence
 
 from .backend import Backend
-from .layers import Parameter
+from .parameters import FlatParameters, Parameter, shared_flat_buffer
 
 
 class Optimizer:
-    """Base class: holds the parameters, the current learning rate and per-parameter state buffers."""
+    """Base class: holds the parameters, the current learning rate and per-parameter state buffers.
+
+    ``buffers[name][i]`` is parameter ``i``'s state buffer ``name`` (a view of one flat array per
+    name when the parameters are flat). Subclasses implement :meth:`_update` on plain arrays: it is
+    called once with the flat arrays, or once per parameter with that parameter's arrays.
+    """
 
     #: the name :func:`make_optimizer` knows it by
     name: str = ""
     #: names of the per-parameter state buffers (e.g. momentum), saved in checkpoints
     buffer_names: tuple[str, ...] = ()
+    #: how many scratch arrays (each the size of the parameters) an update needs
+    scratch_count: int = 1
 
     def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend) -> None:
         if not lr > 0:
@@ -29,17 +45,54 @@ class Optimizer:
         self.lr = float(lr)
         self.backend = backend
         self.steps = 0
-        xp = backend.xp
-        self.buffers = {name: [xp.zeros_like(p.data) for p in self.params] for name in self.buffer_names}
+        self._flat: FlatParameters | None = shared_flat_buffer(self.params)
+        self._flat_buffers: dict = {}
+        self.buffers: dict[str, list] = {}
+        for buffer_name in self.buffer_names:
+            self._flat_buffers[buffer_name], self.buffers[buffer_name] = self._zero_state()
+        self._scratch = None
+
+    def _zero_state(self):
+        """``(flat array or None, per-parameter arrays)``, zero, laid out like the parameters."""
+        xp = self.backend.xp
+        if self._flat is not None:
+            flat = xp.zeros(self._flat.size, dtype=self._flat.dtype)
+            return flat, self._flat.views(flat)
+        return None, [xp.zeros_like(p.data) for p in self.params]
 
     def step(self) -> None:
         """Apply one update from the gradients stored in the parameters."""
         self.steps += 1
+        if self._scratch is None:
+            self._scratch = [self._zero_state() for _ in range(self.scratch_count)]
+        flat = self._current_flat()
+        if flat is not None and all(p.grad is not None for p in self.params):
+            state = {name: self._flat_buffers[name] for name in self.buffer_names}
+            self._update(flat.data, flat.grad, state, [whole for whole, _ in self._scratch])
+            return
         for index, param in enumerate(self.params):
             if param.grad is not None:
-                self._update(index, param)
+                state = {name: bufs[index] for name, bufs in self.buffers.items()}
+                self._update(param.data, param.grad, state, [parts[index] for _, parts in self._scratch])
 
-    def _update(self, index: int, param: Parameter) -> None:
+    def _current_flat(self) -> FlatParameters | None:
+        """The flat buffer to update whole, if the parameters are still exactly one.
+
+        A model that rebuilt its buffer with the same layout (``flatten_parameters`` after a
+        parameter left it) is followed; the state arrays stay valid since the layout is the same.
+        """
+        flat = self._flat
+        if flat is None or flat.covers(self.params):
+            return flat
+        rebuilt = shared_flat_buffer(self.params)
+        if rebuilt is not None and (rebuilt.offsets, rebuilt.size, rebuilt.dtype) == (flat.offsets, flat.size, flat.dtype):
+            self._flat = rebuilt
+            return rebuilt
+        return None
+
+    def _update(self, data, grad, state: dict, scratch: list) -> None:
+        """Update ``data`` in place from ``grad``, the state arrays ``state[name]`` and writable
+        ``scratch`` arrays, all of ``data``'s shape."""
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -58,7 +111,8 @@ class Optimizer:
                 key = f"{name}/{i}"
                 if key not in state or tuple(state[key].shape) != tuple(buf.shape):
                     raise ValueError(f"{type(self).__name__}: optimiser state {key!r} is missing or has the wrong shape")
-                bufs[i] = self.backend.to_device(state[key].astype(buf.dtype))
+                # Copied into place: the buffers may be views of one flat array.
+                buf[...] = self.backend.to_device(state[key].astype(buf.dtype))
         self.steps = int(state["steps"])
 
 
@@ -87,21 +141,36 @@ class SGD(Optimizer):
             raise ValueError(f"SGD: weight_decay must be >= 0, got {weight_decay!r}")
         self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
         self.buffer_names = ("velocity",) if momentum else ()
+        self.scratch_count = 2 if nesterov and momentum and weight_decay else 1
         super().__init__(params, lr, backend)
 
     def config(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay, "nesterov": self.nesterov}
 
-    def _update(self, index: int, param: Parameter) -> None:
-        grad = param.grad
+    def _update(self, data, grad, state: dict, scratch: list) -> None:
+        xp = self.backend.xp
+        work = scratch[0]
         if self.weight_decay:
-            grad = grad + self.weight_decay * param.data
+            xp.multiply(data, self.weight_decay, out=work)
+            work += grad
+            grad = work
         if self.momentum:
-            velocity = self.buffers["velocity"][index]
+            velocity = state["velocity"]
             velocity *= self.momentum
             velocity += grad
-            grad = grad + self.momentum * velocity if self.nesterov else velocity
-        param.data -= self.lr * grad
+            if self.nesterov:
+                ahead = scratch[1] if grad is work else work
+                xp.multiply(velocity, self.momentum, out=ahead)
+                ahead += grad
+                grad = ahead
+            else:
+                grad = velocity
+        if grad is work or (len(scratch) > 1 and grad is scratch[1]):
+            grad *= self.lr
+            data -= grad
+        else:
+            xp.multiply(grad, self.lr, out=work)
+            data -= work
 
 
 class Adam(Optimizer):
@@ -135,21 +204,26 @@ class Adam(Optimizer):
         self._correction2 = 1.0 - self.beta2 ** (self.steps + 1)
         super().step()
 
-    def _update(self, index: int, param: Parameter) -> None:
+    def _update(self, data, grad, state: dict, scratch: list) -> None:
         xp = self.backend.xp
-        grad = param.grad
-        m = self.buffers["first_moment"][index]
-        v = self.buffers["second_moment"][index]
+        m, v, work = state["first_moment"], state["second_moment"], scratch[0]
         m *= self.beta1
-        m += (1.0 - self.beta1) * grad
+        xp.multiply(grad, 1.0 - self.beta1, out=work)
+        m += work
         v *= self.beta2
-        v += (1.0 - self.beta2) * (grad * grad)
+        xp.multiply(grad, grad, out=work)
+        work *= 1.0 - self.beta2
+        v += work
         if self.weight_decay:
-            param.data -= (self.lr * self.weight_decay) * param.data
-        step_size = self.lr / self._correction1
-        denom = xp.sqrt(v * (1.0 / self._correction2))
-        denom += self.eps
-        param.data -= step_size * (m / denom)
+            xp.multiply(data, self.lr * self.weight_decay, out=work)
+            data -= work
+        # data -= lr / c1 * m / (sqrt(v / c2) + eps), one operation at a time into the scratch array.
+        xp.multiply(v, 1.0 / self._correction2, out=work)
+        xp.sqrt(work, out=work)
+        work += self.eps
+        xp.divide(m, work, out=work)
+        work *= self.lr / self._correction1
+        data -= work
 
 
 OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam)}

@@ -197,14 +197,16 @@ def traced_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Opti
         layer = model.layers[index]
         grad = layer.backward(grad)
         label = _layer_label(index, layer)
-        for name, param in layer.params.items():
+        for name, param in layer.named_parameters():
             trace.append((label, "gradient", name, param.grad))
         if grad is not None:
             trace.append((label, "gradient", "input", grad))
     optimizer.step()
     for index, layer in enumerate(model.layers):
-        for name, param in layer.params.items():
+        for name, param in layer.named_parameters():
             trace.append((_layer_label(index, layer), "weight", name, param.data))
+        for name, value in layer.named_buffers():  # BatchNorm's running statistics, compared with the weights
+            trace.append((_layer_label(index, layer), "weight", name, value))
     return trace
 
 
@@ -309,12 +311,21 @@ def compare(
 
     Both backends must have the same dtype.
     """
-    if model not in ARCHITECTURES:
-        raise ValueError(f"model must be one of {', '.join(ARCHITECTURES)}, got {model!r}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch size must be >= 1, got {steps} and {batch_size}")
-    build = ARCHITECTURES[model]
-    models = [build(be, seed=seed, algorithm=conv_algorithm) for be in (reference, device)]
+    if model in ARCHITECTURES:
+        build = ARCHITECTURES[model]
+        models = [build(be, seed=seed, algorithm=conv_algorithm) for be in (reference, device)]
+    elif str(model).endswith((".toml", ".json")):
+        from .spec import SpecError, build_model
+
+        algorithm = None if conv_algorithm == "auto" else conv_algorithm
+        try:
+            models = [build_model(model, (1, 28, 28), be, seed, algorithm=algorithm) for be in (reference, device)]
+        except SpecError as exc:
+            raise SpecError(f"{model}: {exc}") from None
+    else:
+        raise ValueError(f"model must be one of {', '.join(ARCHITECTURES)} or an architecture file (.toml, .json), got {model!r}")
     batches = host_batches(data, steps, batch_size, device.dtype, seed)
     description = (
         f"parity: {model} model, {device.dtype.name}, convolution {conv_algorithm}, {optimizer}, "
@@ -346,7 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="device compared against the CPU (default: cuda); 'standin' is the CPU stand-in for the "
         "device boundary, which checks the comparison and host-array leaks without a GPU",
     )
-    parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="seed", help="architecture (default: seed)")
+    parser.add_argument("--model", default="seed", metavar="seed|default|FILE",
+                        help="a built-in architecture or an architecture file (.toml, .json) for 28x28 images (default: seed)")
     parser.add_argument("--steps", type=_positive_int, default=20, help="training steps to compare (default: 20)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default: 32)")
     parser.add_argument("--dtype", choices=backend_module.DTYPES, default="float32", help="float dtype (default: float32)")

@@ -9,6 +9,7 @@ while computing with NumPy and SciPy underneath::
     be = standin_backend("float64")
     model = seed_cnn(be)             # runs exactly as on CUDA, minus the GPU
     be.usage.device_reads            # how often device values were read back (syncs on a GPU)
+    be.usage.kernel_launches         # device operations that wrote device memory (launches on a GPU)
     missing_cupy_names(be.usage)     # names the code took from xp / signal / arrays that CuPy lacks
 
 What the stand-in enforces, like CuPy:
@@ -20,6 +21,14 @@ What the stand-in enforces, like CuPy:
   ``TypeError``); Python and NumPy scalars mix freely.
 * ``xp.asarray`` / ``xp.array`` are the host-to-device transfer and always copy.
 * reductions and scalar indexing give 0-d device arrays, never NumPy scalars.
+
+What the stand-in counts (:class:`DeviceUsage`), as a GPU would see it: every call that writes
+device memory is one *launch* (a kernel or a copy on the stream): ufuncs and operators, reductions,
+matrix products, creation functions that fill (``zeros``, ``ones``, ``full`` ...), assignments into
+slices, copies, casts, fancy indexing, and transfers both ways. Calls whose result is a view of an
+input (``reshape`` of a contiguous array, ``.T``, slicing, ``broadcast_to`` ...) launch nothing, and
+``empty``/``empty_like`` only allocate. ``bytes_allocated`` adds up the new arrays' sizes. A SciPy
+signal function counts as one launch although CuPy runs several kernels for it (FFTs, products).
 
 Where CuPy is lenient the stand-in is stricter, on purpose: a NumPy index array (``a[host_index]``)
 and a NumPy value assigned through an index array (``a[device_index] = host_values``) are silently
@@ -33,6 +42,7 @@ import ast
 import importlib
 import importlib.util
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -78,9 +88,23 @@ class DeviceUsage:
     transfers_to_device: int = 0
     #: calls of ``Backend.synchronize``
     synchronizations: int = 0
+    #: device operations that wrote device memory: one kernel launch (or copy) each on a GPU
+    kernel_launches: int = 0
+    #: bytes of the new device arrays created (views excluded)
+    bytes_allocated: int = 0
+    #: ``kernel_launches`` by operation (``"matmul"``, ``"operator iadd"``, ``"setitem"`` ...)
+    launches_by_name: Counter = field(default_factory=Counter)
 
     def reset_counters(self) -> None:
         self.device_reads = self.transfers_to_device = self.synchronizations = 0
+        self.kernel_launches = self.bytes_allocated = 0
+        self.launches_by_name = Counter()
+
+    def record_launch(self, name: str, allocated: int = 0) -> None:
+        """Count one device operation called ``name`` that allocated ``allocated`` bytes."""
+        self.kernel_launches += 1
+        self.bytes_allocated += allocated
+        self.launches_by_name[name] += 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +154,45 @@ def _to_device_results(value: Any, usage: DeviceUsage) -> Any:
     return value
 
 
+#: creation functions that allocate without writing (no kernel on a GPU)
+ALLOCATING_ONLY = frozenset({"empty", "empty_like"})
+
+
+def _host_arrays(value: Any, found: list) -> list:
+    """Every NumPy array inside ``value`` (recursively in lists, tuples and dicts)."""
+    if isinstance(value, numpy.ndarray):
+        found.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _host_arrays(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _host_arrays(item, found)
+    return found
+
+
+def _record_result(usage: DeviceUsage, name: str, result: Any, operands: Any, wrote: bool = False) -> None:
+    """Count the launch a call made: one if it wrote an output (``out=``, in place, or returned
+    nothing), or if it returned arrays that are not views of its (host-converted) ``operands``."""
+    if wrote or result is None:
+        usage.record_launch(name)
+        return
+    inputs = _host_arrays(operands, [])
+    new = [
+        array
+        for array in _host_arrays(result, [])
+        if not any(numpy.may_share_memory(array, source) for source in inputs)
+    ]
+    new += [scalar for scalar in (result if isinstance(result, tuple) else (result,)) if isinstance(scalar, numpy.generic)]
+    if not new:
+        return
+    allocated = sum(int(array.nbytes) for array in new)
+    if name in ALLOCATING_ONLY:
+        usage.bytes_allocated += allocated
+    else:
+        usage.record_launch(name, allocated)
+
+
 def _dispatched_name(function: Any) -> str:
     """``numpy.linalg.norm`` -> ``"linalg.norm"``: the path CuPy looks the function up under."""
     module = getattr(function, "__module__", None) or "numpy"
@@ -165,6 +228,7 @@ class DeviceArray:
     def get(self, stream=None, order="C", out=None, blocking=True) -> numpy.ndarray:
         """A host copy (the explicit device-to-host transfer)."""
         self._read("get")
+        self._usage.record_launch("device-to-host")
         host = numpy.array(self._host, order=order, copy=True)
         if out is not None:
             out[...] = host
@@ -173,10 +237,12 @@ class DeviceArray:
 
     def item(self, *args):
         self._read("item")
+        self._usage.record_launch("device-to-host")
         return self._host.item(*args)
 
     def tolist(self):
         self._read("tolist")
+        self._usage.record_launch("device-to-host")
         return self._host.tolist()
 
     def _read(self, name: str) -> None:
@@ -185,22 +251,27 @@ class DeviceArray:
 
     def __float__(self) -> float:
         self._usage.device_reads += 1
+        self._usage.record_launch("device-to-host")
         return float(self._host)
 
     def __int__(self) -> int:
         self._usage.device_reads += 1
+        self._usage.record_launch("device-to-host")
         return int(self._host)
 
     def __complex__(self) -> complex:
         self._usage.device_reads += 1
+        self._usage.record_launch("device-to-host")
         return complex(self._host)
 
     def __bool__(self) -> bool:
         self._usage.device_reads += 1
+        self._usage.record_launch("device-to-host")
         return bool(self._host)
 
     def __format__(self, spec: str) -> str:
         self._usage.device_reads += 1
+        self._usage.record_launch("device-to-host")
         return format(self._host, spec)
 
     # No __index__: cupy.ndarray has none, so ``range(device_scalar)`` must fail here as well.
@@ -218,7 +289,9 @@ class DeviceArray:
         self._usage.dispatched_names.add(name)
         where = f"numpy.{name}"
         out = kwargs.get("out")
-        result = getattr(ufunc, method)(*_to_host_operands(inputs, where), **_to_host_operands(kwargs, where))
+        operands = (_to_host_operands(inputs, where), _to_host_operands(kwargs, where))
+        result = getattr(ufunc, method)(*operands[0], **operands[1])
+        _record_result(self._usage, name, result, operands, wrote=out is not None)
         if out is not None:
             return out[0] if len(out) == 1 else out
         return _to_device_results(result, self._usage)
@@ -227,18 +300,25 @@ class DeviceArray:
         name = _dispatched_name(function)
         self._usage.dispatched_names.add(name)
         where = f"numpy.{name}"
-        result = function(*_to_host_operands(args, where), **_to_host_operands(kwargs, where))
+        operands = (_to_host_operands(args, where), _to_host_operands(kwargs, where))
+        result = function(*operands[0], **operands[1])
+        _record_result(self._usage, name, result, operands)
         return _to_device_results(result, self._usage)
 
     # -- indexing ------------------------------------------------------------------------------------
 
     def __getitem__(self, key):
-        return _to_device_results(self._host[_to_host_operands(key, "indexing a device array")], self._usage)
+        result = self._host[_to_host_operands(key, "indexing a device array")]
+        # A scalar index gives a 0-d view on CuPy (NumPy's scalar stands in for it): no launch.
+        if not isinstance(result, numpy.generic):
+            _record_result(self._usage, "getitem", result, self._host)
+        return _to_device_results(result, self._usage)
 
     def __setitem__(self, key, value) -> None:
         self._host[_to_host_operands(key, "indexing a device array")] = _to_host_operands(
             value, "assigning into a device array"
         )
+        self._usage.record_launch("setitem")
 
     def __len__(self) -> int:
         return len(self._host)
@@ -251,6 +331,7 @@ class DeviceArray:
     # -- copies --------------------------------------------------------------------------------------
 
     def __copy__(self) -> "DeviceArray":
+        self._usage.record_launch("copy", int(self._host.nbytes))
         return DeviceArray(self._host.copy(), self._usage)
 
     def __deepcopy__(self, memo) -> "DeviceArray":
@@ -266,14 +347,16 @@ class DeviceArray:
         self._usage.array_attributes.add(name)
         value = getattr(self._host, name)
         if callable(value):
-            return _DeviceMethod(value, self._usage, f"ndarray.{name}")
+            return _DeviceMethod(value, self._usage, f"ndarray.{name}", self._host)
         return _to_device_results(value, self._usage)
 
 
 def _binary_operator(function):
     def method(self, other):
         operand = _to_host_operands(other, f"operator {function.__name__}")
-        return _to_device_results(function(self._host, operand), self._usage)
+        result = function(self._host, operand)
+        _record_result(self._usage, f"operator {function.__name__}", result, (self._host, operand))
+        return _to_device_results(result, self._usage)
 
     return method
 
@@ -281,7 +364,9 @@ def _binary_operator(function):
 def _reflected_operator(function):
     def method(self, other):
         operand = _to_host_operands(other, f"operator {function.__name__}")
-        return _to_device_results(function(operand, self._host), self._usage)
+        result = function(operand, self._host)
+        _record_result(self._usage, f"operator {function.__name__}", result, (self._host, operand))
+        return _to_device_results(result, self._usage)
 
     return method
 
@@ -289,6 +374,7 @@ def _reflected_operator(function):
 def _inplace_operator(function):
     def method(self, other):
         function(self._host, _to_host_operands(other, f"operator {function.__name__}"))
+        self._usage.record_launch(f"operator {function.__name__}")
         return self
 
     return method
@@ -296,7 +382,9 @@ def _inplace_operator(function):
 
 def _unary_operator(function):
     def method(self):
-        return _to_device_results(function(self._host), self._usage)
+        result = function(self._host)
+        _record_result(self._usage, f"operator {function.__name__}", result, self._host)
+        return _to_device_results(result, self._usage)
 
     return method
 
@@ -321,13 +409,18 @@ del _name, _function
 class _DeviceMethod:
     """A bound method of a device array: device arguments in, device results out, host arrays refused."""
 
-    __slots__ = ("_method", "_usage", "_where")
+    __slots__ = ("_method", "_usage", "_where", "_owner")
 
-    def __init__(self, method, usage: DeviceUsage, where: str) -> None:
-        self._method, self._usage, self._where = method, usage, where
+    def __init__(self, method, usage: DeviceUsage, where: str, owner=None) -> None:
+        self._method, self._usage, self._where, self._owner = method, usage, where, owner
 
     def __call__(self, *args, **kwargs):
-        result = self._method(*_to_host_operands(args, self._where), **_to_host_operands(kwargs, self._where))
+        operands = (_to_host_operands(args, self._where), _to_host_operands(kwargs, self._where))
+        result = self._method(*operands[0], **operands[1])
+        out = kwargs.get("out")
+        _record_result(self._usage, self._where, result, (self._owner, operands), wrote=out is not None)
+        if isinstance(out, DeviceArray):
+            return out  # as CuPy: the output array itself
         return _to_device_results(result, self._usage)
 
 
@@ -369,7 +462,12 @@ class DeviceFunction:
         if self._transfers_host:
             return self._transfer(*args, **kwargs)
         where = f"{self._label}.{self.__name__}"
-        result = self._function(*_to_host_operands(args, where), **_to_host_operands(kwargs, where))
+        operands = (_to_host_operands(args, where), _to_host_operands(kwargs, where))
+        result = self._function(*operands[0], **operands[1])
+        out = kwargs.get("out")
+        _record_result(self._usage, self.__name__, result, operands, wrote=out is not None)
+        if isinstance(out, DeviceArray):
+            return out  # as CuPy: the output array itself, so ``out is result`` holds
         return _to_device_results(result, self._usage)
 
     def _transfer(self, data, *args, **kwargs):
@@ -378,11 +476,15 @@ class DeviceFunction:
             dtype = kwargs.get("dtype", args[0] if args else None)
             if self.__name__ != "array" and (dtype is None or numpy.dtype(dtype) == data.dtype):
                 return data
-            return DeviceArray(self._function(data._host, *args, **kwargs), self._usage)
+            result = self._function(data._host, *args, **kwargs)
+            _record_result(self._usage, self.__name__, result, data._host)
+            return DeviceArray(result, self._usage)
         self._usage.transfers_to_device += 1
         host = self._function(_to_host_operands(data, "", allow_host=True), *args, **kwargs)
         # A transfer copies: later changes to the host buffer must not show on the device.
-        return DeviceArray(numpy.array(host, copy=True), self._usage)
+        host = numpy.array(host, copy=True)
+        self._usage.record_launch("host-to-device", int(host.nbytes))
+        return DeviceArray(host, self._usage)
 
     def __getattr__(self, name: str):
         if name.startswith("__"):

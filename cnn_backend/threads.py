@@ -195,13 +195,15 @@ class _OneBlasThread:
                 controller.set_num_threads(count)
 
 
-def matmul(a, b):
-    """``a @ b`` for 2-D arrays: row or column blocks of the result, one per thread, each on one BLAS thread."""
+def matmul(a, b, out=None):
+    """``a @ b`` for 2-D arrays (into ``out`` when given): row or column blocks of the result, one
+    per thread, each on one BLAS thread."""
     if not _blas():
-        return a @ b
+        return numpy.matmul(a, b, out=out)
     m, k = a.shape
     n = b.shape[1]
-    out = numpy.empty((m, n), dtype=numpy.result_type(a.dtype, b.dtype))
+    if out is None:
+        out = numpy.empty((m, n), dtype=numpy.result_type(a.dtype, b.dtype))
     with _OneBlasThread():
         # The longer side of the result is split: both halves then keep BLAS's blocking efficient.
         length = max(m, n)

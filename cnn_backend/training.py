@@ -8,6 +8,7 @@ with the exact step it first appeared at.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,9 @@ from typing import Callable
 
 import numpy
 
-from .layers import NonFiniteLogitsError, SoftmaxCrossEntropy
+from .data import BatchShare
+from .distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
+from .layers import NonFiniteLogitsError, ShapeError, SoftmaxCrossEntropy
 from .model import EVALUATION_BATCH_SIZE, Sequential
 from .optim import SCHEDULE_TYPES, ConstantSchedule, Optimizer
 
@@ -134,32 +137,81 @@ class EpochStats:
         return asdict(self)
 
 
-def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optimizer, x, y):
-    """Forward, backward and one optimiser update; returns ``(loss, n_correct)`` as device scalars."""
+def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optimizer, x, y, average_gradients=None):
+    """Forward, backward and one optimiser update; returns ``(loss, n_correct)`` as device scalars.
+
+    ``average_gradients()``, when given, runs between backward and the update (the all-reduce of
+    data-parallel training).
+    """
     logits = model.forward(x)
     loss = loss_fn.forward(logits, y)
     model.backward(loss_fn.backward())
+    if average_gradients is not None:
+        average_gradients()
     optimizer.step()
     n_correct = (logits.argmax(axis=1) == y).sum()
     return loss, n_correct
 
 
-def evaluate(model: Sequential, images, labels, batch_size: int = EVALUATION_BATCH_SIZE, *, with_predictions: bool = False) -> dict:
+def evaluate(
+    model: Sequential, images, labels, batch_size: int = EVALUATION_BATCH_SIZE, *, with_predictions: bool = False,
+    communicator=None,
+) -> dict:
     """Mean loss and accuracy of ``model`` on host ``images (N, 1, H, W)`` in [0, 1] and ``labels``.
 
     ``with_predictions`` adds the predicted classes (host array) under ``"predictions"``.
+
+    The set is evaluated in chunks of ``batch_size``; each chunk's loss sum and correct count are kept
+    apart and added on the host in float64, in chunk order. With a ``communicator`` the chunks are
+    shared among the processes and the per-chunk sums combined by one all-reduce (each chunk is
+    non-zero on one process only), so every process reports exactly the numbers of one process.
     """
-    be = model.backend
-    loss_fn = SoftmaxCrossEntropy(be)
-    y = be.to_device(labels)
-    logits = model.predict_logits(images, batch_size)
-    loss = loss_fn.forward(logits, y)
-    predicted = logits.argmax(axis=1)
-    correct = (predicted == y).sum()
-    result = {"loss": float(be.to_numpy(loss)), "accuracy": float(be.to_numpy(correct)) / len(labels)}
+    be, xp = model.backend, model.backend.xp
+    communicator = communicator or SingleProcess()
+    if with_predictions and communicator.size > 1:
+        raise ValueError("evaluate: predictions are gathered by a single process only")
+    labels = numpy.asarray(labels)
+    starts = list(range(0, len(labels), batch_size))
+    first, last = _chunk_range(len(starts), communicator.rank, communicator.size)
+    stop = starts[last] if last < len(starts) else len(labels)
+    begin = starts[first] if first < len(starts) else stop
+    sums = xp.zeros((2, len(starts)), dtype=xp.float64)  # loss sum and correct count of each chunk
+    predicted = None
+    if stop > begin or communicator.size == 1:
+        logits = model.predict_logits(images[begin:stop], batch_size)  # refuses empty or non-finite input
+        _check_labels(labels, logits.shape[1])
+        y = be.to_device(labels[begin:stop])
+        predicted = logits.argmax(axis=1)
+        # Values are checked once the chunks are combined, the same on every process.
+        loss_fn = SoftmaxCrossEntropy(be, check_inputs=False)
+        for chunk in range(first, last):
+            window = slice(starts[chunk] - begin, min(starts[chunk] + batch_size, stop) - begin)
+            count = window.stop - window.start
+            sums[0, chunk] = loss_fn.forward(logits[window], y[window]).astype(xp.float64) * float(count)
+            sums[1, chunk] = (predicted[window] == y[window]).sum()
+    host = be.to_numpy(communicator.allreduce_sum(sums.reshape(-1))).reshape(2, -1)
+    loss_sum = float(host[0].sum())
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
+    result = {"loss": loss_sum / len(labels), "accuracy": float(host[1].sum()) / len(labels)}
     if with_predictions:
         result["predictions"] = be.to_numpy(predicted)
     return result
+
+
+def _check_labels(labels: numpy.ndarray, n_classes: int) -> None:
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ShapeError(
+            f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], "
+            f"got values from {int(labels.min())} to {int(labels.max())}"
+        )
+
+
+def _chunk_range(n_chunks: int, rank: int, size: int) -> tuple[int, int]:
+    """The contiguous chunks ``[first, last)`` process ``rank`` of ``size`` evaluates."""
+    base, extra = divmod(n_chunks, size)
+    first = rank * base + min(rank, extra)
+    return first, first + base + (rank < extra)
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -171,6 +223,12 @@ class Trainer:
     ``loader`` provides ``len(loader)`` batches per epoch and ``loader.epoch(index)`` yielding device
     ``(x, y)`` batches; ``schedule(step)`` gives the learning rate of each global step;
     ``augment(x, epoch, step)``, when given, transforms each training batch on the device.
+
+    ``communicator`` (:mod:`cnn_backend.distributed`) makes the run data-parallel: the model starts
+    from rank 0's parameters, the loader yields this process's share of each global batch
+    (``loader.share(index)``), the gradients are averaged over the processes before every update and
+    the reported losses and accuracies are those of the global batches. With the default single
+    process every one of these steps does nothing.
     """
 
     def __init__(
@@ -182,13 +240,24 @@ class Trainer:
         schedule: Callable[[int], float] | None = None,
         augment: Callable | None = None,
         log_every: int = 50,
+        communicator=None,
     ) -> None:
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.schedule = schedule or ConstantSchedule(optimizer.lr)
         self.augment = augment
         self.log_every = max(1, int(log_every))
+        self.communicator = communicator or SingleProcess()
+        self.average_gradients = GradientAverager(model, self.communicator)
+        replaced = broadcast_parameters(model, self.communicator)
+        if replaced:
+            logging.getLogger(__name__).warning(
+                "the parameters of process%s %s differed from rank 0's and were replaced by them",
+                "es" if len(replaced) > 1 else "", ", ".join(map(str, replaced)),
+            )
         # Labels were validated on the host by the loader: skip the per-step device syncs.
         self.loss_fn = SoftmaxCrossEntropy(model.backend, check_inputs=False)
+        # Augmentations that draw per sample learn which part of each global batch they get.
+        self._share_augment = getattr(augment, "set_batch_share", None)
 
     def run_epoch(self, epoch: int, on_interval: Callable[[int, float, float], None] | None = None) -> tuple[float, float, int]:
         """Train one epoch; returns ``(mean loss, accuracy, samples)``.
@@ -196,34 +265,63 @@ class Trainer:
         ``on_interval(steps_done, mean_loss_so_far, accuracy_so_far)`` is called once per log interval
         and after the last step.
         """
-        be, xp = self.model.backend, self.model.backend.xp
         self.model.train()
+        try:
+            return self._run_epoch(epoch, on_interval)
+        finally:
+            self._tell_share(None)  # batches outside this loop are whole batches again
+
+    def _run_epoch(self, epoch: int, on_interval) -> tuple[float, float, int]:
+        be, xp = self.model.backend, self.model.backend.xp
         steps_per_epoch = len(self.loader)
-        pending_losses, total_loss, total_correct, samples, step = [], 0.0, 0, 0, 0
+        pending, total_loss, total_correct, samples, step = [], 0.0, 0, 0, 0
         correct_acc = None
         for step, (x, y) in enumerate(self.loader.epoch(epoch), start=1):
+            share = self._share(step - 1, len(y))
             # The rate depends only on the global step, so a resumed run follows the same schedule.
             self.optimizer.lr = self.schedule((epoch - 1) * steps_per_epoch + step - 1)
             if self.augment is not None:
                 x = self.augment(x, epoch, step)
-            loss, n_correct = train_step(self.model, self.loss_fn, self.optimizer, x, y)
-            pending_losses.append(loss)
+            # This process's part of the global batch mean: count/total of its own mean; the
+            # gradient average over processes then weighs it size * count / total (1.0 when even).
+            fraction = share.count / share.total
+            loss, n_correct = train_step(
+                self.model, self.loss_fn, self.optimizer, x, y,
+                lambda: self.average_gradients(fraction * self.communicator.size),
+            )
+            pending.append(loss * fraction if fraction != 1.0 else loss)
             correct_acc = n_correct if correct_acc is None else correct_acc + n_correct
-            samples += len(y)
+            samples += share.total
             if step % self.log_every == 0 or step == steps_per_epoch:
-                batch_losses = be.to_numpy(xp.stack(pending_losses))
+                # One read per interval: the global batch losses and the interval's correct count.
+                interval = xp.concatenate([xp.stack(pending).astype(xp.float64), correct_acc.astype(xp.float64).reshape(1)])
+                interval = be.to_numpy(self.communicator.allreduce_sum(interval))
+                batch_losses = interval[:-1]
                 first_bad = _first_non_finite(batch_losses)
                 if first_bad is not None:
-                    raise NonFiniteLossError(epoch, step - len(pending_losses) + 1 + first_bad)
+                    raise NonFiniteLossError(epoch, step - len(pending) + 1 + first_bad)
                 # Each loss is a batch mean: weight by batch size (all equal but maybe the last).
                 total_loss += float(batch_losses.sum())
-                total_correct = int(be.to_numpy(correct_acc))
-                pending_losses = []
+                total_correct += int(round(float(interval[-1])))
+                pending, correct_acc = [], None
                 if on_interval is not None:
                     on_interval(step, total_loss / step, total_correct / samples)
         if step == 0:
             raise ValueError("the training data yields no batch: use a smaller batch size or more data")
+        average_buffers(self.model, self.communicator)
         return total_loss / step, total_correct / samples, samples
+
+    def _share(self, index: int, count: int) -> BatchShare:
+        """This process's part of global batch ``index``, told to the layers and the augmentation."""
+        share_of = getattr(self.loader, "share", None)
+        share = share_of(index) if share_of is not None else BatchShare(0, count, count)
+        self._tell_share((share.start, share.total))
+        return share
+
+    def _tell_share(self, share: tuple[int, int] | None) -> None:
+        self.model.set_batch_share(share)
+        if self._share_augment is not None:
+            self._share_augment(share)
 
 
 def _first_non_finite(values) -> int | None:
@@ -245,14 +343,20 @@ def fit(
     on_epoch_end: Callable[[EpochStats], None] | None = None,
     on_interval: Callable[[int, float, float], None] | None = None,
     log_every: int = 50,
+    communicator=None,
+    validation_batch_size: int = EVALUATION_BATCH_SIZE,
 ) -> list[EpochStats]:
     """Train for epochs ``start_epoch .. epochs``; returns one :class:`EpochStats` per epoch.
 
     ``validation`` is ``(images, labels)`` on the host (images as
     :func:`cnn_backend.data.prepare_images` returns them), evaluated after every epoch. ``on_epoch_start(epoch)`` runs before an epoch's first step,
-    ``on_epoch_end(stats)`` after its validation.
+    ``on_epoch_end(stats)`` after its validation. ``communicator``: see :class:`Trainer`; validation
+    is then shared among the processes too, in chunks of ``validation_batch_size`` images (the
+    samples per forward pass).
     """
-    trainer = Trainer(model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every)
+    trainer = Trainer(
+        model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every, communicator=communicator
+    )
     history: list[EpochStats] = []
     for epoch in range(start_epoch, epochs + 1):
         if on_epoch_start is not None:
@@ -262,7 +366,10 @@ def fit(
         model.backend.synchronize()
         seconds = time.perf_counter() - started
         try:
-            val = evaluate(model, *validation) if validation is not None else {"loss": None, "accuracy": None}
+            val = (
+                evaluate(model, *validation, validation_batch_size, communicator=trainer.communicator)
+                if validation is not None else {"loss": None, "accuracy": None}
+            )
         except NonFiniteLogitsError:
             val = {"loss": math.nan}
         if val["loss"] is not None and not math.isfinite(val["loss"]):

@@ -6,7 +6,8 @@ The source folder must hold the official ``train-images-idx3-ubyte.gz`` and
 ``train-labels-idx1-ubyte.gz``; they are checked against the published MD5s before use. The output
 is deterministic (IDX header with the new count, gzip level 9, mtime 0, fixed embedded name), so
 running the script again reproduces the same bytes given the same zlib. The script prints the
-sha256 of each file and says whether it matches ``BUNDLED_SHA256`` in ``cnn_backend/data.py``.
+sha256 of each file and says whether it matches ``BUNDLED_SHA256`` in ``cnn_backend/datasets/sources.py``
+(written into ``cnn_backend/datasets/bundled/`` by default).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         digest = sha256(path)
         recorded = data.BUNDLED_SHA256.get(name)
         all_match &= digest == recorded
-        status = "matches BUNDLED_SHA256" if digest == recorded else "differs from BUNDLED_SHA256: update data.py"
+        status = "matches BUNDLED_SHA256" if digest == recorded else "differs from BUNDLED_SHA256: update cnn_backend/datasets/sources.py"
         print(f"{path}  {path.stat().st_size:,} bytes  sha256 {digest}  ({status})")
     return 0 if all_match else 1
 

@@ -193,6 +193,31 @@ def test_scripts_train_is_the_train_command(tmp_path):
 
 # -- error paths, in-process (same main(), no interpreter start-up) ---------------------------------
 
+def test_a_residual_network_from_a_file_trains_evaluates_and_resumes_exactly(tmp_path):
+    spec = REPO / "examples" / "small-resnet.toml"
+    # A constant schedule: a cosine one would depend on --epochs, which differs between the runs.
+    options = ["--model", spec, "--device", "cpu", "--data", "bundled", "--train-split", ":128",
+               "--val-split", "9000:9064", "--batch-size", "32", "--schedule", "constant", "--quiet", "--no-plots"]
+    straight = cli("train", *options, "--epochs", 2, "--out", "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    assert "model small-resnet: input 1x28x28 per sample" in straight.stdout and "5.projection" in straight.stdout
+    assert cli("train", *options, "--epochs", 1, "--out", "split", cwd=tmp_path).returncode == 0
+    resumed = cli("train", "--resume", tmp_path / "split" / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet", "--no-plots", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "training epochs 2-2" in resumed.stdout
+
+    straight_arrays, split_arrays = parameters(tmp_path / "straight" / "last.npz"), parameters(tmp_path / "split" / "last.npz")
+    assert straight_arrays.keys() == split_arrays.keys()
+    assert {"buffer/1.running_var", "buffer/5.layers.4.running_mean", "param/5.projection.weight"} <= straight_arrays.keys()
+    for key in straight_arrays:
+        numpy.testing.assert_allclose(split_arrays[key], straight_arrays[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+    evaluated = cli("evaluate", tmp_path / "split" / "last.npz", "--device", "cpu", "--json", tmp_path / "eval.json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    history = read_history(tmp_path / "split" / "history.jsonl")
+    assert report["range"] == "9000:9064" and report["accuracy"] == pytest.approx(history[-1]["val_accuracy"])
+
 
 def run_main(capsys, *args) -> tuple[int, str, str]:
     status = main([str(arg) for arg in args])

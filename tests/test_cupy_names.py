@@ -21,7 +21,23 @@ pytest.importorskip(
 from cnn_backend import parity  # noqa: E402  (after the skip: nothing here is useful without CuPy)
 from cnn_backend.backend import get_backend  # noqa: E402
 from cnn_backend.data import BatchLoader  # noqa: E402
-from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU, SoftmaxCrossEntropy  # noqa: E402
+from cnn_backend.layers import (  # noqa: E402
+    GELU,
+    AvgPool,
+    BatchNorm,
+    Convolution,
+    Dropout,
+    Flatten,
+    FullyConnected,
+    GlobalAvgPool,
+    LeakyReLU,
+    MaxPool,
+    ReLU,
+    Residual,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Tanh,
+)
 from cnn_backend.model import Sequential, default_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import SGD, Adam  # noqa: E402
 from cnn_backend.testing import (  # noqa: E402
@@ -53,11 +69,31 @@ def run_workload(tmp_path) -> DeviceUsage:
             MaxPool(3, stride=2, backend=device),
             Flatten(device),
             Dropout(0.5, rng=0, backend=device),
+            Convolution(2, 3, 3, bias=False, algorithm="gemm", rng=0, backend=device),
+            Convolution(2, 3, 3, bias=False, algorithm="signal", rng=0, backend=device),
+            BatchNorm(2, backend=device),
+            AvgPool(2, backend=device),
+            AvgPool(3, stride=2, backend=device),
+            GlobalAvgPool(device),
+            LeakyReLU(0.1, backend=device),
+            Tanh(device),
+            Sigmoid(device),
+            GELU(device),
+            Residual([Convolution(out_channels=2, kernel_size=3, padding=1, backend=device), BatchNorm(backend=device)]),
+            Residual([Convolution(out_channels=4, kernel_size=3, stride=2, padding=1, backend=device), ReLU(device)]),
         ]
         for layer in layers:
+            if isinstance(layer, Residual):
+                layer.build((2, 9, 9), numpy.random.default_rng(0))
             x = device.to_device(rng.standard_normal((2, 2, 9, 9)).astype(dtype))
             y = layer.forward(x)
             layer.backward(device.xp.ones_like(y))
+        # BatchNorm on dense input, and in evaluation mode (running statistics) on a batch of one.
+        for shape in ((3, 2), (1, 2, 4, 4)):
+            norm = BatchNorm(2, backend=device)
+            norm.forward(device.to_device(rng.standard_normal((4,) + shape[1:]).astype(dtype)))
+            norm.training = False
+            norm.backward(norm.forward(device.to_device(rng.standard_normal(shape).astype(dtype))))
         dense = FullyConnected(6, 4, rng=0, backend=device)
         dense.backward(dense.forward(device.to_device(rng.standard_normal((3, 6)).astype(dtype))))
         dropout = Dropout(0.3, rng=0, backend=device)
@@ -85,6 +121,10 @@ def run_workload(tmp_path) -> DeviceUsage:
         optimizer = make_optimizer(model.parameters(), be)
         train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)
         optimizer.load_state_dict(optimizer.state_dict())
+        # The same optimiser over parameters outside the flat buffer: updated one by one.
+        make_optimizer(list(reversed(model.parameters())), be).step()
+        model.layers[0].params["weight"].detach_from_flat()
+        model.flatten_parameters()
 
     # The training loop over a resident and a streamed loader, with validation; evaluation, prediction.
     images = rng.integers(0, 256, size=(40, 28, 28), dtype=numpy.uint8)
@@ -101,12 +141,50 @@ def run_workload(tmp_path) -> DeviceUsage:
     loaded = Sequential.load(model.save(tmp_path / "model.npz"), be)
     loaded.to(be.with_dtype("float32")).to("cpu").to(be)
 
+    # A network from an architecture file with buffers (BatchNorm) and residual blocks: a training
+    # step, evaluation, its summary, saving and loading the buffers onto the device.
+    from pathlib import Path
+
+    from cnn_backend.spec import build_model
+
+    resnet = build_model(Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml", (1, 28, 28), be, seed=0)
+    train_step(resnet, SoftmaxCrossEntropy(be), Adam(resnet.parameters(), lr=1e-3, backend=be), x, y)
+    evaluate(resnet, *validation, batch_size=3)
+    resnet.summary()
+    Sequential.load(resnet.save(tmp_path / "resnet.npz"), be).to(be.with_dtype("float32"))
+
     try:  # augmentation, where this version of the package has it
         from cnn_backend.augment import RandomCropFlip
     except ImportError:
         pass
     else:
         RandomCropFlip(be, padding=2, seed=0)(be.to_device(validation[0]), 1, 1)
+
+    # Colour images, normalised per channel on the device, then augmented.
+    from cnn_backend.data import Normalization
+
+    colour = rng.integers(0, 256, size=(8, 3, 6, 5), dtype=numpy.uint8)
+    colour_loader = BatchLoader(colour, labels[:8], be, batch_size=4, normalization=Normalization.from_images(colour))
+    for x, _ in colour_loader.epoch(0):
+        RandomCropFlip(be, padding=1, seed=0)(x, 1, 1)
+
+    # The data-parallel path on the device: packing the gradients, broadcasting the parameters,
+    # sharded validation and the per-interval reduction (a two-process communicator whose
+    # collectives leave arrays as they are, since one process holds both "ranks" here).
+    from cnn_backend.augment import RandomCropFlip
+    from cnn_backend.distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
+
+    class TwoProcesses(SingleProcess):
+        size = 2
+
+    model = default_cnn(be, seed=0, dropout=0.5)
+    loader = BatchLoader(images[:32], labels[:32], be, batch_size=16, rank=0, size=2)
+    fit(model, SGD(model.parameters(), lr=0.01, backend=be), loader, 1, validation=validation, log_every=1,
+        communicator=TwoProcesses(), augment=RandomCropFlip(be, seed=0))
+    GradientAverager(model, TwoProcesses())(weight=0.5)
+    broadcast_parameters(model, TwoProcesses())
+    average_buffers(model, TwoProcesses())
+    evaluate(model, *validation, batch_size=3, communicator=TwoProcesses())
 
     # The parity run's own tracing.
     parity.compare(get_backend("cpu", "float64"), be, model="seed", steps=1, batch_size=2)
@@ -116,6 +194,30 @@ def run_workload(tmp_path) -> DeviceUsage:
 @pytest.fixture(scope="module")
 def usage(tmp_path_factory) -> DeviceUsage:
     return run_workload(tmp_path_factory.mktemp("cupy-names"))
+
+
+#: what the NCCL communicator and the device binding take from CuPy (cnn_backend.distributed)
+CUDA_NAMES = ("get_current_stream", "Device", "runtime.getDeviceCount", "nccl")
+NCCL_NAMES = ("available", "get_unique_id", "NcclCommunicator", "NCCL_SUM", "NCCL_FLOAT32", "NCCL_FLOAT64", "allReduce", "bcast")
+
+
+def test_the_distributed_path_takes_only_names_cupy_has():
+    import importlib
+    import importlib.util
+
+    from cnn_backend.testing import _has_dotted
+
+    from cnn_backend.backend import cuda_nccl
+
+    cupy = importlib.import_module("cupy")
+    assert isinstance(cuda_nccl().available, bool)  # imported here without CuPy's missing-library warning
+    assert [name for name in CUDA_NAMES if not _has_dotted(cupy.cuda, name, "cupy.cuda")] == []
+    # Without the NCCL library cupy.cuda.nccl holds only `available`; the names live in CuPy's
+    # compiled binding, whose symbol table names every function and method it defines.
+    binding = importlib.util.find_spec("cupy_backends.cuda.libs.nccl")
+    assert binding is not None and binding.origin, "CuPy's NCCL binding is missing"
+    text = open(binding.origin, "rb").read()
+    assert [name for name in NCCL_NAMES[1:] if name.encode() not in text] == []
 
 
 def test_the_workload_used_the_device(usage):

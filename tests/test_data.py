@@ -266,6 +266,9 @@ def test_auto_rejects_half_a_split_in_cache(tmp_path, monkeypatch):
 
 def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("CNN_BACKEND_DATA", str(tmp_path))
+    assert data.default_data_dir() == tmp_path / "fashion-mnist"
+    # The layout of earlier versions, the Fashion-MNIST files directly in $CNN_BACKEND_DATA, still counts.
+    data.write_idx(tmp_path / "train-labels-idx1-ubyte.gz", random_labels(3))
     assert data.default_data_dir() == tmp_path
     monkeypatch.delenv("CNN_BACKEND_DATA")
     import platformdirs

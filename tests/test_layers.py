@@ -6,6 +6,14 @@ import numpy
 import pytest
 
 from cnn_backend import (
+    AvgPool,
+    BatchNorm,
+    GELU,
+    GlobalAvgPool,
+    LeakyReLU,
+    Residual,
+    Sigmoid,
+    Tanh,
     Convolution,
     Dropout,
     Flatten,
@@ -45,7 +53,7 @@ def check_layer_gradients(layer, x, rng, rtol=1e-6, atol=1e-8):
     layer.forward(x)
     dx = layer.backward(probe)
     numpy.testing.assert_allclose(dx, numerical_gradient(objective, x), rtol=rtol, atol=atol)
-    for name, param in layer.params.items():
+    for name, param in layer.named_parameters():
         layer.forward(x)
         layer.backward(probe)
         analytic = param.grad.copy()
@@ -292,3 +300,272 @@ def test_parameters_are_created_in_the_backend_dtype_from_the_same_host_draw():
     w64 = Convolution(2, 3, 3, rng=11, backend=CPU64).params["weight"].data
     assert w32.dtype == numpy.float32 and w64.dtype == numpy.float64
     numpy.testing.assert_array_equal(w32, w64.astype(numpy.float32))
+
+
+# == layers for users' own networks =====================================================================
+
+
+def all_layouts_of(x):
+    """``x`` in every memory order the layers meet: 4-D as :func:`layouts_of`, 2-D as rows or the
+    transposed view of a (features, N) array (what Flatten and GlobalAvgPool hand on)."""
+    if x.ndim == 4:
+        return layouts_of(x)
+    return {"rows": x.copy(), "transposed": numpy.ascontiguousarray(x.T).T}
+
+
+NEW_LAYER_CASES = {
+    # name -> (factory on a backend, input shape, input generator)
+    "conv-gemm-no-bias": (lambda be: Convolution(2, 3, 3, padding=1, bias=False, algorithm="gemm", rng=1, backend=be), (2, 2, 5, 6), "normal"),
+    "conv-signal-no-bias": (lambda be: Convolution(2, 3, 3, stride=2, bias=False, algorithm="signal", rng=1, backend=be), (2, 2, 7, 6), "normal"),
+    "batchnorm-4d": (lambda be: BatchNorm(3, backend=be), (4, 3, 3, 2), "normal"),
+    "batchnorm-2d": (lambda be: BatchNorm(5, backend=be), (6, 5), "normal"),
+    "avgpool-2": (lambda be: AvgPool(2, backend=be), (2, 3, 5, 6), "normal"),
+    "avgpool-3-stride2-overlapping": (lambda be: AvgPool(3, 2, backend=be), (2, 2, 7, 7), "normal"),
+    "avgpool-2-stride1": (lambda be: AvgPool(2, 1, backend=be), (2, 2, 4, 5), "normal"),
+    "global-avgpool": (lambda be: GlobalAvgPool(be), (3, 4, 3, 2), "normal"),
+    "leaky-relu": (lambda be: LeakyReLU(0.1, backend=be), (3, 2, 3, 3), "away-from-zero"),
+    "tanh": (lambda be: Tanh(be), (3, 2, 3, 3), "normal"),
+    "sigmoid": (lambda be: Sigmoid(be), (3, 2, 3, 3), "normal"),
+    "gelu": (lambda be: GELU(be), (3, 7), "normal"),
+    "residual-identity": (
+        lambda be: built(Residual([Convolution(out_channels=3, kernel_size=3, padding=1, backend=be), BatchNorm(backend=be), Tanh(be)]), (3, 5, 5)),
+        (3, 3, 5, 5),
+        "normal",
+    ),
+    "residual-projection-stride2": (
+        lambda be: built(Residual([Convolution(out_channels=4, kernel_size=3, stride=2, padding=1, backend=be), GELU(be)]), (2, 5, 6)),
+        (2, 2, 5, 6),
+        "normal",
+    ),
+}
+
+
+def built(layer, input_shape, seed=3):
+    layer.build(input_shape, numpy.random.default_rng(seed))
+    return layer
+
+
+def make_input(kind, shape, rng):
+    x = rng.standard_normal(shape)
+    if kind == "away-from-zero":  # keep clear of the kink at 0
+        x = rng.uniform(0.1, 1.0, shape) * rng.choice([-1.0, 1.0], shape)
+    return x
+
+
+@pytest.mark.parametrize("case", sorted(NEW_LAYER_CASES))
+def test_new_layer_gradients_in_every_layout(case):
+    make, shape, kind = NEW_LAYER_CASES[case]
+    rng = numpy.random.default_rng(11)
+    x_host = make_input(kind, shape, rng)
+    layer = make(CPU64)
+    for param in layer.parameters() if hasattr(layer, "parameters") else [p for _, p in layer.named_parameters()]:
+        param.data[...] = param.data + 0.3 * rng.standard_normal(param.data.shape)  # not the trivial 1/0 start
+    reference = None
+    for layout, x in all_layouts_of(x_host).items():
+        y = layer.forward(x)
+        assert y.shape == layer.forward(x_host.copy()).shape
+        if reference is None:
+            reference = layer.forward(x_host.copy())
+        numpy.testing.assert_allclose(layer.forward(x), reference, rtol=1e-12, atol=1e-12, err_msg=layout)
+        check_layer_gradients(layer, x, rng)
+
+
+def test_new_layers_have_parameters_only_where_expected():
+    assert sorted(Convolution(2, 3, 3, bias=False).params) == ["weight"]
+    assert sorted(Convolution(2, 3, 3).params) == ["bias", "weight"]
+    bn = BatchNorm(4)
+    assert sorted(bn.params) == ["bias", "weight"] and sorted(bn.buffers) == ["running_mean", "running_var"]
+    numpy.testing.assert_array_equal(bn.params["weight"].data, numpy.ones(4))
+    numpy.testing.assert_array_equal(bn.buffers["running_var"], numpy.ones(4))
+    for layer in (AvgPool(2), GlobalAvgPool(), LeakyReLU(), Tanh(), Sigmoid(), GELU()):
+        assert layer.params == {} and layer.buffers == {}
+
+
+def test_convolution_without_bias_is_the_biased_one_at_zero_bias():
+    rng = numpy.random.default_rng(12)
+    x = rng.standard_normal((2, 2, 6, 6))
+    for algorithm in ("gemm", "signal"):
+        with_bias = Convolution(2, 3, 3, padding=1, algorithm=algorithm, rng=5, backend=CPU64)
+        without = Convolution(2, 3, 3, padding=1, bias=False, algorithm=algorithm, rng=5, backend=CPU64)
+        numpy.testing.assert_allclose(without.forward(x), with_bias.forward(x), rtol=1e-12, atol=1e-12)
+
+
+# -- BatchNorm against hand-computed statistics ----------------------------------------------------------
+
+
+def test_batchnorm_training_and_running_statistics_match_a_hand_computation():
+    rng = numpy.random.default_rng(13)
+    layer = BatchNorm(3, backend=CPU64)
+    layer.params["weight"].data[:] = [0.5, 2.0, -1.0]
+    layer.params["bias"].data[:] = [0.1, -0.2, 0.3]
+    running_mean, running_var = numpy.zeros(3), numpy.ones(3)
+    for step in range(4):
+        x = rng.standard_normal((5, 3, 2, 3)) * (step + 1) + step
+        values = x.transpose(1, 0, 2, 3).reshape(3, -1)  # per channel over N, H, W: 30 values
+        mean = values.sum(axis=1) / 30
+        biased = ((values - mean[:, None]) ** 2).sum(axis=1) / 30
+        unbiased = ((values - mean[:, None]) ** 2).sum(axis=1) / 29
+        expected = (x - mean[None, :, None, None]) / numpy.sqrt(biased[None, :, None, None] + 1e-5)
+        expected = expected * layer.params["weight"].data[None, :, None, None] + layer.params["bias"].data[None, :, None, None]
+        numpy.testing.assert_allclose(layer.forward(x), expected, rtol=1e-12, atol=1e-12)
+        running_mean = 0.9 * running_mean + 0.1 * mean
+        running_var = 0.9 * running_var + 0.1 * unbiased
+        numpy.testing.assert_allclose(layer.buffers["running_mean"], running_mean, rtol=1e-12)
+        numpy.testing.assert_allclose(layer.buffers["running_var"], running_var, rtol=1e-12)
+
+    layer.training = False
+    x = rng.standard_normal((1, 3, 2, 2))  # a batch of one works in evaluation
+    expected = (x - running_mean[None, :, None, None]) / numpy.sqrt(running_var[None, :, None, None] + 1e-5)
+    expected = expected * layer.params["weight"].data[None, :, None, None] + layer.params["bias"].data[None, :, None, None]
+    numpy.testing.assert_allclose(layer.forward(x), expected, rtol=1e-12, atol=1e-12)
+    before = layer.buffers["running_mean"].copy()
+    layer.forward(x)
+    numpy.testing.assert_array_equal(layer.buffers["running_mean"], before)  # evaluation leaves them alone
+
+
+def test_batchnorm_per_feature_on_dense_input_and_evaluation_gradients():
+    rng = numpy.random.default_rng(14)
+    layer = BatchNorm(4, momentum=0.3, eps=1e-3, backend=CPU64)
+    x = rng.standard_normal((6, 4)) * 3 + 1
+    mean, biased, unbiased = x.mean(axis=0), x.var(axis=0), x.var(axis=0, ddof=1)
+    numpy.testing.assert_allclose(layer.forward(x), (x - mean) / numpy.sqrt(biased + 1e-3), rtol=1e-12, atol=1e-12)
+    numpy.testing.assert_allclose(layer.buffers["running_mean"], 0.3 * mean, rtol=1e-12)
+    numpy.testing.assert_allclose(layer.buffers["running_var"], 0.7 + 0.3 * unbiased, rtol=1e-12)
+    layer.training = False
+    check_layer_gradients(layer, rng.standard_normal((3, 4)), rng)
+    check_layer_gradients(layer, rng.standard_normal((1, 4)), rng)
+
+
+def test_batchnorm_in_training_refuses_one_value_per_channel():
+    with pytest.raises(ShapeError, match=r"training needs more than one value per channel"):
+        BatchNorm(3, backend=CPU64).forward(numpy.zeros((1, 3)))
+
+
+# -- the same numbers as PyTorch ------------------------------------------------------------------------
+
+
+def test_new_layers_match_pytorch():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the cross-check against it is skipped")
+    rng = numpy.random.default_rng(15)
+    x = rng.standard_normal((4, 3, 6, 5))
+    t = torch.tensor(x)
+    pairs = [
+        (AvgPool(2, backend=CPU64), torch.nn.AvgPool2d(2)),
+        (AvgPool(3, 2, backend=CPU64), torch.nn.AvgPool2d(3, 2)),
+        (GlobalAvgPool(CPU64), lambda v: v.mean(dim=(2, 3))),
+        (LeakyReLU(0.2, backend=CPU64), torch.nn.LeakyReLU(0.2)),
+        (Tanh(CPU64), torch.tanh),
+        (Sigmoid(CPU64), torch.sigmoid),
+        (GELU(CPU64), torch.nn.GELU(approximate="tanh")),
+    ]
+    for ours, theirs in pairs:
+        numpy.testing.assert_allclose(ours.forward(x), theirs(t).numpy(), rtol=1e-12, atol=1e-12, err_msg=repr(ours))
+    ours, theirs = BatchNorm(3, backend=CPU64), torch.nn.BatchNorm2d(3).double()
+    for step in range(3):
+        batch = rng.standard_normal((4, 3, 3, 3)) * (step + 1)
+        numpy.testing.assert_allclose(ours.forward(batch), theirs(torch.tensor(batch)).detach().numpy(), rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_allclose(ours.buffers["running_mean"], theirs.running_mean.numpy(), rtol=1e-12)
+    numpy.testing.assert_allclose(ours.buffers["running_var"], theirs.running_var.numpy(), rtol=1e-12)
+    ours.training = False
+    theirs.eval()
+    one = rng.standard_normal((1, 3, 3, 3))
+    numpy.testing.assert_allclose(ours.forward(one), theirs(torch.tensor(one)).detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+# -- build: shapes inferred, parameters from the generator in layer order ---------------------------------
+
+
+def test_build_infers_input_sizes_and_draws_like_explicit_sizes():
+    conv = Convolution(out_channels=4, kernel_size=3, stride=2, padding=1, backend=CPU64)
+    assert conv.params == {}
+    assert conv.build((2, 9, 8), numpy.random.default_rng(7)) == (4, 5, 4)
+    explicit = Convolution(2, 4, 3, stride=2, padding=1, rng=7, backend=CPU64)
+    numpy.testing.assert_array_equal(conv.params["weight"].data, explicit.params["weight"].data)
+    assert conv.macs() == 4 * 5 * 4 * 2 * 3 * 3
+    dense = FullyConnected(out_features=3, backend=CPU64)
+    assert dense.build((12,), numpy.random.default_rng(8)) == (3,) and dense.in_features == 12
+    assert BatchNorm(backend=CPU64).build((5, 2, 2)) == (5, 2, 2)
+    assert AvgPool(3, 2).build((2, 7, 8)) == (2, 3, 3)
+    assert GlobalAvgPool().build((6, 4, 4)) == (6,)
+    assert Flatten().build((2, 3, 4)) == (24,)
+
+
+@pytest.mark.parametrize(
+    "layer, shape, message",
+    [
+        (lambda: Convolution(out_channels=2, kernel_size=5), (1, 4, 9), r"kernel 5x5 is larger than its input 4x9"),
+        (lambda: Convolution(3, 2, 3), (1, 8, 8), r"expected 3 input channels"),
+        (lambda: FullyConnected(out_features=2), (3, 4, 4), r"expected a flat per-sample input .* put a Flatten"),
+        (lambda: MaxPool(3), (2, 2, 5), r"window 3x3 is larger than its input 2x5"),
+        (lambda: GlobalAvgPool(), (12,), r"expected a per-sample input of shape \(C, H, W\)"),
+        (lambda: Residual([Flatten()]), (2, 3, 3), r"no 1x1 projection of the input can match"),
+        (lambda: Residual([Convolution(out_channels=2, kernel_size=3)]), (2, 6, 6), r"no 1x1 projection .* shrink by a whole stride"),
+    ],
+)
+def test_build_refuses_shapes_that_cannot_work(layer, shape, message):
+    with pytest.raises(ShapeError, match=message):
+        layer().build(shape, numpy.random.default_rng(0))
+
+
+def test_unbuilt_layers_say_what_to_do():
+    with pytest.raises(ShapeError, match=r"in_channels is not known yet: build the layer"):
+        Convolution(out_channels=2, kernel_size=3).forward(numpy.zeros((1, 1, 4, 4), numpy.float32))
+
+
+def test_residual_projection_is_created_only_when_shapes_differ():
+    same = built(Residual([Convolution(out_channels=3, kernel_size=3, padding=1)]), (3, 6, 6))
+    assert same.projection is None
+    down = built(Residual([Convolution(out_channels=5, kernel_size=3, stride=2, padding=1), ReLU()]), (3, 7, 7))
+    assert isinstance(down.projection, Convolution)
+    assert (down.projection.kernel_size, down.projection.stride, down.projection.bias) == (1, 2, False)
+    assert (down.projection.in_channels, down.projection.out_channels) == (3, 5)
+    assert down.output_shape == (5, 4, 4)
+    assert [name for name, _ in down.named_parameters()] == ["layers.0.weight", "layers.0.bias", "projection.weight"]
+    x = numpy.random.default_rng(1).standard_normal((2, 3, 7, 7)).astype(numpy.float32)
+    inner = down.layers[1].forward(down.layers[0].forward(x))
+    numpy.testing.assert_allclose(down.forward(x), inner + down.projection.forward(x), rtol=1e-6)
+
+
+def test_residual_propagates_training_mode_and_moves_its_children():
+    block = built(Residual([Convolution(out_channels=2, kernel_size=1), BatchNorm(), Dropout(0.5, rng=0)]), (3, 4, 4))
+    block.training = False
+    assert all(not layer.training for _, layer in block.children())
+    block.to(CPU64)
+    assert block.layers[1].buffers["running_var"].dtype == numpy.float64
+    assert block.projection.params["weight"].data.dtype == numpy.float64
+
+
+def test_to_moves_buffers_and_casts_them():
+    bn = BatchNorm(3)
+    bn.forward(numpy.random.default_rng(2).standard_normal((4, 3)).astype(numpy.float32))
+    mean = bn.buffers["running_mean"].copy()
+    bn.to(CPU64)
+    assert bn.buffers["running_mean"].dtype == numpy.float64
+    numpy.testing.assert_allclose(bn.buffers["running_mean"], mean, rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: BatchNorm(3, momentum=1.5), r"BatchNorm: momentum must be in \[0, 1\]"),
+        (lambda: BatchNorm(3, eps=0.0), r"BatchNorm: eps must be > 0"),
+        (lambda: AvgPool(0), r"AvgPool: pool_size must be an integer >= 1"),
+        (lambda: LeakyReLU("x"), r"LeakyReLU: negative_slope must be a number"),
+        (lambda: Residual([]), r"Residual needs at least one inner layer"),
+        (lambda: Convolution(1, 2, 3, bias="no"), r"Convolution: bias must be true or false"),
+    ],
+)
+def test_bad_arguments_of_the_new_layers(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_residual_block_first_in_a_model_skips_its_input_gradient():
+    from cnn_backend import Sequential
+
+    block = Residual([Convolution(out_channels=4, kernel_size=3, stride=2, padding=1, backend=CPU64), ReLU(CPU64)])
+    model = Sequential([block, Flatten(CPU64), FullyConnected(out_features=3, backend=CPU64)], input_shape=(2, 6, 6), rng=0)
+    assert not block.layers[0].needs_input_grad and not block.projection.needs_input_grad
+    y = model.forward(numpy.random.default_rng(0).standard_normal((2, 2, 6, 6)))
+    assert model.backward(numpy.ones_like(y)) is None
+    assert block.projection.params["weight"].grad is not None and block.layers[0].params["weight"].grad is not None

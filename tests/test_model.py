@@ -165,3 +165,141 @@ def test_default_model_pools_before_relu_which_is_the_same_function():
     be = model.backend
     pooled_then_relu = ReLU(be).forward(MaxPool(2, backend=be).forward(z))
     numpy.testing.assert_array_equal(pooled_then_relu, MaxPool(2, backend=be).forward(ReLU(be).forward(z)))
+
+
+# -- built-in networks as spec files, nested names, buffers ----------------------------------------------
+
+
+def _constructors_as_they_were(name, seed, dropout=0.0):
+    """The built-in networks written out with explicit sizes, as their constructors were before
+    they became spec files: the reference for bit-identical initial weights."""
+    from cnn_backend.init import make_rng
+    from cnn_backend.layers import Flatten
+
+    rng = make_rng(seed)
+    if name == "seed":
+        return Sequential([Convolution(1, 1, 6, rng=rng), ReLU(), MaxPool(2), Flatten(), FullyConnected(121, 10, init="glorot", rng=rng)])
+    layers = [
+        Convolution(1, 32, 3, padding=1, rng=rng), MaxPool(2), ReLU(),
+        Convolution(32, 64, 3, padding=1, rng=rng), MaxPool(2), ReLU(),
+        Flatten(), FullyConnected(64 * 7 * 7, 128, rng=rng), ReLU(),
+    ]
+    if dropout:
+        layers.append(Dropout(dropout, rng=rng))
+    layers.append(FullyConnected(128, 10, init="glorot", rng=rng))
+    return Sequential(layers)
+
+
+@pytest.mark.parametrize("name, build, dropout", [("seed", seed_cnn, 0.0), ("default", default_cnn, 0.0), ("default", default_cnn, 0.3)])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_built_in_specs_start_from_the_same_weights_and_dropout_masks_as_before(name, build, dropout, seed):
+    model = build(seed=seed, dropout=dropout) if dropout else build(seed=seed)
+    reference = _constructors_as_they_were(name, seed, dropout)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    for (parameter_name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        numpy.testing.assert_array_equal(p.data, q.data, err_msg=parameter_name)
+    assert [repr(layer) for layer in model.layers] == [repr(layer) for layer in reference.layers]
+    x = numpy.random.default_rng(1).random((4, 1, 28, 28), dtype=numpy.float32)
+    numpy.testing.assert_array_equal(model.forward(x), reference.forward(x))  # same dropout draws too
+    assert model.input_shape == (1, 28, 28)
+
+
+def _bn_residual_model(backend="cpu"):
+    from cnn_backend.spec import build_model
+
+    spec = [
+        {"type": "Convolution", "out_channels": 4, "kernel_size": 3, "padding": 1, "bias": False},
+        {"type": "BatchNorm"},
+        {"type": "ReLU"},
+        {"type": "Residual", "layers": [
+            {"type": "Convolution", "out_channels": 6, "kernel_size": 3, "stride": 2, "padding": 1},
+            {"type": "BatchNorm"},
+            {"type": "Dropout", "rate": 0.2},
+        ]},
+        {"type": "GlobalAvgPool"},
+        {"type": "FullyConnected", "out_features": 10},
+    ]
+    return build_model(spec, (1, 8, 8), backend, seed=2)
+
+
+def test_containers_have_dotted_names_and_buffers_are_not_parameters():
+    model = _bn_residual_model()
+    names = [name for name, _ in model.named_parameters()]
+    assert names == [
+        "0.weight", "1.weight", "1.bias", "3.layers.0.weight", "3.layers.0.bias",
+        "3.layers.1.weight", "3.layers.1.bias", "3.projection.weight", "5.weight", "5.bias",
+    ]
+    assert [name for name, _ in model.named_buffers()] == [
+        "1.running_mean", "1.running_var", "3.layers.1.running_mean", "3.layers.1.running_var",
+    ]
+    assert len(model.parameters()) == len(names)
+    buffer_ids = {id(value) for _, value in model.named_buffers()}
+    assert not buffer_ids & {id(p.data) for p in model.parameters()}
+
+
+def test_optimizer_steps_leave_buffers_to_the_forward_pass():
+    from cnn_backend.optim import SGD
+    from cnn_backend.layers import SoftmaxCrossEntropy
+
+    model = _bn_residual_model()
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1, backend=model.backend)
+    x = numpy.random.default_rng(3).random((4, 1, 8, 8), dtype=numpy.float32)
+    y = numpy.array([0, 1, 2, 3])
+    model.eval()
+    model.forward(x)
+    before = model.buffer_state_dict()
+    model.train()
+    logits = model.forward(x)  # one training forward moves the running statistics once
+    moved = model.buffer_state_dict()
+    assert all(not numpy.array_equal(before[name], moved[name]) for name in before)
+    loss_fn = SoftmaxCrossEntropy()
+    loss_fn.forward(logits, y)
+    model.backward(loss_fn.backward())
+    optimizer.step()
+    after = model.buffer_state_dict()
+    for name in moved:
+        numpy.testing.assert_array_equal(after[name], moved[name], err_msg=name)
+
+
+def test_save_and_load_restore_buffers_and_the_architecture(tmp_path):
+    model = _bn_residual_model()
+    model.forward(numpy.random.default_rng(4).random((5, 1, 8, 8), dtype=numpy.float32))
+    path = model.save(tmp_path / "net.npz")
+    with numpy.load(path) as data:
+        assert "buffer/3.layers.1.running_var" in data.files and "param/3.projection.weight" in data.files
+    loaded = Sequential.load(path, get_backend("cpu", "float64"))
+    assert loaded.input_shape == (1, 8, 8)
+    for name, value in model.buffer_state_dict().items():
+        numpy.testing.assert_allclose(loaded.buffer_state_dict()[name], value, rtol=1e-7, err_msg=name)
+    x = numpy.random.default_rng(5).random((3, 1, 8, 8), dtype=numpy.float32)
+    model.eval(), loaded.eval()
+    numpy.testing.assert_allclose(loaded.forward(x), model.forward(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_file_without_its_buffers_is_refused(tmp_path):
+    model = _bn_residual_model()
+    path = model.save(tmp_path / "net.npz")
+    with numpy.load(path) as data:
+        arrays = {key: data[key] for key in data.files if not key.startswith("buffer/")}
+    write_npz_atomic(tmp_path / "no-buffers.npz", arrays)
+    with pytest.raises(ModelFileError, match=r"buffers do not match the model: missing \['1.running_mean'"):
+        Sequential.load(tmp_path / "no-buffers.npz")
+
+
+def test_old_format_files_with_a_list_of_layers_still_load(tmp_path):
+    import json
+
+    model = seed_cnn(seed=5)
+    old_config = [
+        {"type": "Convolution", "args": {"in_channels": 1, "out_channels": 1, "kernel_size": 6, "stride": 1, "padding": 0, "algorithm": "auto", "init": "he"}},
+        {"type": "ReLU", "args": {}},
+        {"type": "MaxPool", "args": {"pool_size": 2, "stride": 2}},
+        {"type": "Flatten", "args": {}},
+        {"type": "FullyConnected", "args": {"in_features": 121, "out_features": 10, "init": "glorot"}},
+    ]
+    arrays = {f"param/{name}": value for name, value in model.state_dict().items()}
+    arrays["__model_config__"] = numpy.array(json.dumps(old_config))
+    write_npz_atomic(tmp_path / "old.npz", arrays)
+    loaded = Sequential.load(tmp_path / "old.npz")
+    x = numpy.random.default_rng(6).random((2, 1, 28, 28), dtype=numpy.float32)
+    numpy.testing.assert_array_equal(loaded.forward(x), model.forward(x))

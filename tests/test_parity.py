@@ -20,7 +20,24 @@ import pytest
 
 from cnn_backend import parity
 from cnn_backend.backend import DeviceUnavailableError, get_backend
-from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, SoftmaxCrossEntropy
+from cnn_backend.layers import (
+    GELU,
+    AvgPool,
+    BatchNorm,
+    Convolution,
+    Dropout,
+    Flatten,
+    FullyConnected,
+    GlobalAvgPool,
+    Layer,
+    LeakyReLU,
+    MaxPool,
+    ReLU,
+    Residual,
+    Sigmoid,
+    SoftmaxCrossEntropy,
+    Tanh,
+)
 from cnn_backend.model import Sequential, default_cnn, seed_cnn
 from cnn_backend.optim import SGD, Adam
 from cnn_backend.testing import StandinBackend, standin_backend
@@ -103,7 +120,39 @@ LAYER_CASES = {
     "flatten": (lambda be: Flatten(be), (4, 3, 5, 5), host_normal, (1, 1, 1)),
     "fully-connected": (lambda be: FullyConnected(75, 10, rng=1, backend=be), (4, 75), host_normal, (75, 10, 4)),
     "dropout": (lambda be: Dropout(0.5, rng=1, backend=be), (4, 3, 6, 6), host_normal, (1, 1, 1)),
+    "conv-gemm-no-bias": (lambda be: Convolution(3, 4, 3, padding=1, bias=False, algorithm="gemm", rng=1, backend=be), (4, 3, 9, 9), host_normal, (27, 36, 324)),
+    "conv-signal-no-bias": (lambda be: Convolution(3, 4, 3, bias=False, algorithm="signal", rng=1, backend=be), (4, 3, 9, 9), host_normal, (27, 36, 196)),
+    "batchnorm-4d": (lambda be: BatchNorm(3, backend=be), (4, 3, 6, 6), host_normal, (144, 144, 144)),
+    "batchnorm-2d": (lambda be: BatchNorm(10, backend=be), (8, 10), host_normal, (8, 8, 8)),
+    "avgpool-2": (lambda be: AvgPool(2, backend=be), (4, 3, 8, 8), host_normal, (4, 1, 1)),
+    "avgpool-3-stride2-overlapping": (lambda be: AvgPool(3, 2, backend=be), (4, 3, 9, 9), host_normal, (9, 4, 1)),
+    "global-avgpool": (lambda be: GlobalAvgPool(be), (4, 3, 5, 5), host_normal, (25, 1, 1)),
+    "leaky-relu": (lambda be: LeakyReLU(0.1, backend=be), (4, 3, 6, 6), host_normal, (1, 1, 1)),
+    "tanh": (lambda be: Tanh(be), (4, 3, 6, 6), host_normal, (1, 1, 1)),
+    "sigmoid": (lambda be: Sigmoid(be), (4, 3, 6, 6), host_normal, (1, 1, 1)),
+    "gelu": (lambda be: GELU(be), (4, 3, 6, 6), host_normal, (1, 1, 1)),
+    "residual-projection-stride2": (
+        lambda be: built_block(
+            Residual([Convolution(out_channels=4, kernel_size=3, stride=2, padding=1, backend=be), BatchNorm(backend=be), ReLU(be)]),
+            (3, 9, 9),
+        ),
+        (4, 3, 9, 9),
+        host_normal,
+        (27, 72, 100),
+    ),
+    "residual-identity": (
+        lambda be: built_block(Residual([Convolution(out_channels=3, kernel_size=3, padding=1, backend=be), Tanh(be)]), (3, 6, 6)),
+        (4, 3, 6, 6),
+        host_normal,
+        (27, 36, 144),
+    ),
 }
+
+
+def built_block(layer, input_shape):
+    """A container built from a fixed seed, the same on every device."""
+    layer.build(input_shape, numpy.random.default_rng(1))
+    return layer
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,8 +162,9 @@ def test_layer_forward_and_backward_match_cpu(device_under_test, case, dtype):
     cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
     x = make_input(input_shape, dtype, seed=2)
     cpu_layer, device_layer = make_layer(cpu), make_layer(device)
-    for name, param in cpu_layer.params.items():  # same seed, same host draw: identical start
-        numpy.testing.assert_array_equal(device.to_numpy(device_layer.params[name].data), param.data)
+    device_params = dict(device_layer.named_parameters())
+    for name, param in cpu_layer.named_parameters():  # same seed, same host draw: identical start
+        numpy.testing.assert_array_equal(device.to_numpy(device_params[name].data), param.data)
 
     cpu_y = cpu_layer.forward(cpu.to_device(x))
     device_y = device_layer.forward(device.to_device(x))
@@ -124,8 +174,25 @@ def test_layer_forward_and_backward_match_cpu(device_under_test, case, dtype):
     cpu_dx = cpu_layer.backward(cpu.to_device(dy))
     device_dx = device_layer.backward(device.to_device(dy))
     assert_device_matches(device_dx, cpu_dx, device, cpu, dtype, input_grad_k)
-    for name, param in cpu_layer.params.items():
-        assert_device_matches(device_layer.params[name].grad, param.grad, device, cpu, dtype, param_grad_k)
+    for name, param in cpu_layer.named_parameters():
+        assert_device_matches(device_params[name].grad, param.grad, device, cpu, dtype, param_grad_k)
+    device_buffers = dict(device_layer.named_buffers())
+    for name, value in cpu_layer.named_buffers():  # BatchNorm's running statistics
+        assert_device_matches(device_buffers[name], value, device, cpu, dtype, forward_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm_in_evaluation_matches_cpu_for_a_batch_of_one(device_under_test, dtype):
+    cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
+    layers = [BatchNorm(3, backend=cpu), BatchNorm(3, backend=device)]
+    for layer, be in zip(layers, (cpu, device)):
+        layer.forward(be.to_device(host_normal((4, 3, 5, 5), dtype, seed=6)))  # running statistics move
+        layer.training = False
+    x = host_normal((1, 3, 5, 5), dtype, seed=7)
+    cpu_y, device_y = layers[0].forward(cpu.to_device(x)), layers[1].forward(device.to_device(x))
+    assert_device_matches(device_y, cpu_y, device, cpu, dtype, 1)
+    dy = host_normal(cpu_y.shape, dtype, seed=8)
+    assert_device_matches(layers[1].backward(device.to_device(dy)), layers[0].backward(cpu.to_device(dy)), device, cpu, dtype, 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -227,6 +294,39 @@ def test_twenty_training_steps_match_cpu(device_under_test, architecture, algori
         expected = cpu.to_numpy(cpu_weight)
         atol = TRAINING_RTOL[dtype] * float(numpy.abs(expected).max())
         numpy.testing.assert_allclose(device.to_numpy(device_weight), expected, rtol=TRAINING_RTOL[dtype], atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_batchnorm_network_training_matches_cpu(device_under_test, dtype):
+    """The small ResNet example (BatchNorm, residual blocks, a projection, global average pooling):
+    ten training steps, then the weights, the running statistics and evaluation-mode logits."""
+    from cnn_backend.spec import build_model
+
+    spec = Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml"
+    cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
+    rng = numpy.random.default_rng(9)
+    images = rng.random((10, 4, 1, 28, 28)).astype(dtype)
+    labels = rng.integers(0, 10, size=(10, 4))
+    results = {}
+    for be in (cpu, device):
+        model = build_model(spec, (1, 28, 28), be, seed=0)
+        optimizer = SGD(model.parameters(), lr=0.05, momentum=0.9, backend=be)
+        loss_fn = SoftmaxCrossEntropy(be, check_inputs=False)
+        losses = [train_step(model, loss_fn, optimizer, be.to_device(x), be.to_device(y))[0] for x, y in zip(images, labels)]
+        model.eval()
+        logits = model.forward(be.to_device(images[0, :1]))  # a batch of one, on the running statistics
+        results[be.name] = (be.xp.stack(losses), dict(model.named_parameters()), dict(model.named_buffers()), logits)
+    cpu_losses, cpu_params, cpu_buffers, cpu_logits = results[cpu.name]
+    device_losses, device_params, device_buffers, device_logits = results[device.name]
+    rtol = TRAINING_RTOL[dtype]
+    numpy.testing.assert_allclose(device.to_numpy(device_losses), cpu_losses, rtol=rtol)
+    for name, value in [(n, p.data) for n, p in cpu_params.items()] + list(cpu_buffers.items()):
+        device_value = device_params[name].data if name in device_params else device_buffers[name]
+        assert isinstance(device_value, device.xp.ndarray) and device_value.dtype == numpy.dtype(dtype)
+        expected = cpu.to_numpy(value)
+        atol = rtol * float(numpy.abs(expected).max())
+        numpy.testing.assert_allclose(device.to_numpy(device_value), expected, rtol=rtol, atol=atol, err_msg=name)
+    numpy.testing.assert_allclose(device.to_numpy(device_logits), cpu_logits, rtol=rtol, atol=rtol * float(numpy.abs(cpu_logits).max()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,3 +434,11 @@ def test_parity_script_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("verdict: PASS")
+
+
+def test_parity_run_of_an_architecture_file_compares_nested_parameters_and_buffers():
+    spec = Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml"
+    report = parity.compare(get_backend("cpu", "float64"), standin_backend("float64"), model=str(spec), steps=2, batch_size=4)
+    assert report.verdict == "pass" and report.problems == []
+    names = {(d.layer, d.name) for d in report.differences}
+    assert {("5 Residual", "projection.weight"), ("5 Residual", "layers.1.running_var"), ("1 BatchNorm", "running_mean")} <= names

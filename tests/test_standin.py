@@ -304,7 +304,7 @@ def test_batch_loader_and_fit_on_the_standin(standin, resident):
         assert isinstance(y, DeviceArray) and y.dtype == numpy.int64
     validation = (images[32:, None].astype(numpy.float32) / 255, labels[32:])
     histories = []
-    for be in (get_backend("cpu"), standin):
+    for be in (cpu_backend(parallel=False), standin):  # the plain path: split products round differently
         model = default_cnn(be, seed=0, dropout=0.5)
         optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, backend=be)
         loader = BatchLoader(images[:32], labels[:32], be, batch_size=8, max_device_bytes=1 << 30 if resident else 0)

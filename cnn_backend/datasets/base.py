@@ -1,0 +1,78 @@
+"""What every dataset module shares: the error type, the loaded-data record, and where data lives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+DATA_DIR_ENV = "CNN_BACKEND_DATA"
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable, corrupt or inconsistent; ``str(err)`` is one line."""
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """One split on the host: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)`` (class
+    indices into ``class_names``), ``source``, one line saying where the data came from, and
+    ``notes``, lines worth showing the user (files skipped, say)."""
+
+    images: numpy.ndarray
+    labels: numpy.ndarray
+    class_names: tuple[str, ...]
+    source: str = ""
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != numpy.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.ndim}-D {self.images.dtype}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"{len(self.images)} images but labels of shape {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Per-sample shape ``(C, H, W)``."""
+        return tuple(int(size) for size in self.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def data_root() -> Path:
+    """The folder holding every downloaded dataset and the image-folder caches:
+    ``$CNN_BACKEND_DATA``, else ``<user cache>/cnn-backend``."""
+    configured = os.environ.get(DATA_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("cnn-backend"))
+
+
+def dataset_dir(name: str) -> Path:
+    """Where the files of the registered dataset ``name`` are downloaded: ``data_root() / name``."""
+    return data_root() / name
+
+
+def check_labels(labels: numpy.ndarray, num_classes: int) -> str | None:
+    """Describe the first label outside ``0..num_classes-1``, or None when all are valid."""
+    bad = numpy.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size == 0:
+        return None
+    first = int(bad[0])
+    return (
+        f"labels must be class indices 0-{num_classes - 1}; found {labels[first]} at record {first} "
+        f"({bad.size} out of range)"
+    )
+
+
+def shape_text(shape) -> str:
+    return "x".join(str(size) for size in shape)

@@ -1,0 +1,249 @@
+"""Verified downloads and safe unpacking.
+
+:func:`download_files` fetches files from a list of mirrors into a folder: each file is streamed
+into ``<name>.part``, checked against its published checksum and only then renamed into place, so
+a loader (which opens only the final names) never sees a partial or unverified file; files already
+present and verified are skipped; transient failures are retried with exponential back-off.
+
+:func:`extract_tar` unpacks an archive member by member into a temporary folder that is renamed
+into place once complete. A member that would land outside the target (absolute path, ``..``), a
+link or any other non-regular member, and a truncated or corrupt archive are refused in one line,
+and nothing is left behind.
+
+Every failure raises :class:`DataError` with one line; download failures say which files to put
+where for an offline install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+
+from .base import DATA_DIR_ENV, DataError
+
+logger = logging.getLogger("cnn_backend.data")
+
+_DOWNLOAD_CHUNK = 1 << 16
+_USER_AGENT = "cnn-backend (dataset download)"
+
+
+class _TransientError(Exception):
+    """A failure worth retrying (server error, dropped connection, timeout)."""
+
+
+def offline_instructions(directory: Path, names: Sequence[str]) -> str:
+    """The clause saying how to install ``names`` by hand into ``directory``."""
+    return (
+        f"to install without network, place {', '.join(names)} into {directory} "
+        f"(or point data_dir or ${DATA_DIR_ENV} at a folder that holds them)"
+    )
+
+
+def download_files(
+    directory: str | os.PathLike,
+    files: Mapping[str, str],
+    mirrors: Sequence[str],
+    *,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+    progress: bool = True,
+    by_hand: str | None = None,
+) -> Path:
+    """Fetch every file of ``files`` (name -> hex digest: 32 digits MD5, 64 sha256) into ``directory``.
+
+    ``mirrors`` are base URLs, tried in order for each file until one delivers it. ``by_hand``
+    replaces the default offline instructions in error messages. Returns the directory.
+    """
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    if not mirrors:
+        raise ValueError("at least one mirror URL is needed")
+    directory = Path(directory).expanduser()
+    by_hand = by_hand or offline_instructions(directory, list(files))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the data directory {directory}: {exc.strerror or exc}") from None
+
+    for name, expected in files.items():
+        algorithm = digest_algorithm(expected)
+        final = directory / name
+        if final.is_file():
+            if file_digest(final, algorithm) == expected:
+                logger.info("%s: already present and verified", final)
+                continue
+            logger.info("%s: checksum does not match, downloading again", final)
+        last_error: DataError | None = None
+        for base_url in mirrors:
+            url = base_url.rstrip("/") + "/" + name
+            try:
+                _download_one(url, final, expected, algorithm, retries, backoff, timeout, progress, by_hand)
+                logger.info("%s: downloaded and verified (%s)", final, algorithm)
+                last_error = None
+                break
+            except DataError as exc:
+                last_error = exc
+                logger.info("%s", exc)
+        if last_error is not None:
+            raise last_error
+    return directory
+
+
+def _download_one(url, final: Path, expected, algorithm, retries, backoff, timeout, progress, by_hand) -> None:
+    # A fixed temporary name: a run killed outright leaves at most one stale .part per file, which
+    # the next run overwrites. Loaders only ever open the final names.
+    partial = final.with_name(final.name + ".part")
+    try:
+        for attempt in range(retries + 1):
+            try:
+                digest = _fetch(url, partial, algorithm, timeout=timeout, progress=progress)
+                break
+            except _TransientError as exc:
+                failure = str(exc)
+                if attempt < retries:
+                    logger.info("%s: %s; retrying", url, failure)
+                    time.sleep(backoff * 2**attempt)
+        else:
+            attempts = f"{retries + 1} attempt{'s' if retries else ''}"
+            raise DataError(f"could not download {url} after {attempts} ({failure}); {by_hand}")
+        if digest != expected:
+            raise DataError(
+                f"{url}: checksum mismatch ({algorithm} {digest}, expected {expected}); the download was discarded"
+            )
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _fetch(url: str, destination: Path, algorithm: str, *, timeout: float, progress: bool) -> str:
+    """Stream ``url`` into ``destination``; return its hex digest. Transient failures raise _TransientError."""
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    hasher = hashlib.new(algorithm)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(destination, "wb") as stream:
+            length = response.headers.get("Content-Length")
+            expected_size = int(length) if length and length.isdigit() else None
+            received = 0
+            with _progress_bar(progress, expected_size, destination.name.removesuffix(".part")) as bar:
+                while chunk := response.read(_DOWNLOAD_CHUNK):
+                    stream.write(chunk)
+                    hasher.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            # http.client may return a short body without complaint when the peer closes early.
+            if expected_size is not None and received != expected_size:
+                raise _TransientError(f"connection closed after {received} of {expected_size} bytes")
+            stream.flush()
+            os.fsync(stream.fileno())
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _TransientError(f"HTTP {exc.code} {exc.reason}") from None
+        raise DataError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise _TransientError(f"cannot reach the server: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, short reads
+        raise _TransientError(f"{type(exc).__name__}: {exc}") from None
+    return hasher.hexdigest()
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, count: int) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool, total: int | None, description: str):
+    if not (enabled and sys.stderr.isatty()):
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, leave=False, file=sys.stderr)
+
+
+def digest_algorithm(digest: str) -> str:
+    algorithm = {32: "md5", 64: "sha256"}.get(len(digest))
+    if algorithm is None:
+        raise ValueError(f"checksum {digest!r} is neither an MD5 (32 hex digits) nor a sha256 (64 hex digits)")
+    return algorithm
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- archives
+
+
+def extract_tar(archive: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Unpack the tar archive (any compression tarfile reads) into the folder ``target``.
+
+    Only regular files and folders are unpacked, each checked to stay inside ``target``; the
+    folder appears (renamed from a temporary one) only once every member is out. Returns ``target``.
+    """
+    archive, target = Path(archive), Path(target)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                for member in tar:
+                    _extract_member(tar, member, staging, archive)
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise DataError(f"{archive}: truncated or corrupt archive ({exc}); delete it and download it again") from None
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) and not archive.exists():
+                raise DataError(f"{archive}: no such file") from None
+            raise DataError(f"{archive}: cannot unpack ({exc.strerror or exc}); delete it and download it again") from None
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, staging: Path, archive: Path) -> None:
+    name = member.name
+    parts = PurePosixPath(name).parts
+    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or ".." in parts or (parts and ":" in parts[0]):
+        raise DataError(f"{archive}: refused to unpack: member {name!r} would land outside the target folder")
+    if member.issym() or member.islnk():
+        raise DataError(f"{archive}: refused to unpack: member {name!r} is a link (to {member.linkname!r})")
+    if not (member.isfile() or member.isdir()):
+        raise DataError(f"{archive}: refused to unpack: member {name!r} is not a regular file or folder")
+    destination = staging.joinpath(*parts) if parts else staging
+    if not destination.resolve().is_relative_to(staging.resolve()):
+        raise DataError(f"{archive}: refused to unpack: member {name!r} would land outside the target folder")
+    if member.isdir():
+        destination.mkdir(parents=True, exist_ok=True)
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    source = tar.extractfile(member)
+    with source, open(destination, "wb") as stream:
+        shutil.copyfileobj(source, stream, 1 << 20)
+        written = stream.tell()
+    if written != member.size:
+        raise tarfile.ReadError(f"member {name!r} ends after {written} of {member.size} bytes")

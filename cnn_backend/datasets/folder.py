@@ -1,0 +1,416 @@
+"""A folder of images, one sub-folder per class, decoded with Pillow and cached as uint8 arrays.
+
+Layouts (the ones torchvision's ``ImageFolder`` users already have)::
+
+    root/<class>/<image>                     one pool of images (hold out a validation fraction)
+    root/train/<class>/<image>               a training split ...
+    root/test/<class>/<image>                ... and, optionally, a test split
+
+Class names are the sub-folder names in sorted order (hidden ones skipped); images are found
+recursively inside each class folder. Files whose extension is not an image extension, and images
+Pillow cannot decode or convert, are skipped and reported in one summary line (``strict=True``
+refuses them instead). Every image is converted to the channel count (1 or 3; default 3 if any
+image is colour, else 1) and resized to one size (default: the most common one).
+
+The decoded arrays are cached under ``data_root()/image-folders`` as uint8 ``.npy`` files opened
+memory-mapped, keyed by every file's relative name, size and modification time: the second load of
+an unchanged folder reads no image, and any change (a file added, removed, replaced or touched)
+decodes the folder again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from .base import DataError, LabelledImages, data_root
+
+logger = logging.getLogger("cnn_backend.data")
+
+#: torchvision's ``IMG_EXTENSIONS``, plus GIF (Pillow decodes its first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+#: Pillow modes without colour: their images count as greyscale when choosing the channel count.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+CHANNEL_CHOICES = (1, 3)
+CACHE_FOLDER = "image-folders"
+_CACHE_VERSION = 1
+_NAMES_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    relative: str  # path relative to the split's folder, with forward slashes
+    label: int
+    size: int
+    mtime_ns: int
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+def find_classes(directory: Path) -> list[str]:
+    """The class names under ``directory``: its non-hidden sub-folders, sorted."""
+    try:
+        entries = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+    except FileNotFoundError:
+        raise DataError(f"{directory}: no such folder") from None
+    except NotADirectoryError:
+        raise DataError(f"{directory}: not a folder") from None
+    except OSError as exc:
+        raise DataError(f"{directory}: cannot list ({exc.strerror or exc})") from None
+    return entries
+
+
+def has_split_layout(root: Path) -> bool:
+    """True when ``root/train`` holds class folders (the train/test layout)."""
+    train = root / "train"
+    return train.is_dir() and bool(find_classes(train))
+
+
+def looks_like_image_folder(root: Path) -> bool:
+    """True when ``root`` has sub-folders (class folders, or train/test splits of them)."""
+    return root.is_dir() and bool(find_classes(root))
+
+
+def split_folder(root: Path, split: str) -> tuple[Path, Path]:
+    """The folder holding ``split``'s class folders, and the one that defines the class names."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be one of train, test, got {split!r}")
+    if has_split_layout(root):
+        if split == "test" and not (root / "test").is_dir():
+            raise DataError(f"{root}: no test split (no test folder beside train); evaluate on a hold-out of train instead (--val-fraction)")
+        return root / split, root / "train"
+    if split == "test":
+        raise DataError(
+            f"{root}: no test split (the folder is root/<class>/..., not root/train and root/test); "
+            f"hold out a fraction of its images for validation instead (--val-fraction)"
+        )
+    return root, root
+
+
+def list_images(folder: Path, class_names: list[str]) -> tuple[list[ImageFile], list[str]]:
+    """Image files of every class folder (recursively: each folder's files by name, then its
+    sub-folders) and the relative names of other files. Plain strings and ``os.scandir`` keep
+    this quick: it runs on every load, cached or not."""
+    images, others = [], []
+    visited: set[str] = set()  # real paths: a link back up the tree is walked once
+
+    def walk(directory: str, relative: str, label: int) -> None:
+        real = os.path.realpath(directory)
+        if real in visited:
+            return
+        visited.add(real)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError:
+            return
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            name = f"{relative}/{entry.name}"
+            try:
+                if entry.is_dir():
+                    subfolders.append((entry.path, name))
+                    continue
+                if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    others.append(name)
+                    continue
+                stat = entry.stat()
+            except OSError:
+                others.append(name)  # a dangling link, say
+                continue
+            images.append(ImageFile(name, label, stat.st_size, stat.st_mtime_ns))
+        for path, name in subfolders:
+            walk(path, name, label)
+
+    for label, class_name in enumerate(class_names):
+        walk(os.path.join(folder, class_name), class_name, label)
+    return images, others
+
+
+# --------------------------------------------------------------------------------- decoding
+
+
+def parse_image_size(value) -> tuple[int, int] | None:
+    """``None``, ``N`` / ``"N"`` (square) or ``"HxW"`` / ``(H, W)`` as ``(height, width)``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        try:
+            numbers = tuple(int(part) for part in parts)
+        except ValueError:
+            raise ValueError(f"image size must be N or HxW (e.g. 32 or 48x64), got {value!r}") from None
+    elif isinstance(value, int):
+        numbers = (value,)
+    else:
+        numbers = tuple(int(part) for part in value)
+    if len(numbers) == 1:
+        numbers = numbers * 2
+    if len(numbers) != 2 or min(numbers) < 1 or max(numbers) > 4096:
+        raise ValueError(f"image size must be N or HxW with sides 1-4096, got {value!r}")
+    return numbers
+
+
+def check_channels(channels) -> int | None:
+    if channels is not None and channels not in CHANNEL_CHOICES:
+        raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
+    return channels
+
+
+def read_header(path: Path) -> tuple[str, tuple[int, int]]:
+    """``(mode, (height, width))`` of an image file, read without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.mode, (image.height, image.width)
+    except UnidentifiedImageError:
+        raise DataError("not an image Pillow recognises") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read ({_reason(exc)})") from None
+
+
+def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] | None) -> numpy.ndarray:
+    """Decode one image file into uint8 ``(channels, H, W)``: converted to L (1) or RGB (3) and,
+    when ``size`` is given, resized to ``(height, width)`` (bilinear, antialiased)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    target_mode = "L" if channels == 1 else "RGB"
+    try:
+        with Image.open(path) as image:
+            image.load()
+            try:
+                converted = image.convert(target_mode) if image.mode != target_mode else image
+            except ValueError as exc:
+                raise DataError(f"cannot convert Pillow mode {image.mode} to {target_mode} ({_reason(exc)})") from None
+            if size is not None and (converted.height, converted.width) != tuple(size):
+                converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            pixels = numpy.asarray(converted, dtype=numpy.uint8)
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError("not an image Pillow recognises") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode ({_reason(exc)})") from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------ loader
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    split: str = "train",
+    *,
+    channels: int | None = None,
+    image_size=None,
+    strict: bool = False,
+    cache: bool = True,
+) -> LabelledImages:
+    """Load one split of an image folder (see the module docstring) as :class:`LabelledImages`.
+
+    ``channels`` is 1, 3 or None (3 if any image is colour); ``image_size`` is None (the most
+    common size), N or ``"HxW"``. Skipped files are summarised in the result's ``notes``.
+    """
+    root = Path(root).expanduser()
+    channels = check_channels(channels)
+    size = parse_image_size(image_size)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
+    folder, class_folder = split_folder(root, split)
+    class_names = find_classes(class_folder)
+    if not class_names:
+        raise DataError(f"{class_folder}: no class folders; expected {class_folder}/<class name>/<image files>")
+    if len(class_names) == 1:
+        raise DataError(f"{class_folder}: only one class folder ({class_names[0]}); a classifier needs at least two")
+    if folder != class_folder:
+        unknown = sorted(set(find_classes(folder)) - set(class_names))
+        if unknown:
+            raise DataError(f"{folder}: class folders {', '.join(unknown)} are not in {class_folder}")
+    files, others = list_images(folder, class_names)
+    if split == "train":
+        counts = Counter(item.label for item in files)
+        empty = [name for label, name in enumerate(class_names) if counts[label] == 0]
+        if empty:
+            raise DataError(
+                f"{folder / empty[0]}: no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                + (f"; {len(empty) - 1} more empty class folders" if len(empty) > 1 else "")
+            )
+    if not files:
+        raise DataError(f"{folder}: no image files in its class folders ({', '.join(IMAGE_EXTENSIONS)})")
+
+    options = {"channels": channels, "size": size, "split": split}
+    cache_dir = _cache_dir(folder, options) if cache else None
+    listing = _listing_digest(class_names, files, others)
+    if cache_dir is not None:
+        cached = _read_cache(cache_dir, listing)
+        if cached is not None:
+            return _finish(cached, folder, strict)
+
+    decoded = _decode_folder(folder, class_names, files, others, channels, size, cache_dir, listing)
+    return _finish(decoded, folder, strict)
+
+
+@dataclass
+class _Decoded:
+    images: numpy.ndarray
+    labels: numpy.ndarray
+    class_names: tuple[str, ...]
+    skipped: list[tuple[str, str]]  # (relative name, reason)
+    total: int
+    from_cache: bool
+
+
+def _finish(decoded: _Decoded, folder: Path, strict: bool) -> LabelledImages:
+    notes = ()
+    if decoded.skipped:
+        summary = _skipped_summary(decoded.skipped, decoded.total, folder)
+        if strict:
+            raise DataError(f"{summary}; refused (strict): remove or fix them, or load without --strict to skip them")
+        notes = (summary,)
+        logger.info("%s", summary)
+    channels, height, width = decoded.images.shape[1:]
+    source = (
+        f"image folder {folder}: {len(decoded.images):,} images, {len(decoded.class_names)} classes, "
+        f"{channels}x{height}x{width}" + (" (cached)" if decoded.from_cache else "")
+    )
+    return LabelledImages(decoded.images, decoded.labels, decoded.class_names, source, notes)
+
+
+def _skipped_summary(skipped, total: int, folder: Path) -> str:
+    shown = "; ".join(f"{name} ({reason})" for name, reason in skipped[:_NAMES_SHOWN])
+    more = f"; and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
+    return f"{folder}: skipped {len(skipped)} of {total} files that are not usable images: {shown}{more}"
+
+
+def _decode_folder(folder, class_names, files, others, channels, size, cache_dir, listing) -> _Decoded:
+    skipped = [(name, "not an image file extension") for name in others]
+    headers = []
+    for item in files:
+        try:
+            headers.append(read_header(folder / item.relative))
+        except DataError as exc:
+            headers.append(None)
+            skipped.append((item.relative, str(exc)))
+    readable = [index for index, header in enumerate(headers) if header is not None]
+    if not readable:
+        raise DataError(f"{folder}: none of its {len(files)} image files can be read")
+    if channels is None:
+        channels = 3 if any(headers[index][0] not in GREY_MODES for index in readable) else 1
+    if size is None:
+        size = Counter(headers[index][1] for index in readable).most_common(1)[0][0]
+
+    staging = None
+    if cache_dir is not None:
+        staging = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:  # a read-only cache folder: decode into memory, uncached
+            logger.info("%s: cannot write the image cache (%s); decoding without it", staging.parent, exc.strerror or exc)
+            staging = None
+    try:
+        shape = (len(readable), channels, *size)
+        if staging is not None:
+            images = numpy.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=numpy.uint8, shape=shape)
+        else:
+            images = numpy.empty(shape, dtype=numpy.uint8)
+        keep = numpy.zeros(len(readable), dtype=bool)
+        for row, index in enumerate(readable):
+            item = files[index]
+            try:
+                images[row] = decode_image(folder / item.relative, channels, size)
+                keep[row] = True
+            except DataError as exc:
+                skipped.append((item.relative, str(exc)))
+        labels = numpy.asarray([files[index].label for index in readable], dtype=numpy.int64)
+        if not keep.all():
+            images, labels = numpy.ascontiguousarray(images[keep]), labels[keep]
+        if not len(labels):
+            raise DataError(f"{folder}: none of its {len(files)} image files can be decoded")
+        present = set(labels.tolist())
+        listed = {item.label for item in files}
+        lost = [name for label, name in enumerate(class_names) if label in listed and label not in present]
+        if lost:
+            raise DataError(f"{folder / lost[0]}: none of its image files can be decoded, so the class would have no images")
+        skipped.sort()
+        decoded = _Decoded(images, labels, tuple(class_names), skipped, len(files) + len(others), False)
+        if staging is not None:
+            if not keep.all():
+                del images  # the memory map of the uncompacted file; the compacted copy replaces it
+                numpy.save(staging / "images.compact.npy", decoded.images)
+                os.replace(staging / "images.compact.npy", staging / "images.npy")
+            else:
+                decoded.images.flush()
+            numpy.save(staging / "labels.npy", labels)
+            meta = {
+                "version": _CACHE_VERSION, "listing": listing, "class_names": list(class_names),
+                "skipped": skipped, "total": decoded.total,
+            }
+            (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+            try:
+                if cache_dir.exists():
+                    shutil.rmtree(cache_dir)
+                os.replace(staging, cache_dir)
+            except OSError:  # another process put its entry there first: keep this result in memory
+                decoded.images = numpy.array(decoded.images)
+                return decoded
+            staging = None
+            cached = _read_cache(cache_dir, listing)
+            if cached is not None:
+                decoded = _Decoded(cached.images, cached.labels, cached.class_names, cached.skipped, cached.total, False)
+        return decoded
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    return data_root() / CACHE_FOLDER
+
+
+def _cache_dir(folder: Path, options: dict) -> Path:
+    key = json.dumps({"folder": str(folder.resolve()), **options}, sort_keys=True)
+    return cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _listing_digest(class_names, files, others) -> str:
+    hasher = hashlib.sha256()
+    hasher.update(json.dumps([_CACHE_VERSION, list(class_names), sorted(others)]).encode())
+    for item in files:
+        hasher.update(f"{item.relative}\0{item.label}\0{item.size}\0{item.mtime_ns}\n".encode())
+    return hasher.hexdigest()
+
+
+def _read_cache(cache_dir: Path, listing: str) -> _Decoded | None:
+    """The cached arrays when they were made from exactly this listing, else None."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("version") != _CACHE_VERSION or meta.get("listing") != listing:
+            return None
+        images = numpy.load(cache_dir / "images.npy", mmap_mode="r")
+        labels = numpy.load(cache_dir / "labels.npy")
+    except (OSError, ValueError, KeyError):
+        return None
+    if images.dtype != numpy.uint8 or images.ndim != 4 or labels.shape != (len(images),):
+        return None
+    skipped = [tuple(pair) for pair in meta.get("skipped", [])]
+    return _Decoded(images, labels.astype(numpy.int64), tuple(meta["class_names"]), skipped, int(meta.get("total", 0)), True)

@@ -1,0 +1,92 @@
+"""What a trained model expects as input, recorded with it: class names, channel count, image size
+and the per-channel normalisation, so evaluation and prediction prepare images as training did.
+
+:class:`InputSpec` is stored in checkpoints (``__inputs__``, JSON). Files from earlier versions
+carry none: they were all trained on Fashion-MNIST, so :meth:`InputSpec.legacy` gives its 28x28
+greyscale input and class names (generic ``class <i>`` names when the output size is not 10).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from .data import CLASS_NAMES, Normalization, prepare_images
+from .datasets.base import DataError, LabelledImages, shape_text
+
+INPUTS_KEY = "__inputs__"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    class_names: tuple[str, ...]
+    channels: int
+    image_size: tuple[int, int]
+    normalization: Normalization | None = None
+    recorded: bool = True  # False for the assumed input of a file that recorded none
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Per-sample shape ``(C, H, W)``."""
+        return (self.channels, *self.image_size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def for_data(cls, data: LabelledImages, normalization: Normalization | None = None) -> "InputSpec":
+        channels, height, width = data.image_shape
+        return cls(tuple(data.class_names), channels, (height, width), normalization)
+
+    @classmethod
+    def legacy(cls, num_outputs: int = len(CLASS_NAMES), input_shape=None) -> "InputSpec":
+        """The assumed input of a file that records none: Fashion-MNIST's names (generic ones when
+        the network has not ten outputs) and ``input_shape`` when the model config gives one, else 1x28x28."""
+        names = CLASS_NAMES if num_outputs == len(CLASS_NAMES) else tuple(f"class {index}" for index in range(num_outputs))
+        channels, height, width = (1, 28, 28)
+        if input_shape is not None and len(input_shape) == 3 and int(input_shape[0]) in (1, 3):
+            channels, height, width = (int(size) for size in input_shape)
+        return cls(tuple(names), channels, (height, width), None, recorded=False)
+
+    def config(self) -> dict:
+        return {
+            "class_names": list(self.class_names),
+            "channels": self.channels,
+            "image_size": list(self.image_size),
+            "normalization": self.normalization.config() if self.normalization else None,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "InputSpec":
+        try:
+            names = tuple(str(name) for name in config["class_names"])
+            channels = int(config["channels"])
+            height, width = (int(size) for size in config["image_size"])
+            normalization = Normalization.from_config(config.get("normalization"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed input description ({exc})") from None
+        if channels not in (1, 3) or not names or min(height, width) < 1:
+            raise ValueError(f"malformed input description (channels {channels}, size {height}x{width}, {len(names)} classes)")
+        return cls(names, channels, (height, width), normalization)
+
+    def describe(self) -> str:
+        text = f"{shape_text(self.input_shape)} input, {self.num_classes} classes"
+        if self.normalization is not None:
+            text += ", normalised per channel"
+        return text + ("" if self.recorded else " (assumed: the file records no input description, as before this was stored)")
+
+    def check(self, data: LabelledImages, what: str) -> None:
+        """Refuse data whose image shape or class count differs from what the model was trained on."""
+        if data.image_shape != self.input_shape:
+            raise DataError(
+                f"the model was trained on {shape_text(self.input_shape)} images but {what} has "
+                f"{shape_text(data.image_shape)} ones; pass the data it was trained on"
+            )
+        if data.num_classes != self.num_classes:
+            raise DataError(f"the model knows {self.num_classes} classes but {what} has {data.num_classes}")
+
+    def prepare(self, images, dtype) -> numpy.ndarray:
+        """Host uint8 ``(N, C, H, W)`` images as the model's float input, on the host."""
+        return prepare_images(images, dtype, self.normalization)

@@ -1,0 +1,96 @@
+"""Predict the class of image files with a trained model: each file converted to the model's
+channel count and size and normalised as in training (see :class:`cnn_backend.inputs.InputSpec`).
+
+A file that is missing, unreadable, a directory, or not an image is reported in its own
+:class:`Prediction` (``error``); the other files are still predicted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy
+
+from .datasets.base import DataError
+from .datasets.folder import decode_image
+from .inputs import InputSpec
+
+
+@dataclass
+class Prediction:
+    """The top classes of one file (``(name, probability)``, most likely first), or its ``error``."""
+
+    path: Path
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self) -> dict:
+        if self.error is not None:
+            return {"path": str(self.path), "error": self.error}
+        return {"path": str(self.path), "top": [{"class": name, "probability": probability} for name, probability in self.top]}
+
+
+def read_image_file(path: str | os.PathLike, inputs: InputSpec) -> numpy.ndarray:
+    """One image file as uint8 ``(C, H, W)`` in the model's channel count and size; DataError
+    (one line, naming the file) when it cannot be used."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not an image file")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        return decode_image(path, inputs.channels, inputs.image_size)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    except OSError as exc:  # permission denied and the like
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def softmax(logits: numpy.ndarray) -> numpy.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponentials = numpy.exp(shifted)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def predict_files(model, inputs: InputSpec, paths: Sequence[str | os.PathLike], top: int = 5, batch_size: int = 256) -> list[Prediction]:
+    """A :class:`Prediction` per path, in order, with the ``top`` most likely classes."""
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    predictions = [Prediction(Path(path)) for path in paths]
+    decoded, rows = [], []
+    for index, prediction in enumerate(predictions):
+        try:
+            decoded.append(read_image_file(prediction.path, inputs))
+            rows.append(index)
+        except DataError as exc:
+            prediction.error = str(exc)
+    if decoded:
+        x = inputs.prepare(numpy.stack(decoded), model.backend.dtype)
+        logits = model.backend.to_numpy(model.predict_logits(x, batch_size)).astype(numpy.float64)
+        if logits.shape[1] != inputs.num_classes:
+            raise DataError(f"the model has {logits.shape[1]} outputs but {inputs.num_classes} class names are recorded")
+        probabilities = softmax(logits)
+        count = min(top, inputs.num_classes)
+        for row, index in enumerate(rows):
+            best = numpy.argsort(-probabilities[row], kind="stable")[:count]
+            predictions[index].top = [(inputs.class_names[k], float(probabilities[row, k])) for k in best]
+    return predictions
+
+
+def predict_images(checkpoint: str | os.PathLike, paths: Sequence[str | os.PathLike], *, top: int = 5, device: str = "cpu") -> list[Prediction]:
+    """Load ``checkpoint`` (or a model file) onto ``device`` and predict ``paths``: the Python
+    counterpart of ``cnn-backend predict``."""
+    from .backend import get_backend
+    from .checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, require_training_state=False)
+    backend = get_backend(device, loaded.settings.get("dtype", "float32"))
+    model = loaded.build_model(backend)
+    return predict_files(model, loaded.input_spec(), paths, top=top)

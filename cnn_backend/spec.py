@@ -1,0 +1,286 @@
+"""Architectures as data: parse, validate and build a network described in a TOML (or JSON) file.
+
+A spec is a list of layer tables, each with a ``type`` and its options; sizes that follow from the
+input are never written (``out_channels``/``kernel_size``, ``out_features``, never ``in_*``)::
+
+    [[layers]]
+    type = "Convolution"
+    out_channels = 32
+    kernel_size = 3
+    padding = 1
+
+    [[layers]]
+    type = "Residual"
+      [[layers.layers]]
+      type = "Convolution"
+      ...
+
+The same structure as a dict (``{"layers": [...]}``) or JSON document is accepted. Every problem
+is reported before anything is trained, as one :class:`SpecError` line that names the layer
+(index and type; ``layer 4 (Residual) > layer 1 (Convolution)`` inside a block) and what is wrong.
+See ``docs/spec-format.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .backend import Backend, get_backend
+from .functional import CONV_ALGORITHMS
+from .init import INITIALIZERS, make_rng
+from .layers import LAYER_TYPES, Layer, ShapeError
+from .model import Sequential
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class SpecError(ValueError):
+    """An architecture spec that cannot be built; the message is one line naming the layer."""
+
+
+REQUIRED = object()
+#: option -> (accepted Python types, default or REQUIRED, allowed values or None)
+_INT, _NUMBER, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
+LAYER_OPTIONS: dict[str, dict[str, tuple]] = {
+    "Convolution": {
+        "out_channels": (_INT, REQUIRED, None),
+        "kernel_size": (_INT, REQUIRED, None),
+        "stride": (_INT, 1, None),
+        "padding": (_INT, 0, None),
+        "bias": (_BOOL, True, None),
+        "algorithm": (_STR, "auto", ("auto",) + CONV_ALGORITHMS),
+        "init": (_STR, "he", INITIALIZERS),
+    },
+    "FullyConnected": {"out_features": (_INT, REQUIRED, None), "init": (_STR, "he", INITIALIZERS)},
+    "BatchNorm": {"momentum": (_NUMBER, 0.1, None), "eps": (_NUMBER, 1e-5, None)},
+    "MaxPool": {"pool_size": (_INT, REQUIRED, None), "stride": (_INT, None, None)},
+    "AvgPool": {"pool_size": (_INT, REQUIRED, None), "stride": (_INT, None, None)},
+    "GlobalAvgPool": {},
+    "Flatten": {},
+    "Dropout": {"rate": (_NUMBER, 0.5, None)},
+    "ReLU": {},
+    "LeakyReLU": {"negative_slope": (_NUMBER, 0.01, None)},
+    "Tanh": {},
+    "Sigmoid": {},
+    "GELU": {},
+    "Residual": {"layers": ((list,), REQUIRED, None)},
+}
+TOP_LEVEL_KEYS = ("layers", "name", "description")
+SPEC_SUFFIXES = (".toml", ".json")
+ARCHITECTURES_PACKAGE = "cnn_backend.architectures"
+BUILTIN_NAMES = ("seed", "default")
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list of layer tables"}
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_spec_file(path: str | os.PathLike) -> dict:
+    """The spec document in ``path`` (``.toml`` or ``.json``), checked for syntax only."""
+    path = Path(path)
+    if path.suffix not in SPEC_SUFFIXES:
+        raise SpecError(f"{path}: an architecture file must end in .toml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such architecture file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot be read ({exc})") from None
+    return parse_spec_text(text, "json" if path.suffix == ".json" else "toml", str(path))
+
+
+def parse_spec_text(text: str, syntax: str = "toml", source: str = "spec") -> dict:
+    """Parse TOML or JSON text; a syntax error is one line with its position."""
+    if syntax == "json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{source}: JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    else:
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"{source}: TOML syntax error: {exc}") from None
+    return document
+
+
+def builtin_spec_path(name: str) -> Path:
+    """The packaged spec file of a built-in network."""
+    return Path(str(resources.files(ARCHITECTURES_PACKAGE).joinpath(f"{name}.toml")))
+
+
+def resolve_spec(model: str | os.PathLike | dict | list) -> tuple[str, dict]:
+    """``(label, spec document)`` for a built-in name, a spec file path, or a spec dict / layer list."""
+    if isinstance(model, (dict, list)):
+        return "spec", model
+    text = str(model)
+    if text in BUILTIN_NAMES:
+        return text, read_spec_file(builtin_spec_path(text))
+    path = Path(text)
+    if path.suffix in SPEC_SUFFIXES or path.exists():
+        return str(path), read_spec_file(path)
+    raise SpecError(f"unknown model {text!r}: choose {', '.join(BUILTIN_NAMES)}, or give a .toml or .json architecture file")
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def _label(index: int, entry, parents: str) -> str:
+    kind = entry.get("type") if isinstance(entry, dict) and isinstance(entry.get("type"), (str, int, float)) else "?"
+    return f"{parents}layer {index} ({kind})"
+
+
+def normalize_spec(document) -> dict:
+    """Check a spec document's structure, types and options; returns ``{"layers": [...], ...}`` with
+    every option filled in (defaults included). Shapes are checked by :func:`build_model`."""
+    if isinstance(document, list):
+        document = {"layers": document}
+    if not isinstance(document, dict):
+        raise SpecError(f"a spec is a table with a 'layers' list, got {type(document).__name__}")
+    unknown = [key for key in document if key not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise SpecError(f"unknown top-level key {unknown[0]!r} in the spec (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+    if "layers" not in document:
+        raise SpecError("the spec has no layers: add [[layers]] tables, each with a type")
+    normalized = {key: document[key] for key in ("name", "description") if key in document}
+    for key, value in normalized.items():
+        if not isinstance(value, str):
+            raise SpecError(f"the spec's {key} must be a string, got {value!r}")
+    normalized["layers"] = _normalize_layers(document["layers"], "")
+    return normalized
+
+
+def _normalize_layers(layers, parents: str) -> list[dict]:
+    if not isinstance(layers, list):
+        raise SpecError(f"{parents}layers must be a list of layer tables ([[layers]]), got {type(layers).__name__}")
+    if not layers:
+        where = parents.rstrip("> ").strip()
+        raise SpecError(f"{where + ': ' if where else 'the spec has no layers: '}the layer list is empty")
+    return [_normalize_layer(index, entry, parents) for index, entry in enumerate(layers)]
+
+
+def _normalize_layer(index: int, entry, parents: str) -> dict:
+    label = _label(index, entry, parents)
+    if not isinstance(entry, dict):
+        raise SpecError(f"{label}: a layer is a table with a type and options, got {entry!r}")
+    if "type" not in entry:
+        raise SpecError(f"{label}: missing the layer type (type = \"Convolution\", \"ReLU\", ...)")
+    kind = entry["type"]
+    if not isinstance(kind, str) or kind not in LAYER_OPTIONS:
+        close = difflib.get_close_matches(str(kind), LAYER_OPTIONS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise SpecError(f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(LAYER_OPTIONS)}")
+    options = LAYER_OPTIONS[kind]
+    normalized = {"type": kind}
+    for name, value in entry.items():
+        if name == "type":
+            continue
+        if name not in options:
+            close = difflib.get_close_matches(name, options, n=1)
+            if name.startswith("in_"):
+                why = "input sizes are inferred from the input shape; leave it out"
+            elif close:
+                why = f"did you mean {close[0]}?"
+            else:
+                why = f"{kind} takes {', '.join(options) or 'no options'}"
+            raise SpecError(f"{label}: unknown option {name!r} ({why})")
+        accepted, _, allowed = options[name]
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise SpecError(f"{label}: {name} must be {_TYPE_WORDS[accepted[-1]]}, got {value!r}")
+        if allowed is not None and value not in allowed:
+            raise SpecError(f"{label}: {name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        normalized[name] = value
+    for name, (_, default, _) in options.items():
+        if name in normalized:
+            continue
+        if default is REQUIRED:
+            raise SpecError(f"{label}: missing required option {name!r}")
+        normalized[name] = default
+    if kind == "Residual":
+        normalized["layers"] = _normalize_layers(normalized["layers"], f"{label} > ")
+    return normalized
+
+
+# -- building --------------------------------------------------------------------------------------
+
+
+def _make_layer(entry: dict, backend: Backend, label: str, algorithm: str | None) -> Layer:
+    options = {key: value for key, value in entry.items() if key != "type"}
+    kind = entry["type"]
+    if kind == "Residual":
+        inner = [
+            _make_layer(child, backend, f"{label} > {_label(i, child, '')}", algorithm) for i, child in enumerate(options["layers"])
+        ]
+        return LAYER_TYPES[kind](inner, backend=backend)
+    if kind == "Convolution" and algorithm is not None and options["algorithm"] == "auto":
+        options["algorithm"] = algorithm
+    try:
+        return LAYER_TYPES[kind](**options, backend=backend)
+    except ValueError as exc:
+        message = str(exc)
+        prefix = f"{kind}: "
+        raise SpecError(f"{label}: {message[len(prefix):] if message.startswith(prefix) else message}") from None
+
+
+def _check_input_shape(input_shape) -> tuple:
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = ()
+    if len(shape) not in (1, 3) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise SpecError(f"the input shape must be (channels, height, width) or (features,) of positive integers, got {input_shape!r}")
+    return shape
+
+
+def build_model(
+    spec,
+    input_shape,
+    backend: Backend | str = "cpu",
+    seed: int | None = 0,
+    *,
+    num_classes: int | None = None,
+    algorithm: str | None = None,
+) -> Sequential:
+    """A :class:`Sequential` built from ``spec`` (dict, layer list, TOML/JSON path or built-in name)
+    for per-sample ``input_shape``, its parameters drawn in layer order from ``seed``.
+
+    ``num_classes``: when given, the network must end in that many outputs. ``algorithm``: the
+    convolution algorithm for every Convolution whose spec leaves it at ``"auto"``. Raises
+    :class:`SpecError` (one line, naming the layer) for any spec that cannot work.
+    """
+    if not isinstance(spec, (dict, list)):
+        _, spec = resolve_spec(spec)
+    normalized = normalize_spec(spec)
+    shape = _check_input_shape(input_shape)
+    backend = get_backend(backend)
+    layers = [_make_layer(entry, backend, _label(i, entry, ""), algorithm) for i, entry in enumerate(normalized["layers"])]
+    try:
+        model = Sequential(layers, backend, input_shape=shape, rng=make_rng(seed))
+    except ShapeError as exc:
+        raise SpecError(_spec_shape_message(str(exc))) from None
+    output = model.output_shape
+    last = f"layer {len(layers) - 1} ({type(layers[-1]).__name__})"
+    if len(output) != 1:
+        raise SpecError(
+            f"{last}: the network ends with shape {output}, not a vector of class scores: "
+            f"add Flatten (or GlobalAvgPool) and a FullyConnected layer"
+        )
+    if num_classes is not None and output[0] != num_classes:
+        raise SpecError(f"{last}: the network ends with {output[0]} outputs but the data has {num_classes} classes")
+    model.spec_options = {key: normalized[key] for key in ("name", "description") if key in normalized}
+    return model
+
+
+def _spec_shape_message(message: str) -> str:
+    # Sequential names "layer i (Type): "; a Residual's inner layers add "inner layer j (Type): ".
+    return message.replace(": inner layer ", " > layer ")
+

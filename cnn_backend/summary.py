@@ -1,0 +1,122 @@
+"""A model summary, like Keras's ``model.summary()`` or torchinfo: each layer with its output shape,
+parameter count and multiply-accumulates per sample, then the totals and the parameter memory.
+
+:func:`summarize` returns the table as data; :func:`format_summary` prints it. MACs count the
+multiply-accumulates of Convolution (``outputs * C_in * K * K``), FullyConnected
+(``in_features * out_features``) and BatchNorm (one scale-and-shift per value); pooling,
+activations and the residual additions are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .layers import AvgPool, Layer, MaxPool
+
+
+@dataclass
+class LayerRow:
+    """One line of the table. ``depth`` 1 marks a layer inside a container (its numbers are already
+    part of the container's row)."""
+
+    name: str
+    type: str
+    description: str
+    output_shape: tuple
+    params: int
+    macs: int
+    depth: int = 0
+
+
+@dataclass
+class ModelSummary:
+    input_shape: tuple
+    dtype: str
+    rows: list[LayerRow] = field(default_factory=list)
+    total_params: int = 0
+    total_buffers: int = 0
+    total_macs: int = 0
+    parameter_bytes: int = 0
+    buffer_bytes: int = 0
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        """JSON-ready."""
+        document = asdict(self)
+        document["input_shape"] = list(self.input_shape)
+        for row in document["rows"]:
+            row["output_shape"] = list(row["output_shape"])
+        return document
+
+
+def _count(layer: Layer) -> int:
+    return sum(param.data.size for _, param in layer.named_parameters())
+
+
+def _describe(layer: Layer) -> str:
+    """The options a spec would need to write for this layer (those left at their default omitted)."""
+    from .spec import LAYER_OPTIONS
+
+    options = layer.spec()
+    known = LAYER_OPTIONS.get(options.pop("type"), {})
+    options.pop("layers", None)
+    shown = {key: value for key, value in options.items() if key not in known or known[key][1] != value}
+    if isinstance(layer, (MaxPool, AvgPool)) and shown.get("stride") == layer.pool_size:
+        del shown["stride"]
+    return ", ".join(f"{key}={value}" for key, value in shown.items())
+
+
+def summarize(model) -> ModelSummary:
+    """The summary of a built :class:`~cnn_backend.model.Sequential` (one with its input shape)."""
+    if model.input_shape is None or any(layer.output_shape is None for layer in model.layers):
+        raise ValueError("the model has no input shape yet: build it with one (build_model, or Sequential(..., input_shape=...))")
+    itemsize = model.backend.dtype.itemsize
+    summary = ModelSummary(tuple(model.input_shape), model.backend.dtype.name, name=model.spec_options.get("name"))
+    for index, layer in enumerate(model.layers):
+        summary.rows.append(LayerRow(str(index), type(layer).__name__, _describe(layer), layer.output_shape, _count(layer), layer.macs()))
+        for child_name, child in layer.children():
+            summary.rows.append(
+                LayerRow(f"{index}.{child_name}", type(child).__name__, _describe(child), child.output_shape, _count(child), child.macs(), depth=1)
+            )
+    summary.total_params = sum(param.data.size for param in model.parameters())
+    summary.total_buffers = sum(value.size for _, value in model.named_buffers())
+    summary.total_macs = sum(layer.macs() for layer in model.layers)
+    summary.parameter_bytes = summary.total_params * itemsize
+    summary.buffer_bytes = summary.total_buffers * itemsize
+    return summary
+
+
+def _shape_text(shape: tuple) -> str:
+    return "x".join(str(size) for size in shape)
+
+
+def _memory_text(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def format_summary(summary: ModelSummary) -> str:
+    """The table as text (one layer a line; nested layers indented)."""
+    header = ("layer", "type", "options", "output", "params", "MACs")
+    lines = []
+    for row in summary.rows:
+        indent = "  " * row.depth
+        lines.append((indent + row.name, row.type, row.description, _shape_text(row.output_shape), f"{row.params:,}", f"{row.macs:,}"))
+    widths = [max(len(header[i]), *(len(line[i]) for line in lines)) for i in range(len(header))]
+
+    def render(cells) -> str:
+        left = [cells[i].ljust(widths[i]) for i in range(4)]
+        right = [cells[i].rjust(widths[i]) for i in range(4, 6)]
+        return "  ".join(left + right)
+
+    rule = "-" * len(render(header))
+    title = f"model {summary.name or ''}".rstrip() + f": input {_shape_text(summary.input_shape)} per sample, {summary.dtype}"
+    out = [title, render(header), rule] + [render(line) for line in lines] + [rule]
+    out.append(
+        f"total: {summary.total_params:,} parameters ({_memory_text(summary.parameter_bytes)} as {summary.dtype}), "
+        f"{summary.total_buffers:,} buffer values ({_memory_text(summary.buffer_bytes)}), "
+        f"{summary.total_macs:,} MACs per sample"
+    )
+    return "\n".join(out)

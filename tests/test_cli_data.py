@@ -1,0 +1,305 @@
+"""The command line on data other than Fashion-MNIST: a CIFAR-format folder end to end (train,
+evaluate, predict) on the CPU and on the stand-in device, image folders, older checkpoints, and
+bad input refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy
+import pytest
+from PIL import Image
+
+from cnn_backend import cli
+from cnn_backend.backend import get_backend
+from cnn_backend.checkpoint import load_checkpoint
+from cnn_backend.datasets import DATASETS
+from cnn_backend.datasets.cifar import write_cifar_batch
+from cnn_backend.model import seed_cnn
+from cnn_backend.testing import standin_backend
+
+CIFAR_NAMES = DATASETS["cifar10"].class_names
+
+
+@pytest.fixture(autouse=True)
+def no_downloaded_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_BACKEND_DATA", str(tmp_path / "data-root"))
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    status = cli.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def one_error_line(err: str, *fragments: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("cnn-backend: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def make_cifar_folder(folder, per_batch=8, test_count=10):
+    """CIFAR-10 binary batches whose classes differ in colour, so even one epoch learns something."""
+    rng = numpy.random.default_rng(0)
+    folder.mkdir(parents=True)
+
+    def batch(count):
+        labels = rng.integers(0, 10, size=count)
+        images = rng.integers(0, 60, size=(count, 3, 32, 32)).astype(numpy.uint8)
+        images[numpy.arange(count), labels % 3] += (20 * labels).astype(numpy.uint8)[:, None, None]
+        return images, labels
+
+    for index in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{index}.bin", *batch(per_batch))
+    write_cifar_batch(folder / "test_batch.bin", *batch(test_count))
+    return folder
+
+
+def save_png(path, array):
+    Image.fromarray(numpy.asarray(array, dtype=numpy.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def standin_device(monkeypatch):
+    """``--device cuda`` gets the stand-in device: every array the command line touches is a device array."""
+    import cnn_backend.backend as backend_module
+
+    def device_lookup(device="auto", dtype="float32"):
+        return standin_backend(dtype)
+
+    monkeypatch.setattr(backend_module, "get_backend", device_lookup)
+    monkeypatch.setattr(cli, "get_backend", device_lookup)
+
+
+@pytest.mark.parametrize("where", ["cpu", "standin"])
+def test_colour_data_end_to_end_train_evaluate_predict(where, tmp_path, capsys, request):
+    if where == "standin":
+        request.getfixturevalue("standin_device")
+    device = ["--device", "cpu" if where == "cpu" else "cuda"]
+    data = make_cifar_folder(tmp_path / "cifar")
+    out = tmp_path / "run"
+    status, stdout, err = run_main(
+        capsys, "train", "--data", data, "--model", "seed", "--epochs", 1, "--batch-size", 8, "--normalize",
+        "--augment", "crop-flip", "--out", out, "--quiet", "--no-plots", *device,
+    )
+    assert status == 0, err
+    assert "input: 3x32x32 input, 10 classes, normalised per channel" in stdout
+    assert "split: training on [0:32] (32 images), validating on [32:40] (8 images)" in stdout
+
+    inputs = load_checkpoint(out / "last.npz").input_spec()
+    assert inputs.recorded and inputs.input_shape == (3, 32, 32) and inputs.class_names == CIFAR_NAMES
+    assert inputs.normalization is not None and inputs.normalization.channels == 3
+
+    status, stdout, err = run_main(capsys, "evaluate", out / "last.npz", "--split", "test", *device)
+    assert status == 0, err
+    assert "evaluating on test [0:10] (10 images): the whole test split" in stdout and "airplane" in stdout
+    report = json.loads((out / "last-test-evaluation.json").read_text())
+    assert [row["name"] for row in report["per_class"]] == list(CIFAR_NAMES)
+
+    first = save_png(tmp_path / "first.png", numpy.random.default_rng(1).integers(0, 256, (32, 32, 3)))
+    second = save_png(tmp_path / "second.png", numpy.random.default_rng(2).integers(0, 256, (50, 40)))  # grey, other size
+    status, stdout, err = run_main(capsys, "predict", out / "last.npz", first, second, "--top", 2, *device)
+    assert status == 0 and err == "", err
+    lines = stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(first), str(second)]
+    for line in lines:
+        shown = line.split(": ", 1)[1].split(", ")
+        assert len(shown) == 2 and all(entry.rsplit(" ", 1)[0] in CIFAR_NAMES for entry in shown)
+
+    # The Python function gives the same answer as the command line.
+    from cnn_backend.predict import predict_images
+
+    (first_prediction, _) = predict_images(out / "last.npz", [first, second], top=2)
+    assert lines[0] == f"{first}: " + ", ".join(f"{name} {p:.1%}" for name, p in first_prediction.top)
+
+
+def test_predict_reports_each_unusable_file_and_still_predicts_the_others(tmp_path, capsys):
+    model_file = seed_cnn("cpu", seed=0).save(tmp_path / "model.npz")  # a plain model file: no input description
+    good = save_png(tmp_path / "good.png", numpy.full((28, 28), 200))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    status, stdout, err = run_main(capsys, "predict", model_file, text, good, folder, tmp_path / "missing.png", "--json")
+    assert status == 2
+    errors = [line for line in err.strip().splitlines() if "error" in line]
+    assert errors == [
+        f"cnn-backend: error: {text}: not an image Pillow recognises",
+        f"cnn-backend: error: {folder}: a directory, not an image file",
+        f"cnn-backend: error: {tmp_path / 'missing.png'}: no such file",
+    ]
+    document = json.loads(stdout)
+    assert document["assumed_input"] is True
+    results = document["predictions"]
+    assert [("error" in entry) for entry in results] == [True, False, True, True]
+    assert results[1]["top"][0]["class"] in DATASETS["fashion-mnist"].class_names  # an older file: Fashion-MNIST names
+    probabilities = [entry["probability"] for entry in results[1]["top"]]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1
+
+
+def test_older_model_files_get_fashion_mnist_names(tmp_path, capsys):
+    model_file = seed_cnn("cpu", seed=0).save(tmp_path / "model.npz")
+    good = save_png(tmp_path / "good.png", numpy.full((10, 12, 3), 90))  # colour, any size: converted to 28x28 grey
+    status, stdout, err = run_main(capsys, "predict", model_file, good, "--top", 10)
+    assert status == 0
+    assert "assumed" in err and "1x28x28 input, 10 classes" in err
+    names = [entry.rsplit(" ", 1)[0] for entry in stdout.split(": ", 1)[1].strip().split(", ")]
+    assert sorted(names) == sorted(DATASETS["fashion-mnist"].class_names)
+
+
+def make_image_folder(root, per_class=6):
+    rng = numpy.random.default_rng(3)
+    for label, name in enumerate(("circle", "square", "triangle")):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            size = (12, 12) if index else (15, 9)  # one odd size per class: resized to the common 12x12
+            save_png(root / name / f"{index}.png", rng.integers(0, 80, (*size, 3)) + 60 * label)
+    (root / "square" / "broken.png").write_bytes(b"not really a png")
+    return root
+
+
+def test_image_folder_trains_with_a_stratified_hold_out_and_evaluates_it(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    status, stdout, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--batch-size", 4,
+                                   "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    assert "note: " in stdout and "square/broken.png" in stdout
+    assert "validating on a stratified 0.2 hold-out of every class (3 images, seed 0)" in stdout
+    settings = load_checkpoint(out / "last.npz").settings
+    assert settings["val_fraction"] == 0.2 and settings["val_split"] is None
+    status, stdout, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")
+    assert status == 0, err
+    assert "hold-out (3 images): the checkpoint's stratified 0.2 hold-out (seed 0)" in stdout and "triangle" in stdout
+
+    status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--split", "test")
+    assert status == 2
+    one_error_line(err, "no test split", "--val-fraction")
+
+
+def test_image_folder_size_and_channels_options(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    status, stdout, err = run_main(capsys, "train", "--data", root, "--model", "default", "--epochs", 1, "--channels", 1,
+                                   "--image-size", "8x10", "--val-fraction", 0.4, "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    assert "1x8x10 input, 3 classes" in stdout
+    picture = save_png(tmp_path / "p.png", numpy.zeros((30, 30, 3)))
+    status, stdout, _ = run_main(capsys, "predict", out / "last.npz", picture)
+    assert status == 0 and stdout.split(": ")[1].split(" ")[0] in ("circle", "square", "triangle")
+
+
+BAD_COMMANDS = {
+    "folder options on fixed-shape data": (["train", "--data", "bundled", "--channels", 3], "--channels and --image-size apply to folders of images only"),
+    "two ways to choose validation": (["train", "--data", "bundled", "--val-fraction", 0.1, "--val-split", "9000:"], "--val-fraction and --train-split/--val-split"),
+    "unknown data": (["train", "--data", "no-such-thing"], "no-such-thing: no such folder, and not a dataset name"),
+    "a name not downloaded": (["train", "--data", "mnist"], "run `cnn-backend download mnist`"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMANDS))
+def test_bad_data_options_are_refused_in_one_line(tmp_path, capsys, case):
+    args, fragment = BAD_COMMANDS[case]
+    status, _, err = run_main(capsys, *args, "--out", tmp_path / "run", "--device", "cpu", "--quiet")
+    assert status == 2
+    one_error_line(err, fragment)
+
+
+def test_evaluating_on_data_of_another_shape_is_refused(tmp_path, capsys):
+    data = make_cifar_folder(tmp_path / "cifar")
+    out = tmp_path / "run"
+    assert run_main(capsys, "train", "--data", data, "--model", "seed", "--epochs", 1, "--out", out, "--device", "cpu", "--quiet", "--no-plots")[0] == 0
+    status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--data", "bundled", "--device", "cpu")
+    assert status == 2
+    one_error_line(err, "the model was trained on 3x32x32 images but --data bundled (train) has 1x28x28 ones")
+    status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--data", "bundled", "--device", "cpu", "--quiet")
+    assert status == 2
+    one_error_line(err, "trained on 3x32x32 images")
+
+
+def test_download_takes_a_dataset_name(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "download_dataset", lambda name, directory: calls.append((name, directory)) or directory)
+    status, stdout, _ = run_main(capsys, "download", "cifar10", "--data-dir", tmp_path / "c")
+    assert status == 0 and calls == [("cifar10", tmp_path / "c")] and "CIFAR-10 is ready in" in stdout
+    status, _, err = run_main(capsys, "download", "imagenet")
+    assert status == 2 and "invalid choice: 'imagenet'" in err
+
+
+def test_a_checkpoint_from_before_input_descriptions_evaluates_and_predicts_as_fashion_mnist(tmp_path, capsys):
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--model", "seed", "--data", "bundled", "--train-split", ":256", "--val-split",
+                              "9000:9128", "--epochs", 1, "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    # Rewrite the checkpoint as an earlier version wrote it: everything but the input description.
+    with numpy.load(out / "last.npz") as archive:
+        arrays = {key: archive[key] for key in archive.files if key != "__inputs__"}
+    old = tmp_path / "old.npz"
+    numpy.savez(old, **arrays)
+    assert load_checkpoint(old).inputs is None
+
+    status, stdout, err = run_main(capsys, "evaluate", old, "--device", "cpu")
+    assert status == 0, err
+    assert "assumed" in stdout and "Ankle boot" in stdout
+    picture = save_png(tmp_path / "shoe.png", numpy.random.default_rng(0).integers(0, 256, (40, 40, 3)))
+    status, stdout, err = run_main(capsys, "predict", old, picture, "--top", 1)
+    assert status == 0 and "assumed" in err
+    assert stdout.split(": ")[1].rsplit(" ", 1)[0] in DATASETS["fashion-mnist"].class_names
+
+
+def test_an_architecture_file_trains_on_colour_data_and_must_match_the_class_count(tmp_path, capsys):
+    from pathlib import Path
+
+    resnet = Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml"
+    data = make_cifar_folder(tmp_path / "cifar")
+    out = tmp_path / "run"
+    status, stdout, err = run_main(capsys, "train", "--data", data, "--model", resnet, "--epochs", 1, "--batch-size", 8,
+                                   "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    assert "3x32x32 input, 10 classes" in stdout
+    assert load_checkpoint(out / "last.npz").input_spec().class_names == CIFAR_NAMES
+    picture = save_png(tmp_path / "p.png", numpy.zeros((32, 32, 3)))
+    assert run_main(capsys, "predict", out / "last.npz", picture)[0] == 0
+
+    shapes = make_image_folder(tmp_path / "shapes")  # three classes; the file ends in ten outputs
+    status, _, err = run_main(capsys, "train", "--data", shapes, "--model", resnet, "--epochs", 1, "--device", "cpu",
+                              "--out", tmp_path / "other", "--quiet")
+    assert status == 2
+    one_error_line(err, "small-resnet.toml", "ends with 10 outputs but the data has 3 classes")
+
+
+def test_built_in_networks_take_the_class_count_of_the_data(tmp_path, capsys):
+    shapes = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--data", shapes, "--model", "default", "--epochs", 1, "--device", "cpu",
+                              "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    checkpoint = load_checkpoint(out / "last.npz")
+    model = checkpoint.build_model(get_backend("cpu"))
+    assert model.output_shape == (3,) and tuple(model.input_shape) == (3, 12, 12)
+
+
+def test_export_carries_the_recorded_class_names_and_normalisation(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    data = make_cifar_folder(tmp_path / "cifar")
+    out = tmp_path / "run"
+    assert run_main(capsys, "train", "--data", data, "--model", "seed", "--epochs", 1, "--normalize", "--device", "cpu",
+                    "--out", out, "--quiet", "--no-plots")[0] == 0
+    status, stdout, err = run_main(capsys, "export", out / "last.npz", tmp_path / "model.onnx")
+    assert status == 0, err
+    assert "normalised in the graph" in stdout
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "model.onnx")).metadata_props}
+    assert json.loads(metadata["class_names"]) == list(CIFAR_NAMES)
+    # The graph normalises as training did: ONNX Runtime on [0, 1] images agrees with the model on prepared ones.
+    checkpoint = load_checkpoint(out / "last.npz")
+    inputs = checkpoint.input_spec()
+    model = checkpoint.build_model(get_backend("cpu"))
+    images = numpy.random.default_rng(5).integers(0, 256, (3, 3, 32, 32)).astype(numpy.uint8)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: (images / 255.0).astype(numpy.float32)})
+    numpy.testing.assert_allclose(logits, model.predict_logits(inputs.prepare(images, "float32")), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,587 @@
+"""Tests for cnn_backend.datasets: the registry, IDX/CIFAR-10/image-folder readers, downloads of named
+datasets from a local HTTP server, safe unpacking, and the image-folder cache.
+
+Every file is built by the test itself; the HTTP server listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import re
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy
+import pytest
+from PIL import Image
+
+from cnn_backend import datasets
+from cnn_backend.datasets import DATASETS, DataError, load_dataset
+from cnn_backend.datasets import folder as image_folder
+from cnn_backend.datasets.cifar import RECORD_BYTES, read_cifar_batch, write_cifar_batch
+from cnn_backend.datasets.download import extract_tar
+from cnn_backend.datasets.idx import write_idx
+
+
+@pytest.fixture(autouse=True)
+def data_root(tmp_path, monkeypatch):
+    """Every test gets its own data root (downloads and image-folder caches)."""
+    root = tmp_path / "data-root"
+    monkeypatch.setenv("CNN_BACKEND_DATA", str(root))
+    return root
+
+
+def assert_one_line(excinfo, *patterns: str) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    for pattern in patterns:
+        assert re.search(pattern, message), message
+    return message
+
+
+def random_uint8(shape, seed=0):
+    return numpy.random.default_rng(seed).integers(0, 256, size=shape, dtype=numpy.uint8)
+
+
+def write_idx_split(directory: Path, prefix: str, count: int, seed: int = 0):
+    images = random_uint8((count, 28, 28), seed)
+    labels = numpy.random.default_rng(seed + 100).integers(0, 10, size=count).astype(numpy.uint8)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+    write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return images, labels
+
+
+def cifar_arrays(count: int, seed: int):
+    images = random_uint8((count, 3, 32, 32), seed)
+    labels = numpy.random.default_rng(seed + 100).integers(0, 10, size=count).astype(numpy.uint8)
+    return images, labels
+
+
+def make_cifar_archive(path: Path, per_batch: int = 4):
+    """A cifar-10-binary.tar.gz laid out like the official one; returns {split: (images, labels)}."""
+    batches = {f"data_batch_{i}.bin": cifar_arrays(per_batch, i) for i in range(1, 6)}
+    batches["test_batch.bin"] = cifar_arrays(per_batch + 1, 9)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, (images, labels) in batches.items():
+            records = numpy.concatenate([labels[:, None], images.reshape(len(images), -1)], axis=1)
+            add_bytes(tar, f"cifar-10-batches-bin/{name}", records.tobytes())
+        add_bytes(tar, "cifar-10-batches-bin/batches.meta.txt", "\n".join(DATASETS["cifar10"].class_names).encode())
+    train = [batches[f"data_batch_{i}.bin"] for i in range(1, 6)]
+    return {
+        "train": (numpy.concatenate([x for x, _ in train]), numpy.concatenate([y for _, y in train])),
+        "test": batches["test_batch.bin"],
+    }
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, payload: bytes, **fields) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+class FileServer:
+    """Serves files from a dict on 127.0.0.1 and records the paths asked for."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.requests: list[str] = []
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                state.requests.append(self.path)
+                body = state.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+
+@pytest.fixture
+def server():
+    file_server = FileServer()
+    file_server.thread.start()
+    yield file_server
+    file_server.server.shutdown()
+    file_server.server.server_close()
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def test_registry_rows_are_complete_and_checksums_are_md5s():
+    assert set(DATASETS) == {"fashion-mnist", "mnist", "kmnist", "cifar10"}
+    for info in DATASETS.values():
+        assert info.files and all(re.fullmatch(r"[0-9a-f]{32}", digest) for digest in info.files.values())
+        assert info.num_classes == 10 and len(set(info.class_names)) == 10
+        assert info.licence and info.citation and info.homepage.startswith("http")
+        assert set(info.splits) == {"train", "test"}
+    assert DATASETS["mnist"].files["train-images-idx3-ubyte.gz"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert DATASETS["kmnist"].class_names[:3] == ("o", "ki", "su")
+    assert DATASETS["cifar10"].image_shape == (3, 32, 32)
+    assert DATASETS["cifar10"].files == {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; known: fashion-mnist, mnist, kmnist, cifar10"):
+        datasets.dataset_info("svhn")
+
+
+# ------------------------------------------------------------------------------------ IDX sets
+
+
+@pytest.mark.parametrize("name", ["mnist", "kmnist"])
+def test_idx_datasets_load_exact_pixels_labels_and_class_names(data_root, name):
+    train = write_idx_split(data_root / name, "train", 7, seed=1)
+    test = write_idx_split(data_root / name, "t10k", 3, seed=2)
+    for split, (images, labels) in (("train", train), ("test", test)):
+        loaded = load_dataset(name, split)
+        assert loaded.images.dtype == numpy.uint8 and loaded.images.shape == (len(images), 1, 28, 28)
+        assert loaded.labels.dtype == numpy.int64
+        numpy.testing.assert_array_equal(loaded.images[:, 0], images)
+        numpy.testing.assert_array_equal(loaded.labels, labels)
+        assert loaded.class_names == DATASETS[name].class_names
+        assert loaded.image_shape == (1, 28, 28)
+        assert str(data_root / name) in loaded.source
+
+
+def test_mnist_with_a_wrong_magic_number_is_refused_in_one_line(data_root):
+    write_idx_split(data_root / "mnist", "train", 2)
+    path = data_root / "mnist" / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[0:4] = b"\x01\x00\x08\x03"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("mnist")
+    assert_one_line(excinfo, re.escape(str(path)), "bad IDX magic number 0x01000803")
+
+
+def test_a_dataset_not_downloaded_says_how_to_get_it(data_root):
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("kmnist", "test")
+    assert_one_line(
+        excinfo, "Kuzushiji-MNIST test split not found", r"run `cnn-backend download kmnist`",
+        re.escape(f"place train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                  f"t10k-labels-idx1-ubyte.gz into {data_root / 'kmnist'}"),
+    )
+
+
+def test_mnist_labels_out_of_range_are_refused(data_root):
+    write_idx_split(data_root / "mnist", "train", 3)
+    write_idx(data_root / "mnist" / "train-labels-idx1-ubyte.gz", numpy.array([1, 2, 11], dtype=numpy.uint8))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset("mnist")
+    assert_one_line(excinfo, r"labels must be class indices 0-9; found 11 at record 2")
+
+
+def test_download_mnist_tries_the_next_mirror_and_verifies(server, data_root):
+    source = data_root.parent / "mnist-source"
+    images, labels = write_idx_split(source, "train", 5, seed=3)
+    write_idx_split(source, "t10k", 2, seed=4)
+    checksums = {path.name: md5(path) for path in source.iterdir()}
+    for path in source.iterdir():
+        server.files[f"/second/{path.name}"] = path.read_bytes()
+    directory = datasets.download_dataset(
+        "mnist", mirrors=[f"{server.url}/first/", f"{server.url}/second/"], checksums=checksums,
+        retries=0, backoff=0.0, progress=False,
+    )
+    assert directory == data_root / "mnist"
+    assert "/first/train-images-idx3-ubyte.gz" in server.requests  # 404 there, then the next mirror
+    loaded = load_dataset("mnist")
+    numpy.testing.assert_array_equal(loaded.images[:, 0], images)
+    numpy.testing.assert_array_equal(loaded.labels, labels)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(checksums)
+
+
+# ------------------------------------------------------------------------------------- CIFAR-10
+
+
+def test_cifar_batch_round_trip_is_exact(tmp_path):
+    images, labels = cifar_arrays(6, 0)
+    write_cifar_batch(tmp_path / "batch.bin", images, labels)
+    assert (tmp_path / "batch.bin").stat().st_size == 6 * RECORD_BYTES
+    raw = (tmp_path / "batch.bin").read_bytes()
+    # The layout: a label byte, then the red plane row by row, then green, then blue.
+    assert raw[0] == labels[0] and raw[1:1025] == images[0, 0].tobytes() and raw[2049:3073] == images[0, 2].tobytes()
+    read_images, read_labels = read_cifar_batch(tmp_path / "batch.bin")
+    assert read_images.shape == (6, 3, 32, 32) and read_labels.dtype == numpy.int64
+    numpy.testing.assert_array_equal(read_images, images)
+    numpy.testing.assert_array_equal(read_labels, labels)
+
+
+def test_cifar_record_of_the_wrong_length_is_refused(tmp_path):
+    path = tmp_path / "data_batch_1.bin"
+    path.write_bytes(bytes(RECORD_BYTES * 2 + 100))
+    with pytest.raises(DataError) as excinfo:
+        read_cifar_batch(path)
+    assert_one_line(excinfo, re.escape(str(path)), r"6246 bytes is not a whole number of 3073-byte CIFAR-10 records", "100 bytes left over")
+
+
+def test_cifar_label_out_of_range_is_refused(tmp_path):
+    images, labels = cifar_arrays(3, 0)
+    labels[1] = 10
+    write_cifar_batch(tmp_path / "test_batch.bin", images, labels)
+    with pytest.raises(DataError) as excinfo:
+        read_cifar_batch(tmp_path / "test_batch.bin")
+    assert_one_line(excinfo, r"found 10 at record 1")
+
+
+def test_cifar_downloads_unpacks_and_loads_exactly(server, data_root, tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    expected = make_cifar_archive(archive)
+    server.files["/kriz/cifar-10-binary.tar.gz"] = archive.read_bytes()
+    datasets.download_dataset(
+        "cifar10", mirrors=[f"{server.url}/kriz/"], checksums={archive.name: md5(archive)}, progress=False, backoff=0.0
+    )
+    for split in ("train", "test"):
+        loaded = load_dataset("cifar10", split)
+        assert loaded.images.shape == (len(expected[split][0]), 3, 32, 32)
+        numpy.testing.assert_array_equal(loaded.images, expected[split][0])
+        numpy.testing.assert_array_equal(loaded.labels, expected[split][1])
+        assert loaded.class_names[0] == "airplane" and loaded.image_shape == (3, 32, 32)
+    assert len(load_dataset("cifar10", "train")) == 20  # five batches of four
+    # A second download verifies the archive and fetches nothing.
+    server.requests.clear()
+    datasets.download_dataset("cifar10", mirrors=[f"{server.url}/kriz/"], checksums={archive.name: md5(archive)}, progress=False)
+    assert server.requests == []
+
+
+def test_cifar_archive_placed_by_hand_is_unpacked_on_first_load(data_root):
+    directory = data_root / "cifar10"
+    directory.mkdir(parents=True)
+    archive = directory / "cifar-10-binary.tar.gz"
+    expected = make_cifar_archive(archive)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(DATASETS["cifar10"].files, archive.name, md5(archive))
+        loaded = load_dataset("cifar10", "test")
+    numpy.testing.assert_array_equal(loaded.images, expected["test"][0])
+    assert (directory / "unpacked" / "cifar-10-batches-bin" / "test_batch.bin").is_file()
+
+
+def test_cifar_folder_given_as_data_directory(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    images, labels = cifar_arrays(5, 1)
+    write_cifar_batch(folder / "test_batch.bin", images, labels)
+    assert datasets.source_kind(folder) == "cifar10-folder"
+    loaded = load_dataset(folder, "test")
+    numpy.testing.assert_array_equal(loaded.images, images)
+    with pytest.raises(DataError, match=r"data_batch_1\.bin, data_batch_2\.bin, .* missing for the train split"):
+        load_dataset(folder, "train")
+
+
+def test_cifar_checksum_mismatch_leaves_nothing_behind(server, data_root, tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    make_cifar_archive(archive)
+    server.files["/cifar-10-binary.tar.gz"] = archive.read_bytes()
+    with pytest.raises(DataError) as excinfo:
+        datasets.download_dataset("cifar10", mirrors=[server.url], progress=False, retries=0)
+    assert_one_line(excinfo, r"cifar-10-binary\.tar\.gz: checksum mismatch \(md5 [0-9a-f]{32}, expected c32a1d4ab5d03f1284b67883e8d87530\); the download was discarded")
+    assert list((data_root / "cifar10").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- safe unpacking
+
+
+def hostile_archive(path: Path, build) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        add_bytes(tar, "cifar-10-batches-bin/data_batch_1.bin", bytes(RECORD_BYTES))
+        build(tar)
+    return path
+
+
+HOSTILE_MEMBERS = {
+    "parent path": (lambda tar: add_bytes(tar, "../evil", b"x"), r"member '\.\./evil' would land outside the target folder"),
+    "nested parent path": (lambda tar: add_bytes(tar, "cifar-10-batches-bin/../../evil", b"x"), r"would land outside the target folder"),
+    "absolute path": (lambda tar: add_bytes(tar, "/tmp/evil", b"x"), r"member '/tmp/evil' would land outside the target folder"),
+    "symbolic link": (lambda tar: add_bytes(tar, "cifar-10-batches-bin/link", b"", type=tarfile.SYMTYPE, linkname="/etc/passwd"), r"member 'cifar-10-batches-bin/link' is a link \(to '/etc/passwd'\)"),
+    "hard link": (lambda tar: add_bytes(tar, "cifar-10-batches-bin/hard", b"", type=tarfile.LNKTYPE, linkname="cifar-10-batches-bin/data_batch_1.bin"), r"is a link"),
+    "device": (lambda tar: add_bytes(tar, "cifar-10-batches-bin/dev", b"", type=tarfile.CHRTYPE), r"is not a regular file or folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MEMBERS))
+def test_hostile_archive_members_are_refused_and_nothing_is_unpacked(tmp_path, case):
+    build, problem = HOSTILE_MEMBERS[case]
+    archive = hostile_archive(tmp_path / "archive.tar.gz", build)
+    target = tmp_path / "deep" / "target"
+    target.parent.mkdir()
+    with pytest.raises(DataError) as excinfo:
+        extract_tar(archive, target)
+    assert_one_line(excinfo, re.escape(str(archive)), "refused to unpack", problem)
+    assert list(target.parent.iterdir()) == []  # neither the target nor a staging folder
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "deep" / "evil").exists()
+
+
+def test_truncated_archive_is_refused_and_nothing_is_unpacked(tmp_path):
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    make_cifar_archive(archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(DataError) as excinfo:
+        extract_tar(archive, tmp_path / "out")
+    assert_one_line(excinfo, re.escape(str(archive)), r"truncated or corrupt archive", "download it again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
+
+
+def test_malicious_archive_downloaded_under_its_published_checksum_is_not_unpacked(server, data_root, tmp_path):
+    archive = hostile_archive(tmp_path / "cifar-10-binary.tar.gz", lambda tar: add_bytes(tar, "../evil", b"x"))
+    server.files["/cifar-10-binary.tar.gz"] = archive.read_bytes()
+    with pytest.raises(DataError, match=r"refused to unpack: member '\.\./evil'"):
+        datasets.download_dataset("cifar10", mirrors=[server.url], checksums={archive.name: md5(archive)}, progress=False)
+    assert not (data_root / "evil").exists()
+    assert sorted(p.name for p in (data_root / "cifar10").iterdir()) == [archive.name]
+
+
+# --------------------------------------------------------------------------------- image folders
+
+
+def save(path: Path, array, mode=None, **options) -> numpy.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(numpy.asarray(array), mode).save(path, **options) if mode else Image.fromarray(numpy.asarray(array)).save(path, **options)
+    return numpy.asarray(array)
+
+
+def make_folder(root: Path):
+    """Two classes of PNGs (RGB and greyscale, 8x6 mostly), one JPEG, one 5x5 image, a corrupt PNG
+    and a text file. Returns the exact arrays of the lossless images by relative name."""
+    arrays = {
+        "cat/a.png": save(root / "cat" / "a.png", random_uint8((8, 6, 3), 1)),
+        "cat/b.png": save(root / "cat" / "b.png", random_uint8((8, 6), 2)),
+        "dog/c.png": save(root / "dog" / "c.png", random_uint8((8, 6, 3), 3)),
+        "dog/deeper/d.png": save(root / "dog" / "deeper" / "d.png", random_uint8((5, 5, 3), 4)),
+    }
+    save(root / "dog" / "e.jpg", random_uint8((8, 6, 3), 5), quality=95)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "dog" / ".hidden.png").write_bytes(b"ignored")
+    return arrays
+
+
+def test_image_folder_decodes_exact_pixels_labels_and_summarises_skipped_files(tmp_path):
+    root = tmp_path / "pictures"
+    arrays = make_folder(root)
+    loaded = load_dataset(root)
+    assert loaded.class_names == ("cat", "dog")
+    # cat/a, cat/b (broken skipped), dog/c, dog/e, dog/deeper/d: each folder's files by name, then its sub-folders
+    assert loaded.labels.tolist() == [0, 0, 1, 1, 1]
+    assert loaded.images.shape == (5, 3, 8, 6)  # colour present: 3 channels; most common size 8x6
+    numpy.testing.assert_array_equal(loaded.images[0], arrays["cat/a.png"].transpose(2, 0, 1))
+    grey_as_rgb = numpy.asarray(Image.fromarray(arrays["cat/b.png"]).convert("RGB")).transpose(2, 0, 1)
+    numpy.testing.assert_array_equal(loaded.images[1], grey_as_rgb)
+    numpy.testing.assert_array_equal(loaded.images[2], arrays["dog/c.png"].transpose(2, 0, 1))
+    with Image.open(root / "dog" / "e.jpg") as jpeg:  # lossy: compared with Pillow's own decoding
+        numpy.testing.assert_array_equal(loaded.images[3], numpy.asarray(jpeg.convert("RGB")).transpose(2, 0, 1))
+    resized = Image.fromarray(arrays["dog/deeper/d.png"]).resize((6, 8), Image.Resampling.BILINEAR)
+    numpy.testing.assert_array_equal(loaded.images[4], numpy.asarray(resized).transpose(2, 0, 1))
+    (note,) = loaded.notes
+    assert "\n" not in note
+    assert "skipped 2 of 7 files" in note and "cat/broken.png" in note and "dog/notes.txt (not an image file extension)" in note
+
+
+def test_image_folder_greyscale_and_explicit_channels_and_size(tmp_path):
+    root = tmp_path / "grey"
+    a = save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    loaded = load_dataset(root)
+    assert loaded.images.shape == (2, 1, 4, 4)  # no colour image: one channel
+    numpy.testing.assert_array_equal(loaded.images[0, 0], a)
+
+    colour = tmp_path / "colour"
+    rgb = save(colour / "x" / "a.png", random_uint8((6, 6, 3), 3))
+    save(colour / "y" / "b.png", random_uint8((6, 6, 3), 4))
+    as_grey = load_dataset(colour, channels=1, image_size="3x2")
+    assert as_grey.images.shape == (2, 1, 3, 2)
+    expected = Image.fromarray(rgb).convert("L").resize((2, 3), Image.Resampling.BILINEAR)
+    numpy.testing.assert_array_equal(as_grey.images[0, 0], numpy.asarray(expected))
+
+
+def test_image_folder_cache_is_used_and_refreshed_when_the_folder_changes(tmp_path, monkeypatch):
+    root = tmp_path / "pictures"
+    make_folder(root)
+    first = load_dataset(root)
+    assert "(cached)" not in first.source
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image although the cache is valid")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(image_folder, "decode_image", no_decoding)
+        patch.setattr(image_folder, "read_header", no_decoding)
+        second = load_dataset(root)
+    assert "(cached)" in second.source and isinstance(second.images, numpy.memmap)
+    numpy.testing.assert_array_equal(second.images, first.images)
+    numpy.testing.assert_array_equal(second.labels, first.labels)
+    assert second.notes == first.notes
+
+    # A new image, then a replaced one (new size and time): both are noticed.
+    save(root / "cat" / "z.png", random_uint8((8, 6, 3), 7))
+    third = load_dataset(root)
+    assert "(cached)" not in third.source and len(third) == len(first) + 1
+    replacement = save(root / "cat" / "a.png", random_uint8((8, 6, 3), 8))
+    stat = (root / "cat" / "a.png").stat()
+    os.utime(root / "cat" / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    fourth = load_dataset(root)
+    numpy.testing.assert_array_equal(fourth.images[0], replacement.transpose(2, 0, 1))
+    # One cache entry per folder and options: the stale ones were replaced, not piled up.
+    assert len(list(image_folder.cache_root().iterdir())) == 1
+
+
+def test_strict_refuses_unusable_files_in_one_line(tmp_path):
+    root = tmp_path / "pictures"
+    make_folder(root)
+    for attempt in range(2):  # decoding afresh, then from the cache
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(root, strict=True)
+        assert_one_line(excinfo, r"skipped 2 of 7 files", r"cat/broken\.png", r"refused \(strict\)")
+
+
+def test_a_mode_pillow_cannot_convert_is_skipped_or_refused(tmp_path):
+    root = tmp_path / "lab"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    Image.new("LAB", (4, 4)).save(root / "y" / "lab.tif")
+    loaded = load_dataset(root, channels=1)
+    assert len(loaded) == 2 and "y/lab.tif (cannot convert Pillow mode LAB to L" in loaded.notes[0]
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root, channels=1, strict=True)
+    assert_one_line(excinfo, r"cannot convert Pillow mode LAB to L", "refused")
+
+
+def test_train_and_test_layout(tmp_path):
+    root = tmp_path / "split"
+    train_a = save(root / "train" / "a" / "1.png", random_uint8((4, 4, 3), 1))
+    save(root / "train" / "b" / "2.png", random_uint8((4, 4, 3), 2))
+    test_b = save(root / "test" / "b" / "3.png", random_uint8((4, 4, 3), 3))
+    train = load_dataset(root, "train")
+    test = load_dataset(root, "test")
+    assert train.class_names == test.class_names == ("a", "b")
+    assert test.labels.tolist() == [1]
+    numpy.testing.assert_array_equal(train.images[0], train_a.transpose(2, 0, 1))
+    numpy.testing.assert_array_equal(test.images[0], test_b.transpose(2, 0, 1))
+    assert datasets.has_test_split(root)
+
+    save(root / "test" / "c" / "4.png", random_uint8((4, 4, 3), 4))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root, "test")
+    assert_one_line(excinfo, r"class folders c are not in .*train")
+
+
+FOLDER_PROBLEMS = {
+    "no class folders": (lambda root: (root / "loose.png").write_bytes(b""), "train", r"neither IDX files .* nor class folders"),
+    "one class": (lambda root: save(root / "only" / "a.png", random_uint8((2, 2), 0)), "train", r"only one class folder \(only\); a classifier needs at least two"),
+    "empty class folder": (
+        lambda root: (save(root / "a" / "1.png", random_uint8((2, 2), 0)), (root / "b").mkdir(), (root / "b" / "readme.md").write_text("x")),
+        "train", r"b: no image files \(\.jpg, \.jpeg, \.png",
+    ),
+    "every image corrupt": (
+        lambda root: [(root / c).mkdir() or (root / c / "x.png").write_bytes(b"nope") for c in "ab"], "train", r"none of its 2 image files can be read",
+    ),
+    "one class wholly corrupt": (
+        lambda root: (save(root / "a" / "1.png", random_uint8((2, 2), 0)), (root / "b").mkdir(), (root / "b" / "x.jpg").write_bytes(b"\xff\xd8\xff" + b"0" * 50)),
+        "train", r"b: none of its image files can be decoded, so the class would have no images",
+    ),
+    "no test split": (
+        lambda root: (save(root / "a" / "1.png", random_uint8((2, 2), 0)), save(root / "b" / "1.png", random_uint8((2, 2), 1))),
+        "test", r"no test split .* \(--val-fraction\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDER_PROBLEMS))
+def test_unusable_image_folders_are_refused_in_one_line(tmp_path, case):
+    build, split, problem = FOLDER_PROBLEMS[case]
+    root = tmp_path / "pictures"
+    root.mkdir()
+    build(root)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root, split)
+    assert_one_line(excinfo, problem)
+
+
+def test_folder_options_are_checked(tmp_path):
+    root = tmp_path / "pictures"
+    make_folder(root)
+    with pytest.raises(ValueError, match=r"channels must be 1 \(greyscale\) or 3 \(RGB\), got 2"):
+        load_dataset(root, channels=2)
+    with pytest.raises(ValueError, match=r"image size must be N or HxW"):
+        load_dataset(root, image_size="big")
+    with pytest.raises(ValueError, match="apply to folders of images only"):
+        load_dataset("bundled", image_size=32)
+    with pytest.raises(DataError, match=r"no such folder, and not a dataset name \(auto, bundled, fashion-mnist"):
+        load_dataset(tmp_path / "nowhere")
+
+
+def test_fashion_mnist_names_keep_working():
+    bundled = load_dataset("bundled")
+    assert bundled.images.shape == (10_000, 1, 28, 28) and bundled.class_names[0] == "T-shirt/top"
+    assert "bundled subset" in load_dataset("fashion-mnist").source
+
+
+def test_an_image_that_fails_only_when_decoded_is_dropped_from_the_cache_too(tmp_path):
+    root = tmp_path / "pictures"
+    kept = [save(root / name / "a.png", random_uint8((6, 6, 3), seed)) for seed, name in enumerate(("x", "y"))]
+    truncated = root / "x" / "b.png"
+    save(truncated, random_uint8((6, 6, 3), 9))
+    truncated.write_bytes(truncated.read_bytes()[:80])  # the header reads, the pixels do not
+    for attempt in ("decoded", "cached"):
+        loaded = load_dataset(root)
+        assert len(loaded) == 2 and loaded.labels.tolist() == [0, 1], attempt
+        for row, array in enumerate(kept):
+            numpy.testing.assert_array_equal(loaded.images[row], array.transpose(2, 0, 1))
+        assert "x/b.png (cannot decode" in loaded.notes[0]
+    assert "(cached)" in loaded.source
+
+
+def test_a_link_back_up_the_tree_is_followed_once(tmp_path):
+    root = tmp_path / "pictures"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    (root / "x" / "loop").symlink_to(root / "x", target_is_directory=True)
+    assert len(load_dataset(root)) == 2
+
+
+def test_cifar_offline_download_says_which_file_to_put_where(data_root):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DataError) as excinfo:
+        datasets.download_dataset("cifar10", mirrors=[f"http://127.0.0.1:{port}/"], retries=0, progress=False)
+    assert_one_line(excinfo, "cannot reach the server", re.escape(f"place cifar-10-binary.tar.gz into {data_root / 'cifar10'}"))
+    assert list((data_root / "cifar10").iterdir()) == []
+
+
+def test_a_folder_of_fashion_mnist_pngs_gives_the_idx_pixels_back(tmp_path):
+    bundled = load_dataset("bundled")
+    root = tmp_path / "fashion"
+    for index in range(40):
+        label = int(bundled.labels[index])
+        folder = root / bundled.class_names[label].replace("/", "-")
+        save(folder / f"{index:03d}.png", bundled.images[index, 0])
+    loaded = load_dataset(root)
+    assert loaded.images.shape == (40, 1, 28, 28)  # greyscale PNGs: one channel
+    # Folder order is class by class (sorted names), then file name: map back through the file names.
+    order = sorted(range(40), key=lambda i: (bundled.class_names[int(bundled.labels[i])].replace("/", "-"), i))
+    numpy.testing.assert_array_equal(loaded.images, bundled.images[order])
+    names = [bundled.class_names[int(bundled.labels[i])].replace("/", "-") for i in order]
+    assert [loaded.class_names[label] for label in loaded.labels] == names

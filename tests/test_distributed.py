@@ -1,0 +1,455 @@
+"""Data-parallel training: K processes compute the steps of one process.
+
+The MPI cases start ``mpiexec -n 2`` in a subprocess with a hard timeout (a hang fails the test
+instead of blocking the suite) and one BLAS thread per process. They are skipped with a reason
+where mpi4py or ``mpiexec`` is missing (``pip install mpi4py mpich``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy
+import pytest
+
+from cnn_backend.data import BatchLoader
+from cnn_backend.distributed import (
+    DistributedSetupError,
+    GradientAverager,
+    SingleProcess,
+    average_buffers,
+    device_index,
+    launched_by_mpi,
+    world_communicator,
+)
+from cnn_backend.layers import Dropout
+from cnn_backend.augment import RandomCropFlip
+from cnn_backend.model import default_cnn
+from cnn_backend.testing import is_device_array, standin_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+# The one beside this Python first (the mpich wheel installs it into the virtual environment).
+MPIEXEC = next((str(path) for path in [Path(sys.executable).parent / "mpiexec"] if path.is_file()), None) or shutil.which("mpiexec")
+HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
+needs_mpi = pytest.mark.skipif(
+    MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpi4py and an MPI runtime with mpiexec (pip install mpi4py mpich)"
+)
+#: hard limit of one mpiexec job; on a quiet 2-core machine each takes a few seconds
+JOB_TIMEOUT = 120
+
+#: a tiny run: 80 training images in global batches of 8 (10 steps per epoch), 500 for validation
+#: (two chunks of 250, one per process), float64, dropout and crop-flip augmentation; a constant rate,
+#: so that a run stopped after epoch 1 and resumed follows the schedule of the uninterrupted run
+TRAIN_ARGS = [
+    "train", "--data", "bundled", "--train-split", ":80", "--val-split", "9500:10000", "--batch-size", "8",
+    "--dtype", "float64", "--dropout", "0.4", "--augment", "crop-flip", "--device", "cpu", "--no-plots", "--quiet",
+    "--log-every", "3", "--schedule", "constant", "--lr", "1e-3",
+]
+
+
+def job_environment() -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "MV2_"))}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def run_job(command: list[str], cwd: Path, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group; past ``timeout`` the whole group is killed and the
+    test fails (a hang)."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish within {timeout} s (a hang): {stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cnn_backend", *args]
+
+
+def on_two_ranks(*args: str) -> list[str]:
+    return [MPIEXEC, "-n", "2", *cli(*args)]
+
+
+def weights(path: Path) -> dict:
+    with numpy.load(path) as arrays:
+        return {key: arrays[key] for key in arrays.files if key.startswith("param/")}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(numpy.abs(a[key] - b[key]).max()) for key in a)
+
+
+def history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def validation_numbers(rows: list[dict]) -> list[tuple]:
+    # The loss to 12 digits: weights that differ in the 15th digit (float64 summation order) move
+    # it in the last bits. Evaluating the same weights gives exactly equal numbers (worker test).
+    return [(row["epoch"], float(f"{row['val_loss']:.12g}"), row["val_accuracy"]) for row in rows]
+
+
+# -- in one process --------------------------------------------------------------------------------
+
+
+def test_a_plain_run_is_one_process_and_never_imports_mpi4py():
+    code = (
+        "import sys; from cnn_backend import cli, distributed; "
+        "world = distributed.world_communicator(); "
+        "assert world.size == 1 and world.is_root and type(world).__name__ == 'SingleProcess'; "
+        "assert 'mpi4py' not in sys.modules, 'mpi4py was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=job_environment(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_under_an_mpi_launcher_without_mpi4py_one_line_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` fail
+    with pytest.raises(DistributedSetupError, match=r"mpi4py is not installed: install mpi4py .*pip install mpich"):
+        world_communicator({"PMI_RANK": "0", "PMI_SIZE": "2"})
+    # A launcher running a single process needs nothing.
+    assert isinstance(world_communicator({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}), SingleProcess)
+    assert launched_by_mpi({"PMIX_RANK": "3"}) and not launched_by_mpi({})
+
+
+def test_each_rank_takes_gpu_local_rank_modulo_the_device_count():
+    assert [device_index(rank, 4) for rank in range(6)] == [0, 1, 2, 3, 0, 1]
+    with pytest.raises(ValueError):
+        device_index(0, 0)
+
+
+def test_single_process_collectives_do_nothing():
+    world, array = SingleProcess(), numpy.arange(3.0)
+    assert world.allreduce_mean(array) is array and world.allreduce_sum(array) is array and world.broadcast(array) is array
+    assert array.tolist() == [0.0, 1.0, 2.0] and world.broadcast_object({"a": 1}) == {"a": 1}
+
+
+def test_each_rank_gets_its_contiguous_share_of_the_same_global_batches():
+    images = numpy.arange(20, dtype=numpy.uint8).repeat(4).reshape(20, 1, 2, 2)
+    labels = numpy.arange(20) % 10
+    be = standin_backend("float64")
+    whole = [be.to_numpy(y) for _, y in BatchLoader(images, labels, be, 8, seed=3).epoch(2)]
+    shares = [[be.to_numpy(y) for _, y in BatchLoader(images, labels, be, 8, seed=3, rank=r, size=2).epoch(2)] for r in (0, 1)]
+    for batch, (first, second) in enumerate(zip(*shares)):
+        assert numpy.array_equal(numpy.concatenate([first, second]), whole[batch])
+    # The last batch of 4 is shared 2 + 2; its shares say where they sit.
+    assert [len(y) for y in shares[0]] == [4, 4, 2]
+    last = BatchLoader(images, labels, be, 8, rank=1, size=2).share(2)
+    assert (last.start, last.stop, last.total) == (2, 4, 4)
+
+
+def test_a_batch_size_the_processes_do_not_divide_is_refused_naming_sizes_that_work():
+    images, labels = numpy.zeros((20, 1, 2, 2), numpy.uint8), numpy.zeros(20, numpy.int64)
+    with pytest.raises(ValueError, match=r"^the batch size 30 cannot be shared by 4 processes: choose a multiple of 4 \(28, 32\)$"):
+        BatchLoader(images, labels, standin_backend(), 30, rank=0, size=4)
+    with pytest.raises(ValueError, match="last batch of an epoch holds 1 samples, fewer than the 2 processes"):
+        BatchLoader(images[:17], labels[:17], standin_backend(), 8, rank=0, size=2)
+
+
+def test_dropout_and_augmentation_draw_for_the_global_batch_and_apply_this_share():
+    be = standin_backend("float64")
+    x = be.to_device(numpy.random.default_rng(0).random((6, 5)))
+    whole = be.to_numpy(Dropout(0.5, rng=7, backend=be).forward(x))
+    parts = []
+    for start, stop in ((0, 3), (3, 6)):
+        layer = Dropout(0.5, rng=7, backend=be)
+        layer.batch_share = (start, 6)
+        parts.append(be.to_numpy(layer.forward(x[start:stop])))
+    assert numpy.array_equal(numpy.concatenate(parts), whole)
+
+    images = be.to_device(numpy.random.default_rng(1).random((6, 1, 8, 8)))
+    whole = be.to_numpy(RandomCropFlip(be, seed=2)(images, 1, 4))
+    parts = []
+    for start, stop in ((0, 2), (2, 6)):
+        augment = RandomCropFlip(be, seed=2)
+        augment.set_batch_share((start, 6))
+        parts.append(be.to_numpy(augment(images[start:stop], 1, 4)))
+    assert numpy.array_equal(numpy.concatenate(parts), whole)
+
+
+class RecordingCommunicator(SingleProcess):
+    """Two processes holding identical gradients: the mean leaves them as they are."""
+
+    size = 2
+
+    def __init__(self) -> None:
+        self.reduced = []
+
+    def allreduce_mean(self, array):
+        self.reduced.append(array)
+        return array
+
+
+def test_gradients_are_averaged_in_one_call_over_one_contiguous_device_buffer():
+    be = standin_backend("float64")
+    model = default_cnn(be, seed=0)
+    rng = numpy.random.default_rng(0)
+    for param in model.parameters():
+        param.grad = be.to_device(rng.standard_normal(param.data.shape))
+    before = [be.to_numpy(p.grad) for p in model.parameters()]
+    communicator = RecordingCommunicator()
+    average = GradientAverager(model, communicator)
+    average()
+    average(weight=0.5)
+    assert len(communicator.reduced) == 2
+    buffer = communicator.reduced[-1]
+    assert is_device_array(buffer) and buffer.ndim == 1 and buffer.size == sum(p.data.size for p in model.parameters())
+    for param, expected in zip(model.parameters(), before):
+        assert numpy.array_equal(be.to_numpy(param.grad), expected * 0.5)  # views of the buffer, unpacked in order
+    # One process: nothing is packed or called.
+    GradientAverager(model, SingleProcess())()
+
+
+class HalvingCommunicator(SingleProcess):
+    """Two processes, the other one holding zeros: the mean halves every value."""
+
+    size = 2
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def allreduce_mean(self, array):
+        self.calls += 1
+        array *= 0.5
+        return array
+
+
+def test_running_statistics_are_averaged_over_the_processes_in_one_call():
+    be = standin_backend("float64")
+    buffers = {"3.running_mean": be.to_device(numpy.arange(4.0)), "3.running_var": be.to_device(numpy.full((2, 3), 8.0))}
+    model = SimpleNamespace(backend=be, named_buffers=lambda: list(buffers.items()))
+    communicator = HalvingCommunicator()
+    average_buffers(model, communicator)
+    assert communicator.calls == 1
+    assert be.to_numpy(buffers["3.running_mean"]).tolist() == [0.0, 0.5, 1.0, 1.5]
+    assert be.to_numpy(buffers["3.running_var"]).tolist() == [[4.0] * 3] * 2
+    average_buffers(default_cnn(be, seed=0), communicator)  # a model without buffers: nothing to do
+    assert communicator.calls == 1
+
+
+# -- under mpiexec -n 2 ----------------------------------------------------------------------------
+
+
+def worker(mode: str, tmp_path: Path) -> dict:
+    result = run_job([MPIEXEC, "-n", "2", sys.executable, str(WORKER), mode], tmp_path)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_mpi
+def test_two_ranks_end_with_the_weights_and_validation_of_one_process(tmp_path):
+    result = worker("equivalence", tmp_path)
+    for dtype, entry in result.items():
+        assert entry["ranks_differ"] == 0.0, dtype  # every rank holds the same weights
+        # One all-reduce per step (20 steps), always of every parameter at once.
+        assert entry["allreduce_calls"] == 20 and entry["allreduce_sizes"] == [entry["flat_size"]], dtype
+        assert 0 <= entry["flat_size"] - entry["parameters"] < 64 * entry["tensors"], dtype  # alignment padding only
+        assert [row[1] for row in entry["history"]] == [row[1] for row in entry["reference_history"]], dtype
+        # The same weights evaluated on two ranks and in one process: exactly the same numbers.
+        assert entry["sharded_validation"] == entry["single_validation"], dtype
+    float64, float32 = result["float64"], result["float32"]
+    assert float64["max_difference"] < 1e-9
+    assert [row[:2] for row in float64["history"]] == [row[:2] for row in float64["reference_history"]]
+    # float32: the runs differ only in the order of the batch sums (two halves added after the
+    # all-reduce), and Adam divides by sqrt(v), which scales rounding up where gradients are near
+    # zero; after 20 steps the two drift apart by float32 rounding alone: by as much as one
+    # process's own float32 run drifts from its float64 run (both about 1e-4), within a factor 2.
+    assert float32["max_difference"] <= 2 * float32["float32_rounding"] and float32["max_difference"] < 1e-3
+    numpy.testing.assert_allclose(
+        [row[0] for row in float32["history"]], [row[0] for row in float32["reference_history"]], rtol=1e-5
+    )
+
+
+@needs_mpi
+def test_device_arrays_are_staged_through_host_copies_and_nccl_is_chosen_when_available(tmp_path):
+    result = worker("staged", tmp_path)
+    assert result["mean"] == [5.0, 6.0, 7.0, 8.0] and result["same_array"]  # (0..3 + 10..13) / 2, in place
+    assert result["broadcast"] == [1.0, 1.0, 1.0]  # rank 0's values
+    assert result["line"].endswith("gradients all-reduced by MPI through host copies of the device arrays")
+    assert result["fallback"] == "MpiCommunicator" and "NCCL is not available" in result["fallback_line"]
+    assert result["nccl"] == "NcclCommunicator" and "NCCL on the GPUs" in result["nccl_line"]
+    # Rendezvous through MPI: rank 0's id reached both; then one in-place sum of 5 float32 values
+    # on the current stream, scaled by 1/2 on the device, and a broadcast of 2 float64 values.
+    assert result["nccl_calls"] == [["init", 2, [1, 2, 3], 0], ["allReduce", 5, 7, 0, 99], ["bcast", 2, 8, 0, 99]]
+    assert result["scaled"] == [0.5] * 5 and result["host_sum"] == [1.0, 1.0]
+    assert result["shared"] == "MpiCommunicator" and "processes share a GPU" in result["shared_line"]
+    assert result["mixed_line"].endswith("on host arrays (not every process has a GPU)")
+    assert result["replaced"] == [1] and result["parameters_equal"] and result["equal_to_seed_0"]
+
+
+@needs_mpi
+@pytest.mark.gpu
+def test_on_a_gpu_device_arrays_are_reduced_and_training_matches_one_cpu_process(tmp_path):
+    result = worker("gpu", tmp_path)
+    assert result["device"] == 0  # rank 0, local rank 0
+    assert result["staged_mean"] == [5.0, 6.0, 7.0, 8.0]
+    if result["nccl_available"]:  # else CuPy lacks the NCCL library (pip install nvidia-nccl-cu12)
+        assert result["nccl_mean"] == [1.0] * 6
+    if result["gpus"] >= 2 and result["nccl_available"]:
+        assert "NCCL on the GPUs" in result["line"], result["line"]
+    else:  # two processes on one GPU (NCCL cannot have them), or no NCCL: MPI through host copies
+        assert "gradients all-reduced by MPI through host copies" in result["line"], result["line"]
+    # float64 on the GPU against the CPU: the kernels' own summation orders, 20 Adam steps.
+    assert result["max_difference"] < 1e-6, result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The runs the CLI tests compare, made once: one process; two ranks (rank 1 in another folder);
+    two ranks stopped after epoch 1, then resumed by two ranks and by one process."""
+    if MPIEXEC is None or not HAVE_MPI4PY:
+        pytest.skip("needs mpi4py and an MPI runtime with mpiexec (pip install mpi4py mpich)")
+    base = tmp_path_factory.mktemp("data-parallel")
+    rank1_dir = base / "rank1-cwd"
+    rank1_dir.mkdir()
+    jobs = [
+        (cli(*TRAIN_ARGS, "--epochs", "2", "--out", "one"), None),
+        ([MPIEXEC, "-n", "1", *cli(*TRAIN_ARGS, "--epochs", "2", "--out", "two"), ":",
+          "-n", "1", "-wdir", str(rank1_dir), *cli(*TRAIN_ARGS, "--epochs", "2", "--out", "two")], None),
+        (on_two_ranks(*TRAIN_ARGS, "--epochs", "1", "--out", "half"), lambda: shutil.copytree(base / "half", base / "half-copy")),
+        (on_two_ranks("train", "--resume", "half/last.npz", "--epochs", "2", "--device", "cpu", "--quiet", "--no-plots"), None),
+        (cli("train", "--resume", "half-copy/last.npz", "--epochs", "2", "--device", "cpu", "--quiet", "--no-plots"), None),
+    ]
+    for command, after in jobs:
+        result = run_job(command, base)
+        assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+        (base / "outputs.txt").open("a").write(result.stdout)
+        if after:
+            after()
+    return base
+
+
+def test_two_ranks_write_the_run_of_one_process(runs):
+    assert max_difference(weights(runs / "two" / "last.npz"), weights(runs / "one" / "last.npz")) < 1e-9
+    assert validation_numbers(history(runs / "two" / "history.jsonl")) == validation_numbers(history(runs / "one" / "history.jsonl"))
+
+
+def test_the_settings_record_the_number_of_processes(runs):
+    from cnn_backend.checkpoint import load_checkpoint
+
+    assert load_checkpoint(runs / "two" / "last.npz").settings["processes"] == 2
+    assert load_checkpoint(runs / "one" / "last.npz").settings["processes"] == 1
+
+
+def test_only_rank_0_writes_files_and_prints(runs):
+    assert sorted(path.name for path in (runs / "two").iterdir()) == ["best.npz", "history.jsonl", "last.npz"]
+    assert list((runs / "rank1-cwd").iterdir()) == []  # rank 1 ran there with the same relative --out
+    outputs = (runs / "outputs.txt").read_text()
+    assert outputs.count("distributed: 2 processes") == 3 and outputs.count("done:") == 5  # once per job
+
+
+def test_a_two_rank_checkpoint_resumes_exactly_in_two_processes_and_in_one(runs):
+    uninterrupted_two, uninterrupted_one = weights(runs / "two" / "last.npz"), weights(runs / "one" / "last.npz")
+    resumed_two, resumed_one = weights(runs / "half" / "last.npz"), weights(runs / "half-copy" / "last.npz")
+    assert max_difference(resumed_two, uninterrupted_two) == 0.0  # the same computation, step for step
+    assert max_difference(resumed_one, uninterrupted_one) < 1e-9
+    assert validation_numbers(history(runs / "half" / "history.jsonl")) == validation_numbers(history(runs / "one" / "history.jsonl"))
+    assert validation_numbers(history(runs / "half-copy" / "history.jsonl")) == validation_numbers(history(runs / "one" / "history.jsonl"))
+
+
+#: runs the command line with rank 1's third training step replaced by FAULT (a Python statement)
+INJECT_ON_RANK_1 = (
+    "import math, os, signal, sys\n"
+    "import cnn_backend.training as training\n"
+    "original, calls = training.train_step, []\n"
+    "def failing_step(*args):\n"
+    "    calls.append(1)\n"
+    "    if os.environ.get('PMI_RANK') == '1' and len(calls) == 3:\n"
+    "        FAULT\n"
+    "    return original(*args)\n"
+    "training.train_step = failing_step\n"
+    "from cnn_backend.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def run_with_fault(fault: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    script = INJECT_ON_RANK_1.replace("FAULT", fault)
+    started = time.monotonic()
+    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *TRAIN_ARGS, "--epochs", "2", "--out", "run"], tmp_path, timeout=60)
+    return result, time.monotonic() - started
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("cnn-backend: error:")]
+
+
+@needs_mpi
+def test_an_exception_on_rank_1_ends_both_processes_with_one_line(tmp_path):
+    result, elapsed = run_with_fault("raise RuntimeError('injected failure at step 3')", tmp_path)
+    assert result.returncode != 0
+    assert error_lines(result.stderr) == ["cnn-backend: error: rank 1 of 2: RuntimeError: injected failure at step 3"], result.stderr
+    assert elapsed < 45
+    assert "Traceback" not in result.stderr
+
+
+@needs_mpi
+def test_a_killed_process_ends_the_job(tmp_path):
+    result, elapsed = run_with_fault("os.kill(os.getpid(), signal.SIGKILL)", tmp_path)
+    assert result.returncode != 0 and elapsed < 45
+    assert not (tmp_path / "run" / "last.npz").exists()  # killed in epoch 1: no epoch finished
+
+
+@needs_mpi
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    # Rank 1's third batch loss is NaN: the all-reduced losses are NaN on every rank, so all stop
+    # there together, and rank 0 reports it as one process would.
+    result, elapsed = run_with_fault("loss, correct = original(*args); return loss * math.nan, correct", tmp_path)
+    assert result.returncode == 1 and elapsed < 45
+    assert error_lines(result.stderr) == [
+        "cnn-backend: error: the loss became non-finite at epoch 1, step 3: lower the learning rate (or check the "
+        "input data); parameters after this step are not usable; no epoch finished, so no checkpoint was written"
+    ], result.stderr
+
+
+@needs_mpi
+def test_a_batch_size_two_ranks_cannot_share_is_refused_in_one_line(tmp_path):
+    result = run_job(on_two_ranks(*TRAIN_ARGS, "--batch-size", "9", "--epochs", "1", "--out", "run"), tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "cnn-backend: error: rank 0 of 2: the batch size 9 cannot be shared by 2 processes: choose a multiple of 2 (8, 10)"
+    ], result.stderr
+    assert not (tmp_path / "run" / "last.npz").exists()
+
+
+@needs_mpi
+def test_ctrl_c_through_mpiexec_leaves_the_last_complete_checkpoint(tmp_path):
+    command = on_two_ranks(*TRAIN_ARGS, "--train-split", ":160", "--epochs", "30", "--out", "run")
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not (tmp_path / "run" / "last.npz").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        process.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert "interrupted during epoch" in stderr or "Abort(130)" in stderr, stderr
+    from cnn_backend.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.npz")
+    assert checkpoint.epoch >= 1 and len(history(tmp_path / "run" / "history.jsonl")) == checkpoint.epoch
