@@ -21,15 +21,14 @@ from ..backend import get_backend
 from ..data import download
 from ..datasets import download_dataset
 from ..runfolder import stop_signals_raise
-from . import evaluate as _evaluate_commands, train as _train_commands, utility as _utility_commands
 from .arguments import parse_range, select_range
 from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, USER_ERRORS, failure, print_error
-from .evaluate import load_evaluation_data, run_evaluate, run_predict
+from .evaluate import add_evaluate_command, add_predict_command, load_evaluation_data, run_evaluate, run_predict
 from .recorder import EpochProgress, RunRecorder, format_epoch_line
 from .runtime import DEFAULT_MODEL, INPUT_SHAPE, build_model, check_spec_file, load_spec_model, open_backend
 from .settings import SETTING_NAMES, load_training_data, optimizer_config, resolve_ranges, resolve_settings, resolve_validation
-from .train import run_train
-from .utility import run_download, run_summary
+from .train import add_train_command, run_train
+from .utility import add_download_command, add_summary_command, run_download, run_summary
 
 __all__ = [
     "DEFAULT_MODEL", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "INPUT_SHAPE", "OPTIONAL_COMMANDS",
@@ -98,8 +97,11 @@ def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParse
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command_module in (_train_commands, _evaluate_commands, _utility_commands):
-        command_module.add_commands(commands)
+    add_train_command(commands)
+    add_evaluate_command(commands)
+    add_predict_command(commands)
+    add_summary_command(commands)
+    add_download_command(commands)
     for name, (_, help_text) in OPTIONAL_COMMANDS.items():
         module = (optional_modules or {}).get(name)
         description = (module.__doc__ or "").strip().split("\n\n")[0] if module is not None else ""

@@ -23,13 +23,7 @@ from .runtime import open_backend, quiet_float_warnings
 CHECKPOINT_HELP = "a .npz written by train (or Sequential.save)"
 
 
-def add_commands(commands) -> None:
-    """The ``evaluate`` and ``predict`` sub-parsers."""
-    _add_evaluate_command(commands)
-    _add_predict_command(commands)
-
-
-def _add_evaluate_command(commands) -> None:
+def add_evaluate_command(commands) -> None:
     evaluate_parser = add_command(
         commands, "evaluate", run_evaluate,
         help="accuracy, per-class precision/recall/F1 and confusion matrix of a checkpoint",
@@ -49,7 +43,7 @@ def _add_evaluate_command(commands) -> None:
     evaluate_parser.add_argument("--json", type=Path, metavar="PATH", help="report file (default: <checkpoint>-<split>-evaluation.json beside the checkpoint)")
 
 
-def _add_predict_command(commands) -> None:
+def add_predict_command(commands) -> None:
     predict_parser = add_command(
         commands, "predict", run_predict,
         help="the most likely classes of image files, with a trained checkpoint",

@@ -59,9 +59,7 @@ FAILURE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 10.0
 CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png", "filters.png"
 
 
-def add_commands(commands) -> None:
-    """The ``train`` sub-parser."""
-
+def add_train_command(commands) -> None:
     def recipe_default(key: str) -> str:
         return ", ".join(f"{model} model {recipe[key]}" for model, recipe in RECIPES.items())
 

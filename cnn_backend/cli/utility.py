@@ -15,13 +15,7 @@ from .console import EXIT_OK, PROG, say
 from .runtime import DEFAULT_MODEL, INPUT_SHAPE, load_spec_model
 
 
-def add_commands(commands) -> None:
-    """The ``summary`` and ``download`` sub-parsers."""
-    _add_summary_command(commands)
-    _add_download_command(commands)
-
-
-def _add_summary_command(commands) -> None:
+def add_summary_command(commands) -> None:
     summary_parser = add_command(
         commands, "summary", run_summary,
         help="print a network's layers, output shapes, parameter counts and MACs",
@@ -35,7 +29,7 @@ def _add_summary_command(commands) -> None:
     summary_parser.add_argument("--dtype", choices=DTYPES, default="float32", help="for the parameter memory (default: float32)")
 
 
-def _add_download_command(commands) -> None:
+def add_download_command(commands) -> None:
     download_parser = add_command(
         commands, "download", run_download,
         help="fetch a dataset (Fashion-MNIST, MNIST, KMNIST, CIFAR-10) and verify it",
