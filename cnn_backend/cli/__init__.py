@@ -6,6 +6,11 @@ cannot be written, 2 for bad usage, an unusable device, or unreadable data or ch
 when interrupted. Known errors are reported as one line, ``cnn-backend: error: <message>``, on
 stderr, without a traceback; usage errors too (with the command's ``--help`` to see). SIGTERM is
 handled like Ctrl-C, with exit status 143. Results go to stdout; the progress bar and errors go to stderr.
+
+This package holds the entry point and the parser; :mod:`.train`, :mod:`.evaluate` (also ``predict``)
+and :mod:`.utility` (``summary``, ``download``) the commands; :mod:`.settings` and :mod:`.recorder` a
+training run's settings and files; :mod:`.arguments` the argument types; :mod:`.runtime` the device
+and network a command runs on; :mod:`.console` the exit statuses and one-line messages.
 """
 
 from __future__ import annotations
@@ -70,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         status, message, prefix = failure(exc)
         print_error(message, prefix)
         return status
-
 
 
 def _command_name(argv: list[str]) -> str | None:

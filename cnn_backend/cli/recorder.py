@@ -14,6 +14,7 @@ from ..report import HistoryWriter
 from ..runfolder import HISTORY_FILE, LAST_CHECKPOINT, DeferredInterrupt, RunFolder
 from .console import PROG
 
+
 class EpochProgress:
     """A per-epoch progress bar (loss, accuracy, samples/s) fed from the Trainer's log intervals;
     nothing at all when ``show_bar`` is False (the per-epoch lines are printed either way)."""
