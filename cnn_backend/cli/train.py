@@ -9,7 +9,7 @@ from pathlib import Path
 from ..augment import AUGMENTATIONS, make_augmentation
 from ..backend import DEVICES, DTYPES
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..data import Normalization
+from ..data import BatchLoader, Normalization
 from ..datasets import source_kind
 from ..datasets.folder import CHANNEL_CHOICES
 from ..distributed import bind_device, communicator_for_backend, world_communicator
