@@ -81,9 +81,6 @@ def _command_name(argv: list[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-# == argument parsing ===============================================================================
-
-
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line, ``cnn-backend: error: <message>; see <command> --help``, exit 2
     (instead of argparse's usage block before the message)."""

@@ -131,9 +131,6 @@ def load_evaluation_data(source, split: str, inputs: InputSpec, strict: bool):
     return load_dataset(source, split)
 
 
-# == predict ========================================================================================
-
-
 def run_predict(args) -> int:
     """The ``predict`` command: 0 when every image was predicted, 2 when any could not be used."""
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)

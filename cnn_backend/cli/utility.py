@@ -49,9 +49,6 @@ def run_summary(args) -> int:
     return EXIT_OK
 
 
-# == download =======================================================================================
-
-
 def run_download(args) -> int:
     """The ``download`` command."""
     # The data module reports each file (fetched, or already present and verified) at INFO.
