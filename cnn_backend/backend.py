@@ -4,6 +4,11 @@ A :class:`Backend` carries the array module ``xp`` (``numpy`` or ``cupy``) and t
 ``signal`` (``scipy.signal`` or ``cupyx.scipy.signal``). Layers, kernels, models and optimisers take
 every array function from it, so the same code runs on both devices. CuPy is imported lazily, only
 when CUDA is asked for (or probed by ``"auto"``): CPU users never import it.
+
+Hot operations (Thinc's ``Ops`` is the model) are methods of the backend: :meth:`Backend.matmul` and
+:meth:`Backend.map_chunks`. On every device they are one plain call; :class:`CpuBackend` runs them on
+all cores instead (see :mod:`cnn_backend.threads`), so layers still read like NumPy and the device
+path does not change.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy
+
+from . import threads
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
@@ -55,6 +62,19 @@ class Backend:
     def synchronize(self) -> None:
         """Block until all queued work on this device has finished (a no-op on the CPU)."""
 
+    def matmul(self, a, b, out=None):
+        """``a @ b`` for 2-D arrays of any memory order (into ``out`` when given)."""
+        return self.xp.matmul(a, b, out=out)
+
+    def map_chunks(self, kernel, *arrays, axis: int = 0) -> None:
+        """Run ``kernel(*arrays)``, which writes its results into some of ``arrays`` in place.
+
+        The kernel must be correct on any equal slicing of ``axis`` of all the arrays together
+        (each output element depending only on inputs at the same index of ``axis``): the CPU
+        backend calls it once per chunk of that axis, one chunk per core. Here: one call.
+        """
+        kernel(*arrays)
+
     def with_dtype(self, dtype: Any) -> "Backend":
         """The same device with another default float dtype."""
         return type(self)(self.name, self.xp, self.signal, _float_dtype(dtype))
@@ -77,6 +97,23 @@ def _float_dtype(dtype: Any) -> numpy.dtype:
     return resolved
 
 
+class CpuBackend(Backend):
+    """NumPy and SciPy on the host, with the hot operations split over every core.
+
+    NumPy runs element-wise work and copies on one core, and releases the GIL while it does: each
+    large :meth:`map_chunks` call is cut along ``axis`` into chunks that the calling thread and
+    the workers of :mod:`cnn_backend.threads` share out. :meth:`matmul` splits a product the same
+    way, each chunk on one BLAS thread, so no idle BLAS worker is left spinning on a core that the
+    next chunk needs (see ``docs/performance.md``).
+    """
+
+    def matmul(self, a, b, out=None):
+        return threads.matmul(a, b, out)
+
+    def map_chunks(self, kernel, *arrays, axis: int = 0) -> None:
+        threads.map_chunks(kernel, arrays, axis)
+
+
 class _ModuleOnFirstUse(ModuleType):
     """A module imported on its first attribute access: ``scipy.signal`` costs about a second and
     70 MiB to import and only the FFT convolution algorithm uses it."""
@@ -94,9 +131,13 @@ class _ModuleOnFirstUse(ModuleType):
 _SCIPY_SIGNAL = _ModuleOnFirstUse("scipy.signal")
 
 
-def cpu_backend(dtype: Any = "float32") -> Backend:
-    """NumPy and SciPy on the host (``scipy.signal`` is imported when first used)."""
-    return Backend("cpu", numpy, _SCIPY_SIGNAL, _float_dtype(dtype))
+def cpu_backend(dtype: Any = "float32", parallel: bool = True) -> Backend:
+    """NumPy and SciPy on the host (``scipy.signal`` is imported when first used).
+
+    ``parallel=False``: the plain single-call operations of every other device (one core for
+    element-wise work, BLAS's own threads for products), the reference the fast paths are tested against.
+    """
+    return (CpuBackend if parallel else Backend)("cpu", numpy, _SCIPY_SIGNAL, _float_dtype(dtype))
 
 
 def cuda_backend(dtype: Any = "float32") -> CudaBackend:

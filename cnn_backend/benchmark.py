@@ -6,6 +6,11 @@ synchronised before every clock read. Our repeats and PyTorch's are interleaved,
 and goes on a shared machine hits both alike. The data are synthetic 28x28 images from a seeded host
 generator, sent to the device once. Peak resident memory of a training run of the default model at
 batch 128 is measured in a fresh subprocess. Results are printed as a table and written as JSON.
+
+Each figure also comes as the share of the machine's matrix-product peak it reaches: the model's
+floating-point operations per sample (the multiply-adds of its convolutions and dense layers, twice
+over; a training step adds the two gradient products of each layer, less the input gradient of
+the first) times samples/s, over the best rate of a large square product measured in the same run.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ from typing import Callable, Sequence
 import numpy
 
 from .backend import DeviceUnavailableError, get_backend
-from .functional import CONV_ALGORITHMS
-from .layers import SoftmaxCrossEntropy
+from .functional import CONV_ALGORITHMS, output_size
+from .layers import Convolution, FullyConnected, MaxPool, SoftmaxCrossEntropy
 from .model import ARCHITECTURES
 from .optim import SGD
 from .training import train_step
@@ -43,6 +48,8 @@ OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 MEMORY_MODEL, MEMORY_BATCH = "default", 128
 MEMORY_STEPS, QUICK_MEMORY_STEPS = 10, 2
 PAUSE_SECONDS = 0.2
+#: the square product whose best rate is taken as the machine's matrix-product peak
+PEAK_GEMM_SIZE, PEAK_GEMM_REPEATS = 2048, 5
 #: what --quick overrides: a smoke run of every code path, not a measurement
 QUICK = {"train_batch_sizes": [8], "infer_batch_sizes": [16], "repeats": 1, "warmup": 1, "min_time": 0.0}
 
@@ -158,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     torch_info, torch = load_torch(args.no_torch, threads)
     print(torch_info["note"])
 
+    peak = {device: measure_gemm_peak(get_backend(device, args.dtype), quick=args.quick) for device in devices}
     results = []
     for device in devices:
         backend = get_backend(device, args.dtype)
@@ -165,9 +173,8 @@ def run(args: argparse.Namespace) -> int:
         for model_name in args.models:
             for mode, batch_sizes in (("train", args.train_batch_sizes), ("infer", args.infer_batch_sizes)):
                 for batch_size in batch_sizes:
-                    results += measure_configuration(
-                        backend, torch, torch_device, model_name, mode, batch_size, args
-                    )
+                    rows = measure_configuration(backend, torch, torch_device, model_name, mode, batch_size, args)
+                    results += [with_peak_fraction(row, peak[device]) for row in rows]
     memory = None
     if not args.no_memory:
         steps = QUICK_MEMORY_STEPS if args.quick else MEMORY_STEPS
@@ -191,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         },
         **environment,
         "torch": torch_info,
+        "gemm_peak_flops": peak,
         "results": results,
         "peak_memory": memory,
     }
@@ -509,6 +517,61 @@ def measure_configuration(backend, torch, torch_device, model_name, mode, batch_
     return rows
 
 
+# == floating-point work and the machine's peak =======================================================
+
+
+def model_flops(model, input_shape=IMAGE_SHAPE) -> dict:
+    """Floating-point operations per sample: ``{"infer": ..., "train": ...}``.
+
+    Two per multiply-add of every convolution and dense layer; training adds the weight-gradient
+    product of each such layer and the input-gradient product of all but the first (whose input
+    gradient is never computed). Element-wise work (pooling, ReLU, the update) is not counted.
+    """
+    shape = tuple(input_shape)
+    forward = backward = 0
+    for layer in model.layers:
+        if isinstance(layer, Convolution):
+            k, s, pad = layer.kernel_size, layer.stride, layer.padding
+            out_h, out_w = output_size(shape[1], k, s, pad), output_size(shape[2], k, s, pad)
+            macs = layer.out_channels * layer.in_channels * k * k * out_h * out_w
+            shape = (layer.out_channels, out_h, out_w)
+        elif isinstance(layer, FullyConnected):
+            macs = layer.in_features * layer.out_features
+            shape = (layer.out_features,)
+        else:
+            if isinstance(layer, MaxPool):
+                shape = (shape[0],) + tuple((size - layer.pool_size) // layer.stride + 1 for size in shape[1:])
+            elif len(shape) == 3 and type(layer).__name__ == "Flatten":
+                shape = (shape[0] * shape[1] * shape[2],)
+            continue
+        forward += 2 * macs
+        backward += 2 * macs * (2 if layer.needs_input_grad else 1)
+    return {"infer": forward, "train": forward + backward}
+
+
+def measure_gemm_peak(backend, quick: bool = False) -> float:
+    """The best rate (FLOP/s) of a large square product in the backend's dtype, on all BLAS threads."""
+    size = 256 if quick else PEAK_GEMM_SIZE
+    rng = numpy.random.default_rng(0)
+    a, b = (backend.to_device(rng.random((size, size)).astype(backend.dtype)) for _ in range(2))
+    best = float("inf")
+    for _ in range(1 if quick else PEAK_GEMM_REPEATS):
+        backend.synchronize()
+        started = time.perf_counter()
+        a @ b  # BLAS's own threads: the peak the machine offers, whoever reaches it
+        backend.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / max(best, 1e-9)
+
+
+def with_peak_fraction(row: dict, peak_flops: float) -> dict:
+    """``row`` with its FLOPs per sample, its FLOP/s and that rate's share of ``peak_flops``."""
+    model = ARCHITECTURES[row["model"]](get_backend("cpu"), seed=0)
+    flops = model_flops(model)[row["mode"]]
+    rate = flops * row["samples_per_second"]
+    return {**row, "flops_per_sample": flops, "flops_per_second": rate, "fraction_of_gemm_peak": rate / peak_flops}
+
+
 # == peak memory =====================================================================================
 
 
@@ -576,18 +639,24 @@ def format_table(report: dict) -> str:
         )
     for device, note in report["settings"]["device_notes"].items():
         lines.append(f"{device}: not measured ({note})")
-    header = ("device", "model", "algorithm", "mode", "batch", "samples/s", "torch NCHW", "ratio", "torch CL", "ratio")
+    for device, peak in report.get("gemm_peak_flops", {}).items():
+        lines.append(f"{device}: matrix-product peak {peak / 1e9:,.0f} GFLOP/s ({PEAK_GEMM_SIZE}^3 product, best of {PEAK_GEMM_REPEATS})")
+    header = ("device", "model", "algorithm", "mode", "batch", "samples/s", "range", "of peak",
+              "torch NCHW", "ratio", "torch CL", "ratio")  # fmt: skip
     rows = [header]
     for r in report["results"]:
+        repeats = r["repeats_samples_per_second"]
         rows.append(
             (
                 r["device"], r["model"], r["algorithm"], r["mode"], str(r["batch_size"]),
-                _number(r["samples_per_second"]), _number(r["torch_nchw"]), _ratio(r["ratio_to_torch_nchw"]),
+                _number(r["samples_per_second"]), f"{_number(min(repeats))}-{_number(max(repeats))}",
+                f"{100 * r['fraction_of_gemm_peak']:.0f}%" if "fraction_of_gemm_peak" in r else "-",
+                _number(r["torch_nchw"]), _ratio(r["ratio_to_torch_nchw"]),
                 _number(r["torch_channels_last"]), _ratio(r["ratio_to_torch_channels_last"]),
             )
         )  # fmt: skip
     if not report["torch"]["available"]:
-        rows = [row[:6] for row in rows]
+        rows = [row[:8] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for index, row in enumerate(rows):
         # Figures right-aligned, words left-aligned.

@@ -29,6 +29,10 @@ given, max-pooling returns batch-innermost arrays both ways, and Flatten hands t
 transposed ``(features, N)`` view instead of copying. Any layout is accepted everywhere; only speed
 depends on it.
 
+Threads. The copies, pooling passes and element-wise work go through ``be.map_chunks`` and the
+products through ``be.matmul``: one plain call on every device, and on the CPU one chunk per core
+(along channels, or along the batch axis when there are fewer channels than cores).
+
 Buffers. A caller may pass a ``workspace`` dict to :func:`conv2d_forward` (a layer keeps one); the
 im2col matrix is then allocated once and reused from step to step.
 
@@ -154,6 +158,38 @@ def _scratch(be: Backend, workspace: dict | None, name: str, shape: tuple, dtype
 # --------------------------------------------------------------------------------------------------
 
 
+def _parallel_axis(be: Backend, channels: int) -> int:
+    """The axis of a batch-innermost ``(C, ...)`` array to cut into chunks: C, or N when C is too short."""
+    return 0 if channels >= 4 else -1
+
+
+def multiply(be: Backend, a, b):
+    """``a * b`` for arrays of one shape, in ``a``'s memory layout."""
+    out = be.xp.empty_like(a)
+    be.map_chunks(lambda a_part, b_part, out_part: be.xp.multiply(a_part, b_part, out=out_part), a, b, out, axis=outer_axis(a))
+    return out
+
+
+def outer_axis(x) -> int:
+    """The axis along which ``x`` has its largest stride: cutting it gives chunks of long runs."""
+    strides = [abs(stride) if size > 1 else 0 for stride, size in zip(x.strides, x.shape)]
+    return strides.index(max(strides))
+
+
+def relu_forward(be: Backend, x):
+    """``(max(x, 0), x > 0)``, both in ``x``'s memory layout."""
+    xp = be.xp
+    y = xp.empty_like(x)
+    positive = xp.empty_like(x, dtype=bool)
+
+    def relu(x_part, y_part, positive_part):
+        xp.greater(x_part, 0, out=positive_part)
+        xp.maximum(x_part, 0, out=y_part)
+
+    be.map_chunks(relu, x, y, positive, axis=outer_axis(x))
+    return y, positive
+
+
 def as_batch_innermost(be: Backend, x):
     """``x (N, C, H, W)`` as a contiguous ``(C, H, W, N)`` array: free when ``x`` is a view of one."""
     return be.xp.ascontiguousarray(x.transpose(1, 2, 3, 0))
@@ -187,8 +223,12 @@ def _unfold_into(be: Backend, x, cols, stride: int, padding: int):
     channels, kernel_h, kernel_w, out_h, out_w, n = cols.shape
     x_chwn = as_batch_innermost(be, x)  # free after a gemm convolution; else one copy, not one per offset
     offsets = _kernel_offsets(tuple(x.shape[2:]), (kernel_h, kernel_w), stride, padding, (out_h, out_w))
-    for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets:
-        cols[:, i, j, out_rows, out_cols] = x_chwn[:, in_rows, in_cols]
+
+    def unfold(x_part, cols_part):
+        for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets:
+            cols_part[:, i, j, out_rows, out_cols] = x_part[:, in_rows, in_cols]
+
+    be.map_chunks(unfold, x_chwn, cols, axis=_parallel_axis(be, channels))
 
 
 def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
@@ -200,12 +240,15 @@ def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
     channels, kernel_h, kernel_w, out_h, out_w, n = cols.shape
     h, w = input_shape[2:]
     x_chwn = be.xp.zeros((channels, h, w, n), dtype=cols.dtype)
-    # Slice-adds in a fixed order: deterministic on every device (no atomics).
-    for i, j, (out_rows, out_cols), (in_rows, in_cols) in _kernel_offsets(
-        (h, w), (kernel_h, kernel_w), stride, padding, (out_h, out_w)
-    ):
-        target = x_chwn[:, in_rows, in_cols]
-        target += cols[:, i, j, out_rows, out_cols]  # in place through the view, with no write-back of it
+    offsets = _kernel_offsets((h, w), (kernel_h, kernel_w), stride, padding, (out_h, out_w))
+
+    def fold(cols_part, x_part):
+        # Slice-adds in a fixed order: deterministic on every device (no atomics).
+        for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets:
+            target = x_part[:, in_rows, in_cols]
+            target += cols_part[:, i, j, out_rows, out_cols]  # in place through the view, no write-back
+
+    be.map_chunks(fold, cols, x_chwn, axis=_parallel_axis(be, channels))
     return nchw_view(x_chwn)
 
 
@@ -264,7 +307,7 @@ def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
         weight_and_bias = xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
     _unfold_into(be, x, cols_2d[:patch_size].reshape(channels, kernel_h, kernel_w, out_h, out_w, n), stride, padding)
     # (F, C*KH*KW + 1) @ (C*KH*KW + 1, OH*OW*N): one contiguous 2-D product, which BLAS runs at full speed.
-    y = weight_and_bias @ cols_2d
+    y = be.matmul(weight_and_bias, cols_2d)
     return nchw_view(y.reshape(n_filters, out_h, out_w, n)), ("gemm", x.shape, weight, cols_2d, stride, padding)
 
 
@@ -279,9 +322,9 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None))
     # rows of a product between its threads, so the larger of the two small dimensions goes first:
     # (cols @ dy.T).T for the 32->64 layer, 1.4x faster; dy @ cols.T for the 1->32 layer, 2x faster.
     if cols_2d.shape[0] >= n_filters:
-        d_weight_and_bias = (cols_2d @ dy_2d.T).T
+        d_weight_and_bias = be.matmul(cols_2d, dy_2d.T).T
     else:
-        d_weight_and_bias = dy_2d @ cols_2d.T
+        d_weight_and_bias = be.matmul(dy_2d, cols_2d.T)
     has_bias = cols_2d.shape[0] > channels * kernel_h * kernel_w
     weight_rows = d_weight_and_bias[:, :-1] if has_bias else d_weight_and_bias
     dweight, dbias = grad_out
@@ -297,7 +340,7 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None))
         dbias[...] = d_weight_and_bias[:, -1]
     dx = None
     if need_input_grad:
-        dcols = weight.reshape(n_filters, -1).T @ dy_2d
+        dcols = be.matmul(weight.reshape(n_filters, -1).T, dy_2d)
         dx = col2im(be, dcols.reshape(channels, kernel_h, kernel_w, out_h, out_w, n), x_shape, stride, padding)
     return dx, dweight, dbias
 
@@ -409,18 +452,33 @@ def _maxpool_2x2_forward(be: Backend, x, for_backward: bool = True):
     against about ten for the separable sweeps.
     """
     xp = be.xp
+    n, channels = x.shape[:2]
     out_h, out_w = x.shape[2] // 2, x.shape[3] // 2
-    top_left, top_right, bottom_left, bottom_right = (
-        _quadrant(x, row, col, out_h, out_w) for row in (0, 1) for col in (0, 1)
-    )
-    # "left won" is tested against the fresh row maximum rather than the right value: the same
-    # answer, but it reads one quarter of x less, and while that quarter is still in cache.
-    top = xp.maximum(top_left, top_right)
-    bottom = xp.maximum(bottom_left, bottom_right)
-    y = xp.maximum(top, bottom)
+    # Outputs batch-innermost like x; the work is cut along channels (axis 1 of these NCHW views).
+    y = nchw_view(xp.empty((channels, out_h, out_w, n), dtype=x.dtype))
+    outputs = [y]
+    if for_backward:
+        outputs += [nchw_view(xp.empty((channels, out_h, out_w, n), dtype=bool)) for _ in range(3)]
+
+    def pool(x_part, y_part, *won):
+        top_left, top_right, bottom_left, bottom_right = (
+            _quadrant(x_part, row, col, out_h, out_w) for row in (0, 1) for col in (0, 1)
+        )
+        top = xp.maximum(top_left, top_right)
+        bottom = xp.maximum(bottom_left, bottom_right)
+        xp.maximum(top, bottom, out=y_part)
+        if won:
+            # "left won" is tested against the fresh row maximum rather than the right value: the
+            # same answer, but it reads one quarter of x less, and while that quarter is in cache.
+            top_won, top_left_won, bottom_left_won = won
+            xp.greater_equal(top, bottom, out=top_won)
+            xp.equal(top_left, top, out=top_left_won)
+            xp.equal(bottom_left, bottom, out=bottom_left_won)
+
+    be.map_chunks(pool, x, *outputs, axis=1)
     if not for_backward:
         return y, None
-    return y, ("2x2", x.shape, top >= bottom, top_left == top, bottom_left == bottom)
+    return y, ("2x2", x.shape, *outputs[1:])
 
 
 def _maxpool_2x2_backward(be: Backend, dy, cache):
@@ -431,12 +489,16 @@ def _maxpool_2x2_backward(be: Backend, dy, cache):
     # Every input is written when the windows tile the input; an odd last row or column gets zero.
     allocate = xp.empty if h % 2 == 0 and w % 2 == 0 else xp.zeros
     dx = nchw_view(allocate((channels, h, w, n), dtype=dy.dtype))
-    d_top = dy * top_won
-    d_bottom = dy - d_top  # exact for finite gradients: dy or 0, whichever d_top is not
-    for row, d_row, left_won in ((0, d_top, top_left_won), (1, d_bottom, bottom_left_won)):
-        left, right = (_quadrant(dx, row, col, out_h, out_w) for col in (0, 1))
-        xp.multiply(d_row, left_won, out=left)
-        xp.subtract(d_row, left, out=right)
+
+    def unpool(dy_part, top_won_part, top_left_won_part, bottom_left_won_part, dx_part):
+        d_top = dy_part * top_won_part
+        d_bottom = dy_part - d_top  # exact for finite gradients: dy or 0, whichever d_top is not
+        for row, d_row, left_won in ((0, d_top, top_left_won_part), (1, d_bottom, bottom_left_won_part)):
+            left, right = (_quadrant(dx_part, row, col, out_h, out_w) for col in (0, 1))
+            xp.multiply(d_row, left_won, out=left)
+            xp.subtract(d_row, left, out=right)
+
+    be.map_chunks(unpool, dy, top_won, top_left_won, bottom_left_won, dx, axis=1)
     return dx
 
 

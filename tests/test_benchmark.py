@@ -11,6 +11,7 @@ from cnn_backend import benchmark
 RESULT_FIELDS = {
     "device", "model", "algorithm", "mode", "batch_size", "samples_per_second", "repeats_samples_per_second",
     "steps_per_repeat", "torch_nchw", "torch_channels_last", "ratio_to_torch_nchw", "ratio_to_torch_channels_last",
+    "flops_per_sample", "flops_per_second", "fraction_of_gemm_peak",
 }  # fmt: skip
 
 
@@ -21,6 +22,7 @@ def test_quick_run_writes_the_report(tmp_path, capsys):
     report = json.loads(path.read_text())
 
     assert {"settings", "machine", "libraries", "blas", "environment", "torch", "results", "peak_memory"} <= set(report)
+    assert report["gemm_peak_flops"]["cpu"] > 0
     assert report["settings"]["quick"] is True
     assert {"cpu_model", "logical_cores", "usable_cores", "compute_threads"} <= set(report["machine"])
     assert {"python", "numpy", "scipy", "cupy", "torch"} <= set(report["libraries"])
@@ -33,6 +35,7 @@ def test_quick_run_writes_the_report(tmp_path, capsys):
     for row in report["results"]:
         assert RESULT_FIELDS <= set(row)
         assert row["samples_per_second"] > 0
+        assert row["fraction_of_gemm_peak"] == row["flops_per_sample"] * row["samples_per_second"] / report["gemm_peak_flops"]["cpu"]
         if report["torch"]["available"]:
             assert row["torch_nchw"] > 0 and row["ratio_to_torch_nchw"] > 0
 
@@ -61,3 +64,16 @@ def test_mounts_on_a_subcommand_parser():
     benchmark.add_arguments(parser.add_subparsers().add_parser("benchmark"))
     args = parser.parse_args(["benchmark", "--train-batch-sizes", "32,64", "--out", "x.json"])
     assert args.train_batch_sizes == [32, 64] and args.json == "x.json" and args.repeats == 5
+
+
+def test_flops_per_sample_count_every_product_of_the_default_model():
+    from cnn_backend.model import default_cnn, seed_cnn
+
+    # conv 1->32 3x3 on 28x28, conv 32->64 3x3 on 14x14, dense 3136->128 and 128->10 (multiply-adds)
+    macs = [32 * 9 * 28 * 28, 64 * 32 * 9 * 14 * 14, 3136 * 128, 128 * 10]
+    flops = benchmark.model_flops(default_cnn("cpu"))
+    assert flops["infer"] == 2 * sum(macs)
+    # training: + weight gradients of all four, + input gradients of all but the first
+    assert flops["train"] == 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
+    seed_macs = [36 * 23 * 23, 121 * 10]
+    assert benchmark.model_flops(seed_cnn("cpu")) == {"infer": 2 * sum(seed_macs), "train": 2 * (3 * sum(seed_macs) - seed_macs[0])}

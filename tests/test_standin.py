@@ -9,7 +9,7 @@ import numpy
 import pytest
 import scipy.signal
 
-from cnn_backend.backend import Backend, get_backend
+from cnn_backend.backend import Backend, cpu_backend, get_backend
 from cnn_backend.data import BatchLoader
 from cnn_backend.layers import FullyConnected, Layer, SoftmaxCrossEntropy
 from cnn_backend.model import Sequential, default_cnn, seed_cnn
@@ -257,7 +257,8 @@ def host_images(n=48, seed=0):
 def test_a_training_step_runs_on_the_standin_as_on_the_cpu(standin, build, algorithm):
     x, y = host_batch(n=4)
     results = []
-    for be in (get_backend("cpu"), standin):
+    # Against the plain CPU path: the parallel one rounds its split products differently.
+    for be in (cpu_backend(parallel=False), standin):
         model = build(be, seed=0, algorithm=algorithm)
         optimizer = Adam(model.parameters(), lr=1e-3, weight_decay=1e-2, backend=be)
         loss, n_correct = train_step(model, SoftmaxCrossEntropy(be), optimizer, x, be.to_device(y))
@@ -304,7 +305,7 @@ def test_batch_loader_and_fit_on_the_standin(standin, resident):
         assert isinstance(y, DeviceArray) and y.dtype == numpy.int64
     validation = (images[32:, None].astype(numpy.float32) / 255, labels[32:])
     histories = []
-    for be in (get_backend("cpu"), standin):
+    for be in (cpu_backend(parallel=False), standin):  # the plain path: split products round differently
         model = default_cnn(be, seed=0, dropout=0.5)
         optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, backend=be)
         loader = BatchLoader(images[:32], labels[:32], be, batch_size=8, max_device_bytes=1 << 30 if resident else 0)
@@ -328,7 +329,7 @@ def test_evaluate_and_predict_on_the_standin(standin):
 def test_saving_and_loading_models_through_the_standin(standin, tmp_path):
     model = default_cnn(standin, seed=3, dropout=0.25)
     path = model.save(tmp_path / "model.npz")
-    on_standin, on_cpu = Sequential.load(path, standin), Sequential.load(path, "cpu")
+    on_standin, on_cpu = Sequential.load(path, standin), Sequential.load(path, cpu_backend(parallel=False))
     for (name, param), (_, loaded), (_, cpu_param) in zip(
         model.named_parameters(), on_standin.named_parameters(), on_cpu.named_parameters()
     ):

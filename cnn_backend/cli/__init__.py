@@ -1,0 +1,126 @@
+"""The ``cnn-backend`` command line: ``train``, ``evaluate``, ``predict``, ``summary``, ``download``, ``benchmark``,
+``parity``, ``export``.
+
+:func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
+cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
+when interrupted. Known errors are reported as one line, ``cnn-backend: error: <message>``, on
+stderr, without a traceback; usage errors too (with the command's ``--help`` to see). SIGTERM is
+handled like Ctrl-C, with exit status 143. Results go to stdout; the progress bar and errors go to stderr.
+
+This package holds the entry point and the parser; :mod:`.train`, :mod:`.evaluate` (also ``predict``)
+and :mod:`.utility` (``summary``, ``download``) the commands; :mod:`.settings` and :mod:`.recorder` a
+training run's settings and files; :mod:`.arguments` the argument types; :mod:`.runtime` the device
+and network a command runs on; :mod:`.console` the exit statuses and one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+# Looked up here by the command modules when called, so that replacing them on this package (as
+# the tests do, to stay offline or to put in a stand-in device) takes effect everywhere.
+from ..backend import get_backend
+from ..data import download
+from ..datasets import download_dataset
+from ..runfolder import stop_signals_raise
+from .arguments import parse_range, select_range
+from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, USER_ERRORS, failure, print_error
+from .evaluate import add_evaluate_command, add_predict_command, load_evaluation_data, run_evaluate, run_predict
+from .recorder import EpochProgress, RunRecorder, format_epoch_line
+from .runtime import DEFAULT_MODEL, INPUT_SHAPE, build_model, check_spec_file, load_spec_model, open_backend
+from .settings import SETTING_NAMES, load_training_data, optimizer_config, resolve_ranges, resolve_settings, resolve_validation
+from .train import add_train_command, run_train
+from .utility import add_download_command, add_summary_command, run_download, run_summary
+
+__all__ = [
+    "DEFAULT_MODEL", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "INPUT_SHAPE", "OPTIONAL_COMMANDS",
+    "PROG", "SETTING_NAMES", "USER_ERRORS", "EpochProgress", "OneLineParser", "RunRecorder", "build_model", "build_parser",
+    "check_spec_file", "download", "download_dataset", "format_epoch_line", "get_backend", "load_evaluation_data",
+    "load_optional_command", "load_spec_model", "load_training_data", "main", "open_backend", "optimizer_config",
+    "parse_range", "resolve_ranges", "resolve_settings", "resolve_validation", "run_download", "run_evaluate",
+    "run_predict", "run_summary", "run_train", "select_range",
+]
+
+#: commands provided by optional modules, loaded only when invoked: name -> (module, help)
+OPTIONAL_COMMANDS = {
+    "benchmark": ("cnn_backend.benchmark", "measure training speed on a device"),
+    "parity": ("cnn_backend.parity", "compare CPU and GPU results"),
+    "export": ("cnn_backend.export", "write a checkpoint as an ONNX model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_name(argv)
+    optional_module = None
+    if command in OPTIONAL_COMMANDS:
+        try:
+            optional_module = load_optional_command(command)
+        except ImportError as exc:
+            print_error(exc)
+            return EXIT_USAGE
+    parser = build_parser({command: optional_module} if optional_module else {})
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    try:
+        with stop_signals_raise():
+            return args.handler(args)
+    except BaseException as exc:
+        status, message, prefix = failure(exc)
+        print_error(message, prefix)
+        return status
+
+
+def _command_name(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line, ``cnn-backend: error: <message>; see <command> --help``, exit 2
+    (instead of argparse's usage block before the message)."""
+
+    def error(self, message: str):
+        print_error(f"{message}; see {self.prog} --help")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParser:
+    """The full parser. ``optional_modules`` maps optional command names to their loaded modules;
+    the others are listed in the help only, so their modules are imported just when invoked."""
+    parser = OneLineParser(
+        prog=PROG, description="Train and evaluate a from-scratch CNN on Fashion-MNIST, other datasets or your own images, on the CPU or a CUDA GPU."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_command(commands)
+    add_evaluate_command(commands)
+    add_predict_command(commands)
+    add_summary_command(commands)
+    add_download_command(commands)
+    for name, (_, help_text) in OPTIONAL_COMMANDS.items():
+        module = (optional_modules or {}).get(name)
+        description = (module.__doc__ or "").strip().split("\n\n")[0] if module is not None else ""
+        sub = commands.add_parser(name, help=help_text, description=description or help_text)
+        if module is not None:
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.run)
+    return parser
+
+
+def load_optional_command(name: str):
+    """The module behind an optional command; ImportError (one line) when it is missing or incomplete."""
+    module_name = OPTIONAL_COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"the {name} command is not available: {module_name} cannot be imported ({exc})") from None
+    if not (callable(getattr(module, "add_arguments", None)) and callable(getattr(module, "run", None))):
+        raise ImportError(f"the {name} command is not available: {module_name} lacks add_arguments(parser) and run(args)")
+    return module
+

@@ -1,0 +1,111 @@
+"""Argument types of the command line (a bad value is a usage error, status 2), image ranges
+``START:STOP``, and the sub-parser of a command."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from ..data import BUNDLED_COUNT, DataError
+from ..datasets import DATASETS
+from ..datasets.folder import parse_image_size
+from ..spec import BUILTIN_NAMES
+
+DATA_METAVAR = "|".join(("auto", "bundled") + tuple(DATASETS)) + "|DIR"
+
+
+def add_command(commands, name: str, handler, *, help: str, description: str) -> argparse.ArgumentParser:
+    """The sub-parser of command ``name``, which runs ``handler(args)``."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _number(kind, accept, requirement: str):
+    """An argument type: the text as ``kind``, refused unless ``accept(value)`` holds."""
+
+    def parse(text: str):
+        value = _parse(kind, text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda value: value >= 1, "must be a positive integer")
+non_negative_int = _number(int, lambda value: value >= 0, "must be an integer >= 0")
+learning_rate = _number(float, lambda value: math.isfinite(value) and value > 0, "must be a finite number > 0")
+non_negative_float = _number(float, lambda value: math.isfinite(value) and value >= 0, "must be a finite number >= 0")
+open_fraction = _number(float, lambda value: 0.0 < value < 1.0, "must be between 0 and 1 (exclusive)")
+fraction = _number(float, lambda value: 0.0 <= value < 1.0, "must be in [0, 1)")
+
+
+def image_size_text(text: str) -> str:
+    try:
+        parse_image_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _parse(kind, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
+def model_text(text: str) -> str:
+    if text in BUILTIN_NAMES or Path(text).suffix in (".toml", ".json"):
+        return text
+    raise argparse.ArgumentTypeError(f"choose {', '.join(BUILTIN_NAMES)}, or an architecture file ending in .toml or .json, got {text!r}")
+
+
+def input_shape_text(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,28,28) or a feature count, got {text!r}")
+    return shape
+
+
+def range_text(text: str) -> str:
+    parse_range(text)  # syntax only; bounds are checked against the data
+    return text
+
+
+def parse_range(text: str) -> tuple[int | None, int | None]:
+    """``"START:STOP"`` (either end may be empty) as ``(start, stop)``; raises ArgumentTypeError."""
+    start, colon, stop = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        bounds = tuple(int(part) if part.strip() else None for part in (start, stop))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP (e.g. :5000 or 5000:10000), got {text!r}") from None
+    if any(bound is not None and bound < 0 for bound in bounds):
+        raise argparse.ArgumentTypeError(f"START and STOP must be >= 0, got {text!r}")
+    return bounds
+
+
+def select_range(text: str, total: int, option: str) -> slice:
+    """The slice ``text`` names in a split of ``total`` images; ValueError when empty or out of bounds."""
+    start, stop = parse_range(text)
+    start = 0 if start is None else start
+    stop = total if stop is None else stop
+    if stop > total:
+        raise DataError(
+            f"{option} {text} reaches past the {total:,} images available"
+            + ("; run `cnn-backend download` for the full 60,000" if total == BUNDLED_COUNT else "")
+        )
+    if start >= stop:
+        raise ValueError(f"{option} {text} selects no images")
+    return slice(start, stop)
+
+
+def range_label(window: slice) -> str:
+    return f"[{window.start}:{window.stop}] ({window.stop - window.start:,} images)"

@@ -1,0 +1,45 @@
+"""How the command line reports an outcome: its exit statuses and its one-line messages.
+
+Results go to stdout; errors go to stderr as ``cnn-backend: error: <message>``, always one line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..backend import DeviceUnavailableError
+from ..data import DataError
+from ..distributed import DistributedSetupError
+from ..layers import ShapeError
+from ..serialization import ModelFileError
+
+PROG = "cnn-backend"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: errors a user can fix from the command line: reported in one line, exit status 2
+USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError, DistributedSetupError)
+
+
+def failure(exc: BaseException) -> tuple[int, str, str]:
+    """Exit status, message and prefix of a failed command; exceptions that are not known errors
+    propagate (with their traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return getattr(exc, "exit_status", EXIT_INTERRUPTED), getattr(exc, "description", "interrupted"), ""
+    if isinstance(exc, USER_ERRORS):
+        return EXIT_USAGE, str(exc), "error: "
+    if isinstance(exc, OSError):
+        return EXIT_FAILED, str(exc), "error: "
+    raise exc
+
+
+def print_error(message, prefix: str = "error: ") -> None:
+    text = " ".join(str(message).split())  # always one line
+    print(f"{PROG}: {prefix}{text}", file=sys.stderr, flush=True)
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def silent(*parts, **options) -> None:
+    pass

@@ -1,0 +1,134 @@
+"""What a training run shows and keeps as it goes: the progress bar, one line per epoch, and the
+run folder's files after every epoch."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..checkpoint import Checkpoint, save_checkpoint
+from ..faults import pause_point
+from ..inputs import InputSpec
+from ..report import HistoryWriter
+from ..runfolder import HISTORY_FILE, LAST_CHECKPOINT, DeferredInterrupt, RunFolder
+from .console import PROG
+
+
+class EpochProgress:
+    """A per-epoch progress bar (loss, accuracy, samples/s) fed from the Trainer's log intervals;
+    nothing at all when ``show_bar`` is False (the per-epoch lines are printed either way)."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, batch_size: int, samples_per_epoch: int, show_bar: bool) -> None:
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.batch_size, self.samples_per_epoch = batch_size, samples_per_epoch
+        self.show_bar = show_bar
+        self.bar = None
+        self.epoch = 0
+
+    def start(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.started = time.perf_counter()
+        if self.show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.epochs}", unit="step",
+                leave=False, file=sys.stderr, dynamic_ncols=True,
+            )
+
+    def update(self, steps_done: int, loss: float, accuracy: float) -> None:
+        pause_point("step")
+        if self.bar is None:
+            return
+        samples = min(steps_done * self.batch_size, self.samples_per_epoch)
+        rate = samples / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"loss {loss:.4f}, acc {accuracy:.3f}, {rate:,.0f} samples/s", refresh=False)
+        self.bar.update(steps_done - self.bar.n)
+        if steps_done == self.steps_per_epoch:
+            self.bar.set_description(f"epoch {self.epoch}/{self.epochs} validating")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class RunRecorder:
+    """Records each finished epoch in the run folder: ``last.npz`` (the commit), the history row,
+    then ``best.npz`` when the validation accuracy improved, as one step that SIGINT and SIGTERM
+    cannot split (see :mod:`cnn_backend.runfolder` for the order)."""
+
+    def __init__(self, folder: RunFolder, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict,
+                 resumed: Checkpoint | None = None, inputs: InputSpec | None = None) -> None:
+        self.folder, self.out_dir = folder, folder.path
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.inputs = inputs
+        self.settings = settings
+        self.history = list(history)
+        self.best = dict(best)
+        self.resumed = resumed
+        self.last_saved_epoch = None  # the epoch of this folder's last.npz, once this run wrote one
+        self.samples = 0
+        self.seconds = 0.0
+        self.writer = HistoryWriter(self.out_dir / HISTORY_FILE)
+        if resumed is not None and same_folder(resumed.path.parent, self.out_dir):
+            self.last_saved_epoch = resumed.epoch
+            if self.best["epoch"] == resumed.epoch and resumed.path.name == LAST_CHECKPOINT:
+                folder.link_best()  # repairs a best.npz left one best behind by a kill (cheap: a link)
+        # Rewritten from the checkpoint: also repairs a history left one row short by a kill.
+        self.writer.start(self.history)
+
+    def record(self, stats) -> bool:
+        """Write the files of a finished epoch; returns whether it is the new best."""
+        row = stats.as_dict()
+        improved = stats.val_accuracy is not None and (self.best["val_accuracy"] is None or stats.val_accuracy > self.best["val_accuracy"])
+        best = {"epoch": stats.epoch, "val_accuracy": stats.val_accuracy} if improved else self.best
+        with DeferredInterrupt():
+            self._save(LAST_CHECKPOINT, stats.epoch, best, self.history + [row])
+            self.history.append(row)
+            self.best, self.last_saved_epoch = best, stats.epoch
+            self.writer.append(row)
+            pause_point("history")
+            if improved:
+                self.folder.link_best()
+        self.samples += stats.samples_per_second * stats.seconds
+        self.seconds += stats.seconds
+        return improved
+
+    def _save(self, name: str, epoch: int, best: dict, history: list[dict]) -> None:
+        save_checkpoint(
+            self.out_dir / name, self.model, self.optimizer, epoch=epoch, schedule=self.schedule,
+            settings=self.settings, loader_seed=self.settings["seed"], best=best, history=history,
+            inputs=self.inputs,
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def intact_text(self, *, resume_hint: bool) -> str:
+        """Which checkpoint is good after a failure (never a file that does not exist), and how to resume."""
+        if self.last_saved_epoch is not None:
+            path, epoch, out = self.out_dir / LAST_CHECKPOINT, self.last_saved_epoch, None
+        elif self.resumed is not None:
+            path, epoch, out = self.resumed.path, self.resumed.epoch, self.out_dir
+        else:
+            return "no epoch finished, so no checkpoint was written"
+        text = f"the last good checkpoint is {path} (epoch {epoch})"
+        if resume_hint:
+            text += f"; resume with: {PROG} train --resume {path}" + (f" --out {out}" if out is not None else "")
+        return text
+
+
+def same_folder(first: Path, second: Path) -> bool:
+    return first.resolve() == second.resolve()
+
+
+def format_epoch_line(stats, epochs: int, improved: bool) -> str:
+    """One line per finished epoch."""
+    width = len(str(epochs))
+    line = f"epoch {stats.epoch:>{width}}/{epochs}  train loss {stats.train_loss:.4f} acc {stats.train_accuracy:.4f}"
+    if stats.val_accuracy is not None:
+        line += f"  val loss {stats.val_loss:.4f} acc {stats.val_accuracy:.4f}"
+    line += f"  lr {stats.lr:.3g}  {stats.seconds:.1f} s  {stats.samples_per_second:,.0f} samples/s"
+    return line + ("  *best" if improved else "")

@@ -1,0 +1,130 @@
+"""The settings of a training run (options, else a resumed checkpoint's, else the model's recipe),
+its data and its training/validation split."""
+
+from __future__ import annotations
+
+from ..checkpoint import Checkpoint
+from ..data import BUNDLED_COUNT, stratified_holdout
+from ..datasets import load_dataset, source_kind
+from ..spec import BUILTIN_NAMES
+from ..training import OPTIMIZER_DEFAULTS, RECIPES
+from .arguments import range_label, select_range
+from .runtime import DEFAULT_MODEL
+
+#: the recipe of a network from an architecture file: the default model's, without the dropout
+#: that --dropout would add to the default network (a file writes its own Dropout layers)
+SPEC_FILE_RECIPE = {**RECIPES["default"], "dropout": 0.0}
+#: run settings that are not part of a recipe
+GENERAL_DEFAULTS = {
+    "seed": 0, "dtype": "float32", "data": "auto",
+    "image_size": None, "channels": None, "strict": False, "val_fraction": None, "normalize": False,
+}
+#: what defines a run (stored in its checkpoints and restored on --resume); device, output folder
+#: and display options are chosen afresh by each invocation.
+SETTING_NAMES = (
+    "model", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+    "dropout", "augment", "label_smoothing", "seed", "dtype", "data", "train_split", "val_split",
+    "image_size", "channels", "strict", "val_fraction", "normalize",
+)
+#: the training/validation split of a full 60,000-image training set
+FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
+#: share of a smaller data set (the bundled 10,000 images) used for training; the rest validates
+FALLBACK_TRAIN_SHARE = 0.8
+#: share of an image folder (ordered by class) held out per class when no split is given
+FOLDER_VALIDATION_FRACTION = 0.2
+
+
+def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> dict:
+    """The run settings: explicit options, else (with a checkpoint) the stored ones, else the recipe.
+
+    The model and optimiser of a resumed run are fixed by its checkpoint; asking for others is an
+    error. Choosing an optimiser other than the recipe's brings that optimiser's own defaults.
+    """
+    stored = {key: value for key, value in (checkpoint.settings if checkpoint else {}).items() if key in SETTING_NAMES}
+    for key in ("model", "optimizer"):
+        if stored.get(key) and explicit.get(key) not in (None, stored[key]):
+            raise ValueError(
+                f"{checkpoint.path} was trained with --{key} {stored[key]}, so --{key} {explicit[key]} cannot "
+                f"resume it (start a new run without --resume instead)"
+            )
+    model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
+    recipe = RECIPES.get(model, SPEC_FILE_RECIPE)
+    optimizer = explicit.get("optimizer") or stored.get("optimizer") or recipe["optimizer"]
+    defaults = {**GENERAL_DEFAULTS, **recipe}
+    if optimizer != recipe["optimizer"]:
+        defaults.update(OPTIMIZER_DEFAULTS[optimizer])
+    settings = {**defaults, **stored, **explicit, "model": model, "optimizer": optimizer}
+    if settings["dropout"] and model != "default":
+        hint = "" if model in BUILTIN_NAMES else "; write a Dropout layer into the architecture file instead"
+        raise ValueError(f"--dropout applies to the default model only, not {model}{hint}")
+    return {key: settings[key] for key in SETTING_NAMES}
+
+
+def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:
+    """Training and validation slices of ``total`` images, and one line saying which were chosen.
+
+    Ranges left to the data (None) are decided here and written back into ``settings``, so the
+    checkpoints record the ranges actually used.
+    """
+    train_text, val_text = settings["train_split"], settings["val_split"]
+    if train_text is None or val_text is None:
+        if total >= FULL_DATA_SIZE:
+            defaults, why = FULL_SPLIT, "the full-data split"
+        else:
+            cut = int(total * FALLBACK_TRAIN_SHARE)
+            defaults = (f":{cut}", f"{cut}:{total}")
+            why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available"
+            if total == BUNDLED_COUNT:
+                why += f" (the full-data split {FULL_SPLIT[0]}/{FULL_SPLIT[1]} needs `cnn-backend download`)"
+        train_text = train_text or defaults[0]
+        val_text = val_text or defaults[1]
+    elif (train_text, val_text) == (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]):
+        why = "the seed experiment's split"
+    else:
+        why = "as requested"
+    settings["train_split"], settings["val_split"] = train_text, val_text
+    train_window = select_range(train_text, total, "--train-split")
+    val_window = select_range(val_text, total, "--val-split")
+    line = f"split: training on {range_label(train_window)}, validating on {range_label(val_window)}: {why}"
+    if train_window.start < val_window.stop and val_window.start < train_window.stop:
+        line += " (warning: the two ranges overlap, validation accuracy is optimistic)"
+    return train_window, val_window, line
+
+
+def load_training_data(settings: dict):
+    """The training split of ``settings["data"]``, with the folder options the settings name."""
+    folder_options = {"channels": settings["channels"], "image_size": settings["image_size"]}
+    if source_kind(settings["data"]) != "image-folder":
+        if any(value is not None for value in folder_options.values()):
+            raise ValueError(f"--channels and --image-size apply to folders of images only, not to --data {settings['data']}")
+        folder_options = {}
+    return load_dataset(settings["data"], "train", strict=bool(settings["strict"]), **folder_options)
+
+
+def resolve_validation(settings: dict, data, explicit: dict) -> tuple:
+    """Training and validation selections (slices, or index arrays for a hold-out) and the line
+    saying which were chosen. Writes the choice back into ``settings`` for the checkpoints."""
+    ranges_given = any(key in explicit for key in ("train_split", "val_split"))
+    if "val_fraction" in explicit and ranges_given:
+        raise ValueError("--val-fraction and --train-split/--val-split choose the validation images two ways; pass one of them")
+    fraction = settings["val_fraction"]
+    if fraction is None and not ranges_given and settings["train_split"] is None and source_kind(settings["data"]) == "image-folder":
+        fraction, why = FOLDER_VALIDATION_FRACTION, "the default for image folders (ordered by class)"
+    else:
+        why = "as requested"
+    if fraction is None:
+        return resolve_ranges(settings, len(data))
+    settings["val_fraction"], settings["train_split"], settings["val_split"] = fraction, None, None
+    train_index, val_index = stratified_holdout(data.labels, fraction, settings["seed"])
+    line = (
+        f"split: training on {len(train_index):,} images, validating on a stratified {fraction:g} hold-out of "
+        f"every class ({len(val_index):,} images, seed {settings['seed']}): {why}"
+    )
+    return train_index, val_index, line
+
+
+def optimizer_config(settings: dict) -> dict:
+    """Keyword arguments of the settings' optimiser."""
+    if settings["optimizer"] == "adam":
+        return {"lr": settings["lr"], "betas": (settings["momentum"], 0.999), "weight_decay": settings["weight_decay"]}
+    return {"lr": settings["lr"], "momentum": settings["momentum"], "weight_decay": settings["weight_decay"]}

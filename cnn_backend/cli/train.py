@@ -1,0 +1,380 @@
+"""The ``train`` command: one process, or every process of an ``mpiexec`` data-parallel job."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..augment import AUGMENTATIONS, make_augmentation
+from ..backend import DEVICES, DTYPES
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..data import BatchLoader, Normalization
+from ..datasets import source_kind
+from ..datasets.folder import CHANNEL_CHOICES
+from ..distributed import bind_device, communicator_for_backend, world_communicator
+from ..faults import pause_point
+from ..functional import CONV_ALGORITHMS
+from ..inputs import InputSpec
+from ..layers import Convolution
+from ..optim import OPTIMIZERS, make_optimizer
+from ..report import confusion_matrix, matplotlib_available, plot_confusion_matrix, plot_curves, plot_filters
+from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder
+from ..serialization import FileWriteError
+from ..spec import BUILTIN_NAMES
+from ..summary import format_summary
+from ..training import OPTIMIZER_DEFAULTS, RECIPES, SCHEDULES, NonFiniteLossError, evaluate, fit, schedule_for_run, schedule_from_config
+from .arguments import (
+    DATA_METAVAR,
+    add_command,
+    fraction,
+    image_size_text,
+    learning_rate,
+    model_text,
+    non_negative_float,
+    non_negative_int,
+    open_fraction,
+    positive_int,
+    range_text,
+)
+from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, PROG, failure, print_error, say, silent
+from .recorder import EpochProgress, RunRecorder, format_epoch_line, same_folder
+from .runtime import build_model, check_spec_file, open_backend, quiet_float_warnings
+from .settings import (
+    FALLBACK_TRAIN_SHARE,
+    FOLDER_VALIDATION_FRACTION,
+    FULL_SPLIT,
+    SETTING_NAMES,
+    load_training_data,
+    optimizer_config,
+    resolve_settings,
+    resolve_validation,
+)
+
+#: seconds a failing process other than rank 0 waits before ending the job, so that an error every
+#: process meets (a bad option) is reported once, by rank 0; and after Ctrl-C, the time rank 0 has to
+#: finish writing an epoch's files
+FAILURE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 10.0
+
+CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png", "filters.png"
+
+
+def add_train_command(commands) -> None:
+    def recipe_default(key: str) -> str:
+        return ", ".join(f"{model} model {recipe[key]}" for model, recipe in RECIPES.items())
+
+    train = add_command(
+        commands, "train", run_train,
+        help="train a model; writes history, checkpoints and plots to --out",
+        description="Train a model on a dataset (Fashion-MNIST by default). Options left out take the model's recipe "
+        "(cnn_backend.training.RECIPES) or, with --resume, the values stored in the checkpoint.",
+    )
+    model = train.add_argument_group("model and data")
+    model.add_argument("--model", type=model_text, metavar="seed|default|FILE", help="architecture: seed (the seed article's "
+                       "one-filter network), default (a two-block CNN, used when --model is left out), or an architecture "
+                       "file (.toml or .json, see docs/spec-format.md; trained with the default model's recipe, without its dropout)")
+    model.add_argument("--dropout", type=fraction, metavar="RATE", help="dropout before the output layer, default model only "
+                       f"(default: {RECIPES['default']['dropout']}); an architecture file writes its own Dropout layers")
+    model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, or "
+                       f"crop-flip (random 2-pixel shifts and left-right flips) (default: {recipe_default('augment')})")
+    model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
+    model.add_argument("--conv-algorithm", choices=("auto",) + CONV_ALGORITHMS, help="convolution algorithm (default: auto)")
+    model.add_argument("--data", metavar=DATA_METAVAR, help="the data: auto (the default: the downloaded Fashion-MNIST "
+                       "if present, else its bundled 10,000-image subset), bundled, a dataset name (fashion-mnist, mnist, "
+                       "kmnist, cifar10: fetched by `cnn-backend download NAME`), or a folder: of IDX files, of CIFAR-10 "
+                       "binary batches, or of class sub-folders of images (DIR/<class>/<image>, or DIR/train/<class>/...)")
+    model.add_argument("--image-size", type=image_size_text, metavar="N|HxW", help="image folders: resize every image to "
+                       "this size (default: the most common size in the folder)")
+    model.add_argument("--channels", type=int, choices=CHANNEL_CHOICES, help="image folders: 1 (greyscale) or 3 (RGB) "
+                       "(default: 3 if any image is in colour, else 1)")
+    model.add_argument("--strict", action="store_true", default=None, help="image folders: refuse files that are not "
+                       "usable images instead of skipping them")
+    model.add_argument("--normalize", action="store_true", default=None, help="normalise each channel by the mean and "
+                       "standard deviation of the training images (recorded in the checkpoint)")
+    model.add_argument("--val-fraction", type=open_fraction, metavar="FRACTION", help="validate on a seeded, stratified "
+                       f"hold-out of this share of every class instead of ranges (default for image folders: "
+                       f"{FOLDER_VALIDATION_FRACTION:g})")
+    model.add_argument("--train-split", type=range_text, metavar="START:STOP", help="training images, a slice of the "
+                       f"training set (default: seed model {RECIPES['seed']['train_split']}; default model "
+                       f"{FULL_SPLIT[0]} on the full data, the first {FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set "
+                       "such as the bundled one)")
+    model.add_argument("--val-split", type=range_text, metavar="START:STOP", help="validation images (default: "
+                       f"seed model {RECIPES['seed']['val_split']}; default model {FULL_SPLIT[1]} on the full data, "
+                       f"the last {100 - FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set)")
+
+    optimisation = train.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=positive_int, help=f"last epoch to train (default: {recipe_default('epochs')})")
+    optimisation.add_argument("--batch-size", type=positive_int, help=f"samples per step (default: {recipe_default('batch_size')})")
+    optimisation.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"(default: {recipe_default('optimizer')})")
+    optimisation.add_argument("--lr", type=learning_rate, help=f"base learning rate (default: {recipe_default('lr')}; "
+                              f"adam {OPTIMIZER_DEFAULTS['adam']['lr']} when chosen against the recipe)")
+    optimisation.add_argument("--momentum", type=fraction, help=f"SGD momentum, or Adam's beta1 (default: {recipe_default('momentum')}; "
+                              f"adam {OPTIMIZER_DEFAULTS['adam']['momentum']})")
+    optimisation.add_argument("--weight-decay", type=non_negative_float, help=f"L2 (SGD) or decoupled (Adam) weight decay "
+                              f"(default: {recipe_default('weight_decay')})")
+    optimisation.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the run: constant; step (x0.1 every "
+                              f"ceil(epochs/3) epochs); cosine decay to 0 (default: {recipe_default('schedule')})")
+    optimisation.add_argument("--label-smoothing", type=fraction, metavar="EPSILON", help="train against targets "
+                              "(1 - EPSILON) one-hot + EPSILON / classes, in [0, 1); validation reports the plain loss "
+                              f"(default: {recipe_default('label_smoothing')})")
+    optimisation.add_argument("--seed", type=non_negative_int, help="seeds the initial weights, the batch order and dropout (default: 0)")
+
+    run = train.add_argument_group("run")
+    run.add_argument("--device", choices=DEVICES, default="auto", help="cpu, cuda, or auto: cuda when usable, else cpu (default: auto)")
+    run.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: runs/<date-time>, or the "
+                     "checkpoint's folder with --resume)")
+    run.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz) "
+                     "up to --epochs; other options default to the stored ones")
+    run.add_argument("--log-every", type=positive_int, default=50, metavar="STEPS", help="steps between progress updates "
+                     "(each reads the loss back from the device once) (default: 50)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar: one line per epoch")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots written at the end")
+
+
+def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None, conv_algorithm: str | None, inputs: InputSpec):
+    """A fresh model and optimiser, or the checkpoint's; also the first epoch left to train."""
+    if checkpoint is None:
+        model = build_model(settings, backend, conv_algorithm or "auto", inputs)
+        optimizer = make_optimizer(settings["optimizer"], model.parameters(), backend, **optimizer_config(settings))
+        return model, optimizer, 1
+    if checkpoint.epoch >= settings["epochs"]:
+        raise ValueError(
+            f"{checkpoint.path} already finished epoch {checkpoint.epoch} of {settings['epochs']}: "
+            f"nothing to resume; pass --epochs N (N > {checkpoint.epoch}) to train further"
+        )
+    model = checkpoint.build_model(backend)
+    if model.input_shape is not None and tuple(model.input_shape) != inputs.input_shape:
+        raise ValueError(f"{checkpoint.path} holds a model for inputs of shape {tuple(model.input_shape)}, the data has {inputs.input_shape}")
+    if conv_algorithm:
+        for _, layer in model.named_layers():
+            if isinstance(layer, Convolution):
+                layer.algorithm = conv_algorithm
+    optimizer = checkpoint.build_optimizer(model, **optimizer_config(settings))
+    return model, optimizer, checkpoint.epoch + 1
+
+
+def run_train(args) -> int:
+    """The ``train`` command: in this process, or in every process of an ``mpiexec`` job."""
+    world = world_communicator()
+    if world.size == 1:
+        return _train(args, world)
+    return _train_in_job(args, world)
+
+
+def _train_in_job(args, world) -> int:
+    """One process of a data-parallel job. A failure anywhere ends the whole job (``MPI_Abort``)
+    within seconds, with one line naming the process and the reason, instead of leaving the
+    others waiting in a collective operation."""
+    try:
+        status = _train(args, world)
+    except BaseException as exc:
+        try:
+            status, message, prefix = failure(exc)
+        except BaseException:  # not a known error: still one line, and the job must end
+            status, message, prefix = EXIT_FAILED, f"{type(exc).__name__}: {exc}", "error: "
+        if isinstance(exc, KeyboardInterrupt):  # every process was interrupted: rank 0 says so
+            if world.is_root:
+                print_error(message, prefix)
+        else:
+            _wait_for_rank_0(world, FAILURE_GRACE_SECONDS)
+            print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
+            world.abort(status)
+    if status != EXIT_OK:
+        # Rank 0 has reported (a non-finite loss, Ctrl-C) and ends the job; the others give it time.
+        _wait_for_rank_0(world, FAILURE_GRACE_SECONDS if status == EXIT_FAILED else INTERRUPT_GRACE_SECONDS)
+        world.abort(status)
+    return status
+
+
+def _wait_for_rank_0(world, seconds: float) -> None:
+    if not world.is_root:
+        time.sleep(seconds)
+
+
+def _train(args, world) -> int:
+    """Train in this process; ``world`` is the job's communicator (one process for a plain run).
+    Rank 0 alone prints and writes files."""
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
+    settings = resolve_settings(explicit, checkpoint)
+    if checkpoint is None and settings["model"] not in BUILTIN_NAMES:
+        check_spec_file(settings["model"])  # refused before the data is read; shapes are checked once it is
+    backend, device_line = open_backend(args.device, settings["dtype"])
+    gpu = bind_device(backend, world.local_rank)
+    if gpu is not None and world.size > 1:
+        device_line += f"; rank {world.rank} on GPU {gpu}"
+    communicator, distributed_line = communicator_for_backend(world, backend)
+
+    data = load_training_data(settings)
+    images, labels = data.images, data.labels
+    if checkpoint is None and source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder"):
+        # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX sets.
+        for key in ("train_split", "val_split"):
+            if key not in explicit:
+                settings[key] = None
+    train_window, val_window, split_line = resolve_validation(settings, data, explicit)
+    if checkpoint is not None:
+        inputs = checkpoint.input_spec()
+        inputs.check(data, f"--data {settings['data']}")
+    else:
+        normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None
+        inputs = InputSpec.for_data(data, normalization)
+    model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
+
+    loader = BatchLoader(
+        images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
+        num_classes=inputs.num_classes, normalization=inputs.normalization, rank=communicator.rank, size=communicator.size,
+    )
+    schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
+    schedule = schedule_from_config(schedule_settings)
+    validation = (inputs.prepare(images[val_window], backend.dtype), labels[val_window])
+    lines = [device_line, distributed_line, f"data: {data.source}", *(f"note: {note}" for note in data.notes),
+             f"input: {inputs.describe()}", split_line]
+    del images, labels, data  # the loader and the validation set keep what they use
+    pause_point("start")
+
+    # Everything that can be refused has been checked: only now is the output folder touched (by
+    # rank 0 alone; the others learn its name).
+    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None) if world.is_root else None
+    try:
+        out_dir = world.broadcast_object(folder.path if folder is not None else None)
+        return _train_in_folder(
+            args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch, checkpoint,
+            loader, schedule, schedule_settings, validation, lines, inputs,
+        )
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def _train_in_folder(args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch,
+                     checkpoint, loader, schedule, schedule_settings, validation, lines, inputs: InputSpec) -> int:
+    """The training run; ``folder`` is None on the processes other than rank 0, which neither print
+    nor write."""
+    announce = say if world.is_root else silent
+    report_error = print_error if world.is_root else silent
+    history, best = [], {"epoch": None, "val_accuracy": None}
+    if checkpoint is not None:
+        history = checkpoint.history
+        # best.npz of another folder is not carried over: there, best tracking starts afresh.
+        if same_folder(out_dir, checkpoint.path.parent):
+            best = checkpoint.best
+
+    announce(f"{PROG} train: {_describe_settings(settings)}")
+    for line in lines:
+        announce(line)
+    if checkpoint is not None:
+        announce(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
+        if checkpoint.schedule != schedule_settings:
+            announce(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
+    announce(f"outputs: {out_dir}")
+    announce(format_summary(model.summary()))
+
+    recorder = None
+    progress = EpochProgress(
+        settings["epochs"], len(loader), settings["batch_size"], loader.num_samples,
+        show_bar=not args.quiet and sys.stderr.isatty() and world.is_root,
+    )
+
+    def epoch_finished(stats) -> None:
+        progress.close()
+        if recorder is not None:
+            improved = recorder.record(stats)
+            announce(format_epoch_line(stats, settings["epochs"], improved))
+
+    def intact(resume_hint: bool) -> str:
+        if recorder is None:
+            return "no epoch finished, so no checkpoint was written" if checkpoint is None else \
+                f"the last good checkpoint is {checkpoint.path} (epoch {checkpoint.epoch})"
+        return recorder.intact_text(resume_hint=resume_hint)
+
+    stage = "training"
+    try:
+        if folder is not None:
+            recorder = RunRecorder(folder, model, optimizer, schedule,
+                                   {**settings, "device": backend.name, "processes": communicator.size},
+                                   history=history, best=best, resumed=checkpoint, inputs=inputs)
+        pause_point("folder")
+        started = time.perf_counter()
+        with quiet_float_warnings():
+            fit(
+                model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
+                augment=make_augmentation(settings["augment"], backend, settings["seed"]),
+                start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
+                on_epoch_end=epoch_finished, log_every=args.log_every, communicator=communicator,
+                label_smoothing=settings["label_smoothing"],
+            )
+        training_seconds = time.perf_counter() - started
+        if folder is None:
+            return EXIT_OK
+        stage = "plots"
+        pause_point("plots")
+        plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation, inputs.class_names)
+    except KeyboardInterrupt as exc:
+        progress.close()
+        what = getattr(exc, "description", "interrupted")
+        if stage == "plots":
+            report_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
+        else:
+            report_error(f"{what} during epoch {progress.epoch or start_epoch}; {intact(resume_hint=True)}", prefix="")
+        return getattr(exc, "exit_status", EXIT_INTERRUPTED)
+    except NonFiniteLossError as exc:
+        progress.close()
+        report_error(f"{exc}; {intact(resume_hint=False)}")
+        return EXIT_FAILED
+    except FileWriteError as exc:
+        progress.close()
+        report_error(f"{exc}; {intact(resume_hint=False)}; free space or choose another --out")
+        return EXIT_FAILED
+    finally:
+        if recorder is not None:
+            recorder.close()
+
+    announce(_summary_line(recorder, settings["epochs"] - start_epoch + 1, training_seconds, backend))
+    written = [HISTORY_FILE, LAST_CHECKPOINT] + ([BEST_CHECKPOINT] if (out_dir / BEST_CHECKPOINT).exists() else []) + plots
+    announce(f"outputs in {out_dir}: {', '.join(written)}")
+    return EXIT_OK
+
+
+def _summary_line(recorder: RunRecorder, epochs_run: int, seconds: float, backend) -> str:
+    if recorder.best["epoch"] is not None:
+        best = f"best validation accuracy {recorder.best['val_accuracy']:.4f} at epoch {recorder.best['epoch']}"
+    else:
+        best = "no validation accuracy recorded"
+    throughput = recorder.samples / recorder.seconds if recorder.seconds else 0.0
+    return (
+        f"done: {best}; {epochs_run} epoch{'s' if epochs_run != 1 else ''} in {seconds:.1f} s, "
+        f"{throughput:,.0f} training samples/s on {backend.name} ({backend.dtype.name})"
+    )
+
+
+def _describe_settings(settings: dict) -> str:
+    momentum_name = "beta1" if settings["optimizer"] == "adam" else "momentum"
+    text = (
+        f"{settings['model']} model, {settings['optimizer']} lr {settings['lr']:g} {momentum_name} {settings['momentum']:g} "
+        f"weight decay {settings['weight_decay']:g}, {settings['schedule']} schedule, batch {settings['batch_size']}, "
+        f"{settings['epochs']} epochs, seed {settings['seed']}, {settings['dtype']}"
+    )
+    text += f", dropout {settings['dropout']:g}" if settings["dropout"] else ""
+    text += f", label smoothing {settings['label_smoothing']:g}" if settings["label_smoothing"] else ""
+    return text + (f", augment {settings['augment']}" if settings["augment"] != "none" else "")
+
+
+def _write_training_plots(out_dir: Path, model, history: list[dict], validation, class_names) -> list[str]:
+    """Curves, validation confusion matrix and first-layer filters; skipped without matplotlib."""
+    if not matplotlib_available():
+        say("plots skipped: matplotlib is not installed (pip install 'cnn-backend[plot]')")
+        return []
+    images, labels = validation
+    predictions = evaluate(model, images, labels, with_predictions=True)["predictions"]
+    confusion = confusion_matrix(labels, predictions, len(class_names))
+    plot_curves(history, out_dir / CURVES_PLOT)
+    epoch = history[-1]["epoch"]
+    plot_confusion_matrix(confusion, class_names, out_dir / CONFUSION_PLOT, title=f"validation confusion matrix, epoch {epoch}")
+    written = [CURVES_PLOT, CONFUSION_PLOT]
+    first_conv = next((layer for _, layer in model.named_layers() if isinstance(layer, Convolution)), None)
+    if first_conv is not None:
+        plot_filters(model.backend.to_numpy(first_conv.params["weight"].data), out_dir / FILTERS_PLOT,
+                     title=f"first convolution layer filters, epoch {epoch}")
+        written.append(FILTERS_PLOT)
+    return written

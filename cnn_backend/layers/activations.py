@@ -1,0 +1,116 @@
+"""Activations: element-wise, so they keep whatever memory layout they are given."""
+
+from __future__ import annotations
+
+import math
+
+from .. import functional as F
+from ..backend import Backend
+from .base import Layer
+
+
+class ReLU(Layer):
+    """``max(x, 0)``; its gradient passes where the input was positive."""
+
+    _positive = None
+
+    def forward(self, x):
+        y, self._positive = F.relu_forward(self.backend, x)
+        return y
+
+    def backward(self, dy):
+        if self._positive is None:
+            raise self._forward_first()
+        dx = F.multiply(self.backend, dy, self._positive)
+        self._positive = None
+        return dx
+
+
+class LeakyReLU(Layer):
+    """``x`` where positive, ``negative_slope * x`` elsewhere (PyTorch's default slope 0.01)."""
+
+    def __init__(self, negative_slope: float = 0.01, *, backend: Backend | str | None = None) -> None:
+        super().__init__(backend)
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise ValueError(f"LeakyReLU: negative_slope must be a number, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def config(self) -> dict:
+        return {"negative_slope": self.negative_slope}
+
+    def forward(self, x):
+        # The local slope, 1 or negative_slope, serves forward and backward alike.
+        slope = (x > 0).astype(x.dtype)
+        slope *= 1.0 - self.negative_slope
+        slope += self.negative_slope
+        self._slope = slope
+        return x * slope
+
+    _slope = None
+
+    def backward(self, dy):
+        if self._slope is None:
+            raise self._forward_first()
+        dx = dy * self._slope
+        self._slope = None
+        return dx
+
+
+class Tanh(Layer):
+    """``tanh(x)``; its derivative ``1 - tanh(x)^2`` comes from the output."""
+
+    def forward(self, x):
+        self._y = self.backend.xp.tanh(x)
+        return self._y
+
+    _y = None
+
+    def backward(self, dy):
+        if self._y is None:
+            raise self._forward_first()
+        y, self._y = self._y, None
+        return dy * (1.0 - y * y)
+
+
+class Sigmoid(Layer):
+    """``1 / (1 + exp(-x))``, computed as ``(1 + tanh(x / 2)) / 2`` (no overflow for large ``|x|``)."""
+
+    def forward(self, x):
+        y = self.backend.xp.tanh(x * 0.5)
+        y += 1.0
+        y *= 0.5
+        self._y = y
+        return y
+
+    _y = None
+
+    def backward(self, dy):
+        if self._y is None:
+            raise self._forward_first()
+        y, self._y = self._y, None
+        return dy * (y * (1.0 - y))
+
+
+class GELU(Layer):
+    """GELU, tanh approximation (PyTorch's ``approximate="tanh"``):
+    ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))``."""
+
+    COEFFICIENT = 0.044715
+    SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+    def forward(self, x):
+        xp = self.backend.xp
+        squared = x * x
+        t = xp.tanh((x + self.COEFFICIENT * (squared * x)) * self.SQRT_2_OVER_PI)
+        self._saved = (x, squared, t)
+        return 0.5 * x * (1.0 + t)
+
+    _saved = None
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise self._forward_first()
+        x, squared, t = self._saved
+        self._saved = None
+        inner_derivative = (1.0 + (3.0 * self.COEFFICIENT) * squared) * self.SQRT_2_OVER_PI
+        return dy * (0.5 * (1.0 + t) + (0.5 * x) * (1.0 - t * t) * inner_derivative)

@@ -1,0 +1,152 @@
+"""The layer base class, the shape error, and the validators of size arguments."""
+
+from __future__ import annotations
+
+from ..backend import Backend, cpu_backend, get_backend
+from ..init import as_integer
+from ..parameters import Parameter
+
+
+class ShapeError(ValueError):
+    """An input whose shape, dtype or values a layer cannot take."""
+
+
+class Layer:
+    """Base class. Subclasses set ``self.params`` (name -> Parameter, trained) and, where they keep
+    state that is not trained, ``self.buffers`` (name -> device array, e.g. BatchNorm's running
+    statistics), and implement forward/backward.
+
+    :meth:`build` tells a layer its per-sample input shape, lets it create the parameters whose sizes
+    it infers from that shape (drawn from the host generator handed in, in layer order), and returns
+    its per-sample output shape. A layer given every size at construction builds at once.
+    """
+
+    def __init__(self, backend: Backend | str | None = None) -> None:
+        # Parameters are created directly in the backend's dtype, so float32 and float64 models
+        # are both cast from the same float64 host draw.
+        self.backend: Backend = cpu_backend() if backend is None else get_backend(backend)
+        self.params: dict[str, Parameter] = {}
+        self.buffers: dict = {}
+        self.training = True
+        # The first layer of a model never needs dx: skipping it saves a full col2im per step.
+        self.needs_input_grad = True
+        # Per-sample shapes seen by the last build (None until built with a shape).
+        self.input_shape: tuple | None = None
+        self.output_shape: tuple | None = None
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    def build(self, input_shape, rng=None) -> tuple:
+        """Check ``input_shape`` (per sample, no batch axis), create missing parameters from the
+        host generator ``rng``, and return the per-sample output shape."""
+        input_shape = tuple(int(size) for size in input_shape)
+        output_shape = tuple(self._build(input_shape, rng))
+        self.input_shape, self.output_shape = input_shape, output_shape
+        return output_shape
+
+    def _build(self, input_shape: tuple, rng) -> tuple:
+        """Subclasses: the output shape for ``input_shape`` (element-wise layers keep it)."""
+        return input_shape
+
+    def macs(self) -> int:
+        """Multiply-accumulates per sample at the last built shapes (see :mod:`cnn_backend.summary`
+        for what is counted; 0 for layers without weights)."""
+        return 0
+
+    def _expect_built_rank(self, input_shape: tuple, rank: int, layout: str) -> None:
+        if len(input_shape) != rank:
+            raise ShapeError(f"expected a per-sample input of shape {layout}, got {input_shape}")
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def children(self) -> list[tuple[str, "Layer"]]:
+        """Sub-layers of a container, as ``(name, layer)`` in order (none for plain layers)."""
+        return []
+
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
+        """Own parameters, then those of the children, with dotted names."""
+        named = [(prefix + name, param) for name, param in self.params.items()]
+        for child_name, child in self.children():
+            named += child.named_parameters(f"{prefix}{child_name}.")
+        return named
+
+    def named_buffers(self, prefix: str = "") -> list[tuple[str, object]]:
+        """Own buffers, then those of the children, with dotted names."""
+        named = [(prefix + name, value) for name, value in self.buffers.items()]
+        for child_name, child in self.children():
+            named += child.named_buffers(f"{prefix}{child_name}.")
+        return named
+
+    def set_buffer(self, name: str, value) -> None:
+        """Replace the buffer at dotted ``name`` (own or a child's) with the device array ``value``."""
+        head, _, rest = name.partition(".")
+        if not rest:
+            self.buffers[name] = value
+            return
+        for child_name, child in self.children():
+            if name.startswith(child_name + "."):
+                child.set_buffer(name[len(child_name) + 1 :], value)
+                return
+        raise KeyError(name)
+
+    def to(self, backend: Backend) -> "Layer":
+        """Move parameters and buffers to ``backend`` (cast to its dtype) and compute there from now on.
+
+        Parameters leave the model's flat buffer; :meth:`Sequential.to` builds a new one.
+        """
+        for param in self.params.values():
+            param.detach_from_flat()
+            host = self.backend.to_numpy(param.data)
+            param.data = backend.to_device(host.astype(backend.dtype))
+            param.grad = None
+        for name, value in self.buffers.items():
+            self.buffers[name] = backend.to_device(self.backend.to_numpy(value).astype(backend.dtype))
+        for _, child in self.children():
+            child.to(backend)
+        self.backend = backend
+        return self
+
+    def config(self) -> dict:
+        """Constructor arguments that rebuild this layer (parameters excluded)."""
+        return {}
+
+    def spec(self) -> dict:
+        """This layer as an architecture-file entry: its type and the options a user writes
+        (sizes that are inferred from the input shape are left out)."""
+        return {"type": type(self).__name__, **self.config()}
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    def _forward_first(self) -> RuntimeError:
+        return RuntimeError(f"{self}: backward needs a forward pass first (call forward, then backward once)")
+
+    def _expect_rank(self, x, rank: int, layout: str) -> None:
+        if x.ndim != rank:
+            raise ShapeError(f"{self}: expected a {rank}-D input {layout}, got shape {tuple(x.shape)}")
+
+    def _not_built(self, what: str) -> ShapeError:
+        return ShapeError(f"{self}: {what} is not known yet: build the layer with its input shape first (or give {what})")
+
+
+def _size(layer: str, name: str, value, low: int) -> int:
+    """A size argument as a Python int; NumPy integers count as integers."""
+    try:
+        return as_integer(value, name, low)
+    except ValueError as exc:
+        raise ValueError(f"{layer}: {exc}") from None
+
+
+def _optional_size(layer: str, name: str, value, low: int) -> int | None:
+    """As :func:`_size`, with None (a size that build infers) passed through."""
+    return None if value is None else _size(layer, name, value, low)

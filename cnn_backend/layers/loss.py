@@ -1,0 +1,66 @@
+"""The loss: fused softmax and cross-entropy over integer class labels."""
+
+from __future__ import annotations
+
+import numbers
+
+from .. import functional as F
+from ..backend import Backend, cpu_backend, get_backend
+from .base import ShapeError
+
+
+class NonFiniteLogitsError(ShapeError):
+    """Logits holding NaN or infinity: diverged weights or bad input."""
+
+
+class SoftmaxCrossEntropy:
+    """Fused softmax + categorical cross-entropy: the loss of integer class labels given logits.
+
+    ``check_inputs`` validates labels and logits (one device sync each); training loops that have
+    validated labels on the host turn it off and watch the loss value instead. ``label_smoothing``
+    in [0, 1) replaces the one-hot target by ``(1 - label_smoothing) onehot + label_smoothing / K``
+    (PyTorch's definition); it discourages over-confident logits.
+    """
+
+    def __init__(self, backend: Backend | str | None = None, *, check_inputs: bool = True, label_smoothing: float = 0.0) -> None:
+        self.backend = cpu_backend() if backend is None else get_backend(backend)
+        self.check_inputs = check_inputs
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+                or not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+        self._dlogits = None
+
+    def forward(self, logits, labels):
+        if not hasattr(labels, "shape"):  # a list or tuple of class indices
+            labels = self.backend.to_device(labels)
+        if logits.ndim != 2:
+            raise ShapeError(f"SoftmaxCrossEntropy: expected logits of shape (N, classes), got {tuple(logits.shape)}")
+        if labels.shape != (logits.shape[0],):
+            raise ShapeError(
+                f"SoftmaxCrossEntropy: expected labels of shape ({logits.shape[0]},) to match the logits, "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.dtype.kind not in "iu":
+            raise ShapeError(f"SoftmaxCrossEntropy: labels must be integer class indices, got dtype {labels.dtype}")
+        if self.check_inputs:
+            self._check_values(logits, labels)
+        loss, self._dlogits = F.softmax_cross_entropy(self.backend, logits, labels, self.label_smoothing)
+        return loss
+
+    def _check_values(self, logits, labels) -> None:
+        xp = self.backend.xp
+        n_classes = logits.shape[1]
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+            raise ShapeError(
+                f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], "
+                f"got values from {int(labels.min())} to {int(labels.max())}"
+            )
+        if not bool(xp.isfinite(logits).all()):
+            raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
+
+    def backward(self):
+        """Gradient of the mean loss with respect to the logits: ``(softmax - target) / N``."""
+        return self._dlogits
+
+    __call__ = forward

@@ -1,0 +1,216 @@
+"""The CPU backend's threads: large array operations cut into one chunk per core.
+
+NumPy runs each element-wise operation or copy on one core, releasing the GIL while it does.
+:func:`map_chunks` cuts one such operation along an outer axis into as many chunks as there are
+threads and runs them at once: the calling thread and a small pool of worker threads take chunks
+(a few per thread) until none are left, so a thread that another process keeps off its core
+delays no one. Workers wait on a lock, not in a busy loop, so an idle pool costs no CPU.
+
+:func:`matmul` runs NumPy's BLAS with one thread per chunk of the product on the same threads,
+instead of BLAS's own pool. OpenBLAS's worker threads spin for a while after each product (about
+0.1 s by default) before they sleep: on a machine with as many cores as threads, a spinning worker
+takes the core that the next element-wise chunk, or the main thread's next copy, needs, and the
+process runs several times slower until the spinning stops. With every product run on one BLAS
+thread from threads that block when idle, nothing spins. BLAS's own thread count is restored after
+each product, so the rest of the process sees the setting it had (it is controlled through
+threadpoolctl; without threadpoolctl, products run as plain ``a @ b``).
+
+The thread count is ``$CNN_BACKEND_NUM_THREADS`` when set, else the thread count NumPy's BLAS has
+when the first chunked operation runs (``OPENBLAS_NUM_THREADS``, threadpoolctl limits and the
+usable cores all reach it there), else the usable cores. :func:`set_thread_count` changes it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
+THREADS_ENV = "CNN_BACKEND_NUM_THREADS"
+#: below this many elements (in the largest operand) an operation runs as one call: handing a
+#: chunk to a waiting thread costs tens of microseconds, the time NumPy takes to copy ~100k floats
+MIN_SPLIT_ELEMENTS = 1 << 17
+#: products below this many floating-point operations run as one call on one BLAS thread
+MIN_SPLIT_FLOPS = 4_000_000
+#: chunks per thread: more balance on a busy machine, more calls on a quiet one
+CHUNKS_PER_THREAD = 2
+#: rows or columns of a product per chunk at least, so that each stays an efficient BLAS call
+MIN_PRODUCT_CHUNK = 128
+
+_lock = threading.Lock()
+_thread_count: int | None = None
+_pool: ThreadPoolExecutor | None = None
+_local = threading.local()  # .in_worker: set in pool threads, so nested calls run in place
+_blas_controllers: list | None = None
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _count_from_environment() -> int | None:
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{THREADS_ENV}={text!r} is not a thread count; set it to an integer >= 1 or unset it")
+    return count
+
+
+def thread_count() -> int:
+    """How many threads (the caller's included) chunked operations use."""
+    global _thread_count
+    if _thread_count is None:
+        count = _count_from_environment()
+        if count is None:
+            blas = [c.get_num_threads() for c in _blas()]
+            count = blas[0] if blas else _usable_cores()
+        _thread_count = max(1, int(count))
+    return _thread_count
+
+
+def set_thread_count(count: int | None) -> None:
+    """Use ``count`` threads from now on (None: choose again as at start-up)."""
+    global _thread_count, _pool
+    if count is not None and (not isinstance(count, int) or count < 1):
+        raise ValueError(f"thread count must be an integer >= 1, got {count!r}")
+    with _lock:
+        old, _pool = _pool, None
+        _thread_count = count
+    if old is not None:
+        old.shutdown(wait=True)
+
+
+def _mark_worker() -> None:
+    _local.in_worker = True
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    pool = _pool
+    if pool is None:
+        with _lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(
+                    max_workers=thread_count() - 1, thread_name_prefix="cnn-backend", initializer=_mark_worker
+                )
+            pool = _pool
+    return pool
+
+
+def _blas() -> list:
+    """threadpoolctl controllers of the BLAS libraries loaded now ([] without threadpoolctl)."""
+    global _blas_controllers
+    if _blas_controllers is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas_controllers = []
+        else:
+            _blas_controllers = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _blas_controllers
+
+
+def _bounds(length: int, parts: int) -> list[tuple[int, int]]:
+    step, extra = divmod(length, parts)
+    bounds, start = [], 0
+    for index in range(parts):
+        stop = start + step + (index < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _chunk(array, axis: int, start: int, stop: int):
+    axis %= array.ndim
+    return array[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def _run_split(kernel, arrays, axes, length: int, min_chunk: int = 1) -> None:
+    # A few chunks per thread, handed out as threads ask for them: when another process holds a
+    # core, the threads that do run take the chunks left over instead of waiting for it.
+    parts = max(1, min(thread_count() * CHUNKS_PER_THREAD, length // min_chunk))
+    bounds = iter(_bounds(length, parts))
+    handing_out = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with handing_out:
+                start, stop = next(bounds, (None, None))
+            if start is None:
+                return
+            kernel(*[_chunk(array, axis, start, stop) for array, axis in zip(arrays, axes)])
+
+    pool = _workers()
+    futures = [pool.submit(drain) for _ in range(min(thread_count(), parts) - 1)]
+    try:
+        drain()
+    finally:
+        # Wait for every chunk before returning (or raising): they write into the caller's arrays.
+        for future in futures:
+            future.exception()
+    for future in futures:
+        future.result()
+
+
+def _splittable(length: int, size: int) -> bool:
+    return length > 1 and size >= MIN_SPLIT_ELEMENTS and thread_count() > 1 and not getattr(_local, "in_worker", False)
+
+
+def map_chunks(kernel, arrays, axis: int = 0) -> None:
+    """``kernel(*arrays)``, run as ``kernel(*chunks)`` over one chunk of ``axis`` per thread.
+
+    ``kernel`` writes its results into some of ``arrays`` in place and must give the same result
+    on any equal slicing of ``axis`` of all of them (every array has that axis, of one length).
+    Small operations run as one call.
+    """
+    length = arrays[0].shape[axis]
+    if not _splittable(length, max(array.size for array in arrays)):
+        kernel(*arrays)
+        return
+    _run_split(kernel, arrays, [axis] * len(arrays), length)
+
+
+class _OneBlasThread:
+    """Hold NumPy's BLAS at one thread for a ``with`` block, then restore its thread counts."""
+
+    def __enter__(self):
+        self._saved = [(c, c.get_num_threads()) for c in _blas()]
+        for controller, count in self._saved:
+            if count != 1:
+                controller.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for controller, count in self._saved:
+            if count != 1:
+                controller.set_num_threads(count)
+
+
+def matmul(a, b, out=None):
+    """``a @ b`` for 2-D arrays (into ``out`` when given): row or column blocks of the result, one
+    per thread, each on one BLAS thread."""
+    if not _blas():
+        return numpy.matmul(a, b, out=out)
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = numpy.empty((m, n), dtype=numpy.result_type(a.dtype, b.dtype))
+    with _OneBlasThread():
+        # The longer side of the result is split: both halves then keep BLAS's blocking efficient.
+        length = max(m, n)
+        if 2 * m * n * k < MIN_SPLIT_FLOPS or not _splittable(length, MIN_SPLIT_ELEMENTS):
+            numpy.matmul(a, b, out=out)
+        elif n >= m:
+            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n, MIN_PRODUCT_CHUNK)
+        else:
+            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m, MIN_PRODUCT_CHUNK)
+    return out

@@ -1,0 +1,198 @@
+"""The CPU backend's chunked operations agree with the plain single-call path (float64)."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from cnn_backend import functional as F
+from cnn_backend import threads
+from cnn_backend.backend import Backend, CpuBackend, cpu_backend
+from cnn_backend.layers import SoftmaxCrossEntropy
+from cnn_backend.model import default_cnn, seed_cnn
+from cnn_backend.optim import SGD
+from cnn_backend.training import train_step
+
+PLAIN = cpu_backend("float64", parallel=False)
+PARALLEL = cpu_backend("float64")
+
+
+@pytest.fixture(params=[2, 3], ids=["2-threads", "3-threads"])
+def split_everything(request, monkeypatch):
+    """Chunk every operation, however small, over 2 or 3 threads (3 gives unequal chunks)."""
+    monkeypatch.setattr(threads, "MIN_SPLIT_ELEMENTS", 0)
+    monkeypatch.setattr(threads, "MIN_SPLIT_FLOPS", 0)
+    monkeypatch.setattr(threads, "MIN_PRODUCT_CHUNK", 1)
+    threads.set_thread_count(request.param)
+    yield request.param
+    threads.set_thread_count(None)
+
+
+def batch_innermost(rng, n, c, h, w):
+    """An ``(N, C, H, W)`` view of a contiguous ``(C, H, W, N)`` array, as the layers hand on."""
+    return F.nchw_view(numpy.ascontiguousarray(rng.standard_normal((c, h, w, n))))
+
+
+def test_the_backends_are_what_they_say():
+    assert type(PARALLEL) is CpuBackend and type(PLAIN) is Backend
+    assert type(PARALLEL.with_dtype("float32")) is CpuBackend
+
+
+def test_map_chunks_cuts_the_axis_into_chunks(split_everything):
+    a = numpy.arange(5.0 * 29).reshape(5, 29)
+    out = numpy.zeros_like(a)
+    seen = []
+
+    def kernel(a_part, out_part):
+        seen.append(a_part.shape)
+        out_part[...] = 2 * a_part
+
+    PARALLEL.map_chunks(kernel, a, out, axis=1)
+    numpy.testing.assert_array_equal(out, 2 * a)
+    parts = split_everything * threads.CHUNKS_PER_THREAD
+    assert sorted(seen) == sorted((5, len(chunk)) for chunk in numpy.array_split(range(29), parts))
+    seen.clear()
+    PLAIN.map_chunks(kernel, a, out, axis=1)
+    assert seen == [(5, 29)]
+
+
+def test_small_operations_run_as_one_call():
+    a = numpy.ones((4, 4))
+    seen = []
+    PARALLEL.map_chunks(lambda part: seen.append(part.shape), a)
+    assert seen == [(4, 4)]
+
+
+def test_an_error_in_a_chunk_reaches_the_caller(split_everything):
+    def kernel(part):
+        if part[0, 0] != 0:
+            raise ValueError("bad chunk")
+
+    with pytest.raises(ValueError, match="bad chunk"):
+        PARALLEL.map_chunks(kernel, numpy.arange(24.0).reshape(12, 2))
+    # The pool is still usable afterwards.
+    out = numpy.zeros((12, 2))
+    PARALLEL.map_chunks(lambda part: part.fill(1), out)
+    assert out.sum() == 24
+
+
+def test_a_chunk_that_chunks_again_runs_in_place(split_everything):
+    a = numpy.arange(24.0).reshape(6, 4)
+    out = numpy.zeros_like(a)
+
+    def inner(a_part, out_part):
+        out_part[...] = a_part + 1
+
+    PARALLEL.map_chunks(lambda a_part, out_part: PARALLEL.map_chunks(inner, a_part, out_part), a, out)
+    numpy.testing.assert_array_equal(out, a + 1)
+
+
+@pytest.mark.parametrize(
+    "m, k, n, transpose_a, transpose_b",
+    [(7, 5, 11, False, False), (11, 5, 7, True, False), (6, 9, 13, False, True), (13, 3, 4, True, True), (1, 4, 1, False, False)],
+)
+def test_matmul_matches_numpy_for_any_memory_order(split_everything, m, k, n, transpose_a, transpose_b):
+    rng = numpy.random.default_rng(0)
+    a = rng.standard_normal((k, m)).T if transpose_a else rng.standard_normal((m, k))
+    b = rng.standard_normal((n, k)).T if transpose_b else rng.standard_normal((k, n))
+    numpy.testing.assert_allclose(PARALLEL.matmul(a, b), a @ b, rtol=1e-13, atol=1e-13)
+
+
+def test_matmul_gives_blas_its_thread_count_back():
+    controllers = threads._blas()
+    if not controllers:
+        pytest.skip("threadpoolctl is not installed")
+    before = [c.get_num_threads() for c in controllers]
+    rng = numpy.random.default_rng(0)
+    PARALLEL.matmul(rng.standard_normal((300, 200)), rng.standard_normal((200, 300)))
+    assert [c.get_num_threads() for c in controllers] == before
+
+
+@pytest.mark.parametrize("channels", [1, 5])
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0), (1, 0)])
+def test_gemm_convolution_matches_the_plain_path(split_everything, channels, stride, padding):
+    rng = numpy.random.default_rng(1)
+    x = batch_innermost(rng, 6, channels, 9, 8)
+    weight, bias = rng.standard_normal((4, channels, 3, 3)), rng.standard_normal(4)
+    results = []
+    for be in (PLAIN, PARALLEL):
+        y, cache = F.conv2d_forward(be, x, weight, bias, stride, padding, "gemm", workspace={})
+        dy = numpy.random.default_rng(2).standard_normal(y.shape)
+        results.append((y, *F.conv2d_backward(be, dy, cache)))
+    for plain, parallel in zip(*results):
+        numpy.testing.assert_allclose(parallel, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 8, 8), (3, 4, 7, 9)])
+@pytest.mark.parametrize("layout", ["nchw", "batch-innermost"])
+def test_max_pooling_matches_the_plain_path(split_everything, shape, layout):
+    rng = numpy.random.default_rng(3)
+    x = rng.permutation(numpy.linspace(-1, 1, numpy.prod(shape))).reshape(shape)  # no ties
+    x[0, 0, :2, :2] = 0.5  # one window of ties
+    if layout == "batch-innermost":
+        x = F.nchw_view(numpy.ascontiguousarray(x.transpose(1, 2, 3, 0)))
+    results = []
+    for be in (PLAIN, PARALLEL):
+        y, cache = F.maxpool_forward(be, x, 2, 2)
+        inference, _ = F.maxpool_forward(be, x, 2, 2, for_backward=False)
+        dy = numpy.random.default_rng(4).standard_normal(y.shape)
+        results.append((y, inference, F.maxpool_backward(be, dy, cache)))
+    for plain, parallel in zip(*results):
+        numpy.testing.assert_array_equal(parallel, plain)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "batch-innermost", "2-d", "2-d transposed"])
+def test_relu_and_multiply_match_the_plain_path(split_everything, layout):
+    rng = numpy.random.default_rng(5)
+    if layout == "nchw":
+        x = rng.standard_normal((5, 3, 4, 6))
+    elif layout == "batch-innermost":
+        x = batch_innermost(rng, 5, 3, 4, 6)
+    elif layout == "2-d":
+        x = rng.standard_normal((9, 7))
+    else:
+        x = rng.standard_normal((7, 9)).T
+    dy = rng.standard_normal(x.shape)
+    for be in (PLAIN, PARALLEL):
+        y, positive = F.relu_forward(be, x)
+        numpy.testing.assert_array_equal(y, numpy.maximum(x, 0))
+        numpy.testing.assert_array_equal(positive, x > 0)
+        numpy.testing.assert_array_equal(F.multiply(be, dy, positive), dy * positive)
+        assert y.strides == x.strides  # the layout is kept
+
+
+@pytest.mark.parametrize("build", [seed_cnn, default_cnn], ids=["seed", "default"])
+def test_a_training_step_matches_the_plain_path(split_everything, build):
+    rng = numpy.random.default_rng(6)
+    x, y = rng.random((6, 1, 28, 28)), rng.integers(0, 10, size=6)
+    results = []
+    for be in (PLAIN, PARALLEL):
+        model = build(be, seed=0, algorithm="gemm", **({"dropout": 0.3} if build is default_cnn else {}))
+        optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, backend=be)
+        losses = [float(train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)[0]) for _ in range(2)]
+        results.append((losses, [p.data for p in model.parameters()]))
+    (plain_losses, plain_params), (losses, params) = results
+    numpy.testing.assert_allclose(losses, plain_losses, rtol=1e-12)
+    for plain, parallel in zip(plain_params, params):
+        numpy.testing.assert_allclose(parallel, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_a_bad_thread_count_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv(threads.THREADS_ENV, "two")
+    threads.set_thread_count(None)
+    try:
+        with pytest.raises(ValueError, match="CNN_BACKEND_NUM_THREADS='two' is not a thread count"):
+            threads.thread_count()
+    finally:
+        monkeypatch.delenv(threads.THREADS_ENV)
+        threads.set_thread_count(None)
+
+
+def test_the_environment_sets_the_thread_count(monkeypatch):
+    monkeypatch.setenv(threads.THREADS_ENV, "3")
+    threads.set_thread_count(None)
+    try:
+        assert threads.thread_count() == 3
+    finally:
+        monkeypatch.delenv(threads.THREADS_ENV)
+        threads.set_thread_count(None)
