@@ -308,49 +308,23 @@ def communicator_for_backend(world, backend, *, nccl=None):
 class GradientAverager:
     """Averages the parameters' gradients over the ranks with one all-reduce per step.
 
-    The gradients are packed into one contiguous device buffer (in ``model.parameters()`` order),
-    all-reduced in place, and each ``Parameter.grad`` is left as a view of its slice, as ChainerMN's
-    ``multi_node_mean_grad`` packs, reduces and scales by ``1/size``. ``weight`` scales this rank's
-    contribution first (a last batch shared unevenly); with one process nothing is done at all.
+    The gradients already live in one contiguous device buffer (``model.flat_grad``, in
+    ``model.parameters()`` order, every ``Parameter.grad`` a view of it), which is all-reduced in
+    place and scaled by ``1/size``, as ChainerMN's ``multi_node_mean_grad`` does with its packed
+    buffer. ``weight`` scales this rank's contribution first (a last batch shared unevenly); with one
+    process nothing is done at all.
     """
 
     def __init__(self, model, communicator) -> None:
         self.model, self.communicator = model, communicator
-        self._buffer = None
 
     def __call__(self, weight: float = 1.0) -> None:
         if self.communicator.size == 1:
             return
-        # Gradients that already live in one flat buffer are reduced where they are.
-        flat = getattr(self.model, "flat_grad", None)
-        packed = flat is None
-        if packed:
-            flat = self._pack()
+        flat = self.model.flat_grad
         if weight != 1.0:
             flat *= float(weight)
         self.communicator.allreduce_mean(flat)
-        if packed:
-            self._unpack(flat)
-
-    def _pack(self):
-        params = self.model.parameters()
-        xp = self.model.backend.xp
-        total = sum(p.data.size for p in params)
-        if self._buffer is None or self._buffer.size != total or self._buffer.dtype != params[0].data.dtype:
-            self._buffer = xp.empty(total, dtype=params[0].data.dtype)
-        offset = 0
-        for param in params:
-            size = param.data.size
-            self._buffer[offset:offset + size] = param.grad.reshape(-1)
-            offset += size
-        return self._buffer
-
-    def _unpack(self, flat) -> None:
-        offset = 0
-        for param in self.model.parameters():
-            size = param.data.size
-            param.grad = flat[offset:offset + size].reshape(param.data.shape)
-            offset += size
 
 
 def flat_parameters(model):

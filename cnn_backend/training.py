@@ -18,7 +18,8 @@ import numpy
 
 from .data import BatchShare
 from .distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
-from .layers import NonFiniteLogitsError, ShapeError, SoftmaxCrossEntropy
+from .layers import NonFiniteLogitsError, SoftmaxCrossEntropy
+from .layers.loss import check_label_range
 from .model import EVALUATION_BATCH_SIZE, Sequential
 from .optim import SCHEDULE_TYPES, ConstantSchedule, Optimizer
 
@@ -186,7 +187,7 @@ def evaluate(
         if flip_average:
             mirrored = numpy.ascontiguousarray(numpy.asarray(images[begin:stop])[..., ::-1])
             logits = (logits + model.predict_logits(mirrored, batch_size)) * 0.5
-        _check_labels(labels, logits.shape[1])
+        check_label_range(labels, logits.shape[1])
         y = be.to_device(labels[begin:stop])
         predicted = logits.argmax(axis=1)
         # Values are checked once the chunks are combined, the same on every process.
@@ -204,14 +205,6 @@ def evaluate(
     if with_predictions:
         result["predictions"] = be.to_numpy(predicted)
     return result
-
-
-def _check_labels(labels: numpy.ndarray, n_classes: int) -> None:
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ShapeError(
-            f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], "
-            f"got values from {int(labels.min())} to {int(labels.max())}"
-        )
 
 
 def _chunk_range(n_chunks: int, rank: int, size: int) -> tuple[int, int]:

@@ -51,11 +51,7 @@ class SoftmaxCrossEntropy:
     def _check_values(self, logits, labels) -> None:
         xp = self.backend.xp
         n_classes = logits.shape[1]
-        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-            raise ShapeError(
-                f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], "
-                f"got values from {int(labels.min())} to {int(labels.max())}"
-            )
+        check_label_range(labels, n_classes)
         if not bool(xp.isfinite(logits).all()):
             raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
 
@@ -64,3 +60,12 @@ class SoftmaxCrossEntropy:
         return self._dlogits
 
     __call__ = forward
+
+
+def check_label_range(labels, n_classes: int) -> None:
+    """Refuse class indices outside ``[0, n_classes)`` (host or device labels; a device read each)."""
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ShapeError(
+            f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], "
+            f"got values from {int(labels.min())} to {int(labels.max())}"
+        )
