@@ -75,6 +75,13 @@ class Backend:
         """
         kernel(*arrays)
 
+    def map_range(self, kernel, length: int, size: int) -> None:
+        """Run ``kernel(0, length)``; ``kernel(start, stop)`` must be correct on any split of the
+        range into consecutive parts, each part writing outputs no other part writes. The CPU
+        backend runs one part per core when the work (``size`` elements) is large. Here: one call.
+        """
+        kernel(0, length)
+
     def with_dtype(self, dtype: Any) -> "Backend":
         """The same device with another default float dtype."""
         return type(self)(self.name, self.xp, self.signal, _float_dtype(dtype))
@@ -112,6 +119,9 @@ class CpuBackend(Backend):
 
     def map_chunks(self, kernel, *arrays, axis: int = 0) -> None:
         threads.map_chunks(kernel, arrays, axis)
+
+    def map_range(self, kernel, length: int, size: int) -> None:
+        threads.map_range(kernel, length, size)
 
 
 class _ModuleOnFirstUse(ModuleType):

@@ -224,11 +224,13 @@ def _unfold_into(be: Backend, x, cols, stride: int, padding: int):
     x_chwn = as_batch_innermost(be, x)  # free after a gemm convolution; else one copy, not one per offset
     offsets = _kernel_offsets(tuple(x.shape[2:]), (kernel_h, kernel_w), stride, padding, (out_h, out_w))
 
-    def unfold(x_part, cols_part):
-        for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets:
-            cols_part[:, i, j, out_rows, out_cols] = x_part[:, in_rows, in_cols]
+    def unfold(start: int, stop: int):
+        # Shared out by kernel offset: each writes its own rows of cols, each copy a few long runs
+        # whatever the channel count (cutting the batch axis instead would cut every run short).
+        for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets[start:stop]:
+            cols[:, i, j, out_rows, out_cols] = x_chwn[:, in_rows, in_cols]
 
-    be.map_chunks(unfold, x_chwn, cols, axis=_parallel_axis(be, channels))
+    be.map_range(unfold, len(offsets), cols.size)
 
 
 def col2im(be: Backend, cols, input_shape, stride: int, padding: int):

@@ -181,10 +181,24 @@ def map_chunks(kernel, arrays, axis: int = 0) -> None:
     _run_split(kernel, arrays, [axis] * len(arrays), length)
 
 
+def map_range(kernel, length: int, size: int) -> None:
+    """``kernel(0, length)``, run as ``kernel(start, stop)`` over one part of ``range(length)`` per
+    thread when the work (``size`` elements) is large enough.
+
+    For work whose parts write disjoint outputs but are not slices of one axis of every array
+    (im2col's kernel offsets: each writes its own rows of the column matrix from the whole input).
+    """
+    if not _splittable(length, size):
+        kernel(0, length)
+        return
+    _run_split(lambda part: kernel(int(part[0]), int(part[-1]) + 1), [numpy.arange(length)], [0], length)
+
+
 class _OneBlasThread:
     """Hold NumPy's BLAS at one thread for a ``with`` block, then restore its thread counts."""
 
     def __enter__(self):
+        thread_count()  # settled first: read inside this block, BLAS's count would be our own 1
         self._saved = [(c, c.get_num_threads()) for c in _blas()]
         for controller, count in self._saved:
             if count != 1:

@@ -108,6 +108,40 @@ def test_matmul_gives_blas_its_thread_count_back():
     assert [c.get_num_threads() for c in controllers] == before
 
 
+def test_a_product_first_does_not_fix_the_thread_count_at_one():
+    """The count is read from BLAS: a product, which holds BLAS at one thread while it runs, must
+    not read it inside that hold (every later operation would then run on one core)."""
+    controllers = threads._blas()
+    if not controllers:
+        pytest.skip("threadpoolctl is not installed")
+    saved = [c.get_num_threads() for c in controllers]
+    try:
+        for controller in controllers:
+            controller.set_num_threads(2)
+        threads.set_thread_count(None)
+        rng = numpy.random.default_rng(0)
+        PARALLEL.matmul(rng.standard_normal((600, 600)), rng.standard_normal((600, 600)))
+        assert threads.thread_count() == 2
+    finally:
+        for controller, count in zip(controllers, saved):
+            controller.set_num_threads(count)
+        threads.set_thread_count(None)
+
+
+def test_map_range_shares_out_consecutive_parts(split_everything):
+    seen = []
+    PARALLEL.map_range(lambda start, stop: seen.append((start, stop)), 9, size=10**9)
+    parts = split_everything * threads.CHUNKS_PER_THREAD
+    expected, start = [], 0
+    for chunk in numpy.array_split(range(9), parts):
+        expected.append((start, start + len(chunk)))
+        start += len(chunk)
+    assert sorted(seen) == expected
+    seen.clear()
+    PLAIN.map_range(lambda start, stop: seen.append((start, stop)), 9, size=10**9)
+    assert seen == [(0, 9)]
+
+
 @pytest.mark.parametrize("channels", [1, 5])
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0), (1, 0)])
 def test_gemm_convolution_matches_the_plain_path(split_everything, channels, stride, padding):
