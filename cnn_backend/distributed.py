@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 from typing import Any
 
 import numpy
@@ -31,6 +32,8 @@ from .backend import cuda_nccl
 
 #: Environment variables an MPI launcher sets in every process it starts (MPICH/Hydra and Intel MPI,
 #: Open MPI, PMIx launchers, MVAPICH), with the ones giving the number of processes.
+#: pause between flushing a failing process's output and aborting the job (see MpiCommunicator.abort)
+ABORT_FLUSH_SECONDS = 0.5
 LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_RANK")
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -133,6 +136,9 @@ class MpiCommunicator:
     def abort(self, status: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # mpiexec forwards each process's output through its own proxy; an abort that comes at once
+        # can tear the job down before the last line (the error message) is forwarded.
+        time.sleep(ABORT_FLUSH_SECONDS)
         self.comm.Abort(status)
 
     def _host_buffer(self, array) -> numpy.ndarray:

@@ -564,6 +564,11 @@ def log_softmax(be: Backend, logits):
     return shifted - be.xp.log(be.xp.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def cross_entropy_per_sample(be: Backend, logits, labels):
+    """``-log softmax(logits)[n, labels[n]]`` for each sample: the loss alone, without its gradient."""
+    return -log_softmax(be, logits)[be.xp.arange(logits.shape[0]), labels]
+
+
 def softmax_cross_entropy(be: Backend, logits, labels, label_smoothing: float = 0.0):
     """Mean cross-entropy of integer ``labels`` under ``softmax(logits)`` and its gradient.
 

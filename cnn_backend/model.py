@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy
+
 from .backend import Backend, get_backend
 from .init import as_integer, make_rng
 from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
@@ -127,22 +129,19 @@ class Sequential:
         would mean nothing.
         """
         batch_size = as_integer(batch_size, "batch_size", 1)
+        if not isinstance(x, self.backend.xp.ndarray):
+            x = numpy.asarray(x)
         if not len(x):
             raise ShapeError("Sequential.predict_logits: no samples to predict (an empty input)")
-        xp = self.backend.xp
-        was_training = self.training
-        self.eval()
-        chunks, bad = [], 0
-        try:
-            for start in range(0, len(x), batch_size):
-                chunk = self.backend.to_device(x[start : start + batch_size])
-                bad += int(self.backend.to_numpy(xp.count_nonzero(~xp.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))))
-                if not bad:  # after a bad sample, only count the others
-                    chunks.append(self.forward(chunk))
-        finally:
-            self.train(was_training)
+        bad = _samples_not_finite(self.backend, x)
         if bad:
             raise ShapeError(f"Sequential.predict_logits: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [self.forward(self.backend.to_device(x[start : start + batch_size])) for start in range(0, len(x), batch_size)]
+        finally:
+            self.train(was_training)
         return self.backend.xp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
 
     def predict(self, x, batch_size: int = EVALUATION_BATCH_SIZE):
@@ -324,6 +323,30 @@ class Sequential:
         except ModelFileError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         return model
+
+
+def _samples_not_finite(backend: Backend, x) -> int:
+    """How many samples of ``x`` (host or device) hold NaN or infinity.
+
+    A host array is checked on the host; a device array costs one read back from the device (and a
+    second only when something is wrong), whatever the number of evaluation chunks.
+    """
+    if x.dtype.kind not in "fc":
+        return 0
+    if isinstance(x, numpy.ndarray):
+        # In slices, so the mask never costs more memory than one slice of the input.
+        return sum(
+            int(numpy.count_nonzero(~numpy.isfinite(part.reshape(len(part), -1)).all(axis=1)))
+            for part in (x[start : start + _HOST_CHECK_SAMPLES] for start in range(0, len(x), _HOST_CHECK_SAMPLES))
+        )
+    xp = backend.xp
+    if bool(xp.isfinite(x).all()):
+        return 0
+    return int(xp.count_nonzero(~xp.isfinite(x.reshape(len(x), -1)).all(axis=1)))
+
+
+#: samples per slice of the host-side check for NaN and infinity
+_HOST_CHECK_SAMPLES = 4096
 
 
 def _check_names(what: str, expected, found) -> None:

@@ -295,6 +295,36 @@ def test_an_epoch_reads_back_per_log_interval_not_per_step(standin):
     assert reads[0] == reads[1]
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-input", "device-input"])
+def test_evaluation_reads_back_the_same_few_times_for_any_number_of_chunks(standin, on_device):
+    images, labels = host_batch(48)
+    model = seed_cnn(standin, seed=0)
+    given = standin.to_device(images) if on_device else images
+    reads = []
+    for batch_size in (48, 4):  # 1 and 12 evaluation chunks
+        standin.usage.reset_counters()
+        model.predict_logits(given, batch_size=batch_size)
+        predict_reads = standin.usage.device_reads
+        evaluate(model, given, labels, batch_size=batch_size)
+        reads.append((predict_reads, standin.usage.device_reads))
+    assert reads[0] == reads[1]
+    # The non-finite check: none for host input, one device read for device input.
+    assert reads[0][0] == (1 if on_device else 0)
+
+
+def test_evaluation_loss_is_the_mean_cross_entropy(standin):
+    images, labels = host_batch(40)
+    model = seed_cnn("cpu", seed=0)
+    logits = model.predict_logits(images).astype(numpy.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - numpy.log(numpy.exp(shifted).sum(axis=1, keepdims=True))
+    expected = -log_probs[numpy.arange(40), labels].mean()
+    for backend in ("cpu", standin):
+        result = evaluate(seed_cnn(backend, seed=0), images, labels, batch_size=7)
+        assert result["loss"] == pytest.approx(expected, rel=1e-6)
+        assert result["accuracy"] == numpy.mean(logits.argmax(axis=1) == labels)
+
+
 @pytest.mark.parametrize("resident", [True, False], ids=["resident", "streamed"])
 def test_batch_loader_and_fit_on_the_standin(standin, resident):
     images, labels = host_images(40)

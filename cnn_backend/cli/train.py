@@ -37,7 +37,7 @@ from .arguments import (
     positive_int,
     range_text,
 )
-from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, PROG, failure, print_error, say, silent
+from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, print_error, say, silent
 from .recorder import EpochProgress, RunRecorder, format_epoch_line, same_folder
 from .runtime import build_model, check_spec_file, open_backend, quiet_float_warnings
 from .settings import (
@@ -52,9 +52,11 @@ from .settings import (
 )
 
 #: seconds a failing process other than rank 0 waits before ending the job, so that an error every
-#: process meets (a bad option) is reported once, by rank 0; and after Ctrl-C, the time rank 0 has to
-#: finish writing an epoch's files
-FAILURE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 10.0
+#: process meets is reported once, by rank 0; and after Ctrl-C, the time rank 0 has to finish
+#: writing an epoch's files. A usage error (a bad option or a batch the processes cannot share) is
+#: met by every process from the same settings, so the others wait long enough for a rank 0 that
+#: started late on a busy machine: 2 s was sometimes too short, and rank 1 spoke instead.
+FAILURE_GRACE_SECONDS, USAGE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 30.0, 10.0
 
 CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png", "filters.png"
 
@@ -176,7 +178,7 @@ def _train_in_job(args, world) -> int:
             if world.is_root:
                 print_error(message, prefix)
         else:
-            _wait_for_rank_0(world, FAILURE_GRACE_SECONDS)
+            _wait_for_rank_0(world, USAGE_GRACE_SECONDS if status == EXIT_USAGE else FAILURE_GRACE_SECONDS)
             print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
             world.abort(status)
     if status != EXIT_OK:
