@@ -217,6 +217,28 @@ class Normalization:
         return f"Normalization(mean={self.mean}, std={self.std})"
 
 
+#: samples per slice when host images are checked for NaN and infinity (bounds the mask's memory)
+HOST_CHECK_SAMPLES = 4096
+
+
+def count_non_finite_samples(images, backend) -> int:
+    """How many samples (first axis) of ``images`` hold NaN or infinity.
+
+    Host (NumPy) images are checked on the host, a slice at a time; device images of ``backend``
+    cost one read back from the device, and a second only when something is wrong.
+    """
+    if images.dtype.kind not in "fc":
+        return 0
+    on_host = isinstance(images, numpy.ndarray)
+    xp, step = (numpy, HOST_CHECK_SAMPLES) if on_host else (backend.xp, len(images))
+    bad = 0
+    for start in range(0, len(images), step):
+        part = images[start : start + step].reshape(min(step, len(images) - start), -1)
+        if not bool(xp.isfinite(part).all()):
+            bad += int(xp.count_nonzero(~xp.isfinite(part).all(axis=1)))
+    return bad
+
+
 def prepare_images(images, dtype="float32", normalization: Normalization | None = None) -> numpy.ndarray:
     """Host uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` as model input on the host: ``(N, C, H, W)``
     in [0, 1], then normalised per channel when ``normalization`` is given (what :class:`BatchLoader`

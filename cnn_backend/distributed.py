@@ -30,10 +30,10 @@ import numpy
 
 from .backend import cuda_nccl
 
-#: Environment variables an MPI launcher sets in every process it starts (MPICH/Hydra and Intel MPI,
-#: Open MPI, PMIx launchers, MVAPICH), with the ones giving the number of processes.
 #: pause between flushing a failing process's output and aborting the job (see MpiCommunicator.abort)
 ABORT_FLUSH_SECONDS = 0.5
+#: Environment variables an MPI launcher sets in every process it starts (MPICH/Hydra and Intel MPI,
+#: Open MPI, PMIx launchers, MVAPICH), with the ones giving the number of processes.
 LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_RANK")
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-import numpy
-
 from .backend import Backend, get_backend
+from .data import count_non_finite_samples
 from .init import as_integer, make_rng
 from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
 from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
@@ -130,10 +129,10 @@ class Sequential:
         """
         batch_size = as_integer(batch_size, "batch_size", 1)
         if not isinstance(x, self.backend.xp.ndarray):
-            x = numpy.asarray(x)
+            x = self.backend.to_numpy(x)
         if not len(x):
             raise ShapeError("Sequential.predict_logits: no samples to predict (an empty input)")
-        bad = _samples_not_finite(self.backend, x)
+        bad = count_non_finite_samples(x, self.backend)
         if bad:
             raise ShapeError(f"Sequential.predict_logits: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
         was_training = self.training
@@ -323,30 +322,6 @@ class Sequential:
         except ModelFileError as exc:
             raise ModelFileError(f"{path}: {exc}") from None
         return model
-
-
-def _samples_not_finite(backend: Backend, x) -> int:
-    """How many samples of ``x`` (host or device) hold NaN or infinity.
-
-    A host array is checked on the host; a device array costs one read back from the device (and a
-    second only when something is wrong), whatever the number of evaluation chunks.
-    """
-    if x.dtype.kind not in "fc":
-        return 0
-    if isinstance(x, numpy.ndarray):
-        # In slices, so the mask never costs more memory than one slice of the input.
-        return sum(
-            int(numpy.count_nonzero(~numpy.isfinite(part.reshape(len(part), -1)).all(axis=1)))
-            for part in (x[start : start + _HOST_CHECK_SAMPLES] for start in range(0, len(x), _HOST_CHECK_SAMPLES))
-        )
-    xp = backend.xp
-    if bool(xp.isfinite(x).all()):
-        return 0
-    return int(xp.count_nonzero(~xp.isfinite(x.reshape(len(x), -1)).all(axis=1)))
-
-
-#: samples per slice of the host-side check for NaN and infinity
-_HOST_CHECK_SAMPLES = 4096
 
 
 def _check_names(what: str, expected, found) -> None:
