@@ -49,6 +49,11 @@ class Backend:
     signal: ModuleType
     dtype: numpy.dtype = numpy.dtype("float32")
 
+    #: whether a model runs a first convolution and the 2x2 max-pool after it as one operation
+    #: (``functional.conv2d_maxpool2x2_forward``): it saves NumPy's per-run cost, which CuPy's
+    #: kernels do not have, so only the CPU backend does
+    fuses_conv_maxpool = False
+
     def to_device(self, array: Any, dtype: Any = None):
         """Return ``array`` as an array of this backend (no copy when it already is one)."""
         return self.xp.asarray(array, dtype=dtype)
@@ -113,6 +118,8 @@ class CpuBackend(Backend):
     way, each chunk on one BLAS thread, so no idle BLAS worker is left spinning on a core that the
     next chunk needs (see ``docs/performance.md``).
     """
+
+    fuses_conv_maxpool = True
 
     def matmul(self, a, b, out=None):
         return threads.matmul(a, b, out)

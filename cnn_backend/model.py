@@ -109,8 +109,16 @@ class Sequential:
             x = x.astype(self.backend.dtype)
         if self.input_shape is None:
             self.input_shape = tuple(x.shape[1:])
-        for layer in self.layers:
-            x = layer.forward(x)
+        layers, index = self.layers, 0
+        while index < len(layers):
+            layer, following = layers[index], layers[index + 1] if index + 1 < len(layers) else None
+            if isinstance(layer, Convolution) and isinstance(following, MaxPool) and layer.runs_with_maxpool(following, x.shape):
+                x = layer.forward_maxpool2x2(x)
+                following.pooled_by_previous()
+                index += 2
+            else:
+                x = layer.forward(x)
+                index += 1
         return x
 
     __call__ = forward

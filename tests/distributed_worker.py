@@ -84,7 +84,9 @@ def equivalence(world) -> dict:
             entry["sharded_validation"], entry["single_validation"] = sharded, single
             reference_model, reference_history = train(backend, SingleProcess(), images, labels)
             reference = reference_model.state_dict()
-            entry["max_difference"] = max(float(numpy.abs(weights[k] - reference[k]).max()) for k in reference)
+            differences = numpy.concatenate([numpy.abs(weights[k] - reference[k]).ravel() for k in reference])
+            entry["max_difference"] = float(differences.max())
+            entry["p99_difference"] = float(numpy.percentile(differences, 99))
             entry["history"], entry["reference_history"] = history, reference_history
             entry["parameters"] = int(sum(value.size for value in reference.values()))
             # The flat gradient buffer: every parameter plus the alignment padding between them.
@@ -92,7 +94,8 @@ def equivalence(world) -> dict:
             if float64_reference is None:
                 float64_reference = reference
             else:  # float32: how far one process's own rounding takes it from the float64 run
-                entry["float32_rounding"] = max(float(numpy.abs(reference[k] - float64_reference[k]).max()) for k in reference)
+                rounding = numpy.concatenate([numpy.abs(reference[k] - float64_reference[k]).ravel() for k in reference])
+                entry["float32_rounding"], entry["p99_float32_rounding"] = float(rounding.max()), float(numpy.percentile(rounding, 99))
         result[dtype] = entry
         world.barrier()
     return result

@@ -122,14 +122,49 @@ class Convolution(Layer):
         y, self._cache = F.conv2d_forward(self.backend, x, weight, bias, self.stride, self.padding, algorithm, self._workspace)
         return y
 
+    def runs_with_maxpool(self, pool, input_shape) -> bool:
+        """Whether this layer and the 2x2 max-pool ``pool`` after it should run as one operation,
+        :meth:`forward_maxpool2x2`, for input of ``input_shape`` (N, C, H, W).
+
+        Only on a backend that asks for it (the CPU's, where it saves NumPy's short strided
+        runs), for a stride-1 gemm convolution with an even output, when no input gradient is
+        wanted (a first layer, or evaluation), and where it pays (:func:`F.conv_maxpool_pays`).
+        """
+        if not (self.backend.fuses_conv_maxpool and pool.pool_size == pool.stride == 2 and self.stride == 1):
+            return False
+        if self.in_channels is None or len(input_shape) != 4 or input_shape[1] != self.in_channels:
+            return False
+        if self.training != pool.training or (self.training and self.needs_input_grad):
+            return False
+        weight_shape = (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
+        if resolve_conv_algorithm(self.algorithm, self.backend, weight_shape, self.stride) != "gemm":
+            return False
+        out_h, out_w = (F.output_size(size, self.kernel_size, 1, self.padding) for size in input_shape[2:])
+        return out_h % 2 == 0 and out_w % 2 == 0 and min(out_h, out_w) >= 2 and F.conv_maxpool_pays(*weight_shape[1:], self.out_channels)
+
+    def forward_maxpool2x2(self, x):
+        """This layer's forward pass followed by 2x2 max-pooling (stride 2), as one operation
+        (see :meth:`runs_with_maxpool`); :meth:`backward` then takes the pooled gradient."""
+        self._expect_rank(x, 4, "(N, C, H, W)")
+        weight = self.params["weight"].data
+        bias = self.params["bias"].data if self.bias else None
+        y, self._cache = F.conv2d_maxpool2x2_forward(
+            self.backend, x, weight, bias, self.padding, self._workspace, for_backward=self.training
+        )
+        return y
+
     def backward(self, dy):
         if self._cache is None:
             raise self._forward_first()
         weight, bias = self.params["weight"], self.params.get("bias")
-        dx, weight.grad, dbias = F.conv2d_backward(
-            self.backend, dy, self._cache, self.needs_input_grad,
-            grad_out=(weight.grad_view, None if bias is None else bias.grad_view),
-        )
+        grad_out = (weight.grad_view, None if bias is None else bias.grad_view)
+        if self._cache[0] == "gemm-maxpool2x2":
+            weight.grad, dbias = F.conv2d_maxpool2x2_backward(self.backend, dy, self._cache, grad_out)
+            if self.bias:
+                bias.grad = dbias
+            self._cache = None
+            return None
+        dx, weight.grad, dbias = F.conv2d_backward(self.backend, dy, self._cache, self.needs_input_grad, grad_out=grad_out)
         if self.bias:
             bias.grad = dbias
         self._cache = None

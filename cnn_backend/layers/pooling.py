@@ -47,9 +47,20 @@ class MaxPool(_WindowPool):
         y, self._cache = F.maxpool_forward(self.backend, x, self.pool_size, self.stride, for_backward=self.training)
         return y
 
+    #: the cache after a forward pass run by the convolution before it (Convolution.forward_maxpool2x2)
+    POOLED_BY_PREVIOUS = ("pooled by the previous layer",)
+
+    def pooled_by_previous(self) -> None:
+        """Record that the layer before pooled for this one: :meth:`backward` then hands the pooled
+        gradient back unchanged, and that layer's backward pass routes it through the windows."""
+        self._cache = self.POOLED_BY_PREVIOUS if self.training else None
+
     def backward(self, dy):
         if self._cache is None:
             raise RuntimeError(f"{self}: backward needs a forward pass in training mode first (call model.train())")
+        if self._cache is self.POOLED_BY_PREVIOUS:
+            self._cache = None
+            return dy
         dx = F.maxpool_backward(self.backend, dy, self._cache)
         self._cache = None
         return dx

@@ -1,0 +1,146 @@
+"""A first convolution and the 2x2 max-pool after it, run as one operation on the CPU backend, give
+the values, ties and gradients of the two layers run one after the other (float64)."""
+
+from __future__ import annotations
+
+import numpy
+import pytest
+
+from cnn_backend import functional as F
+from cnn_backend.backend import cpu_backend
+from cnn_backend.layers import Convolution, MaxPool, ReLU, SoftmaxCrossEntropy
+from cnn_backend.model import Sequential, default_cnn
+from cnn_backend.testing import standin_backend
+
+PLAIN = cpu_backend("float64", parallel=False)
+FUSING = cpu_backend("float64")
+
+
+def separate(be, x, weight, bias, padding):
+    """The two operations one after the other: ``(y, conv cache, pool cache)``."""
+    conv, conv_cache = F.conv2d_forward(be, x, weight, bias, 1, padding, "gemm")
+    y, pool_cache = F.maxpool_forward(be, conv, 2, 2)
+    return y, conv_cache, pool_cache
+
+
+@pytest.mark.parametrize("be", [PLAIN, FUSING, standin_backend("float64")], ids=["plain", "threads", "standin"])
+@pytest.mark.parametrize(
+    "n, c, f, size, k, padding, bias",
+    [(5, 1, 4, 12, 3, 1, True), (3, 2, 3, 9, 2, 0, True), (4, 1, 2, 10, 5, 2, False), (2, 3, 5, 7, 4, 1, True)],
+)
+def test_values_and_gradients_match_the_two_operations(be, n, c, f, size, k, padding, bias):
+    rng = numpy.random.default_rng(3)
+    x = be.to_device(rng.standard_normal((n, c, size, size)))
+    weight = be.to_device(rng.standard_normal((f, c, k, k)))
+    b = be.to_device(rng.standard_normal(f)) if bias else None
+    y, cache = F.conv2d_maxpool2x2_forward(be, x, weight, b, padding)
+    expected, conv_cache, pool_cache = separate(be, x, weight, b, padding)
+    numpy.testing.assert_allclose(be.to_numpy(y), be.to_numpy(expected), rtol=1e-13, atol=1e-13)
+
+    dy = be.to_device(rng.standard_normal(y.shape))
+    dweight, dbias = F.conv2d_maxpool2x2_backward(be, dy, cache)
+    _, expected_dweight, expected_dbias = F.conv2d_backward(be, F.maxpool_backward(be, dy, pool_cache), conv_cache, False)
+    numpy.testing.assert_allclose(be.to_numpy(dweight), be.to_numpy(expected_dweight), rtol=1e-12, atol=1e-12)
+    if bias:
+        numpy.testing.assert_allclose(be.to_numpy(dbias), be.to_numpy(expected_dbias), rtol=1e-12, atol=1e-12)
+    else:
+        assert dbias is None
+
+
+def test_ties_go_where_the_two_operations_send_them():
+    """A blank image makes every window a four-way tie (the bias alone), and a diagonal pair ties
+    in another: the gradient must reach the same inputs, so the weight gradient is the same."""
+    x = numpy.zeros((2, 1, 6, 6))
+    x[:, 0, 0, 1] = x[:, 0, 1, 0] = 1.0  # a top-right / bottom-left tie under a 1x1 kernel
+    weight, bias = numpy.ones((1, 1, 1, 1)), numpy.array([0.5])
+    y, cache = F.conv2d_maxpool2x2_forward(FUSING, x, weight, bias, 0)
+    expected, conv_cache, pool_cache = separate(PLAIN, x, weight, bias, 0)
+    numpy.testing.assert_array_equal(y, expected)
+    dy = numpy.arange(1.0, 1.0 + y.size).reshape(y.shape)
+    dweight, dbias = F.conv2d_maxpool2x2_backward(FUSING, dy, cache)
+    _, expected_dweight, expected_dbias = F.conv2d_backward(PLAIN, F.maxpool_backward(PLAIN, dy, pool_cache), conv_cache, False)
+    # dweight sums dy over the winners' inputs: 1 only where the top-right value won its window.
+    numpy.testing.assert_array_equal(dweight, expected_dweight)
+    assert dweight.item() == dy[:, 0, 0, 0].sum()
+    numpy.testing.assert_array_equal(dbias, expected_dbias)
+
+
+def test_an_odd_output_is_refused():
+    with pytest.raises(ValueError, match="output 5x5 must have even sides"):
+        F.conv2d_maxpool2x2_forward(FUSING, numpy.zeros((1, 1, 7, 7)), numpy.zeros((1, 1, 3, 3)), None, 0)
+
+
+def test_inference_records_nothing():
+    y, cache = F.conv2d_maxpool2x2_forward(FUSING, numpy.ones((1, 1, 4, 4)), numpy.ones((2, 1, 1, 1)), None, 0, for_backward=False)
+    assert cache is None and y.shape == (1, 2, 2, 2)
+
+
+def first_block(be, training=True, **conv_options):
+    options = {"kernel_size": 3, "padding": 1, **conv_options}
+    model = Sequential([Convolution(out_channels=16, **options), MaxPool(2), ReLU()], be, input_shape=(1, 8, 8), rng=0)
+    return model.train(training)
+
+
+@pytest.mark.parametrize(
+    "be, options, training, fused",
+    [
+        (FUSING, {}, True, True),
+        (FUSING, {}, False, True),
+        (PLAIN, {}, True, False),  # only the threaded CPU backend fuses
+        (standin_backend("float64"), {}, True, False),
+        (FUSING, {"stride": 2}, True, False),
+        (FUSING, {"padding": 0}, True, True),  # a 6x6 output is even too
+        (FUSING, {"kernel_size": 2, "padding": 0}, True, False),  # 7x7: odd
+        (FUSING, {"algorithm": "signal"}, True, False),
+    ],
+)
+def test_when_a_model_fuses(be, options, training, fused):
+    model = first_block(be, training, **options)
+    conv, pool = model.layers[:2]
+    assert conv.runs_with_maxpool(pool, (2, 1, 8, 8)) is fused
+    model.forward(numpy.ones((2, 1, 8, 8)))
+    if training:
+        assert (pool._cache is MaxPool.POOLED_BY_PREVIOUS) is fused
+
+
+def test_a_layer_that_passes_its_input_gradient_back_is_not_fused():
+    model = first_block(FUSING)
+    conv, pool = model.layers[:2]
+    conv.needs_input_grad = True
+    assert not conv.runs_with_maxpool(pool, (2, 1, 8, 8))
+    model.eval()  # no gradient at all in evaluation
+    assert conv.runs_with_maxpool(pool, (2, 1, 8, 8))
+
+
+def test_it_pays_only_with_few_input_channels():
+    assert F.conv_maxpool_pays(1, 3, 3, 32)  # the default model's first layer
+    assert not F.conv_maxpool_pays(32, 3, 3, 64)  # its second
+    wide = Sequential([Convolution(out_channels=4, kernel_size=3, padding=1), MaxPool(2)], FUSING, input_shape=(8, 6, 6), rng=0)
+    assert not wide.layers[0].runs_with_maxpool(wide.layers[1], (2, 8, 6, 6))
+
+
+def test_a_fused_model_trains_as_the_plain_one():
+    rng = numpy.random.default_rng(0)
+    x, labels = rng.random((6, 1, 28, 28)), rng.integers(0, 10, size=6)
+    results = []
+    for be in (PLAIN, FUSING):
+        model = default_cnn(be, seed=0)
+        loss = SoftmaxCrossEntropy(be)
+        loss.forward(model.forward(x), labels)
+        model.backward(loss.backward())
+        assert (model.layers[1]._cache is None) and model.layers[0]._cache is None  # both consumed
+        results.append(([p.grad.copy() for p in model.parameters()], model.eval().forward(x)))
+    (plain_grads, plain_logits), (grads, logits) = results
+    for plain, fused in zip(plain_grads, grads):
+        numpy.testing.assert_allclose(fused, plain, rtol=1e-11, atol=1e-13)
+    numpy.testing.assert_allclose(logits, plain_logits, rtol=1e-12, atol=1e-13)
+
+
+def test_the_pool_of_a_fused_pair_hands_the_gradient_back_once():
+    model = first_block(FUSING)
+    model.forward(numpy.ones((2, 1, 8, 8)))
+    pool = model.layers[1]
+    dy = numpy.ones((2, 16, 4, 4))
+    assert pool.backward(dy) is dy
+    with pytest.raises(RuntimeError, match="backward needs a forward pass in training mode first"):
+        pool.backward(dy)
