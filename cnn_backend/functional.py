@@ -33,6 +33,10 @@ Threads. The copies, pooling passes and element-wise work go through ``be.map_ch
 products through ``be.matmul``: one plain call on every device, and on the CPU one chunk per core
 (along channels, or along the batch axis when there are fewer channels than cores).
 
+Fused. On the CPU a first convolution and the 2x2 max-pool after it may run as one operation,
+:func:`conv2d_maxpool2x2_forward`, whose im2col columns come quadrant by quadrant so that pooling
+reads contiguous blocks (``Sequential`` chooses it; see ``Convolution.runs_with_maxpool``).
+
 Buffers. A caller may pass a ``workspace`` dict to :func:`conv2d_forward` (a layer keeps one); the
 im2col matrix is then allocated once and reused from step to step.
 
