@@ -34,8 +34,16 @@ THREADS_ENV = "CNN_BACKEND_NUM_THREADS"
 #: machine (benchmark, samples/s): at 2^17 the seed model trained 3x slower than unsplit; at 2^22
 #: the default model lost a fifth; 2^21 kept both within about 20% of their best.
 MIN_SPLIT_ELEMENTS = 1 << 21
-#: products below this many floating-point operations run as one call on one BLAS thread
-MIN_SPLIT_FLOPS = 4_000_000
+#: the same for copies shared out by :func:`map_range` (im2col): two threads copy only about 1.3x
+#: as fast as one on a 2-core VM (the copy is memory-bound), so a copy must be larger to repay
+#: waking a thread. Measured in one process (samples/s, medians): at 2^21 the seed model trained
+#: at batch 128 about a third slower than with nothing split (its 2.5M-value im2col was split);
+#: at 2^22 the default model's figures stayed within 2% of 2^21's.
+MIN_SPLIT_COPY_ELEMENTS = 1 << 22
+#: products below this many floating-point operations run as one call on one BLAS thread: the
+#: seed model's 5 MFLOP matrix-vector products at batch 128 (memory-bound) lost more to the
+#: wake-up than they gained at 4 MFLOP; every product of the default model is above 30 MFLOP
+MIN_SPLIT_FLOPS = 8_000_000
 #: chunks per thread: more balance on a busy machine, more calls on a quiet one
 CHUNKS_PER_THREAD = 2
 #: rows or columns of a product per chunk at least, so that each stays an efficient BLAS call
@@ -163,8 +171,9 @@ def _run_split(kernel, arrays, axes, length: int, min_chunk: int = 1) -> None:
         future.result()
 
 
-def _splittable(length: int, size: int) -> bool:
-    return length > 1 and size >= MIN_SPLIT_ELEMENTS and thread_count() > 1 and not getattr(_local, "in_worker", False)
+def _splittable(length: int, size: int, minimum: int | None = None) -> bool:
+    minimum = MIN_SPLIT_ELEMENTS if minimum is None else minimum
+    return length > 1 and size >= minimum and thread_count() > 1 and not getattr(_local, "in_worker", False)
 
 
 def map_chunks(kernel, arrays, axis: int = 0) -> None:
@@ -188,7 +197,7 @@ def map_range(kernel, length: int, size: int) -> None:
     For work whose parts write disjoint outputs but are not slices of one axis of every array
     (im2col's kernel offsets: each writes its own rows of the column matrix from the whole input).
     """
-    if not _splittable(length, size):
+    if not _splittable(length, size, MIN_SPLIT_COPY_ELEMENTS):
         kernel(0, length)
         return
     _run_split(lambda part: kernel(int(part[0]), int(part[-1]) + 1), [numpy.arange(length)], [0], length)

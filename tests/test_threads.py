@@ -21,6 +21,7 @@ PARALLEL = cpu_backend("float64")
 def split_everything(request, monkeypatch):
     """Chunk every operation, however small, over 2 or 3 threads (3 gives unequal chunks)."""
     monkeypatch.setattr(threads, "MIN_SPLIT_ELEMENTS", 0)
+    monkeypatch.setattr(threads, "MIN_SPLIT_COPY_ELEMENTS", 0)
     monkeypatch.setattr(threads, "MIN_SPLIT_FLOPS", 0)
     monkeypatch.setattr(threads, "MIN_PRODUCT_CHUNK", 1)
     threads.set_thread_count(request.param)
@@ -140,6 +141,18 @@ def test_map_range_shares_out_consecutive_parts(split_everything):
     seen.clear()
     PLAIN.map_range(lambda start, stop: seen.append((start, stop)), 9, size=10**9)
     assert seen == [(0, 9)]
+
+
+def test_a_copy_is_shared_out_only_from_its_own_threshold():
+    threads.set_thread_count(2)
+    try:
+        for size, parts in ((threads.MIN_SPLIT_COPY_ELEMENTS - 1, 1), (threads.MIN_SPLIT_COPY_ELEMENTS, 4)):
+            seen = []
+            PARALLEL.map_range(lambda start, stop: seen.append((start, stop)), 9, size=size)
+            assert len(seen) == parts, size
+    finally:
+        threads.set_thread_count(None)
+    assert threads.MIN_SPLIT_COPY_ELEMENTS > threads.MIN_SPLIT_ELEMENTS  # copies repay a wake-up later
 
 
 @pytest.mark.parametrize("channels", [1, 5])
