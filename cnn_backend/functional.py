@@ -294,23 +294,31 @@ def conv2d_backward(be: Backend, dy, cache, need_input_grad: bool = True, grad_o
     return _conv2d_backward_signal(be, dy, cache, need_input_grad)
 
 
+def _product_operands(be: Backend, workspace, name: str, weight, bias, pixels: int, dtype):
+    """The im2col matrix ``(C*KH*KW [+ 1], pixels)``, still to be filled, and the weights
+    ``(F, C*KH*KW [+ 1])`` that multiply it.
+
+    With a bias, the matrix's extra last row of ones carries it, so the product adds it and the
+    backward product sums dy into dbias, saving a pass over y and one over dy. The matrix is created
+    zeroed and kept in ``workspace``: the entries that read padding are never written and stay zero
+    on reuse.
+    """
+    n_filters = weight.shape[0]
+    patch_size = weight[0].size
+    bias_rows = 0 if bias is None else 1
+    cols_2d = _scratch(be, workspace, name, (patch_size + bias_rows, pixels), dtype, zeros=True)
+    if bias is None:
+        return cols_2d, weight.reshape(n_filters, patch_size)
+    cols_2d[-1] = 1
+    return cols_2d, be.xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
+
+
 def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
-    xp = be.xp
     n_filters, channels, kernel_h, kernel_w = weight.shape
     n, _, h, w = x.shape
     out_h, out_w = output_size(h, kernel_h, stride, padding), output_size(w, kernel_w, stride, padding)
     patch_size = channels * kernel_h * kernel_w
-    # cols as (C*KH*KW + 1, OH*OW*N): the extra last row of ones carries the bias, so the product
-    # adds it and the backward product sums dy into dbias, saving a pass over y and one over dy.
-    # Without a bias (bias=None) there is no such row.
-    # Created zeroed: the entries that read padding are never written and stay zero on reuse.
-    bias_rows = 0 if bias is None else 1
-    cols_2d = _scratch(be, workspace, "cols", (patch_size + bias_rows, out_h * out_w * n), x.dtype, zeros=True)
-    if bias is None:
-        weight_and_bias = weight.reshape(n_filters, patch_size)
-    else:
-        cols_2d[-1] = 1
-        weight_and_bias = xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
+    cols_2d, weight_and_bias = _product_operands(be, workspace, "cols", weight, bias, out_h * out_w * n, x.dtype)
     _unfold_into(be, x, cols_2d[:patch_size].reshape(channels, kernel_h, kernel_w, out_h, out_w, n), stride, padding)
     # (F, C*KH*KW + 1) @ (C*KH*KW + 1, OH*OW*N): one contiguous 2-D product, which BLAS runs at full speed.
     y = be.matmul(weight_and_bias, cols_2d)
@@ -386,14 +394,8 @@ def conv2d_maxpool2x2_forward(be: Backend, x, weight, bias, padding: int = 0, wo
     pooled_h, pooled_w = out_h // 2, out_w // 2
     pixels = pooled_h * pooled_w * n
     patch_size = channels * kernel_h * kernel_w
-    bias_rows = 0 if bias is None else 1
-    # Columns quadrant by quadrant; zeroed once, as in _conv2d_forward_gemm (padding is never written).
-    cols_2d = _scratch(be, workspace, "quadrant_cols", (patch_size + bias_rows, 4 * pixels), x.dtype, zeros=True)
-    if bias is None:
-        weight_and_bias = weight.reshape(n_filters, patch_size)
-    else:
-        cols_2d[-1] = 1
-        weight_and_bias = xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
+    # The same matrix as _conv2d_forward_gemm's, its columns quadrant by quadrant.
+    cols_2d, weight_and_bias = _product_operands(be, workspace, "quadrant_cols", weight, bias, 4 * pixels, x.dtype)
     cols = cols_2d[:patch_size].reshape(channels, kernel_h, kernel_w, 2, 2, pooled_h, pooled_w, n)
     x_chwn = as_batch_innermost(be, x)
     offsets = _quadrant_offsets((h, w), (kernel_h, kernel_w), padding, (pooled_h, pooled_w))
