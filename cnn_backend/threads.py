@@ -36,10 +36,10 @@ THREADS_ENV = "CNN_BACKEND_NUM_THREADS"
 MIN_SPLIT_ELEMENTS = 1 << 21
 #: the same for copies shared out by :func:`map_range` (im2col): two threads copy only about 1.3x
 #: as fast as one on a 2-core VM (the copy is memory-bound), so a copy must be larger to repay
-#: waking a thread. Measured in one process (samples/s, medians): at 2^21 the seed model trained
-#: at batch 128 about a third slower than with nothing split (its 2.5M-value im2col was split);
-#: at 2^22 the default model's figures stayed within 2% of 2^21's.
-MIN_SPLIT_COPY_ELEMENTS = 1 << 22
+#: waking a thread. Measured in one process (samples/s, medians): split from 2^21 values, the seed
+#: model trained at batch 128 about a third slower than with nothing split (its im2col holds 2.5M
+#: values); the default model's second-layer im2col at batch 64 (3.6M) still gains from a split.
+MIN_SPLIT_COPY_ELEMENTS = 3_000_000
 #: products below this many floating-point operations run as one call on one BLAS thread: the
 #: seed model's 5 MFLOP matrix-vector products at batch 128 (memory-bound) lost more to the
 #: wake-up than they gained at 4 MFLOP; every product of the default model is above 30 MFLOP

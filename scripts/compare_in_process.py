@@ -1,0 +1,82 @@
+"""Two settings of the CPU backend, alternately in one process: for gains smaller than the noise
+between fresh processes (up to 10% on a 2-core VM), which a before/after pair of benchmark runs
+cannot show.
+
+* ``fusion``: the first convolution and its 2x2 max-pool as one operation, or as two;
+* ``thresholds``: im2col copies split from 3M values and products from 8 MFLOP, or from 2^21
+  values and 4 MFLOP (the earlier setting).
+
+Each alternation runs warm-up steps, then as many steps as fit in ``--seconds``; printed are the
+median and range of samples/s over ``--rounds`` alternations per setting. The steps are the
+benchmark's (synthetic data, SGD with momentum for training).
+
+    python scripts/compare_in_process.py --what fusion --model default --mode train --batch 64
+    python scripts/compare_in_process.py --what thresholds --model seed --mode train --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cnn_backend import threads  # noqa: E402
+from cnn_backend.backend import CpuBackend, get_backend  # noqa: E402
+from cnn_backend.benchmark import our_step_function, synthetic_batches  # noqa: E402
+
+WARMUP_STEPS = 3
+
+
+def fusion(enabled: bool) -> None:
+    CpuBackend.fuses_conv_maxpool = enabled
+
+
+def thresholds(current: bool) -> None:
+    threads.MIN_SPLIT_COPY_ELEMENTS, threads.MIN_SPLIT_FLOPS = (3_000_000, 8_000_000) if current else (1 << 21, 4_000_000)
+
+
+SETTINGS = {
+    "fusion": (fusion, {True: "fused", False: "separate"}),
+    "thresholds": (thresholds, {True: "3M / 8 MFLOP", False: "2^21 / 4 MFLOP"}),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=sorted(SETTINGS), required=True)
+    parser.add_argument("--model", choices=("seed", "default"), default="default")
+    parser.add_argument("--mode", choices=("train", "infer"), default="train")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=0.4, help="timed seconds per alternation")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.rounds < 1 or args.seconds <= 0:
+        parser.error("--batch and --rounds must be >= 1 and --seconds > 0")
+    apply, names = SETTINGS[args.what]
+    backend = get_backend("cpu")
+    step = our_step_function(backend, args.model, "gemm", args.mode, synthetic_batches(args.batch, 0, "float32"), 0)
+    rates = {setting: [] for setting in names}
+    for _ in range(args.rounds):
+        for setting in names:
+            apply(setting)
+            for i in range(WARMUP_STEPS):
+                step(i)
+            steps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds:
+                step(steps)
+                steps += 1
+            rates[setting].append(args.batch * steps / (time.perf_counter() - start))
+    apply(True)
+    print(f"{args.model} {args.mode} batch {args.batch}, {args.rounds} alternations of {args.seconds} s:")
+    for setting, name in names.items():
+        values = rates[setting]
+        print(f"  {name:16s} median {statistics.median(values):,.0f} samples/s, range {min(values):,.0f}-{max(values):,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
