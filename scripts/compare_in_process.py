@@ -1,10 +1,10 @@
 """Two settings of the CPU backend, alternately in one process: for gains smaller than the noise
-between fresh processes (up to 10% on a 2-core VM), which a before/after pair of benchmark runs
+between fresh processes (up to a fifth on a 2-core VM), which a before/after pair of benchmark runs
 cannot show.
 
 * ``fusion``: the first convolution and its 2x2 max-pool as one operation, or as two;
-* ``thresholds``: im2col copies split from 3M values and products from 8 MFLOP, or from 2^21
-  values and 4 MFLOP (the earlier setting).
+* ``thresholds``: im2col copies and products split from the thresholds in ``cnn_backend.threads``,
+  or from 2^21 values and 4 MFLOP (the earlier setting).
 
 Each alternation runs warm-up steps, then as many steps as fit in ``--seconds``; printed are the
 median and range of samples/s over ``--rounds`` alternations per setting. The steps are the
@@ -35,13 +35,21 @@ def fusion(enabled: bool) -> None:
     CpuBackend.fuses_conv_maxpool = enabled
 
 
+CURRENT_THRESHOLDS = (threads.MIN_SPLIT_COPY_ELEMENTS, threads.MIN_SPLIT_FLOPS)
+EARLIER_THRESHOLDS = (1 << 21, 4_000_000)
+
+
 def thresholds(current: bool) -> None:
-    threads.MIN_SPLIT_COPY_ELEMENTS, threads.MIN_SPLIT_FLOPS = (3_000_000, 8_000_000) if current else (1 << 21, 4_000_000)
+    threads.MIN_SPLIT_COPY_ELEMENTS, threads.MIN_SPLIT_FLOPS = CURRENT_THRESHOLDS if current else EARLIER_THRESHOLDS
+
+
+def _label(copy_elements: int, flops: int) -> str:
+    return f"{copy_elements / 1e6:.1f}M / {flops / 1e6:.0f} MFLOP"
 
 
 SETTINGS = {
     "fusion": (fusion, {True: "fused", False: "separate"}),
-    "thresholds": (thresholds, {True: "3M / 8 MFLOP", False: "2^21 / 4 MFLOP"}),
+    "thresholds": (thresholds, {True: _label(*CURRENT_THRESHOLDS), False: _label(*EARLIER_THRESHOLDS)}),
 }
 
 

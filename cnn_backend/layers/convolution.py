@@ -158,13 +158,11 @@ class Convolution(Layer):
             raise self._forward_first()
         weight, bias = self.params["weight"], self.params.get("bias")
         grad_out = (weight.grad_view, None if bias is None else bias.grad_view)
-        if self._cache[0] == "gemm-maxpool2x2":
+        if self._cache[0] == "gemm-maxpool2x2":  # dy is the pooled gradient; no input gradient
+            dx = None
             weight.grad, dbias = F.conv2d_maxpool2x2_backward(self.backend, dy, self._cache, grad_out)
-            if self.bias:
-                bias.grad = dbias
-            self._cache = None
-            return None
-        dx, weight.grad, dbias = F.conv2d_backward(self.backend, dy, self._cache, self.needs_input_grad, grad_out=grad_out)
+        else:
+            dx, weight.grad, dbias = F.conv2d_backward(self.backend, dy, self._cache, self.needs_input_grad, grad_out=grad_out)
         if self.bias:
             bias.grad = dbias
         self._cache = None
