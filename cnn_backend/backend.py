@@ -53,6 +53,10 @@ class Backend:
     #: (``functional.conv2d_maxpool2x2_forward``): it saves NumPy's per-run cost, which CuPy's
     #: kernels do not have, so only the CPU backend does
     fuses_conv_maxpool = False
+    #: whether an evaluation-mode convolution with few filters runs as
+    #: ``functional.conv2d_forward_banded`` (no im2col): it saves copies that NumPy makes on one
+    #: core at a time; CuPy's copies are cheap kernels, so only the CPU backend does
+    bands_thin_convolutions = False
 
     def to_device(self, array: Any, dtype: Any = None):
         """Return ``array`` as an array of this backend (no copy when it already is one)."""
@@ -120,6 +124,7 @@ class CpuBackend(Backend):
     """
 
     fuses_conv_maxpool = True
+    bands_thin_convolutions = True
 
     def matmul(self, a, b, out=None):
         return threads.matmul(a, b, out)

@@ -3,6 +3,7 @@ between fresh processes (up to a fifth on a 2-core VM), which a before/after pai
 cannot show.
 
 * ``fusion``: the first convolution and its 2x2 max-pool as one operation, or as two;
+* ``banded``: thin convolutions in evaluation computed in banded form, or by im2col + product;
 * ``thresholds``: im2col copies and products split from the thresholds in ``cnn_backend.threads``,
   or from 2^21 values and 4 MFLOP (the earlier setting).
 
@@ -12,6 +13,7 @@ benchmark's (synthetic data, SGD with momentum for training).
 
     python scripts/compare_in_process.py --what fusion --model default --mode train --batch 64
     python scripts/compare_in_process.py --what thresholds --model seed --mode train --batch 128
+    python scripts/compare_in_process.py --what banded --model seed --mode infer --batch 256
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def fusion(enabled: bool) -> None:
     CpuBackend.fuses_conv_maxpool = enabled
 
 
+def banded(enabled: bool) -> None:
+    CpuBackend.bands_thin_convolutions = enabled
+
+
 CURRENT_THRESHOLDS = (threads.MIN_SPLIT_COPY_ELEMENTS, threads.MIN_SPLIT_FLOPS)
 EARLIER_THRESHOLDS = (1 << 21, 4_000_000)
 
@@ -49,6 +55,7 @@ def _label(copy_elements: int, flops: int) -> str:
 
 SETTINGS = {
     "fusion": (fusion, {True: "fused", False: "separate"}),
+    "banded": (banded, {True: "banded", False: "im2col"}),
     "thresholds": (thresholds, {True: _label(*CURRENT_THRESHOLDS), False: _label(*EARLIER_THRESHOLDS)}),
 }
 

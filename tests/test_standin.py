@@ -346,7 +346,7 @@ def test_batch_loader_and_fit_on_the_standin(standin, resident):
 def test_evaluate_and_predict_on_the_standin(standin):
     images, labels = host_images(24)
     x = images[:, None].astype(numpy.float32) / 255
-    cpu_model, model = seed_cnn("cpu", seed=1), seed_cnn(standin, seed=1)
+    cpu_model, model = seed_cnn(cpu_backend(parallel=False), seed=1), seed_cnn(standin, seed=1)
     scores = evaluate(model, x, labels, batch_size=10)
     assert isinstance(scores["loss"], float) and scores == evaluate(cpu_model, x, labels, batch_size=10)
     flipped = evaluate(model, x, labels, batch_size=10, flip_average=True)

@@ -119,8 +119,19 @@ class Convolution(Layer):
         weight = self.params["weight"].data
         bias = self.params["bias"].data if self.bias else None
         algorithm = resolve_conv_algorithm(self.algorithm, self.backend, weight.shape, self.stride)
-        y, self._cache = F.conv2d_forward(self.backend, x, weight, bias, self.stride, self.padding, algorithm, self._workspace)
+        if algorithm == "gemm" and self.runs_banded(x.shape):
+            y, self._cache = F.conv2d_forward_banded(self.backend, x, weight, bias, self.stride, self.padding, self._workspace)
+        else:
+            y, self._cache = F.conv2d_forward(self.backend, x, weight, bias, self.stride, self.padding, algorithm, self._workspace)
         return y
+
+    def runs_banded(self, input_shape) -> bool:
+        """Whether :meth:`forward` on input of ``input_shape`` (N, C, H, W) computes the gemm
+        convolution in its banded form (:func:`F.conv2d_forward_banded`): in evaluation only (a
+        training step wants the im2col matrix again for the weight gradient), on a backend that
+        asks for it (the CPU's), where it does less work (:func:`F.banded_convolution_pays`)."""
+        weight_shape = (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
+        return not self.training and self.backend.bands_thin_convolutions and F.banded_convolution_pays(weight_shape, input_shape[2])
 
     def runs_with_maxpool(self, pool, input_shape) -> bool:
         """Whether this layer and the 2x2 max-pool ``pool`` after it should run as one operation,
