@@ -37,6 +37,10 @@ Fused. On the CPU a first convolution and the 2x2 max-pool after it may run as o
 :func:`conv2d_maxpool2x2_forward`, whose im2col columns come quadrant by quadrant so that pooling
 reads contiguous blocks (``Sequential`` chooses it; see ``Convolution.runs_with_maxpool``).
 
+Banded. In evaluation, the CPU backend computes a convolution with few filters without im2col:
+:func:`conv2d_forward_banded` multiplies the input once by a banded weight matrix and sums the
+partial results with one slice-add per kernel column (``Convolution.runs_banded`` chooses it).
+
 Buffers. A caller may pass a ``workspace`` dict to :func:`conv2d_forward` (a layer keeps one); the
 im2col matrix is then allocated once and reused from step to step.
 
@@ -367,7 +371,7 @@ def banded_convolution_pays(weight_shape: tuple, input_h: int) -> bool:
     multiplies them by ``F`` filters; the banded form multiplies ``KW * F * C * H`` band entries
     and writes and reads back ``KW * F`` partial sums. True for the seed model's 1-filter 6x6 layer
     (about 700 against 1,150), false for every layer of the default model (3x3 kernels, 32-64
-    filters: ten times more).
+    filters: four to thirteen times more).
     """
     n_filters, channels, kernel_h, kernel_w = weight_shape
     im2col_cost = channels * kernel_h * kernel_w * (FLOPS_PER_COPIED_VALUE + 2 * n_filters)
