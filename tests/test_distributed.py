@@ -268,9 +268,9 @@ def test_two_ranks_end_with_the_weights_and_validation_of_one_process(tmp_path):
     float64, float32 = result["float64"], result["float32"]
     assert float64["max_difference"] < 1e-9
     # The weights agree to 1e-9, not bit for bit (the two halves of each batch sum are added after
-    # the all-reduce), so the validation loss agrees to rounding, not exactly.
+    # the all-reduce), so the validation loss agrees to rounding, not exactly (the accuracy, exactly: above).
     for row, reference_row in zip(float64["history"], float64["reference_history"], strict=True):
-        assert row[0] == pytest.approx(reference_row[0], rel=1e-12) and row[1] == reference_row[1]
+        assert row[0] == pytest.approx(reference_row[0], rel=1e-12)
     # float32: the runs differ only in the order of the batch sums (two halves added after the
     # all-reduce). After 20 steps 99% of the weights differ by no more than one process's own
     # float32 run differs from its float64 run (both about 2e-8), within a factor 2. Adam divides by

@@ -126,7 +126,7 @@ class Convolution(Layer):
         return y
 
     def runs_banded(self, input_shape) -> bool:
-        """Whether :meth:`forward` on input of ``input_shape`` (N, C, H, W) computes the gemm
+        """Whether a gemm :meth:`forward` on input of ``input_shape`` (N, C, H, W) computes the
         convolution in its banded form (:func:`F.conv2d_forward_banded`): in evaluation only (a
         training step wants the im2col matrix again for the weight gradient), on a backend that
         asks for it (the CPU's), where it does less work (:func:`F.banded_convolution_pays`)."""
