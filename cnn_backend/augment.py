@@ -58,13 +58,16 @@ class RandomCropFlip:
         return xp.ascontiguousarray(cropped.transpose(0, 3, 1, 2))
 
 
-AUGMENTATIONS = ("none", "crop-flip")
+AUGMENTATIONS = ("none", "flip", "crop-flip")
 
 
 def make_augmentation(name: str, backend: Backend, seed: int = 0) -> RandomCropFlip | None:
-    """The training-time augmentation called ``name`` (``"none"`` gives None: batches pass unchanged)."""
+    """The training-time augmentation called ``name`` (``"none"`` gives None: batches pass unchanged):
+    ``"flip"`` mirrors half the images left-right, ``"crop-flip"`` also shifts them by up to 2 pixels."""
     if name == "none":
         return None
+    if name == "flip":
+        return RandomCropFlip(backend, padding=0, flip_probability=0.5, seed=seed)
     if name == "crop-flip":
         return RandomCropFlip(backend, padding=2, flip_probability=0.5, seed=seed)
     raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")

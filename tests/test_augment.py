@@ -69,5 +69,16 @@ def test_augmentations_by_name():
     be = get_backend("cpu")
     assert make_augmentation("none", be) is None
     assert isinstance(make_augmentation("crop-flip", be, seed=4), RandomCropFlip)
-    with pytest.raises(ValueError, match=r"unknown augmentation 'mixup'; choose one of none, crop-flip"):
+    with pytest.raises(ValueError, match=r"unknown augmentation 'mixup'; choose one of none, flip, crop-flip"):
         make_augmentation("mixup", be)
+
+
+def test_flip_mirrors_some_samples_and_shifts_none():
+    from cnn_backend.augment import make_augmentation
+
+    x = numpy.random.default_rng(4).random((32, 1, 6, 5), dtype=numpy.float32)
+    y = make_augmentation("flip", get_backend("cpu"), seed=2)(x, epoch=1, step=3)
+    mirrored = [bool(numpy.array_equal(y[n], x[n, :, :, ::-1])) for n in range(len(x))]
+    unchanged = [bool(numpy.array_equal(y[n], x[n])) for n in range(len(x))]
+    assert all(m != u for m, u in zip(mirrored, unchanged)), "each sample is its input or its mirror, nothing else"
+    assert 0 < sum(mirrored) < len(x)

@@ -1,0 +1,152 @@
+"""Reference accuracies from PyTorch for networks and recipes close to this library's default:
+trained on ``train[:50000]``, scored on ``train[50000:]`` after every epoch (plain and flip-averaged).
+
+PyTorch trains these networks faster than this library on a CPU, so a candidate recipe is screened
+here before a full ``cnn-backend train`` run. Each configuration is one JSON object; one JSON line
+per run is printed (per epoch: epoch, accuracy %, flip-averaged accuracy %, cumulative seconds).
+
+    python scripts/torch_accuracy_sweep.py --data DIR \\
+        '{"network": "default-bn", "flip": true, "label_smoothing": 0.1}' \\
+        '{"network": "default", "epochs": 10}'
+
+Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3; AdamW, weight decay
+1e-4, one epoch of linear warm-up then cosine decay, as the default recipe), flip (false: random
+left-right flips), label_smoothing (0), seed (0). Networks: see ``NETWORKS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cnn_backend.data import load_fashion_mnist  # noqa: E402
+
+TRAIN_SAMPLES = 50_000
+DEFAULTS = {"network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "flip": False, "label_smoothing": 0.0, "seed": 0}
+
+
+def conv_block(nn, channels_in: int, channels_out: int, batch_norm: bool, pool: bool) -> list:
+    layers = [nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=not batch_norm)]
+    layers += [nn.BatchNorm2d(channels_out)] if batch_norm else []
+    layers += [nn.MaxPool2d(2)] if pool else []
+    return layers + [nn.ReLU()]
+
+
+def dense_head(nn, features: int, batch_norm: bool) -> list:
+    norm = [nn.BatchNorm1d(128)] if batch_norm else []
+    return [nn.Flatten(), nn.Linear(features, 128, bias=not batch_norm), *norm, nn.ReLU(), nn.Dropout(0.4), nn.Linear(128, 10)]
+
+
+def build(nn, network: str):
+    """The networks compared (multiply-accumulates per sample in brackets)."""
+    if network == "default":  # this library's default network and dropout (4.24 M)
+        return nn.Sequential(*conv_block(nn, 1, 32, False, True), *conv_block(nn, 32, 64, False, True), *dense_head(nn, 3136, False))
+    if network == "default-bn":  # the same with BatchNorm, as examples/default-bn.toml (4.24 M)
+        return nn.Sequential(*conv_block(nn, 1, 32, True, True), *conv_block(nn, 32, 64, True, True), *dense_head(nn, 3136, True))
+    if network == "c3-7x7":  # a third convolution (96 filters) at 7x7, no dense layer (6.60 M)
+        convs = conv_block(nn, 1, 32, True, True) + conv_block(nn, 32, 64, True, True) + conv_block(nn, 64, 96, True, False)
+        return nn.Sequential(*convs, nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
+    if network == "c3-cheap":  # 24, 48, 64 filters, the third at 7x7, no dense layer (3.59 M)
+        convs = conv_block(nn, 1, 24, True, True) + conv_block(nn, 24, 48, True, True) + conv_block(nn, 48, 64, True, False)
+        return nn.Sequential(*convs, nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 49, 10))
+    if network == "c3-cheap-fc":  # the same with the default's BatchNorm dense head (3.96 M)
+        convs = conv_block(nn, 1, 24, True, True) + conv_block(nn, 24, 48, True, True) + conv_block(nn, 48, 64, True, False)
+        return nn.Sequential(*convs, *dense_head(nn, 64 * 49, True))
+    raise SystemExit(f"unknown network {network!r}; choose one of default, default-bn, c3-7x7, c3-cheap, c3-cheap-fc")
+
+
+def multiply_accumulates(nn, model) -> int:
+    total, side = 0, 28
+    for layer in model:
+        if isinstance(layer, nn.Conv2d):
+            total += side * side * layer.out_channels * layer.in_channels * 9
+        elif isinstance(layer, nn.MaxPool2d):
+            side //= 2
+        elif isinstance(layer, nn.Linear):
+            total += layer.in_features * layer.out_features
+    return total
+
+
+def run(torch, data, config: dict) -> dict:
+    nn = torch.nn
+    x_train, y_train, x_val, y_val = data
+    torch.manual_seed(config["seed"])
+    generator = torch.Generator().manual_seed(config["seed"])
+    model = build(nn, config["network"]).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+    batch = config["batch_size"]
+    steps_per_epoch = math.ceil(TRAIN_SAMPLES / batch)
+    total_steps = config["epochs"] * steps_per_epoch
+
+    def schedule(step: int) -> float:  # one epoch of warm-up, then cosine decay to 0
+        if step < steps_per_epoch:
+            return (step + 1) / steps_per_epoch
+        return 0.5 * (1 + math.cos(math.pi * (step - steps_per_epoch) / max(1, total_steps - steps_per_epoch)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    start, history = time.time(), []
+    for epoch in range(config["epochs"]):
+        model.train()
+        order = torch.randperm(TRAIN_SAMPLES, generator=generator)
+        for step in range(steps_per_epoch):
+            index = order[step * batch : (step + 1) * batch]
+            images, labels = x_train[index], y_train[index]
+            if config["flip"]:
+                flipped = torch.rand(len(index), generator=generator) < 0.5
+                images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(images.contiguous(memory_format=torch.channels_last)), labels).backward()
+            optimizer.step()
+            scheduler.step()
+        model.eval()
+        with torch.inference_mode():
+            logits = model(x_val.contiguous(memory_format=torch.channels_last))
+            mirrored = model(x_val.flip(3).contiguous(memory_format=torch.channels_last))
+        accuracy = (logits.argmax(1) == y_val).float().mean().item()
+        flip_accuracy = ((logits + mirrored).argmax(1) == y_val).float().mean().item()
+        history.append([epoch + 1, round(100 * accuracy, 2), round(100 * flip_accuracy, 2), round(time.time() - start, 1)])
+    return {**config, "macs": multiply_accumulates(nn, model), "history": history}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", help="JSON objects, one run each (keys in the module's text)")
+    parser.add_argument("--data", default="auto", help="Fashion-MNIST folder (default: the library's own lookup)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    configs = []
+    for text in args.configs:
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as error:
+            parser.error(f"configuration {text!r} is not JSON: {error}")
+        unknown = set(given) - set(DEFAULTS)
+        if unknown:
+            parser.error(f"unknown keys {sorted(unknown)} in {text!r}; known: {sorted(DEFAULTS)}")
+        configs.append({**DEFAULTS, **given})
+    try:
+        import torch
+    except ImportError:
+        parser.error("PyTorch is needed for this script: pip install torch")
+    torch.set_num_threads(args.threads)
+    images, labels = load_fashion_mnist("train", args.data)
+    x = torch.from_numpy(images.astype(numpy.float32) / 255.0).reshape(-1, 1, 28, 28)
+    x = (x - x[:TRAIN_SAMPLES].mean()) / x[:TRAIN_SAMPLES].std()
+    y = torch.from_numpy(labels.astype(numpy.int64))
+    data = (x[:TRAIN_SAMPLES], y[:TRAIN_SAMPLES], x[TRAIN_SAMPLES:], y[TRAIN_SAMPLES:])
+    for config in configs:
+        print(json.dumps(run(torch, data, config)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
