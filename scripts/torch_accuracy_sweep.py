@@ -11,7 +11,7 @@ per run is printed (per epoch: epoch, accuracy %, flip-averaged accuracy %, cumu
 
 Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3; AdamW, weight decay
 1e-4, one epoch of linear warm-up then cosine decay, as the default recipe), flip (false: random
-left-right flips), label_smoothing (0), seed (0). Networks: see ``NETWORKS``.
+left-right flips), label_smoothing (0), seed (0). Networks: ``NETWORKS`` (described in ``build``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cnn_backend.data import load_fashion_mnist  # noqa: E402
 
 TRAIN_SAMPLES = 50_000
+NETWORKS = ("default", "default-bn", "c3-7x7", "c3-cheap", "c3-cheap-fc")
 DEFAULTS = {"network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "flip": False, "label_smoothing": 0.0, "seed": 0}
 
 
@@ -45,22 +46,25 @@ def dense_head(nn, features: int, batch_norm: bool) -> list:
     return [nn.Flatten(), nn.Linear(features, 128, bias=not batch_norm), *norm, nn.ReLU(), nn.Dropout(0.4), nn.Linear(128, 10)]
 
 
+def three_convolutions(nn, widths: tuple) -> list:
+    """BatchNorm convolutions of ``widths`` filters: at 28x28 and 14x14 (each then pooled), the third at 7x7."""
+    first, second, third = widths
+    return conv_block(nn, 1, first, True, True) + conv_block(nn, first, second, True, True) + conv_block(nn, second, third, True, False)
+
+
 def build(nn, network: str):
     """The networks compared (multiply-accumulates per sample in brackets)."""
     if network == "default":  # this library's default network and dropout (4.24 M)
         return nn.Sequential(*conv_block(nn, 1, 32, False, True), *conv_block(nn, 32, 64, False, True), *dense_head(nn, 3136, False))
     if network == "default-bn":  # the same with BatchNorm, as examples/default-bn.toml (4.24 M)
         return nn.Sequential(*conv_block(nn, 1, 32, True, True), *conv_block(nn, 32, 64, True, True), *dense_head(nn, 3136, True))
-    if network == "c3-7x7":  # a third convolution (96 filters) at 7x7, no dense layer (6.60 M)
-        convs = conv_block(nn, 1, 32, True, True) + conv_block(nn, 32, 64, True, True) + conv_block(nn, 64, 96, True, False)
-        return nn.Sequential(*convs, nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
-    if network == "c3-cheap":  # 24, 48, 64 filters, the third at 7x7, no dense layer (3.59 M)
-        convs = conv_block(nn, 1, 24, True, True) + conv_block(nn, 24, 48, True, True) + conv_block(nn, 48, 64, True, False)
-        return nn.Sequential(*convs, nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 49, 10))
+    if network == "c3-7x7":  # 32, 64, 96 filters, no dense layer (6.60 M)
+        return nn.Sequential(*three_convolutions(nn, (32, 64, 96)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
+    if network == "c3-cheap":  # 24, 48, 64 filters, no dense layer (3.59 M)
+        return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 49, 10))
     if network == "c3-cheap-fc":  # the same with the default's BatchNorm dense head (3.96 M)
-        convs = conv_block(nn, 1, 24, True, True) + conv_block(nn, 24, 48, True, True) + conv_block(nn, 48, 64, True, False)
-        return nn.Sequential(*convs, *dense_head(nn, 64 * 49, True))
-    raise SystemExit(f"unknown network {network!r}; choose one of default, default-bn, c3-7x7, c3-cheap, c3-cheap-fc")
+        return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), *dense_head(nn, 64 * 49, True))
+    raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
 
 
 def multiply_accumulates(nn, model) -> int:
@@ -121,8 +125,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="JSON objects, one run each (keys in the module's text)")
     parser.add_argument("--data", default="auto", help="Fashion-MNIST folder (default: the library's own lookup)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch's CPU threads (default: 2)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     configs = []
     for text in args.configs:
         try:
@@ -132,6 +138,8 @@ def main(argv=None) -> int:
         unknown = set(given) - set(DEFAULTS)
         if unknown:
             parser.error(f"unknown keys {sorted(unknown)} in {text!r}; known: {sorted(DEFAULTS)}")
+        if given.get("network", DEFAULTS["network"]) not in NETWORKS:
+            parser.error(f"unknown network {given['network']!r} in {text!r}; choose one of {', '.join(NETWORKS)}")
         configs.append({**DEFAULTS, **given})
     try:
         import torch

@@ -22,10 +22,11 @@ def run_script(*args):
     [
         ('{"netw": 1}', "unknown keys ['netw']"),
         ("{network: default}", "is not JSON"),
+        ('{"network": "resnet"}', "unknown network 'resnet'"),
     ],
 )
 def test_a_bad_configuration_is_refused_in_one_line(config, message):
-    result = run_script(config)
+    result = run_script('{"network": "default"}', config)  # refused before any run starts
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -44,3 +45,8 @@ def test_the_reference_default_network_has_the_library_default_arithmetic():
     library = summarize(default_cnn(get_backend("cpu"), seed=0))
     assert sweep.multiply_accumulates(torch.nn, reference) == library.total_macs == 4_241_152
     assert sum(p.numel() for p in reference.parameters()) == library.total_params
+
+
+def test_a_thread_count_below_one_is_refused():
+    result = run_script("--threads", "0", "{}")
+    assert result.returncode == 2 and "--threads must be >= 1, got 0" in result.stderr

@@ -6,7 +6,7 @@ import numpy
 import pytest
 
 from cnn_backend import get_backend
-from cnn_backend.augment import RandomCropFlip
+from cnn_backend.augment import RandomCropFlip, make_augmentation
 
 
 def reference(image, top, left, flip, padding):
@@ -64,8 +64,6 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_augmentations_by_name():
-    from cnn_backend.augment import make_augmentation
-
     be = get_backend("cpu")
     assert make_augmentation("none", be) is None
     assert isinstance(make_augmentation("crop-flip", be, seed=4), RandomCropFlip)
@@ -74,8 +72,6 @@ def test_augmentations_by_name():
 
 
 def test_flip_mirrors_some_samples_and_shifts_none():
-    from cnn_backend.augment import make_augmentation
-
     x = numpy.random.default_rng(4).random((32, 1, 6, 5), dtype=numpy.float32)
     y = make_augmentation("flip", get_backend("cpu"), seed=2)(x, epoch=1, step=3)
     mirrored = [bool(numpy.array_equal(y[n], x[n, :, :, ::-1])) for n in range(len(x))]
