@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy
 
-from . import threads
+from . import allocator, threads
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
@@ -158,7 +158,10 @@ def cpu_backend(dtype: Any = "float32", parallel: bool = True) -> Backend:
 
     ``parallel=False``: the plain single-call operations of every other device (one core for
     element-wise work, BLAS's own threads for products), the reference the fast paths are tested against.
+    The parallel backend also keeps freed memory in the process (:mod:`cnn_backend.allocator`).
     """
+    if parallel:
+        allocator.keep_freed_memory()
     return (CpuBackend if parallel else Backend)("cpu", numpy, _SCIPY_SIGNAL, _float_dtype(dtype))
 
 

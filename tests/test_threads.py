@@ -208,6 +208,56 @@ def test_relu_and_multiply_match_the_plain_path(split_everything, layout):
         assert y.strides == x.strides  # the layout is kept
 
 
+@pytest.mark.parametrize("layout", ["rows", "2-d transposed"])
+def test_batch_norm_matches_the_plain_path(split_everything, layout):
+    rng = numpy.random.default_rng(8)
+    # Rows as BatchNorm hands them on: one per channel of a batch-innermost activation, or the
+    # transposed view of a dense layer's (N, features) output.
+    def in_layout(values):
+        return values if layout == "rows" else numpy.ascontiguousarray(values.T).T
+
+    rows, dy = in_layout(rng.standard_normal((7, 40))), in_layout(rng.standard_normal((7, 40)))
+    weight, bias, scale, shift = rng.standard_normal((4, 7))
+    results = []
+    for be in (PLAIN, PARALLEL):
+        forward = F.batch_norm_forward(be, rows, weight, bias, 1e-5)
+        backward = F.batch_norm_backward(be, dy, forward[1], weight, forward[4])
+        results.append((*forward, *backward, F.scale_and_shift_rows(be, rows, scale, shift)))
+        assert forward[0].strides == forward[1].strides == backward[0].strides == rows.strides  # the layout is kept
+    for plain, parallel in zip(*results):
+        # A chunk of a strided (transposed) array may be reduced in another order: the last bit may differ.
+        numpy.testing.assert_allclose(parallel, plain, rtol=1e-14, atol=1e-15)
+    y, normalised, mean, var, inv_std, dx, dweight, dbias, affine = results[0]
+    numpy.testing.assert_allclose(mean, rows.mean(axis=1), rtol=1e-12)
+    numpy.testing.assert_allclose(var, rows.var(axis=1), rtol=1e-12)
+    numpy.testing.assert_allclose(y, weight[:, None] * (rows - mean[:, None]) / numpy.sqrt(var[:, None] + 1e-5) + bias[:, None], rtol=1e-12)
+    numpy.testing.assert_allclose(dbias, dy.sum(axis=1), rtol=1e-12)
+    numpy.testing.assert_allclose(dweight, (dy * normalised).sum(axis=1), rtol=1e-12)
+    numpy.testing.assert_allclose(affine, rows * scale[:, None] + shift[:, None], rtol=1e-12)
+
+
+def test_a_batch_norm_training_step_matches_the_plain_path(split_everything):
+    from cnn_backend.model import Sequential
+    from cnn_backend.spec import read_spec_file
+    from pathlib import Path
+
+    spec = read_spec_file(Path(__file__).resolve().parent.parent / "examples" / "default-bn.toml")
+    rng = numpy.random.default_rng(9)
+    x, y = rng.random((6, 1, 28, 28)), rng.integers(0, 10, size=6)
+    results = []
+    for be in (PLAIN, PARALLEL):
+        model = Sequential.from_spec(spec, (1, 28, 28), backend=be, seed=0)
+        optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, backend=be)
+        losses = [float(train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)[0]) for _ in range(2)]
+        model.eval()
+        results.append((losses, [p.data for p in model.parameters()], model.forward(x)))
+    (plain_losses, plain_params, plain_logits), (losses, params, logits) = results
+    numpy.testing.assert_allclose(losses, plain_losses, rtol=1e-12)
+    for plain, parallel in zip(plain_params, params):
+        numpy.testing.assert_allclose(parallel, plain, rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_allclose(logits, plain_logits, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("build", [seed_cnn, default_cnn], ids=["seed", "default"])
 def test_a_training_step_matches_the_plain_path(split_everything, build):
     rng = numpy.random.default_rng(6)

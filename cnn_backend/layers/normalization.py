@@ -88,24 +88,19 @@ class BatchNorm(Layer):
         if self.training:
             if count < 2:
                 raise ShapeError(f"{self}: training needs more than one value per channel, got input of shape {tuple(x.shape)}")
-            mean = rows.mean(axis=1)
-            centred = rows - mean[:, None]
-            var = (centred * centred).mean(axis=1)
-            inv_std = 1.0 / xp.sqrt(var + self.eps)
-            normalised = centred * inv_std[:, None]
+            y_rows, normalised, mean, var, inv_std = F.batch_norm_forward(self.backend, rows, weight, bias, self.eps)
             momentum = self.momentum
             running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
             running_mean *= 1.0 - momentum
             running_mean += momentum * mean
             running_var *= 1.0 - momentum
             running_var += (momentum * count / (count - 1)) * var
-            y_rows = normalised * weight[:, None] + bias[:, None]
             self._cache = ("batch", x.shape, normalised, inv_std)
         else:
             inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
             scale = weight * inv_std
             shift = bias - self.buffers["running_mean"] * scale
-            y_rows = rows * scale[:, None] + shift[:, None]
+            y_rows = F.scale_and_shift_rows(self.backend, rows, scale, shift)
             self._cache = ("running", x.shape, rows, inv_std)
         return self._from_rows(y_rows, x.shape)
 
@@ -124,17 +119,10 @@ class BatchNorm(Layer):
             self.params["bias"].grad = dy_rows.sum(axis=1)
             return self._from_rows(dy_rows * (weight * inv_std)[:, None], shape) if self.needs_input_grad else None
         normalised, inv_std = saved, factor
-        dbias = dy_rows.sum(axis=1)
-        dweight = (dy_rows * normalised).sum(axis=1)
+        dx_rows, dweight, dbias = F.batch_norm_backward(self.backend, dy_rows, normalised, weight, inv_std)
         self.params["weight"].grad, self.params["bias"].grad = dweight, dbias
         if not self.needs_input_grad:
             return None
-        count = dy_rows.shape[1]
-        # d x = inv_std * (g - mean(g) - normalised * mean(g * normalised)) with g = weight * dy
-        # (the means of g and g * normalised are weight * dbias / count and weight * dweight / count).
-        dx_rows = dy_rows - (dbias * (1.0 / count))[:, None]
-        dx_rows -= normalised * (dweight * (1.0 / count))[:, None]
-        dx_rows *= (weight * inv_std)[:, None]
         return self._from_rows(dx_rows, shape)
 
 
