@@ -5,8 +5,8 @@ glibc's malloc hands memory from 128 KiB up to a threshold that it raises as arr
 it returns the free top of its heap to the operating system once that exceeds twice the threshold;
 with BatchNorm between the layers enough large arrays are alive at once that it does so every step,
 and the next step's arrays come from fresh pages that the kernel faults in and zeroes again:
-about 2,600 page faults per step for ``examples/default-bn.toml`` at batch 64, a fifth of its
-time on a 2-core VM (measured: 48-50 ms against 40-43 ms per step without them).
+about 2,600 page faults per step for ``examples/default-bn.toml`` at batch 64 in a bare training
+loop, 4-26% of its step time on a 2-core VM (docs/performance.md has the figures).
 
 :func:`keep_freed_memory` fixes both thresholds once per process: arrays up to 32 MiB come from the
 heap, and the heap is never trimmed, so freed memory is reused. Resident memory then stays near the

@@ -34,6 +34,7 @@ from .backend import DeviceUnavailableError, get_backend
 from .functional import CONV_ALGORITHMS, output_size
 from .layers import Convolution, FullyConnected, MaxPool, SoftmaxCrossEntropy
 from .model import ARCHITECTURES
+from .spec import build_model
 from .optim import SGD
 from .training import train_step
 
@@ -379,8 +380,14 @@ def synthetic_batches(batch_size: int, seed: int, dtype) -> list[tuple[numpy.nda
 
 
 def our_step_function(backend, model_name: str, algorithm: str, mode: str, batches, seed: int) -> Callable[[int], None]:
-    """``step(i)``: one training step (or one forward pass) of our model on batch ``i % N_BATCHES``."""
-    model = ARCHITECTURES[model_name](backend, seed=seed, algorithm=algorithm)
+    """``step(i)``: one training step (or one forward pass) of our model on batch ``i % N_BATCHES``.
+
+    ``model_name``: a built-in network, or a spec file (see :func:`cnn_backend.spec.build_model`).
+    """
+    if model_name in ARCHITECTURES:
+        model = ARCHITECTURES[model_name](backend, seed=seed, algorithm=algorithm)
+    else:
+        model = build_model(model_name, IMAGE_SHAPE, backend, seed, algorithm=algorithm)
     device_batches = [(backend.to_device(x), backend.to_device(y)) for x, y in batches]
     if mode == "infer":
         model.eval()

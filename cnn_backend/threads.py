@@ -32,8 +32,11 @@ THREADS_ENV = "CNN_BACKEND_NUM_THREADS"
 #: below this many elements (in the largest operand) an operation runs as one call: waking the
 #: pool and handing out chunks costs tens of microseconds per operation. Measured on a quiet 2-core
 #: machine (benchmark, samples/s): at 2^17 the seed model trained 3x slower than unsplit; at 2^22
-#: the default model lost a fifth; 2^21 kept both within about 20% of their best.
-MIN_SPLIT_ELEMENTS = 1 << 21
+#: the default model lost a fifth. 2^20 against 2^21 in one process (``compare_in_process.py --what
+#: split``): a BatchNorm network (examples/default-bn.toml) trained 10% faster at batch 64 and 128
+#: (its first BatchNorm and pooling hold 1.6M values at batch 64); the default and seed models
+#: moved within 4% either way.
+MIN_SPLIT_ELEMENTS = 1 << 20
 #: the same for copies shared out by :func:`map_range` (im2col): two threads copy only about 1.3x
 #: as fast as one on a 2-core VM (the copy is memory-bound), so a copy must be larger to repay
 #: waking a thread. Measured in one process (samples/s, medians): split from 2^21 values, the seed

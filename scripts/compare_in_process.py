@@ -5,7 +5,11 @@ cannot show.
 * ``fusion``: the first convolution and its 2x2 max-pool as one operation, or as two;
 * ``banded``: thin convolutions in evaluation computed in banded form, or by im2col + product;
 * ``thresholds``: im2col copies and products split from the thresholds in ``cnn_backend.threads``,
-  or from 2^21 values and 4 MFLOP (the earlier setting).
+  or from 2^21 values and 4 MFLOP (the earlier setting);
+* ``split``: element-wise operations (``map_chunks``) split from ``threads.MIN_SPLIT_ELEMENTS``, or
+  from 2^21 elements (the earlier setting).
+
+``--model`` is a built-in network or a spec file.
 
 Each alternation runs warm-up steps, then as many steps as fit in ``--seconds``; printed are the
 median and range of samples/s over ``--rounds`` alternations per setting. The steps are the
@@ -14,6 +18,7 @@ benchmark's (synthetic data, SGD with momentum for training).
     python scripts/compare_in_process.py --what fusion --model default --mode train --batch 64
     python scripts/compare_in_process.py --what thresholds --model seed --mode train --batch 128
     python scripts/compare_in_process.py --what banded --model seed --mode infer --batch 256
+    python scripts/compare_in_process.py --what split --model examples/default-bn.toml --batch 64
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cnn_backend import threads  # noqa: E402
 from cnn_backend.backend import CpuBackend, get_backend  # noqa: E402
 from cnn_backend.benchmark import our_step_function, synthetic_batches  # noqa: E402
+from cnn_backend.spec import SpecError, resolve_spec  # noqa: E402
 
 WARMUP_STEPS = 3
 
@@ -49,6 +55,13 @@ def thresholds(current: bool) -> None:
     threads.MIN_SPLIT_COPY_ELEMENTS, threads.MIN_SPLIT_FLOPS = CURRENT_THRESHOLDS if current else EARLIER_THRESHOLDS
 
 
+CURRENT_SPLIT, EARLIER_SPLIT = threads.MIN_SPLIT_ELEMENTS, 1 << 21
+
+
+def split(current: bool) -> None:
+    threads.MIN_SPLIT_ELEMENTS = CURRENT_SPLIT if current else EARLIER_SPLIT
+
+
 def _label(copy_elements: int, flops: int) -> str:
     return f"{copy_elements / 1e6:.1f}M / {flops / 1e6:.0f} MFLOP"
 
@@ -57,13 +70,14 @@ SETTINGS = {
     "fusion": (fusion, {True: "fused", False: "separate"}),
     "banded": (banded, {True: "banded", False: "im2col"}),
     "thresholds": (thresholds, {True: _label(*CURRENT_THRESHOLDS), False: _label(*EARLIER_THRESHOLDS)}),
+    "split": (split, {True: f"from {CURRENT_SPLIT:,}", False: f"from {EARLIER_SPLIT:,}"}),
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--what", choices=sorted(SETTINGS), required=True)
-    parser.add_argument("--model", choices=("seed", "default"), default="default")
+    parser.add_argument("--model", default="default", help="seed, default, or a spec file (default: default)")
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=20)
@@ -71,6 +85,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.rounds < 1 or args.seconds <= 0:
         parser.error("--batch and --rounds must be >= 1 and --seconds > 0")
+    try:
+        resolve_spec(args.model)
+    except (SpecError, OSError) as error:
+        parser.error(str(error))
     apply, names = SETTINGS[args.what]
     backend = get_backend("cpu")
     step = our_step_function(backend, args.model, "gemm", args.mode, synthetic_batches(args.batch, 0, "float32"), 0)
