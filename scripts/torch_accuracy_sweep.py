@@ -30,15 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cnn_backend.data import load_fashion_mnist  # noqa: E402
 
 TRAIN_SAMPLES = 50_000
-NETWORKS = ("default", "default-bn", "c3-7x7", "c3-cheap", "c3-cheap-fc")
+NETWORKS = ("default", "default-bn", "default-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
 DEFAULTS = {"network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "flip": False, "label_smoothing": 0.0, "seed": 0}
 
 
-def conv_block(nn, channels_in: int, channels_out: int, batch_norm: bool, pool: bool) -> list:
+def conv_block(nn, channels_in: int, channels_out: int, batch_norm: bool, pool: bool, norm_after_pool: bool = False) -> list:
     layers = [nn.Conv2d(channels_in, channels_out, 3, padding=1, bias=not batch_norm)]
-    layers += [nn.BatchNorm2d(channels_out)] if batch_norm else []
-    layers += [nn.MaxPool2d(2)] if pool else []
-    return layers + [nn.ReLU()]
+    norm = [nn.BatchNorm2d(channels_out)] if batch_norm else []
+    pooling = [nn.MaxPool2d(2)] if pool else []
+    return layers + (pooling + norm if norm_after_pool else norm + pooling) + [nn.ReLU()]
 
 
 def dense_head(nn, features: int, batch_norm: bool) -> list:
@@ -58,6 +58,9 @@ def build(nn, network: str):
         return nn.Sequential(*conv_block(nn, 1, 32, False, True), *conv_block(nn, 32, 64, False, True), *dense_head(nn, 3136, False))
     if network == "default-bn":  # the same with BatchNorm, as examples/default-bn.toml (4.24 M)
         return nn.Sequential(*conv_block(nn, 1, 32, True, True), *conv_block(nn, 32, 64, True, True), *dense_head(nn, 3136, True))
+    if network == "default-bn-after-pool":  # BatchNorm after each pooling, as examples/default-bn-after-pool.toml (4.24 M)
+        blocks = conv_block(nn, 1, 32, True, True, norm_after_pool=True) + conv_block(nn, 32, 64, True, True, norm_after_pool=True)
+        return nn.Sequential(*blocks, *dense_head(nn, 3136, True))
     if network == "c3-7x7":  # 32, 64, 96 filters, no dense layer (6.60 M)
         return nn.Sequential(*three_convolutions(nn, (32, 64, 96)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
     if network == "c3-cheap":  # 24, 48, 64 filters, no dense layer (3.59 M)
