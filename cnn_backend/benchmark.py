@@ -34,8 +34,8 @@ from .backend import DeviceUnavailableError, get_backend
 from .functional import CONV_ALGORITHMS, output_size
 from .layers import Convolution, FullyConnected, MaxPool, SoftmaxCrossEntropy
 from .model import ARCHITECTURES
-from .spec import build_model
 from .optim import SGD
+from .spec import build_model
 from .training import train_step
 
 MODELS = ("seed", "default")
