@@ -49,7 +49,7 @@ def time_layers(model: Sequential, backend, times: dict) -> None:
     for index, layer in enumerate(model.layers):
         for method in TIMED_METHODS:
             if hasattr(layer, method):
-                _wrap(layer, method, (index, type(layer).__name__, "backward" if method == "backward" else "forward"), backend, times)
+                _wrap(layer, method, (index, "backward" if method == "backward" else "forward"), backend, times)
 
 
 def _wrap(layer, method: str, key: tuple, backend, times: dict) -> None:
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         print(f"{'layer':<28} {'forward ms':>11} {'backward ms':>12}")
         for index, layer in enumerate(model.layers):
             name = f"{index:>2} {type(layer).__name__}"
-            forward, backward = (layer_times.get((index, type(layer).__name__, part), 0.0) * 1e3 / args.steps for part in ("forward", "backward"))
+            forward, backward = (layer_times.get((index, part), 0.0) * 1e3 / args.steps for part in ("forward", "backward"))
             print(f"{name:<28} {forward:>11.2f} {backward:>12.2f}")
         total = sum(layer_times.values()) * 1e3 / args.steps
         print(f"{'layers in all':<28} {total:>24.2f}   (the rest of the step: {median * 1e3 - total:.2f})")

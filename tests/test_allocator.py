@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cnn_backend import allocator
+
 ROOT = Path(__file__).resolve().parent.parent
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -43,7 +45,7 @@ FAULTS_PER_STEP = textwrap.dedent(
 
 
 def faults_per_step(**environment) -> tuple[str, float]:
-    env = {key: value for key, value in os.environ.items() if key not in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+    env = {key: value for key, value in os.environ.items() if key not in allocator.GLIBC_VARIABLES}
     env.update(environment)
     result = subprocess.run(
         [sys.executable, "-c", FAULTS_PER_STEP], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True

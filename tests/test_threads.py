@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy
 import pytest
 
@@ -11,6 +13,7 @@ from cnn_backend.backend import Backend, CpuBackend, cpu_backend
 from cnn_backend.layers import SoftmaxCrossEntropy
 from cnn_backend.model import default_cnn, seed_cnn
 from cnn_backend.optim import SGD
+from cnn_backend.spec import build_model
 from cnn_backend.training import train_step
 
 PLAIN = cpu_backend("float64", parallel=False)
@@ -236,29 +239,12 @@ def test_batch_norm_matches_the_plain_path(split_everything, layout):
     numpy.testing.assert_allclose(affine, rows * scale[:, None] + shift[:, None], rtol=1e-12)
 
 
-def test_a_batch_norm_training_step_matches_the_plain_path(split_everything):
-    from cnn_backend.model import Sequential
-    from cnn_backend.spec import read_spec_file
-    from pathlib import Path
-
-    spec = read_spec_file(Path(__file__).resolve().parent.parent / "examples" / "default-bn.toml")
-    rng = numpy.random.default_rng(9)
-    x, y = rng.random((6, 1, 28, 28)), rng.integers(0, 10, size=6)
-    results = []
-    for be in (PLAIN, PARALLEL):
-        model = Sequential.from_spec(spec, (1, 28, 28), backend=be, seed=0)
-        optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, backend=be)
-        losses = [float(train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)[0]) for _ in range(2)]
-        model.eval()
-        results.append((losses, [p.data for p in model.parameters()], model.forward(x)))
-    (plain_losses, plain_params, plain_logits), (losses, params, logits) = results
-    numpy.testing.assert_allclose(losses, plain_losses, rtol=1e-12)
-    for plain, parallel in zip(plain_params, params):
-        numpy.testing.assert_allclose(parallel, plain, rtol=1e-10, atol=1e-12)
-    numpy.testing.assert_allclose(logits, plain_logits, rtol=1e-10, atol=1e-12)
+def default_bn(backend, seed, algorithm):
+    """examples/default-bn.toml: BatchNorm on 4-D and 2-D activations, dropout."""
+    return build_model(Path(__file__).resolve().parent.parent / "examples" / "default-bn.toml", (1, 28, 28), backend, seed, algorithm=algorithm)
 
 
-@pytest.mark.parametrize("build", [seed_cnn, default_cnn], ids=["seed", "default"])
+@pytest.mark.parametrize("build", [seed_cnn, default_cnn, default_bn], ids=["seed", "default", "default-bn"])
 def test_a_training_step_matches_the_plain_path(split_everything, build):
     rng = numpy.random.default_rng(6)
     x, y = rng.random((6, 1, 28, 28)), rng.integers(0, 10, size=6)
@@ -267,11 +253,13 @@ def test_a_training_step_matches_the_plain_path(split_everything, build):
         model = build(be, seed=0, algorithm="gemm", **({"dropout": 0.3} if build is default_cnn else {}))
         optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, backend=be)
         losses = [float(train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)[0]) for _ in range(2)]
-        results.append((losses, [p.data for p in model.parameters()]))
-    (plain_losses, plain_params), (losses, params) = results
+        model.eval()  # then an evaluation forward pass (BatchNorm's running statistics)
+        results.append((losses, [p.data for p in model.parameters()], model.forward(x)))
+    (plain_losses, plain_params, plain_logits), (losses, params, logits) = results
     numpy.testing.assert_allclose(losses, plain_losses, rtol=1e-12)
     for plain, parallel in zip(plain_params, params):
         numpy.testing.assert_allclose(parallel, plain, rtol=1e-10, atol=1e-12)
+    numpy.testing.assert_allclose(logits, plain_logits, rtol=1e-10, atol=1e-12)
 
 
 def test_a_bad_thread_count_in_the_environment_is_named(monkeypatch):
