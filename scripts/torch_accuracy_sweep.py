@@ -9,9 +9,15 @@ per run is printed (per epoch: epoch, accuracy %, flip-averaged accuracy %, cumu
         '{"network": "default-bn", "flip": true, "label_smoothing": 0.1}' \\
         '{"network": "default", "epochs": 10}'
 
-Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3; AdamW, weight decay
-1e-4, one epoch of linear warm-up then cosine decay, as the default recipe), flip (false: random
-left-right flips), label_smoothing (0), seed (0). Networks: ``NETWORKS`` (described in ``build``).
+Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3; one epoch of linear
+warm-up then cosine decay, as the default recipe), optimizer ("adamw", as the default recipe; or
+"sgd": Nesterov momentum 0.9), weight_decay (1e-4), dropout (0.4: before the dense head's output
+layer; c3-7x7 and c3-cheap, without a dense layer, keep 0.3), init ("torch": PyTorch's own; or
+"library": this library's, He normal for convolutions and hidden dense layers, Glorot uniform for
+the output layer, zero biases), flip (false: random left-right flips), crop (0: random shifts of
+up to this many pixels each way, the uncovered border filled with the background, as ``--augment
+crop-flip`` does with 2), label_smoothing (0), seed (0). Networks: ``NETWORKS`` (described in
+``build``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,12 @@ from cnn_backend.data import load_fashion_mnist  # noqa: E402
 
 TRAIN_SAMPLES = 50_000
 NETWORKS = ("default", "default-bn", "default-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
-DEFAULTS = {"network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "flip": False, "label_smoothing": 0.0, "seed": 0}
+DEFAULTS = {
+    "network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 1e-4,
+    "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "label_smoothing": 0.0, "seed": 0,
+}
+OPTIMIZERS = ("adamw", "sgd")
+INITS = ("torch", "library")
 
 
 def conv_block(nn, channels_in: int, channels_out: int, batch_norm: bool, pool: bool, norm_after_pool: bool = False) -> list:
@@ -41,9 +52,9 @@ def conv_block(nn, channels_in: int, channels_out: int, batch_norm: bool, pool: 
     return layers + (pooling + norm if norm_after_pool else norm + pooling) + [nn.ReLU()]
 
 
-def dense_head(nn, features: int, batch_norm: bool) -> list:
+def dense_head(nn, features: int, batch_norm: bool, dropout: float) -> list:
     norm = [nn.BatchNorm1d(128)] if batch_norm else []
-    return [nn.Flatten(), nn.Linear(features, 128, bias=not batch_norm), *norm, nn.ReLU(), nn.Dropout(0.4), nn.Linear(128, 10)]
+    return [nn.Flatten(), nn.Linear(features, 128, bias=not batch_norm), *norm, nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)]
 
 
 def three_convolutions(nn, widths: tuple) -> list:
@@ -52,22 +63,45 @@ def three_convolutions(nn, widths: tuple) -> list:
     return conv_block(nn, 1, first, True, True) + conv_block(nn, first, second, True, True) + conv_block(nn, second, third, True, False)
 
 
-def build(nn, network: str):
+def build(nn, network: str, dropout: float = 0.4):
     """The networks compared (multiply-accumulates per sample in brackets)."""
     if network == "default":  # this library's default network and dropout (4.24 M)
-        return nn.Sequential(*conv_block(nn, 1, 32, False, True), *conv_block(nn, 32, 64, False, True), *dense_head(nn, 3136, False))
+        return nn.Sequential(*conv_block(nn, 1, 32, False, True), *conv_block(nn, 32, 64, False, True), *dense_head(nn, 3136, False, dropout))
     if network == "default-bn":  # the same with BatchNorm, as examples/default-bn.toml (4.24 M)
-        return nn.Sequential(*conv_block(nn, 1, 32, True, True), *conv_block(nn, 32, 64, True, True), *dense_head(nn, 3136, True))
+        return nn.Sequential(*conv_block(nn, 1, 32, True, True), *conv_block(nn, 32, 64, True, True), *dense_head(nn, 3136, True, dropout))
     if network == "default-bn-after-pool":  # BatchNorm after each pooling, as examples/default-bn-after-pool.toml (4.24 M)
         blocks = conv_block(nn, 1, 32, True, True, norm_after_pool=True) + conv_block(nn, 32, 64, True, True, norm_after_pool=True)
-        return nn.Sequential(*blocks, *dense_head(nn, 3136, True))
+        return nn.Sequential(*blocks, *dense_head(nn, 3136, True, dropout))
     if network == "c3-7x7":  # 32, 64, 96 filters, no dense layer (6.60 M)
         return nn.Sequential(*three_convolutions(nn, (32, 64, 96)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
     if network == "c3-cheap":  # 24, 48, 64 filters, no dense layer (3.59 M)
         return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 49, 10))
     if network == "c3-cheap-fc":  # the same with the default's BatchNorm dense head (3.96 M)
-        return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), *dense_head(nn, 64 * 49, True))
+        return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), *dense_head(nn, 64 * 49, True, dropout))
     raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+
+
+def library_init(nn, model) -> None:
+    """This library's initialisation (cnn_backend/init.py): He normal, the last layer Glorot uniform."""
+    weighted = [layer for layer in model if isinstance(layer, (nn.Conv2d, nn.Linear))]
+    for layer in weighted:
+        if layer is weighted[-1]:
+            nn.init.xavier_uniform_(layer.weight)
+        else:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
+def random_shift(torch, images, pixels: int, background, generator):
+    """Each image padded by ``pixels`` of background and cropped back at a random offset."""
+    n, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (pixels, pixels, pixels, pixels), value=float(background))
+    top = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
+    left = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
+    rows = (top[:, None] + torch.arange(height))[:, :, None]
+    cols = (left[:, None] + torch.arange(width))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
 
 
 def multiply_accumulates(nn, model) -> int:
@@ -87,8 +121,14 @@ def run(torch, data, config: dict) -> dict:
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])
-    model = build(nn, config["network"]).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
+    model = build(nn, config["network"], config["dropout"])
+    if config["init"] == "library":
+        library_init(nn, model)
+    model = model.to(memory_format=torch.channels_last)
+    if config["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=config["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     batch = config["batch_size"]
     steps_per_epoch = math.ceil(TRAIN_SAMPLES / batch)
     total_steps = config["epochs"] * steps_per_epoch
@@ -100,6 +140,7 @@ def run(torch, data, config: dict) -> dict:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    background = x_train.min()  # the zero pixel, normalised
     start, history = time.time(), []
     for epoch in range(config["epochs"]):
         model.train()
@@ -110,6 +151,8 @@ def run(torch, data, config: dict) -> dict:
             if config["flip"]:
                 flipped = torch.rand(len(index), generator=generator) < 0.5
                 images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+            if config["crop"]:
+                images = random_shift(torch, images, config["crop"], background, generator)
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(images.contiguous(memory_format=torch.channels_last)), labels).backward()
             optimizer.step()
@@ -143,6 +186,10 @@ def main(argv=None) -> int:
             parser.error(f"unknown keys {sorted(unknown)} in {text!r}; known: {sorted(DEFAULTS)}")
         if given.get("network", DEFAULTS["network"]) not in NETWORKS:
             parser.error(f"unknown network {given['network']!r} in {text!r}; choose one of {', '.join(NETWORKS)}")
+        if given.get("init", DEFAULTS["init"]) not in INITS:
+            parser.error(f"unknown init {given['init']!r} in {text!r}; choose one of {', '.join(INITS)}")
+        if given.get("optimizer", DEFAULTS["optimizer"]) not in OPTIMIZERS:
+            parser.error(f"unknown optimizer {given['optimizer']!r} in {text!r}; choose one of {', '.join(OPTIMIZERS)}")
         configs.append({**DEFAULTS, **given})
     try:
         import torch

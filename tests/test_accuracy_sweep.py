@@ -23,6 +23,8 @@ def run_script(*args):
         ('{"netw": 1}', "unknown keys ['netw']"),
         ("{network: default}", "is not JSON"),
         ('{"network": "resnet"}', "unknown network 'resnet'"),
+        ('{"optimizer": "lamb"}', "unknown optimizer 'lamb'"),
+        ('{"init": "orthogonal"}', "unknown init 'orthogonal'"),
     ],
 )
 def test_a_bad_configuration_is_refused_in_one_line(config, message):
@@ -32,15 +34,20 @@ def test_a_bad_configuration_is_refused_in_one_line(config, message):
     assert "Traceback" not in result.stderr
 
 
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("torch_accuracy_sweep", SCRIPT)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    return sweep
+
+
 def test_the_reference_default_network_has_the_library_default_arithmetic():
     torch = pytest.importorskip("torch")
     from cnn_backend import get_backend
     from cnn_backend.model import default_cnn
     from cnn_backend.summary import summarize
 
-    spec = importlib.util.spec_from_file_location("torch_accuracy_sweep", SCRIPT)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_sweep()
     reference = sweep.build(torch.nn, "default")
     library = summarize(default_cnn(get_backend("cpu"), seed=0))
     assert sweep.multiply_accumulates(torch.nn, reference) == library.total_macs == 4_241_152
@@ -50,3 +57,18 @@ def test_the_reference_default_network_has_the_library_default_arithmetic():
 def test_a_thread_count_below_one_is_refused():
     result = run_script("--threads", "0", "{}")
     assert result.returncode == 2 and "--threads must be >= 1, got 0" in result.stderr
+
+
+def test_a_random_shift_moves_each_image_and_fills_the_border_with_the_background():
+    torch = pytest.importorskip("torch")
+    images = torch.arange(3 * 25, dtype=torch.float64).reshape(3, 1, 5, 5)
+    shifted = load_sweep().random_shift(torch, images, 1, -1.0, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    for image, result in zip(images[:, 0], shifted[:, 0]):
+        # Some offset (dy, dx) in [-1, 1]^2 explains the result: the image moved, background around it.
+        matches = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                padded = torch.nn.functional.pad(image, (1, 1, 1, 1), value=-1.0)
+                matches.append(torch.equal(result, padded[1 + dy : 6 + dy, 1 + dx : 6 + dx]))
+        assert sum(matches) == 1
