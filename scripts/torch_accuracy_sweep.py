@@ -13,11 +13,12 @@ Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3; one 
 warm-up then cosine decay, as the default recipe), optimizer ("adamw", as the default recipe; or
 "sgd": Nesterov momentum 0.9), weight_decay (1e-4), dropout (0.4: before the dense head's output
 layer; c3-7x7 and c3-cheap, without a dense layer, keep 0.3), init ("torch": PyTorch's own; or
-"library": this library's, He normal for convolutions and hidden dense layers, Glorot uniform for
-the output layer, zero biases), flip (false: random left-right flips), crop (0: random shifts of
-up to this many pixels each way, the uncovered border filled with the background, as ``--augment
-crop-flip`` does with 2), label_smoothing (0), seed (0). Networks: ``NETWORKS`` (described in
-``build``).
+"library": this library's default, He normal for convolutions and hidden dense layers, Glorot
+uniform for the output layer, zero biases), flip (false: random left-right flips), crop (0: random
+shifts of up to this many pixels each way, the uncovered border filled with the background, as
+``--augment crop-flip`` does with 2), ema (0: no average; else the decay of an exponential moving
+average of the weights and BatchNorm statistics, updated every step and scored instead of the
+weights), label_smoothing (0), seed (0). Networks: ``NETWORKS`` (described in ``build``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ TRAIN_SAMPLES = 50_000
 NETWORKS = ("default", "default-bn", "default-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
 DEFAULTS = {
     "network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 1e-4,
-    "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "label_smoothing": 0.0, "seed": 0,
+    "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "ema": 0.0, "label_smoothing": 0.0, "seed": 0,
 }
 OPTIMIZERS = ("adamw", "sgd")
 INITS = ("torch", "library")
@@ -139,6 +140,10 @@ def run(torch, data, config: dict) -> dict:
         return 0.5 * (1 + math.cos(math.pi * (step - steps_per_epoch) / max(1, total_steps - steps_per_epoch)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    averaged = None
+    if config["ema"]:
+        multi_average = torch.optim.swa_utils.get_ema_multi_avg_fn(config["ema"])
+        averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=multi_average, use_buffers=True)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     background = x_train.min()  # the zero pixel, normalised
     start, history = time.time(), []
@@ -157,10 +162,13 @@ def run(torch, data, config: dict) -> dict:
             loss_fn(model(images.contiguous(memory_format=torch.channels_last)), labels).backward()
             optimizer.step()
             scheduler.step()
-        model.eval()
+            if averaged is not None:
+                averaged.update_parameters(model)
+        scored = model if averaged is None else averaged
+        scored.eval()
         with torch.inference_mode():
-            logits = model(x_val.contiguous(memory_format=torch.channels_last))
-            mirrored = model(x_val.flip(3).contiguous(memory_format=torch.channels_last))
+            logits = scored(x_val.contiguous(memory_format=torch.channels_last))
+            mirrored = scored(x_val.flip(3).contiguous(memory_format=torch.channels_last))
         accuracy = (logits.argmax(1) == y_val).float().mean().item()
         flip_accuracy = ((logits + mirrored).argmax(1) == y_val).float().mean().item()
         history.append([epoch + 1, round(100 * accuracy, 2), round(100 * flip_accuracy, 2), round(time.time() - start, 1)])
@@ -186,6 +194,8 @@ def main(argv=None) -> int:
             parser.error(f"unknown keys {sorted(unknown)} in {text!r}; known: {sorted(DEFAULTS)}")
         if given.get("network", DEFAULTS["network"]) not in NETWORKS:
             parser.error(f"unknown network {given['network']!r} in {text!r}; choose one of {', '.join(NETWORKS)}")
+        if not 0.0 <= given.get("ema", 0.0) < 1.0:
+            parser.error(f"ema must be a decay in [0, 1) in {text!r}, got {given['ema']!r}")
         if given.get("init", DEFAULTS["init"]) not in INITS:
             parser.error(f"unknown init {given['init']!r} in {text!r}; choose one of {', '.join(INITS)}")
         if given.get("optimizer", DEFAULTS["optimizer"]) not in OPTIMIZERS:

@@ -25,6 +25,7 @@ def run_script(*args):
         ('{"network": "resnet"}', "unknown network 'resnet'"),
         ('{"optimizer": "lamb"}', "unknown optimizer 'lamb'"),
         ('{"init": "orthogonal"}', "unknown init 'orthogonal'"),
+        ('{"ema": 1.5}', "ema must be a decay in [0, 1)"),
     ],
 )
 def test_a_bad_configuration_is_refused_in_one_line(config, message):
