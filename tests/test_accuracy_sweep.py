@@ -1,9 +1,11 @@
 """scripts/torch_accuracy_sweep.py: refuses bad configurations in one line, and (with PyTorch) its
-reference networks are the library's in arithmetic."""
+reference networks are the library's in arithmetic, its "library" initialisation draws the library's
+schemes, and its random shifts move images as they say."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,17 @@ def test_a_random_shift_moves_each_image_and_fills_the_border_with_the_backgroun
                 padded = torch.nn.functional.pad(image, (1, 1, 1, 1), value=-1.0)
                 matches.append(torch.equal(result, padded[1 + dy : 6 + dy, 1 + dx : 6 + dx]))
         assert sum(matches) == 1
+
+
+def test_the_library_initialisation_matches_the_library_schemes():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    sweep = load_sweep()
+    model = sweep.build(torch.nn, "default-bn-after-pool")
+    sweep.library_init(torch.nn, model)
+    weighted = [layer for layer in model if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))]
+    second_conv, hidden, output = weighted[1], weighted[2], weighted[3]
+    assert second_conv.weight.std().item() == pytest.approx(math.sqrt(2 / 288), rel=0.03)  # He, fan_in 32 * 9
+    assert hidden.weight.std().item() == pytest.approx(math.sqrt(2 / 3136), rel=0.03)
+    assert output.weight.abs().max().item() <= math.sqrt(6 / (128 + 10))  # Glorot uniform bound
+    assert all(layer.bias is None or not layer.bias.any() for layer in weighted)
