@@ -44,6 +44,19 @@ DEFAULTS = {
 }
 OPTIMIZERS = ("adamw", "sgd")
 INITS = ("torch", "library")
+CHOICES = {"network": NETWORKS, "optimizer": OPTIMIZERS, "init": INITS}
+#: numeric keys: what each is, its type, and the half-open range [low, high) it must lie in
+RANGES = {
+    "epochs": ("a count", int, 1, math.inf),
+    "batch_size": ("a count", int, 1, math.inf),
+    "seed": ("a seed", int, 0, math.inf),
+    "crop": ("a pixel count", int, 0, math.inf),
+    "lr": ("a learning rate", float, 0, math.inf),
+    "weight_decay": ("a coefficient", float, 0, math.inf),
+    "dropout": ("a rate", float, 0, 1),
+    "label_smoothing": ("a rate", float, 0, 1),
+    "ema": ("a decay", float, 0, 1),
+}
 
 
 def conv_block(nn, channels_in: int, channels_out: int, batch_norm: bool, pool: bool, norm_after_pool: bool = False) -> list:
@@ -64,7 +77,7 @@ def three_convolutions(nn, widths: tuple) -> list:
     return conv_block(nn, 1, first, True, True) + conv_block(nn, first, second, True, True) + conv_block(nn, second, third, True, False)
 
 
-def build(nn, network: str, dropout: float = 0.4):
+def build(nn, network: str, dropout: float = DEFAULTS["dropout"]):
     """The networks compared (multiply-accumulates per sample in brackets)."""
     if network == "default":  # this library's default network and dropout (4.24 M)
         return nn.Sequential(*conv_block(nn, 1, 32, False, True), *conv_block(nn, 32, 64, False, True), *dense_head(nn, 3136, False, dropout))
@@ -175,6 +188,19 @@ def run(torch, data, config: dict) -> dict:
     return {**config, "macs": multiply_accumulates(nn, model), "history": history}
 
 
+def configuration_problem(given: dict, text: str) -> str | None:
+    """What is wrong with a configuration's values, in one line (None when nothing is)."""
+    for key, value in given.items():
+        if key in CHOICES and value not in CHOICES[key]:
+            return f"unknown {key} {value!r} in {text!r}; choose one of {', '.join(CHOICES[key])}"
+        if key in RANGES:
+            what, kind, low, high = RANGES[key]
+            number = (int,) if kind is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, number) or not low <= value < high:
+                return f"{key} must be {what} in [{low}, {high}) in {text!r}, got {value!r}"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="JSON objects, one run each (keys in the module's text)")
@@ -192,14 +218,9 @@ def main(argv=None) -> int:
         unknown = set(given) - set(DEFAULTS)
         if unknown:
             parser.error(f"unknown keys {sorted(unknown)} in {text!r}; known: {sorted(DEFAULTS)}")
-        if given.get("network", DEFAULTS["network"]) not in NETWORKS:
-            parser.error(f"unknown network {given['network']!r} in {text!r}; choose one of {', '.join(NETWORKS)}")
-        if not 0.0 <= given.get("ema", 0.0) < 1.0:
-            parser.error(f"ema must be a decay in [0, 1) in {text!r}, got {given['ema']!r}")
-        if given.get("init", DEFAULTS["init"]) not in INITS:
-            parser.error(f"unknown init {given['init']!r} in {text!r}; choose one of {', '.join(INITS)}")
-        if given.get("optimizer", DEFAULTS["optimizer"]) not in OPTIMIZERS:
-            parser.error(f"unknown optimizer {given['optimizer']!r} in {text!r}; choose one of {', '.join(OPTIMIZERS)}")
+        problem = configuration_problem(given, text)
+        if problem:
+            parser.error(problem)
         configs.append({**DEFAULTS, **given})
     try:
         import torch

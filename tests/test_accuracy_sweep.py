@@ -28,6 +28,10 @@ def run_script(*args):
         ('{"optimizer": "lamb"}', "unknown optimizer 'lamb'"),
         ('{"init": "orthogonal"}', "unknown init 'orthogonal'"),
         ('{"ema": 1.5}', "ema must be a decay in [0, 1)"),
+        ('{"dropout": 1}', "dropout must be a rate in [0, 1) in"),
+        ('{"crop": 1.5}', "crop must be a pixel count in [0, inf) in"),
+        ('{"epochs": 0}', "epochs must be a count in [1, inf) in"),
+        ('{"lr": "fast"}', "lr must be a learning rate in [0, inf) in"),
     ],
 )
 def test_a_bad_configuration_is_refused_in_one_line(config, message):
