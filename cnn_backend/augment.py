@@ -58,16 +58,18 @@ class RandomCropFlip:
         return xp.ascontiguousarray(cropped.transpose(0, 3, 1, 2))
 
 
-AUGMENTATIONS = ("none", "flip", "crop-flip")
+#: each named augmentation's crop padding (the largest shift, in pixels) and flip probability
+AUGMENTATION_SETTINGS = {"flip": (0, 0.5), "crop1-flip": (1, 0.5), "crop-flip": (2, 0.5)}
+AUGMENTATIONS = ("none", *AUGMENTATION_SETTINGS)
 
 
 def make_augmentation(name: str, backend: Backend, seed: int = 0) -> RandomCropFlip | None:
     """The training-time augmentation called ``name`` (``"none"`` gives None: batches pass unchanged):
-    ``"flip"`` mirrors half the images left-right, ``"crop-flip"`` also shifts them by up to 2 pixels."""
+    ``"flip"`` mirrors half the images left-right, ``"crop1-flip"`` also shifts them by up to 1 pixel
+    each way, ``"crop-flip"`` by up to 2 pixels."""
     if name == "none":
         return None
-    if name == "flip":
-        return RandomCropFlip(backend, padding=0, flip_probability=0.5, seed=seed)
-    if name == "crop-flip":
-        return RandomCropFlip(backend, padding=2, flip_probability=0.5, seed=seed)
-    raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    if name not in AUGMENTATION_SETTINGS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    padding, flip_probability = AUGMENTATION_SETTINGS[name]
+    return RandomCropFlip(backend, padding=padding, flip_probability=flip_probability, seed=seed)

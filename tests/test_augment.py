@@ -16,24 +16,25 @@ def reference(image, top, left, flip, padding):
     return crop[:, :, ::-1] if flip else crop
 
 
-def test_each_sample_is_a_crop_of_the_padded_input_or_its_mirror():
-    be = get_backend("cpu")
-    x = numpy.random.default_rng(0).random((64, 2, 6, 5), dtype=numpy.float32)
-    y = RandomCropFlip(be, padding=2, seed=3)(x, epoch=1, step=1)
+@pytest.mark.parametrize("name, padding", [("crop1-flip", 1), ("crop-flip", 2)])
+def test_each_sample_is_a_crop_of_the_padded_input_or_its_mirror(name, padding):
+    x = numpy.random.default_rng(0).random((1024, 2, 6, 5), dtype=numpy.float32)
+    y = make_augmentation(name, get_backend("cpu"), seed=3)(x, epoch=1, step=1)
     assert y.shape == x.shape and y.dtype == numpy.float32
-    seen_flip, seen_shift = False, False
+    offsets = range(2 * padding + 1)
+    seen = set()
     for n in range(len(x)):
         matches = [
             (top, left, flip)
-            for top in range(5)
-            for left in range(5)
+            for top in offsets
+            for left in offsets
             for flip in (False, True)
-            if numpy.array_equal(y[n], reference(x[n], top, left, flip, 2))
+            if numpy.array_equal(y[n], reference(x[n], top, left, flip, padding))
         ]
-        assert matches, f"sample {n} is not a crop of its padded input"
-        seen_flip |= any(flip for _, _, flip in matches)
-        seen_shift |= any((top, left) != (2, 2) for top, left, _ in matches)
-    assert seen_flip and seen_shift
+        assert len(matches) == 1, f"sample {n} is not one crop of its input padded by {padding}"
+        seen.add(matches[0])
+    # every shift of up to `padding` pixels each way, mirrored or not, occurs
+    assert seen == {(top, left, flip) for top in offsets for left in offsets for flip in (False, True)}
 
 
 def test_same_seed_epoch_step_same_batch_otherwise_different():
@@ -66,8 +67,9 @@ def test_bad_arguments(kwargs, message):
 def test_augmentations_by_name():
     be = get_backend("cpu")
     assert make_augmentation("none", be) is None
-    assert isinstance(make_augmentation("crop-flip", be, seed=4), RandomCropFlip)
-    with pytest.raises(ValueError, match=r"unknown augmentation 'mixup'; choose one of none, flip, crop-flip"):
+    assert [(a.padding, a.flip_probability, a.seed) for a in (make_augmentation(name, be, seed=4) for name in ("flip", "crop1-flip", "crop-flip"))] == [
+        (0, 0.5, 4), (1, 0.5, 4), (2, 0.5, 4)]
+    with pytest.raises(ValueError, match=r"unknown augmentation 'mixup'; choose one of none, flip, crop1-flip, crop-flip"):
         make_augmentation("mixup", be)
 
 
