@@ -24,7 +24,7 @@ from .layers import (
     SoftmaxCrossEntropy,
 )
 from .model import ARCHITECTURES, Sequential, default_cnn, seed_cnn
-from .optim import SGD, Adam, CosineSchedule, StepSchedule
+from .optim import SGD, Adam, CosineSchedule, OneCycleSchedule, StepSchedule
 from .serialization import ModelFileError
 from .spec import SpecError, build_model
 
@@ -45,6 +45,7 @@ __all__ = [
     "Backend",
     "Convolution",
     "CosineSchedule",
+    "OneCycleSchedule",
     "DeviceUnavailableError",
     "Dropout",
     "Flatten",

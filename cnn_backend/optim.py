@@ -303,4 +303,47 @@ class CosineSchedule(ConstantSchedule):
         }
 
 
-SCHEDULE_TYPES = {cls.name: cls for cls in (ConstantSchedule, StepSchedule, CosineSchedule)}
+class OneCycleSchedule(ConstantSchedule):
+    """The one-cycle policy (Smith & Topin), as ``torch.optim.lr_scheduler.OneCycleLR`` with its
+    cosine annealing and without momentum cycling: from ``base_lr / div_factor`` up to ``base_lr``
+    over the first ``pct_start`` of ``total_steps``, then down to ``base_lr / (div_factor *
+    final_div_factor)`` at the last step, each half a cosine."""
+
+    name = "one-cycle"
+
+    def __init__(
+        self, base_lr: float, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4
+    ) -> None:
+        super().__init__(base_lr)
+        if total_steps < 2 or not 0.0 < pct_start < 1.0 or div_factor <= 0 or final_div_factor <= 0:
+            raise ValueError(
+                "OneCycleSchedule: need total_steps >= 2, 0 < pct_start < 1 and positive div_factor and final_div_factor, "
+                f"got {total_steps}, {pct_start}, {div_factor}, {final_div_factor}"
+            )
+        self.total_steps, self.pct_start = int(total_steps), float(pct_start)
+        self.div_factor, self.final_div_factor = float(div_factor), float(final_div_factor)
+
+    @staticmethod
+    def _cosine(start: float, end: float, fraction: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1.0)
+
+    def __call__(self, step: int) -> float:
+        initial_lr = self.base_lr / self.div_factor
+        final_lr = initial_lr / self.final_div_factor
+        peak_step = self.pct_start * self.total_steps - 1  # the step at base_lr, as PyTorch counts it
+        last_step = self.total_steps - 1
+        if step <= peak_step:
+            return self._cosine(initial_lr, self.base_lr, step / peak_step if peak_step > 0 else 1.0)
+        return self._cosine(self.base_lr, final_lr, min(1.0, (step - peak_step) / (last_step - peak_step)))
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "total_steps": self.total_steps,
+            "pct_start": self.pct_start,
+            "div_factor": self.div_factor,
+            "final_div_factor": self.final_div_factor,
+        }
+
+
+SCHEDULE_TYPES = {cls.name: cls for cls in (ConstantSchedule, StepSchedule, CosineSchedule, OneCycleSchedule)}

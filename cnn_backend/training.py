@@ -22,7 +22,7 @@ from .functional import cross_entropy_per_sample
 from .layers import NonFiniteLogitsError, SoftmaxCrossEntropy
 from .layers.loss import check_label_range
 from .model import EVALUATION_BATCH_SIZE, Sequential
-from .optim import SCHEDULE_TYPES, ConstantSchedule, Optimizer
+from .optim import SCHEDULE_TYPES, ConstantSchedule, OneCycleSchedule, Optimizer
 
 # -- recipes ----------------------------------------------------------------------------------------
 
@@ -84,7 +84,9 @@ def schedule_for_run(name: str, base_lr: float, epochs: int, steps_per_epoch: in
 
     ``constant``: ``base_lr`` throughout; ``step``: multiplied by 0.1 every ``ceil(epochs / 3)``
     epochs; ``cosine``: a linear warm-up over the first epoch (at most a tenth of the run), which
-    keeps the first steps of a fresh network stable at a high rate, then cosine decay to 0.
+    keeps the first steps of a fresh network stable at a high rate, then cosine decay to 0;
+    ``one-cycle``: up from ``base_lr / 25`` to ``base_lr`` over the first 30% of the run, then down
+    to ``base_lr / 250,000`` (PyTorch's ``OneCycleLR`` defaults).
     """
     if name == "constant":
         return {"name": "constant", "base_lr": base_lr}
@@ -95,6 +97,8 @@ def schedule_for_run(name: str, base_lr: float, epochs: int, steps_per_epoch: in
         total_steps = epochs * steps_per_epoch
         warmup_steps = min(steps_per_epoch, total_steps // 10)
         return {"name": "cosine", "base_lr": base_lr, "total_steps": total_steps, "warmup_steps": warmup_steps, "min_lr": 0.0}
+    if name == "one-cycle":
+        return OneCycleSchedule(base_lr, max(2, epochs * steps_per_epoch)).config()
     raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 

@@ -9,8 +9,9 @@ per run is printed (per epoch: epoch, accuracy %, flip-averaged accuracy %, cumu
         '{"network": "default-bn", "flip": true, "label_smoothing": 0.1}' \\
         '{"network": "default", "epochs": 10}'
 
-Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3; one epoch of linear
-warm-up then cosine decay, as the default recipe), optimizer ("adamw", as the default recipe; or
+Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3), schedule ("cosine":
+one epoch of linear warm-up then cosine decay, as the default recipe; or "one-cycle": PyTorch's
+OneCycleLR with lr as its peak, no momentum cycling, as ``--schedule one-cycle``), optimizer ("adamw", as the default recipe; or
 "sgd": Nesterov momentum 0.9), weight_decay (1e-4), dropout (0.4: before the dense head's output
 layer; c3-7x7 and c3-cheap, without a dense layer, keep 0.3), init ("torch": PyTorch's own; or
 "library": this library's default, He normal for convolutions and hidden dense layers, Glorot
@@ -39,12 +40,13 @@ from cnn_backend.data import load_fashion_mnist  # noqa: E402
 TRAIN_SAMPLES = 50_000
 NETWORKS = ("default", "default-bn", "default-bn-after-pool", "narrow-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
 DEFAULTS = {
-    "network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "optimizer": "adamw", "weight_decay": 1e-4,
+    "network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 1e-4,
     "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "ema": 0.0, "label_smoothing": 0.0, "seed": 0,
 }
 OPTIMIZERS = ("adamw", "sgd")
 INITS = ("torch", "library")
-CHOICES = {"network": NETWORKS, "optimizer": OPTIMIZERS, "init": INITS}
+SCHEDULES = ("cosine", "one-cycle")
+CHOICES = {"network": NETWORKS, "optimizer": OPTIMIZERS, "init": INITS, "schedule": SCHEDULES}
 #: numeric keys: what each is, its type, and the half-open range [low, high) it must lie in
 RANGES = {
     "epochs": ("a count", int, 1, math.inf),
@@ -155,7 +157,10 @@ def run(torch, data, config: dict) -> dict:
             return (step + 1) / steps_per_epoch
         return 0.5 * (1 + math.cos(math.pi * (step - steps_per_epoch) / max(1, total_steps - steps_per_epoch)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if config["schedule"] == "one-cycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config["lr"], total_steps=total_steps, cycle_momentum=False)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     averaged = None
     if config["ema"]:
         multi_average = torch.optim.swa_utils.get_ema_multi_avg_fn(config["ema"])

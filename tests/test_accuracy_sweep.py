@@ -27,6 +27,7 @@ def run_script(*args):
         ('{"network": "resnet"}', "unknown network 'resnet'"),
         ('{"optimizer": "lamb"}', "unknown optimizer 'lamb'"),
         ('{"init": "orthogonal"}', "unknown init 'orthogonal'"),
+        ('{"schedule": "linear"}', "unknown schedule 'linear'"),
         ('{"ema": 1.5}', "ema must be a decay in [0, 1)"),
         ('{"dropout": 1}', "dropout must be a rate in [0, 1) in"),
         ('{"crop": 1.5}', "crop must be a pixel count in [0, inf) in"),

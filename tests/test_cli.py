@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cnn_backend import DeviceUnavailableError, Sequential, get_backend
+from cnn_backend import DeviceUnavailableError, OneCycleSchedule, Sequential, get_backend
 from cnn_backend.checkpoint import STATE_KEY, load_checkpoint
 from cnn_backend.cli import main, open_backend, resolve_ranges, resolve_settings
 from cnn_backend.report import matplotlib_available, read_history
@@ -93,6 +93,18 @@ def test_train_writes_history_checkpoints_and_plots(trained):
         assert plots <= written
         assert all((trained / name).read_bytes()[:4] == b"\x89PNG" for name in plots)
     assert not [name for name in written if name.endswith(".tmp")]
+
+
+def test_one_cycle_schedule_is_recorded_and_followed(tmp_path):
+    result = cli("train", *SMALL, "--optimizer", "adam", "--lr", "0.004", "--schedule", "one-cycle", "--epochs", 2,
+                 "--no-plots", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "one-cycle schedule" in result.stdout
+    last = load_checkpoint(tmp_path / "run" / "last.npz")
+    expected = OneCycleSchedule(0.004, total_steps=2 * 16)
+    assert last.schedule == expected.config()
+    # each epoch's logged rate is that of its last step: 16 steps per epoch
+    assert [row["lr"] for row in read_history(tmp_path / "run" / "history.jsonl")] == pytest.approx([expected(15), expected(31)])
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import math
 import numpy
 import pytest
 
-from cnn_backend import SGD, Adam, CosineSchedule, StepSchedule, get_backend
+from cnn_backend import SGD, Adam, CosineSchedule, OneCycleSchedule, StepSchedule, get_backend
 from cnn_backend.layers import Parameter
 from cnn_backend.optim import ConstantSchedule, make_optimizer
 
@@ -148,3 +148,41 @@ def test_schedules():
     assert cosine(500) == pytest.approx(0.1)
     with pytest.raises(ValueError, match=r"CosineSchedule: need total_steps >= 1"):
         CosineSchedule(1.0, total_steps=5, warmup_steps=5)
+
+
+def test_one_cycle_schedule_rises_to_the_base_rate_then_falls_to_its_floor():
+    cycle = OneCycleSchedule(1.0, total_steps=101, pct_start=0.3, div_factor=25.0, final_div_factor=1e4)
+    rates = [cycle(step) for step in range(101)]
+    peak = round(0.3 * 101 - 1)  # 29.3: the rate peaks between steps 29 and 30
+    assert rates[0] == pytest.approx(1.0 / 25)
+    assert rates[-1] == pytest.approx(1.0 / 25 / 1e4)
+    assert max(rates) == pytest.approx(1.0, abs=1e-3) and rates.index(max(rates)) in (peak, peak + 1)
+    assert all(a < b for a, b in zip(rates[: peak + 1], rates[1 : peak + 1]))
+    assert all(a > b for a, b in zip(rates[peak + 1 :], rates[peak + 2 :]))
+    # half way up and half way down: the midpoints of the two cosines
+    peak_at_100 = OneCycleSchedule(2.0, total_steps=202, pct_start=0.5)
+    assert peak_at_100(50) == pytest.approx((2.0 / 25 + 2.0) / 2)
+    peak_at_66 = OneCycleSchedule(2.0, total_steps=201, pct_start=1 / 3)  # the last step is 200
+    assert peak_at_66(133) == pytest.approx((2.0 + 2.0 / 25 / 1e4) / 2)
+    assert cycle(500) == pytest.approx(rates[-1])
+
+
+def test_one_cycle_schedule_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=137, cycle_momentum=False)
+    expected = []
+    for _ in range(137):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if len(expected) < 137:  # PyTorch refuses to step past total_steps
+            reference.step()
+    cycle = OneCycleSchedule(0.1, total_steps=137)
+    numpy.testing.assert_allclose([cycle(step) for step in range(137)], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{"total_steps": 1}, {"pct_start": 1.0}, {"pct_start": 0.0}, {"div_factor": 0.0}, {"final_div_factor": -1.0}])
+def test_one_cycle_schedule_refuses_bad_settings(kwargs):
+    with pytest.raises(ValueError, match=r"OneCycleSchedule: need total_steps >= 2, 0 < pct_start < 1"):
+        OneCycleSchedule(1.0, **{"total_steps": 10, **kwargs})

@@ -8,7 +8,7 @@ import pytest
 from cnn_backend import SGD, get_backend, seed_cnn
 from cnn_backend.data import BatchLoader, load_fashion_mnist, prepare_images
 from cnn_backend.model import ARCHITECTURES
-from cnn_backend.optim import OPTIMIZERS, ConstantSchedule, CosineSchedule, StepSchedule
+from cnn_backend.optim import OPTIMIZERS, ConstantSchedule, CosineSchedule, OneCycleSchedule, StepSchedule
 from cnn_backend.training import (
     RECIPES,
     SCHEDULES,
@@ -136,7 +136,7 @@ def test_schedules_round_trip_through_their_config(name):
     assert schedule.config() == config
     rebuilt = schedule_from_config(schedule.config())
     assert [rebuilt(step) for step in range(60)] == [schedule(step) for step in range(60)]
-    assert isinstance(schedule, {"constant": ConstantSchedule, "step": StepSchedule, "cosine": CosineSchedule}[name])
+    assert isinstance(schedule, {"constant": ConstantSchedule, "step": StepSchedule, "cosine": CosineSchedule, "one-cycle": OneCycleSchedule}[name])
 
 
 def test_step_schedule_decays_twice_per_run():

@@ -115,7 +115,8 @@ def add_train_command(commands) -> None:
     optimisation.add_argument("--weight-decay", type=non_negative_float, help=f"L2 (SGD) or decoupled (Adam) weight decay "
                               f"(default: {recipe_default('weight_decay')})")
     optimisation.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the run: constant; step (x0.1 every "
-                              f"ceil(epochs/3) epochs); cosine decay to 0 (default: {recipe_default('schedule')})")
+                              f"ceil(epochs/3) epochs); cosine decay to 0; one-cycle (up from lr/25 over 30%% of the run, then down to lr/250,000) "
+                              f"(default: {recipe_default('schedule')})")
     optimisation.add_argument("--label-smoothing", type=fraction, metavar="EPSILON", help="train against targets "
                               "(1 - EPSILON) one-hot + EPSILON / classes, in [0, 1); validation reports the plain loss "
                               f"(default: {recipe_default('label_smoothing')})")
