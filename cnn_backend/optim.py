@@ -241,6 +241,11 @@ def make_optimizer(name: str, params: Sequence[Parameter], backend: Backend, **k
 # -- learning-rate schedules -------------------------------------------------------------------------
 
 
+def _cosine_between(start: float, end: float, fraction: float) -> float:
+    """Half a cosine from ``start`` (``fraction`` 0) to ``end`` (``fraction`` 1)."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * fraction))
+
+
 class ConstantSchedule:
     """The base learning rate at every step."""
 
@@ -292,7 +297,7 @@ class CosineSchedule(ConstantSchedule):
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        return _cosine_between(self.base_lr, self.min_lr, progress)
 
     def config(self) -> dict:
         return {
@@ -323,18 +328,14 @@ class OneCycleSchedule(ConstantSchedule):
         self.total_steps, self.pct_start = int(total_steps), float(pct_start)
         self.div_factor, self.final_div_factor = float(div_factor), float(final_div_factor)
 
-    @staticmethod
-    def _cosine(start: float, end: float, fraction: float) -> float:
-        return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1.0)
-
     def __call__(self, step: int) -> float:
         initial_lr = self.base_lr / self.div_factor
         final_lr = initial_lr / self.final_div_factor
         peak_step = self.pct_start * self.total_steps - 1  # the step at base_lr, as PyTorch counts it
         last_step = self.total_steps - 1
         if step <= peak_step:
-            return self._cosine(initial_lr, self.base_lr, step / peak_step if peak_step > 0 else 1.0)
-        return self._cosine(self.base_lr, final_lr, min(1.0, (step - peak_step) / (last_step - peak_step)))
+            return _cosine_between(initial_lr, self.base_lr, step / peak_step if peak_step > 0 else 1.0)
+        return _cosine_between(self.base_lr, final_lr, min(1.0, (step - peak_step) / (last_step - peak_step)))
 
     def config(self) -> dict:
         return {
