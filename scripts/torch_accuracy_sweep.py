@@ -17,7 +17,7 @@ layer; c3-7x7 and c3-cheap, without a dense layer, keep 0.3), init ("torch": PyT
 "library": this library's default, He normal for convolutions and hidden dense layers, Glorot
 uniform for the output layer, zero biases), flip (false: random left-right flips), crop (0: random
 shifts of up to this many pixels each way, the uncovered border filled with the background, as
-``--augment crop-flip`` does with 2), ema (0: no average; else the decay of an exponential moving
+``--augment crop1-flip`` and ``crop-flip`` do with 1 and 2), ema (0: no average; else the decay of an exponential moving
 average of the weights and BatchNorm statistics, updated every step and scored instead of the
 weights), label_smoothing (0), seed (0). Networks: ``NETWORKS`` (described in ``build``).
 """
@@ -68,6 +68,12 @@ def conv_block(nn, channels_in: int, channels_out: int, batch_norm: bool, pool: 
     return layers + (pooling + norm if norm_after_pool else norm + pooling) + [nn.ReLU()]
 
 
+def two_convolutions(nn, widths: tuple, batch_norm: bool, norm_after_pool: bool = False) -> list:
+    """The default's two pooled convolution blocks with ``widths`` filters (BatchNorm before or after each pooling)."""
+    first, second = widths
+    return conv_block(nn, 1, first, batch_norm, True, norm_after_pool) + conv_block(nn, first, second, batch_norm, True, norm_after_pool)
+
+
 def dense_head(nn, features: int, batch_norm: bool, dropout: float) -> list:
     norm = [nn.BatchNorm1d(128)] if batch_norm else []
     return [nn.Flatten(), nn.Linear(features, 128, bias=not batch_norm), *norm, nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)]
@@ -76,21 +82,19 @@ def dense_head(nn, features: int, batch_norm: bool, dropout: float) -> list:
 def three_convolutions(nn, widths: tuple) -> list:
     """BatchNorm convolutions of ``widths`` filters: at 28x28 and 14x14 (each then pooled), the third at 7x7."""
     first, second, third = widths
-    return conv_block(nn, 1, first, True, True) + conv_block(nn, first, second, True, True) + conv_block(nn, second, third, True, False)
+    return two_convolutions(nn, (first, second), True) + conv_block(nn, second, third, True, False)
 
 
 def build(nn, network: str, dropout: float = DEFAULTS["dropout"]):
     """The networks compared (multiply-accumulates per sample in brackets)."""
     if network == "default":  # this library's default network and dropout (4.24 M)
-        return nn.Sequential(*conv_block(nn, 1, 32, False, True), *conv_block(nn, 32, 64, False, True), *dense_head(nn, 3136, False, dropout))
+        return nn.Sequential(*two_convolutions(nn, (32, 64), False), *dense_head(nn, 64 * 49, False, dropout))
     if network == "default-bn":  # the same with BatchNorm, as examples/default-bn.toml (4.24 M)
-        return nn.Sequential(*conv_block(nn, 1, 32, True, True), *conv_block(nn, 32, 64, True, True), *dense_head(nn, 3136, True, dropout))
+        return nn.Sequential(*two_convolutions(nn, (32, 64), True), *dense_head(nn, 64 * 49, True, dropout))
     if network == "default-bn-after-pool":  # BatchNorm after each pooling, as examples/default-bn-after-pool.toml (4.24 M)
-        blocks = conv_block(nn, 1, 32, True, True, norm_after_pool=True) + conv_block(nn, 32, 64, True, True, norm_after_pool=True)
-        return nn.Sequential(*blocks, *dense_head(nn, 3136, True, dropout))
-    if network == "narrow-bn-after-pool":  # the same with 24, 48 filters (2.50 M)
-        blocks = conv_block(nn, 1, 24, True, True, norm_after_pool=True) + conv_block(nn, 24, 48, True, True, norm_after_pool=True)
-        return nn.Sequential(*blocks, *dense_head(nn, 48 * 49, True, dropout))
+        return nn.Sequential(*two_convolutions(nn, (32, 64), True, norm_after_pool=True), *dense_head(nn, 64 * 49, True, dropout))
+    if network == "narrow-bn-after-pool":  # the same with 24, 48 filters, as examples/narrow-bn-after-pool.toml (2.50 M)
+        return nn.Sequential(*two_convolutions(nn, (24, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout))
     if network == "c3-7x7":  # 32, 64, 96 filters, no dense layer (6.60 M)
         return nn.Sequential(*three_convolutions(nn, (32, 64, 96)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
     if network == "c3-cheap":  # 24, 48, 64 filters, no dense layer (3.59 M)
