@@ -51,6 +51,11 @@ MIN_SPLIT_FLOPS = 8_000_000
 CHUNKS_PER_THREAD = 2
 #: rows or columns of a product per chunk at least, so that each stays an efficient BLAS call
 MIN_PRODUCT_CHUNK = 128
+#: the same when each thread takes one chunk: a product whose longer side is too short for chunks of
+#: ``MIN_PRODUCT_CHUNK`` is still shared out if every thread gets this many. The narrow network's
+#: weight gradient (216 x 12,544 by 12,544 x 48, examples/narrow-bn-after-pool.toml) ran on one
+#: thread as a single 216-row chunk; two chunks of 108 rows halve its time (see docs/performance.md).
+MIN_PRODUCT_SHARE = 64
 
 _lock = threading.Lock()
 _thread_count: int | None = None
@@ -147,10 +152,11 @@ def _chunk(array, axis: int, start: int, stop: int):
     return array[(slice(None),) * axis + (slice(start, stop),)]
 
 
-def _run_split(kernel, arrays, axes, length: int, min_chunk: int = 1) -> None:
+def _run_split(kernel, arrays, axes, length: int, parts: int | None = None) -> None:
     # A few chunks per thread, handed out as threads ask for them: when another process holds a
     # core, the threads that do run take the chunks left over instead of waiting for it.
-    parts = max(1, min(thread_count() * CHUNKS_PER_THREAD, length // min_chunk))
+    if parts is None:
+        parts = min(thread_count() * CHUNKS_PER_THREAD, length)
     bounds = iter(_bounds(length, parts))
     handing_out = threading.Lock()
 
@@ -172,6 +178,18 @@ def _run_split(kernel, arrays, axes, length: int, min_chunk: int = 1) -> None:
             future.exception()
     for future in futures:
         future.result()
+
+
+def product_parts(length: int) -> int:
+    """How many chunks a product's longer side (``length`` rows or columns) is cut into: up to
+    ``CHUNKS_PER_THREAD`` per thread of at least ``MIN_PRODUCT_CHUNK`` each, else one per thread of
+    at least ``MIN_PRODUCT_SHARE``, else one. Always a multiple of the thread count (three chunks on
+    two threads would leave one thread twice the work of the other)."""
+    threads = thread_count()
+    per_thread = min(CHUNKS_PER_THREAD, length // (threads * MIN_PRODUCT_CHUNK))
+    if per_thread >= 1:
+        return per_thread * threads
+    return threads if length // threads >= MIN_PRODUCT_SHARE else 1
 
 
 def _splittable(length: int, size: int, minimum: int | None = None) -> bool:
@@ -238,7 +256,7 @@ def matmul(a, b, out=None):
         if 2 * m * n * k < MIN_SPLIT_FLOPS or not _splittable(length, MIN_SPLIT_ELEMENTS):
             numpy.matmul(a, b, out=out)
         elif n >= m:
-            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n, MIN_PRODUCT_CHUNK)
+            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n, product_parts(n))
         else:
-            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m, MIN_PRODUCT_CHUNK)
+            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m, product_parts(m))
     return out

@@ -7,7 +7,10 @@ cannot show.
 * ``thresholds``: im2col copies and products split from the thresholds in ``cnn_backend.threads``,
   or from 2^21 values and 4 MFLOP (the earlier setting);
 * ``split``: element-wise operations (``map_chunks``) split from ``threads.MIN_SPLIT_ELEMENTS``, or
-  from 2^21 elements (the earlier setting).
+  from 2^21 elements (the earlier setting);
+* ``share``: products too short for several chunks of ``threads.MIN_PRODUCT_CHUNK`` per thread
+  shared out one chunk per thread (from ``threads.MIN_PRODUCT_SHARE`` rows or columns each), or
+  run as one call (the earlier setting).
 
 ``--model`` is a built-in network or a spec file.
 
@@ -19,6 +22,7 @@ benchmark's (synthetic data, SGD with momentum for training).
     python scripts/compare_in_process.py --what thresholds --model seed --mode train --batch 128
     python scripts/compare_in_process.py --what banded --model seed --mode infer --batch 256
     python scripts/compare_in_process.py --what split --model examples/default-bn.toml --batch 64
+    python scripts/compare_in_process.py --what share --model examples/narrow-bn-after-pool.toml --batch 64
 """
 
 from __future__ import annotations
@@ -62,6 +66,13 @@ def split(current: bool) -> None:
     threads.MIN_SPLIT_ELEMENTS = CURRENT_SPLIT if current else EARLIER_SPLIT
 
 
+CURRENT_SHARE = threads.MIN_PRODUCT_SHARE
+
+
+def share(current: bool) -> None:
+    threads.MIN_PRODUCT_SHARE = CURRENT_SHARE if current else threads.MIN_PRODUCT_CHUNK * threads.CHUNKS_PER_THREAD
+
+
 def _label(copy_elements: int, flops: int) -> str:
     return f"{copy_elements / 1e6:.1f}M / {flops / 1e6:.0f} MFLOP"
 
@@ -71,6 +82,7 @@ SETTINGS = {
     "banded": (banded, {True: "banded", False: "im2col"}),
     "thresholds": (thresholds, {True: _label(*CURRENT_THRESHOLDS), False: _label(*EARLIER_THRESHOLDS)}),
     "split": (split, {True: f"from {CURRENT_SPLIT:,}", False: f"from {EARLIER_SPLIT:,}"}),
+    "share": (share, {True: f"shared from {CURRENT_SHARE}", False: "one call"}),
 }
 
 

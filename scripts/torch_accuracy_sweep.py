@@ -17,7 +17,9 @@ layer; c3-7x7 and c3-cheap, without a dense layer, keep 0.3), init ("torch": PyT
 "library": this library's default, He normal for convolutions and hidden dense layers, Glorot
 uniform for the output layer, zero biases), flip (false: random left-right flips), crop (0: random
 shifts of up to this many pixels each way, the uncovered border filled with the background, as
-``--augment crop1-flip`` and ``crop-flip`` do with 1 and 2), ema (0: no average; else the decay of an exponential moving
+``--augment crop1-flip`` and ``crop-flip`` do with 1 and 2), erase (0: the probability of random
+erasing, one rectangle of 2-33% of the image with aspect ratio 0.3-3.3 set to the background, as
+torchvision's ``RandomErasing`` draws them), ema (0: no average; else the decay of an exponential moving
 average of the weights and BatchNorm statistics, updated every step and scored instead of the
 weights), label_smoothing (0), seed (0). Networks: ``NETWORKS`` (described in ``build``).
 """
@@ -41,7 +43,7 @@ TRAIN_SAMPLES = 50_000
 NETWORKS = ("default", "default-bn", "default-bn-after-pool", "narrow-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
 DEFAULTS = {
     "network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 1e-4,
-    "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "ema": 0.0, "label_smoothing": 0.0, "seed": 0,
+    "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "erase": 0.0, "ema": 0.0, "label_smoothing": 0.0, "seed": 0,
 }
 OPTIMIZERS = ("adamw", "sgd")
 INITS = ("torch", "library")
@@ -57,6 +59,7 @@ RANGES = {
     "weight_decay": ("a coefficient", float, 0, math.inf),
     "dropout": ("a rate", float, 0, 1),
     "label_smoothing": ("a rate", float, 0, 1),
+    "erase": ("a probability", float, 0, 1),
     "ema": ("a decay", float, 0, 1),
 }
 
@@ -127,6 +130,23 @@ def random_shift(torch, images, pixels: int, background, generator):
     return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
 
 
+def random_erase(torch, images, probability: float, background, generator):
+    """With ``probability``, one rectangle of each image set to the background (torchvision's
+    ``RandomErasing`` scale (0.02, 0.33) and ratio (0.3, 3.3), the sides clipped to the image)."""
+    n, _, height, width = images.shape
+    area = height * width * (0.02 + 0.31 * torch.rand(n, generator=generator))
+    aspect = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * torch.rand(n, generator=generator))
+    tall = torch.sqrt(area * aspect).round().clamp(1, height).long()
+    wide = torch.sqrt(area / aspect).round().clamp(1, width).long()
+    top = (torch.rand(n, generator=generator) * (height - tall + 1)).long()
+    left = (torch.rand(n, generator=generator) * (width - wide + 1)).long()
+    rows, cols = torch.arange(height), torch.arange(width)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + tall)[:, None])
+    inside_cols = (cols >= left[:, None]) & (cols < (left + wide)[:, None])
+    erased = inside_rows[:, :, None] & inside_cols[:, None, :] & (torch.rand(n, generator=generator) < probability)[:, None, None]
+    return torch.where(erased[:, None], torch.as_tensor(float(background)), images)
+
+
 def multiply_accumulates(nn, model) -> int:
     total, side = 0, 28
     for layer in model:
@@ -183,6 +203,8 @@ def run(torch, data, config: dict) -> dict:
                 images = torch.where(flipped[:, None, None, None], images.flip(3), images)
             if config["crop"]:
                 images = random_shift(torch, images, config["crop"], background, generator)
+            if config["erase"]:
+                images = random_erase(torch, images, config["erase"], background, generator)
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(images.contiguous(memory_format=torch.channels_last)), labels).backward()
             optimizer.step()

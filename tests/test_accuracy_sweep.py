@@ -1,6 +1,6 @@
 """scripts/torch_accuracy_sweep.py: refuses bad configurations in one line, and (with PyTorch) its
 reference networks are the library's in arithmetic, its "library" initialisation draws the library's
-schemes, and its random shifts move images as they say."""
+schemes, and its random shifts and erasing change images as they say."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def run_script(*args):
         ('{"init": "orthogonal"}', "unknown init 'orthogonal'"),
         ('{"schedule": "linear"}', "unknown schedule 'linear'"),
         ('{"ema": 1.5}', "ema must be a decay in [0, 1)"),
+        ('{"erase": 1.0}', "erase must be a probability in [0, 1)"),
         ('{"dropout": 1}', "dropout must be a rate in [0, 1) in"),
         ('{"crop": 1.5}', "crop must be a pixel count in [0, inf) in"),
         ('{"epochs": 0}', "epochs must be a count in [1, inf) in"),
@@ -94,3 +95,19 @@ def test_the_library_initialisation_matches_the_library_schemes():
     assert hidden.weight.std().item() == pytest.approx(math.sqrt(2 / 3136), rel=0.03)
     assert output.weight.abs().max().item() <= math.sqrt(6 / (128 + 10))  # Glorot uniform bound
     assert all(layer.bias is None or not layer.bias.any() for layer in weighted)
+
+
+def test_random_erasing_sets_one_rectangle_of_the_drawn_size_to_the_background():
+    torch = pytest.importorskip("torch")
+    images = torch.ones(2000, 1, 28, 28)
+    erased = load_sweep().random_erase(torch, images, 0.5, -1.0, torch.Generator().manual_seed(0))
+    changed = erased[:, 0] != 1
+    assert torch.all(erased[:, 0][changed] == -1.0)
+    touched = changed.flatten(1).any(1)
+    assert 0.45 < touched.float().mean().item() < 0.55  # the probability
+    for mask in changed[touched][:200]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        # One solid rectangle: every pixel between its first and last row and column.
+        assert mask.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    areas = changed[touched].flatten(1).sum(1).float() / 784
+    assert areas.min() >= 0.01 and areas.max() <= 0.36  # 2-33% drawn, sides rounded and clipped

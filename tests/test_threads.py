@@ -102,6 +102,32 @@ def test_matmul_matches_numpy_for_any_memory_order(split_everything, m, k, n, tr
     numpy.testing.assert_allclose(PARALLEL.matmul(a, b), a @ b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize(
+    "length, threads_, parts",
+    [(100, 2, 1), (127, 2, 1), (128, 2, 2), (216, 2, 2), (288, 2, 2), (511, 2, 2), (512, 2, 4), (12_544, 2, 4),
+     (216, 3, 3), (191, 3, 1), (216, 1, 1)],
+)
+def test_a_product_is_cut_into_chunks_each_thread_can_use(length, threads_, parts):
+    """Several chunks of at least MIN_PRODUCT_CHUNK per thread, else one of at least MIN_PRODUCT_SHARE
+    per thread (the narrow network's 216-row weight gradient: two, not one), else one; a multiple of
+    the thread count (511 rows: two chunks, not three on two threads)."""
+    threads.set_thread_count(threads_)
+    try:
+        assert threads.product_parts(length) == parts
+    finally:
+        threads.set_thread_count(None)
+
+
+def test_a_short_product_shared_one_chunk_per_thread_is_right():
+    rng = numpy.random.default_rng(0)
+    a, b = rng.standard_normal((216, 3000)), rng.standard_normal((48, 3000)).T
+    threads.set_thread_count(2)
+    try:
+        numpy.testing.assert_allclose(PARALLEL.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+    finally:
+        threads.set_thread_count(None)
+
+
 def test_matmul_gives_blas_its_thread_count_back():
     controllers = threads._blas()
     if not controllers:
