@@ -328,11 +328,11 @@ def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
     _unfold_into(be, x, cols_2d[:patch_size].reshape(channels, kernel_h, kernel_w, out_h, out_w, n), stride, padding)
     # (F, C*KH*KW + 1) @ (C*KH*KW + 1, OH*OW*N): one contiguous 2-D product, which BLAS runs at full speed.
     y = be.matmul(weight_and_bias, cols_2d)
-    return nchw_view(y.reshape(n_filters, out_h, out_w, n)), ("gemm", x.shape, weight, cols_2d, stride, padding)
+    return nchw_view(y.reshape(n_filters, out_h, out_w, n)), ("gemm", x.shape, weight, cols_2d, stride, padding, workspace)
 
 
 def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None)):
-    _, x_shape, weight, cols_2d, stride, padding = cache
+    _, x_shape, weight, cols_2d, stride, padding, workspace = cache
     n_filters, channels, kernel_h, kernel_w = weight.shape
     n, _, out_h, out_w = dy.shape
     # dy as (F, OH*OW*N): free when dy is batch-innermost, as the layers between convolutions keep it.
@@ -340,7 +340,10 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None))
     dweight, dbias = _weight_and_bias_grads(be, dy_2d, cols_2d, weight, grad_out)
     dx = None
     if need_input_grad:
-        dcols = be.matmul(weight.reshape(n_filters, -1).T, dy_2d)
+        # Kept in the workspace like the im2col matrix: at batch 256 it is over glibc's 32 MiB mmap
+        # threshold, and a fresh mapping per step cost 380 page faults (docs/performance.md).
+        dcols = _scratch(be, workspace, "input_grad_cols", (channels * kernel_h * kernel_w, dy_2d.shape[1]), dy_2d.dtype)
+        be.matmul(weight.reshape(n_filters, -1).T, dy_2d, out=dcols)
         dx = col2im(be, dcols.reshape(channels, kernel_h, kernel_w, out_h, out_w, n), x_shape, stride, padding)
     return dx, dweight, dbias
 

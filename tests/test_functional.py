@@ -203,7 +203,11 @@ def test_workspace_reuse_gives_fresh_results(make_backend):
         y_fresh, cache_fresh = F.conv2d_forward(be, x, weight, bias, 1, 2, "gemm")
         for reused, fresh in zip((y, *grads), (y_fresh, *F.conv2d_backward(be, dy, cache_fresh, True))):
             numpy.testing.assert_array_equal(to_host(be, reused), to_host(be, fresh))
-    assert workspace, "the gemm path keeps its buffers in the workspace"
+    assert set(workspace) == {"cols", "input_grad_cols"}, "the gemm path keeps both column matrices in the workspace"
+    kept = dict(workspace)
+    y, cache = F.conv2d_forward(be, x, weight, bias, 1, 2, "gemm", workspace)
+    F.conv2d_backward(be, be.xp.ones_like(y), cache, True)
+    assert all(workspace[name] is kept[name] for name in kept), "reused, not allocated again"
 
 
 def test_convolution_layer_reuses_buffers_safely(make_backend):
