@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cnn_backend.data import load_fashion_mnist  # noqa: E402
 
 TRAIN_SAMPLES = 50_000
-NETWORKS = ("default", "default-bn", "default-bn-after-pool", "narrow-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
+NETWORKS = ("default", "default-bn", "default-bn-after-pool", "narrow-bn-after-pool", "narrow16-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
 DEFAULTS = {
     "network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 1e-4,
     "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "erase": 0.0, "ema": 0.0, "label_smoothing": 0.0, "seed": 0,
@@ -98,6 +98,8 @@ def build(nn, network: str, dropout: float = DEFAULTS["dropout"]):
         return nn.Sequential(*two_convolutions(nn, (32, 64), True, norm_after_pool=True), *dense_head(nn, 64 * 49, True, dropout))
     if network == "narrow-bn-after-pool":  # the same with 24, 48 filters, as examples/narrow-bn-after-pool.toml (2.50 M)
         return nn.Sequential(*two_convolutions(nn, (24, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout))
+    if network == "narrow16-bn-after-pool":  # 16, 48 filters: a first layer two thirds as wide (1.78 M)
+        return nn.Sequential(*two_convolutions(nn, (16, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout))
     if network == "c3-7x7":  # 32, 64, 96 filters, no dense layer (6.60 M)
         return nn.Sequential(*three_convolutions(nn, (32, 64, 96)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
     if network == "c3-cheap":  # 24, 48, 64 filters, no dense layer (3.59 M)
