@@ -98,7 +98,7 @@ def build(nn, network: str, dropout: float = DEFAULTS["dropout"]):
         return nn.Sequential(*two_convolutions(nn, (32, 64), True, norm_after_pool=True), *dense_head(nn, 64 * 49, True, dropout))
     if network == "narrow-bn-after-pool":  # the same with 24, 48 filters, as examples/narrow-bn-after-pool.toml (2.50 M)
         return nn.Sequential(*two_convolutions(nn, (24, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout))
-    if network == "narrow16-bn-after-pool":  # 16, 48 filters: a first layer two thirds as wide (1.78 M)
+    if network == "narrow16-bn-after-pool":  # 16, 48 filters: a first layer two thirds as wide (1.77 M)
         return nn.Sequential(*two_convolutions(nn, (16, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout))
     if network == "c3-7x7":  # 32, 64, 96 filters, no dense layer (6.60 M)
         return nn.Sequential(*three_convolutions(nn, (32, 64, 96)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
