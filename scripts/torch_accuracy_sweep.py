@@ -13,7 +13,7 @@ Keys (defaults): network (default), epochs (10), batch_size (64), lr (2e-3), sch
 one epoch of linear warm-up then cosine decay, as the default recipe; or "one-cycle": PyTorch's
 OneCycleLR with lr as its peak, no momentum cycling, as ``--schedule one-cycle``), optimizer ("adamw", as the default recipe; or
 "sgd": Nesterov momentum 0.9), weight_decay (1e-4), dropout (0.4: before the dense head's output
-layer; c3-7x7 and c3-cheap, without a dense layer, keep 0.3), init ("torch": PyTorch's own; or
+layer; c3-7x7 and c3-cheap, without a dense layer, keep 0.3), hidden (128: the dense head's width), init ("torch": PyTorch's own; or
 "library": this library's default, He normal for convolutions and hidden dense layers, Glorot
 uniform for the output layer, zero biases), flip (false: random left-right flips), crop (0: random
 shifts of up to this many pixels each way, the uncovered border filled with the background, as
@@ -43,7 +43,7 @@ TRAIN_SAMPLES = 50_000
 NETWORKS = ("default", "default-bn", "default-bn-after-pool", "narrow-bn-after-pool", "narrow16-bn-after-pool", "c3-7x7", "c3-cheap", "c3-cheap-fc")
 DEFAULTS = {
     "network": "default", "epochs": 10, "batch_size": 64, "lr": 2e-3, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 1e-4,
-    "dropout": 0.4, "init": "torch", "flip": False, "crop": 0, "erase": 0.0, "ema": 0.0, "label_smoothing": 0.0, "seed": 0,
+    "dropout": 0.4, "hidden": 128, "init": "torch", "flip": False, "crop": 0, "erase": 0.0, "ema": 0.0, "label_smoothing": 0.0, "seed": 0,
 }
 OPTIMIZERS = ("adamw", "sgd")
 INITS = ("torch", "library")
@@ -53,6 +53,7 @@ CHOICES = {"network": NETWORKS, "optimizer": OPTIMIZERS, "init": INITS, "schedul
 RANGES = {
     "epochs": ("a count", int, 1, math.inf),
     "batch_size": ("a count", int, 1, math.inf),
+    "hidden": ("a width", int, 1, math.inf),
     "seed": ("a seed", int, 0, math.inf),
     "crop": ("a pixel count", int, 0, math.inf),
     "lr": ("a learning rate", float, 0, math.inf),
@@ -77,9 +78,9 @@ def two_convolutions(nn, widths: tuple, batch_norm: bool, norm_after_pool: bool 
     return conv_block(nn, 1, first, batch_norm, True, norm_after_pool) + conv_block(nn, first, second, batch_norm, True, norm_after_pool)
 
 
-def dense_head(nn, features: int, batch_norm: bool, dropout: float) -> list:
-    norm = [nn.BatchNorm1d(128)] if batch_norm else []
-    return [nn.Flatten(), nn.Linear(features, 128, bias=not batch_norm), *norm, nn.ReLU(), nn.Dropout(dropout), nn.Linear(128, 10)]
+def dense_head(nn, features: int, batch_norm: bool, dropout: float, hidden: int = DEFAULTS["hidden"]) -> list:
+    norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+    return [nn.Flatten(), nn.Linear(features, hidden, bias=not batch_norm), *norm, nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10)]
 
 
 def three_convolutions(nn, widths: tuple) -> list:
@@ -88,24 +89,24 @@ def three_convolutions(nn, widths: tuple) -> list:
     return two_convolutions(nn, (first, second), True) + conv_block(nn, second, third, True, False)
 
 
-def build(nn, network: str, dropout: float = DEFAULTS["dropout"]):
+def build(nn, network: str, dropout: float = DEFAULTS["dropout"], hidden: int = DEFAULTS["hidden"]):
     """The networks compared (multiply-accumulates per sample in brackets)."""
     if network == "default":  # this library's default network and dropout (4.24 M)
-        return nn.Sequential(*two_convolutions(nn, (32, 64), False), *dense_head(nn, 64 * 49, False, dropout))
+        return nn.Sequential(*two_convolutions(nn, (32, 64), False), *dense_head(nn, 64 * 49, False, dropout, hidden))
     if network == "default-bn":  # the same with BatchNorm, as examples/default-bn.toml (4.24 M)
-        return nn.Sequential(*two_convolutions(nn, (32, 64), True), *dense_head(nn, 64 * 49, True, dropout))
+        return nn.Sequential(*two_convolutions(nn, (32, 64), True), *dense_head(nn, 64 * 49, True, dropout, hidden))
     if network == "default-bn-after-pool":  # BatchNorm after each pooling, as examples/default-bn-after-pool.toml (4.24 M)
-        return nn.Sequential(*two_convolutions(nn, (32, 64), True, norm_after_pool=True), *dense_head(nn, 64 * 49, True, dropout))
+        return nn.Sequential(*two_convolutions(nn, (32, 64), True, norm_after_pool=True), *dense_head(nn, 64 * 49, True, dropout, hidden))
     if network == "narrow-bn-after-pool":  # the same with 24, 48 filters, as examples/narrow-bn-after-pool.toml (2.50 M)
-        return nn.Sequential(*two_convolutions(nn, (24, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout))
+        return nn.Sequential(*two_convolutions(nn, (24, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout, hidden))
     if network == "narrow16-bn-after-pool":  # 16, 48 filters: a first layer two thirds as wide (1.77 M)
-        return nn.Sequential(*two_convolutions(nn, (16, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout))
+        return nn.Sequential(*two_convolutions(nn, (16, 48), True, norm_after_pool=True), *dense_head(nn, 48 * 49, True, dropout, hidden))
     if network == "c3-7x7":  # 32, 64, 96 filters, no dense layer (6.60 M)
         return nn.Sequential(*three_convolutions(nn, (32, 64, 96)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(96 * 49, 10))
     if network == "c3-cheap":  # 24, 48, 64 filters, no dense layer (3.59 M)
         return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 49, 10))
     if network == "c3-cheap-fc":  # the same with the default's BatchNorm dense head (3.96 M)
-        return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), *dense_head(nn, 64 * 49, True, dropout))
+        return nn.Sequential(*three_convolutions(nn, (24, 48, 64)), *dense_head(nn, 64 * 49, True, dropout, hidden))
     raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
 
 
@@ -166,7 +167,7 @@ def run(torch, data, config: dict) -> dict:
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(config["seed"])
     generator = torch.Generator().manual_seed(config["seed"])
-    model = build(nn, config["network"], config["dropout"])
+    model = build(nn, config["network"], config["dropout"], config["hidden"])
     if config["init"] == "library":
         library_init(nn, model)
     model = model.to(memory_format=torch.channels_last)

@@ -64,28 +64,29 @@ def test_the_reference_default_network_has_the_library_default_arithmetic():
 
 
 @pytest.mark.parametrize(
-    "network, example",
+    "network, hidden, example",
     [
-        ("default-bn", "default-bn.toml"),
-        ("default-bn-after-pool", "default-bn-after-pool.toml"),
-        ("narrow-bn-after-pool", "narrow-bn-after-pool.toml"),
-        ("narrow16-bn-after-pool", "narrow16-bn-after-pool.toml"),
+        ("default-bn", 128, "default-bn.toml"),
+        ("default-bn-after-pool", 128, "default-bn-after-pool.toml"),
+        ("narrow-bn-after-pool", 128, "narrow-bn-after-pool.toml"),
+        ("narrow16-bn-after-pool", 128, "narrow16-bn-after-pool.toml"),
+        ("narrow16-bn-after-pool", 256, "narrow16-dense256-bn-after-pool.toml"),
     ],
 )
-def test_a_reference_network_has_its_example_files_arithmetic(network, example):
+def test_a_reference_network_has_its_example_files_arithmetic(network, hidden, example):
     torch = pytest.importorskip("torch")
     from cnn_backend import get_backend
     from cnn_backend.spec import build_model
     from cnn_backend.summary import summarize
 
     sweep = load_sweep()
-    reference = sweep.build(torch.nn, network)
+    reference = sweep.build(torch.nn, network, hidden=hidden)
     library = summarize(build_model(SCRIPT.parent.parent / "examples" / example, (1, 28, 28), get_backend("cpu"), seed=0))
     # the sweep counts the products' arithmetic; the library also counts BatchNorm's one per value
     products = sum(row.macs for row in library.rows if row.type in ("Convolution", "FullyConnected"))
     assert sweep.multiply_accumulates(torch.nn, reference) == products
-    # the examples' hidden dense layer keeps its 128 biases, which the BatchNorm after it cancels
-    assert library.total_params - sum(p.numel() for p in reference.parameters()) == 128
+    # the examples' hidden dense layer keeps its biases, which the BatchNorm after it cancels
+    assert library.total_params - sum(p.numel() for p in reference.parameters()) == hidden
 
 
 def test_a_thread_count_below_one_is_refused():
