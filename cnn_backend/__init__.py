@@ -23,7 +23,7 @@ from .layers import (
     ShapeError,
     SoftmaxCrossEntropy,
 )
-from .model import ARCHITECTURES, Sequential, default_cnn, seed_cnn
+from .model import ARCHITECTURES, Sequential, default_cnn, plain_cnn, seed_cnn
 from .optim import SGD, Adam, CosineSchedule, OneCycleSchedule, StepSchedule
 from .serialization import ModelFileError
 from .spec import SpecError, build_model
@@ -60,6 +60,7 @@ __all__ = [
     "SpecError",
     "StepSchedule",
     "default_cnn",
+    "plain_cnn",
     "get_backend",
     "seed_cnn",
 ]

@@ -38,7 +38,7 @@ from .optim import SGD
 from .spec import build_model
 from .training import train_step
 
-MODELS = ("seed", "default")
+MODELS = ("seed", "default", "plain")
 BENCH_DEVICES = ("cpu", "cuda")
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
 IMAGE_SHAPE, N_CLASSES = (1, 28, 28), 10
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated convolution algorithms (default: gemm,signal)",
     )
     parser.add_argument(
-        "--models", type=_csv(MODELS), default=list(MODELS), help="comma-separated models (default: seed,default)"
+        "--models", type=_csv(MODELS), default=list(MODELS), help="comma-separated models (default: seed,default,plain)"
     )
     parser.add_argument(
         "--train-batch-sizes", type=_csv(kind=int), default=[64, 128], help="training batch sizes (default: 64,128)"
@@ -412,6 +412,12 @@ def torch_model(torch, model_name: str):
     nn = torch.nn
     if model_name == "seed":
         return nn.Sequential(nn.Conv2d(1, 1, 6), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(121, 10))
+    if model_name == "default":
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 48, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(48), nn.ReLU(),
+            nn.Flatten(), nn.Linear(48 * 7 * 7, 384), nn.BatchNorm1d(384), nn.ReLU(), nn.Dropout(0.1), nn.Linear(384, 10),
+        )  # fmt: skip
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

@@ -149,7 +149,7 @@ def _scratch(be: Backend, workspace: dict | None, name: str, shape: tuple, dtype
 
     Reuse matters on the CPU: a fresh multi-megabyte array per call comes from a fresh ``mmap`` whose
     pages the operating system faults in and zeroes again every step (thousands of page faults per
-    training step of the default model). Without a workspace the array is simply allocated.
+    training step of the plain model). Without a workspace the array is simply allocated.
     """
     xp = be.xp
     allocate = xp.zeros if zeros else xp.empty
@@ -373,7 +373,7 @@ def banded_convolution_pays(weight_shape: tuple, input_h: int) -> bool:
     Per output pixel, in floating-point operations: im2col copies ``C * KH * KW`` values and
     multiplies them by ``F`` filters; the banded form multiplies ``KW * F * C * H`` band entries
     and writes and reads back ``KW * F`` partial sums. True for the seed model's 1-filter 6x6 layer
-    (about 700 against 1,150), false for every layer of the default model (3x3 kernels, 32-64
+    (about 700 against 1,150), false for every layer of the plain model (3x3 kernels, 32-64
     filters: four to thirteen times more).
     """
     n_filters, channels, kernel_h, kernel_w = weight_shape
@@ -435,7 +435,7 @@ def _conv2d_backward_banded(be, dy, cache, need_input_grad, grad_out=(None, None
 #
 # A 2x2 pooling pass over a batch-innermost activation reads each window's four values as four
 # strided quadrant views made of runs of N consecutive values; NumPy's per-run cost then dominates
-# (the default model's first pooling took 2.8 ms of an 18 ms training step at batch 64). When the
+# (the plain model's first pooling took 2.8 ms of an 18 ms training step at batch 64). When the
 # convolution before it lays out its im2col columns quadrant by quadrant, ``(a, b, OY, OX, N)`` for
 # output pixel ``(2 * OY + a, 2 * OX + b)``, its product hands over each quadrant as one contiguous
 # block, and every pooling pass is a few long runs. The price is im2col's copies, which then read

@@ -367,21 +367,41 @@ def default_cnn(
     backend: Backend | str = "cpu",
     seed: int | None = 0,
     algorithm: str = "auto",
+    dropout: float | None = None,
+    input_shape=FASHION_MNIST_SHAPE,
+    num_classes: int = 10,
+) -> Sequential:
+    """The default network: two 3x3 conv blocks (16, 48 filters; each convolution, max-pool,
+    BatchNorm, ReLU), a 384-unit BatchNorm dense layer, dropout 0.1 and a 10-way output (the
+    packaged ``architectures/default.toml``); ``dropout`` sets the rate of its Dropout layer
+    instead; ``input_shape`` and ``num_classes`` adapt it to other data."""
+    from .spec import build_model
+
+    spec = builtin_spec("default", num_classes)
+    if dropout is not None:
+        spec["layers"] = [{**layer, "rate": float(dropout)} if layer.get("type") == "Dropout" else layer for layer in spec["layers"]]
+    return build_model(spec, input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+
+
+def plain_cnn(
+    backend: Backend | str = "cpu",
+    seed: int | None = 0,
+    algorithm: str = "auto",
     dropout: float = 0.0,
     input_shape=FASHION_MNIST_SHAPE,
     num_classes: int = 10,
 ) -> Sequential:
-    """A classic small CNN for 28x28 greyscale images: two 3x3 conv blocks (32, 64 filters), a 128-unit
-    dense layer and a 10-way output (the packaged ``architectures/default.toml``); ``dropout`` > 0
-    adds a Dropout layer of that rate before the output layer; ``input_shape`` and ``num_classes``
-    adapt it to other data.
+    """A classic small CNN without BatchNorm: two 3x3 conv blocks (32, 64 filters), a 128-unit
+    dense layer and a 10-way output (the packaged ``architectures/plain.toml``, the default network
+    before the BatchNorm one); ``dropout`` > 0 adds a Dropout layer of that rate before the output
+    layer; ``input_shape`` and ``num_classes`` adapt it to other data.
 
     Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool
     (max and ReLU are both monotone, so they commute), with ReLU on a quarter of the values.
     """
     from .spec import build_model
 
-    spec = builtin_spec("default", num_classes)
+    spec = builtin_spec("plain", num_classes)
     if dropout:
         spec["layers"].insert(len(spec["layers"]) - 1, {"type": "Dropout", "rate": float(dropout)})
     return build_model(spec, input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
@@ -398,4 +418,4 @@ def builtin_spec(name: str, num_classes: int = 10) -> dict:
     return spec
 
 
-ARCHITECTURES = {"seed": seed_cnn, "default": default_cnn}
+ARCHITECTURES = {"seed": seed_cnn, "default": default_cnn, "plain": plain_cnn}

@@ -76,7 +76,7 @@ LAYER_OPTIONS: dict[str, dict[str, tuple]] = {
 TOP_LEVEL_KEYS = ("layers", "name", "description")
 SPEC_SUFFIXES = (".toml", ".json")
 ARCHITECTURES_PACKAGE = "cnn_backend.architectures"
-BUILTIN_NAMES = ("seed", "default")
+BUILTIN_NAMES = ("seed", "default", "plain")
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list of layer tables"}
 

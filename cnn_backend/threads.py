@@ -32,7 +32,7 @@ THREADS_ENV = "CNN_BACKEND_NUM_THREADS"
 #: below this many elements (in the largest operand) an operation runs as one call: waking the
 #: pool and handing out chunks costs tens of microseconds per operation. Measured on a quiet 2-core
 #: machine (benchmark, samples/s): at 2^17 the seed model trained 3x slower than unsplit; at 2^22
-#: the default model lost a fifth. 2^20 against 2^21 in one process (``compare_in_process.py --what
+#: the plain model lost a fifth. 2^20 against 2^21 in one process (``compare_in_process.py --what
 #: split``): a BatchNorm network (examples/default-bn.toml) trained 10% faster at batch 64 and 128
 #: (its first BatchNorm and pooling hold 1.6M values at batch 64); the default and seed models
 #: moved within 4% either way.
@@ -41,11 +41,11 @@ MIN_SPLIT_ELEMENTS = 1 << 20
 #: as fast as one on a 2-core VM (the copy is memory-bound), so a copy must be larger to repay
 #: waking a thread. Measured in one process (samples/s, medians): split from 2^21 values, the seed
 #: model trained at batch 128 about a third slower than with nothing split (its im2col holds 2.5M
-#: values); the default model's second-layer im2col at batch 64 (3.6M) still gains from a split.
+#: values); the plain model's second-layer im2col at batch 64 (3.6M) still gains from a split.
 MIN_SPLIT_COPY_ELEMENTS = 3_000_000
 #: products below this many floating-point operations run as one call on one BLAS thread: the
 #: seed model's 5 MFLOP matrix-vector products at batch 128 (memory-bound) lost more to the
-#: wake-up than they gained at 4 MFLOP; every product of the default model is above 30 MFLOP
+#: wake-up than they gained at 4 MFLOP; every product of the plain model is above 30 MFLOP
 MIN_SPLIT_FLOPS = 8_000_000
 #: chunks per thread: more balance on a busy machine, more calls on a quiet one
 CHUNKS_PER_THREAD = 2

@@ -47,9 +47,26 @@ RECIPES: dict[str, dict] = {
         "val_split": "5000:10000",
     },
     "default": {
-        # Adam with cosine decay and dropout: over 92% validation accuracy on train[50000:] in about
-        # three and a half minutes on a 2-core CPU (see the README). Crop-and-flip augmentation cost about 0.7
-        # points within such a short run, so it is off by default.
+        # The BatchNorm network with random 1-pixel shifts and flips, label smoothing and a larger
+        # batch: over 94% validation accuracy on train[50000:] in the time the plain recipe's ten
+        # epochs take on a 2-core CPU (about three and a half minutes; see the README).
+        "optimizer": "adam",
+        "lr": 4e-3,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "schedule": "cosine",
+        "batch_size": 128,
+        "epochs": 15,
+        "dropout": 0.1,
+        "augment": "crop1-flip",
+        "label_smoothing": 0.1,
+        "train_split": None,
+        "val_split": None,
+    },
+    "plain": {
+        # Adam with cosine decay and dropout: about 93% validation accuracy on train[50000:] in
+        # about three and a half minutes on a 2-core CPU. Crop-and-flip augmentation cost about
+        # 0.7 points within such a short run of this network, so it is off.
         "optimizer": "adam",
         "lr": 2e-3,
         "momentum": 0.9,

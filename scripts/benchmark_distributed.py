@@ -43,14 +43,14 @@ def worker(steps: int) -> None:
     from cnn_backend.data import BatchLoader, load_fashion_mnist
     from cnn_backend.distributed import GradientAverager, world_communicator
     from cnn_backend.layers import SoftmaxCrossEntropy
-    from cnn_backend.model import default_cnn
+    from cnn_backend.model import plain_cnn
     from cnn_backend.optim import make_optimizer
     from cnn_backend.training import train_step
 
     world = world_communicator()
     backend = get_backend("cpu", "float32")
     images, labels = load_fashion_mnist("train", "bundled")
-    model = default_cnn(backend, seed=0, dropout=0.4)
+    model = plain_cnn(backend, seed=0, dropout=0.4)
     optimizer = make_optimizer("adam", model.parameters(), backend, lr=2e-3)
     loss_fn = SoftmaxCrossEntropy(backend, check_inputs=False)
     loader = BatchLoader(images[:8000], labels[:8000], backend, GLOBAL_BATCH, rank=world.rank, size=world.size)

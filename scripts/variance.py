@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # --root replaces it
 MEASUREMENTS = ("seed", "train", "benchmark")
-BENCHMARK_ARGS = ["--models", "default", "--algorithms", "gemm", "--no-torch", "--no-memory", "--repeats", "3"]
+BENCHMARK_ARGS = ["--models", "plain", "--algorithms", "gemm", "--no-torch", "--no-memory", "--repeats", "3"]
 
 
 def load_average() -> str:

@@ -28,7 +28,7 @@ from cnn_backend.distributed import (
     flat_parameters,
     world_communicator,
 )
-from cnn_backend.model import default_cnn
+from cnn_backend.model import plain_cnn
 from cnn_backend.optim import make_optimizer
 from cnn_backend.training import evaluate, fit, schedule_for_run, schedule_from_config
 
@@ -52,7 +52,7 @@ class CountingCommunicator:
 
 
 def train(backend, communicator, images, labels):
-    model = default_cnn(backend, seed=0, dropout=0.4)
+    model = plain_cnn(backend, seed=0, dropout=0.4)
     optimizer = make_optimizer("adam", model.parameters(), backend, lr=2e-3, weight_decay=1e-4)
     loader = BatchLoader(images[TRAIN], labels[TRAIN], backend, BATCH, seed=0, rank=communicator.rank, size=communicator.size)
     schedule = schedule_from_config(schedule_for_run("cosine", 2e-3, EPOCHS, len(loader)))
@@ -150,11 +150,11 @@ def staged(world) -> dict:
         "broadcast": standin.to_numpy(shared).tolist(),
     }
     # Rank 1 starts from other parameters: it is given rank 0's, and rank 0 learns which rank differed.
-    model = default_cnn(standin, seed=world.rank)
+    model = plain_cnn(standin, seed=world.rank)
     replaced = broadcast_parameters(model, communicator)
     flat = standin.to_numpy(flat_parameters(model))
     result["replaced"], result["parameters_equal"] = replaced, bool((world.broadcast(flat.copy()) == flat).all())
-    result["equal_to_seed_0"] = bool((flat == standin.to_numpy(flat_parameters(default_cnn(standin, seed=0)))).all())
+    result["equal_to_seed_0"] = bool((flat == standin.to_numpy(flat_parameters(plain_cnn(standin, seed=0)))).all())
 
     # A CUDA backend (a double: only the names the choice reads) with and without NCCL.
     runtime = SimpleNamespace(getDeviceCount=lambda: 2)

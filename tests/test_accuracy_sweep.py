@@ -53,12 +53,12 @@ def load_sweep():
 def test_the_reference_default_network_has_the_library_default_arithmetic():
     torch = pytest.importorskip("torch")
     from cnn_backend import get_backend
-    from cnn_backend.model import default_cnn
+    from cnn_backend.model import plain_cnn
     from cnn_backend.summary import summarize
 
     sweep = load_sweep()
     reference = sweep.build(torch.nn, "default")
-    library = summarize(default_cnn(get_backend("cpu"), seed=0))
+    library = summarize(plain_cnn(get_backend("cpu"), seed=0))
     assert sweep.multiply_accumulates(torch.nn, reference) == library.total_macs == 4_241_152
     assert sum(p.numel() for p in reference.parameters()) == library.total_params
 

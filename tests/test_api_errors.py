@@ -8,7 +8,7 @@ import pytest
 from cnn_backend import Sequential, seed_cnn
 from cnn_backend.data import BatchLoader
 from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU, ShapeError, SoftmaxCrossEntropy
-from cnn_backend.model import default_cnn
+from cnn_backend.model import plain_cnn
 from cnn_backend.serialization import ModelFileError
 from cnn_backend.training import evaluate
 
@@ -76,7 +76,7 @@ def test_a_bad_seed_is_named(seed):
     with pytest.raises(ValueError, match=rf"seed must be an integer >= 0, got {seed!r}"):
         seed_cnn("cpu", seed=seed)
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0"):
-        default_cnn("cpu", seed=seed)
+        plain_cnn("cpu", seed=seed)
 
 
 @pytest.mark.parametrize("bad", [numpy.nan, numpy.inf])

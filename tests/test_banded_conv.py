@@ -9,7 +9,7 @@ import pytest
 from cnn_backend import functional as F
 from cnn_backend.backend import cpu_backend
 from cnn_backend.layers import Convolution
-from cnn_backend.model import Sequential, default_cnn, seed_cnn
+from cnn_backend.model import Sequential, plain_cnn, seed_cnn
 from cnn_backend.testing import standin_backend
 
 PLAIN = cpu_backend("float64", parallel=False)
@@ -93,7 +93,7 @@ def test_when_the_seed_model_bands(be, training, banded):
 
 
 def test_the_default_model_never_bands():
-    model = default_cnn(THREADS, seed=0).eval()
+    model = plain_cnn(THREADS, seed=0).eval()
     assert banded_layers(model, numpy.zeros((2, 1, 28, 28))) == [False, False]
 
 

@@ -30,8 +30,8 @@ def test_quick_run_writes_the_report(tmp_path, capsys):
 
     # every device x model x algorithm x (training and inference batch sizes)
     combos = {(r["device"], r["model"], r["algorithm"], r["mode"], r["batch_size"]) for r in report["results"]}
-    assert len(combos) == len(report["results"]) == 2 * 2 * 2
-    assert {m for _, m, _, _, _ in combos} == {"seed", "default"}
+    assert len(combos) == len(report["results"]) == 3 * 2 * 2
+    assert {m for _, m, _, _, _ in combos} == {"seed", "default", "plain"}
     for row in report["results"]:
         assert RESULT_FIELDS <= set(row)
         assert row["samples_per_second"] > 0
@@ -67,11 +67,21 @@ def test_mounts_on_a_subcommand_parser():
 
 
 def test_flops_per_sample_count_every_product_of_the_default_model():
-    from cnn_backend.model import default_cnn, seed_cnn
+    from cnn_backend.model import default_cnn
+
+    # conv 1->16 3x3 on 28x28, conv 16->48 3x3 on 14x14, dense 2352->384 and 384->10 (BatchNorm uncounted)
+    macs = [16 * 9 * 28 * 28, 48 * 16 * 9 * 14 * 14, 2352 * 384, 384 * 10]
+    flops = benchmark.model_flops(default_cnn("cpu"))
+    assert flops["infer"] == 2 * sum(macs)
+    assert flops["train"] == 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
+
+
+def test_flops_per_sample_count_every_product_of_the_plain_and_seed_models():
+    from cnn_backend.model import plain_cnn, seed_cnn
 
     # conv 1->32 3x3 on 28x28, conv 32->64 3x3 on 14x14, dense 3136->128 and 128->10 (multiply-adds)
     macs = [32 * 9 * 28 * 28, 64 * 32 * 9 * 14 * 14, 3136 * 128, 128 * 10]
-    flops = benchmark.model_flops(default_cnn("cpu"))
+    flops = benchmark.model_flops(plain_cnn("cpu"))
     assert flops["infer"] == 2 * sum(macs)
     # training: + weight gradients of all four, + input gradients of all but the first
     assert flops["train"] == 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])

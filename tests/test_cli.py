@@ -352,8 +352,17 @@ def test_settings_come_from_the_recipe_unless_given():
     adam = resolve_settings({"model": "seed", "optimizer": "adam"})
     assert (adam["lr"], adam["momentum"]) == (OPTIMIZER_DEFAULTS["adam"]["lr"], OPTIMIZER_DEFAULTS["adam"]["momentum"])
     assert resolve_settings({"model": "seed", "optimizer": "adam", "lr": 0.5})["lr"] == 0.5
-    with pytest.raises(ValueError, match="default model only"):
+    with pytest.raises(ValueError, match="default and plain models only"):
         resolve_settings({"model": "seed", "dropout": 0.5})
+
+
+def test_an_architecture_file_trains_with_the_plain_recipe_without_augmentation():
+    # flips and shifts do not suit every data set (a mirrored digit is another digit): a file's
+    # network gets the recipe of the plain model, which has none
+    from_file = resolve_settings({"model": "examples/lenet.toml"})
+    assert from_file["augment"] == "none" and from_file["label_smoothing"] == 0.0 and from_file["dropout"] == 0.0
+    assert {key: from_file[key] for key in ("lr", "batch_size", "epochs")} == {key: RECIPES["plain"][key] for key in ("lr", "batch_size", "epochs")}
+    assert resolve_settings({})["augment"] == RECIPES["default"]["augment"] != "none"
 
 
 def test_resumed_settings_come_from_the_checkpoint_unless_given(trained):

@@ -9,7 +9,7 @@ import pytest
 from cnn_backend import functional as F
 from cnn_backend.backend import cpu_backend
 from cnn_backend.layers import Convolution, MaxPool, ReLU, SoftmaxCrossEntropy
-from cnn_backend.model import Sequential, default_cnn
+from cnn_backend.model import Sequential, plain_cnn
 from cnn_backend.testing import standin_backend
 
 PLAIN = cpu_backend("float64", parallel=False)
@@ -124,7 +124,7 @@ def test_a_fused_model_trains_as_the_plain_one():
     x, labels = rng.random((6, 1, 28, 28)), rng.integers(0, 10, size=6)
     results = []
     for be in (PLAIN, FUSING):
-        model = default_cnn(be, seed=0)
+        model = plain_cnn(be, seed=0)
         loss = SoftmaxCrossEntropy(be)
         loss.forward(model.forward(x), labels)
         model.backward(loss.backward())

@@ -38,7 +38,7 @@ from cnn_backend.layers import (  # noqa: E402
     SoftmaxCrossEntropy,
     Tanh,
 )
-from cnn_backend.model import Sequential, default_cnn, seed_cnn  # noqa: E402
+from cnn_backend.model import Sequential, plain_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import SGD, Adam  # noqa: E402
 from cnn_backend.testing import (  # noqa: E402
     DeviceUsage,
@@ -113,8 +113,8 @@ def run_workload(tmp_path) -> DeviceUsage:
     for build, algorithm, make_optimizer in [
         (seed_cnn, "gemm", optimizers[0]),
         (seed_cnn, "signal", optimizers[1]),
-        (default_cnn, "gemm", optimizers[2]),
-        (default_cnn, "signal", optimizers[3]),
+        (plain_cnn, "gemm", optimizers[2]),
+        (plain_cnn, "signal", optimizers[3]),
         (seed_cnn, "auto", optimizers[4]),
     ]:
         model = build(be, seed=0, algorithm=algorithm)
@@ -131,7 +131,7 @@ def run_workload(tmp_path) -> DeviceUsage:
     labels = rng.integers(0, 10, size=40)
     validation = (images[32:, None].astype("float64") / 255, labels[32:])
     for max_device_bytes in (1 << 30, 0):
-        model = default_cnn(be, seed=0, dropout=0.5)
+        model = plain_cnn(be, seed=0, dropout=0.5)
         loader = BatchLoader(images[:32], labels[:32], be, batch_size=16, max_device_bytes=max_device_bytes)
         fit(model, SGD(model.parameters(), lr=0.01, momentum=0.9, backend=be), loader, 1, validation=validation, log_every=1)
     evaluate(model, *validation, batch_size=3)
@@ -177,7 +177,7 @@ def run_workload(tmp_path) -> DeviceUsage:
     class TwoProcesses(SingleProcess):
         size = 2
 
-    model = default_cnn(be, seed=0, dropout=0.5)
+    model = plain_cnn(be, seed=0, dropout=0.5)
     loader = BatchLoader(images[:32], labels[:32], be, batch_size=16, rank=0, size=2)
     fit(model, SGD(model.parameters(), lr=0.01, backend=be), loader, 1, validation=validation, log_every=1,
         communicator=TwoProcesses(), augment=RandomCropFlip(be, seed=0))

@@ -36,7 +36,7 @@ from cnn_backend.export import (  # noqa: E402
     export_onnx,
 )
 from cnn_backend.layers import Layer, SoftmaxCrossEntropy  # noqa: E402
-from cnn_backend.model import Sequential, default_cnn, seed_cnn  # noqa: E402
+from cnn_backend.model import Sequential, plain_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import make_optimizer  # noqa: E402
 from cnn_backend.training import train_step  # noqa: E402
 
@@ -106,7 +106,7 @@ def test_seed_network_matches_onnxruntime(bundled):
 
 def test_default_network_with_dropout_matches_onnxruntime(bundled):
     images, labels = bundled
-    model = train_briefly(default_cnn(seed=4, dropout=0.4), images, labels)
+    model = train_briefly(plain_cnn(seed=4, dropout=0.4), images, labels)
     assert any(type(layer).__name__ == "Dropout" for layer in model.layers)
     assert_matches_library(model, images)
 
@@ -158,7 +158,7 @@ def test_float64_model_is_written_in_float32(bundled):
 def test_the_tolerance_catches_a_wrong_feature_order(bundled):
     """Rows of the dense weight reordered as if Flatten ran in H, W, C order: far outside 1e-4."""
     images, labels = bundled
-    model = train_briefly(default_cnn(seed=8), images, labels)
+    model = train_briefly(plain_cnn(seed=8), images, labels)
     graph = build_onnx_model(model).SerializeToString()
     dense = model.layers[7]
     weight = dense.params["weight"].data
@@ -294,7 +294,7 @@ def dims(value_info) -> list:
 
 
 def test_cli_export_writes_a_checked_graph_with_metadata(tmp_path, capsys):
-    model = default_cnn(seed=11)
+    model = plain_cnn(seed=11)
     checkpoint = save_model(model, tmp_path / "model.npz")
     assert main(["export", str(checkpoint), str(tmp_path / "out" / "model.onnx")]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -316,7 +316,7 @@ def test_cli_export_writes_a_checked_graph_with_metadata(tmp_path, capsys):
 
 
 def test_batch_dimension_is_dynamic(tmp_path):
-    model = default_cnn(seed=12)
+    model = plain_cnn(seed=12)
     graph = build_onnx_model(model).SerializeToString()
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     for batch in (1, 5, 64):
@@ -326,7 +326,7 @@ def test_batch_dimension_is_dynamic(tmp_path):
 
 def test_cli_softmax_gives_probabilities(tmp_path, bundled):
     images, labels = bundled
-    model = train_briefly(default_cnn(seed=13), images, labels)
+    model = train_briefly(plain_cnn(seed=13), images, labels)
     checkpoint = save_model(model, tmp_path / "model.npz")
     out = tmp_path / "probabilities.onnx"
     assert main(["export", str(checkpoint), str(out), "--softmax"]) == 0
@@ -417,7 +417,7 @@ def test_python_api_names_the_unexportable_layer_and_writes_nothing(tmp_path):
 
 def test_input_shape_that_does_not_fit_the_dense_layer_is_refused():
     with pytest.raises(ExportError, match=r"layer 7 \(FullyConnected\) expects 3136 input features.*\(4096,\)"):
-        build_onnx_model(default_cnn(), input_shape=(1, 32, 32))
+        build_onnx_model(plain_cnn(), input_shape=(1, 32, 32))
 
 
 def test_wrong_number_of_class_names_is_refused():

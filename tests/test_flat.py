@@ -8,7 +8,7 @@ import pytest
 
 from cnn_backend import SGD, Adam, Sequential, get_backend
 from cnn_backend.layers import FullyConnected, ReLU, SoftmaxCrossEntropy
-from cnn_backend.model import default_cnn, seed_cnn
+from cnn_backend.model import plain_cnn, seed_cnn
 from cnn_backend.parameters import ALIGNMENT_BYTES, FlatParameters, Parameter, flat_layout, shared_flat_buffer
 from cnn_backend.testing import DeviceArray, standin_backend
 from cnn_backend.training import train_step
@@ -40,7 +40,7 @@ def unflattened(model: Sequential) -> Sequential:
 
 
 @pytest.mark.parametrize("backend", [get_backend("cpu"), standin_backend("float64")], ids=["cpu", "standin"])
-@pytest.mark.parametrize("build", [seed_cnn, default_cnn])
+@pytest.mark.parametrize("build", [seed_cnn, plain_cnn])
 def test_parameters_and_gradients_are_views_of_the_flat_arrays_in_order(backend, build):
     model = build(backend, seed=0)
     x, y = batch()
@@ -84,7 +84,7 @@ def test_flatten_is_idempotent_and_the_arrays_stay_the_same():
 
 
 def test_gradients_are_written_in_place_and_match_the_unflattened_model():
-    flat_model, plain_model = default_cnn(CPU64, seed=1), unflattened(default_cnn(CPU64, seed=1))
+    flat_model, plain_model = plain_cnn(CPU64, seed=1), unflattened(plain_cnn(CPU64, seed=1))
     x, y = batch()
     grads = []
     for model in (flat_model, plain_model):
@@ -117,7 +117,7 @@ def test_assigning_data_or_grad_copies_into_the_views():
 
 
 def test_load_state_dict_and_to_keep_the_buffer_current():
-    source, model = default_cnn("cpu", seed=5), default_cnn("cpu", seed=0)
+    source, model = plain_cnn("cpu", seed=5), plain_cnn("cpu", seed=0)
     data = model.flat_data
     model.load_state_dict(source.state_dict())
     assert model.flat_data is data
@@ -184,7 +184,7 @@ def test_flat_updates_equal_per_parameter_updates(name, dtype):
     # results bit for bit, in either dtype.
     be = get_backend("cpu", dtype)
     runs = []
-    for model in (default_cnn(be, seed=2), unflattened(default_cnn(be, seed=2))):
+    for model in (plain_cnn(be, seed=2), unflattened(plain_cnn(be, seed=2))):
         optimizer = OPTIMISERS[name](own_parameters(model), be)
         for step in range(3):
             x, y = batch(seed=step)
@@ -225,7 +225,7 @@ def test_a_parameter_without_gradient_is_skipped_as_before(name):
     # the others move exactly as on the per-parameter path.
     be = CPU64
     runs = []
-    for model in (default_cnn(be, seed=3), unflattened(default_cnn(be, seed=3))):
+    for model in (plain_cnn(be, seed=3), unflattened(plain_cnn(be, seed=3))):
         optimizer = OPTIMISERS[name](own_parameters(model), be)
         x, y = batch()
         loss = SoftmaxCrossEntropy(be)
@@ -243,7 +243,7 @@ def test_a_parameter_without_gradient_is_skipped_as_before(name):
 
 
 def test_optimiser_state_is_one_flat_array_per_buffer_with_per_parameter_views():
-    model = default_cnn("cpu", seed=0)
+    model = plain_cnn("cpu", seed=0)
     optimizer = Adam(model.parameters(), backend=model.backend)
     for name, bufs in optimizer.buffers.items():
         flat = optimizer._flat_buffers[name]

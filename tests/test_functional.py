@@ -15,7 +15,7 @@ import pytest
 from cnn_backend import functional as F
 from cnn_backend.backend import get_backend
 from cnn_backend.layers import Convolution, SoftmaxCrossEntropy, resolve_conv_algorithm
-from cnn_backend.model import default_cnn, seed_cnn
+from cnn_backend.model import plain_cnn, seed_cnn
 from cnn_backend.testing import standin_backend
 
 ALGORITHMS = F.CONV_ALGORITHMS
@@ -481,7 +481,7 @@ def test_bad_algorithm_names_are_refused(clean_default, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("algorithm", ["auto", "gemm", "signal"])
-@pytest.mark.parametrize("build", [default_cnn, seed_cnn], ids=["default", "seed"])
+@pytest.mark.parametrize("build", [plain_cnn, seed_cnn], ids=["plain", "seed"])
 def test_models_keep_their_dtype_end_to_end(make_backend, build, algorithm, dtype):
     be = make_backend(dtype)
     model = build(be, seed=0, algorithm=algorithm)

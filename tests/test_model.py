@@ -7,7 +7,7 @@ import zipfile
 import numpy
 import pytest
 
-from cnn_backend import ModelFileError, Sequential, default_cnn, get_backend, seed_cnn
+from cnn_backend import ModelFileError, Sequential, default_cnn, get_backend, plain_cnn, seed_cnn
 from cnn_backend.layers import Convolution, Dropout, FullyConnected, MaxPool, ReLU
 from cnn_backend.serialization import write_npz_atomic
 
@@ -28,11 +28,25 @@ def test_seed_architecture_matches_the_article():
     assert model.forward(x).shape == (3, 10)
 
 
-def test_default_model_shapes_and_dtype():
-    model = default_cnn(seed=0)
+def test_plain_model_shapes_and_dtype():
+    model = plain_cnn(seed=0)
     logits = model.forward(numpy.zeros((2, 1, 28, 28), dtype=numpy.float32))
     assert logits.shape == (2, 10) and logits.dtype == numpy.float32
     assert sum(p.data.size for p in model.parameters()) == 32 * 9 + 32 + 64 * 32 * 9 + 64 + 3136 * 128 + 128 + 1290
+
+
+def test_default_model_shapes_buffers_and_dropout_rate():
+    model = default_cnn(seed=0)
+    logits = model.forward(numpy.zeros((2, 1, 28, 28), dtype=numpy.float32))
+    assert logits.shape == (2, 10) and logits.dtype == numpy.float32
+    # convolutions without biases (BatchNorm follows), BatchNorm scale and shift, dense 2352->384 and 384->10
+    expected = 16 * 9 + 2 * 16 + 48 * 16 * 9 + 2 * 48 + 2352 * 384 + 384 + 2 * 384 + 384 * 10 + 10
+    assert sum(p.data.size for p in model.parameters()) == expected
+    assert sum(buffer.size for _, buffer in model.named_buffers()) == 2 * (16 + 48 + 384)  # running means and variances
+    def rates(network):
+        return [layer.rate for layer in network.layers if isinstance(layer, Dropout)]
+
+    assert rates(model) == [0.1] and rates(default_cnn(seed=0, dropout=0.3)) == [0.3]
 
 
 def test_forward_casts_host_input_to_the_model_dtype():
@@ -41,7 +55,7 @@ def test_forward_casts_host_input_to_the_model_dtype():
 
 
 def test_predict_batches_agree_with_one_pass_and_restore_training_mode():
-    model = default_cnn(seed=1, dropout=0.5)
+    model = plain_cnn(seed=1, dropout=0.5)
     x = numpy.random.default_rng(0).random((7, 1, 28, 28), dtype=numpy.float32)
     model.train()
     labels = model.predict(x, batch_size=3)
@@ -59,7 +73,7 @@ def test_first_layer_skips_its_input_gradient():
 
 
 def test_save_and_load_round_trip(tmp_path):
-    model = default_cnn(seed=5, dropout=0.25)
+    model = plain_cnn(seed=5, dropout=0.25)
     path = model.save(tmp_path / "model.npz", extra={"note": numpy.array("hello")})
     loaded = Sequential.load(path)
     assert loaded.config() == model.config()
@@ -123,7 +137,7 @@ def test_pickled_content_is_refused(tmp_path):
 
 def test_mismatched_parameters_are_refused(tmp_path):
     path = seed_cnn().save(tmp_path / "m.npz")
-    model = default_cnn()
+    model = plain_cnn()
     with numpy.load(path, allow_pickle=False) as data:
         state = {k[len("param/") :]: data[k] for k in data.files if k.startswith("param/")}
     with pytest.raises(ModelFileError, match=r"parameters do not match the model: missing"):
@@ -158,7 +172,7 @@ def test_saved_file_is_a_plain_zip_of_npy_files(tmp_path):
 
 def test_default_model_pools_before_relu_which_is_the_same_function():
     # max-pool(ReLU(z)) == ReLU(max-pool(z)): the default model uses the cheaper order.
-    model = default_cnn(get_backend("cpu", "float64"), seed=0)
+    model = plain_cnn(get_backend("cpu", "float64"), seed=0)
     kinds = [type(layer).__name__ for layer in model.layers[:6]]
     assert kinds == ["Convolution", "MaxPool", "ReLU", "Convolution", "MaxPool", "ReLU"]
     z = numpy.random.default_rng(1).standard_normal((2, 3, 8, 8))
@@ -190,7 +204,7 @@ def _constructors_as_they_were(name, seed, dropout=0.0):
     return Sequential(layers)
 
 
-@pytest.mark.parametrize("name, build, dropout", [("seed", seed_cnn, 0.0), ("default", default_cnn, 0.0), ("default", default_cnn, 0.3)])
+@pytest.mark.parametrize("name, build, dropout", [("seed", seed_cnn, 0.0), ("plain", plain_cnn, 0.0), ("plain", plain_cnn, 0.3)])
 @pytest.mark.parametrize("seed", [0, 7])
 def test_built_in_specs_start_from_the_same_weights_and_dropout_masks_as_before(name, build, dropout, seed):
     model = build(seed=seed, dropout=dropout) if dropout else build(seed=seed)

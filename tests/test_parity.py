@@ -38,7 +38,7 @@ from cnn_backend.layers import (
     SoftmaxCrossEntropy,
     Tanh,
 )
-from cnn_backend.model import Sequential, default_cnn, seed_cnn
+from cnn_backend.model import Sequential, default_cnn, plain_cnn, seed_cnn
 from cnn_backend.optim import SGD, Adam
 from cnn_backend.testing import StandinBackend, standin_backend
 from cnn_backend.training import train_step
@@ -231,8 +231,8 @@ def test_flip_averaged_evaluation_matches_cpu(device_under_test):
     cpu, device = get_backend("cpu", "float64"), device_under_test("float64")
     images = numpy.random.default_rng(6).random((12, 1, 28, 28))
     labels = numpy.random.default_rng(7).integers(0, 10, size=12)
-    cpu_scores = evaluate(default_cnn(cpu, seed=2), images, labels, 5, flip_average=True)
-    device_scores = evaluate(default_cnn(device, seed=2), images, labels, 5, flip_average=True)
+    cpu_scores = evaluate(plain_cnn(cpu, seed=2), images, labels, 5, flip_average=True)
+    device_scores = evaluate(plain_cnn(device, seed=2), images, labels, 5, flip_average=True)
     assert device_scores["accuracy"] == cpu_scores["accuracy"]
     assert device_scores["loss"] == pytest.approx(cpu_scores["loss"], rel=1e-9)
 
@@ -282,11 +282,14 @@ TRAINING_RTOL = {"float64": 1e-9, "float32": 1e-4}
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("algorithm", ["gemm", "signal"])
-@pytest.mark.parametrize("architecture", ["seed", "default"])
+@pytest.mark.parametrize("architecture", ["seed", "default", "plain"])
 def test_twenty_training_steps_match_cpu(device_under_test, architecture, algorithm, dtype):
     cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
-    build = {"seed": seed_cnn, "default": default_cnn}[architecture]
-    batch_size = 8 if architecture == "seed" else 2  # the default model is 100x the work per image
+    build = {"seed": seed_cnn, "default": default_cnn, "plain": plain_cnn}[architecture]
+    # the plain model is 100x the seed's work per image; the default's BatchNorm needs a batch whose
+    # statistics are not chaotic (at 2 or 8 images its steps amplify rounding until the runs part)
+    batch_size = {"seed": 8, "default": 32, "plain": 2}[architecture]
+    lr = 0.01 if architecture == "default" else 0.05  # at 0.05 its loss climbs, and a climbing run amplifies rounding
     rng = numpy.random.default_rng(7)
     images = rng.random((20, batch_size, 1, 28, 28)).astype(dtype)
     labels = rng.integers(0, 10, size=(20, batch_size))
@@ -294,7 +297,7 @@ def test_twenty_training_steps_match_cpu(device_under_test, architecture, algori
     results = {}
     for be in (cpu, device):
         model = build(be, seed=0, algorithm=algorithm)
-        optimizer = SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, backend=be)
+        optimizer = SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3, backend=be)
         loss_fn = SoftmaxCrossEntropy(be, check_inputs=False)
         losses = [train_step(model, loss_fn, optimizer, be.to_device(x), be.to_device(y))[0] for x, y in zip(images, labels)]
         results[be.name] = (be.xp.stack(losses), [p.data for p in model.parameters()])
@@ -303,11 +306,13 @@ def test_twenty_training_steps_match_cpu(device_under_test, architecture, algori
     device_losses, device_weights = results[device.name]
     assert isinstance(device_losses, device.xp.ndarray) and device_losses.dtype == numpy.dtype(dtype)
     numpy.testing.assert_allclose(device.to_numpy(device_losses), cpu_losses, rtol=TRAINING_RTOL[dtype])
+    # The absolute tolerance is relative to the model's largest weight: a dense layer's bias before a
+    # BatchNorm gets gradients that are rounding noise only (the normalisation cancels it exactly).
+    weight_scale = max(float(numpy.abs(cpu.to_numpy(weight)).max()) for weight in cpu_weights)
     for cpu_weight, device_weight in zip(cpu_weights, device_weights):
         assert isinstance(device_weight, device.xp.ndarray) and device_weight.dtype == numpy.dtype(dtype)
         expected = cpu.to_numpy(cpu_weight)
-        atol = TRAINING_RTOL[dtype] * float(numpy.abs(expected).max())
-        numpy.testing.assert_allclose(device.to_numpy(device_weight), expected, rtol=TRAINING_RTOL[dtype], atol=atol)
+        numpy.testing.assert_allclose(device.to_numpy(device_weight), expected, rtol=TRAINING_RTOL[dtype], atol=TRAINING_RTOL[dtype] * weight_scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

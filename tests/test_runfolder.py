@@ -337,7 +337,7 @@ def test_fit_treats_nan_validation_logits_as_divergence():
 def test_dropout_help_gives_each_models_default(capsys):
     assert main(["train", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--dropout RATE dropout before the output layer, default model only (default: 0.4)" in text
+    assert "--dropout RATE dropout before the output layer, default and plain models only (default: default model 0.1, plain model 0.4)" in text
 
 
 def test_training_on_the_cpu_imports_neither_scipy_signal_nor_plotting_before_the_plots():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cnn_backend import Sequential, SpecError, build_model, default_cnn, get_backend, seed_cnn
+from cnn_backend import Sequential, SpecError, build_model, default_cnn, get_backend, plain_cnn, seed_cnn
 from cnn_backend.cli import main
 from cnn_backend.layers import BatchNorm, Convolution, Residual, SoftmaxCrossEntropy
 from cnn_backend.optim import Adam
@@ -103,7 +103,7 @@ def test_conv_algorithm_override_reaches_nested_convolutions():
 
 
 def test_built_in_networks_are_the_packaged_spec_files_and_the_examples_match_them():
-    for name, build in (("seed", seed_cnn), ("default", default_cnn)):
+    for name, build in (("seed", seed_cnn), ("default", default_cnn), ("plain", plain_cnn)):
         packaged = read_spec_file(builtin_spec_path(name))
         assert normalize_spec(read_spec_file(EXAMPLES / f"{name}.toml")) == normalize_spec(packaged)
         from_example, built_in = build_model(EXAMPLES / f"{name}.toml", FASHION, seed=5), build(seed=5)
@@ -179,9 +179,9 @@ def test_a_missing_spec_file_and_dropout_on_a_spec_are_refused(tmp_path, capsys)
     status, _, err = run_main(capsys, "train", "--model", tmp_path / "nope.toml", "--data", "bundled", "--device", "cpu")
     assert status == 2 and f"{tmp_path / 'nope.toml'}: no such architecture file" in err
     status, _, err = run_main(capsys, "train", "--model", EXAMPLES / "lenet.toml", "--dropout", "0.3", "--device", "cpu")
-    assert status == 2 and "--dropout applies to the default model only" in err and "write a Dropout layer" in err
+    assert status == 2 and "--dropout applies to the default and plain models only" in err and "write a Dropout layer" in err
     status, _, err = run_main(capsys, "train", "--model", "resnet")
-    assert status == 2 and "choose seed, default, or an architecture file" in err
+    assert status == 2 and "choose seed, default, plain, or an architecture file" in err
 
 
 def test_a_malformed_spec_through_the_real_command_line_has_no_traceback(tmp_path):
@@ -216,7 +216,7 @@ def test_a_bad_input_shape_is_refused():
 
 
 def test_summary_of_the_default_network():
-    summary = summarize(default_cnn())
+    summary = summarize(plain_cnn())
     assert [(row.name, row.type, row.output_shape, row.params, row.macs) for row in summary.rows] == [
         ("0", "Convolution", (32, 28, 28), 320, 32 * 28 * 28 * 9),
         ("1", "MaxPool", (32, 14, 14), 0, 0),
@@ -233,7 +233,7 @@ def test_summary_of_the_default_network():
     assert summary.total_macs == 4241152 and summary.total_buffers == 0
     text = format_summary(summary)
     assert "total: 421,642 parameters (1.61 MiB as float32)" in text and "4,241,152 MACs per sample" in text
-    assert default_cnn().summary() == summary
+    assert plain_cnn().summary() == summary
 
 
 def test_summary_of_a_residual_network_counts_nested_layers_once():
@@ -253,7 +253,7 @@ def test_summary_command_prints_the_table(capsys):
     assert status == 0
     assert "model lenet: input 3x32x32 per sample, float32" in out and "16x6x6" in out
     status, out, _ = run_main(capsys, "summary")
-    assert status == 0 and "total: 421,642 parameters" in out
+    assert status == 0 and "total: 915,354 parameters" in out  # the default network
     status, _, err = run_main(capsys, "summary", "--input-shape", "28,28")
     assert status == 2 and "expected C,H,W" in err
 
@@ -293,6 +293,8 @@ def test_built_in_networks_adapt_to_the_input_shape_and_the_class_count():
 
     settings = {"model": "default", "seed": 0, "dropout": 0.0}
     colour = build_for_run(settings, get_backend("cpu"), "auto", InputSpec(tuple("abcdefghij"), 3, (32, 32)))
-    assert colour.layers[0].in_channels == 3 and colour.layers[7].in_features == 64 * 8 * 8
+    assert colour.layers[0].in_channels == 3 and colour.layers[9].in_features == 48 * 8 * 8
+    plain = build_for_run({**settings, "model": "plain"}, get_backend("cpu"), "auto", InputSpec(tuple("abcdefghij"), 3, (32, 32)))
+    assert plain.layers[0].in_channels == 3 and plain.layers[7].in_features == 64 * 8 * 8
     many = build_for_run({**settings, "model": "seed"}, get_backend("cpu"), "auto", InputSpec(tuple(map(str, range(100))), 1, (28, 28)))
     assert many.output_shape == (100,)

@@ -12,7 +12,7 @@ import scipy.signal
 from cnn_backend.backend import Backend, cpu_backend, get_backend
 from cnn_backend.data import BatchLoader
 from cnn_backend.layers import FullyConnected, Layer, SoftmaxCrossEntropy
-from cnn_backend.model import Sequential, default_cnn, seed_cnn
+from cnn_backend.model import Sequential, plain_cnn, seed_cnn
 from cnn_backend.optim import SGD, Adam
 from cnn_backend.testing import DeviceArray, HostArrayError, StandinBackend, standin_backend
 from cnn_backend.training import evaluate, fit, train_step
@@ -253,7 +253,7 @@ def host_images(n=48, seed=0):
 
 
 @pytest.mark.parametrize("algorithm", ["gemm", "signal"])
-@pytest.mark.parametrize("build", [seed_cnn, default_cnn], ids=["seed", "default"])
+@pytest.mark.parametrize("build", [seed_cnn, plain_cnn], ids=["seed", "plain"])
 def test_a_training_step_runs_on_the_standin_as_on_the_cpu(standin, build, algorithm):
     x, y = host_batch(n=4)
     results = []
@@ -336,7 +336,7 @@ def test_batch_loader_and_fit_on_the_standin(standin, resident):
     validation = (images[32:, None].astype(numpy.float32) / 255, labels[32:])
     histories = []
     for be in (cpu_backend(parallel=False), standin):  # the plain path: split products round differently
-        model = default_cnn(be, seed=0, dropout=0.5)
+        model = plain_cnn(be, seed=0, dropout=0.5)
         optimizer = SGD(model.parameters(), lr=0.01, momentum=0.9, backend=be)
         loader = BatchLoader(images[:32], labels[:32], be, batch_size=8, max_device_bytes=1 << 30 if resident else 0)
         histories.append([(s.train_loss, s.val_loss, s.val_accuracy) for s in fit(model, optimizer, loader, 1, validation=validation)])
@@ -357,7 +357,7 @@ def test_evaluate_and_predict_on_the_standin(standin):
 
 
 def test_saving_and_loading_models_through_the_standin(standin, tmp_path):
-    model = default_cnn(standin, seed=3, dropout=0.25)
+    model = plain_cnn(standin, seed=3, dropout=0.25)
     path = model.save(tmp_path / "model.npz")
     on_standin, on_cpu = Sequential.load(path, standin), Sequential.load(path, cpu_backend(parallel=False))
     for (name, param), (_, loaded), (_, cpu_param) in zip(
@@ -395,7 +395,7 @@ def test_training_checkpoints_round_trip_through_the_standin(standin, tmp_path):
     checkpoint = optional_module("cnn_backend.checkpoint")
     from cnn_backend.optim import ConstantSchedule
 
-    model = default_cnn(standin, seed=0, dropout=0.5)
+    model = plain_cnn(standin, seed=0, dropout=0.5)
     optimizer = Adam(model.parameters(), lr=1e-3, backend=standin)
     x, y = host_batch(n=4)
     train_step(model, SoftmaxCrossEntropy(standin), optimizer, x, standin.to_device(y))

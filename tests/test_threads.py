@@ -11,7 +11,7 @@ from cnn_backend import functional as F
 from cnn_backend import threads
 from cnn_backend.backend import Backend, CpuBackend, cpu_backend
 from cnn_backend.layers import SoftmaxCrossEntropy
-from cnn_backend.model import default_cnn, seed_cnn
+from cnn_backend.model import plain_cnn, seed_cnn
 from cnn_backend.optim import SGD
 from cnn_backend.spec import build_model
 from cnn_backend.training import train_step
@@ -270,13 +270,13 @@ def default_bn(backend, seed, algorithm):
     return build_model(Path(__file__).resolve().parent.parent / "examples" / "default-bn.toml", (1, 28, 28), backend, seed, algorithm=algorithm)
 
 
-@pytest.mark.parametrize("build", [seed_cnn, default_cnn, default_bn], ids=["seed", "default", "default-bn"])
+@pytest.mark.parametrize("build", [seed_cnn, plain_cnn, default_bn], ids=["seed", "plain", "default-bn"])
 def test_a_training_step_matches_the_plain_path(split_everything, build):
     rng = numpy.random.default_rng(6)
     x, y = rng.random((6, 1, 28, 28)), rng.integers(0, 10, size=6)
     results = []
     for be in (PLAIN, PARALLEL):
-        model = build(be, seed=0, algorithm="gemm", **({"dropout": 0.3} if build is default_cnn else {}))
+        model = build(be, seed=0, algorithm="gemm", **({"dropout": 0.3} if build is plain_cnn else {}))
         optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9, backend=be)
         losses = [float(train_step(model, SoftmaxCrossEntropy(be), optimizer, x, y)[0]) for _ in range(2)]
         model.eval()  # then an evaluation forward pass (BatchNorm's running statistics)

@@ -9,7 +9,7 @@ import numpy
 from .. import cli as package  # get_backend is looked up there, so that tests can replace it
 from ..backend import DeviceUnavailableError
 from ..inputs import InputSpec
-from ..model import default_cnn, seed_cnn
+from ..model import default_cnn, plain_cnn, seed_cnn
 from ..spec import BUILTIN_NAMES, SpecError, build_model as build_spec_model, normalize_spec, resolve_spec
 
 DEFAULT_MODEL = "default"
@@ -47,7 +47,8 @@ def build_model(settings: dict, backend, conv_algorithm: str, inputs: InputSpec 
     shape = {"input_shape": inputs.input_shape, "num_classes": inputs.num_classes}
     if settings["model"] == "seed":
         return seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, **shape)
-    return default_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"], **shape)
+    build = default_cnn if settings["model"] == "default" else plain_cnn
+    return build(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"], **shape)
 
 
 @contextlib.contextmanager

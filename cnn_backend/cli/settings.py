@@ -11,9 +11,12 @@ from ..training import OPTIMIZER_DEFAULTS, RECIPES
 from .arguments import range_label, select_range
 from .runtime import DEFAULT_MODEL
 
-#: the recipe of a network from an architecture file: the default model's, without the dropout
-#: that --dropout would add to the default network (a file writes its own Dropout layers)
-SPEC_FILE_RECIPE = {**RECIPES["default"], "dropout": 0.0}
+#: the recipe of a network from an architecture file: the plain model's, without the dropout that
+#: --dropout would add to it (a file writes its own Dropout layers), and without augmentation: flips
+#: and shifts suit some data and not other (a mirrored digit is another digit)
+SPEC_FILE_RECIPE = {**RECIPES["plain"], "dropout": 0.0}
+#: the built-in models whose dropout --dropout sets
+DROPOUT_MODELS = ("default", "plain")
 #: run settings that are not part of a recipe
 GENERAL_DEFAULTS = {
     "seed": 0, "dtype": "float32", "data": "auto",
@@ -54,9 +57,9 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
     if optimizer != recipe["optimizer"]:
         defaults.update(OPTIMIZER_DEFAULTS[optimizer])
     settings = {**defaults, **stored, **explicit, "model": model, "optimizer": optimizer}
-    if settings["dropout"] and model != "default":
+    if settings["dropout"] and model not in DROPOUT_MODELS:
         hint = "" if model in BUILTIN_NAMES else "; write a Dropout layer into the architecture file instead"
-        raise ValueError(f"--dropout applies to the default model only, not {model}{hint}")
+        raise ValueError(f"--dropout applies to the {' and '.join(DROPOUT_MODELS)} models only, not {model}{hint}")
     return {key: settings[key] for key in SETTING_NAMES}
 
 

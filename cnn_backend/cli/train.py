@@ -41,6 +41,7 @@ from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, f
 from .recorder import EpochProgress, RunRecorder, format_epoch_line, same_folder
 from .runtime import build_model, check_spec_file, open_backend, quiet_float_warnings
 from .settings import (
+    DROPOUT_MODELS,
     FALLBACK_TRAIN_SHARE,
     FOLDER_VALIDATION_FRACTION,
     FULL_SPLIT,
@@ -62,8 +63,8 @@ CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png"
 
 
 def add_train_command(commands) -> None:
-    def recipe_default(key: str) -> str:
-        return ", ".join(f"{model} model {recipe[key]}" for model, recipe in RECIPES.items())
+    def recipe_default(key: str, models=tuple(RECIPES)) -> str:
+        return ", ".join(f"{model} model {RECIPES[model][key]}" for model in models)
 
     train = add_command(
         commands, "train", run_train,
@@ -72,11 +73,12 @@ def add_train_command(commands) -> None:
         "(cnn_backend.training.RECIPES) or, with --resume, the values stored in the checkpoint.",
     )
     model = train.add_argument_group("model and data")
-    model.add_argument("--model", type=model_text, metavar="seed|default|FILE", help="architecture: seed (the seed article's "
-                       "one-filter network), default (a two-block CNN, used when --model is left out), or an architecture "
-                       "file (.toml or .json, see docs/spec-format.md; trained with the default model's recipe, without its dropout)")
-    model.add_argument("--dropout", type=fraction, metavar="RATE", help="dropout before the output layer, default model only "
-                       f"(default: {RECIPES['default']['dropout']}); an architecture file writes its own Dropout layers")
+    model.add_argument("--model", type=model_text, metavar="seed|default|plain|FILE", help="architecture: seed (the seed "
+                       "article's one-filter network), default (a two-block BatchNorm CNN, used when --model is left out), plain "
+                       "(a two-block CNN without BatchNorm), or an architecture file (.toml or .json, see docs/spec-format.md; "
+                       "trained with the plain model's recipe, without its dropout)")
+    model.add_argument("--dropout", type=fraction, metavar="RATE", help="dropout before the output layer, default and plain "
+                       f"models only (default: {recipe_default('dropout', DROPOUT_MODELS)}); an architecture file writes its own Dropout layers")
     model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, "
                        f"flip (random left-right flips), crop1-flip or crop-flip (random shifts of up to 1 or 2 pixels, and left-right flips) (default: {recipe_default('augment')})")
     model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
@@ -97,11 +99,11 @@ def add_train_command(commands) -> None:
                        f"hold-out of this share of every class instead of ranges (default for image folders: "
                        f"{FOLDER_VALIDATION_FRACTION:g})")
     model.add_argument("--train-split", type=range_text, metavar="START:STOP", help="training images, a slice of the "
-                       f"training set (default: seed model {RECIPES['seed']['train_split']}; default model "
+                       f"training set (default: seed model {RECIPES['seed']['train_split']}; other models "
                        f"{FULL_SPLIT[0]} on the full data, the first {FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set "
                        "such as the bundled one)")
     model.add_argument("--val-split", type=range_text, metavar="START:STOP", help="validation images (default: "
-                       f"seed model {RECIPES['seed']['val_split']}; default model {FULL_SPLIT[1]} on the full data, "
+                       f"seed model {RECIPES['seed']['val_split']}; other models {FULL_SPLIT[1]} on the full data, "
                        f"the last {100 - FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set)")
 
     optimisation = train.add_argument_group("optimisation")
