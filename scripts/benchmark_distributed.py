@@ -1,6 +1,6 @@
-"""Data-parallel scaling of the default model: measured on this machine, and modelled for clusters.
+"""Data-parallel scaling of the plain network: measured on this machine, and modelled for clusters.
 
-Runs the default model (float32, Adam, dropout 0.4, global batch 64) on the CPU as
+Runs the plain network (float32, Adam, dropout 0.4, global batch 64) on the CPU as
 1 process x 2 BLAS threads and as 2 processes (``mpiexec -n 2``) x 1 thread (and, for reference,
 1 process x 1 thread), and reports samples/s,
 the all-reduce time per step (wall time of the call, waiting for the slower process included) and its
