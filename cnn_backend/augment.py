@@ -59,14 +59,16 @@ class RandomCropFlip:
 
 
 #: each named augmentation's crop padding (the largest shift, in pixels) and flip probability
-AUGMENTATION_SETTINGS = {"flip": (0, 0.5), "crop1-flip": (1, 0.5), "crop-flip": (2, 0.5)}
+AUGMENTATION_SETTINGS = {"flip": (0, 0.5), "crop1-flip": (1, 0.5), "crop-flip": (2, 0.5), "crop1": (1, 0.0), "crop": (2, 0.0)}
 AUGMENTATIONS = ("none", *AUGMENTATION_SETTINGS)
+#: each augmentation that flips, and the same without its flips (for data that mirroring changes)
+WITHOUT_FLIPS = {"flip": "none", "crop1-flip": "crop1", "crop-flip": "crop"}
 
 
 def make_augmentation(name: str, backend: Backend, seed: int = 0) -> RandomCropFlip | None:
     """The training-time augmentation called ``name`` (``"none"`` gives None: batches pass unchanged):
     ``"flip"`` mirrors half the images left-right, ``"crop1-flip"`` also shifts them by up to 1 pixel
-    each way, ``"crop-flip"`` by up to 2 pixels."""
+    each way, ``"crop-flip"`` by up to 2 pixels; ``"crop1"`` and ``"crop"`` shift without flipping."""
     if name == "none":
         return None
     if name not in AUGMENTATION_SETTINGS:

@@ -356,6 +356,14 @@ def test_settings_come_from_the_recipe_unless_given():
         resolve_settings({"model": "seed", "dropout": 0.5})
 
 
+def test_the_recipes_flips_are_left_out_for_data_that_mirroring_changes():
+    assert resolve_settings({"data": "mnist"})["augment"] == "crop1"  # the default recipe's shifts alone
+    assert resolve_settings({"data": "kmnist", "model": "plain"})["augment"] == "none"
+    assert resolve_settings({"data": "mnist", "augment": "crop1-flip"})["augment"] == "crop1-flip"  # as asked
+    for data in ("auto", "bundled", "fashion-mnist", "cifar10"):
+        assert resolve_settings({"data": data})["augment"] == "crop1-flip"
+
+
 def test_an_architecture_file_trains_with_the_plain_recipe_without_augmentation():
     # flips and shifts do not suit every data set (a mirrored digit is another digit): a file's
     # network gets the recipe of the plain model, which has none

@@ -3,9 +3,10 @@ its data and its training/validation split."""
 
 from __future__ import annotations
 
+from ..augment import WITHOUT_FLIPS
 from ..checkpoint import Checkpoint
 from ..data import BUNDLED_COUNT, stratified_holdout
-from ..datasets import load_dataset, source_kind
+from ..datasets import DATASETS, load_dataset, source_kind
 from ..spec import BUILTIN_NAMES
 from ..training import OPTIMIZER_DEFAULTS, RECIPES
 from .arguments import range_label, select_range
@@ -57,10 +58,22 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
     if optimizer != recipe["optimizer"]:
         defaults.update(OPTIMIZER_DEFAULTS[optimizer])
     settings = {**defaults, **stored, **explicit, "model": model, "optimizer": optimizer}
+    if "augment" not in explicit and "augment" not in stored:
+        settings["augment"] = recipe_augmentation(settings["augment"], settings["data"])
     if settings["dropout"] and model not in DROPOUT_MODELS:
         hint = "" if model in BUILTIN_NAMES else "; write a Dropout layer into the architecture file instead"
         raise ValueError(f"--dropout applies to the {' and '.join(DROPOUT_MODELS)} models only, not {model}{hint}")
     return {key: settings[key] for key in SETTING_NAMES}
+
+
+def recipe_augmentation(augment: str, data) -> str:
+    """A recipe's augmentation for ``data``: without its flips for a named dataset whose classes
+    mirroring changes (MNIST's digits, KMNIST's characters); as it is otherwise. An explicit
+    ``--augment`` is never changed, and a folder of images cannot be told apart: docs/cli.md."""
+    info = DATASETS.get(data) if isinstance(data, str) else None
+    if info is not None and not info.mirror_symmetric:
+        return WITHOUT_FLIPS.get(augment, augment)
+    return augment
 
 
 def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:

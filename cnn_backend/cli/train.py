@@ -80,7 +80,9 @@ def add_train_command(commands) -> None:
     model.add_argument("--dropout", type=fraction, metavar="RATE", help="dropout before the output layer, default and plain "
                        f"models only (default: {recipe_default('dropout', DROPOUT_MODELS)}); an architecture file writes its own Dropout layers")
     model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, "
-                       f"flip (random left-right flips), crop1-flip or crop-flip (random shifts of up to 1 or 2 pixels, and left-right flips) (default: {recipe_default('augment')})")
+                       f"flip (random left-right flips), crop1-flip or crop-flip (random shifts of up to 1 or 2 pixels, and left-right flips), "
+                       f"crop1 or crop (the shifts alone) (default: {recipe_default('augment')}; without the flips on mnist and kmnist, "
+                       "whose classes mirroring changes)")
     model.add_argument("--dtype", choices=DTYPES, help="floating-point type of parameters and activations (default: float32)")
     model.add_argument("--conv-algorithm", choices=("auto",) + CONV_ALGORITHMS, help="convolution algorithm (default: auto)")
     model.add_argument("--data", metavar=DATA_METAVAR, help="the data: auto (the default: the downloaded Fashion-MNIST "

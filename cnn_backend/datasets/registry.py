@@ -18,6 +18,8 @@ class DatasetInfo:
     ``files`` maps each downloaded file to its MD5; ``mirrors`` are base URLs tried in order.
     ``format`` is ``"idx"`` (``split_files`` names the images and labels file of each split) or
     ``"cifar10-binary"`` (``split_files`` names the batch files inside ``archive_folder``).
+    ``mirror_symmetric``: a left-right mirrored image keeps its class (clothes, photographs; not
+    digits or characters), so training-time flips suit it.
     """
 
     name: str
@@ -35,6 +37,7 @@ class DatasetInfo:
     archive_folder: str | None = None
     size_text: str = ""
     notes: dict = field(default_factory=dict)
+    mirror_symmetric: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -71,6 +74,7 @@ FASHION_MNIST = DatasetInfo(
     licence="MIT (Zalando SE)",
     citation="Xiao, Rasul, Vollgraf: Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms, arXiv:1708.07747 (2017)",
     size_text="30 MB",
+    mirror_symmetric=True,
 )
 
 MNIST = DatasetInfo(
@@ -133,6 +137,7 @@ CIFAR10 = DatasetInfo(
     licence="no licence stated; the authors ask that the report below be cited",
     citation="Krizhevsky: Learning Multiple Layers of Features from Tiny Images, tech. report, University of Toronto (2009)",
     size_text="162 MB",
+    mirror_symmetric=True,
 )
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (FASHION_MNIST, MNIST, KMNIST, CIFAR10)}
