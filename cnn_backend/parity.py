@@ -144,8 +144,11 @@ class ParityReport:
         return "\n".join(parts)
 
 
-def tensor_difference(reference, device) -> tuple[float, float]:
-    """``(max |device - reference|, that / max |reference|)`` of two host arrays; inf when they cannot match."""
+def tensor_difference(reference, device, scale: float | None = None) -> tuple[float, float]:
+    """``(max |device - reference|, that / max |reference|)`` of two host arrays; inf when they cannot match.
+
+    ``scale``, when given, divides instead of ``max |reference|`` (which it must not be below).
+    """
     reference = numpy.asarray(reference, dtype=numpy.float64)
     device = numpy.asarray(device, dtype=numpy.float64)
     if reference.shape != device.shape:
@@ -160,7 +163,8 @@ def tensor_difference(reference, device) -> tuple[float, float]:
         gap = numpy.abs(device[finite] - reference[finite])
     gap[numpy.isnan(gap)] = 0.0
     max_abs = float(gap.max()) if gap.size else 0.0
-    scale = float(numpy.abs(reference[finite]).max()) if gap.size else 0.0
+    if scale is None:
+        scale = float(numpy.abs(reference[finite]).max()) if gap.size else 0.0
     if max_abs == 0.0:
         return 0.0, 0.0
     return max_abs, (max_abs / scale if scale > 0 else math.inf)
@@ -210,6 +214,27 @@ def traced_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Opti
     return trace
 
 
+#: the trace's names of tensors compared on their own; every other name is a parameter or buffer
+TENSOR_NAMES = ("output", "input", "loss")
+
+
+def _layer_state_scales(trace, values) -> dict:
+    """``{(layer, quantity): max |value|}`` over each layer's parameters (or their gradients) and
+    buffers: the scale a parameter's difference is measured against, normwise over the layer.
+
+    A dense layer's bias before a BatchNorm is cancelled by the normalisation, so its gradient is
+    rounding noise only; measured against its own size it would differ between devices by 100%.
+    """
+    scales: dict = {}
+    for (layer, quantity, name, _), value in zip(trace, values):
+        if name in TENSOR_NAMES or value.size == 0:
+            continue
+        finite = numpy.abs(value[numpy.isfinite(value)])
+        if finite.size:
+            scales[layer, quantity] = max(scales.get((layer, quantity), 0.0), float(finite.max()))
+    return scales
+
+
 def _check_device_array(value, device: Backend, dtype: numpy.dtype, where: str) -> str | None:
     if not isinstance(value, device.xp.ndarray):
         return f"{where}: expected a {device.name} array, got {type(value).__module__}.{type(value).__name__}"
@@ -242,11 +267,13 @@ def compare_models(
     runs = [(model, SoftmaxCrossEntropy(model.backend), make_optimizer(model)) for model in (reference_model, device_model)]
     for step, (x, y) in enumerate(batches, start=1):
         reference_trace, device_trace = (traced_step(model, loss, optim, x, y) for model, loss, optim in runs)
-        for (layer, quantity, name, expected), (_, _, _, actual) in zip(reference_trace, device_trace):
+        expected_values = [reference.to_numpy(expected) for _, _, _, expected in reference_trace]
+        scales = _layer_state_scales(reference_trace, expected_values)
+        for (layer, quantity, name, _), expected, (_, _, _, actual) in zip(reference_trace, expected_values, device_trace):
             problem = _check_device_array(actual, device, dtype, f"step {step}, {layer} {quantity} {name}")
             if problem:
                 report.problems.append(problem)
-            max_abs, max_rel = tensor_difference(reference.to_numpy(expected), device.to_numpy(actual))
+            max_abs, max_rel = tensor_difference(expected, device.to_numpy(actual), scales.get((layer, quantity)) if name not in TENSOR_NAMES else None)
             report.differences.append(Difference(step, layer, quantity, name, max_abs, max_rel))
         report.steps = step
     return report

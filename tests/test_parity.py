@@ -404,6 +404,18 @@ def test_tensor_difference_handles_shapes_nans_and_zeros():
     assert parity.tensor_difference(numpy.array([1.0, numpy.nan]), numpy.array([1.0, numpy.nan])) == (0.0, 0.0)
     assert parity.tensor_difference(numpy.zeros(2), numpy.array([0.0, 1e-3])) == (1e-3, math.inf)
     assert parity.tensor_difference(numpy.array([2.0, -4.0]), numpy.array([2.0, -3.0])) == (1.0, 0.25)
+    # against a given scale (a layer's largest parameter) instead of the tensor's own
+    assert parity.tensor_difference(numpy.array([1e-9, -1e-9]), numpy.array([3e-9, -1e-9]), scale=0.5) == pytest.approx((2e-9, 4e-9), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_parity_of_the_default_network_measures_each_parameter_against_its_layer(dtype):
+    # The dense layer's bias before a BatchNorm has rounding noise for a gradient: measured against
+    # its own size the stand-in and the CPU differ by 100%; against its layer's weights they agree.
+    report = parity.compare(get_backend("cpu", dtype), standin_backend(dtype), model="default", steps=4, batch_size=16)
+    assert report.passed, report.summary()
+    bias = [d for d in report.differences if d.layer == "9 FullyConnected" and d.name == "bias"]
+    assert len(bias) == 2 * 4 and all(d.max_rel <= report.tolerance for d in bias)
 
 
 def test_parity_command_passes_on_the_standin(capsys):
