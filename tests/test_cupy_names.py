@@ -38,7 +38,7 @@ from cnn_backend.layers import (  # noqa: E402
     SoftmaxCrossEntropy,
     Tanh,
 )
-from cnn_backend.model import Sequential, plain_cnn, seed_cnn  # noqa: E402
+from cnn_backend.model import Sequential, default_cnn, plain_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import SGD, Adam  # noqa: E402
 from cnn_backend.testing import (  # noqa: E402
     DeviceUsage,
@@ -116,6 +116,8 @@ def run_workload(tmp_path) -> DeviceUsage:
         (plain_cnn, "gemm", optimizers[2]),
         (plain_cnn, "signal", optimizers[3]),
         (seed_cnn, "auto", optimizers[4]),
+        (default_cnn, "gemm", optimizers[4]),
+        (default_cnn, "signal", optimizers[2]),
     ]:
         model = build(be, seed=0, algorithm=algorithm)
         optimizer = make_optimizer(model.parameters(), be)
