@@ -358,9 +358,7 @@ def seed_cnn(
     """The seed article's network: Convolution 1->1 6x6, ReLU, MaxPool 2, Flatten, FullyConnected 121->10
     (built from the packaged ``architectures/seed.toml``; ``input_shape`` and ``num_classes`` adapt it
     to other data)."""
-    from .spec import build_model
-
-    return build_model(builtin_spec("seed", num_classes), input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+    return _build_builtin(builtin_spec("seed", num_classes), input_shape, backend, seed, algorithm)
 
 
 def default_cnn(
@@ -375,12 +373,10 @@ def default_cnn(
     BatchNorm, ReLU), a 384-unit BatchNorm dense layer, dropout 0.1 and a 10-way output (the
     packaged ``architectures/default.toml``); ``dropout`` sets the rate of its Dropout layer
     instead; ``input_shape`` and ``num_classes`` adapt it to other data."""
-    from .spec import build_model
-
     spec = builtin_spec("default", num_classes)
     if dropout is not None:
         spec["layers"] = [{**layer, "rate": float(dropout)} if layer.get("type") == "Dropout" else layer for layer in spec["layers"]]
-    return build_model(spec, input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
+    return _build_builtin(spec, input_shape, backend, seed, algorithm)
 
 
 def plain_cnn(
@@ -399,11 +395,16 @@ def plain_cnn(
     Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool
     (max and ReLU are both monotone, so they commute), with ReLU on a quarter of the values.
     """
-    from .spec import build_model
-
     spec = builtin_spec("plain", num_classes)
     if dropout:
         spec["layers"].insert(len(spec["layers"]) - 1, {"type": "Dropout", "rate": float(dropout)})
+    return _build_builtin(spec, input_shape, backend, seed, algorithm)
+
+
+def _build_builtin(spec: dict, input_shape, backend, seed, algorithm: str) -> Sequential:
+    """A built-in network's spec built for ``input_shape``; ``"auto"`` leaves each layer's choice."""
+    from .spec import build_model
+
     return build_model(spec, input_shape, backend, seed, algorithm=None if algorithm == "auto" else algorithm)
 
 

@@ -34,7 +34,7 @@ THREADS_ENV = "CNN_BACKEND_NUM_THREADS"
 #: machine (benchmark, samples/s): at 2^17 the seed model trained 3x slower than unsplit; at 2^22
 #: the plain model lost a fifth. 2^20 against 2^21 in one process (``compare_in_process.py --what
 #: split``): a BatchNorm network (examples/default-bn.toml) trained 10% faster at batch 64 and 128
-#: (its first BatchNorm and pooling hold 1.6M values at batch 64); the default and seed models
+#: (its first BatchNorm and pooling hold 1.6M values at batch 64); the plain and seed models
 #: moved within 4% either way.
 MIN_SPLIT_ELEMENTS = 1 << 20
 #: the same for copies shared out by :func:`map_range` (im2col): two threads copy only about 1.3x

@@ -9,7 +9,7 @@ import numpy
 from .. import cli as package  # get_backend is looked up there, so that tests can replace it
 from ..backend import DeviceUnavailableError
 from ..inputs import InputSpec
-from ..model import default_cnn, plain_cnn, seed_cnn
+from ..model import ARCHITECTURES
 from ..spec import BUILTIN_NAMES, SpecError, build_model as build_spec_model, normalize_spec, resolve_spec
 
 DEFAULT_MODEL = "default"
@@ -44,11 +44,10 @@ def build_model(settings: dict, backend, conv_algorithm: str, inputs: InputSpec 
     inputs = inputs or InputSpec.legacy()
     if settings["model"] not in BUILTIN_NAMES:
         return load_spec_model(settings["model"], inputs.input_shape, backend, settings["seed"], inputs.num_classes, conv_algorithm)
-    shape = {"input_shape": inputs.input_shape, "num_classes": inputs.num_classes}
-    if settings["model"] == "seed":
-        return seed_cnn(backend, seed=settings["seed"], algorithm=conv_algorithm, **shape)
-    build = default_cnn if settings["model"] == "default" else plain_cnn
-    return build(backend, seed=settings["seed"], algorithm=conv_algorithm, dropout=settings["dropout"], **shape)
+    options = {"input_shape": inputs.input_shape, "num_classes": inputs.num_classes}
+    if settings["model"] != "seed":  # the seed article's network has no dropout to set
+        options["dropout"] = settings["dropout"]
+    return ARCHITECTURES[settings["model"]](backend, seed=settings["seed"], algorithm=conv_algorithm, **options)
 
 
 @contextlib.contextmanager
