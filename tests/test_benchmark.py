@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from cnn_backend import benchmark
 
 RESULT_FIELDS = {
@@ -87,3 +89,14 @@ def test_flops_per_sample_count_every_product_of_the_plain_and_seed_models():
     assert flops["train"] == 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
     seed_macs = [36 * 23 * 23, 121 * 10]
     assert benchmark.model_flops(seed_cnn("cpu")) == {"infer": 2 * sum(seed_macs), "train": 2 * (3 * sum(seed_macs) - seed_macs[0])}
+
+
+@pytest.mark.parametrize("model_name", benchmark.MODELS)
+def test_the_pytorch_twin_of_each_model_has_its_parameters(model_name):
+    # the comparison is only fair between the same networks: every weight, bias and BatchNorm scale
+    torch = pytest.importorskip("torch")
+    from cnn_backend.model import ARCHITECTURES
+
+    twin = benchmark.torch_model(torch, model_name)
+    ours = ARCHITECTURES[model_name]("cpu", seed=0)
+    assert sorted(p.numel() for p in twin.parameters()) == sorted(p.data.size for p in ours.parameters())
