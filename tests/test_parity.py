@@ -273,26 +273,35 @@ def test_optimizer_updates_match_cpu(device_under_test, case, dtype):
 
 
 # --------------------------------------------------------------------------------------------------
-# Training: 20 steps end with the same weights and losses
+# Training: a run of steps ends with the same weights and losses
 # --------------------------------------------------------------------------------------------------
 
-#: Tolerances after 20 updates: rounding differences compound through the steps.
+#: Tolerances after the run: rounding differences compound through the steps.
 TRAINING_RTOL = {"float64": 1e-9, "float32": 1e-4}
+#: Steps compared. In float32 the two devices' last-bit differences now and then decide a max-pool
+#: window or a ReLU whose candidates lie within rounding of each other; from that step on the runs
+#: follow different discrete choices and part. The FFT convolution (``signal``) rounds relative to
+#: the largest value of its transform, so the values that BatchNorm centres on zero flip far more
+#: often: on the default network 5 of 15 data seeds parted, from the second to the eighth step (one
+#: at once to 5e-3), while with ``gemm`` none did in ten steps (3e-7 at most). So float32 compares
+#: ten gemm steps and the first signal step (5e-8 in all 15); float64 has no such near-ties.
+TRAINING_STEPS = {("float64", "gemm"): 20, ("float64", "signal"): 20, ("float32", "gemm"): 10, ("float32", "signal"): 1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("algorithm", ["gemm", "signal"])
 @pytest.mark.parametrize("architecture", ["seed", "default", "plain"])
-def test_twenty_training_steps_match_cpu(device_under_test, architecture, algorithm, dtype):
+def test_training_steps_match_cpu(device_under_test, architecture, algorithm, dtype):
     cpu, device = get_backend("cpu", dtype), device_under_test(dtype)
     build = {"seed": seed_cnn, "default": default_cnn, "plain": plain_cnn}[architecture]
     # the plain model is 100x the seed's work per image; the default's BatchNorm needs a batch whose
     # statistics are not chaotic (at 2 or 8 images its steps amplify rounding until the runs part)
     batch_size = {"seed": 8, "default": 32, "plain": 2}[architecture]
     lr = 0.01 if architecture == "default" else 0.05  # at 0.05 its loss climbs, and a climbing run amplifies rounding
+    steps = TRAINING_STEPS[dtype, algorithm]
     rng = numpy.random.default_rng(7)
-    images = rng.random((20, batch_size, 1, 28, 28)).astype(dtype)
-    labels = rng.integers(0, 10, size=(20, batch_size))
+    images = rng.random((steps, batch_size, 1, 28, 28)).astype(dtype)
+    labels = rng.integers(0, 10, size=(steps, batch_size))
 
     results = {}
     for be in (cpu, device):
