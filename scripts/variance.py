@@ -7,9 +7,11 @@ throughputs; 1.5x is the bar):
 * ``seed``: wall-clock seconds of ``python scripts/seed_experiment.py``;
 * ``train``: wall-clock seconds of ``cnn-backend train --model seed --epochs 2``;
 * ``benchmark``: samples/s of each configuration of
-  ``cnn-backend benchmark --models default --algorithms gemm --no-torch --no-memory --repeats 3``.
+  ``cnn-backend benchmark --models MODELS --algorithms gemm --no-torch --no-memory --repeats 3``
+  (``--models``: the default network unless told otherwise).
 
     python scripts/variance.py --runs 10 --what seed,benchmark
+    python scripts/variance.py --what benchmark --models default,plain
     python scripts/variance.py --root ../other-checkout     # the same measurement of another checkout
 
 The runs share the machine with whatever else runs on it: read the load averages beside them.
@@ -28,8 +30,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # --root replaces it
+sys.path.insert(0, str(ROOT))
+
+from cnn_backend.benchmark import MODELS  # noqa: E402
 MEASUREMENTS = ("seed", "train", "benchmark")
-BENCHMARK_ARGS = ["--models", "plain", "--algorithms", "gemm", "--no-torch", "--no-memory", "--repeats", "3"]
+BENCHMARK_ARGS = ["--algorithms", "gemm", "--no-torch", "--no-memory", "--repeats", "3"]
 
 
 def load_average() -> str:
@@ -54,19 +59,20 @@ def timed(command: list[str], cwd: Path) -> float:
     return seconds
 
 
-def run_seed(workdir: Path) -> dict:
+def run_seed(workdir: Path, models: str) -> dict:
     return {"seconds": timed([sys.executable, str(ROOT / "scripts" / "seed_experiment.py")], workdir)}
 
 
-def run_train(workdir: Path) -> dict:
+def run_train(workdir: Path, models: str) -> dict:
     out = workdir / f"run-{time.monotonic_ns()}"
     command = [sys.executable, "-m", "cnn_backend", "train", "--model", "seed", "--epochs", "2"]
     return {"seconds": timed(command + ["--out", str(out), "--quiet", "--no-plots"], workdir)}
 
 
-def run_benchmark(workdir: Path) -> dict:
+def run_benchmark(workdir: Path, models: str) -> dict:
     path = workdir / "benchmark.json"
-    timed([sys.executable, "-m", "cnn_backend", "benchmark", *BENCHMARK_ARGS, "--json", str(path)], workdir)
+    command = [sys.executable, "-m", "cnn_backend", "benchmark", "--models", models, *BENCHMARK_ARGS, "--json", str(path)]
+    timed(command, workdir)
     results = json.loads(path.read_text())["results"]
     return {f"{r['model']} {r['mode']} {r['batch_size']} (samples/s)": r["samples_per_second"] for r in results}
 
@@ -96,19 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         "--what", default="seed,benchmark", help=f"comma-separated, from {', '.join(MEASUREMENTS)} (default: seed,benchmark)"
     )
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to measure (default: this one)")
+    parser.add_argument("--models", default="default", help="the benchmark's comma-separated models (default: default)")
     args = parser.parse_args(argv)
     ROOT = args.root.resolve()
     chosen = [name.strip() for name in args.what.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in RUNNERS]
     if unknown or args.runs < 1:
         parser.error(f"unknown measurement {', '.join(unknown)}" if unknown else "--runs must be >= 1")
+    unknown_models = [name for name in args.models.split(",") if name not in MODELS]
+    if unknown_models:
+        parser.error(f"unknown model {', '.join(unknown_models)}; choose from {', '.join(MODELS)}")
     print(f"variance of {ROOT}: {args.runs} fresh runs each of {', '.join(chosen)}; load average at start {load_average()}")
     for name in chosen:
         figures: dict[str, list[float]] = {}
         with tempfile.TemporaryDirectory(prefix="cnn-backend-variance-") as tmp:
             for run in range(1, args.runs + 1):
                 load = load_average()
-                result = RUNNERS[name](Path(tmp))
+                result = RUNNERS[name](Path(tmp), args.models)
                 for key, value in result.items():
                     figures.setdefault(key, []).append(value)
                 shown = ", ".join(f"{key} {value:,.2f}" for key, value in result.items())
