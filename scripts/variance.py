@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # --root replaces it
 sys.path.insert(0, str(ROOT))
 
-from cnn_backend.benchmark import MODELS  # noqa: E402
+from cnn_backend.benchmark import MODELS, _csv  # noqa: E402
 MEASUREMENTS = ("seed", "train", "benchmark")
 BENCHMARK_ARGS = ["--algorithms", "gemm", "--no-torch", "--no-memory", "--repeats", "3"]
 
@@ -102,23 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         "--what", default="seed,benchmark", help=f"comma-separated, from {', '.join(MEASUREMENTS)} (default: seed,benchmark)"
     )
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to measure (default: this one)")
-    parser.add_argument("--models", default="default", help="the benchmark's comma-separated models (default: default)")
+    parser.add_argument(
+        "--models", type=_csv(MODELS), default=["default"], help="the benchmark's comma-separated models (default: default)"
+    )
     args = parser.parse_args(argv)
     ROOT = args.root.resolve()
     chosen = [name.strip() for name in args.what.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in RUNNERS]
     if unknown or args.runs < 1:
         parser.error(f"unknown measurement {', '.join(unknown)}" if unknown else "--runs must be >= 1")
-    unknown_models = [name for name in args.models.split(",") if name not in MODELS]
-    if unknown_models:
-        parser.error(f"unknown model {', '.join(unknown_models)}; choose from {', '.join(MODELS)}")
     print(f"variance of {ROOT}: {args.runs} fresh runs each of {', '.join(chosen)}; load average at start {load_average()}")
     for name in chosen:
         figures: dict[str, list[float]] = {}
         with tempfile.TemporaryDirectory(prefix="cnn-backend-variance-") as tmp:
             for run in range(1, args.runs + 1):
                 load = load_average()
-                result = RUNNERS[name](Path(tmp), args.models)
+                result = RUNNERS[name](Path(tmp), ",".join(args.models))
                 for key, value in result.items():
                     figures.setdefault(key, []).append(value)
                 shown = ", ".join(f"{key} {value:,.2f}" for key, value in result.items())
