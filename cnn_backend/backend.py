@@ -5,10 +5,11 @@ A :class:`Backend` carries the array module ``xp`` (``numpy`` or ``cupy``) and t
 every array function from it, so the same code runs on both devices. CuPy is imported lazily, only
 when CUDA is asked for (or probed by ``"auto"``): CPU users never import it.
 
-Hot operations (Thinc's ``Ops`` is the model) are methods of the backend: :meth:`Backend.matmul` and
-:meth:`Backend.map_chunks`. On every device they are one plain call; :class:`CpuBackend` runs them on
-all cores instead (see :mod:`cnn_backend.threads`), so layers still read like NumPy and the device
-path does not change.
+Hot operations (Thinc's ``Ops`` is the model) are methods of the backend: :meth:`Backend.matmul`,
+:meth:`Backend.map_chunks` and the row reductions :meth:`Backend.row_sums` and
+:meth:`Backend.row_dots`. On every device they are plain array calls; :class:`CpuBackend` runs the
+first two on all cores and the row reductions as single BLAS calls (see :mod:`cnn_backend.threads`),
+so layers still read like NumPy and the device path does not change.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ class Backend:
         """
         kernel(0, length)
 
+    def row_sums(self, rows, out, *, mean: bool = False) -> None:
+        """Each row's sum (its mean with ``mean=True``) into ``out``, for a 2-D array."""
+        (self.xp.mean if mean else self.xp.sum)(rows, axis=1, out=out)
+
+    def row_dots(self, a, b, out, scratch, *, mean: bool = False) -> None:
+        """``(a * b).sum(axis=1)`` (``.mean(axis=1)`` with ``mean=True``) into ``out`` for 2-D
+        arrays of one shape; ``scratch``, an array of that shape, may be overwritten (the CPU
+        backend does not need it)."""
+        self.xp.multiply(a, b, out=scratch)
+        self.row_sums(scratch, out, mean=mean)
+
     def with_dtype(self, dtype: Any) -> "Backend":
         """The same device with another default float dtype."""
         return type(self)(self.name, self.xp, self.signal, _float_dtype(dtype))
@@ -134,6 +146,14 @@ class CpuBackend(Backend):
 
     def map_range(self, kernel, length: int, size: int) -> None:
         threads.map_range(kernel, length, size)
+
+    def row_sums(self, rows, out, *, mean: bool = False) -> None:
+        threads.row_sums(rows, out, 1.0 / rows.shape[1] if mean else 1.0)
+
+    def row_dots(self, a, b, out, scratch, *, mean: bool = False) -> None:
+        threads.row_dots(a, b, out)
+        if mean:
+            out *= 1.0 / a.shape[1]
 
 
 class _ModuleOnFirstUse(ModuleType):

@@ -215,8 +215,7 @@ class Adam(Optimizer):
         work *= 1.0 - self.beta2
         v += work
         if self.weight_decay:
-            xp.multiply(data, self.lr * self.weight_decay, out=work)
-            data -= work
+            data *= 1.0 - self.lr * self.weight_decay  # w -= lr * wd * w in one pass, as PyTorch's AdamW
         # data -= lr / c1 * m / (sqrt(v / c2) + eps), one operation at a time into the scratch array.
         xp.multiply(v, 1.0 / self._correction2, out=work)
         xp.sqrt(work, out=work)

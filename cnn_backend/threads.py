@@ -22,6 +22,7 @@ usable cores all reach it there), else the usable cores. :func:`set_thread_count
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -225,20 +226,63 @@ def map_range(kernel, length: int, size: int) -> None:
 
 
 class _OneBlasThread:
-    """Hold NumPy's BLAS at one thread for a ``with`` block, then restore its thread counts."""
+    """Hold NumPy's BLAS at one thread for a ``with`` block, then restore its thread counts.
+
+    BLAS's thread count is one setting for the whole process, and pool workers enter these blocks
+    too: the first thread in sets it to one and the last one out restores it, so no thread's
+    product runs while another has already put the count back.
+    """
+
+    _holders = 0
+    _saved: list = []
+    _guard = threading.Lock()
 
     def __enter__(self):
         thread_count()  # settled first: read inside this block, BLAS's count would be our own 1
-        self._saved = [(c, c.get_num_threads()) for c in _blas()]
-        for controller, count in self._saved:
-            if count != 1:
-                controller.set_num_threads(1)
+        cls = type(self)
+        with cls._guard:
+            if cls._holders == 0:
+                cls._saved = [(c, c.get_num_threads()) for c in _blas()]
+                for controller, count in cls._saved:
+                    if count != 1:
+                        controller.set_num_threads(1)
+            cls._holders += 1
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for controller, count in self._saved:
-            if count != 1:
-                controller.set_num_threads(count)
+        cls = type(self)
+        with cls._guard:
+            cls._holders -= 1
+            if cls._holders == 0:
+                for controller, count in cls._saved:
+                    if count != 1:
+                        controller.set_num_threads(count)
+
+
+@functools.lru_cache(maxsize=32)
+def _filled(length: int, value: float, dtype) -> numpy.ndarray:
+    vector = numpy.full(length, value, dtype=dtype)
+    vector.flags.writeable = False
+    return vector
+
+
+def row_sums(rows, out, weight: float = 1.0) -> None:
+    """``weight * rows.sum(axis=1)`` into ``out`` for a 2-D float array, as one matrix-vector
+    product with a vector of ``weight`` (``1 / rows.shape[1]`` gives the means).
+
+    BLAS's vectorised product reads each row at memory speed; NumPy's pairwise summation along a
+    row ran about 3x slower (16 against 48 us for a 16 x 12,544 float32 array on a 2-core AMD
+    EPYC). On one BLAS thread: the callers' chunks are the parallelism.
+    """
+    with _OneBlasThread():
+        numpy.matmul(rows, _filled(rows.shape[1], weight, rows.dtype), out=out)
+
+
+def row_dots(a, b, out) -> None:
+    """``(a * b).sum(axis=1)`` into ``out`` for 2-D float arrays of one shape: one BLAS dot product
+    per row, without the ``a * b`` temporary (and twice as fast as ``einsum``)."""
+    with _OneBlasThread():
+        numpy.matmul(a[:, None, :], b[:, :, None], out=out[:, None, None])
 
 
 def matmul(a, b, out=None):

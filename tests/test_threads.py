@@ -138,6 +138,45 @@ def test_matmul_gives_blas_its_thread_count_back():
     assert [c.get_num_threads() for c in controllers] == before
 
 
+def test_overlapping_one_thread_holds_restore_blas_when_the_last_one_ends():
+    """BLAS's thread count is one setting for the process: a worker's hold that ends while another
+    thread still multiplies must not put the count back under it."""
+    controllers = threads._blas()
+    if not controllers:
+        pytest.skip("threadpoolctl is not installed")
+    saved = [c.get_num_threads() for c in controllers]
+    try:
+        for controller in controllers:
+            controller.set_num_threads(2)
+        first, second = threads._OneBlasThread(), threads._OneBlasThread()
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert [c.get_num_threads() for c in controllers] == [1] * len(controllers)
+        second.__exit__(None, None, None)
+        assert [c.get_num_threads() for c in controllers] == [2] * len(controllers)
+    finally:
+        for controller, count in zip(controllers, saved):
+            controller.set_num_threads(count)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["rows", "2-d transposed"])
+def test_row_reductions_match_numpy(dtype, layout):
+    rng = numpy.random.default_rng(9)
+    a, b = (rng.standard_normal((5, 300)) for _ in range(2))
+    if layout == "2-d transposed":
+        a, b = (numpy.ascontiguousarray(v.T).T for v in (a, b))
+    a32, b32 = a.astype(dtype), b.astype(dtype)
+    tolerance = {"float32": 1e-5, "float64": 1e-13}[dtype]
+    for mean, expected_sums, expected_dots in ((False, a.sum(axis=1), (a * b).sum(axis=1)), (True, a.mean(axis=1), (a * b).mean(axis=1))):
+        sums, dots = numpy.empty(5, dtype=dtype), numpy.empty(5, dtype=dtype)
+        PARALLEL.row_sums(a32, sums, mean=mean)
+        PARALLEL.row_dots(a32, b32, dots, None, mean=mean)
+        numpy.testing.assert_allclose(sums, expected_sums, rtol=tolerance, atol=tolerance * 30)
+        numpy.testing.assert_allclose(dots, expected_dots, rtol=tolerance, atol=tolerance * 30)
+
+
 def test_a_product_first_does_not_fix_the_thread_count_at_one():
     """The count is read from BLAS: a product, which holds BLAS at one thread while it runs, must
     not read it inside that hold (every later operation would then run on one core)."""
