@@ -187,21 +187,20 @@ def outer_axis(x) -> int:
 def relu_forward(be: Backend, x):
     """``(max(x, 0), x > 0)``, both in ``x``'s memory layout, the mask as 1s and 0s of ``x``'s
     dtype (the backward product by a float mask runs at twice the speed of one by booleans)."""
-    xp = be.xp
-    y = xp.empty_like(x)
-    positive = xp.empty_like(x)
-    zero = x.dtype.type(0)  # of x's type: comparing with the int 0 takes a slower, casting loop
-
-    def relu(x_part, y_part, positive_part):
-        xp.greater(x_part, zero, out=positive_part)
-        # The maximum against an array of zeros, not against the scalar 0: NumPy's loop for an
-        # array and a scalar is not vectorised for maximum on AVX2 CPUs (3x slower than the fill
-        # and the array-array loop together); on a GPU the fill is one more (cheap) launch.
-        y_part.fill(0)
-        xp.maximum(x_part, y_part, out=y_part)
-
-    be.map_chunks(relu, x, y, positive, axis=outer_axis(x))
+    y, positive = be.xp.empty_like(x), be.xp.empty_like(x)
+    be.map_chunks(lambda x_part, y_part, positive_part: _relu_into(be.xp, x_part, y_part, positive_part), x, y, positive, axis=outer_axis(x))
     return y, positive
+
+
+def _relu_into(xp, x, y, positive) -> None:
+    """``y = max(x, 0)`` and ``positive = (x > 0)`` as 1s and 0s; ``y`` may be ``x`` itself."""
+    # The maximum against an array of zeros, not against the scalar 0: NumPy's loop for an array and
+    # a scalar is not vectorised for maximum on AVX2 CPUs (3x slower than the fill and the
+    # array-array loop together); on a GPU the fill is one more (cheap) launch.
+    positive.fill(0)
+    xp.maximum(x, positive, out=y)
+    # y > 0 exactly where x > 0; compared with a zero of y's type (the int 0 takes a casting loop)
+    xp.greater(y, y.dtype.type(0), out=positive)
 
 
 def as_batch_innermost(be: Backend, x):
@@ -247,6 +246,11 @@ def _unfold_into(be: Backend, x, cols, stride: int, padding: int):
     be.map_range(unfold, len(offsets), cols.size)
 
 
+def _covers(part: slice, length: int) -> bool:
+    """Whether the slice ``part`` of :func:`_overlap` takes every one of ``length`` positions."""
+    return part.start == 0 and part.step == 1 and part.stop >= length
+
+
 def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
     """Fold ``cols (C, KH, KW, OH, OW, N)`` back to an ``(N, C, H, W)`` array, summing overlaps.
 
@@ -255,12 +259,20 @@ def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
     """
     channels, kernel_h, kernel_w, out_h, out_w, n = cols.shape
     h, w = input_shape[2:]
-    x_chwn = be.xp.zeros((channels, h, w, n), dtype=cols.dtype)
     offsets = _kernel_offsets((h, w), (kernel_h, kernel_w), stride, padding, (out_h, out_w))
+    # An offset that reads every input pixel (the centre of a "same" convolution) is copied first,
+    # in place of zeroing the result and adding it: one pass less over the input gradient.
+    covering = [k for k, (_, _, _, (in_rows, in_cols)) in enumerate(offsets) if _covers(in_rows, h) and _covers(in_cols, w)]
+    if covering:
+        offsets = (offsets[covering[0]],) + offsets[: covering[0]] + offsets[covering[0] + 1 :]
+    x_chwn = (be.xp.empty if covering else be.xp.zeros)((channels, h, w, n), dtype=cols.dtype)
 
     def fold(cols_part, x_part):
         # Slice-adds in a fixed order: deterministic on every device (no atomics).
-        for i, j, (out_rows, out_cols), (in_rows, in_cols) in offsets:
+        for index, (i, j, (out_rows, out_cols), (in_rows, in_cols)) in enumerate(offsets):
+            if index == 0 and covering:
+                x_part[...] = cols_part[:, i, j, out_rows, out_cols]
+                continue
             target = x_part[:, in_rows, in_cols]
             target += cols_part[:, i, j, out_rows, out_cols]  # in place through the view, no write-back
 
@@ -793,18 +805,22 @@ def _route_to_winner(be: Backend, grad, winner, pool: int, stride: int, length: 
 # need no temporary.
 
 
-def batch_norm_forward(be: Backend, rows, weight, bias, eps: float):
+def batch_norm_forward(be: Backend, rows, weight, bias, eps: float, positive=None):
     """Normalise each row of ``rows`` by its own mean and biased variance, then scale by ``weight``
     and shift by ``bias`` (one value per row).
 
     Returns ``(y, normalised, mean, var, inv_std)``: ``y`` and ``normalised`` in ``rows``' memory
     layout, the statistics one value per row (``inv_std = 1 / sqrt(var + eps)``).
+
+    ``positive``: an array of ``rows``' shape and layout to fuse a ReLU after the normalisation:
+    ``y`` is then ``max(.., 0)`` and ``positive`` receives the ReLU's mask (see
+    :func:`relu_forward`), computed on each chunk while it is in cache.
     """
     xp = be.xp
     y, normalised = xp.empty_like(rows), xp.empty_like(rows)
     mean, var, inv_std = (xp.empty(rows.shape[0], dtype=rows.dtype) for _ in range(3))
 
-    def normalise(rows_part, y_part, normalised_part, mean_part, var_part, inv_std_part, weight_part, bias_part):
+    def normalise(rows_part, y_part, normalised_part, mean_part, var_part, inv_std_part, weight_part, bias_part, *relu_mask):
         be.row_sums(rows_part, mean_part, mean=True)
         xp.subtract(rows_part, mean_part[:, None], out=normalised_part)
         be.row_dots(normalised_part, normalised_part, var_part, y_part, mean=True)  # y: scratch until the last two passes
@@ -812,37 +828,52 @@ def batch_norm_forward(be: Backend, rows, weight, bias, eps: float):
         normalised_part *= inv_std_part[:, None]
         xp.multiply(normalised_part, weight_part[:, None], out=y_part)
         y_part += bias_part[:, None]
+        if relu_mask:
+            _relu_into(xp, y_part, y_part, relu_mask[0])
 
-    be.map_chunks(normalise, rows, y, normalised, mean, var, inv_std, weight, bias, axis=0)
+    be.map_chunks(normalise, rows, y, normalised, mean, var, inv_std, weight, bias, *_optional(positive), axis=0)
     return y, normalised, mean, var, inv_std
 
 
-def scale_and_shift_rows(be: Backend, rows, scale, shift):
+def _optional(array) -> list:
+    return [] if array is None else [array]
+
+
+def scale_and_shift_rows(be: Backend, rows, scale, shift, positive=None):
     """``rows * scale + shift`` with one value of each per row (BatchNorm in evaluation), in
-    ``rows``' memory layout."""
+    ``rows``' memory layout; ``positive`` fuses a ReLU after it, as in :func:`batch_norm_forward`."""
     xp = be.xp
     y = xp.empty_like(rows)
 
-    def affine(rows_part, y_part, scale_part, shift_part):
+    def affine(rows_part, y_part, scale_part, shift_part, *relu_mask):
         xp.multiply(rows_part, scale_part[:, None], out=y_part)
         y_part += shift_part[:, None]
+        if relu_mask:
+            _relu_into(xp, y_part, y_part, relu_mask[0])
 
-    be.map_chunks(affine, rows, y, scale, shift, axis=0)
+    be.map_chunks(affine, rows, y, scale, shift, *_optional(positive), axis=0)
     return y
 
 
-def batch_norm_backward(be: Backend, dy_rows, normalised, weight, inv_std):
+def batch_norm_backward(be: Backend, dy_rows, normalised, weight, inv_std, positive=None):
     """Gradients ``(dx, dweight, dbias)`` of :func:`batch_norm_forward` (batch statistics), by rows.
 
     ``dx = weight * inv_std * (dy - mean(dy) - normalised * mean(dy * normalised))``, the means taken
     along each row; ``dbias`` and ``dweight`` are the row sums of ``dy`` and ``dy * normalised``.
+    ``positive``: the mask of a ReLU fused after the normalisation; ``dy`` is the gradient after
+    that ReLU, first multiplied by the mask.
     """
     xp = be.xp
     count = dy_rows.shape[1]
     dx = xp.empty_like(dy_rows)
     dweight, dbias = (xp.empty(dy_rows.shape[0], dtype=dy_rows.dtype) for _ in range(2))
+    relu = [] if positive is None else [positive, xp.empty_like(dy_rows)]
 
-    def backpropagate(dy_part, normalised_part, dx_part, dweight_part, dbias_part, weight_part, inv_std_part):
+    def backpropagate(dy_part, normalised_part, dx_part, dweight_part, dbias_part, weight_part, inv_std_part, *relu_part):
+        if relu_part:
+            positive_part, dy_masked = relu_part
+            xp.multiply(dy_part, positive_part, out=dy_masked)
+            dy_part = dy_masked
         be.row_sums(dy_part, dbias_part)
         be.row_dots(dy_part, normalised_part, dweight_part, dx_part)  # dx: scratch until the passes below
         xp.multiply(normalised_part, (dweight_part * (-1.0 / count))[:, None], out=dx_part)
@@ -850,7 +881,7 @@ def batch_norm_backward(be: Backend, dy_rows, normalised, weight, inv_std):
         dx_part -= (dbias_part * (1.0 / count))[:, None]
         dx_part *= (weight_part * inv_std_part)[:, None]
 
-    be.map_chunks(backpropagate, dy_rows, normalised, dx, dweight, dbias, weight, inv_std, axis=0)
+    be.map_chunks(backpropagate, dy_rows, normalised, dx, dweight, dbias, weight, inv_std, *relu, axis=0)
     return dx, dweight, dbias
 
 

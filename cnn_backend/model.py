@@ -11,7 +11,7 @@ from .backend import Backend, get_backend
 from .data import count_non_finite_samples
 from .init import as_integer, make_rng
 from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
-from .layers import LAYER_TYPES, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
+from .layers import LAYER_TYPES, BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
 from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
@@ -115,6 +115,10 @@ class Sequential:
             if isinstance(layer, Convolution) and isinstance(following, MaxPool) and layer.runs_with_maxpool(following, x.shape):
                 x = layer.forward_maxpool2x2(x)
                 following.pooled_by_previous()
+                index += 2
+            elif isinstance(layer, BatchNorm) and type(following) is ReLU:
+                x = layer.forward_relu(x)
+                following.applied_by_previous()
                 index += 2
             else:
                 x = layer.forward(x)

@@ -33,7 +33,7 @@ from cnn_backend.optim import Adam  # noqa: E402
 from cnn_backend.spec import SpecError, resolve_spec  # noqa: E402
 from cnn_backend.training import train_step  # noqa: E402
 
-TIMED_METHODS = ("forward", "forward_maxpool2x2", "backward")
+TIMED_METHODS = ("forward", "forward_maxpool2x2", "forward_relu", "backward")
 
 
 def page_faults() -> int | None:

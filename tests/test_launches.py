@@ -22,11 +22,11 @@ LAUNCH_BOUNDS = {
     ("seed", "train", "sgd"): 89,  # measured 87
     ("seed", "train", "adam"): 98,  # measured 96
     ("seed", "infer", None): 49,  # measured 48
-    ("default", "train", "sgd"): 198,  # measured 193
-    ("default", "train", "adam"): 207,  # measured 202
+    ("default", "train", "sgd"): 198,  # measured 192
+    ("default", "train", "adam"): 207,  # measured 201
     ("default", "infer", None): 66,  # measured 64
-    ("plain", "train", "sgd"): 112,  # measured 110
-    ("plain", "train", "adam"): 121,  # measured 119
+    ("plain", "train", "sgd"): 112,  # measured 109
+    ("plain", "train", "adam"): 121,  # measured 118
     ("plain", "infer", None): 46,  # measured 44
 }
 

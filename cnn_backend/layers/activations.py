@@ -13,14 +13,24 @@ class ReLU(Layer):
     """``max(x, 0)``; its gradient passes where the input was positive."""
 
     _positive = None
+    #: the mask after a forward pass run by the BatchNorm before it (BatchNorm.forward_relu)
+    APPLIED_BY_PREVIOUS = ("applied by the previous layer",)
 
     def forward(self, x):
         y, self._positive = F.relu_forward(self.backend, x)
         return y
 
+    def applied_by_previous(self) -> None:
+        """Record that the layer before applied this ReLU: :meth:`backward` then hands the
+        gradient back unchanged, and that layer's backward pass applies the mask."""
+        self._positive = self.APPLIED_BY_PREVIOUS
+
     def backward(self, dy):
         if self._positive is None:
             raise self._forward_first()
+        if self._positive is self.APPLIED_BY_PREVIOUS:
+            self._positive = None
+            return dy
         dx = F.multiply(self.backend, dy, self._positive)
         self._positive = None
         return dx

@@ -75,6 +75,15 @@ class BatchNorm(Layer):
         return rows.T
 
     def forward(self, x):
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x):
+        """This layer's forward pass followed by ReLU, as one operation (``Sequential`` runs a
+        BatchNorm and the ReLU after it so): each chunk is rectified while in cache, and
+        :meth:`backward` then takes the gradient after the ReLU."""
+        return self._forward(x, relu=True)
+
+    def _forward(self, x, relu: bool):
         if x.ndim not in (2, 4):
             raise ShapeError(f"{self}: expected a 4-D input (N, C, H, W) or a 2-D input (N, features), got shape {tuple(x.shape)}")
         if self.num_features is None:
@@ -85,33 +94,36 @@ class BatchNorm(Layer):
         rows = self._as_rows(x)
         count = rows.shape[1]
         weight, bias = self.params["weight"].data, self.params["bias"].data
+        positive = xp.empty_like(rows) if relu else None
         if self.training:
             if count < 2:
                 raise ShapeError(f"{self}: training needs more than one value per channel, got input of shape {tuple(x.shape)}")
-            y_rows, normalised, mean, var, inv_std = F.batch_norm_forward(self.backend, rows, weight, bias, self.eps)
+            y_rows, normalised, mean, var, inv_std = F.batch_norm_forward(self.backend, rows, weight, bias, self.eps, positive)
             momentum = self.momentum
             running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
             running_mean *= 1.0 - momentum
             running_mean += momentum * mean
             running_var *= 1.0 - momentum
             running_var += (momentum * count / (count - 1)) * var
-            self._cache = ("batch", x.shape, normalised, inv_std)
+            self._cache = ("batch", x.shape, normalised, inv_std, positive)
         else:
             inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
             scale = weight * inv_std
             shift = bias - self.buffers["running_mean"] * scale
-            y_rows = F.scale_and_shift_rows(self.backend, rows, scale, shift)
-            self._cache = ("running", x.shape, rows, inv_std)
+            y_rows = F.scale_and_shift_rows(self.backend, rows, scale, shift, positive)
+            self._cache = ("running", x.shape, rows, inv_std, positive)
         return self._from_rows(y_rows, x.shape)
 
     def backward(self, dy):
         if self._cache is None:
             raise self._forward_first()
-        mode, shape, saved, factor = self._cache
+        mode, shape, saved, factor, positive = self._cache
         self._cache = None
         dy_rows = self._as_rows(dy)
         weight = self.params["weight"].data
         if mode == "running":
+            if positive is not None:
+                dy_rows = dy_rows * positive
             # Affine in x with the running statistics fixed: dx = dy * weight / sqrt(running_var + eps).
             rows, inv_std = saved, factor
             normalised = (rows - self.buffers["running_mean"][:, None]) * inv_std[:, None]
@@ -119,7 +131,7 @@ class BatchNorm(Layer):
             self.params["bias"].grad = dy_rows.sum(axis=1)
             return self._from_rows(dy_rows * (weight * inv_std)[:, None], shape) if self.needs_input_grad else None
         normalised, inv_std = saved, factor
-        dx_rows, dweight, dbias = F.batch_norm_backward(self.backend, dy_rows, normalised, weight, inv_std)
+        dx_rows, dweight, dbias = F.batch_norm_backward(self.backend, dy_rows, normalised, weight, inv_std, positive)
         self.params["weight"].grad, self.params["bias"].grad = dweight, dbias
         if not self.needs_input_grad:
             return None
