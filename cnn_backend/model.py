@@ -27,7 +27,15 @@ class Sequential:
     layer is built with it (sizes left out are inferred, parameters drawn from ``rng`` in layer
     order) and a shape that cannot work is refused here, naming the layer. Without it the layers
     must come built, and the shape is recorded from the first batch.
+
+    ``forward`` runs some neighbouring layers as one operation, with the same values and gradients:
+    a first convolution and the 2x2 max-pool after it where the backend asks for it
+    (``Convolution.runs_with_maxpool``), and a BatchNorm and the ReLU after it on every backend
+    (``BatchNorm.forward_relu``; ``fuses_batchnorm_relu = False`` runs them apart).
     """
+
+    #: whether a BatchNorm and the ReLU right after it run as one operation
+    fuses_batchnorm_relu = True
 
     def __init__(
         self, layers: Iterable[Layer], backend: Backend | str | None = None, *, input_shape=None, rng=None
@@ -116,7 +124,7 @@ class Sequential:
                 x = layer.forward_maxpool2x2(x)
                 following.pooled_by_previous()
                 index += 2
-            elif isinstance(layer, BatchNorm) and type(following) is ReLU:
+            elif self.fuses_batchnorm_relu and isinstance(layer, BatchNorm) and type(following) is ReLU:
                 x = layer.forward_relu(x)
                 following.applied_by_previous()
                 index += 2

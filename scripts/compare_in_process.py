@@ -11,6 +11,9 @@ cannot show.
 * ``share``: products too short for several chunks of ``threads.MIN_PRODUCT_CHUNK`` per thread
   shared out one chunk per thread (from ``threads.MIN_PRODUCT_SHARE`` rows or columns each), or
   run as one call (the earlier setting).
+* ``row-sums``: BatchNorm's row sums and sums of products as BLAS products on one thread (the CPU
+  backend's ``row_sums``/``row_dots``), or as NumPy's reductions (the earlier setting);
+* ``bn-relu``: a BatchNorm and the ReLU after it as one operation, or as two layers.
 
 ``--model`` is a built-in network or a spec file.
 
@@ -23,6 +26,8 @@ benchmark's (synthetic data, SGD with momentum for training).
     python scripts/compare_in_process.py --what banded --model seed --mode infer --batch 256
     python scripts/compare_in_process.py --what split --model examples/default-bn.toml --batch 64
     python scripts/compare_in_process.py --what share --model examples/narrow-bn-after-pool.toml --batch 64
+    python scripts/compare_in_process.py --what row-sums --batch 128
+    python scripts/compare_in_process.py --what bn-relu --mode infer --batch 256
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cnn_backend import threads  # noqa: E402
-from cnn_backend.backend import CpuBackend, get_backend  # noqa: E402
+from cnn_backend.backend import Backend, CpuBackend, get_backend  # noqa: E402
+from cnn_backend.model import Sequential  # noqa: E402
 from cnn_backend.benchmark import our_step_function, synthetic_batches  # noqa: E402
 from cnn_backend.spec import SpecError, resolve_spec  # noqa: E402
 
@@ -73,6 +79,17 @@ def share(current: bool) -> None:
     threads.MIN_PRODUCT_SHARE = CURRENT_SHARE if current else threads.MIN_PRODUCT_CHUNK * threads.CHUNKS_PER_THREAD
 
 
+BLAS_ROW_REDUCTIONS = (CpuBackend.row_sums, CpuBackend.row_dots)
+
+
+def row_sums(blas: bool) -> None:
+    CpuBackend.row_sums, CpuBackend.row_dots = BLAS_ROW_REDUCTIONS if blas else (Backend.row_sums, Backend.row_dots)
+
+
+def bn_relu(fused: bool) -> None:
+    Sequential.fuses_batchnorm_relu = fused
+
+
 def _label(copy_elements: int, flops: int) -> str:
     return f"{copy_elements / 1e6:.1f}M / {flops / 1e6:.0f} MFLOP"
 
@@ -83,6 +100,8 @@ SETTINGS = {
     "thresholds": (thresholds, {True: _label(*CURRENT_THRESHOLDS), False: _label(*EARLIER_THRESHOLDS)}),
     "split": (split, {True: f"from {CURRENT_SPLIT:,}", False: f"from {EARLIER_SPLIT:,}"}),
     "share": (share, {True: f"shared from {CURRENT_SHARE}", False: "one call"}),
+    "row-sums": (row_sums, {True: "BLAS products", False: "NumPy reductions"}),
+    "bn-relu": (bn_relu, {True: "fused", False: "separate"}),
 }
 
 

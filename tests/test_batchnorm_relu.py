@@ -91,3 +91,11 @@ def test_other_activations_after_a_batchnorm_run_on_their_own():
     net = model(be, LeakyReLU(0.1))
     net.forward(numpy.random.default_rng(4).standard_normal((5, 1, 4, 4)))
     assert net.layers[3]._slope is not None  # LeakyReLU's own forward ran
+
+
+def test_the_fusion_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(Sequential, "fuses_batchnorm_relu", False)
+    be = cpu_backend("float64")
+    net = model(be, ReLU(be))
+    net.forward(numpy.random.default_rng(5).standard_normal((5, 1, 4, 4)))
+    assert isinstance(net.layers[3]._positive, numpy.ndarray)  # the ReLU layer ran itself
