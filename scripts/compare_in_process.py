@@ -18,16 +18,19 @@ cannot show.
 ``--model`` is a built-in network or a spec file.
 
 Each alternation runs warm-up steps, then as many steps as fit in ``--seconds``; printed are the
-median and range of samples/s over ``--rounds`` alternations per setting. The steps are the
-benchmark's (synthetic data, SGD with momentum for training).
+median and range of samples/s over ``--rounds`` alternations per setting. With ``--interleave N``
+the settings switch every N timed steps instead (one untimed step after each switch) and the
+figures are over single steps: the tighter comparison when the machine's speed drifts within
+seconds, as a shared VM's does. The steps are the benchmark's (synthetic data, SGD with momentum
+for training).
 
     python scripts/compare_in_process.py --what fusion --model default --mode train --batch 64
     python scripts/compare_in_process.py --what thresholds --model seed --mode train --batch 128
     python scripts/compare_in_process.py --what banded --model seed --mode infer --batch 256
     python scripts/compare_in_process.py --what split --model examples/default-bn.toml --batch 64
     python scripts/compare_in_process.py --what share --model examples/narrow-bn-after-pool.toml --batch 64
-    python scripts/compare_in_process.py --what row-sums --batch 128
-    python scripts/compare_in_process.py --what bn-relu --mode infer --batch 256
+    python scripts/compare_in_process.py --what row-sums --batch 128 --rounds 150 --interleave 3
+    python scripts/compare_in_process.py --what bn-relu --mode infer --batch 256 --rounds 150 --interleave 3
 """
 
 from __future__ import annotations
@@ -113,9 +116,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=0.4, help="timed seconds per alternation")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N", help="switch settings every N timed steps (0: every --seconds)")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.rounds < 1 or args.seconds <= 0:
-        parser.error("--batch and --rounds must be >= 1 and --seconds > 0")
+    if args.batch < 1 or args.rounds < 1 or args.seconds <= 0 or args.interleave < 0:
+        parser.error("--batch and --rounds must be >= 1, --seconds > 0 and --interleave >= 0")
     try:
         resolve_spec(args.model)
     except (SpecError, OSError) as error:
@@ -127,6 +131,13 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for setting in names:
             apply(setting)
+            if args.interleave:
+                step(0)
+                for i in range(args.interleave):
+                    start = time.perf_counter()
+                    step(i + 1)
+                    rates[setting].append(args.batch / (time.perf_counter() - start))
+                continue
             for i in range(WARMUP_STEPS):
                 step(i)
             steps, start = 0, time.perf_counter()
@@ -135,7 +146,8 @@ def main(argv=None) -> int:
                 steps += 1
             rates[setting].append(args.batch * steps / (time.perf_counter() - start))
     apply(True)
-    print(f"{args.model} {args.mode} batch {args.batch}, {args.rounds} alternations of {args.seconds} s:")
+    every = f"{args.interleave} steps" if args.interleave else f"{args.seconds} s"
+    print(f"{args.model} {args.mode} batch {args.batch}, {args.rounds} alternations of {every}:")
     for setting, name in names.items():
         values = rates[setting]
         print(f"  {name:16s} median {statistics.median(values):,.0f} samples/s, range {min(values):,.0f}-{max(values):,.0f}")

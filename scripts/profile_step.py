@@ -1,11 +1,12 @@
 """Where a training step (or an inference batch) of any network spends its time: the step's median
 and range, samples/s, page faults per step and, with ``--layers``, each layer's forward and backward
-milliseconds.
+milliseconds; with ``--calls``, the CPU backend's products and chunked operations by call site.
 
 Synthetic 28x28 data, Adam (lr 1e-3), the benchmark's warm-up; a built-in name or a spec file:
 
     python scripts/profile_step.py --model examples/default-bn.toml --batch 64 --layers
     python scripts/profile_step.py --model default --mode infer --batch 256
+    python scripts/profile_step.py --model default --batch 64 --calls
     CNN_BACKEND_KEEP_FREED_MEMORY=0 python scripts/profile_step.py --model examples/default-bn.toml
 
 Per-layer times are measured around each layer's call (with a device synchronisation on a GPU), so
@@ -25,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cnn_backend import threads  # noqa: E402
 from cnn_backend.backend import DeviceUnavailableError, get_backend  # noqa: E402
 from cnn_backend.benchmark import IMAGE_SHAPE, synthetic_batches  # noqa: E402
 from cnn_backend.layers import SoftmaxCrossEntropy  # noqa: E402
@@ -66,6 +68,51 @@ def _wrap(layer, method: str, key: tuple, backend, times: dict) -> None:
     setattr(layer, method, timed)
 
 
+def time_hot_operations(times: dict, counts: dict) -> None:
+    """Wrap the CPU backend's hot operations (:mod:`cnn_backend.threads`) so that every call adds
+    its seconds to ``times`` under its call site: a product by its shape, a chunked operation by
+    the kernel it runs, each marked "split" when shared out over the threads."""
+
+    def wrap(name: str, key) -> None:
+        call = getattr(threads, name)
+
+        def timed(*args, **kwargs):
+            label = key(*args, **kwargs)
+            start = time.perf_counter()
+            result = call(*args, **kwargs)
+            times[label] += time.perf_counter() - start
+            counts[label] += 1
+            return result
+
+        setattr(threads, name, timed)
+
+    def product(a, b, out=None):
+        (m, k), n = a.shape, b.shape[1]
+        split = (
+            2 * m * n * k >= threads.MIN_SPLIT_FLOPS
+            and threads._splittable(max(m, n), threads.MIN_SPLIT_ELEMENTS)
+            and threads.product_parts(max(m, n)) > 1
+        )
+        return f"matmul {m}x{k} @ {k}x{n}{', split' if split else ''}"
+
+    def chunks(kernel, arrays, axis=0):
+        split = threads._splittable(arrays[0].shape[axis], max(array.size for array in arrays))
+        return f"map_chunks {_site(kernel)}{', split' if split else ''}"
+
+    def parts(kernel, length, size):
+        split = threads._splittable(length, size, threads.MIN_SPLIT_COPY_ELEMENTS)
+        return f"map_range {_site(kernel)}{', split' if split else ''}"
+
+    wrap("matmul", product)
+    wrap("map_chunks", chunks)
+    wrap("map_range", parts)
+
+
+def _site(kernel) -> str:
+    """``function.kernel`` for a kernel defined inside a function of cnn_backend.functional."""
+    return getattr(kernel, "__qualname__", repr(kernel)).replace(".<locals>", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="a built-in name (seed, default) or a .toml/.json spec file (default: default)")
@@ -76,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default: cpu)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float dtype (default: float32)")
     parser.add_argument("--layers", action="store_true", help="also time each layer's forward and backward")
+    parser.add_argument(
+        "--calls", action="store_true",
+        help="also time the CPU backend's hot operations by call site (products by shape, chunked kernels by name)",
+    )
     return parser
 
 
@@ -87,6 +138,8 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.calls and args.device != "cpu":
+        parser.error("--calls times the CPU backend's operations: use it with --device cpu")
     try:
         backend = get_backend(args.device, args.dtype)
         label, spec = resolve_spec(args.model)
@@ -112,6 +165,10 @@ def main(argv=None) -> int:
     layer_times: dict = collections.defaultdict(float)
     if args.layers:
         time_layers(model, backend, layer_times)
+    call_times: dict = collections.defaultdict(float)
+    call_counts: dict = collections.defaultdict(int)
+    if args.calls:
+        time_hot_operations(call_times, call_counts)
     seconds, faults_before = [], page_faults()
     for i in range(args.steps):
         backend.synchronize()
@@ -135,6 +192,12 @@ def main(argv=None) -> int:
             print(f"{name:<28} {forward:>11.2f} {backward:>12.2f}")
         total = sum(layer_times.values()) * 1e3 / args.steps
         print(f"{'layers in all':<28} {total:>24.2f}   (the rest of the step: {median * 1e3 - total:.2f})")
+    if args.calls:
+        print(f"{'ms per step':>11} {'calls':>5}  operation")
+        for label in sorted(call_times, key=call_times.get, reverse=True):
+            print(f"{call_times[label] * 1e3 / args.steps:>11.3f} {call_counts[label] / args.steps:>5.0f}  {label}")
+        total = sum(call_times.values()) * 1e3 / args.steps
+        print(f"{total:>11.3f}        in these operations (the rest of the step: {median * 1e3 - total:.2f})")
     return 0
 
 

@@ -54,9 +54,23 @@ def test_an_inference_batch_has_no_backward_pass():
     assert rows[0, "Convolution"][0] > 0 and rows[1, "MaxPool"][0] == 0
 
 
+def test_the_hot_operations_are_timed_by_call_site():
+    result = run_script("--model", "default", "--batch", "8", "--steps", "3", "--warmup", "1", "--calls")
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^\s*([\d.]+)\s+(\d+)  (\S.*)$", result.stdout, flags=re.M)
+    sites = {site.removesuffix(", split"): (float(ms), int(calls)) for ms, calls, site in rows}
+    # The second convolution's three products (16 * 9 = 144 rows of im2col, 48 filters, 14 * 14 * 8 pixels).
+    assert {"matmul 48x144 @ 144x1568", "matmul 144x48 @ 48x1568"} <= set(sites), sorted(sites)
+    assert any(site.startswith("map_chunks batch_norm_forward.normalise") for site in sites)
+    assert all(calls >= 1 and ms >= 0 for ms, calls in sites.values())
+    total = float(re.search(r"^\s*([\d.]+)\s+in these operations", result.stdout, flags=re.M)[1])
+    assert total == pytest.approx(sum(ms for ms, _ in sites.values()), abs=0.002 * len(sites))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--calls", "--device", "cuda"], "--calls times the CPU backend's operations: use it with --device cpu"),
         (["--model", "resnet-9000"], "error: unknown model 'resnet-9000'"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--batch", "-2"], "--batch must be >= 1, got -2"),
