@@ -138,26 +138,31 @@ def test_matmul_gives_blas_its_thread_count_back():
     assert [c.get_num_threads() for c in controllers] == before
 
 
-def test_overlapping_one_thread_holds_restore_blas_when_the_last_one_ends():
-    """BLAS's thread count is one setting for the process: a worker's hold that ends while another
-    thread still multiplies must not put the count back under it."""
+@pytest.fixture
+def blas_at_two_threads():
+    """NumPy's BLAS set to two threads for the test (its threadpoolctl controllers), then restored."""
     controllers = threads._blas()
     if not controllers:
         pytest.skip("threadpoolctl is not installed")
     saved = [c.get_num_threads() for c in controllers]
-    try:
-        for controller in controllers:
-            controller.set_num_threads(2)
-        first, second = threads._OneBlasThread(), threads._OneBlasThread()
-        first.__enter__()
-        second.__enter__()
-        first.__exit__(None, None, None)
-        assert [c.get_num_threads() for c in controllers] == [1] * len(controllers)
-        second.__exit__(None, None, None)
-        assert [c.get_num_threads() for c in controllers] == [2] * len(controllers)
-    finally:
-        for controller, count in zip(controllers, saved):
-            controller.set_num_threads(count)
+    for controller in controllers:
+        controller.set_num_threads(2)
+    yield controllers
+    for controller, count in zip(controllers, saved):
+        controller.set_num_threads(count)
+
+
+def test_overlapping_one_thread_holds_restore_blas_when_the_last_one_ends(blas_at_two_threads):
+    """BLAS's thread count is one setting for the process: a worker's hold that ends while another
+    thread still multiplies must not put the count back under it."""
+    controllers = blas_at_two_threads
+    first, second = threads._OneBlasThread(), threads._OneBlasThread()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert [c.get_num_threads() for c in controllers] == [1] * len(controllers)
+    second.__exit__(None, None, None)
+    assert [c.get_num_threads() for c in controllers] == [2] * len(controllers)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -177,23 +182,15 @@ def test_row_reductions_match_numpy(dtype, layout):
         numpy.testing.assert_allclose(dots, expected_dots, rtol=tolerance, atol=tolerance * 30)
 
 
-def test_a_product_first_does_not_fix_the_thread_count_at_one():
+def test_a_product_first_does_not_fix_the_thread_count_at_one(blas_at_two_threads):
     """The count is read from BLAS: a product, which holds BLAS at one thread while it runs, must
     not read it inside that hold (every later operation would then run on one core)."""
-    controllers = threads._blas()
-    if not controllers:
-        pytest.skip("threadpoolctl is not installed")
-    saved = [c.get_num_threads() for c in controllers]
     try:
-        for controller in controllers:
-            controller.set_num_threads(2)
         threads.set_thread_count(None)
         rng = numpy.random.default_rng(0)
         PARALLEL.matmul(rng.standard_normal((600, 600)), rng.standard_normal((600, 600)))
         assert threads.thread_count() == 2
     finally:
-        for controller, count in zip(controllers, saved):
-            controller.set_num_threads(count)
         threads.set_thread_count(None)
 
 
