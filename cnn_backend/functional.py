@@ -262,17 +262,16 @@ def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
     offsets = _kernel_offsets((h, w), (kernel_h, kernel_w), stride, padding, (out_h, out_w))
     # An offset that reads every input pixel (the centre of a "same" convolution) is copied first,
     # in place of zeroing the result and adding it: one pass less over the input gradient.
-    covering = [k for k, (_, _, _, (in_rows, in_cols)) in enumerate(offsets) if _covers(in_rows, h) and _covers(in_cols, w)]
-    if covering:
-        offsets = (offsets[covering[0]],) + offsets[: covering[0]] + offsets[covering[0] + 1 :]
-    x_chwn = (be.xp.empty if covering else be.xp.zeros)((channels, h, w, n), dtype=cols.dtype)
+    first = next((offset for offset in offsets if _covers(offset[3][0], h) and _covers(offset[3][1], w)), None)
+    others = [offset for offset in offsets if offset is not first]
+    x_chwn = (be.xp.zeros if first is None else be.xp.empty)((channels, h, w, n), dtype=cols.dtype)
 
     def fold(cols_part, x_part):
-        # Slice-adds in a fixed order: deterministic on every device (no atomics).
-        for index, (i, j, (out_rows, out_cols), (in_rows, in_cols)) in enumerate(offsets):
-            if index == 0 and covering:
-                x_part[...] = cols_part[:, i, j, out_rows, out_cols]
-                continue
+        # A copy, then slice-adds in a fixed order: deterministic on every device (no atomics).
+        if first is not None:
+            i, j, (out_rows, out_cols), _ = first
+            x_part[...] = cols_part[:, i, j, out_rows, out_cols]
+        for i, j, (out_rows, out_cols), (in_rows, in_cols) in others:
             target = x_part[:, in_rows, in_cols]
             target += cols_part[:, i, j, out_rows, out_cols]  # in place through the view, no write-back
 

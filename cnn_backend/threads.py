@@ -285,6 +285,15 @@ def row_dots(a, b, out) -> None:
         numpy.matmul(a[:, None, :], b[:, :, None], out=out[:, None, None])
 
 
+def product_split(m: int, k: int, n: int) -> int:
+    """Into how many blocks :func:`matmul` cuts the longer side of an ``(m, k) @ (k, n)`` product
+    (1: one call): none below ``MIN_SPLIT_FLOPS``, else :func:`product_parts` of that side."""
+    length = max(m, n)
+    if 2 * m * n * k < MIN_SPLIT_FLOPS or not _splittable(length, MIN_SPLIT_ELEMENTS):
+        return 1
+    return product_parts(length)
+
+
 def matmul(a, b, out=None):
     """``a @ b`` for 2-D arrays (into ``out`` when given): row or column blocks of the result, one
     per thread, each on one BLAS thread."""
@@ -296,11 +305,11 @@ def matmul(a, b, out=None):
         out = numpy.empty((m, n), dtype=numpy.result_type(a.dtype, b.dtype))
     with _OneBlasThread():
         # The longer side of the result is split: both halves then keep BLAS's blocking efficient.
-        length = max(m, n)
-        if 2 * m * n * k < MIN_SPLIT_FLOPS or not _splittable(length, MIN_SPLIT_ELEMENTS):
+        parts = product_split(m, k, n)
+        if parts == 1:
             numpy.matmul(a, b, out=out)
         elif n >= m:
-            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n, product_parts(n))
+            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n, parts)
         else:
-            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m, product_parts(m))
+            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m, parts)
     return out

@@ -88,12 +88,7 @@ def time_hot_operations(times: dict, counts: dict) -> None:
 
     def product(a, b, out=None):
         (m, k), n = a.shape, b.shape[1]
-        split = (
-            2 * m * n * k >= threads.MIN_SPLIT_FLOPS
-            and threads._splittable(max(m, n), threads.MIN_SPLIT_ELEMENTS)
-            and threads.product_parts(max(m, n)) > 1
-        )
-        return f"matmul {m}x{k} @ {k}x{n}{', split' if split else ''}"
+        return f"matmul {m}x{k} @ {k}x{n}{', split' if threads.product_split(m, k, n) > 1 else ''}"
 
     def chunks(kernel, arrays, axis=0):
         split = threads._splittable(arrays[0].shape[axis], max(array.size for array in arrays))
