@@ -6,10 +6,11 @@ every array function from it, so the same code runs on both devices. CuPy is imp
 when CUDA is asked for (or probed by ``"auto"``): CPU users never import it.
 
 Hot operations (Thinc's ``Ops`` is the model) are methods of the backend: :meth:`Backend.matmul`,
-:meth:`Backend.map_chunks` and the row reductions :meth:`Backend.row_sums` and
-:meth:`Backend.row_dots`. On every device they are plain array calls; :class:`CpuBackend` runs the
-first two on all cores and the row reductions as single BLAS calls (see :mod:`cnn_backend.threads`),
-so layers still read like NumPy and the device path does not change.
+:meth:`Backend.map_chunks`, the row reductions :meth:`Backend.row_sums` and :meth:`Backend.row_dots`,
+and the ReLU's :meth:`Backend.rectify`. On every device they are plain array calls;
+:class:`CpuBackend` runs the first two on all cores, the row reductions as single BLAS calls and
+the ReLU against an array of zeros (see :mod:`cnn_backend.threads`), so layers still read like
+NumPy and the device path does not change.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ class Backend:
         self.xp.multiply(a, b, out=scratch)
         self.row_sums(scratch, out, mean=mean)
 
+    def rectify(self, x, out) -> None:
+        """``max(x, 0)`` into ``out`` (which may be ``x``)."""
+        self.xp.maximum(x, 0, out=out)
+
     def with_dtype(self, dtype: Any) -> "Backend":
         """The same device with another default float dtype."""
         return type(self)(self.name, self.xp, self.signal, _float_dtype(dtype))
@@ -154,6 +159,9 @@ class CpuBackend(Backend):
         threads.row_dots(a, b, out)
         if mean:
             out *= 1.0 / a.shape[1]
+
+    def rectify(self, x, out) -> None:
+        numpy.maximum(x, threads.zeros_like(x), out=out)
 
 
 class _ModuleOnFirstUse(ModuleType):

@@ -184,23 +184,28 @@ def outer_axis(x) -> int:
     return strides.index(max(strides))
 
 
-def relu_forward(be: Backend, x):
+def relu_forward(be: Backend, x, with_mask: bool = True):
     """``(max(x, 0), x > 0)``, both in ``x``'s memory layout, the mask as 1s and 0s of ``x``'s
-    dtype (the backward product by a float mask runs at twice the speed of one by booleans)."""
-    y, positive = be.xp.empty_like(x), be.xp.empty_like(x)
-    be.map_chunks(lambda x_part, y_part, positive_part: _relu_into(be.xp, x_part, y_part, positive_part), x, y, positive, axis=outer_axis(x))
+    dtype (the backward product by a float mask runs at twice the speed of one by booleans).
+    ``with_mask=False`` skips the mask (None in its place): :func:`relu_mask` of the output gives
+    it later, should a gradient be wanted after all."""
+    y = be.xp.empty_like(x)
+    positive = be.xp.empty_like(x) if with_mask else None
+    be.map_chunks(lambda x_part, y_part, *mask: _relu_into(be, x_part, y_part, *mask), x, y, *_optional(positive), axis=outer_axis(x))
     return y, positive
 
 
-def _relu_into(xp, x, y, positive) -> None:
-    """``y = max(x, 0)`` and ``positive = (x > 0)`` as 1s and 0s; ``y`` may be ``x`` itself."""
-    # The maximum against an array of zeros, not against the scalar 0: NumPy's loop for an array and
-    # a scalar is not vectorised for maximum on AVX2 CPUs (3x slower than the fill and the
-    # array-array loop together); on a GPU the fill is one more (cheap) launch.
-    positive.fill(0)
-    xp.maximum(x, positive, out=y)
-    # y > 0 exactly where x > 0; compared with a zero of y's type (the int 0 takes a casting loop)
-    xp.greater(y, y.dtype.type(0), out=positive)
+def _relu_into(be: Backend, x, y, positive=None) -> None:
+    """``y = max(x, 0)``, and ``positive = (x > 0)`` as 1s and 0s when given; ``y`` may be ``x``."""
+    be.rectify(x, y)
+    if positive is not None:
+        # y > 0 exactly where x > 0; compared with a zero of y's type (the int 0 takes a casting loop)
+        be.xp.greater(y, y.dtype.type(0), out=positive)
+
+
+def relu_mask(be: Backend, y):
+    """The mask :func:`relu_forward` returns, from its output ``y`` (``y > 0`` where ``x > 0``)."""
+    return (y > 0).astype(y.dtype)
 
 
 def as_batch_innermost(be: Backend, x):
@@ -464,26 +469,43 @@ def conv_maxpool_pays(in_channels: int, kernel_h: int, kernel_w: int, out_channe
     """Whether a convolution and a 2x2 max-pool run faster as :func:`conv2d_maxpool2x2_forward`.
 
     Counting NumPy's strided runs: quadrant-ordered im2col adds about ``4 * C * KH * KW`` runs per
-    pooled pixel; pooling saves ``3 * F`` (inference) to ``10 * F`` (training) of them.
+    pooled pixel; pooling saves ``3 * F`` (inference) to ``10 * F`` (training) of them. (The patch
+    matrix copies fewer runs than that; the rule keeps the layers whose product is memory-bound,
+    where the patch form's extra multiplications by zero cost nothing.)
     """
     return 4 * in_channels * kernel_h * kernel_w <= 3 * out_channels
 
 
 @functools.lru_cache(maxsize=64)
-def _quadrant_offsets(input_hw: tuple, kernel_hw: tuple, padding: int, pooled_hw: tuple) -> tuple:
-    """``(i, j, a, b, output_slices, input_slices)`` for every kernel offset ``(i, j)`` and quadrant
-    ``(a, b)`` that reads some real input: pooled pixel ``(Y, X)`` of quadrant ``(a, b)`` is output
-    pixel ``(2Y + a, 2X + b)``, which reads input ``(2Y + a + i - padding, 2X + b + j - padding)``."""
+def _patch_offsets(input_hw: tuple, patch_hw: tuple, padding: int, pooled_hw: tuple) -> tuple:
+    """``(u, v, output_slices, input_slices)`` for every offset ``(u, v)`` of a pooled pixel's
+    patch that reads some real input: pooled pixel ``(Y, X)`` reads input ``(2Y + u - padding,
+    2X + v - padding)``."""
     offsets = []
-    for i in range(kernel_hw[0]):
-        for j in range(kernel_hw[1]):
-            for a in (0, 1):
-                rows = _overlap(input_hw[0], a + i, 2, padding, pooled_hw[0])
-                for b in (0, 1):
-                    cols = _overlap(input_hw[1], b + j, 2, padding, pooled_hw[1])
-                    if rows is not None and cols is not None:
-                        offsets.append((i, j, a, b, (rows[0], cols[0]), (rows[1], cols[1])))
+    for u in range(patch_hw[0]):
+        rows = _overlap(input_hw[0], u, 2, padding, pooled_hw[0])
+        for v in range(patch_hw[1]):
+            cols = _overlap(input_hw[1], v, 2, padding, pooled_hw[1])
+            if rows is not None and cols is not None:
+                offsets.append((u, v, (rows[0], cols[0]), (rows[1], cols[1])))
     return tuple(offsets)
+
+
+def _quadrant_weights(be: Backend, weight, bias):
+    """The ``(F * 4, C * (KH + 1) * (KW + 1) [+ 1])`` matrix whose row ``(f, a, b)`` holds filter
+    ``f`` at offset ``(a, b)`` of a ``(KH + 1) x (KW + 1)`` patch, zero elsewhere (and the bias
+    last): times a pooled pixel's patch it gives filter ``f``'s output at quadrant ``(a, b)``."""
+    xp = be.xp
+    n_filters, channels, kernel_h, kernel_w = weight.shape
+    bias_columns = 0 if bias is None else 1
+    expanded = xp.zeros((n_filters, 2, 2, channels * (kernel_h + 1) * (kernel_w + 1) + bias_columns), dtype=weight.dtype)
+    patches = expanded[..., : expanded.shape[-1] - bias_columns].reshape(n_filters, 2, 2, channels, kernel_h + 1, kernel_w + 1)
+    for a in (0, 1):
+        for b in (0, 1):
+            patches[:, a, b, :, a : a + kernel_h, b : b + kernel_w] = weight
+    if bias is not None:
+        expanded[..., -1] = bias[:, None, None]
+    return expanded.reshape(n_filters * 4, -1)
 
 
 def conv2d_maxpool2x2_forward(be: Backend, x, weight, bias, padding: int = 0, workspace: dict | None = None, for_backward: bool = True):
@@ -491,6 +513,12 @@ def conv2d_maxpool2x2_forward(be: Backend, x, weight, bias, padding: int = 0, wo
     has even height and width; returns ``(y, cache)`` for :func:`conv2d_maxpool2x2_backward`
     (``cache`` None with ``for_backward=False``). Same values, ties and gradients as the two
     operations one after the other; the input gradient is not available.
+
+    The four outputs a window pools all read one ``(KH + 1) x (KW + 1)`` patch of the input, so
+    the im2col matrix holds one patch per pooled pixel (16 copied offsets for a 3x3 kernel, not
+    4 x 9) and the weights one shifted copy per quadrant (:func:`_quadrant_weights`). The product
+    then multiplies some zeros, which costs nothing where it is memory-bound, as it is for the
+    few-channel layers that take this path (:func:`conv_maxpool_pays`).
     """
     xp = be.xp
     n_filters, channels, kernel_h, kernel_w = weight.shape
@@ -500,20 +528,24 @@ def conv2d_maxpool2x2_forward(be: Backend, x, weight, bias, padding: int = 0, wo
         raise ValueError(f"conv2d_maxpool2x2_forward: the convolution's output {out_h}x{out_w} must have even sides")
     pooled_h, pooled_w = out_h // 2, out_w // 2
     pixels = pooled_h * pooled_w * n
-    patch_size = channels * kernel_h * kernel_w
-    # The same matrix as _conv2d_forward_gemm's, its columns quadrant by quadrant.
-    cols_2d, weight_and_bias = _product_operands(be, workspace, "quadrant_cols", weight, bias, 4 * pixels, x.dtype)
-    cols = cols_2d[:patch_size].reshape(channels, kernel_h, kernel_w, 2, 2, pooled_h, pooled_w, n)
+    patch_hw = (kernel_h + 1, kernel_w + 1)
+    patch_size = channels * patch_hw[0] * patch_hw[1]
+    rows = patch_size + (0 if bias is None else 1)
+    # Created zeroed and reused: the entries that read padding are never written and stay zero.
+    cols_2d = _scratch(be, workspace, "patch_cols", (rows, pixels), x.dtype, zeros=True)
+    if bias is not None:
+        cols_2d[-1] = 1
+    cols = cols_2d[:patch_size].reshape(channels, *patch_hw, pooled_h, pooled_w, n)
     x_chwn = as_batch_innermost(be, x)
-    offsets = _quadrant_offsets((h, w), (kernel_h, kernel_w), padding, (pooled_h, pooled_w))
+    offsets = _patch_offsets((h, w), patch_hw, padding, (pooled_h, pooled_w))
 
     def unfold(start: int, stop: int):
-        for i, j, a, b, (out_rows, out_cols), (in_rows, in_cols) in offsets[start:stop]:
-            cols[:, i, j, a, b, out_rows, out_cols] = x_chwn[:, in_rows, in_cols]
+        for u, v, (out_rows, out_cols), (in_rows, in_cols) in offsets[start:stop]:
+            cols[:, u, v, out_rows, out_cols] = x_chwn[:, in_rows, in_cols]
 
     be.map_range(unfold, len(offsets), cols.size)
-    # (F, 4 * pixels): quadrant q of filter f is the contiguous block conv[f, q].
-    conv = be.matmul(weight_and_bias, cols_2d).reshape(n_filters, 4, pixels)
+    # (F * 4, pixels): quadrant q of filter f is the contiguous block conv[f, q].
+    conv = be.matmul(_quadrant_weights(be, weight, bias), cols_2d).reshape(n_filters, 4, pixels)
     y = xp.empty((n_filters, pixels), dtype=x.dtype)
     masks = [xp.empty((n_filters, pixels), dtype=bool) for _ in range(3)] if for_backward else []
 
@@ -524,15 +556,15 @@ def conv2d_maxpool2x2_forward(be: Backend, x, weight, bias, padding: int = 0, wo
     y = nchw_view(y.reshape(n_filters, pooled_h, pooled_w, n))
     if not for_backward:
         return y, None
-    return y, ("gemm-maxpool2x2", weight, cols_2d, masks)
+    return y, ("gemm-maxpool2x2", weight, bias is not None, cols_2d, masks)
 
 
 def conv2d_maxpool2x2_backward(be: Backend, dy, cache, grad_out=(None, None)):
     """``(dweight, dbias)`` of :func:`conv2d_maxpool2x2_forward` from the pooled gradient ``dy``
     (``dbias`` None without a bias); ``grad_out`` as in :func:`conv2d_backward`."""
     xp = be.xp
-    _, weight, cols_2d, (top_won, top_left_won, bottom_left_won) = cache
-    n_filters = weight.shape[0]
+    _, weight, has_bias, cols_2d, (top_won, top_left_won, bottom_left_won) = cache
+    n_filters, channels, kernel_h, kernel_w = weight.shape
     dy_2d = as_batch_innermost(be, dy).reshape(n_filters, -1)
     d_conv = xp.empty((n_filters, 4, dy_2d.shape[1]), dtype=dy.dtype)
 
@@ -541,8 +573,27 @@ def conv2d_maxpool2x2_backward(be: Backend, dy, cache, grad_out=(None, None)):
         _untournament(xp, dy_part, (top_won_part, top_left_won_part, bottom_left_won_part), quadrants)
 
     be.map_chunks(unpool, dy_2d, top_won, top_left_won, bottom_left_won, d_conv, axis=0)
-    d_conv_2d = d_conv.reshape(n_filters, -1)
-    return _weight_and_bias_grads(be, d_conv_2d, cols_2d, weight, grad_out)
+    # The gradient of the quadrant weights, (F * 4, patch [+ 1]); each filter's is the sum of its
+    # four shifted copies. The long pixel axis is the reduction: the longer small side goes first.
+    d_conv_2d = d_conv.reshape(n_filters * 4, -1)
+    if cols_2d.shape[0] >= d_conv_2d.shape[0]:
+        d_expanded = be.matmul(cols_2d, d_conv_2d.T).T
+    else:
+        d_expanded = be.matmul(d_conv_2d, cols_2d.T)
+    d_expanded = d_expanded.reshape(n_filters, 2, 2, -1)
+    d_patches = d_expanded[..., : channels * (kernel_h + 1) * (kernel_w + 1)].reshape(n_filters, 2, 2, channels, kernel_h + 1, kernel_w + 1)
+    dweight, dbias = grad_out
+    if dweight is None:
+        dweight = xp.empty(weight.shape, dtype=weight.dtype)
+    dweight[...] = d_patches[:, 0, 0, :, :kernel_h, :kernel_w]
+    for a, b in ((0, 1), (1, 0), (1, 1)):
+        dweight += d_patches[:, a, b, :, a : a + kernel_h, b : b + kernel_w]
+    if not has_bias:
+        return dweight, None
+    if dbias is None:
+        dbias = xp.empty(n_filters, dtype=weight.dtype)
+    xp.sum(d_expanded[..., -1].reshape(n_filters, 4), axis=1, out=dbias)
+    return dweight, dbias
 
 
 def _weight_and_bias_grads(be: Backend, dy_2d, cols_2d, weight, grad_out):
@@ -819,7 +870,7 @@ def batch_norm_forward(be: Backend, rows, weight, bias, eps: float, positive=Non
     y, normalised = xp.empty_like(rows), xp.empty_like(rows)
     mean, var, inv_std = (xp.empty(rows.shape[0], dtype=rows.dtype) for _ in range(3))
 
-    def normalise(rows_part, y_part, normalised_part, mean_part, var_part, inv_std_part, weight_part, bias_part, *relu_mask):
+    def normalise(rows_part, y_part, normalised_part, mean_part, var_part, inv_std_part, weight_part, bias_part, *mask):
         be.row_sums(rows_part, mean_part, mean=True)
         xp.subtract(rows_part, mean_part[:, None], out=normalised_part)
         be.row_dots(normalised_part, normalised_part, var_part, y_part, mean=True)  # y: scratch until the last two passes
@@ -827,8 +878,8 @@ def batch_norm_forward(be: Backend, rows, weight, bias, eps: float, positive=Non
         normalised_part *= inv_std_part[:, None]
         xp.multiply(normalised_part, weight_part[:, None], out=y_part)
         y_part += bias_part[:, None]
-        if relu_mask:
-            _relu_into(xp, y_part, y_part, relu_mask[0])
+        if mask:
+            _relu_into(be, y_part, y_part, *mask)
 
     be.map_chunks(normalise, rows, y, normalised, mean, var, inv_std, weight, bias, *_optional(positive), axis=0)
     return y, normalised, mean, var, inv_std
@@ -838,19 +889,20 @@ def _optional(array) -> list:
     return [] if array is None else [array]
 
 
-def scale_and_shift_rows(be: Backend, rows, scale, shift, positive=None):
+def scale_and_shift_rows(be: Backend, rows, scale, shift, relu: bool = False):
     """``rows * scale + shift`` with one value of each per row (BatchNorm in evaluation), in
-    ``rows``' memory layout; ``positive`` fuses a ReLU after it, as in :func:`batch_norm_forward`."""
+    ``rows``' memory layout; ``relu`` rectifies it on each chunk while in cache (no mask: see
+    :func:`relu_forward`'s ``with_mask``)."""
     xp = be.xp
     y = xp.empty_like(rows)
 
-    def affine(rows_part, y_part, scale_part, shift_part, *relu_mask):
+    def affine(rows_part, y_part, scale_part, shift_part):
         xp.multiply(rows_part, scale_part[:, None], out=y_part)
         y_part += shift_part[:, None]
-        if relu_mask:
-            _relu_into(xp, y_part, y_part, relu_mask[0])
+        if relu:
+            be.rectify(y_part, y_part)
 
-    be.map_chunks(affine, rows, y, scale, shift, *_optional(positive), axis=0)
+    be.map_chunks(affine, rows, y, scale, shift, axis=0)
     return y
 
 

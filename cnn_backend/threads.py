@@ -278,6 +278,33 @@ def row_sums(rows, out, weight: float = 1.0) -> None:
         numpy.matmul(rows, _filled(rows.shape[1], weight, rows.dtype), out=out)
 
 
+def zeros_like(x) -> numpy.ndarray:
+    """A read-only array of zeros with ``x``'s shape and memory order: a view of one zeroed buffer
+    kept per dtype and grown as needed (a fresh array for ``x`` not dense in any axis order).
+
+    The other operand of a ReLU's maximum: NumPy's ``maximum`` against the scalar 0 is not
+    vectorised on AVX2 CPUs (148 against 41 us for 200,704 float32 values against an array), and
+    an array of the same layout keeps both operands' inner loop contiguous.
+    """
+    order = sorted(range(x.ndim), key=lambda axis: -x.strides[axis])
+    dense_strides, step = [0] * x.ndim, x.itemsize
+    for axis in reversed(order):
+        dense_strides[axis] = step
+        step *= x.shape[axis]
+    if x.size == 0 or list(x.strides) != [s if x.shape[a] > 1 else x.strides[a] for a, s in enumerate(dense_strides)]:
+        return numpy.zeros_like(x)
+    with _zeros_guard:
+        buffer = _zero_buffers.get(x.dtype)
+        if buffer is None or buffer.size < x.size:
+            buffer = _zero_buffers[x.dtype] = numpy.zeros(x.size, dtype=x.dtype)
+            buffer.flags.writeable = False
+    return buffer[: x.size].reshape([x.shape[axis] for axis in order]).transpose(numpy.argsort(order))
+
+
+_zero_buffers: dict = {}
+_zeros_guard = threading.Lock()
+
+
 def row_dots(a, b, out) -> None:
     """``(a * b).sum(axis=1)`` into ``out`` for 2-D float arrays of one shape: one BLAS dot product
     per row, without the ``a * b`` temporary (and twice as fast as ``einsum``)."""

@@ -61,6 +61,24 @@ def test_the_functional_mask_is_the_relu_mask():
     numpy.testing.assert_array_equal(positive, (plain > 0).astype(rows.dtype))
 
 
+@pytest.mark.parametrize("be", BACKENDS, ids=IDS)
+def test_in_evaluation_no_mask_is_kept_and_the_gradient_is_the_affine_one_where_positive(be):
+    rng = numpy.random.default_rng(4)
+    x, dy = rng.standard_normal((6, 3, 5, 4)), rng.standard_normal((6, 3, 5, 4))
+    norm, _ = pair(be, 3)
+    norm.training = False
+    y = be.to_numpy(norm.forward_relu(be.to_device(x)))
+    kept_output = norm._cache[-1]
+    assert kept_output.shape == (3, 6 * 5 * 4) and kept_output.dtype == x.dtype  # the output's rows, no mask
+    statistics = (norm.params["weight"].data, norm.params["bias"].data, norm.buffers["running_mean"], norm.buffers["running_var"])
+    weight, bias, mean, var = (be.to_numpy(a)[None, :, None, None] for a in statistics)
+    affine = (x - mean) / numpy.sqrt(var + norm.eps) * weight + bias
+    assert 0 < (affine > 0).mean() < 1
+    numpy.testing.assert_allclose(y, numpy.maximum(affine, 0), rtol=1e-13, atol=1e-14)
+    dx = be.to_numpy(norm.backward(be.to_device(dy)))
+    numpy.testing.assert_allclose(dx, dy * (affine > 0) * weight / numpy.sqrt(var + norm.eps), rtol=1e-13, atol=1e-14)
+
+
 def model(be, activation):
     return Sequential([Flatten(), FullyConnected(out_features=8), BatchNorm(), activation, FullyConnected(out_features=3)], be, input_shape=(1, 4, 4), rng=0)
 

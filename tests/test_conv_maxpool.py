@@ -65,6 +65,19 @@ def test_ties_go_where_the_two_operations_send_them():
     numpy.testing.assert_array_equal(dbias, expected_dbias)
 
 
+def test_the_column_matrix_holds_one_patch_per_pooled_pixel():
+    """A 3x3 kernel's four pooled outputs read one 4x4 patch: 16 rows (and the bias's), one column
+    per pooled pixel, not 9 rows for each of the four quadrants' columns."""
+    x = numpy.random.default_rng(4).standard_normal((3, 2, 8, 8))
+    y, cache = F.conv2d_maxpool2x2_forward(FUSING, x, numpy.ones((5, 2, 3, 3)), numpy.zeros(5), 1)
+    cols_2d = cache[3]
+    assert y.shape == (3, 5, 4, 4) and cols_2d.shape == (2 * 4 * 4 + 1, 4 * 4 * 3)
+    patches = cols_2d[:-1].reshape(2, 4, 4, 4, 4, 3)  # (C, U, V, PY, PX, N)
+    padded = numpy.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    # pooled pixel (1, 2) of image 0 reads the padded input's rows 2-5 and columns 4-7
+    numpy.testing.assert_array_equal(patches[:, :, :, 1, 2, 0], padded[0, :, 2:6, 4:8])
+
+
 def test_an_odd_output_is_refused():
     with pytest.raises(ValueError, match="output 5x5 must have even sides"):
         F.conv2d_maxpool2x2_forward(FUSING, numpy.zeros((1, 1, 7, 7)), numpy.zeros((1, 1, 3, 3)), None, 0)

@@ -26,6 +26,8 @@ from cnn_backend import (
     SoftmaxCrossEntropy,
     get_backend,
 )
+from cnn_backend.backend import cpu_backend
+from cnn_backend.testing import standin_backend
 
 CPU64 = get_backend("cpu", dtype="float64")
 
@@ -81,6 +83,19 @@ def test_relu_gradient_and_values():
     x = rng.uniform(0.1, 1.0, (3, 4)) * rng.choice([-1.0, 1.0], (3, 4))
     numpy.testing.assert_array_equal(layer.forward(x), numpy.maximum(x, 0))
     check_layer_gradients(layer, x, rng)
+
+
+@pytest.mark.parametrize("be", [cpu_backend("float64", parallel=False), CPU64, standin_backend("float64")], ids=["plain", "threads", "standin"])
+def test_relu_in_evaluation_keeps_no_mask_and_still_has_its_gradient(be):
+    rng = numpy.random.default_rng(1)
+    x = rng.uniform(0.1, 1.0, (3, 4, 2, 2)) * rng.choice([-1.0, 1.0], (3, 4, 2, 2))
+    dy = rng.standard_normal(x.shape)
+    layer = ReLU(be)
+    layer.training = False
+    y = layer.forward(be.to_device(x))
+    assert layer._positive[0] == "from the output"  # no mask computed: the output stands in for it
+    numpy.testing.assert_array_equal(be.to_numpy(y), numpy.maximum(x, 0))
+    numpy.testing.assert_array_equal(be.to_numpy(layer.backward(be.to_device(dy))), dy * (x > 0))
 
 
 def tie_free(rng, shape):

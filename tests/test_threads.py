@@ -273,6 +273,35 @@ def test_relu_and_multiply_match_the_plain_path(split_everything, layout):
         assert y.strides == x.strides  # the layout is kept
 
 
+@pytest.mark.parametrize("layout", ["nchw", "batch-innermost", "2-d transposed", "a chunk", "strided"])
+def test_zeros_like_keeps_the_layout_and_shares_one_read_only_buffer(layout):
+    rng = numpy.random.default_rng(6)
+    x = {
+        "nchw": rng.standard_normal((5, 3, 4, 6)),
+        "batch-innermost": batch_innermost(rng, 5, 3, 4, 6),
+        "2-d transposed": rng.standard_normal((7, 9)).T,
+        "a chunk": batch_innermost(rng, 5, 3, 4, 6)[:, 1:],  # part of the outermost axis in memory
+        "strided": rng.standard_normal((5, 3, 4, 6))[..., ::2],  # dense in no axis order
+    }[layout]
+    zeros = threads.zeros_like(x)
+    assert zeros.shape == x.shape and zeros.dtype == x.dtype and not zeros.any()
+    if layout == "strided":
+        assert zeros.flags.writeable  # a fresh array
+        return
+    assert zeros.strides == x.strides and not zeros.flags.writeable
+    assert numpy.shares_memory(zeros, threads.zeros_like(numpy.empty((2, 2))))  # one buffer per dtype
+
+
+def test_rectify_matches_maximum_on_every_backend():
+    x = numpy.random.default_rng(7).standard_normal((4, 6)).T
+    for be in (PLAIN, PARALLEL):
+        out = numpy.empty_like(x)
+        be.rectify(x, out)
+        numpy.testing.assert_array_equal(out, numpy.maximum(x, 0))
+        be.rectify(x, x)  # in place
+        numpy.testing.assert_array_equal(x, out)
+
+
 @pytest.mark.parametrize("layout", ["rows", "2-d transposed"])
 def test_batch_norm_matches_the_plain_path(split_everything, layout):
     rng = numpy.random.default_rng(8)
@@ -287,12 +316,13 @@ def test_batch_norm_matches_the_plain_path(split_everything, layout):
     for be in (PLAIN, PARALLEL):
         forward = F.batch_norm_forward(be, rows, weight, bias, 1e-5)
         backward = F.batch_norm_backward(be, dy, forward[1], weight, forward[4])
-        results.append((*forward, *backward, F.scale_and_shift_rows(be, rows, scale, shift)))
+        results.append((*forward, *backward, F.scale_and_shift_rows(be, rows, scale, shift), F.scale_and_shift_rows(be, rows, scale, shift, relu=True)))
         assert forward[0].strides == forward[1].strides == backward[0].strides == rows.strides  # the layout is kept
     for plain, parallel in zip(*results):
         # A chunk of a strided (transposed) array may be reduced in another order: the last bit may differ.
         numpy.testing.assert_allclose(parallel, plain, rtol=1e-14, atol=1e-15)
-    y, normalised, mean, var, inv_std, dx, dweight, dbias, affine = results[0]
+    y, normalised, mean, var, inv_std, dx, dweight, dbias, affine, rectified = results[0]
+    numpy.testing.assert_array_equal(rectified, numpy.maximum(affine, 0))
     numpy.testing.assert_allclose(mean, rows.mean(axis=1), rtol=1e-12)
     numpy.testing.assert_allclose(var, rows.var(axis=1), rtol=1e-12)
     numpy.testing.assert_allclose(y, weight[:, None] * (rows - mean[:, None]) / numpy.sqrt(var[:, None] + 1e-5) + bias[:, None], rtol=1e-12)

@@ -17,7 +17,9 @@ class ReLU(Layer):
     APPLIED_BY_PREVIOUS = ("applied by the previous layer",)
 
     def forward(self, x):
-        y, self._positive = F.relu_forward(self.backend, x)
+        # In evaluation the mask is left out (a pass less); a backward pass then takes it from the output.
+        y, positive = F.relu_forward(self.backend, x, with_mask=self.training)
+        self._positive = positive if self.training else ("from the output", y)
         return y
 
     def applied_by_previous(self) -> None:
@@ -28,12 +30,12 @@ class ReLU(Layer):
     def backward(self, dy):
         if self._positive is None:
             raise self._forward_first()
-        if self._positive is self.APPLIED_BY_PREVIOUS:
-            self._positive = None
+        positive, self._positive = self._positive, None
+        if positive is self.APPLIED_BY_PREVIOUS:
             return dy
-        dx = F.multiply(self.backend, dy, self._positive)
-        self._positive = None
-        return dx
+        if isinstance(positive, tuple):
+            positive = F.relu_mask(self.backend, positive[1])
+        return F.multiply(self.backend, dy, positive)
 
 
 class LeakyReLU(Layer):

@@ -94,8 +94,8 @@ class BatchNorm(Layer):
         rows = self._as_rows(x)
         count = rows.shape[1]
         weight, bias = self.params["weight"].data, self.params["bias"].data
-        positive = xp.empty_like(rows) if relu else None
         if self.training:
+            positive = xp.empty_like(rows) if relu else None
             if count < 2:
                 raise ShapeError(f"{self}: training needs more than one value per channel, got input of shape {tuple(x.shape)}")
             y_rows, normalised, mean, var, inv_std = F.batch_norm_forward(self.backend, rows, weight, bias, self.eps, positive)
@@ -110,20 +110,22 @@ class BatchNorm(Layer):
             inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
             scale = weight * inv_std
             shift = bias - self.buffers["running_mean"] * scale
-            y_rows = F.scale_and_shift_rows(self.backend, rows, scale, shift, positive)
-            self._cache = ("running", x.shape, rows, inv_std, positive)
+            y_rows = F.scale_and_shift_rows(self.backend, rows, scale, shift, relu)
+            # No ReLU mask in evaluation (a pass less): a backward pass takes it from the output.
+            self._cache = ("running", x.shape, rows, inv_std, y_rows if relu else None)
         return self._from_rows(y_rows, x.shape)
 
     def backward(self, dy):
         if self._cache is None:
             raise self._forward_first()
-        mode, shape, saved, factor, positive = self._cache
+        # relu: a fused ReLU's mask (batch statistics) or its output (running statistics), or None
+        mode, shape, saved, factor, relu = self._cache
         self._cache = None
         dy_rows = self._as_rows(dy)
         weight = self.params["weight"].data
         if mode == "running":
-            if positive is not None:
-                dy_rows = dy_rows * positive
+            if relu is not None:
+                dy_rows = dy_rows * F.relu_mask(self.backend, relu)
             # Affine in x with the running statistics fixed: dx = dy * weight / sqrt(running_var + eps).
             rows, inv_std = saved, factor
             normalised = (rows - self.buffers["running_mean"][:, None]) * inv_std[:, None]
@@ -131,7 +133,7 @@ class BatchNorm(Layer):
             self.params["bias"].grad = dy_rows.sum(axis=1)
             return self._from_rows(dy_rows * (weight * inv_std)[:, None], shape) if self.needs_input_grad else None
         normalised, inv_std = saved, factor
-        dx_rows, dweight, dbias = F.batch_norm_backward(self.backend, dy_rows, normalised, weight, inv_std, positive)
+        dx_rows, dweight, dbias = F.batch_norm_backward(self.backend, dy_rows, normalised, weight, inv_std, relu)
         self.params["weight"].grad, self.params["bias"].grad = dweight, dbias
         if not self.needs_input_grad:
             return None
