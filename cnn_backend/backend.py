@@ -5,12 +5,12 @@ A :class:`Backend` carries the array module ``xp`` (``numpy`` or ``cupy``) and t
 every array function from it, so the same code runs on both devices. CuPy is imported lazily, only
 when CUDA is asked for (or probed by ``"auto"``): CPU users never import it.
 
-Hot operations (Thinc's ``Ops`` is the model) are methods of the backend: :meth:`Backend.matmul`,
-:meth:`Backend.map_chunks`, the row reductions :meth:`Backend.row_sums` and :meth:`Backend.row_dots`,
-and the ReLU's :meth:`Backend.rectify`. On every device they are plain array calls;
-:class:`CpuBackend` runs the first two on all cores, the row reductions as single BLAS calls and
-the ReLU against an array of zeros (see :mod:`cnn_backend.threads`), so layers still read like
-NumPy and the device path does not change.
+Hot operations (Thinc's ``Ops`` is the model) are methods of the backend: the products
+:meth:`Backend.matmul` and :meth:`Backend.matmuls`, :meth:`Backend.map_chunks`, the row reductions
+:meth:`Backend.row_sums` and :meth:`Backend.row_dots`, and the ReLU's :meth:`Backend.rectify`. On
+every device they are plain array calls; :class:`CpuBackend` runs the products and ``map_chunks``
+on all cores, the row reductions as single BLAS calls and the ReLU against an array of zeros (see
+:mod:`cnn_backend.threads`), so layers still read like NumPy and the device path does not change.
 """
 
 from __future__ import annotations
@@ -76,6 +76,12 @@ class Backend:
     def matmul(self, a, b, out=None):
         """``a @ b`` for 2-D arrays of any memory order (into ``out`` when given)."""
         return self.xp.matmul(a, b, out=out)
+
+    def matmuls(self, products) -> None:
+        """``out = a @ b`` for every ``(a, b, out)`` of ``products``, products independent of one
+        another (a layer's weight and input gradients). Here: one after the other."""
+        for a, b, out in products:
+            self.matmul(a, b, out=out)
 
     def map_chunks(self, kernel, *arrays, axis: int = 0) -> None:
         """Run ``kernel(*arrays)``, which writes its results into some of ``arrays`` in place.
@@ -145,6 +151,9 @@ class CpuBackend(Backend):
 
     def matmul(self, a, b, out=None):
         return threads.matmul(a, b, out)
+
+    def matmuls(self, products) -> None:
+        threads.matmuls(products)
 
     def map_chunks(self, kernel, *arrays, axis: int = 0) -> None:
         threads.map_chunks(kernel, arrays, axis)

@@ -359,14 +359,14 @@ def _conv2d_backward_gemm(be, dy, cache, need_input_grad, grad_out=(None, None))
     n, _, out_h, out_w = dy.shape
     # dy as (F, OH*OW*N): free when dy is batch-innermost, as the layers between convolutions keep it.
     dy_2d = as_batch_innermost(be, dy).reshape(n_filters, out_h * out_w * n)
-    dweight, dbias = _weight_and_bias_grads(be, dy_2d, cols_2d, weight, grad_out)
-    dx = None
-    if need_input_grad:
-        # Kept in the workspace like the im2col matrix: at batch 256 it is over glibc's 32 MiB mmap
-        # threshold, and a fresh mapping per step cost 380 page faults (docs/performance.md).
-        dcols = _scratch(be, workspace, "input_grad_cols", (channels * kernel_h * kernel_w, dy_2d.shape[1]), dy_2d.dtype)
-        be.matmul(weight.reshape(n_filters, -1).T, dy_2d, out=dcols)
-        dx = col2im(be, dcols.reshape(channels, kernel_h, kernel_w, out_h, out_w, n), x_shape, stride, padding)
+    if not need_input_grad:
+        return (None, *_weight_and_bias_grads(be, dy_2d, cols_2d, weight, grad_out))
+    # Kept in the workspace like the im2col matrix: at batch 256 it is over glibc's 32 MiB mmap
+    # threshold, and a fresh mapping per step cost 380 page faults (docs/performance.md).
+    dcols = _scratch(be, workspace, "input_grad_cols", (channels * kernel_h * kernel_w, dy_2d.shape[1]), dy_2d.dtype)
+    input_grad_product = (weight.reshape(n_filters, -1).T, dy_2d, dcols)
+    dweight, dbias = _weight_and_bias_grads(be, dy_2d, cols_2d, weight, grad_out, alongside=input_grad_product)
+    dx = col2im(be, dcols.reshape(channels, kernel_h, kernel_w, out_h, out_w, n), x_shape, stride, padding)
     return dx, dweight, dbias
 
 
@@ -596,18 +596,22 @@ def conv2d_maxpool2x2_backward(be: Backend, dy, cache, grad_out=(None, None)):
     return dweight, dbias
 
 
-def _weight_and_bias_grads(be: Backend, dy_2d, cols_2d, weight, grad_out):
+def _weight_and_bias_grads(be: Backend, dy_2d, cols_2d, weight, grad_out, alongside=None):
     """``(dweight, dbias)`` from ``dy (F, pixels)`` and the im2col matrix (with its row of ones
-    when there is a bias), written into ``grad_out``'s arrays when given."""
+    when there is a bias), written into ``grad_out``'s arrays when given. ``alongside``: an
+    ``(a, b, out)`` product to run at the same time (:meth:`Backend.matmuls`), the input gradient's."""
     xp = be.xp
     n_filters = weight.shape[0]
     # dW = dy @ cols.T, a product whose long pixel axis is the reduction. OpenBLAS shares out the
     # rows of a product between its threads, so the larger of the two small dimensions goes first:
     # (cols @ dy.T).T for the 32->64 layer, 1.4x faster; dy @ cols.T for the 1->32 layer, 2x faster.
     if cols_2d.shape[0] >= n_filters:
-        d_weight_and_bias = be.matmul(cols_2d, dy_2d.T).T
+        product = xp.empty((cols_2d.shape[0], n_filters), dtype=dy_2d.dtype)
+        products, d_weight_and_bias = [(cols_2d, dy_2d.T, product)], product.T
     else:
-        d_weight_and_bias = be.matmul(dy_2d, cols_2d.T)
+        d_weight_and_bias = xp.empty((n_filters, cols_2d.shape[0]), dtype=dy_2d.dtype)
+        products = [(dy_2d, cols_2d.T, d_weight_and_bias)]
+    be.matmuls(products + ([] if alongside is None else [alongside]))
     has_bias = cols_2d.shape[0] > weight[0].size
     weight_rows = d_weight_and_bias[:, :-1] if has_bias else d_weight_and_bias
     dweight, dbias = grad_out

@@ -158,23 +158,33 @@ def _run_split(kernel, arrays, axes, length: int, parts: int | None = None) -> N
     # core, the threads that do run take the chunks left over instead of waiting for it.
     if parts is None:
         parts = min(thread_count() * CHUNKS_PER_THREAD, length)
-    bounds = iter(_bounds(length, parts))
+
+    def chunk_task(start: int, stop: int):
+        return lambda: kernel(*[_chunk(array, axis, start, stop) for array, axis in zip(arrays, axes)])
+
+    _run_tasks([chunk_task(start, stop) for start, stop in _bounds(length, parts)])
+
+
+def _run_tasks(tasks: list) -> None:
+    """Run every callable of ``tasks`` once, on the calling thread and up to ``len(tasks) - 1``
+    workers, each thread taking the next task as it finishes one."""
+    remaining = iter(tasks)
     handing_out = threading.Lock()
 
     def drain() -> None:
         while True:
             with handing_out:
-                start, stop = next(bounds, (None, None))
-            if start is None:
+                task = next(remaining, None)
+            if task is None:
                 return
-            kernel(*[_chunk(array, axis, start, stop) for array, axis in zip(arrays, axes)])
+            task()
 
     pool = _workers()
-    futures = [pool.submit(drain) for _ in range(min(thread_count(), parts) - 1)]
+    futures = [pool.submit(drain) for _ in range(min(thread_count(), len(tasks)) - 1)]
     try:
         drain()
     finally:
-        # Wait for every chunk before returning (or raising): they write into the caller's arrays.
+        # Wait for every task before returning (or raising): they write into the caller's arrays.
         for future in futures:
             future.exception()
     for future in futures:
@@ -331,12 +341,46 @@ def matmul(a, b, out=None):
     if out is None:
         out = numpy.empty((m, n), dtype=numpy.result_type(a.dtype, b.dtype))
     with _OneBlasThread():
-        # The longer side of the result is split: both halves then keep BLAS's blocking efficient.
         parts = product_split(m, k, n)
         if parts == 1:
             numpy.matmul(a, b, out=out)
-        elif n >= m:
-            _run_split(lambda b_part, out_part: numpy.matmul(a, b_part, out=out_part), (b, out), (1, 1), n, parts)
         else:
-            _run_split(lambda a_part, out_part: numpy.matmul(a_part, b, out=out_part), (a, out), (0, 0), m, parts)
+            _run_tasks(_product_blocks(a, b, out, parts))
     return out
+
+
+def _product_blocks(a, b, out, parts: int) -> list:
+    """``out = a @ b`` as ``parts`` tasks, each the product of one block of the result's longer
+    side: both halves then keep BLAS's blocking efficient."""
+    if b.shape[1] >= a.shape[0]:
+        return [_product_task(a, b[:, start:stop], out[:, start:stop]) for start, stop in _bounds(b.shape[1], parts)]
+    return [_product_task(a[start:stop], b, out[start:stop]) for start, stop in _bounds(a.shape[0], parts)]
+
+
+def _product_task(a, b, out):
+    return lambda: numpy.matmul(a, b, out=out)
+
+
+def products_at_once(products: list) -> bool:
+    """Whether :func:`matmuls` runs these ``(a, b, out)`` products at once (else one by one)."""
+    flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b, _ in products)
+    return bool(_blas()) and flops >= MIN_SPLIT_FLOPS and _splittable(len(products), MIN_SPLIT_ELEMENTS)
+
+
+def matmuls(products) -> None:
+    """``out = a @ b`` for every ``(a, b, out)`` of ``products``, independent products of 2-D
+    arrays, at once: each is one task (or, with more threads than products, blocks of it, as
+    :func:`matmul` cuts one), the threads take the tasks, each task on one BLAS thread.
+
+    A layer's weight and input gradients so cost one wake-up of the threads instead of two, and
+    each product stays one BLAS call instead of two halves. Products of fewer floating-point
+    operations in all than ``MIN_SPLIT_FLOPS`` run one after the other.
+    """
+    products = list(products)
+    if not products_at_once(products):
+        for a, b, out in products:
+            matmul(a, b, out)
+        return
+    blocks_each = max(1, thread_count() // len(products))
+    with _OneBlasThread():
+        _run_tasks([task for a, b, out in products for task in _product_blocks(a, b, out, blocks_each)])

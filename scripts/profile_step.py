@@ -70,8 +70,9 @@ def _wrap(layer, method: str, key: tuple, backend, times: dict) -> None:
 
 def time_hot_operations(times: dict, counts: dict) -> None:
     """Wrap the CPU backend's hot operations (:mod:`cnn_backend.threads`) so that every call adds
-    its seconds to ``times`` under its call site: a product by its shape, a chunked operation by
-    the kernel it runs, each marked "split" when shared out over the threads."""
+    its seconds to ``times`` under its call site: a product by its shape (products run at once by
+    all their shapes), a chunked operation by the kernel it runs, each marked "split" when shared
+    out over the threads."""
 
     def wrap(name: str, key) -> None:
         call = getattr(threads, name)
@@ -101,6 +102,20 @@ def time_hot_operations(times: dict, counts: dict) -> None:
     wrap("matmul", product)
     wrap("map_chunks", chunks)
     wrap("map_range", parts)
+    one_by_one = threads.matmuls
+
+    def products_at_once(products):
+        # Products run one by one are timed as matmul calls, each by its own shape.
+        products = list(products)
+        if not threads.products_at_once(products):
+            return one_by_one(products)
+        label = "matmuls " + " and ".join(f"{a.shape[0]}x{a.shape[1]} @ {b.shape[0]}x{b.shape[1]}" for a, b, _ in products) + ", at once"
+        start = time.perf_counter()
+        one_by_one(products)
+        times[label] += time.perf_counter() - start
+        counts[label] += 1
+
+    threads.matmuls = products_at_once
 
 
 def _site(kernel) -> str:

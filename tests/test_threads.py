@@ -102,6 +102,45 @@ def test_matmul_matches_numpy_for_any_memory_order(split_everything, m, k, n, tr
     numpy.testing.assert_allclose(PARALLEL.matmul(a, b), a @ b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_matmuls_match_numpy_for_any_memory_order(split_everything, count):
+    rng = numpy.random.default_rng(1)
+    shapes = [(7, 5, 11), (300, 4, 2), (3, 8, 9)][:count]
+    products, expected = [], []
+    for index, (m, k, n) in enumerate(shapes):
+        a = rng.standard_normal((k, m)).T if index % 2 else rng.standard_normal((m, k))
+        b = rng.standard_normal((n, k)).T if index == 1 else rng.standard_normal((k, n))
+        out = numpy.empty((n, m)).T if index == 2 else numpy.empty((m, n))
+        products.append((a, b, out))
+        expected.append(a @ b)
+    for be in (PLAIN, PARALLEL):
+        for _, _, out in products:
+            out.fill(numpy.nan)
+        be.matmuls(products)
+        for (_, _, out), reference in zip(products, expected):
+            numpy.testing.assert_allclose(out, reference, rtol=1e-13, atol=1e-13)
+
+
+def test_two_products_on_two_threads_run_whole_and_at_once(split_everything, monkeypatch):
+    """Each product is one BLAS call, handed to whichever thread is free (one wake-up, no halves);
+    with three threads too (three threads // two products: one block each)."""
+    calls = []
+    numpy_matmul = numpy.matmul
+
+    def recording_matmul(a, b, out=None):
+        calls.append((a.shape, b.shape))
+        return numpy_matmul(a, b, out=out)
+
+    monkeypatch.setattr(threads.numpy, "matmul", recording_matmul)
+    rng = numpy.random.default_rng(2)
+    a, b = rng.standard_normal((40, 30)), rng.standard_normal((30, 50))
+    first, second = numpy.empty((40, 50)), numpy.empty((50, 40))
+    threads.matmuls([(a, b, first), (b.T, a.T, second)])
+    numpy.testing.assert_allclose(first, numpy_matmul(a, b), rtol=1e-13)
+    numpy.testing.assert_allclose(second, first.T, rtol=1e-13)
+    assert sorted(calls) == [((40, 30), (30, 50)), ((50, 30), (30, 40))]
+
+
 @pytest.mark.parametrize(
     "length, threads_, parts",
     [(100, 2, 1), (127, 2, 1), (128, 2, 2), (216, 2, 2), (288, 2, 2), (511, 2, 2), (512, 2, 4), (12_544, 2, 4),

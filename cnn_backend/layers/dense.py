@@ -115,18 +115,25 @@ class FullyConnected(Layer):
             raise self._forward_first()
         xp = self.backend.xp
         weight, bias = self.params["weight"], self.params["bias"]
-        # Written straight into the flat gradient buffer when the model has one (out=None allocates).
-        weight.grad = self.backend.matmul(self._x.T, dy, out=weight.grad_view)
-        bias.grad = xp.sum(dy, axis=0, out=bias.grad_view)
         x, self._x = self._x, None
-        if not self.needs_input_grad:
-            return None
-        weight = self.params["weight"].data
-        if x.T.flags.c_contiguous and not x.flags.c_contiguous:
-            # x is a transposed (features, N) array (Flatten's batch-innermost view): give dx the
-            # same memory order, so the layers before need no transposing copy.
-            return self.backend.matmul(weight, dy.T).T
-        return self.backend.matmul(dy, weight.T)
+        # Written straight into the flat gradient buffer when the model has one.
+        weight_grad = weight.grad_view if weight.grad_view is not None else xp.empty_like(weight.data)
+        products = [(x.T, dy, weight_grad)]
+        dx = None
+        if self.needs_input_grad:
+            if x.T.flags.c_contiguous and not x.flags.c_contiguous:
+                # x is a transposed (features, N) array (Flatten's batch-innermost view): give dx the
+                # same memory order, so the layers before need no transposing copy.
+                dx_t = xp.empty((x.shape[1], x.shape[0]), dtype=dy.dtype)
+                products.append((weight.data, dy.T, dx_t))
+                dx = dx_t.T
+            else:
+                dx = xp.empty(x.shape, dtype=dy.dtype)
+                products.append((dy, weight.data.T, dx))
+        self.backend.matmuls(products)  # the two gradients at once
+        weight.grad = weight_grad
+        bias.grad = xp.sum(dy, axis=0, out=bias.grad_view)
+        return dx
 
 
 class Dropout(Layer):
