@@ -7,8 +7,9 @@ threads and runs them at once: the calling thread and a small pool of worker thr
 delays no one. Workers wait on a lock, not in a busy loop, so an idle pool costs no CPU.
 
 :func:`matmul` runs NumPy's BLAS with one thread per chunk of the product on the same threads,
-instead of BLAS's own pool. OpenBLAS's worker threads spin for a while after each product (about
-0.1 s by default) before they sleep: on a machine with as many cores as threads, a spinning worker
+instead of BLAS's own pool; :func:`matmuls` runs independent products at once, one per thread.
+OpenBLAS's worker threads spin for a while after each product (about 0.1 s by default) before
+they sleep: on a machine with as many cores as threads, a spinning worker
 takes the core that the next element-wise chunk, or the main thread's next copy, needs, and the
 process runs several times slower until the spinning stops. With every product run on one BLAS
 thread from threads that block when idle, nothing spins. BLAS's own thread count is restored after

@@ -15,6 +15,10 @@ cannot show.
   backend's ``row_sums``/``row_dots``), or as NumPy's reductions (the earlier setting);
 * ``bn-relu``: a BatchNorm and the ReLU after it as one operation, or as two layers.
 
+``--against REV`` compares the code itself instead: the ``cnn_backend`` package of the git revision
+``REV`` (extracted to a temporary folder under another name) against this checkout's, in one
+process, each running its own benchmark step.
+
 ``--model`` is a built-in network or a spec file.
 
 Each alternation runs warm-up steps, then as many steps as fit in ``--seconds``; printed are the
@@ -31,17 +35,24 @@ for training).
     python scripts/compare_in_process.py --what share --model examples/narrow-bn-after-pool.toml --batch 64
     python scripts/compare_in_process.py --what row-sums --batch 128 --rounds 150 --interleave 3
     python scripts/compare_in_process.py --what bn-relu --mode infer --batch 256 --rounds 150 --interleave 3
+    python scripts/compare_in_process.py --against e81de3e --batch 64 --rounds 150 --interleave 3
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from cnn_backend import threads  # noqa: E402
 from cnn_backend.backend import Backend, CpuBackend, get_backend  # noqa: E402
@@ -108,9 +119,38 @@ SETTINGS = {
 }
 
 
+def package_at(revision: str, folder: Path):
+    """``cnn_backend`` as it was at git ``revision``, imported from ``folder`` as
+    ``cnn_backend_at_revision`` (its modules import one another relatively)."""
+    result = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "cnn_backend"], capture_output=True, timeout=60)
+    if result.returncode:
+        reason = (result.stderr.decode().strip().splitlines() or ["git archive failed"])[0]
+        raise SystemExit(f"compare_in_process.py: error: --against {revision}: {reason}")
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as archive:
+        # The "data" filter where this Python has it (3.10.12+): the archive is this repository's own.
+        archive.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (folder / "cnn_backend").rename(folder / "cnn_backend_at_revision")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("cnn_backend_at_revision.benchmark"), importlib.import_module("cnn_backend_at_revision.backend")
+
+
+def revision_switch(revision: str, folder: Path, args):
+    """``(apply, names, steps)`` for ``--against``: the step of this checkout's code or of ``revision``'s."""
+    benchmark, backend = package_at(revision, folder)
+    batches = synthetic_batches(args.batch, 0, "float32")
+    steps = {
+        True: our_step_function(get_backend("cpu"), args.model, "gemm", args.mode, batches, 0),
+        False: benchmark.our_step_function(backend.get_backend("cpu"), args.model, "gemm", args.mode, batches, 0),
+    }
+    current = {}
+    return (lambda this_checkout: current.update(step=steps[this_checkout])), {True: "this checkout", False: revision}, current
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=sorted(SETTINGS), required=True)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--what", choices=sorted(SETTINGS))
+    what.add_argument("--against", metavar="REV", help="compare this checkout's code with git revision REV's")
     parser.add_argument("--model", default="default", help="seed, default, or a spec file (default: default)")
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--batch", type=int, default=64)
@@ -124,9 +164,20 @@ def main(argv=None) -> int:
         resolve_spec(args.model)
     except (SpecError, OSError) as error:
         parser.error(str(error))
-    apply, names = SETTINGS[args.what]
-    backend = get_backend("cpu")
-    step = our_step_function(backend, args.model, "gemm", args.mode, synthetic_batches(args.batch, 0, "float32"), 0)
+    with tempfile.TemporaryDirectory() as folder:
+        if args.against:
+            apply, names, current = revision_switch(args.against, Path(folder), args)
+        else:
+            apply, names = SETTINGS[args.what]
+            batches = synthetic_batches(args.batch, 0, "float32")
+            current = {"step": our_step_function(get_backend("cpu"), args.model, "gemm", args.mode, batches, 0)}
+        rates = alternate(apply, names, lambda i: current["step"](i), args)
+    report(rates, names, args)
+    return 0
+
+
+def alternate(apply, names: dict, step, args) -> dict:
+    """Samples/s of each setting over ``args.rounds`` alternations (see the module notes)."""
     rates = {setting: [] for setting in names}
     for _ in range(args.rounds):
         for setting in names:
@@ -146,12 +197,17 @@ def main(argv=None) -> int:
                 steps += 1
             rates[setting].append(args.batch * steps / (time.perf_counter() - start))
     apply(True)
+    return rates
+
+
+def report(rates: dict, names: dict, args) -> None:
     every = f"{args.interleave} steps" if args.interleave else f"{args.seconds} s"
     print(f"{args.model} {args.mode} batch {args.batch}, {args.rounds} alternations of {every}:")
     for setting, name in names.items():
         values = rates[setting]
         print(f"  {name:16s} median {statistics.median(values):,.0f} samples/s, range {min(values):,.0f}-{max(values):,.0f}")
-    return 0
+    first, second = (statistics.median(rates[setting]) for setting in names)
+    print(f"  {names[True]} / {names[False]}: {first / second:.3f}")
 
 
 if __name__ == "__main__":

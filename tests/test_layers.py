@@ -85,7 +85,9 @@ def test_relu_gradient_and_values():
     check_layer_gradients(layer, x, rng)
 
 
-@pytest.mark.parametrize("be", [cpu_backend("float64", parallel=False), CPU64, standin_backend("float64")], ids=["plain", "threads", "standin"])
+@pytest.mark.parametrize(
+    "be", [cpu_backend("float64", parallel=False), CPU64, standin_backend("float64")], ids=["plain", "threads", "standin"]
+)
 def test_relu_in_evaluation_keeps_no_mask_and_still_has_its_gradient(be):
     rng = numpy.random.default_rng(1)
     x = rng.uniform(0.1, 1.0, (3, 4, 2, 2)) * rng.choice([-1.0, 1.0], (3, 4, 2, 2))
