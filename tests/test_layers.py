@@ -95,7 +95,7 @@ def test_relu_in_evaluation_keeps_no_mask_and_still_has_its_gradient(be):
     layer = ReLU(be)
     layer.training = False
     y = layer.forward(be.to_device(x))
-    assert layer._positive[0] == "from the output"  # no mask computed: the output stands in for it
+    assert layer._positive is None and layer._output is y  # no mask computed: the output stands in for it
     numpy.testing.assert_array_equal(be.to_numpy(y), numpy.maximum(x, 0))
     numpy.testing.assert_array_equal(be.to_numpy(layer.backward(be.to_device(dy))), dy * (x > 0))
 

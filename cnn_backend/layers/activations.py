@@ -12,29 +12,31 @@ from .base import Layer
 class ReLU(Layer):
     """``max(x, 0)``; its gradient passes where the input was positive."""
 
-    _positive = None
+    _positive = None  # the mask (training), or APPLIED_BY_PREVIOUS
+    _output = None  # the output, kept instead of a mask in evaluation
     #: the mask after a forward pass run by the BatchNorm before it (BatchNorm.forward_relu)
     APPLIED_BY_PREVIOUS = ("applied by the previous layer",)
 
     def forward(self, x):
-        # In evaluation the mask is left out (a pass less); a backward pass then takes it from the output.
-        y, positive = F.relu_forward(self.backend, x, with_mask=self.training)
-        self._positive = positive if self.training else ("from the output", y)
+        # In evaluation no mask is computed (a pass less); a backward pass takes it from the output.
+        y, self._positive = F.relu_forward(self.backend, x, with_mask=self.training)
+        self._output = None if self.training else y
         return y
 
     def applied_by_previous(self) -> None:
         """Record that the layer before applied this ReLU: :meth:`backward` then hands the
         gradient back unchanged, and that layer's backward pass applies the mask."""
-        self._positive = self.APPLIED_BY_PREVIOUS
+        self._positive, self._output = self.APPLIED_BY_PREVIOUS, None
 
     def backward(self, dy):
-        if self._positive is None:
+        positive, output = self._positive, self._output
+        if positive is None and output is None:
             raise self._forward_first()
-        positive, self._positive = self._positive, None
+        self._positive = self._output = None
         if positive is self.APPLIED_BY_PREVIOUS:
             return dy
-        if isinstance(positive, tuple):
-            positive = F.relu_mask(self.backend, positive[1])
+        if positive is None:
+            positive = F.relu_mask(self.backend, output)
         return F.multiply(self.backend, dy, positive)
 
 
