@@ -30,12 +30,13 @@ transposed ``(features, N)`` view instead of copying. Any layout is accepted eve
 depends on it.
 
 Threads. The copies, pooling passes and element-wise work go through ``be.map_chunks`` and the
-products through ``be.matmul``: one plain call on every device, and on the CPU one chunk per core
-(along channels, or along the batch axis when there are fewer channels than cores).
+products through ``be.matmul`` (a layer's two gradient products through ``be.matmuls``): one plain
+call on every device, and on the CPU one chunk per core (along channels, or along the batch axis
+when there are fewer channels than cores).
 
 Fused. On the CPU a first convolution and the 2x2 max-pool after it may run as one operation,
-:func:`conv2d_maxpool2x2_forward`, whose im2col columns come quadrant by quadrant so that pooling
-reads contiguous blocks (``Sequential`` chooses it; see ``Convolution.runs_with_maxpool``).
+:func:`conv2d_maxpool2x2_forward`, whose product hands each quadrant of the pooling windows over as
+one contiguous block (``Sequential`` chooses it; see ``Convolution.runs_with_maxpool``).
 
 Banded. In evaluation, the CPU backend computes a convolution with few filters without im2col:
 :func:`conv2d_forward_banded` multiplies the input once by a banded weight matrix and sums the
@@ -458,11 +459,13 @@ def _conv2d_backward_banded(be, dy, cache, need_input_grad, grad_out=(None, None
 # A 2x2 pooling pass over a batch-innermost activation reads each window's four values as four
 # strided quadrant views made of runs of N consecutive values; NumPy's per-run cost then dominates
 # (the plain model's first pooling took 2.8 ms of an 18 ms training step at batch 64). When the
-# convolution before it lays out its im2col columns quadrant by quadrant, ``(a, b, OY, OX, N)`` for
-# output pixel ``(2 * OY + a, 2 * OX + b)``, its product hands over each quadrant as one contiguous
-# block, and every pooling pass is a few long runs. The price is im2col's copies, which then read
-# the input with stride 2 (runs of N), so it pays where the convolution has few input channels and
-# passes no gradient back (a network's first layer): see :func:`conv_maxpool_pays`.
+# convolution's product has one row per filter and quadrant ``(a, b)`` and one column per pooled
+# pixel, it hands over each quadrant as one contiguous block, and every pooling pass is a few long
+# runs. Its columns are the ``(KH + 1) x (KW + 1)`` input patch each pooled pixel's window reads,
+# its rows each filter shifted to the quadrant's place in that patch. The price is im2col's copies,
+# which then read the input with stride 2 (runs of N), and the multiplications by the rows' zeros,
+# so it pays where the convolution has few input channels and passes no gradient back (a network's
+# first layer): see :func:`conv_maxpool_pays`.
 
 
 def conv_maxpool_pays(in_channels: int, kernel_h: int, kernel_w: int, out_channels: int) -> bool:
