@@ -334,12 +334,19 @@ def _product_operands(be: Backend, workspace, name: str, weight, bias, pixels: i
     """
     n_filters = weight.shape[0]
     patch_size = weight[0].size
-    bias_rows = 0 if bias is None else 1
-    cols_2d = _scratch(be, workspace, name, (patch_size + bias_rows, pixels), dtype, zeros=True)
+    cols_2d = _column_matrix(be, workspace, name, patch_size, bias is not None, pixels, dtype)
     if bias is None:
         return cols_2d, weight.reshape(n_filters, patch_size)
-    cols_2d[-1] = 1
     return cols_2d, be.xp.concatenate([weight.reshape(n_filters, patch_size), bias.reshape(n_filters, 1)], axis=1)
+
+
+def _column_matrix(be: Backend, workspace, name: str, patch_size: int, has_bias: bool, pixels: int, dtype):
+    """The ``(patch_size [+ 1], pixels)`` column matrix of :func:`_product_operands`, kept in
+    ``workspace`` under ``name``: zeroed when created, its last row ones with a bias."""
+    cols_2d = _scratch(be, workspace, name, (patch_size + int(has_bias), pixels), dtype, zeros=True)
+    if has_bias:
+        cols_2d[-1] = 1
+    return cols_2d
 
 
 def _conv2d_forward_gemm(be, x, weight, bias, stride, padding, workspace):
@@ -479,21 +486,6 @@ def conv_maxpool_pays(in_channels: int, kernel_h: int, kernel_w: int, out_channe
     return 4 * in_channels * kernel_h * kernel_w <= 3 * out_channels
 
 
-@functools.lru_cache(maxsize=64)
-def _patch_offsets(input_hw: tuple, patch_hw: tuple, padding: int, pooled_hw: tuple) -> tuple:
-    """``(u, v, output_slices, input_slices)`` for every offset ``(u, v)`` of a pooled pixel's
-    patch that reads some real input: pooled pixel ``(Y, X)`` reads input ``(2Y + u - padding,
-    2X + v - padding)``."""
-    offsets = []
-    for u in range(patch_hw[0]):
-        rows = _overlap(input_hw[0], u, 2, padding, pooled_hw[0])
-        for v in range(patch_hw[1]):
-            cols = _overlap(input_hw[1], v, 2, padding, pooled_hw[1])
-            if rows is not None and cols is not None:
-                offsets.append((u, v, (rows[0], cols[0]), (rows[1], cols[1])))
-    return tuple(offsets)
-
-
 def _quadrant_weights(be: Backend, weight, bias):
     """The ``(F * 4, C * (KH + 1) * (KW + 1) [+ 1])`` matrix whose row ``(f, a, b)`` holds filter
     ``f`` at offset ``(a, b)`` of a ``(KH + 1) x (KW + 1)`` patch, zero elsewhere (and the bias
@@ -533,14 +525,12 @@ def conv2d_maxpool2x2_forward(be: Backend, x, weight, bias, padding: int = 0, wo
     pixels = pooled_h * pooled_w * n
     patch_hw = (kernel_h + 1, kernel_w + 1)
     patch_size = channels * patch_hw[0] * patch_hw[1]
-    rows = patch_size + (0 if bias is None else 1)
-    # Created zeroed and reused: the entries that read padding are never written and stay zero.
-    cols_2d = _scratch(be, workspace, "patch_cols", (rows, pixels), x.dtype, zeros=True)
-    if bias is not None:
-        cols_2d[-1] = 1
+    cols_2d = _column_matrix(be, workspace, "patch_cols", patch_size, bias is not None, pixels, x.dtype)
     cols = cols_2d[:patch_size].reshape(channels, *patch_hw, pooled_h, pooled_w, n)
     x_chwn = as_batch_innermost(be, x)
-    offsets = _patch_offsets((h, w), patch_hw, padding, (pooled_h, pooled_w))
+    # Patch offset (u, v) of pooled pixel (Y, X) reads input (2Y + u - padding, 2X + v - padding):
+    # the offsets of a stride-2 kernel the size of the patch.
+    offsets = _kernel_offsets((h, w), patch_hw, 2, padding, (pooled_h, pooled_w))
 
     def unfold(start: int, stop: int):
         for u, v, (out_rows, out_cols), (in_rows, in_cols) in offsets[start:stop]:
@@ -577,13 +567,8 @@ def conv2d_maxpool2x2_backward(be: Backend, dy, cache, grad_out=(None, None)):
 
     be.map_chunks(unpool, dy_2d, top_won, top_left_won, bottom_left_won, d_conv, axis=0)
     # The gradient of the quadrant weights, (F * 4, patch [+ 1]); each filter's is the sum of its
-    # four shifted copies. The long pixel axis is the reduction: the longer small side goes first.
-    d_conv_2d = d_conv.reshape(n_filters * 4, -1)
-    if cols_2d.shape[0] >= d_conv_2d.shape[0]:
-        d_expanded = be.matmul(cols_2d, d_conv_2d.T).T
-    else:
-        d_expanded = be.matmul(d_conv_2d, cols_2d.T)
-    d_expanded = d_expanded.reshape(n_filters, 2, 2, -1)
+    # four shifted copies.
+    d_expanded = _weight_grad_product(be, d_conv.reshape(n_filters * 4, -1), cols_2d).reshape(n_filters, 2, 2, -1)
     d_patches = d_expanded[..., : channels * (kernel_h + 1) * (kernel_w + 1)].reshape(n_filters, 2, 2, channels, kernel_h + 1, kernel_w + 1)
     dweight, dbias = grad_out
     if dweight is None:
@@ -599,22 +584,30 @@ def conv2d_maxpool2x2_backward(be: Backend, dy, cache, grad_out=(None, None)):
     return dweight, dbias
 
 
+def _weight_grad_product(be: Backend, dy_2d, cols_2d, alongside=None):
+    """``dy_2d @ cols_2d.T``, ``(rows of dy, rows of cols)``; ``alongside``: an ``(a, b, out)``
+    product to run at the same time (:meth:`Backend.matmuls`), the input gradient's."""
+    xp = be.xp
+    # A product whose long pixel axis is the reduction. OpenBLAS shares out the rows of a product
+    # between its threads, so the larger of the two small dimensions goes first: (cols @ dy.T).T
+    # for the 32->64 layer, 1.4x faster; dy @ cols.T for the 1->32 layer, 2x faster.
+    if cols_2d.shape[0] >= dy_2d.shape[0]:
+        product = xp.empty((cols_2d.shape[0], dy_2d.shape[0]), dtype=dy_2d.dtype)
+        products, result = [(cols_2d, dy_2d.T, product)], product.T
+    else:
+        result = xp.empty((dy_2d.shape[0], cols_2d.shape[0]), dtype=dy_2d.dtype)
+        products = [(dy_2d, cols_2d.T, result)]
+    be.matmuls(products + ([] if alongside is None else [alongside]))
+    return result
+
+
 def _weight_and_bias_grads(be: Backend, dy_2d, cols_2d, weight, grad_out, alongside=None):
     """``(dweight, dbias)`` from ``dy (F, pixels)`` and the im2col matrix (with its row of ones
     when there is a bias), written into ``grad_out``'s arrays when given. ``alongside``: an
     ``(a, b, out)`` product to run at the same time (:meth:`Backend.matmuls`), the input gradient's."""
     xp = be.xp
     n_filters = weight.shape[0]
-    # dW = dy @ cols.T, a product whose long pixel axis is the reduction. OpenBLAS shares out the
-    # rows of a product between its threads, so the larger of the two small dimensions goes first:
-    # (cols @ dy.T).T for the 32->64 layer, 1.4x faster; dy @ cols.T for the 1->32 layer, 2x faster.
-    if cols_2d.shape[0] >= n_filters:
-        product = xp.empty((cols_2d.shape[0], n_filters), dtype=dy_2d.dtype)
-        products, d_weight_and_bias = [(cols_2d, dy_2d.T, product)], product.T
-    else:
-        d_weight_and_bias = xp.empty((n_filters, cols_2d.shape[0]), dtype=dy_2d.dtype)
-        products = [(dy_2d, cols_2d.T, d_weight_and_bias)]
-    be.matmuls(products + ([] if alongside is None else [alongside]))
+    d_weight_and_bias = _weight_grad_product(be, dy_2d, cols_2d, alongside)
     has_bias = cols_2d.shape[0] > weight[0].size
     weight_rows = d_weight_and_bias[:, :-1] if has_bias else d_weight_and_bias
     dweight, dbias = grad_out

@@ -79,6 +79,8 @@ def time_hot_operations(times: dict, counts: dict) -> None:
 
         def timed(*args, **kwargs):
             label = key(*args, **kwargs)
+            if label is None:  # timed inside, by the operations it calls
+                return call(*args, **kwargs)
             start = time.perf_counter()
             result = call(*args, **kwargs)
             times[label] += time.perf_counter() - start
@@ -99,23 +101,16 @@ def time_hot_operations(times: dict, counts: dict) -> None:
         split = threads._splittable(length, size, threads.MIN_SPLIT_COPY_ELEMENTS)
         return f"map_range {_site(kernel)}{', split' if split else ''}"
 
+    def products(products):
+        # Products run one by one are timed as matmul calls, each by its own shape.
+        if not threads.products_at_once(products):
+            return None
+        return "matmuls " + " and ".join(f"{a.shape[0]}x{a.shape[1]} @ {b.shape[0]}x{b.shape[1]}" for a, b, _ in products) + ", at once"
+
     wrap("matmul", product)
+    wrap("matmuls", products)
     wrap("map_chunks", chunks)
     wrap("map_range", parts)
-    one_by_one = threads.matmuls
-
-    def products_at_once(products):
-        # Products run one by one are timed as matmul calls, each by its own shape.
-        products = list(products)
-        if not threads.products_at_once(products):
-            return one_by_one(products)
-        label = "matmuls " + " and ".join(f"{a.shape[0]}x{a.shape[1]} @ {b.shape[0]}x{b.shape[1]}" for a, b, _ in products) + ", at once"
-        start = time.perf_counter()
-        one_by_one(products)
-        times[label] += time.perf_counter() - start
-        counts[label] += 1
-
-    threads.matmuls = products_at_once
 
 
 def _site(kernel) -> str:
