@@ -227,6 +227,21 @@ def launched_by_mpi(environ=None) -> bool:
     return any(name in environ for name in LAUNCHER_RANK_VARIABLES)
 
 
+def launcher_rank(environ=None) -> int | None:
+    """This process's rank as its MPI launcher set it in the environment (None when not launched by
+    MPI): known before mpi4py is imported, for the messages of a command line that is still
+    being parsed."""
+    environ = os.environ if environ is None else environ
+    for name in LAUNCHER_RANK_VARIABLES:
+        if name == "MPI_LOCALRANKID":  # a rank among the processes of one machine, not the job's
+            continue
+        try:
+            return int(environ[name])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
 def _launcher_size(environ) -> int | None:
     for name in LAUNCHER_SIZE_VARIABLES:
         try:

@@ -54,13 +54,13 @@ class Parameter:
         if self._flat is None:
             self._data = value
             return
+        _check_shape("data", value, self._data)
         if type(value) is not type(self._data) or value.dtype != self._data.dtype:
             # An array of another device or dtype: the parameter is moving (as ``Layer.to`` moves
             # it), so it leaves the flat buffer; the model builds a new one (``flatten_parameters``).
             self.detach_from_flat()
             self._data = value
             return
-        _check_shape("data", value, self._data)
         self._data[...] = value
 
     @property

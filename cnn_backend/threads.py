@@ -23,6 +23,7 @@ usable cores all reach it there), else the usable cores. :func:`set_thread_count
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import threading
@@ -181,7 +182,9 @@ def _run_tasks(tasks: list) -> None:
             task()
 
     pool = _workers()
-    futures = [pool.submit(drain) for _ in range(min(thread_count(), len(tasks)) - 1)]
+    # Each worker runs in a copy of the caller's context, so the caller's ``numpy.errstate`` (a
+    # context variable) holds in every chunk: a warning silenced or raised by the caller stays so.
+    futures = [pool.submit(contextvars.copy_context().run, drain) for _ in range(min(thread_count(), len(tasks)) - 1)]
     try:
         drain()
     finally:

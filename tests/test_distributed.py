@@ -29,6 +29,7 @@ from cnn_backend.distributed import (
     average_buffers,
     device_index,
     launched_by_mpi,
+    launcher_rank,
     world_communicator,
 )
 from cnn_backend.layers import Dropout
@@ -129,6 +130,9 @@ def test_under_an_mpi_launcher_without_mpi4py_one_line_says_what_to_install(monk
     # A launcher running a single process needs nothing.
     assert isinstance(world_communicator({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}), SingleProcess)
     assert launched_by_mpi({"PMIX_RANK": "3"}) and not launched_by_mpi({})
+    # The job's rank, before mpi4py is imported; a rank among one machine's processes is not it.
+    assert launcher_rank({"PMIX_RANK": "3"}) == 3 and launcher_rank({"OMPI_COMM_WORLD_RANK": "0"}) == 0
+    assert launcher_rank({"MPI_LOCALRANKID": "1"}) is None and launcher_rank({}) is None
 
 
 def test_each_rank_takes_gpu_local_rank_modulo_the_device_count():
@@ -161,7 +165,7 @@ def test_a_batch_size_the_processes_do_not_divide_is_refused_naming_sizes_that_w
     images, labels = numpy.zeros((20, 1, 2, 2), numpy.uint8), numpy.zeros(20, numpy.int64)
     with pytest.raises(ValueError, match=r"^the batch size 30 cannot be shared by 4 processes: choose a multiple of 4 \(28, 32\)$"):
         BatchLoader(images, labels, standin_backend(), 30, rank=0, size=4)
-    with pytest.raises(ValueError, match="last batch of an epoch holds 1 samples, fewer than the 2 processes"):
+    with pytest.raises(ValueError, match=r"last batch of an epoch would hold 1 sample, fewer than the 2 processes: change the batch size .*--batch-size, --train-split.*drop_last=True"):
         BatchLoader(images[:17], labels[:17], standin_backend(), 8, rank=0, size=2)
 
 
@@ -372,14 +376,14 @@ def test_a_two_rank_checkpoint_resumes_exactly_in_two_processes_and_in_one(runs)
     assert validation_numbers(history(runs / "half-copy" / "history.jsonl")) == validation_numbers(history(runs / "one" / "history.jsonl"))
 
 
-#: runs the command line with rank 1's third training step replaced by FAULT (a Python statement)
+#: runs the command line with rank 1's training step number STEP replaced by FAULT (a Python statement)
 INJECT_ON_RANK_1 = (
     "import math, os, signal, sys\n"
     "import cnn_backend.training as training\n"
     "original, calls = training.train_step, []\n"
     "def failing_step(*args):\n"
     "    calls.append(1)\n"
-    "    if os.environ.get('PMI_RANK') == '1' and len(calls) == 3:\n"
+    "    if os.environ.get('PMI_RANK') == '1' and len(calls) == STEP:\n"
     "        FAULT\n"
     "    return original(*args)\n"
     "training.train_step = failing_step\n"
@@ -388,15 +392,15 @@ INJECT_ON_RANK_1 = (
 )
 
 
-def run_with_fault(fault: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
-    script = INJECT_ON_RANK_1.replace("FAULT", fault)
+def run_with_fault(fault: str, tmp_path: Path, step: int = 3) -> tuple[subprocess.CompletedProcess, float]:
+    script = INJECT_ON_RANK_1.replace("FAULT", fault).replace("STEP", str(step))
     started = time.monotonic()
     result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *TRAIN_ARGS, "--epochs", "2", "--out", "run"], tmp_path, timeout=60)
     return result, time.monotonic() - started
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("cnn-backend: error:")]
+def error_lines(stderr: str, prefix: str = "cnn-backend: error:") -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(prefix)]
 
 
 @needs_mpi
@@ -406,6 +410,31 @@ def test_an_exception_on_rank_1_ends_both_processes_with_one_line(tmp_path):
     assert error_lines(result.stderr) == ["cnn-backend: error: rank 1 of 2: RuntimeError: injected failure at step 3"], result.stderr
     assert elapsed < 45
     assert "Traceback" not in result.stderr
+
+
+@needs_mpi
+def test_a_signal_to_rank_1_alone_ends_the_job_with_one_line_naming_it(tmp_path):
+    # SIGTERM reaches rank 1 alone in epoch 2 (its 13th step of 10 per epoch); rank 0 waits in the
+    # step's all-reduce and cannot know why, so rank 1 says it once its grace period has passed.
+    result, elapsed = run_with_fault("os.kill(os.getpid(), signal.SIGTERM)", tmp_path, step=13)
+    last = Path("run") / "last.npz"
+    assert error_lines(result.stderr, prefix="cnn-backend: ") == [
+        f"cnn-backend: rank 1 of 2: terminated by SIGTERM during epoch 2; rank 0 keeps the last epoch it committed in "
+        f"{last}; resume with: cnn-backend train --resume {last}"
+    ], result.stderr
+    assert result.returncode == 143 and elapsed < 45
+    from cnn_backend.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / last).epoch == 1
+
+
+@needs_mpi
+def test_a_usage_error_under_mpiexec_is_said_once(tmp_path):
+    result = run_job(on_two_ranks("train", "--epochs", "0"), tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "cnn-backend: error: argument --epochs: must be a positive integer, got '0'; see cnn-backend train --help"
+    ], result.stderr
 
 
 @needs_mpi

@@ -110,6 +110,10 @@ def test_assigning_data_or_grad_copies_into_the_views():
     assert numpy.shares_memory(weight.grad, model.flat_grad) and (model.flat_grad[: view.size] == 1.0).all()
     with pytest.raises(ValueError, match=r"parameter data of shape \(3,\) does not fit the parameter's shape \(1, 1, 6, 6\)"):
         weight.data = numpy.zeros(3, dtype=numpy.float32)
+    # Of another dtype the parameter would leave the buffer (it is moving): its shape still holds.
+    with pytest.raises(ValueError, match=r"parameter data of shape \(5, 5\) does not fit the parameter's shape \(1, 1, 6, 6\)"):
+        weight.data = numpy.zeros((5, 5))
+    assert weight.flat is not None and weight.data is view
     with pytest.raises(ValueError, match=r"parameter gradient of shape \(2, 2\) does not fit"):
         weight.grad = numpy.zeros((2, 2))
     weight.grad = None

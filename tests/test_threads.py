@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy
@@ -78,6 +79,18 @@ def test_an_error_in_a_chunk_reaches_the_caller(split_everything):
     out = numpy.zeros((12, 2))
     PARALLEL.map_chunks(lambda part: part.fill(1), out)
     assert out.sum() == 24
+
+
+def test_the_callers_floating_point_error_state_holds_in_every_chunk(split_everything):
+    # Every chunk overflows; NumPy's error state is per thread, and the workers must take the caller's.
+    big = numpy.full((12, 4), 1e300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with numpy.errstate(over="ignore"):
+            PARALLEL.map_chunks(lambda part: numpy.multiply(part, 1e300, out=part), big.copy())
+            threads.matmul(big, big.T)
+    with numpy.errstate(over="raise"), pytest.raises(FloatingPointError, match="overflow"):
+        threads.matmul(big, big.T)
 
 
 def test_a_chunk_that_chunks_again_runs_in_place(split_everything):

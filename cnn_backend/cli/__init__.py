@@ -4,7 +4,7 @@
 :func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
 cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
 when interrupted. Known errors are reported as one line, ``cnn-backend: error: <message>``, on
-stderr, without a traceback; usage errors too (with the command's ``--help`` to see). SIGTERM is
+stderr, without a traceback; usage errors too (with the command's ``--help`` to see; under ``mpiexec``, from rank 0 alone). SIGTERM is
 handled like Ctrl-C, with exit status 143. Results go to stdout; the progress bar and errors go to stderr.
 
 This package holds the entry point and the parser; :mod:`.train`, :mod:`.evaluate` (also ``predict``)
@@ -25,6 +25,7 @@ from .. import __version__
 from ..backend import get_backend
 from ..data import download
 from ..datasets import download_dataset
+from ..distributed import launcher_rank
 from ..runfolder import stop_signals_raise
 from .arguments import parse_range, select_range
 from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, USER_ERRORS, failure, print_error
@@ -86,7 +87,9 @@ class OneLineParser(argparse.ArgumentParser):
     (instead of argparse's usage block before the message)."""
 
     def error(self, message: str):
-        print_error(f"{message}; see {self.prog} --help")
+        # Under mpiexec every process parses the same command line: rank 0 alone says what is wrong.
+        if launcher_rank() in (None, 0):
+            print_error(f"{message}; see {self.prog} --help")
         raise SystemExit(EXIT_USAGE)
 
 

@@ -172,8 +172,9 @@ def _train_in_job(args, world) -> int:
     """One process of a data-parallel job. A failure anywhere ends the whole job (``MPI_Abort``)
     within seconds, with one line naming the process and the reason, instead of leaving the
     others waiting in a collective operation."""
+    held: list = []
     try:
-        status = _train(args, world)
+        status = _train(args, world, held)
     except BaseException as exc:
         try:
             status, message, prefix = failure(exc)
@@ -189,6 +190,9 @@ def _train_in_job(args, world) -> int:
     if status != EXIT_OK:
         # Rank 0 has reported (a non-finite loss, Ctrl-C) and ends the job; the others give it time.
         _wait_for_rank_0(world, FAILURE_GRACE_SECONDS if status == EXIT_FAILED else INTERRUPT_GRACE_SECONDS)
+        if held:  # still running: rank 0 did not meet this (a signal sent to this process alone)
+            message, prefix = held[-1]
+            print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
         world.abort(status)
     return status
 
@@ -198,9 +202,10 @@ def _wait_for_rank_0(world, seconds: float) -> None:
         time.sleep(seconds)
 
 
-def _train(args, world) -> int:
+def _train(args, world, held: list | None = None) -> int:
     """Train in this process; ``world`` is the job's communicator (one process for a plain run).
-    Rank 0 alone prints and writes files."""
+    Rank 0 alone prints and writes files; the other processes put the ``(message, prefix)`` of
+    their failure report in ``held``, said only if rank 0 does not end the job first."""
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
     settings = resolve_settings(explicit, checkpoint)
@@ -247,7 +252,7 @@ def _train(args, world) -> int:
         out_dir = world.broadcast_object(folder.path if folder is not None else None)
         return _train_in_folder(
             args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch, checkpoint,
-            loader, schedule, schedule_settings, validation, lines, inputs,
+            loader, schedule, schedule_settings, validation, lines, inputs, held,
         )
     finally:
         if folder is not None:
@@ -255,11 +260,17 @@ def _train(args, world) -> int:
 
 
 def _train_in_folder(args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch,
-                     checkpoint, loader, schedule, schedule_settings, validation, lines, inputs: InputSpec) -> int:
+                     checkpoint, loader, schedule, schedule_settings, validation, lines, inputs: InputSpec,
+                     held: list | None = None) -> int:
     """The training run; ``folder`` is None on the processes other than rank 0, which neither print
-    nor write."""
+    nor write (their failure report goes into ``held``, see :func:`_train`)."""
     announce = say if world.is_root else silent
-    report_error = print_error if world.is_root else silent
+
+    def report_error(message, prefix: str = "error: ") -> None:
+        if world.is_root:
+            print_error(message, prefix)
+        elif held is not None:
+            held.append((message, prefix))
     history, best = [], {"epoch": None, "val_accuracy": None}
     if checkpoint is not None:
         history = checkpoint.history
@@ -290,6 +301,11 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
             announce(format_epoch_line(stats, settings["epochs"], improved))
 
     def intact(resume_hint: bool) -> str:
+        if folder is None and progress.epoch is not None and progress.epoch > start_epoch:
+            # Not rank 0: an epoch finished here, and rank 0 commits each one before the next step.
+            last = out_dir / LAST_CHECKPOINT
+            return f"rank 0 keeps the last epoch it committed in {last}" + (
+                f"; resume with: {PROG} train --resume {last}" if resume_hint else "")
         if recorder is None:
             return "no epoch finished, so no checkpoint was written" if checkpoint is None else \
                 f"the last good checkpoint is {checkpoint.path} (epoch {checkpoint.epoch})"
