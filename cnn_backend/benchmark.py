@@ -564,11 +564,14 @@ def model_flops(model, input_shape=IMAGE_SHAPE) -> dict:
 
 def measure_gemm_peak(backend, quick: bool = False) -> float:
     """The best rate (FLOP/s) of a large square product in the backend's dtype, on all BLAS threads."""
-    size = 256 if quick else PEAK_GEMM_SIZE
+    # --quick: a smaller product, but still one large enough to reach the peak (at 256^3 a first,
+    # cold call made every model's share of it read 1,000-2,000%).
+    size = PEAK_GEMM_SIZE // 2 if quick else PEAK_GEMM_SIZE
     rng = numpy.random.default_rng(0)
     a, b = (backend.to_device(rng.random((size, size)).astype(backend.dtype)) for _ in range(2))
+    a @ b  # untimed: wakes BLAS's threads and the device
     best = float("inf")
-    for _ in range(1 if quick else PEAK_GEMM_REPEATS):
+    for _ in range(PEAK_GEMM_REPEATS):
         backend.synchronize()
         started = time.perf_counter()
         a @ b  # BLAS's own threads: the peak the machine offers, whoever reaches it

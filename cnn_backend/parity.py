@@ -384,7 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="device compared against the CPU (default: cuda); 'standin' is the CPU stand-in for the "
         "device boundary, which checks the comparison and host-array leaks without a GPU",
     )
-    parser.add_argument("--model", default="seed", metavar="seed|default|FILE",
+    parser.add_argument("--model", default="seed", metavar="seed|default|plain|FILE",
                         help="a built-in architecture or an architecture file (.toml, .json) for 28x28 images (default: seed)")
     parser.add_argument("--steps", type=_positive_int, default=20, help="training steps to compare (default: 20)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default: 32)")

@@ -117,7 +117,7 @@ def paper_model(gradient_bytes: int, compute_seconds_per_sample: float) -> list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default: 30)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each configuration (default: 3)")
     parser.add_argument("--json", type=Path, help="write the results here too")

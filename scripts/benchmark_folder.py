@@ -48,7 +48,7 @@ def timed_load(root: Path) -> tuple[float, object]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)

@@ -147,7 +147,7 @@ def revision_switch(revision: str, folder: Path, args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--what", choices=sorted(SETTINGS))
     what.add_argument("--against", metavar="REV", help="compare this checkout's code with git revision REV's")

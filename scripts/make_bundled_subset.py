@@ -36,7 +36,7 @@ def sha256(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--source", type=Path, help="folder with the official training files")
     parser.add_argument("--output", type=Path, default=data.BUNDLED_DIR, help="where to write (default: %(default)s)")
     parser.add_argument("--count", type=int, default=data.BUNDLED_COUNT, help="records to keep (default: %(default)s)")

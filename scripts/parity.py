@@ -1,6 +1,6 @@
 """Compare training on the CPU and on a device side by side; see ``cnn_backend/parity.py``.
 
-    python scripts/parity.py [--device cuda|standin] [--model seed|default] [--steps 20]
+    python scripts/parity.py [--device cuda|standin] [--model seed|default|plain|FILE] [--steps 20]
                              [--batch-size 32] [--dtype float32|float64] [--conv-algorithm auto|gemm|signal]
 
 The same as ``cnn-backend parity``. Exit status: 0 within tolerance, 1 beyond it, 2 without the device.

@@ -119,7 +119,7 @@ def _site(kernel) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--model", default="default", help="a built-in name (seed, default) or a .toml/.json spec file (default: default)")
     parser.add_argument("--mode", choices=("train", "infer"), default="train", help="a training step or an inference batch (default: train)")
     parser.add_argument("--batch", type=int, default=64, help="batch size (default: 64)")

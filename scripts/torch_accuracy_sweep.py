@@ -239,7 +239,7 @@ def configuration_problem(given: dict, text: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("configs", nargs="+", help="JSON objects, one run each (keys in the module's text)")
     parser.add_argument("--data", default="auto", help="Fashion-MNIST folder (default: the library's own lookup)")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch's CPU threads (default: 2)")

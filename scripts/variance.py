@@ -96,7 +96,7 @@ def summarise(name: str, values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     global ROOT
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--runs", type=int, default=10, help="fresh processes per measurement (default: 10)")
     parser.add_argument(
         "--what", default="seed,benchmark", help=f"comma-separated, from {', '.join(MEASUREMENTS)} (default: seed,benchmark)"

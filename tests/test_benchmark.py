@@ -38,6 +38,7 @@ def test_quick_run_writes_the_report(tmp_path, capsys):
         assert RESULT_FIELDS <= set(row)
         assert row["samples_per_second"] > 0
         assert row["fraction_of_gemm_peak"] == row["flops_per_sample"] * row["samples_per_second"] / report["gemm_peak_flops"]["cpu"]
+        assert 0 < row["fraction_of_gemm_peak"] < 1  # a step reaches part of the peak, never more
         if report["torch"]["available"]:
             assert row["torch_nchw"] > 0 and row["ratio_to_torch_nchw"] > 0
 

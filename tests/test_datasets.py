@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
 import re
 import tarfile
@@ -210,6 +211,22 @@ def test_download_mnist_tries_the_next_mirror_and_verifies(server, data_root):
     numpy.testing.assert_array_equal(loaded.images[:, 0], images)
     numpy.testing.assert_array_equal(loaded.labels, labels)
     assert sorted(p.name for p in directory.iterdir()) == sorted(checksums)
+
+
+def test_when_every_mirror_fails_each_failure_is_said_once(server, data_root, caplog):
+    checksums = {name: "0" * 32 for name in ("train-images-idx3-ubyte.gz",)}
+    with caplog.at_level(logging.INFO, logger="cnn_backend"), pytest.raises(DataError) as excinfo:
+        datasets.download_dataset(
+            "mnist", mirrors=[f"{server.url}/first/", f"{server.url}/second/"], checksums=checksums,
+            retries=0, backoff=0.0, progress=False,
+        )
+    # The first mirror's failure is progress (the next is tried); the last one's is the error, with
+    # the offline instructions once, and not also logged.
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{server.url}/first/train-images-idx3-ubyte.gz: HTTP 404 Not Found; trying the next mirror"
+    ]
+    assert_one_line(excinfo, re.escape(f"{server.url}/second/train-images-idx3-ubyte.gz: HTTP 404 Not Found; to install without network"))
+    assert str(excinfo.value).count("to install without network") == 1
 
 
 # ------------------------------------------------------------------------------------- CIFAR-10

@@ -22,7 +22,7 @@ def add_summary_command(commands) -> None:
         description="Build a network (a built-in name or an architecture file) for an input shape and print its "
         "layers with output shape, parameters and multiply-accumulates per sample, then the totals and the parameter memory.",
     )
-    summary_parser.add_argument("--model", type=model_text, default=DEFAULT_MODEL, metavar="seed|default|FILE",
+    summary_parser.add_argument("--model", type=model_text, default=DEFAULT_MODEL, metavar="seed|default|plain|FILE",
                                 help="a built-in network or a .toml/.json architecture file (default: default)")
     summary_parser.add_argument("--input-shape", type=input_shape_text, default=INPUT_SHAPE, metavar="C,H,W",
                                 help="per-sample input shape, channels,height,width (or features) (default: 1,28,28, Fashion-MNIST)")

@@ -46,7 +46,7 @@ def offline_instructions(directory: Path, names: Sequence[str]) -> str:
     """The clause saying how to install ``names`` by hand into ``directory``."""
     return (
         f"to install without network, place {', '.join(names)} into {directory} "
-        f"(or point data_dir or ${DATA_DIR_ENV} at a folder that holds them)"
+        f"(or point --data-dir, data_dir= in Python, or ${DATA_DIR_ENV} at a folder that holds them)"
     )
 
 
@@ -86,22 +86,23 @@ def download_files(
                 continue
             logger.info("%s: checksum does not match, downloading again", final)
         last_error: DataError | None = None
-        for base_url in mirrors:
+        for number, base_url in enumerate(mirrors, 1):
             url = base_url.rstrip("/") + "/" + name
             try:
-                _download_one(url, final, expected, algorithm, retries, backoff, timeout, progress, by_hand)
+                _download_one(url, final, expected, algorithm, retries, backoff, timeout, progress)
                 logger.info("%s: downloaded and verified (%s)", final, algorithm)
                 last_error = None
                 break
             except DataError as exc:
                 last_error = exc
-                logger.info("%s", exc)
+                if number < len(mirrors):  # the last mirror's failure is the error itself: said once
+                    logger.info("%s; trying the next mirror", exc)
         if last_error is not None:
-            raise last_error
+            raise DataError(f"{last_error}; {by_hand}") from None
     return directory
 
 
-def _download_one(url, final: Path, expected, algorithm, retries, backoff, timeout, progress, by_hand) -> None:
+def _download_one(url, final: Path, expected, algorithm, retries, backoff, timeout, progress) -> None:
     # A fixed temporary name: a run killed outright leaves at most one stale .part per file, which
     # the next run overwrites. Loaders only ever open the final names.
     partial = final.with_name(final.name + ".part")
@@ -117,7 +118,7 @@ def _download_one(url, final: Path, expected, algorithm, retries, backoff, timeo
                     time.sleep(backoff * 2**attempt)
         else:
             attempts = f"{retries + 1} attempt{'s' if retries else ''}"
-            raise DataError(f"could not download {url} after {attempts} ({failure}); {by_hand}")
+            raise DataError(f"could not download {url} after {attempts} ({failure})")
         if digest != expected:
             raise DataError(
                 f"{url}: checksum mismatch ({algorithm} {digest}, expected {expected}); the download was discarded"
