@@ -5,7 +5,8 @@ up globally. All of them offer the same few collective operations:
 
 * ``rank``, ``size``, ``local_rank`` (rank among the processes of this machine), ``is_root``;
 * ``allreduce_sum(array)`` and ``allreduce_mean(array)``: in place on one contiguous 1-D array, which
-  is returned; ``broadcast(array, root=0)``: in place; ``broadcast_object(value)``, ``barrier()``;
+  is returned; ``broadcast(array, root=0)``: in place; ``broadcast_object(value)``,
+  ``allgather_object(value)`` (every rank's value, in rank order), ``barrier()``;
 * ``abort(status)``: end every process of the job at once (used when one rank fails).
 
 :class:`MpiCommunicator` reduces host (NumPy) arrays directly and device arrays through host copies;
@@ -15,7 +16,8 @@ separate rendezvous server or port is needed. :func:`communicator_for_run` picks
 never imports mpi4py; under ``mpiexec`` it does, and says what to install when it is missing.
 
 The data-parallel step itself is :class:`GradientAverager` (one all-reduce of one contiguous buffer per
-step) and :func:`broadcast_parameters` (rank 0's initial parameters to every rank, checked equal).
+step) and :func:`broadcast_parameters` (rank 0's initial parameters to every rank, checked equal);
+:func:`check_processes_agree` refuses ranks started with different settings or data.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class SingleProcess:
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         return value
+
+    def allgather_object(self, value: Any) -> list:
+        return [value]
 
     def barrier(self) -> None:
         pass
@@ -129,6 +134,10 @@ class MpiCommunicator:
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         return self.comm.bcast(value, root=root)
+
+    def allgather_object(self, value: Any) -> list:
+        """Every rank's ``value``, in rank order, on every rank."""
+        return self.comm.allgather(value)
 
     def barrier(self) -> None:
         self.comm.Barrier()
@@ -198,6 +207,9 @@ class NcclCommunicator:
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         return self.mpi.broadcast_object(value, root)
+
+    def allgather_object(self, value: Any) -> list:
+        return self.mpi.allgather_object(value)
 
     def barrier(self) -> None:
         self.backend.synchronize()
@@ -352,6 +364,27 @@ def flat_parameters(model):
     """A contiguous device copy of every parameter, in ``model.parameters()`` order."""
     xp = model.backend.xp
     return xp.concatenate([p.data.reshape(-1) for p in model.parameters()])
+
+
+def check_processes_agree(communicator, facts: dict) -> None:
+    """Raise :class:`DistributedSetupError` on every rank, naming the first rank and fact that differ
+    from rank 0's, unless every rank has the same ``facts`` (name -> a value that compares with
+    ``==``: settings, data sizes and digests). A collective call.
+
+    Ranks started differently (another command line, ``--data auto`` finding the full set on one
+    machine and the bundled subset on another) would otherwise meet in an all-reduce of unequal
+    sizes, which MPI ends with a page of its own diagnostics."""
+    if communicator.size == 1:
+        return
+    everyone = communicator.allgather_object(facts)
+    reference = everyone[0]
+    for rank, own in enumerate(everyone[1:], 1):
+        differing = next((key for key in {**reference, **own} if own.get(key) != reference.get(key)), None)
+        if differing is not None:
+            raise DistributedSetupError(
+                f"the processes were not started alike: rank {rank} has {differing} {own.get(differing)!r} where rank 0 "
+                f"has {reference.get(differing)!r}; give every process the same command line and the same data"
+            )
 
 
 def broadcast_parameters(model, communicator) -> list[int]:

@@ -28,6 +28,7 @@ from cnn_backend.distributed import (
     SingleProcess,
     average_buffers,
     device_index,
+    check_processes_agree,
     launched_by_mpi,
     launcher_rank,
     world_communicator,
@@ -145,6 +146,35 @@ def test_single_process_collectives_do_nothing():
     world, array = SingleProcess(), numpy.arange(3.0)
     assert world.allreduce_mean(array) is array and world.allreduce_sum(array) is array and world.broadcast(array) is array
     assert array.tolist() == [0.0, 1.0, 2.0] and world.broadcast_object({"a": 1}) == {"a": 1}
+
+
+class GatheredFacts(SingleProcess):
+    """A communicator whose ``allgather_object`` returns the given facts of every rank."""
+
+    def __init__(self, everyone: list) -> None:
+        self.everyone, self.size = everyone, len(everyone)
+
+    def allgather_object(self, value):
+        return self.everyone
+
+
+def test_processes_started_differently_are_refused_naming_the_first_difference():
+    from cnn_backend.cli.train import _run_facts
+
+    images, labels = numpy.zeros((40, 1, 4, 4), numpy.uint8), numpy.arange(40) % 10
+    model = plain_cnn("cpu", seed=0)
+    settings = {"train_split": ":30", "seed": 0}
+    same = _run_facts(settings, None, images, labels, slice(0, 30), slice(30, 40), model)
+    check_processes_agree(GatheredFacts([same, dict(same)]), same)  # alike: nothing said
+    # The same command line over other data (--data auto finding another set on another machine).
+    other_labels = labels.copy()
+    other_labels[3] = 9
+    other = _run_facts(settings, None, images, other_labels, slice(0, 30), slice(30, 40), model)
+    with pytest.raises(DistributedSetupError, match=r"^the processes were not started alike: rank 2 has training labels \(digest\) '[0-9a-f]{16}' where rank 0 has '[0-9a-f]{16}'; give every process the same command line and the same data$"):
+        check_processes_agree(GatheredFacts([same, same, other]), same)
+    shifted = _run_facts({**settings, "seed": 1}, None, images, labels, slice(0, 30), slice(30, 40), model)
+    with pytest.raises(DistributedSetupError, match=r"rank 1 has --seed 1 where rank 0 has 0;"):
+        check_processes_agree(GatheredFacts([same, shifted]), same)
 
 
 def test_each_rank_gets_its_contiguous_share_of_the_same_global_batches():
@@ -435,6 +465,18 @@ def test_a_usage_error_under_mpiexec_is_said_once(tmp_path):
     assert error_lines(result.stderr) == [
         "cnn-backend: error: argument --epochs: must be a positive integer, got '0'; see cnn-backend train --help"
     ], result.stderr
+
+
+@needs_mpi
+def test_ranks_given_different_command_lines_are_refused_in_one_line(tmp_path):
+    first, second = cli(*TRAIN_ARGS, "--epochs", "1", "--out", "run"), cli(*TRAIN_ARGS, "--epochs", "2", "--out", "run")
+    result = run_job([MPIEXEC, "-n", "1", *first, ":", "-n", "1", *second], tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "cnn-backend: error: rank 0 of 2: the processes were not started alike: rank 1 has --epochs 2 where rank 0 has 1; "
+        "give every process the same command line and the same data"
+    ], result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @needs_mpi

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
+
+import numpy
 
 from ..augment import AUGMENTATIONS, make_augmentation
 from ..backend import DEVICES, DTYPES
@@ -12,7 +15,7 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import BatchLoader, Normalization
 from ..datasets import source_kind
 from ..datasets.folder import CHANNEL_CHOICES
-from ..distributed import bind_device, communicator_for_backend, world_communicator
+from ..distributed import bind_device, check_processes_agree, communicator_for_backend, world_communicator
 from ..faults import pause_point
 from ..functional import CONV_ALGORITHMS
 from ..inputs import InputSpec
@@ -232,6 +235,7 @@ def _train(args, world, held: list | None = None) -> int:
         normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None
         inputs = InputSpec.for_data(data, normalization)
     model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
+    check_processes_agree(world, _run_facts(settings, checkpoint, images, labels, train_window, val_window, model))
 
     loader = BatchLoader(
         images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
@@ -257,6 +261,24 @@ def _train(args, world, held: list | None = None) -> int:
     finally:
         if folder is not None:
             folder.close()
+
+
+def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_window, model) -> dict:
+    """What every process of a job must share: the settings, the resumed epoch, the data (sizes,
+    the labels' digest and a sample of the images') and the parameter count."""
+    def digest(array) -> str:
+        return hashlib.sha256(numpy.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+    training = numpy.arange(len(labels))[train_window]  # positions only: the images are not copied
+    return {
+        **{f"--{key.replace('_', '-')}": value for key, value in settings.items()},
+        "the resumed epoch": None if checkpoint is None else checkpoint.epoch,
+        "training images": len(training), "validation images": len(labels[val_window]),
+        "an image shape": tuple(images.shape[1:]),
+        "training labels (digest)": digest(labels[train_window]), "validation labels (digest)": digest(labels[val_window]),
+        "training images (digest of a sample)": digest(images[training[:: max(1, len(training) // 64)]]),
+        "parameters": sum(param.data.size for param in model.parameters()),
+    }
 
 
 def _train_in_folder(args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch,
