@@ -83,9 +83,10 @@ RECIPES: dict[str, dict] = {
 }
 
 #: Learning rate and momentum of an optimiser chosen against its recipe (``--optimizer adam`` on a
-#: recipe written for SGD). For Adam, "momentum" is beta1.
+#: recipe written for SGD). For Adam, "momentum" is beta1; SGD's is 0.9, as in the built-in SGD
+#: recipes, so that ``--optimizer sgd`` on the default network is not plain gradient descent.
 OPTIMIZER_DEFAULTS: dict[str, dict] = {
-    "sgd": {"lr": 0.01, "momentum": 0.0},
+    "sgd": {"lr": 0.01, "momentum": 0.9},
     "adam": {"lr": 1e-3, "momentum": 0.9},
 }
 

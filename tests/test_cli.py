@@ -351,6 +351,8 @@ def test_settings_come_from_the_recipe_unless_given():
     assert resolve_settings({})["model"] == "default"
     adam = resolve_settings({"model": "seed", "optimizer": "adam"})
     assert (adam["lr"], adam["momentum"]) == (OPTIMIZER_DEFAULTS["adam"]["lr"], OPTIMIZER_DEFAULTS["adam"]["momentum"])
+    sgd = resolve_settings({"optimizer": "sgd"})  # against the default network's Adam recipe
+    assert (sgd["lr"], sgd["momentum"]) == (0.01, 0.9) == (OPTIMIZER_DEFAULTS["sgd"]["lr"], OPTIMIZER_DEFAULTS["sgd"]["momentum"])
     assert resolve_settings({"model": "seed", "optimizer": "adam", "lr": 0.5})["lr"] == 0.5
     with pytest.raises(ValueError, match="default and plain models only"):
         resolve_settings({"model": "seed", "dropout": 0.5})
