@@ -300,6 +300,33 @@ def test_resume_refuses_another_optimizer_and_a_finished_run(trained, capsys):
     assert status == 2 and "already finished epoch 2 of 2" in err and "--epochs" in err
 
 
+def test_resume_refuses_a_checkpoint_that_would_overwrite_later_epochs_or_changed_while_starting(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert run_main(capsys, "train", *SMALL, "--epochs", 1, "--no-plots", "--out", run)[0] == 0
+    (run / "epoch1.npz").write_bytes((run / "last.npz").read_bytes())
+    assert run_main(capsys, "train", "--resume", run / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet", "--no-plots")[0] == 0
+    before = (run / "last.npz").read_bytes(), (run / "history.jsonl").read_text()
+
+    # An older checkpoint of the same folder (a best.npz the run went on from) would overwrite epoch 2.
+    status, _, err = run_main(capsys, "train", "--resume", run / "epoch1.npz", "--epochs", 3, "--device", "cpu", "--quiet")
+    assert status == 2 and err.count("\n") == 1, err
+    assert (f"{run / 'epoch1.npz'} holds epoch 1 but {run / 'last.npz'} holds epoch 2: resuming it in its own folder would "
+            f"overwrite epochs 2-2; resume {run / 'last.npz'}, or add --out NEW_FOLDER to go on from epoch 1 there") in err
+    assert ((run / "last.npz").read_bytes(), (run / "history.jsonl").read_text()) == before
+
+    # Another run commits an epoch between this one reading the checkpoint and locking the folder.
+    def another_run_commits(name: str) -> None:
+        if name == "start":
+            (run / "newer.tmp").write_bytes((run / "last.npz").read_bytes())
+            os.replace(run / "newer.tmp", run / "last.npz")
+
+    monkeypatch.setattr("cnn_backend.cli.train.pause_point", another_run_commits)
+    status, _, err = run_main(capsys, "train", "--resume", run / "last.npz", "--epochs", 3, "--device", "cpu", "--quiet")
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"{run / 'last.npz'} changed after this run read it (epoch 2): another run wrote to its folder meanwhile" in err
+    assert (run / "history.jsonl").read_text() == before[1] and len(before[1].splitlines()) == 2
+
+
 def test_train_refuses_an_output_folder_holding_another_run(trained, capsys):
     status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", trained)
     assert status == 2 and "already holds a training run" in err and "--resume" in err

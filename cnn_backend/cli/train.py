@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -210,6 +211,9 @@ def _train(args, world, held: list | None = None) -> int:
     """Train in this process; ``world`` is the job's communicator (one process for a plain run).
     Rank 0 alone prints and writes files; the other processes put the ``(message, prefix)`` of
     their failure report in ``held``, said only if rank 0 does not end the job first."""
+    # The file's identity before it is read: once the folder is locked, a change means another run
+    # committed an epoch in between.
+    resumed_identity = _file_identity(args.resume) if args.resume else None
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     explicit = {key: getattr(args, key) for key in SETTING_NAMES if getattr(args, key) is not None}
     settings = resolve_settings(explicit, checkpoint)
@@ -254,6 +258,8 @@ def _train(args, world, held: list | None = None) -> int:
     # rank 0 alone; the others learn its name).
     folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None) if world.is_root else None
     try:
+        if folder is not None and checkpoint is not None:
+            _refuse_an_outdated_resume(folder.path, checkpoint, resumed_identity)
         out_dir = world.broadcast_object(folder.path if folder is not None else None)
         return _train_in_folder(
             args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch, checkpoint,
@@ -262,6 +268,35 @@ def _train(args, world, held: list | None = None) -> int:
     finally:
         if folder is not None:
             folder.close()
+
+
+def _file_identity(path) -> tuple | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_when_read) -> None:
+    """With the output folder locked: refuse a checkpoint that another run replaced after this one
+    read it, and one older than its own folder's last.npz, whose later epochs resuming there would
+    overwrite (``best.npz`` of a run that went on)."""
+    if _file_identity(checkpoint.path) != identity_when_read:
+        raise ValueError(
+            f"{checkpoint.path} changed after this run read it (epoch {checkpoint.epoch}): another run wrote to its "
+            f"folder meanwhile; resume again to continue from its last epoch"
+        )
+    last = out_dir / LAST_CHECKPOINT
+    if not same_folder(out_dir, checkpoint.path.parent) or not last.exists() or os.path.samefile(last, checkpoint.path):
+        return
+    latest = load_checkpoint(last).epoch
+    if latest > checkpoint.epoch:
+        raise ValueError(
+            f"{checkpoint.path} holds epoch {checkpoint.epoch} but {last} holds epoch {latest}: resuming it in its own "
+            f"folder would overwrite epochs {checkpoint.epoch + 1}-{latest}; resume {last}, or add --out NEW_FOLDER "
+            f"to go on from epoch {checkpoint.epoch} there"
+        )
 
 
 def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_window, model) -> dict:
