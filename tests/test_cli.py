@@ -327,6 +327,30 @@ def test_resume_refuses_a_checkpoint_that_would_overwrite_later_epochs_or_change
     assert (run / "history.jsonl").read_text() == before[1] and len(before[1].splitlines()) == 2
 
 
+def test_a_last_batch_too_small_to_train_on_is_left_out_with_a_note(tmp_path, capsys):
+    from cnn_backend.cli.train import _last_batch_left_out
+    from cnn_backend.model import default_cnn, plain_cnn
+
+    default, plain = default_cnn("cpu"), plain_cnn("cpu")
+    # 129 = 128 + 1: one image, which the dense layer's BatchNorm cannot take statistics over.
+    assert _last_batch_left_out(129, 128, 1, default) == (
+        "the last batch of each epoch (129 = 1 x 128 + 1) would hold 1 image, and BatchNorm cannot take statistics "
+        "over a single sample: it is left out (another batch size keeps it)")
+    assert _last_batch_left_out(129, 128, 1, plain) is None and _last_batch_left_out(130, 128, 1, default) is None
+    assert "would hold 1 image, fewer than the 2 processes" in _last_batch_left_out(65, 64, 2, plain)
+    assert "so a process would get a single sample" in _last_batch_left_out(66, 64, 2, default)
+    assert "so a process would get a single sample" in _last_batch_left_out(67, 64, 2, default)  # shares of 2 and 1
+    assert _last_batch_left_out(68, 64, 2, default) is None and _last_batch_left_out(128, 64, 2, default) is None
+    with pytest.raises(ValueError, match=r"^the training split holds 1 image, too few to train on: a batch needs at least 2 here"):
+        _last_batch_left_out(1, 64, 1, default)
+
+    status, out, err = run_main(capsys, "train", "--model", "default", "--device", "cpu", "--data", "bundled", "--train-split",
+                                ":129", "--val-split", "9000:9100", "--epochs", 1, "--quiet", "--no-plots", "--out", tmp_path / "run")
+    assert status == 0, err
+    assert "note: the last batch of each epoch (129 = 1 x 128 + 1) would hold 1 image" in out
+    assert load_checkpoint(tmp_path / "run" / "last.npz").state["optimizer"]["steps"] == 1
+
+
 def test_train_refuses_an_output_folder_holding_another_run(trained, capsys):
     status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", trained)
     assert status == 2 and "already holds a training run" in err and "--resume" in err

@@ -20,7 +20,7 @@ from ..distributed import bind_device, check_processes_agree, communicator_for_b
 from ..faults import pause_point
 from ..functional import CONV_ALGORITHMS
 from ..inputs import InputSpec
-from ..layers import Convolution
+from ..layers import BatchNorm, Convolution
 from ..optim import OPTIMIZERS, make_optimizer
 from ..report import confusion_matrix, matplotlib_available, plot_confusion_matrix, plot_curves, plot_filters
 from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder
@@ -242,15 +242,17 @@ def _train(args, world, held: list | None = None) -> int:
     model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
     check_processes_agree(world, _run_facts(settings, checkpoint, images, labels, train_window, val_window, model))
 
+    last_batch_note = _last_batch_left_out(len(labels[train_window]), settings["batch_size"], communicator.size, model)
     loader = BatchLoader(
         images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
         num_classes=inputs.num_classes, normalization=inputs.normalization, rank=communicator.rank, size=communicator.size,
+        drop_last=last_batch_note is not None,
     )
     schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
     schedule = schedule_from_config(schedule_settings)
     validation = (inputs.prepare(images[val_window], backend.dtype), labels[val_window])
     lines = [device_line, distributed_line, f"data: {data.source}", *(f"note: {note}" for note in data.notes),
-             f"input: {inputs.describe()}", split_line]
+             f"input: {inputs.describe()}", split_line, *([f"note: {last_batch_note}"] if last_batch_note else [])]
     del images, labels, data  # the loader and the validation set keep what they use
     pause_point("start")
 
@@ -268,6 +270,31 @@ def _train(args, world, held: list | None = None) -> int:
     finally:
         if folder is not None:
             folder.close()
+
+
+def _last_batch_left_out(samples: int, batch_size: int, processes: int, model) -> str | None:
+    """Why an epoch's last, partial batch is left out (None: it is used): when some process would get
+    no sample of it, or a BatchNorm network a single one (whose statistics it cannot take). A
+    different image is left out each epoch, as the order is shuffled."""
+    last = samples % batch_size
+    smallest = 2 if _has_batchnorm(model.layers) else 1
+    if last == 0 or last // processes >= smallest:
+        return None
+    if samples < batch_size:
+        raise ValueError(
+            f"the training split holds {samples} image{'s' if samples > 1 else ''}, too few to train on: a batch needs "
+            f"at least {smallest * processes} here; give --train-split more images"
+        )
+    images = f"{last} image{'s' if last > 1 else ''}"
+    why = f"fewer than the {processes} processes" if last < processes else (
+        "and BatchNorm cannot take statistics over a single sample" if processes == 1 else
+        "so a process would get a single sample, and BatchNorm cannot take statistics over it")
+    return (f"the last batch of each epoch ({samples:,} = {samples // batch_size:,} x {batch_size} + {last}) would hold "
+            f"{images}, {why}: it is left out (another batch size keeps it)")
+
+
+def _has_batchnorm(layers) -> bool:
+    return any(isinstance(layer, BatchNorm) or _has_batchnorm([child for _, child in layer.children()]) for layer in layers)
 
 
 def _file_identity(path) -> tuple | None:
