@@ -351,6 +351,33 @@ def test_a_last_batch_too_small_to_train_on_is_left_out_with_a_note(tmp_path, ca
     assert load_checkpoint(tmp_path / "run" / "last.npz").state["optimizer"]["steps"] == 1
 
 
+def test_a_folder_given_by_a_relative_path_is_found_from_anywhere_and_named_when_moved(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    rng = numpy.random.default_rng(0)
+    for name in ("round", "square"):
+        (tmp_path / "pictures" / name).mkdir(parents=True)
+        for index in range(12):
+            Image.fromarray(rng.integers(0, 256, (10, 10), dtype=numpy.uint8)).save(tmp_path / "pictures" / name / f"{index}.png")
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(capsys, "train", "--data", "pictures", "--model", "seed", "--device", "cpu", "--epochs", 1,
+                              "--quiet", "--no-plots", "--out", "run")
+    assert status == 0, err
+    checkpoint = tmp_path / "run" / "last.npz"
+    assert load_checkpoint(checkpoint).settings["data"] == str((tmp_path / "pictures").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert run_main(capsys, "evaluate", checkpoint, "--device", "cpu", "--json", "report.json")[0] == 0
+
+    (tmp_path / "pictures").rename(tmp_path / "moved")
+    status, _, err = run_main(capsys, "train", "--resume", checkpoint, "--epochs", 2, "--device", "cpu", "--quiet")
+    assert status == 2 and err.count("\n") == 1
+    assert err.rstrip().endswith(f"{checkpoint} was trained on it: pass --data to read it from where it is now"), err
+    status, _, err = run_main(capsys, "train", "--resume", checkpoint, "--data", tmp_path / "moved", "--epochs", 2,
+                              "--device", "cpu", "--quiet", "--no-plots")
+    assert status == 0, err
+
+
 def test_train_refuses_an_output_folder_holding_another_run(trained, capsys):
     status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", trained)
     assert status == 2 and "already holds a training run" in err and "--resume" in err

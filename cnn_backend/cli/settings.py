@@ -3,9 +3,11 @@ its data and its training/validation split."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..augment import WITHOUT_FLIPS
 from ..checkpoint import Checkpoint
-from ..data import BUNDLED_COUNT, stratified_holdout
+from ..data import BUNDLED_COUNT, DataError, stratified_holdout
 from ..datasets import DATASETS, load_dataset, source_kind
 from ..spec import BUILTIN_NAMES
 from ..training import OPTIMIZER_DEFAULTS, RECIPES
@@ -30,6 +32,8 @@ SETTING_NAMES = (
     "dropout", "augment", "label_smoothing", "seed", "dtype", "data", "train_split", "val_split",
     "image_size", "channels", "strict", "val_fraction", "normalize",
 )
+#: what ``source_kind`` calls a folder given by its path (not a dataset name)
+FOLDER_KINDS = ("idx-folder", "cifar10-folder", "image-folder")
 #: the training/validation split of a full 60,000-image training set
 FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
 #: share of a smaller data set (the bundled 10,000 images) used for training; the rest validates
@@ -107,14 +111,29 @@ def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:
     return train_window, val_window, line
 
 
-def load_training_data(settings: dict):
-    """The training split of ``settings["data"]``, with the folder options the settings name."""
+def load_training_data(settings: dict, checkpoint: Checkpoint | None = None):
+    """The training split of ``settings["data"]``, with the folder options the settings name. A
+    folder is written back as an absolute path, so that the checkpoints find it from anywhere."""
+    try:
+        kind = source_kind(settings["data"])
+    except DataError as exc:
+        raise data_not_found(exc, checkpoint) from None
     folder_options = {"channels": settings["channels"], "image_size": settings["image_size"]}
-    if source_kind(settings["data"]) != "image-folder":
+    if kind != "image-folder":
         if any(value is not None for value in folder_options.values()):
             raise ValueError(f"--channels and --image-size apply to folders of images only, not to --data {settings['data']}")
         folder_options = {}
-    return load_dataset(settings["data"], "train", strict=bool(settings["strict"]), **folder_options)
+    data = load_dataset(settings["data"], "train", strict=bool(settings["strict"]), **folder_options)
+    if kind in FOLDER_KINDS:
+        settings["data"] = str(Path(settings["data"]).expanduser().resolve())
+    return data
+
+
+def data_not_found(exc: DataError, checkpoint: Checkpoint | None) -> DataError:
+    """``exc``, saying where to point ``--data`` when the data named came from ``checkpoint``."""
+    if checkpoint is None:
+        return exc
+    return DataError(f"{exc}; {checkpoint.path} was trained on it: pass --data to read it from where it is now")
 
 
 def resolve_validation(settings: dict, data, explicit: dict) -> tuple:

@@ -225,7 +225,7 @@ def _train(args, world, held: list | None = None) -> int:
         device_line += f"; rank {world.rank} on GPU {gpu}"
     communicator, distributed_line = communicator_for_backend(world, backend)
 
-    data = load_training_data(settings)
+    data = load_training_data(settings, checkpoint if "data" not in explicit else None)
     images, labels = data.images, data.labels
     if checkpoint is None and source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder"):
         # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX sets.
@@ -334,7 +334,8 @@ def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_win
 
     training = numpy.arange(len(labels))[train_window]  # positions only: the images are not copied
     return {
-        **{f"--{key.replace('_', '-')}": value for key, value in settings.items()},
+        # The data by content, not by name: a folder's absolute path may differ from machine to machine.
+        **{f"--{key.replace('_', '-')}": value for key, value in settings.items() if key != "data"},
         "the resumed epoch": None if checkpoint is None else checkpoint.epoch,
         "training images": len(training), "validation images": len(labels[val_window]),
         "an image shape": tuple(images.shape[1:]),
