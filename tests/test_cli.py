@@ -378,6 +378,20 @@ def test_a_folder_given_by_a_relative_path_is_found_from_anywhere_and_named_when
     assert status == 0, err
 
 
+def test_a_split_missing_some_classes_is_noted():
+    from types import SimpleNamespace
+
+    from cnn_backend.cli.settings import missing_classes_notes
+
+    by_class = SimpleNamespace(labels=numpy.repeat(numpy.arange(3), 10), num_classes=3)  # a folder's order
+    assert missing_classes_notes(by_class, slice(0, 24), slice(24, 30)) == [
+        "the validation images hold 1 of the 3 classes (the data is ordered by class?); --val-fraction holds out part "
+        "of every class instead of a range"
+    ]
+    assert missing_classes_notes(by_class, slice(0, 10), slice(5, 30))[0].startswith("the training images hold 1 of the 3 classes")
+    assert missing_classes_notes(by_class, numpy.arange(0, 30, 2), numpy.arange(1, 30, 2)) == []
+
+
 def test_train_refuses_an_output_folder_holding_another_run(trained, capsys):
     status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", trained)
     assert status == 2 and "already holds a training run" in err and "--resume" in err

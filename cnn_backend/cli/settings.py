@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy
+
 from ..augment import WITHOUT_FLIPS
 from ..checkpoint import Checkpoint
 from ..data import BUNDLED_COUNT, DataError, stratified_holdout
@@ -156,6 +158,20 @@ def resolve_validation(settings: dict, data, explicit: dict) -> tuple:
         f"every class ({len(val_index):,} images, seed {settings['seed']}): {why}"
     )
     return train_index, val_index, line
+
+
+def missing_classes_notes(data, train_window, val_window) -> list[str]:
+    """A note for each split that lacks some of the data's classes (a range of a folder ordered by
+    class, say): validating on classes never trained on, or training without them."""
+    notes = []
+    for name, window in (("training", train_window), ("validation", val_window)):
+        present = len(numpy.unique(data.labels[window]))
+        if present < data.num_classes:
+            notes.append(
+                f"the {name} images hold {present} of the {data.num_classes} classes (the data is ordered by class?); "
+                f"--val-fraction holds out part of every class instead of a range"
+            )
+    return notes
 
 
 def optimizer_config(settings: dict) -> dict:

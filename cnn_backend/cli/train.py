@@ -51,6 +51,7 @@ from .settings import (
     FULL_SPLIT,
     SETTING_NAMES,
     load_training_data,
+    missing_classes_notes,
     optimizer_config,
     resolve_settings,
     resolve_validation,
@@ -233,6 +234,7 @@ def _train(args, world, held: list | None = None) -> int:
             if key not in explicit:
                 settings[key] = None
     train_window, val_window, split_line = resolve_validation(settings, data, explicit)
+    split_notes = missing_classes_notes(data, train_window, val_window)
     if checkpoint is not None:
         inputs = checkpoint.input_spec()
         inputs.check(data, f"--data {settings['data']}")
@@ -252,7 +254,8 @@ def _train(args, world, held: list | None = None) -> int:
     schedule = schedule_from_config(schedule_settings)
     validation = (inputs.prepare(images[val_window], backend.dtype), labels[val_window])
     lines = [device_line, distributed_line, f"data: {data.source}", *(f"note: {note}" for note in data.notes),
-             f"input: {inputs.describe()}", split_line, *([f"note: {last_batch_note}"] if last_batch_note else [])]
+             f"input: {inputs.describe()}", split_line,
+             *(f"note: {note}" for note in [*split_notes, last_batch_note] if note)]
     del images, labels, data  # the loader and the validation set keep what they use
     pause_point("start")
 
