@@ -392,6 +392,18 @@ def test_a_split_missing_some_classes_is_noted():
     assert missing_classes_notes(by_class, numpy.arange(0, 30, 2), numpy.arange(1, 30, 2)) == []
 
 
+def test_ctrl_c_while_an_epoch_is_saved_still_prints_that_epoch(tmp_path, capsys, monkeypatch):
+    def ctrl_c_while_saving(name: str) -> None:
+        if name == "history":  # inside the epoch's writes, where signals are held back
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr("cnn_backend.cli.recorder.pause_point", ctrl_c_while_saving)
+    status, out, err = run_main(capsys, "train", *SMALL, "--epochs", 3, "--no-plots", "--out", tmp_path / "run")
+    assert status == 130
+    assert re.search(r"^epoch 1/3  train loss ", out, re.MULTILINE) and "epoch 2/3" not in out
+    assert f"interrupted during epoch 1; the last good checkpoint is {tmp_path / 'run' / 'last.npz'} (epoch 1)" in err
+
+
 def test_train_refuses_an_output_folder_holding_another_run(trained, capsys):
     status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", trained)
     assert status == 2 and "already holds a training run" in err and "--resume" in err

@@ -79,11 +79,15 @@ class RunRecorder:
         # Rewritten from the checkpoint: also repairs a history left one row short by a kill.
         self.writer.start(self.history)
 
-    def record(self, stats) -> bool:
-        """Write the files of a finished epoch; returns whether it is the new best."""
+    def record(self, stats, committed=None) -> bool:
+        """Write the files of a finished epoch; returns whether it is the new best. ``committed(improved)``
+        runs once they are written, before a signal held back meanwhile stops the run: the epoch's
+        line is printed even then."""
         row = stats.as_dict()
         improved = stats.val_accuracy is not None and (self.best["val_accuracy"] is None or stats.val_accuracy > self.best["val_accuracy"])
         best = {"epoch": stats.epoch, "val_accuracy": stats.val_accuracy} if improved else self.best
+        self.samples += stats.samples_per_second * stats.seconds
+        self.seconds += stats.seconds
         with DeferredInterrupt():
             self._save(LAST_CHECKPOINT, stats.epoch, best, self.history + [row])
             self.history.append(row)
@@ -92,8 +96,8 @@ class RunRecorder:
             pause_point("history")
             if improved:
                 self.folder.link_best()
-        self.samples += stats.samples_per_second * stats.seconds
-        self.seconds += stats.seconds
+            if committed is not None:
+                committed(improved)
         return improved
 
     def _save(self, name: str, epoch: int, best: dict, history: list[dict]) -> None:

@@ -386,8 +386,7 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
     def epoch_finished(stats) -> None:
         progress.close()
         if recorder is not None:
-            improved = recorder.record(stats)
-            announce(format_epoch_line(stats, settings["epochs"], improved))
+            recorder.record(stats, committed=lambda improved: announce(format_epoch_line(stats, settings["epochs"], improved)))
 
     def intact(resume_hint: bool) -> str:
         if folder is None and progress.epoch is not None and progress.epoch > start_epoch:
