@@ -18,9 +18,11 @@ import pytest
 
 from cnn_backend import DeviceUnavailableError, OneCycleSchedule, Sequential, get_backend
 from cnn_backend.checkpoint import STATE_KEY, load_checkpoint
-from cnn_backend.cli import main, open_backend, resolve_ranges, resolve_settings
+from cnn_backend.cli import open_backend, resolve_ranges, resolve_settings
 from cnn_backend.report import matplotlib_available, read_history
 from cnn_backend.training import OPTIMIZER_DEFAULTS, RECIPES
+
+from cli_helpers import run_main
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--model", "seed", "--device", "cpu", "--data", "bundled", "--train-split", ":512", "--val-split", "9000:9256", "--quiet"]
@@ -244,12 +246,6 @@ def test_a_residual_network_from_a_file_trains_evaluates_and_resumes_exactly(tmp
     assert report["range"] == "9000:9064" and report["accuracy"] == pytest.approx(history[-1]["val_accuracy"])
 
 
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    status = main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -370,9 +366,11 @@ def test_a_folder_given_by_a_relative_path_is_found_from_anywhere_and_named_when
     assert run_main(capsys, "evaluate", checkpoint, "--device", "cpu", "--json", "report.json")[0] == 0
 
     (tmp_path / "pictures").rename(tmp_path / "moved")
-    status, _, err = run_main(capsys, "train", "--resume", checkpoint, "--epochs", 2, "--device", "cpu", "--quiet")
-    assert status == 2 and err.count("\n") == 1
-    assert err.rstrip().endswith(f"{checkpoint} was trained on it: pass --data to read it from where it is now"), err
+    for command in (["train", "--resume", checkpoint, "--epochs", 2], ["evaluate", checkpoint]):
+        status, _, err = run_main(capsys, *command, "--device", "cpu")
+        assert status == 2 and err.count("\n") == 1
+        assert err.rstrip().endswith(f"{checkpoint} was trained on it: pass --data to read it from where it is now"), err
+    assert run_main(capsys, "evaluate", checkpoint, "--data", tmp_path / "moved", "--device", "cpu", "--json", "report.json")[0] == 0
     status, _, err = run_main(capsys, "train", "--resume", checkpoint, "--data", tmp_path / "moved", "--epochs", 2,
                               "--device", "cpu", "--quiet", "--no-plots")
     assert status == 0, err

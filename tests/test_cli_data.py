@@ -18,27 +18,14 @@ from cnn_backend.datasets.cifar import write_cifar_batch
 from cnn_backend.model import seed_cnn
 from cnn_backend.testing import standin_backend
 
+from cli_helpers import one_error_line, run_main
+
 CIFAR_NAMES = DATASETS["cifar10"].class_names
 
 
 @pytest.fixture(autouse=True)
 def no_downloaded_data(tmp_path, monkeypatch):
     monkeypatch.setenv("CNN_BACKEND_DATA", str(tmp_path / "data-root"))
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    status = cli.main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def one_error_line(err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("cnn-backend: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def make_cifar_folder(folder, per_batch=8, test_count=10):
@@ -178,7 +165,7 @@ def test_image_folder_trains_with_a_stratified_hold_out_and_evaluates_it(tmp_pat
 
     status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--split", "test")
     assert status == 2
-    one_error_line(err, "no test split", "--val-fraction")
+    one_error_line(err, "no test split", "(--split train, the default)")
 
 
 def test_image_folder_size_and_channels_options(tmp_path, capsys):

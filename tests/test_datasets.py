@@ -518,7 +518,7 @@ FOLDER_PROBLEMS = {
     ),
     "no test split": (
         lambda root: (save(root / "a" / "1.png", random_uint8((2, 2), 0)), save(root / "b" / "1.png", random_uint8((2, 2), 1))),
-        "test", r"no test split .* \(--val-fraction\)",
+        "test", r"no test split .* \(--split train, the default\), or pass --data a folder with train and test sub-folders",
     ),
 }
 

@@ -1,8 +1,8 @@
 """The ``cnn-backend`` command line: ``train``, ``evaluate``, ``predict``, ``summary``, ``download``, ``benchmark``,
 ``parity``, ``export``.
 
-:func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss) or a file
-cannot be written, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
+:func:`main` returns the exit status: 0 on success, 1 when training fails (non-finite loss), a file
+cannot be written or memory runs out, 2 for bad usage, an unusable device, or unreadable data or checkpoints, and 130
 when interrupted. Known errors are reported as one line, ``cnn-backend: error: <message>``, on
 stderr, without a traceback; usage errors too (with the command's ``--help`` to see; under ``mpiexec``, from rank 0 alone). SIGTERM is
 handled like Ctrl-C, with exit status 143. Results go to stdout; the progress bar and errors go to stderr.

@@ -29,6 +29,9 @@ def failure(exc: BaseException) -> tuple[int, str, str]:
         return EXIT_USAGE, str(exc), "error: "
     if isinstance(exc, OSError):
         return EXIT_FAILED, str(exc), "error: "
+    if isinstance(exc, MemoryError):  # NumPy's and CuPy's out-of-memory errors are MemoryErrors
+        reason = " ".join(str(exc).split()) or "out of memory"
+        return EXIT_FAILED, f"{reason}; try a smaller network, or a smaller --batch-size", "error: "
     raise exc
 
 

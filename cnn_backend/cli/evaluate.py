@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..backend import DEVICES, DTYPES
 from ..checkpoint import load_checkpoint
-from ..data import stratified_holdout
+from ..data import DataError, stratified_holdout
 from ..datasets import load_dataset, source_kind
 from ..inputs import InputSpec
 from ..model import EVALUATION_BATCH_SIZE
@@ -19,6 +19,7 @@ from ..training import evaluate
 from .arguments import DATA_METAVAR, add_command, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
+from .settings import data_not_found
 
 CHECKPOINT_HELP = "a .npz written by train (or Sequential.save)"
 
@@ -72,6 +73,11 @@ def run_evaluate(args) -> int:
     source = args.data or stored.get("data", "auto")
     if args.split == "test" and source == "bundled":
         source = "auto"  # the bundled subset has no test split; look for the downloaded one
+    if args.data is None:
+        try:
+            source_kind(source)
+        except DataError as exc:  # the training data's folder has moved
+            raise data_not_found(exc, checkpoint) from None
     data = load_evaluation_data(source, args.split, inputs, bool(stored.get("strict")))
     inputs.check(data, f"--data {source} ({args.split})")
     images, labels = data.images, data.labels

@@ -44,10 +44,17 @@ def build_model(settings: dict, backend, conv_algorithm: str, inputs: InputSpec 
     inputs = inputs or InputSpec.legacy()
     if settings["model"] not in BUILTIN_NAMES:
         return load_spec_model(settings["model"], inputs.input_shape, backend, settings["seed"], inputs.num_classes, conv_algorithm)
-    options = {"input_shape": inputs.input_shape, "num_classes": inputs.num_classes}
+    return build_builtin_model(settings, backend, conv_algorithm, inputs.input_shape, inputs.num_classes)
+
+
+def build_builtin_model(settings: dict, backend, conv_algorithm: str = "auto", input_shape=INPUT_SHAPE, num_classes: int = 10):
+    """The built-in network ``settings["model"]`` with ``settings["dropout"]`` (the recipe's, unless
+    --dropout gave another), as train builds it; errors name the network."""
+    options = {"input_shape": input_shape, "num_classes": num_classes}
     if settings["model"] != "seed":  # the seed article's network has no dropout to set
         options["dropout"] = settings["dropout"]
-    return ARCHITECTURES[settings["model"]](backend, seed=settings["seed"], algorithm=conv_algorithm, **options)
+    with _naming(settings["model"]):
+        return ARCHITECTURES[settings["model"]](backend, seed=settings["seed"], algorithm=conv_algorithm, **options)
 
 
 @contextlib.contextmanager

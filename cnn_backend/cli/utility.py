@@ -9,10 +9,12 @@ from pathlib import Path
 from .. import cli as package  # get_backend, download and download_dataset are looked up there, so that tests can replace them
 from ..backend import DTYPES
 from ..datasets import DATA_DIR_ENV, DATASETS, dataset_dir
+from ..spec import BUILTIN_NAMES
 from ..summary import format_summary
 from .arguments import add_command, input_shape_text, model_text
 from .console import EXIT_OK, PROG, say
-from .runtime import DEFAULT_MODEL, INPUT_SHAPE, load_spec_model
+from .runtime import DEFAULT_MODEL, INPUT_SHAPE, build_builtin_model, load_spec_model
+from .settings import resolve_settings
 
 
 def add_summary_command(commands) -> None:
@@ -44,7 +46,11 @@ def add_download_command(commands) -> None:
 def run_summary(args) -> int:
     """The ``summary`` command."""
     backend = package.get_backend("cpu", args.dtype)
-    model = load_spec_model(args.model, args.input_shape, backend)
+    if args.model in BUILTIN_NAMES:
+        # Built as train builds it, with the recipe's dropout, so that both print the same table.
+        model = build_builtin_model(resolve_settings({"model": args.model}), backend, input_shape=args.input_shape)
+    else:
+        model = load_spec_model(args.model, args.input_shape, backend)
     say(format_summary(model.summary()))
     return EXIT_OK
 

@@ -20,11 +20,13 @@ decodes the folder again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,14 +86,16 @@ def split_folder(root: Path, split: str) -> tuple[Path, Path]:
     """The folder holding ``split``'s class folders, and the one that defines the class names."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be one of train, test, got {split!r}")
+    # Only evaluate asks for the test split: the hints name what it can do instead.
+    instead = "evaluate the checkpoint's validation images instead (--split train, the default)"
     if has_split_layout(root):
         if split == "test" and not (root / "test").is_dir():
-            raise DataError(f"{root}: no test split (no test folder beside train); evaluate on a hold-out of train instead (--val-fraction)")
+            raise DataError(f"{root}: no test split (no test folder beside train); {instead}, or add {root / 'test'}/<class>/<images>")
         return root / split, root / "train"
     if split == "test":
         raise DataError(
             f"{root}: no test split (the folder is root/<class>/..., not root/train and root/test); "
-            f"hold out a fraction of its images for validation instead (--val-fraction)"
+            f"{instead}, or pass --data a folder with train and test sub-folders"
         )
     return root, root
 
@@ -172,7 +176,7 @@ def read_header(path: Path) -> tuple[str, tuple[int, int]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             return image.mode, (image.height, image.width)
     except UnidentifiedImageError:
         raise DataError("not an image Pillow recognises") from None
@@ -188,7 +192,7 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] |
     path = Path(path)
     target_mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             image.load()
             try:
                 converted = image.convert(target_mode) if image.mode != target_mode else image
@@ -204,6 +208,19 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] |
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode ({_reason(exc)})") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+@contextlib.contextmanager
+def _open_image(path):
+    """``Image.open`` without Pillow's DecompressionBombWarning, a two-line Python warning: an image
+    of up to twice ``Image.MAX_IMAGE_PIXELS`` is decoded like any other; a larger one still raises
+    DecompressionBombError, which the callers report in one line."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            yield image
 
 
 def _reason(exc: BaseException) -> str:
