@@ -87,9 +87,28 @@ def test_memory_running_out_during_training_is_one_line_and_removes_the_new_fold
     assert status == cli.EXIT_FAILED
     assert one_error_line(err) == (
         "cnn-backend: error: Unable to allocate 12.0 GiB for an array with shape (4096, 786432) and data type float32; "
-        "try a smaller network, or a smaller --batch-size"
+        "try a smaller network, or a smaller --batch-size; no epoch finished, so no checkpoint was written"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_memory_running_out_after_an_epoch_names_the_checkpoint_to_resume(tmp_path, capsys, monkeypatch):
+    import cnn_backend.training as training
+
+    original, last = training.train_step, tmp_path / "run" / "last.npz"
+
+    def out_of_memory_in_epoch_2(*args, **options):
+        if last.exists():
+            raise MemoryError("Unable to allocate 12.0 GiB for an array")
+        return original(*args, **options)
+
+    monkeypatch.setattr(training, "train_step", out_of_memory_in_epoch_2)
+    status, _, err = run_main(capsys, "train", "--model", "seed", *TINY_BUNDLED, "--epochs", 3, "--out", tmp_path / "run")
+    assert status == cli.EXIT_FAILED
+    assert one_error_line(err) == (
+        f"cnn-backend: error: Unable to allocate 12.0 GiB for an array; try a smaller network, or a smaller --batch-size; "
+        f"the last good checkpoint is {last} (epoch 1); resume with: cnn-backend train --resume {last}"
+    )
 
 
 # -- evaluate --split test on a folder without one ---------------------------------------------

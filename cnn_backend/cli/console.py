@@ -30,9 +30,13 @@ def failure(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, OSError):
         return EXIT_FAILED, str(exc), "error: "
     if isinstance(exc, MemoryError):  # NumPy's and CuPy's out-of-memory errors are MemoryErrors
-        reason = " ".join(str(exc).split()) or "out of memory"
-        return EXIT_FAILED, f"{reason}; try a smaller network, or a smaller --batch-size", "error: "
+        return EXIT_FAILED, out_of_memory(exc), "error: "
     raise exc
+
+
+def out_of_memory(exc: MemoryError) -> str:
+    """What ran out, and what to do."""
+    return f"{' '.join(str(exc).split()) or 'out of memory'}; try a smaller network, or a smaller --batch-size"
 
 
 def print_error(message, prefix: str = "error: ") -> None:

@@ -41,7 +41,7 @@ from .arguments import (
     positive_int,
     range_text,
 )
-from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, print_error, say, silent
+from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, out_of_memory, print_error, say, silent
 from .recorder import EpochProgress, RunRecorder, format_epoch_line, same_folder
 from .runtime import build_model, check_spec_file, open_backend, quiet_float_warnings
 from .settings import (
@@ -436,6 +436,10 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
     except FileWriteError as exc:
         progress.close()
         report_error(f"{exc}; {intact(resume_hint=False)}; free space or choose another --out")
+        return EXIT_FAILED
+    except MemoryError as exc:
+        progress.close()
+        report_error(f"{out_of_memory(exc)}; {intact(resume_hint=True)}")
         return EXIT_FAILED
     finally:
         if recorder is not None:
