@@ -506,27 +506,22 @@ def test_device_auto_falls_back_to_the_cpu_and_says_so():
     assert line == "device: cpu (float64; --device auto found no usable CUDA device)"
 
 
-def test_augmentation_changes_training_and_is_recorded(tmp_path):
+@pytest.mark.parametrize(
+    "option, value, said, default",
+    [("--augment", "crop-flip", "augment crop-flip", "none"), ("--label-smoothing", "0.1", "label smoothing 0.1", 0.0)],
+)
+def test_a_training_option_changes_training_and_is_recorded(tmp_path, option, value, said, default):
     options = [*SMALL, "--epochs", 1, "--no-plots"]
     assert cli("train", *options, "--out", "plain", cwd=tmp_path).returncode == 0
-    augmented = cli("train", *options, "--augment", "crop-flip", "--out", "augmented", cwd=tmp_path)
-    assert augmented.returncode == 0, augmented.stderr
-    assert "augment crop-flip" in augmented.stdout
-    assert load_checkpoint(tmp_path / "augmented" / "last.npz").settings["augment"] == "crop-flip"
-    plain, shifted = parameters(tmp_path / "plain" / "last.npz"), parameters(tmp_path / "augmented" / "last.npz")
-    assert not numpy.array_equal(plain["param/0.weight"], shifted["param/0.weight"])
-
-
-def test_label_smoothing_changes_training_and_is_recorded(tmp_path):
-    options = [*SMALL, "--epochs", 1, "--no-plots"]
-    assert cli("train", *options, "--out", "plain", cwd=tmp_path).returncode == 0
-    smoothed = cli("train", *options, "--label-smoothing", "0.1", "--out", "smoothed", cwd=tmp_path)
-    assert smoothed.returncode == 0, smoothed.stderr
-    assert "label smoothing 0.1" in smoothed.stdout
-    assert load_checkpoint(tmp_path / "smoothed" / "last.npz").settings["label_smoothing"] == 0.1
-    assert load_checkpoint(tmp_path / "plain" / "last.npz").settings["label_smoothing"] == 0.0
-    plain, changed = parameters(tmp_path / "plain" / "last.npz"), parameters(tmp_path / "smoothed" / "last.npz")
-    assert not numpy.array_equal(plain["param/0.weight"], changed["param/0.weight"])
+    changed = cli("train", *options, option, value, "--out", "changed", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr
+    assert said in changed.stdout
+    key = option[2:].replace("-", "_")
+    recorded = load_checkpoint(tmp_path / "changed" / "last.npz").settings[key]
+    assert recorded == (float(value) if isinstance(default, float) else value)
+    assert load_checkpoint(tmp_path / "plain" / "last.npz").settings[key] == default
+    plain, trained = parameters(tmp_path / "plain" / "last.npz"), parameters(tmp_path / "changed" / "last.npz")
+    assert not numpy.array_equal(plain["param/0.weight"], trained["param/0.weight"])
 
 
 def test_label_smoothing_outside_0_1_is_a_usage_error(tmp_path):
