@@ -241,28 +241,40 @@ def _check_state(state, path: Path) -> None:
 
 def dropout_rng_states(model: Sequential) -> dict:
     """``{layer name: bit generator state}`` of every Dropout layer (JSON-ready; names as in
-    :meth:`Sequential.named_layers`, the index for a top-level layer)."""
-    return {name: layer.rng.bit_generator.state for name, layer in model.named_layers() if isinstance(layer, Dropout)}
+    :meth:`Sequential.named_layers`, the index for a top-level layer). A layer drawing from the
+    generator of an earlier one (a network's Dropout layers share the model's) is saved as
+    ``{"same_as": that layer's name}``, so that they share one again when restored."""
+    states, owners = {}, {}
+    for name, layer in model.named_layers():
+        if isinstance(layer, Dropout):
+            owner = owners.setdefault(id(layer.rng), name)
+            states[name] = layer.rng.bit_generator.state if owner == name else {"same_as": owner}
+    return states
 
 
 def restore_dropout_rng_states(model: Sequential, states: dict) -> None:
-    """Put saved generator states back into the model's Dropout layers."""
-    named = dict(model.named_layers())
-    dropout_indices = {name for name, layer in named.items() if isinstance(layer, Dropout)}
-    if set(states) != dropout_indices:
+    """Put saved generator states back into the model's Dropout layers (shared where they were)."""
+    dropout_layers = [(name, layer) for name, layer in model.named_layers() if isinstance(layer, Dropout)]
+    if set(states) != {name for name, _ in dropout_layers}:
         raise ModelFileError(
             f"Dropout generator states for layers {sorted(states) or 'none'}, "
-            f"but the model has Dropout at {sorted(dropout_indices) or 'none'}"
+            f"but the model has Dropout at {sorted(name for name, _ in dropout_layers) or 'none'}"
         )
-    for index, state in states.items():
-        layer = named[index]
+    generators = {}
+    for name, layer in dropout_layers:  # in the model's order: a shared generator's owner comes first
+        state = states[name]
+        if "same_as" in state:
+            if state["same_as"] not in generators:
+                raise ModelFileError(f"the Dropout state of layer {name} refers to {state['same_as']!r}, no earlier Dropout layer's")
+            layer.rng = generators[state["same_as"]]
+            continue
         # A generator of the same kind as the saved one, so the state always fits.
         kind = getattr(numpy.random, str(state["bit_generator"]), None)
         if not (isinstance(kind, type) and issubclass(kind, numpy.random.BitGenerator)):
             raise ModelFileError(f"unknown bit generator {state['bit_generator']!r} in a Dropout state")
         bit_generator = kind()
         bit_generator.state = state
-        layer.rng = numpy.random.Generator(bit_generator)
+        layer.rng = generators[name] = numpy.random.Generator(bit_generator)
 
 
 def _decode_json(array, path: Path, what: str):

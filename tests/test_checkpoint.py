@@ -80,6 +80,32 @@ def test_resuming_from_a_checkpoint_continues_exactly(tmp_path, name, config):
             numpy.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_dropout_layers_sharing_a_generator_resume_exactly_and_share_it_again(tmp_path):
+    # A spec's Dropout layers all draw from the model's generator: saved once, they must share one
+    # again, or the masks after the resume would not interleave as in the uninterrupted run.
+    from cnn_backend.spec import build_model
+
+    backend = get_backend("cpu", "float64")
+    spec = [{"type": "Flatten"}, {"type": "Dropout", "rate": 0.5}, {"type": "FullyConnected", "out_features": 8},
+            {"type": "Dropout", "rate": 0.5}, {"type": "FullyConnected", "out_features": 3}]
+    data = batches(6)
+    straight = build_model(spec, (1, 4, 4), backend=backend, seed=4)
+    assert straight.layers[1].rng is straight.layers[3].rng
+    straight_optimizer = make_optimizer("sgd", straight.parameters(), backend, lr=0.1)
+    run_steps(straight, straight_optimizer, data)
+
+    first_half = build_model(spec, (1, 4, 4), backend=backend, seed=4)
+    first_optimizer = make_optimizer("sgd", first_half.parameters(), backend, lr=0.1)
+    run_steps(first_half, first_optimizer, data[:3])
+    checkpoint = load_checkpoint(save(tmp_path / "last.npz", first_half, first_optimizer, epoch=3))
+    assert checkpoint.state["rng"]["dropout"]["3"] == {"same_as": "1"}
+    resumed = checkpoint.build_model(backend)
+    assert resumed.layers[1].rng is resumed.layers[3].rng
+    run_steps(resumed, checkpoint.build_optimizer(resumed), data[3:])
+    for key, expected in straight.state_dict().items():
+        numpy.testing.assert_array_equal(resumed.state_dict()[key], expected, err_msg=key)
+
+
 def test_checkpoint_keeps_the_training_state(tmp_path):
     backend = get_backend("cpu")
     model = tiny_model(backend)
