@@ -43,6 +43,12 @@ class Sequential:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("Sequential needs at least one layer")
+        for index, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise ValueError(
+                    f"Sequential: item {index} is a {type(layer).__name__} ({layer!r:.40}), not a layer; pass layer "
+                    f"objects (cnn_backend.layers), or build the network from a spec (cnn_backend.spec.build_model)"
+                )
         self.backend = self.layers[0].backend if backend is None else get_backend(backend)
         for layer in self.layers:
             if layer.backend is not self.backend:
@@ -55,6 +61,10 @@ class Sequential:
         self.training = True
         self._flat: FlatParameters | None = None
         self.flatten_parameters()
+        # What backward checks: the shape of the last forward pass's output, and whether predicting
+        # (another forward pass, through the same layer caches) has happened since.
+        self._output_shape: tuple | None = None
+        self._predicted_since_forward = False
 
     def build(self, input_shape, rng=None) -> tuple:
         """Build every layer in order for the per-sample ``input_shape``; returns the output shape.
@@ -131,12 +141,26 @@ class Sequential:
             else:
                 x = layer.forward(x)
                 index += 1
+        self._output_shape, self._predicted_since_forward = tuple(x.shape), False
         return x
 
     __call__ = forward
 
     def backward(self, grad):
-        """Backpropagate the loss gradient through every layer, filling parameter gradients."""
+        """Backpropagate the loss gradient (the shape of the last forward pass's output) through
+        every layer, writing each parameter's gradient (replacing the previous one, not adding to
+        it); returns the input gradient (None unless the first layer's ``needs_input_grad``)."""
+        if self._output_shape is None:
+            raise RuntimeError("Sequential.backward: no forward pass to backpropagate through; call the model on a batch first")
+        if self._predicted_since_forward:
+            raise RuntimeError(
+                "Sequential.backward: predict ran after the forward pass and replaced what backward needs; "
+                "call backward before predicting, or run the forward pass again"
+            )
+        shape = getattr(grad, "shape", None)
+        if shape is None or tuple(shape) != self._output_shape:
+            got = f"shape {tuple(shape)}" if shape is not None else f"a {type(grad).__name__}"
+            raise ShapeError(f"Sequential.backward: the gradient must be an array of the output's shape {self._output_shape}, got {got}")
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         return grad
@@ -161,6 +185,7 @@ class Sequential:
             chunks = [self.forward(self.backend.to_device(x[start : start + batch_size])) for start in range(0, len(x), batch_size)]
         finally:
             self.train(was_training)
+            self._predicted_since_forward = True
         return self.backend.xp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
 
     def predict(self, x, batch_size: int = EVALUATION_BATCH_SIZE):
@@ -231,8 +256,9 @@ class Sequential:
         return [pair for i, layer in enumerate(self.layers) for pair in layer.named_buffers(f"{i}.")]
 
     def state_dict(self) -> dict:
-        """Host copies of every parameter, by name."""
-        return {name: self.backend.to_numpy(p.data) for name, p in self.named_parameters()}
+        """Host copies of every parameter, by name (copies even on the CPU: a later step must not
+        change a saved state)."""
+        return {name: self.backend.to_numpy(p.data).copy() for name, p in self.named_parameters()}
 
     def buffer_state_dict(self) -> dict:
         """Host copies of every buffer, by name (copies even on the CPU: buffers change in place)."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy
 import pytest
 
 from cnn_backend import Sequential, seed_cnn
 from cnn_backend.data import BatchLoader
 from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU, ShapeError, SoftmaxCrossEntropy
-from cnn_backend.model import plain_cnn
+from cnn_backend.model import default_cnn, plain_cnn
 from cnn_backend.serialization import ModelFileError
 from cnn_backend.training import evaluate
 
@@ -49,8 +51,37 @@ def test_backward_before_forward_says_so(layer, gradient):
 
 
 def test_backward_of_a_model_before_forward_says_so():
-    with pytest.raises(RuntimeError, match=r"FullyConnected\(121->10\): backward needs a forward pass first"):
+    with pytest.raises(RuntimeError, match=r"^Sequential.backward: no forward pass to backpropagate through; call the model on a batch first$"):
         seed_cnn("cpu").backward(numpy.zeros((2, 10), numpy.float32))
+
+
+@pytest.mark.parametrize(
+    "gradient, message",
+    [(numpy.zeros((3, 10), numpy.float32), "got shape (3, 10)"), (numpy.zeros((4, 9), numpy.float32), "got shape (4, 9)"),
+     (None, "got a NoneType"), ([[0.0] * 10] * 4, "got a list")],
+    ids=["batch", "classes", "none", "list"],
+)
+def test_a_gradient_not_of_the_outputs_shape_is_refused(gradient, message):
+    model = default_cnn("cpu")
+    model(numpy.random.default_rng(0).random((4, 1, 28, 28)))
+    with pytest.raises(ShapeError, match=r"^Sequential.backward: the gradient must be an array of the output's shape \(4, 10\), " + re.escape(message)):
+        model.backward(gradient)
+
+
+def test_backward_after_predict_is_refused_instead_of_using_the_predictions_caches():
+    model = default_cnn("cpu")
+    rng = numpy.random.default_rng(0)
+    model(rng.random((4, 1, 28, 28)))
+    model.predict(rng.random((4, 1, 28, 28)))  # the same batch size: the caches would fit, wrongly
+    with pytest.raises(RuntimeError, match=r"predict ran after the forward pass and replaced what backward needs"):
+        model.backward(numpy.ones((4, 10), numpy.float32))
+    model(rng.random((4, 1, 28, 28)))
+    assert model.backward(numpy.ones((4, 10), numpy.float32)) is None  # a fresh forward pass: fine again
+
+
+def test_a_model_of_something_that_is_not_a_layer_is_refused():
+    with pytest.raises(ValueError, match=r"^Sequential: item 1 is a str \('x'\), not a layer; pass layer objects"):
+        Sequential([ReLU(), "x"])
 
 
 def test_numpy_integers_are_integers():
