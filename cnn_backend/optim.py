@@ -17,6 +17,7 @@ per-parameter path.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 from .backend import Backend
@@ -39,10 +40,8 @@ class Optimizer:
     scratch_count: int = 1
 
     def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend) -> None:
-        if not lr > 0:
-            raise ValueError(f"{type(self).__name__}: learning rate must be > 0, got {lr!r}")
+        self.lr = _checked(type(self).__name__, "learning rate", lr, "> 0", lambda value: value > 0)
         self.params = list(params)
-        self.lr = float(lr)
         self.backend = backend
         self.steps = 0
         self._flat: FlatParameters | None = shared_flat_buffer(self.params)
@@ -100,8 +99,9 @@ class Optimizer:
         return {"lr": self.lr}
 
     def state_dict(self) -> dict:
-        """Host copies of the state buffers plus the step count, by name."""
-        state = {f"{name}/{i}": self.backend.to_numpy(buf) for name, bufs in self.buffers.items() for i, buf in enumerate(bufs)}
+        """Host copies of the state buffers plus the step count, by name (copies even on the CPU,
+        where ``to_numpy`` returns the live buffer: the next step would change a saved state)."""
+        state = {f"{name}/{i}": self.backend.to_numpy(buf).copy() for name, bufs in self.buffers.items() for i, buf in enumerate(bufs)}
         state["steps"] = self.steps
         return state
 
@@ -135,11 +135,12 @@ class SGD(Optimizer):
         *,
         backend: Backend,
     ) -> None:
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum!r}")
-        if weight_decay < 0:
-            raise ValueError(f"SGD: weight_decay must be >= 0, got {weight_decay!r}")
-        self.momentum, self.weight_decay, self.nesterov = float(momentum), float(weight_decay), bool(nesterov)
+        momentum = _checked("SGD", "momentum", momentum, "in [0, 1)", lambda value: 0.0 <= value < 1.0)
+        weight_decay = _checked("SGD", "weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
+        if nesterov and not momentum:
+            # Nesterov without momentum is plain SGD: a momentum was forgotten (PyTorch refuses it too).
+            raise ValueError(f"SGD: nesterov=True needs a momentum > 0, got momentum={momentum!r}")
+        self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, bool(nesterov)
         self.buffer_names = ("velocity",) if momentum else ()
         self.scratch_count = 2 if nesterov and momentum and weight_decay else 1
         super().__init__(params, lr, backend)
@@ -189,10 +190,17 @@ class Adam(Optimizer):
         *,
         backend: Backend,
     ) -> None:
-        beta1, beta2 = betas
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):  # not a pair
+            beta1 = beta2 = None
+        if not (_is_number(beta1) and _is_number(beta2)):
+            raise ValueError(f"Adam: betas must be a pair of numbers in [0, 1), got {betas!r}")
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Adam: betas must be in [0, 1), got {betas!r}")
-        self.beta1, self.beta2, self.eps, self.weight_decay = float(beta1), float(beta2), float(eps), float(weight_decay)
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.eps = _checked("Adam", "eps", eps, ">= 0", lambda value: value >= 0)
+        self.weight_decay = _checked("Adam", "weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
         super().__init__(params, lr, backend)
 
     def config(self) -> dict:
@@ -223,6 +231,21 @@ class Adam(Optimizer):
         xp.divide(m, work, out=work)
         work *= self.lr / self._correction1
         data -= work
+
+
+def _is_number(value) -> bool:
+    """A real number, NumPy scalars included; not a bool (True as a learning rate is a mistake)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _checked(owner: str, name: str, value, requirement: str, holds) -> float:
+    """``value`` as a float if it is a number for which ``holds`` is true, else one line naming it
+    (NaN fails every comparison, so it is refused too)."""
+    if not _is_number(value):
+        raise ValueError(f"{owner}: {name} must be a number {requirement}, got {value!r}")
+    if not holds(float(value)):
+        raise ValueError(f"{owner}: {name} must be {requirement}, got {value!r}")
+    return float(value)
 
 
 OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam)}

@@ -121,8 +121,35 @@ def test_a_layer_that_passes_its_input_gradient_back_is_not_fused():
     conv, pool = model.layers[:2]
     conv.needs_input_grad = True
     assert not conv.runs_with_maxpool(pool, (2, 1, 8, 8))
-    model.eval()  # no gradient at all in evaluation
+    model.eval()  # fused again: a backward pass through evaluation runs the two passes again
     assert conv.runs_with_maxpool(pool, (2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-gradient", "weights-only"])
+def test_backward_through_evaluation_matches_the_separate_layers_and_finite_differences(input_grad):
+    # A saliency map: the fused pair and a separate MaxPool (plain backend) in evaluation, where
+    # neither kept the pooling's winners, against each other and against finite differences.
+    rng = numpy.random.default_rng(3)
+    x, dy = rng.standard_normal((2, 1, 8, 8)), rng.standard_normal((2, 16, 4, 4))
+    gradients = []
+    for be in (FUSING, PLAIN):
+        model = first_block(be, training=False)
+        model.layers[0].needs_input_grad = input_grad
+        model.forward(x)
+        dx = model.backward(dy)
+        gradients.append((dx, model.layers[0].params["weight"].grad.copy()))
+    (fused_dx, fused_dw), (plain_dx, plain_dw) = gradients
+    numpy.testing.assert_allclose(fused_dw, plain_dw, rtol=1e-12, atol=1e-12)
+    if not input_grad:
+        assert fused_dx is None and plain_dx is None
+        return
+    numpy.testing.assert_allclose(fused_dx, plain_dx, rtol=1e-12, atol=1e-12)
+    model = first_block(PLAIN, training=False)
+    loss = lambda inputs: float((model.forward(inputs) * dy).sum())  # noqa: E731
+    for index in [(0, 0, 0, 0), (0, 0, 3, 4), (1, 0, 7, 7), (1, 0, 2, 5)]:
+        step = numpy.zeros_like(x)
+        step[index] = 1e-6
+        assert (loss(x + step) - loss(x - step)) / 2e-6 == pytest.approx(fused_dx[index], rel=1e-6, abs=1e-9)
 
 
 def test_it_pays_only_with_few_input_channels():
@@ -155,5 +182,5 @@ def test_the_pool_of_a_fused_pair_hands_the_gradient_back_once():
     pool = model.layers[1]
     dy = numpy.ones((2, 16, 4, 4))
     assert pool.backward(dy) is dy
-    with pytest.raises(RuntimeError, match="backward needs a forward pass in training mode first"):
+    with pytest.raises(RuntimeError, match=r"MaxPool\(pool_size=2, stride=2\): backward needs a forward pass first"):
         pool.backward(dy)

@@ -130,11 +130,18 @@ def test_maxpool_tie_sends_the_gradient_to_one_input_only():
     assert dx.sum() == 1.0 and dx[0, 0, 0, 0] == 1.0
 
 
-def test_maxpool_backward_after_an_evaluation_forward_says_what_to_do():
-    layer = MaxPool(2, backend=CPU64)
-    layer.training = False
-    y = layer.forward(numpy.ones((1, 1, 4, 4)))
-    with pytest.raises(RuntimeError, match=r"backward needs a forward pass in training mode"):
+@pytest.mark.parametrize("pool, stride", [(2, 2), (3, 2)], ids=["2x2", "overlapping"])
+def test_maxpool_backward_after_an_evaluation_forward_is_the_training_one(pool, stride):
+    # Evaluation records no winners; backward finds them again from the kept input.
+    x = numpy.random.default_rng(2).standard_normal((2, 3, 7, 7))
+    gradients = []
+    for training in (True, False):
+        layer = MaxPool(pool, stride, backend=CPU64)
+        layer.training = training
+        y = layer.forward(x)
+        gradients.append(layer.backward(numpy.arange(y.size, dtype=float).reshape(y.shape)))
+    numpy.testing.assert_array_equal(gradients[1], gradients[0])
+    with pytest.raises(RuntimeError, match=r"backward needs a forward pass first"):
         layer.backward(numpy.ones_like(y))
 
 

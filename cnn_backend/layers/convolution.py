@@ -139,7 +139,9 @@ class Convolution(Layer):
 
         Only on a backend that asks for it (the CPU's, where it saves NumPy's short strided
         runs), for a stride-1 gemm convolution with an even output, when no input gradient is
-        wanted (a first layer, or evaluation), and where it pays (:func:`F.conv_maxpool_pays`).
+        wanted (a first layer; in evaluation any layer, as backward through it is rare: it then
+        runs the passes again, see :meth:`_unpool_evaluated`), and where it pays
+        (:func:`F.conv_maxpool_pays`).
         """
         if not (self.backend.fuses_conv_maxpool and pool.pool_size == pool.stride == 2 and self.stride == 1):
             return False
@@ -162,13 +164,29 @@ class Convolution(Layer):
         y, self._cache = F.conv2d_maxpool2x2_forward(
             self.backend, x, weight, bias, self.padding, self._workspace, for_backward=self.training
         )
+        if not self.training:  # a backward pass through evaluation finds the pooling's winners again
+            self._cache = ("evaluated-maxpool2x2", x)
         return y
+
+    def _unpool_evaluated(self, dy, x):
+        """For a backward pass after :meth:`forward_maxpool2x2` in evaluation (a saliency map): the
+        passes again, with what backward needs. Without an input gradient, as one operation (``dy``
+        stays the pooled gradient); with one, as the two layers, ``dy`` sent through the pooling."""
+        weight = self.params["weight"].data
+        bias = self.params["bias"].data if self.bias else None
+        if not self.needs_input_grad:
+            return dy, F.conv2d_maxpool2x2_forward(self.backend, x, weight, bias, self.padding, self._workspace)[1]
+        y, cache = F.conv2d_forward(self.backend, x, weight, bias, 1, self.padding, "gemm", self._workspace)
+        _, pool_cache = F.maxpool_forward(self.backend, y, 2, 2, for_backward=True)
+        return F.maxpool_backward(self.backend, dy, pool_cache), cache
 
     def backward(self, dy):
         if self._cache is None:
             raise self._forward_first()
         weight, bias = self.params["weight"], self.params.get("bias")
         grad_out = (weight.grad_view, None if bias is None else bias.grad_view)
+        if self._cache[0] == "evaluated-maxpool2x2":
+            dy, self._cache = self._unpool_evaluated(dy, self._cache[1])
         if self._cache[0] == "gemm-maxpool2x2":  # dy is the pooled gradient; no input gradient
             dx = None
             weight.grad, dbias = F.conv2d_maxpool2x2_backward(self.backend, dy, self._cache, grad_out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from .. import functional as F
 from ..backend import Backend
 from ..init import initial_weight, make_rng
@@ -147,6 +149,8 @@ class Dropout(Layer):
 
     def __init__(self, rate: float = 0.5, *, rng=None, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+            raise ValueError(f"Dropout: rate must be a number in [0, 1), got {rate!r}")
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"Dropout: rate must be in [0, 1), got {rate!r}")
         self.rate = float(rate)

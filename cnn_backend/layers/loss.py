@@ -36,6 +36,8 @@ class SoftmaxCrossEntropy:
             labels = self.backend.to_device(labels)
         if logits.ndim != 2:
             raise ShapeError(f"SoftmaxCrossEntropy: expected logits of shape (N, classes), got {tuple(logits.shape)}")
+        if logits.shape[0] == 0:  # the mean over no samples would divide by zero
+            raise ShapeError(f"SoftmaxCrossEntropy: expected a batch of at least one sample, got logits of shape {tuple(logits.shape)}")
         if labels.shape != (logits.shape[0],):
             raise ShapeError(
                 f"SoftmaxCrossEntropy: expected labels of shape ({logits.shape[0]},) to match the logits, "
@@ -57,6 +59,8 @@ class SoftmaxCrossEntropy:
 
     def backward(self):
         """Gradient of the mean loss with respect to the logits: ``(softmax - target) / N``."""
+        if self._dlogits is None:
+            raise RuntimeError("SoftmaxCrossEntropy: backward needs a forward pass first (call the loss on logits and labels, then backward)")
         return self._dlogits
 
     __call__ = forward

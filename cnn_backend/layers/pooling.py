@@ -41,10 +41,16 @@ class MaxPool(_WindowPool):
         super().__init__(pool_size, stride, backend=backend)
         self._cache = None
 
+    #: the cache after a forward pass in evaluation mode: the input, for backward to find the winners again
+    EVALUATED = "evaluated"
+
     def forward(self, x):
         self._expect_windowed_input(x)
-        # In evaluation mode nothing is recorded for a backward pass (about half the work).
+        # In evaluation mode no winners are recorded (about half the work); a backward pass through
+        # it (a saliency map) finds them again from the input.
         y, self._cache = F.maxpool_forward(self.backend, x, self.pool_size, self.stride, for_backward=self.training)
+        if not self.training:
+            self._cache = (self.EVALUATED, x)
         return y
 
     #: the cache after a forward pass run by the convolution before it (Convolution.forward_maxpool2x2)
@@ -53,14 +59,16 @@ class MaxPool(_WindowPool):
     def pooled_by_previous(self) -> None:
         """Record that the layer before pooled for this one: :meth:`backward` then hands the pooled
         gradient back unchanged, and that layer's backward pass routes it through the windows."""
-        self._cache = self.POOLED_BY_PREVIOUS if self.training else None
+        self._cache = self.POOLED_BY_PREVIOUS
 
     def backward(self, dy):
         if self._cache is None:
-            raise RuntimeError(f"{self}: backward needs a forward pass in training mode first (call model.train())")
+            raise self._forward_first()
         if self._cache is self.POOLED_BY_PREVIOUS:
             self._cache = None
             return dy
+        if self._cache[0] == self.EVALUATED:
+            _, self._cache = F.maxpool_forward(self.backend, self._cache[1], self.pool_size, self.stride, for_backward=True)
         dx = F.maxpool_backward(self.backend, dy, self._cache)
         self._cache = None
         return dx

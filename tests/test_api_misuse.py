@@ -1,0 +1,125 @@
+"""Misuse of the optimisers, Dropout and the loss gets one clear line, and a saved optimiser state stays saved."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy
+import pytest
+
+from cnn_backend import SGD, Adam, get_backend
+from cnn_backend.layers import Dropout, ShapeError, SoftmaxCrossEntropy
+from cnn_backend.model import plain_cnn
+
+CPU64 = get_backend("cpu", "float64")
+
+
+def test_a_saved_optimiser_state_does_not_change_with_the_next_step_and_rolls_back():
+    model = plain_cnn(CPU64, seed=0)
+    rng = numpy.random.default_rng(0)
+    x, labels = rng.random((4, 1, 28, 28)), numpy.array([0, 3, 7, 9])
+    loss_fn = SoftmaxCrossEntropy(CPU64)
+    optimizer = Adam(model.parameters(), lr=1e-3, backend=CPU64)
+
+    def step():
+        loss_fn(model(x), labels)
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        return model.state_dict()
+
+    step()
+    saved, saved_params = optimizer.state_dict(), model.state_dict()
+    snapshot = {key: numpy.array(value, copy=True) for key, value in saved.items()}
+    after_second = step()
+    for key, value in snapshot.items():
+        numpy.testing.assert_array_equal(saved[key], value, err_msg=key)
+    assert saved["steps"] == 1
+
+    model.load_state_dict(saved_params)
+    optimizer.load_state_dict(saved)
+    replayed = step()
+    for name, value in after_second.items():
+        numpy.testing.assert_array_equal(replayed[name], value, err_msg=name)
+
+
+def _params():
+    return plain_cnn(CPU64, seed=0).parameters()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: Adam(p, eps=-1, backend=CPU64), "Adam: eps must be >= 0, got -1"),
+        (lambda p: Adam(p, eps=float("nan"), backend=CPU64), "Adam: eps must be >= 0, got nan"),
+        (lambda p: Adam(p, weight_decay=-1, backend=CPU64), "Adam: weight_decay must be >= 0, got -1"),
+        (lambda p: Adam(p, betas=(-0.1, 0.999), backend=CPU64), "Adam: betas must be in [0, 1), got (-0.1, 0.999)"),
+        (lambda p: Adam(p, betas=(0.9, 1.0), backend=CPU64), "Adam: betas must be in [0, 1), got (0.9, 1.0)"),
+        (lambda p: Adam(p, betas=0.9, backend=CPU64), "Adam: betas must be a pair of numbers in [0, 1), got 0.9"),
+        (lambda p: Adam(p, betas=(0.9,), backend=CPU64), "Adam: betas must be a pair of numbers in [0, 1), got (0.9,)"),
+        (lambda p: Adam(p, betas=("0.9", 0.999), backend=CPU64), "Adam: betas must be a pair of numbers in [0, 1), got ('0.9', 0.999)"),
+        (lambda p: Adam(p, lr="1e-3", backend=CPU64), "Adam: learning rate must be a number > 0, got '1e-3'"),
+        (lambda p: SGD(p, lr="0.1", backend=CPU64), "SGD: learning rate must be a number > 0, got '0.1'"),
+        (lambda p: SGD(p, lr=None, backend=CPU64), "SGD: learning rate must be a number > 0, got None"),
+        (lambda p: SGD(p, lr=True, backend=CPU64), "SGD: learning rate must be a number > 0, got True"),
+        (lambda p: SGD(p, lr=-0.1, backend=CPU64), "SGD: learning rate must be > 0, got -0.1"),
+        (lambda p: SGD(p, nesterov=True, backend=CPU64), "SGD: nesterov=True needs a momentum > 0, got momentum=0.0"),
+        (lambda p: SGD(p, momentum=-0.5, backend=CPU64), "SGD: momentum must be in [0, 1), got -0.5"),
+        (lambda p: SGD(p, momentum="0.9", backend=CPU64), "SGD: momentum must be a number in [0, 1), got '0.9'"),
+        (lambda p: SGD(p, weight_decay=float("nan"), backend=CPU64), "SGD: weight_decay must be >= 0, got nan"),
+    ],
+)
+def test_bad_optimiser_hyper_parameters_are_one_line_naming_them(make, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make(_params())
+
+
+def test_the_hyper_parameters_pytorch_accepts_are_accepted():
+    params = _params()
+    assert Adam(params, eps=0, betas=[0.0, numpy.float32(0.5)], backend=CPU64).config()["betas"] == [0.0, 0.5]
+    assert SGD(params, lr=numpy.float32(0.5), momentum=0.9, nesterov=True, backend=CPU64).lr == 0.5
+
+
+@pytest.mark.parametrize("rate", ["0.5", None, True])
+def test_a_dropout_rate_that_is_not_a_number_is_one_line(rate):
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Dropout: rate must be a number in [0, 1), got {rate!r}')}$"):
+        Dropout(rate)
+    assert Dropout(numpy.float32(0.25)).rate == 0.25
+
+
+def test_the_loss_of_an_empty_batch_is_refused_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ShapeError, match=re.escape("SoftmaxCrossEntropy: expected a batch of at least one sample, got logits of shape (0, 10)")):
+            SoftmaxCrossEntropy("cpu")(numpy.zeros((0, 10), numpy.float32), numpy.zeros(0, int))
+
+
+def test_loss_backward_before_forward_says_so():
+    with pytest.raises(RuntimeError, match=r"^SoftmaxCrossEntropy: backward needs a forward pass first"):
+        SoftmaxCrossEntropy("cpu").backward()
+
+
+def test_the_documented_input_gradient_and_gradient_overwrite():
+    """docs/layers.md: backward replaces ``.grad``; the first layer's dx only when asked for, and then
+    it is the loss's gradient (checked against a central difference)."""
+    model = plain_cnn(CPU64, seed=0)
+    rng = numpy.random.default_rng(1)
+    x, labels = rng.random((2, 1, 28, 28)), numpy.array([2, 5])
+    loss_fn = SoftmaxCrossEntropy(CPU64)
+    loss_fn(model(x), labels)
+    assert model.backward(loss_fn.backward()) is None
+    first = model.flat_grad.copy()
+    loss_fn(model(x), labels)
+    model.backward(loss_fn.backward())
+    numpy.testing.assert_array_equal(model.flat_grad, first)  # the same gradient, not twice it
+
+    model.layers[0].needs_input_grad = True
+    loss_fn(model(x), labels)
+    dx = model.backward(loss_fn.backward())
+    assert dx.shape == x.shape
+    pixel, h = (1, 0, 14, 9), 1e-6
+    shifted = [x.copy(), x.copy()]
+    shifted[0][pixel] += h
+    shifted[1][pixel] -= h
+    up, down = (float(loss_fn(model(s), labels)) for s in shifted)
+    assert dx[pixel] == pytest.approx((up - down) / (2 * h), rel=1e-5)
