@@ -127,6 +127,18 @@ class Sequential:
             x = x.astype(self.backend.dtype)
         if self.input_shape is None:
             self.input_shape = tuple(x.shape[1:])
+        try:
+            x = self._forward_layers(x)
+        except ShapeError as exc:
+            if self.input_shape != tuple(x.shape[1:]):  # the usual cause: say it rather than its effect deep inside
+                raise ShapeError(f"{exc}; the model was built for samples of shape {self.input_shape}, this batch's are {tuple(x.shape[1:])}") from None
+            raise
+        self._output_shape, self._predicted_since_forward = tuple(x.shape), False
+        return x
+
+    __call__ = forward
+
+    def _forward_layers(self, x):
         layers, index = self.layers, 0
         while index < len(layers):
             layer, following = layers[index], layers[index + 1] if index + 1 < len(layers) else None
@@ -141,10 +153,7 @@ class Sequential:
             else:
                 x = layer.forward(x)
                 index += 1
-        self._output_shape, self._predicted_since_forward = tuple(x.shape), False
         return x
-
-    __call__ = forward
 
     def backward(self, grad):
         """Backpropagate the loss gradient (the shape of the last forward pass's output) through

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import numbers
 import os
 import sys
 from importlib import resources
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from .backend import Backend, get_backend
 from .functional import CONV_ALGORITHMS
-from .init import INITIALIZERS, make_rng
+from .init import INITIALIZERS, as_integer, make_rng
 from .layers import LAYER_TYPES, Layer, ShapeError
 from .model import Sequential
 
@@ -236,9 +237,10 @@ def _check_input_shape(input_shape) -> tuple:
         shape = tuple(input_shape)
     except TypeError:
         shape = ()
-    if len(shape) not in (1, 3) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+    # NumPy integers count, as everywhere else (a shape read from an array's .shape, or an array).
+    if len(shape) not in (1, 3) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape):
         raise SpecError(f"the input shape must be (channels, height, width) or (features,) of positive integers, got {input_shape!r}")
-    return shape
+    return tuple(int(s) for s in shape)
 
 
 def build_model(
@@ -261,6 +263,8 @@ def build_model(
         _, spec = resolve_spec(spec)
     normalized = normalize_spec(spec)
     shape = _check_input_shape(input_shape)
+    if num_classes is not None:
+        num_classes = as_integer(num_classes, "num_classes", 1)
     backend = get_backend(backend)
     layers = [_make_layer(entry, backend, _label(i, entry, ""), algorithm) for i, entry in enumerate(normalized["layers"])]
     try:

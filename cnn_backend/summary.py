@@ -68,8 +68,13 @@ def _describe(layer: Layer) -> str:
 
 def summarize(model) -> ModelSummary:
     """The summary of a built :class:`~cnn_backend.model.Sequential` (one with its input shape)."""
-    if model.input_shape is None or any(layer.output_shape is None for layer in model.layers):
-        raise ValueError("the model has no input shape yet: build it with one (build_model, or Sequential(..., input_shape=...))")
+    if model.input_shape is None:
+        raise ValueError(
+            "the model has no input shape yet: build it with one (build_model, or Sequential(..., input_shape=...)), "
+            "or run it on a batch first"
+        )
+    if any(layer.output_shape is None for layer in model.layers):
+        model.build(model.input_shape)  # layers made with their sizes, shape recorded by a forward pass: shapes only
     itemsize = model.backend.dtype.itemsize
     summary = ModelSummary(tuple(model.input_shape), model.backend.dtype.name, name=model.spec_options.get("name"))
     for index, layer in enumerate(model.layers):

@@ -149,3 +149,30 @@ def test_nan_input_is_refused_on_a_device_for_host_and_device_input(device_under
             model.predict(given, batch_size=2)
     clean = numpy.zeros((3, 1, 28, 28), numpy.float32)
     numpy.testing.assert_allclose(model.predict(clean), seed_cnn("cpu").predict(clean))
+
+
+def test_a_batch_of_another_sample_shape_is_named_beside_the_layer_that_fails():
+    with pytest.raises(ShapeError, match=re.escape(
+        "FullyConnected(2352->384): expected input of shape (N, 2352), got (2, 3072); the model was built for samples "
+        "of shape (1, 28, 28), this batch's are (1, 32, 32)")):
+        default_cnn("cpu")(numpy.zeros((2, 1, 32, 32)))
+
+
+def test_a_hand_built_model_has_a_summary_once_a_batch_gave_its_input_shape():
+    from cnn_backend.summary import format_summary
+
+    model = Sequential([Flatten(), FullyConnected(16, 4), ReLU()], "cpu")
+    with pytest.raises(ValueError, match="the model has no input shape yet: .* or run it on a batch first"):
+        model.summary()
+    model(numpy.zeros((2, 1, 4, 4)))
+    assert format_summary(model.summary()).splitlines()[-1] == (
+        "total: 68 parameters (272 B as float32), 0 buffer values (0 B), 64 MACs per sample")
+
+
+def test_numpy_shapes_and_class_counts_are_integers_and_a_text_class_count_is_refused():
+    from cnn_backend.spec import build_model
+
+    model = build_model("default", numpy.array([1, 28, 28]), num_classes=numpy.int64(10))
+    assert model.input_shape == (1, 28, 28) and all(type(size) is int for size in model.input_shape)
+    with pytest.raises(ValueError, match=r"^num_classes must be an integer >= 1, got '10'$"):
+        build_model("default", (1, 28, 28), num_classes="10")
