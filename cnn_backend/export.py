@@ -184,7 +184,10 @@ def resolve_input_shape(model, input_shape: Sequence[int] | None = None) -> tupl
         first = model.layers[0]
         channels = getattr(first, "in_channels", None)
         if channels is None:
-            raise ExportError("the network records no input shape and does not start with a convolution; pass input_shape=(C, H, W)")
+            raise ExportError(
+                "the network records no input shape, and its first layer does not give its channel count (not a "
+                "convolution, or one not built yet); pass input_shape=(C, H, W), or run the model on a batch first"
+            )
         shape = (channels, *DEFAULT_IMAGE_SIZE)
     shape = tuple(int(n) for n in shape)
     if len(shape) not in (1, 3) or min(shape) < 1:

@@ -420,6 +420,18 @@ def test_input_shape_that_does_not_fit_the_dense_layer_is_refused():
         build_onnx_model(plain_cnn(), input_shape=(1, 32, 32))
 
 
+def test_a_network_without_an_input_shape_says_how_to_give_one():
+    from cnn_backend.export import resolve_input_shape
+    from cnn_backend.layers import Convolution, Flatten
+    from cnn_backend.model import Sequential
+
+    unbuilt = Sequential([Convolution(out_channels=2, kernel_size=3), Flatten()], "cpu")  # channels left to inference
+    with pytest.raises(ExportError, match=r"^the network records no input shape, and its first layer does not give its "
+                                          r"channel count .*; pass input_shape=\(C, H, W\), or run the model on a batch first$"):
+        resolve_input_shape(unbuilt)
+    assert resolve_input_shape(unbuilt, (3, 8, 8)) == (3, 8, 8)
+
+
 def test_wrong_number_of_class_names_is_refused():
     with pytest.raises(ExportError, match="3 class names for a network with 10 outputs"):
         build_onnx_model(seed_cnn(), class_names=["a", "b", "c"])
