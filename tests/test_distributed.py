@@ -459,6 +459,23 @@ def test_a_signal_to_rank_1_alone_ends_the_job_with_one_line_naming_it(tmp_path)
 
 
 @needs_mpi
+def test_a_signal_to_rank_1_alone_before_training_is_named_too(tmp_path):
+    script = (
+        "import os, signal, sys\n"
+        "import cnn_backend.cli.train as train_command\n"
+        "def stop_rank_1(name):\n"
+        "    if name == 'start' and os.environ.get('PMI_RANK') == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "train_command.pause_point = stop_rank_1\n"
+        "from cnn_backend.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *TRAIN_ARGS, "--epochs", "1", "--out", "run"], tmp_path, timeout=60)
+    assert error_lines(result.stderr, prefix="cnn-backend: ") == ["cnn-backend: rank 1 of 2: terminated by SIGTERM"], result.stderr
+    assert result.returncode == 143
+
+
+@needs_mpi
 def test_a_usage_error_under_mpiexec_is_said_once(tmp_path):
     result = run_job(on_two_ranks("train", "--epochs", "0"), tmp_path, timeout=60)
     assert result.returncode == 2

@@ -189,6 +189,8 @@ def _train_in_job(args, world) -> int:
         if isinstance(exc, KeyboardInterrupt):  # every process was interrupted: rank 0 says so
             if world.is_root:
                 print_error(message, prefix)
+            else:  # said below if rank 0 was not (a signal to this process alone, before training)
+                held.append((message, prefix))
         else:
             _wait_for_rank_0(world, USAGE_GRACE_SECONDS if status == EXIT_USAGE else FAILURE_GRACE_SECONDS)
             print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
