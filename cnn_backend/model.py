@@ -123,6 +123,8 @@ class Sequential:
         x = self.backend.to_device(x)
         if x.ndim == 0 or x.shape[0] == 0:
             raise ShapeError(f"Sequential: expected a batch of at least one sample, got shape {tuple(x.shape)}")
+        if x.dtype.kind not in "biuf":  # a cast would drop imaginary parts, or fail on text deep inside
+            raise ValueError(f"Sequential: expected real numbers, got an array of dtype {x.dtype}; pass the images as numbers")
         if x.dtype != self.backend.dtype:
             x = x.astype(self.backend.dtype)
         if self.input_shape is None:

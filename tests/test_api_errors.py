@@ -176,3 +176,9 @@ def test_numpy_shapes_and_class_counts_are_integers_and_a_text_class_count_is_re
     assert model.input_shape == (1, 28, 28) and all(type(size) is int for size in model.input_shape)
     with pytest.raises(ValueError, match=r"^num_classes must be an integer >= 1, got '10'$"):
         build_model("default", (1, 28, 28), num_classes="10")
+
+
+@pytest.mark.parametrize("dtype", [numpy.complex64, numpy.str_, object])
+def test_input_that_is_not_real_numbers_is_refused(dtype):
+    with pytest.raises(ValueError, match=r"^Sequential: expected real numbers, got an array of dtype "):
+        seed_cnn("cpu")(numpy.zeros((2, 1, 28, 28), dtype=dtype))
