@@ -117,11 +117,13 @@ def add_train_command(commands) -> None:
     optimisation.add_argument("--epochs", type=positive_int, help=f"last epoch to train (default: {recipe_default('epochs')})")
     optimisation.add_argument("--batch-size", type=positive_int, help=f"samples per step (default: {recipe_default('batch_size')})")
     optimisation.add_argument("--optimizer", choices=sorted(OPTIMIZERS), help=f"(default: {recipe_default('optimizer')})")
-    against = "; an optimizer chosen against its recipe: " + ", ".join(f"{name} {{{name}}}" for name in OPTIMIZER_DEFAULTS)
-    optimisation.add_argument("--lr", type=learning_rate, help=f"base learning rate (default: {recipe_default('lr')}"
-                              + against.format(**{name: values["lr"] for name, values in OPTIMIZER_DEFAULTS.items()}) + ")")
-    optimisation.add_argument("--momentum", type=fraction, help=f"SGD momentum, or Adam's beta1 (default: {recipe_default('momentum')}"
-                              + against.format(**{name: values["momentum"] for name, values in OPTIMIZER_DEFAULTS.items()}) + ")")
+    def against_recipe(key: str) -> str:
+        return "an optimizer chosen against its recipe: " + ", ".join(f"{name} {values[key]}" for name, values in OPTIMIZER_DEFAULTS.items())
+
+    optimisation.add_argument("--lr", type=learning_rate,
+                              help=f"base learning rate (default: {recipe_default('lr')}; {against_recipe('lr')})")
+    optimisation.add_argument("--momentum", type=fraction,
+                              help=f"SGD momentum, or Adam's beta1 (default: {recipe_default('momentum')}; {against_recipe('momentum')})")
     optimisation.add_argument("--weight-decay", type=non_negative_float, help=f"L2 (SGD) or decoupled (Adam) weight decay "
                               f"(default: {recipe_default('weight_decay')})")
     optimisation.add_argument("--schedule", choices=SCHEDULES, help="learning rate over the run: constant; step (x0.1 every "
