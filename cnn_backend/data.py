@@ -359,8 +359,8 @@ class BatchLoader:
         if 0 < last < self.size:
             raise ValueError(
                 f"the last batch of an epoch would hold {last} sample{'s' if last > 1 else ''}, fewer than the "
-                f"{self.size} processes: change the batch size or the number of training samples (--batch-size, "
-                f"--train-split), or leave the last batch out (BatchLoader(drop_last=True))"
+                f"{self.size} processes: change the batch size or the number of samples, or leave the last batch "
+                f"out (drop_last=True)"
             )
         device_bytes = self._host_images.nbytes + self._host_labels.nbytes
         #: True when the whole split lives on the device.

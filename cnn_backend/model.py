@@ -121,6 +121,7 @@ class Sequential:
     def forward(self, x):
         """Logits for a batch. ``x`` may be a host array; it is sent to the device in the model's dtype."""
         x = self.backend.to_device(x)
+        self._output_shape = None  # until this pass completes: backward must not use a failed one's caches
         if x.ndim == 0 or x.shape[0] == 0:
             raise ShapeError(f"Sequential: expected a batch of at least one sample, got shape {tuple(x.shape)}")
         if x.dtype.kind not in "biuf":  # a cast would drop imaginary parts, or fail on text deep inside
@@ -162,7 +163,10 @@ class Sequential:
         every layer, writing each parameter's gradient (replacing the previous one, not adding to
         it); returns the input gradient (None unless the first layer's ``needs_input_grad``)."""
         if self._output_shape is None:
-            raise RuntimeError("Sequential.backward: no forward pass to backpropagate through; call the model on a batch first")
+            raise RuntimeError(
+                "Sequential.backward: no complete forward pass to backpropagate through (none yet, or the last one "
+                "failed); call the model on a batch first"
+            )
         if self._predicted_since_forward:
             raise RuntimeError(
                 "Sequential.backward: predict ran after the forward pass and replaced what backward needs; "

@@ -51,8 +51,16 @@ def test_backward_before_forward_says_so(layer, gradient):
 
 
 def test_backward_of_a_model_before_forward_says_so():
-    with pytest.raises(RuntimeError, match=r"^Sequential.backward: no forward pass to backpropagate through; call the model on a batch first$"):
+    message = r"^Sequential.backward: no complete forward pass to backpropagate through \(none yet, or the last one failed\); call the model on a batch first$"
+    with pytest.raises(RuntimeError, match=message):
         seed_cnn("cpu").backward(numpy.zeros((2, 10), numpy.float32))
+    # A forward pass that failed part-way replaced some layers' caches: no backward through it either.
+    model = default_cnn("cpu")
+    model(numpy.zeros((4, 1, 28, 28)))
+    with pytest.raises(ShapeError):
+        model(numpy.zeros((4, 1, 32, 32)))
+    with pytest.raises(RuntimeError, match=message):
+        model.backward(numpy.zeros((4, 10), numpy.float32))
 
 
 @pytest.mark.parametrize(

@@ -307,7 +307,7 @@ def test_resume_refuses_a_checkpoint_that_would_overwrite_later_epochs_or_change
     status, _, err = run_main(capsys, "train", "--resume", run / "epoch1.npz", "--epochs", 3, "--device", "cpu", "--quiet")
     assert status == 2 and err.count("\n") == 1, err
     assert (f"{run / 'epoch1.npz'} holds epoch 1 but {run / 'last.npz'} holds epoch 2: resuming it in its own folder would "
-            f"overwrite epochs 2-2; resume {run / 'last.npz'}, or add --out NEW_FOLDER to go on from epoch 1 there") in err
+            f"overwrite epoch 2; resume {run / 'last.npz'}, or add --out NEW_FOLDER to go on from epoch 1 there") in err
     assert ((run / "last.npz").read_bytes(), (run / "history.jsonl").read_text()) == before
 
     # Another run commits an epoch between this one reading the checkpoint and locking the folder.
@@ -321,6 +321,11 @@ def test_resume_refuses_a_checkpoint_that_would_overwrite_later_epochs_or_change
     assert status == 2 and err.count("\n") == 1, err
     assert f"{run / 'last.npz'} changed after this run read it (epoch 2): another run wrote to its folder meanwhile" in err
     assert (run / "history.jsonl").read_text() == before[1] and len(before[1].splitlines()) == 2
+    # Into a new folder the checkpoint read goes on from its epoch: nothing there to overwrite.
+    status, out, err = run_main(capsys, "train", "--resume", run / "last.npz", "--epochs", 3, "--device", "cpu",
+                                "--quiet", "--no-plots", "--out", tmp_path / "branch")
+    assert status == 0, err
+    assert load_checkpoint(tmp_path / "branch" / "last.npz").epoch == 3
 
 
 def test_a_last_batch_too_small_to_train_on_is_left_out_with_a_note(tmp_path, capsys):
@@ -339,6 +344,12 @@ def test_a_last_batch_too_small_to_train_on_is_left_out_with_a_note(tmp_path, ca
     assert _last_batch_left_out(68, 64, 2, default) is None and _last_batch_left_out(128, 64, 2, default) is None
     with pytest.raises(ValueError, match=r"^the training split holds 1 image, too few to train on: a batch needs at least 2 here"):
         _last_batch_left_out(1, 64, 1, default)
+    from cnn_backend.cli.train import _refuse_batches_batchnorm_cannot_take
+
+    _refuse_batches_batchnorm_cannot_take(1, 1, plain)  # no BatchNorm: one sample a step is fine
+    with pytest.raises(ValueError, match=r"^--batch-size 3 gives each of the 2 processes 1 sample, and BatchNorm cannot "
+                                         r"take statistics over a single one: choose --batch-size 4 or more$"):
+        _refuse_batches_batchnorm_cannot_take(3, 2, default)
 
     status, out, err = run_main(capsys, "train", "--model", "default", "--device", "cpu", "--data", "bundled", "--train-split",
                                 ":129", "--val-split", "9000:9100", "--epochs", 1, "--quiet", "--no-plots", "--out", tmp_path / "run")

@@ -195,7 +195,7 @@ def test_a_batch_size_the_processes_do_not_divide_is_refused_naming_sizes_that_w
     images, labels = numpy.zeros((20, 1, 2, 2), numpy.uint8), numpy.zeros(20, numpy.int64)
     with pytest.raises(ValueError, match=r"^the batch size 30 cannot be shared by 4 processes: choose a multiple of 4 \(28, 32\)$"):
         BatchLoader(images, labels, standin_backend(), 30, rank=0, size=4)
-    with pytest.raises(ValueError, match=r"last batch of an epoch would hold 1 sample, fewer than the 2 processes: change the batch size .*--batch-size, --train-split.*drop_last=True"):
+    with pytest.raises(ValueError, match=r"last batch of an epoch would hold 1 sample, fewer than the 2 processes: change the batch size or the number of samples, or leave the last batch out \(drop_last=True\)$"):
         BatchLoader(images[:17], labels[:17], standin_backend(), 8, rank=0, size=2)
 
 
@@ -481,6 +481,18 @@ def test_a_usage_error_under_mpiexec_is_said_once(tmp_path):
     assert result.returncode == 2
     assert error_lines(result.stderr) == [
         "cnn-backend: error: argument --epochs: must be a positive integer, got '0'; see cnn-backend train --help"
+    ], result.stderr
+
+
+@needs_mpi
+def test_a_bad_option_on_rank_1_alone_ends_the_job_in_one_line(tmp_path):
+    # Rank 0's command line is fine: it waits for rank 1 in a collective, so rank 1 must end the job.
+    good = cli(*TRAIN_ARGS, "--epochs", "1", "--out", "run")
+    started = time.monotonic()
+    result = run_job([MPIEXEC, "-n", "1", *good, ":", "-n", "1", *good, "--bogus"], tmp_path, timeout=60)
+    assert result.returncode == 2 and time.monotonic() - started < 30
+    assert error_lines(result.stderr) == [
+        "cnn-backend: error: rank 1 of 2: unrecognized arguments: --bogus; see cnn-backend --help"
     ], result.stderr
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import time
 
 from .. import __version__
 # Looked up here by the command modules when called, so that replacing them on this package (as
@@ -87,10 +89,39 @@ class OneLineParser(argparse.ArgumentParser):
     (instead of argparse's usage block before the message)."""
 
     def error(self, message: str):
-        # Under mpiexec every process parses the same command line: rank 0 alone says what is wrong.
-        if launcher_rank() in (None, 0):
-            print_error(f"{message}; see {self.prog} --help")
+        text = f"{message}; see {self.prog} --help"
+        rank = launcher_rank()
+        if rank is not None:
+            _end_job_for_a_usage_error(text, rank)
+        print_error(text)
         raise SystemExit(EXIT_USAGE)
+
+
+#: seconds a process other than rank 0 waits, after a usage error, for rank 0 to end the job
+USAGE_ERROR_GRACE_SECONDS = 5.0
+
+
+def _end_job_for_a_usage_error(text: str, rank: int) -> None:
+    """Under mpiexec each process parses its own command line. Where all are wrong alike, rank 0
+    says so once and ends the job; where only another rank's is (``mpiexec ... : ...``), rank 0
+    waits for it in a collective operation, so that rank says so itself after a grace period and
+    ends the job. Returns only when there is no job of several processes to end."""
+    try:
+        from mpi4py import MPI  # initialises MPI, as every process of the job does
+    except ImportError:
+        if rank != 0:
+            raise SystemExit(EXIT_USAGE)
+        return
+    size = MPI.COMM_WORLD.Get_size()
+    if size == 1:
+        return
+    if rank != 0:
+        time.sleep(USAGE_ERROR_GRACE_SECONDS)  # ended here by rank 0 if its command line was wrong too
+        text = f"rank {rank} of {size}: {text}"
+    print_error(text)
+    time.sleep(0.5)  # mpiexec forwards the line before the job is torn down
+    MPI.COMM_WORLD.Abort(EXIT_USAGE)
+    os._exit(EXIT_USAGE)  # MPI_Abort may return before the launcher ends this process: say nothing more
 
 
 def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParser:

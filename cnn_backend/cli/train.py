@@ -248,6 +248,7 @@ def _train(args, world, held: list | None = None) -> int:
     model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
     check_processes_agree(world, _run_facts(settings, checkpoint, images, labels, train_window, val_window, model))
 
+    _refuse_batches_batchnorm_cannot_take(settings["batch_size"], communicator.size, model)
     last_batch_note = _last_batch_left_out(len(labels[train_window]), settings["batch_size"], communicator.size, model)
     loader = BatchLoader(
         images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
@@ -300,6 +301,15 @@ def _last_batch_left_out(samples: int, batch_size: int, processes: int, model) -
             f"{images}, {why}: it is left out (another batch size keeps it)")
 
 
+def _refuse_batches_batchnorm_cannot_take(batch_size: int, processes: int, model) -> None:
+    if _has_batchnorm(model.layers) and batch_size // processes < 2:
+        share = "each step" if processes == 1 else f"each of the {processes} processes"
+        raise ValueError(
+            f"--batch-size {batch_size} gives {share} {batch_size // processes} sample, and BatchNorm cannot take "
+            f"statistics over a single one: choose --batch-size {2 * processes} or more"
+        )
+
+
 def _has_batchnorm(layers) -> bool:
     return any(isinstance(layer, BatchNorm) or _has_batchnorm([child for _, child in layer.children()]) for layer in layers)
 
@@ -316,20 +326,23 @@ def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_w
     """With the output folder locked: refuse a checkpoint that another run replaced after this one
     read it, and one older than its own folder's last.npz, whose later epochs resuming there would
     overwrite (``best.npz`` of a run that went on)."""
+    if not same_folder(out_dir, checkpoint.path.parent):
+        return  # a new folder: nothing there to overwrite, and the file read was whole
     if _file_identity(checkpoint.path) != identity_when_read:
         raise ValueError(
             f"{checkpoint.path} changed after this run read it (epoch {checkpoint.epoch}): another run wrote to its "
             f"folder meanwhile; resume again to continue from its last epoch"
         )
     last = out_dir / LAST_CHECKPOINT
-    if not same_folder(out_dir, checkpoint.path.parent) or not last.exists() or os.path.samefile(last, checkpoint.path):
+    if not last.exists() or os.path.samefile(last, checkpoint.path):
         return
     latest = load_checkpoint(last).epoch
     if latest > checkpoint.epoch:
+        later = f"epoch {latest}" if latest == checkpoint.epoch + 1 else f"epochs {checkpoint.epoch + 1}-{latest}"
         raise ValueError(
             f"{checkpoint.path} holds epoch {checkpoint.epoch} but {last} holds epoch {latest}: resuming it in its own "
-            f"folder would overwrite epochs {checkpoint.epoch + 1}-{latest}; resume {last}, or add --out NEW_FOLDER "
-            f"to go on from epoch {checkpoint.epoch} there"
+            f"folder would overwrite {later}; resume {last}, or add --out NEW_FOLDER to go on from epoch "
+            f"{checkpoint.epoch} there"
         )
 
 
