@@ -172,8 +172,12 @@ class Checkpoint:
         stored = self.state["optimizer"]
         config = {**stored["config"], **overrides}
         optimizer = make_optimizer(stored["name"], model.parameters(), model.backend, **config)
+        # A kind of state the run did not keep (a velocity, when --momentum is added on resuming)
+        # starts from zeros, as a fresh optimiser's does; a kind it kept must be whole.
+        kept = {key.split("/")[0] for key in self.optimizer_buffers}
+        fresh = {key: value for key, value in optimizer.state_dict().items() if key != "steps" and key.split("/")[0] not in kept}
         try:
-            optimizer.load_state_dict({**self.optimizer_buffers, "steps": stored["steps"]})
+            optimizer.load_state_dict({**fresh, **self.optimizer_buffers, "steps": stored["steps"]})
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelFileError(f"{self.path}: {_one_line(exc)}") from None
         return optimizer

@@ -106,6 +106,17 @@ def test_dropout_layers_sharing_a_generator_resume_exactly_and_share_it_again(tm
         numpy.testing.assert_array_equal(resumed.state_dict()[key], expected, err_msg=key)
 
 
+def test_momentum_added_on_resuming_starts_from_a_zero_velocity(tmp_path):
+    backend = get_backend("cpu", "float64")
+    model = tiny_model(backend)
+    optimizer = make_optimizer("sgd", model.parameters(), backend, lr=0.05)  # no momentum: no velocity kept
+    run_steps(model, optimizer, batches(2))
+    checkpoint = load_checkpoint(save(tmp_path / "last.npz", model, optimizer))
+    resumed = checkpoint.build_optimizer(checkpoint.build_model(backend), momentum=0.9)
+    assert resumed.steps == 2 and resumed.momentum == 0.9
+    assert all(not velocity.any() for velocity in resumed.buffers["velocity"])
+
+
 def test_checkpoint_keeps_the_training_state(tmp_path):
     backend = get_backend("cpu")
     model = tiny_model(backend)
