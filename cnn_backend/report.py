@@ -37,8 +37,13 @@ def confusion_matrix(labels, predictions, num_classes: int = len(CLASS_NAMES)) -
     return flat.reshape(num_classes, num_classes)
 
 
+def _mean(values) -> float:
+    return float(values.mean()) if values.size else 0.0
+
+
 def classification_report(confusion, class_names: Sequence[str] = CLASS_NAMES) -> dict:
-    """Accuracy, per-class precision / recall / F1 / support, and their macro and weighted means.
+    """Accuracy, per-class precision / recall / F1 / support, and their macro and weighted means
+    (the macro mean over the classes present in the labels or the predictions).
 
     ``confusion`` has true classes in rows and predictions in columns. A class never predicted has
     precision 0 and a class never present has recall 0 (rather than NaN), so means stay defined.
@@ -68,11 +73,14 @@ def classification_report(confusion, class_names: Sequence[str] = CLASS_NAMES) -
         for index, name in enumerate(class_names)
     ]
     weights = support / total if total else numpy.zeros_like(precision)
+    # The macro mean is over the classes present in the labels or the predictions (scikit-learn's
+    # rule): a class absent from both, such as one a test folder lacks, would only pull it down.
+    seen = (confusion.sum(axis=1) > 0) | (confusion.sum(axis=0) > 0)
     return {
         "samples": total,
         "accuracy": float(correct.sum() / total) if total else 0.0,
         "per_class": per_class,
-        "macro_avg": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+        "macro_avg": {"precision": _mean(precision[seen]), "recall": _mean(recall[seen]), "f1": _mean(f1[seen])},
         "weighted_avg": {
             "precision": float(weights @ precision),
             "recall": float(weights @ recall),

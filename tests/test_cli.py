@@ -387,18 +387,31 @@ def test_a_folder_given_by_a_relative_path_is_found_from_anywhere_and_named_when
     assert status == 0, err
 
 
+def test_a_recipes_ranges_give_way_on_data_too_small_for_them():
+    from cnn_backend.cli.train import _recipe_ranges_fit
+
+    seed = resolve_settings({"model": "seed"})  # train[:5000], validate on train[5000:10000]
+    assert _recipe_ranges_fit(seed, {}, 10_000) and not _recipe_ranges_fit(seed, {}, 600)
+    # Ranges the user gave are checked where they are used, with their own message.
+    assert _recipe_ranges_fit({**seed, "train_split": ":5000"}, {"train_split": ":5000", "val_split": "5000:"}, 600)
+
+
 def test_a_split_missing_some_classes_is_noted():
     from types import SimpleNamespace
 
     from cnn_backend.cli.settings import missing_classes_notes
 
-    by_class = SimpleNamespace(labels=numpy.repeat(numpy.arange(3), 10), num_classes=3)  # a folder's order
+    by_class = SimpleNamespace(labels=numpy.repeat(numpy.arange(3), 10), num_classes=3, class_names=("a", "b", "c"))  # a folder's order
     assert missing_classes_notes(by_class, slice(0, 24), slice(24, 30)) == [
-        "the validation images hold 1 of the 3 classes (the data is ordered by class?); --val-fraction holds out part "
-        "of every class instead of a range"
+        "the validation images hold 1 of the 3 classes (not a, b: the data is ordered by class?); --val-fraction holds "
+        "out part of every class instead of a range"
     ]
-    assert missing_classes_notes(by_class, slice(0, 10), slice(5, 30))[0].startswith("the training images hold 1 of the 3 classes")
+    assert missing_classes_notes(by_class, slice(0, 10), slice(5, 30))[0].startswith("the training images hold 1 of the 3 classes (not b, c:")
     assert missing_classes_notes(by_class, numpy.arange(0, 30, 2), numpy.arange(1, 30, 2)) == []
+    # A hold-out (index arrays) lacks a class only when it has a single image, kept for training.
+    assert missing_classes_notes(by_class, numpy.arange(29), numpy.array([5, 15])) == [
+        "the validation images hold 2 of the 3 classes (not c: a class with a single image is kept for training)"
+    ]
 
 
 def test_ctrl_c_while_an_epoch_is_saved_still_prints_that_epoch(tmp_path, capsys, monkeypatch):

@@ -431,6 +431,23 @@ def test_image_folder_greyscale_and_explicit_channels_and_size(tmp_path):
     numpy.testing.assert_array_equal(as_grey.images[0, 0], numpy.asarray(expected))
 
 
+def test_16_bit_float_and_transparent_palette_images_keep_their_pixels(tmp_path):
+    import warnings
+
+    ramp = numpy.arange(256, dtype=numpy.uint16).reshape(16, 16)
+    Image.fromarray(ramp * 257).save(tmp_path / "deep.png")  # 16-bit: Pillow's own conversion clips at 255
+    Image.fromarray((ramp / 255).astype(numpy.float32), "F").save(tmp_path / "float.tif")
+    colours = numpy.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=numpy.uint8)
+    Image.fromarray(colours).convert("P").save(tmp_path / "palette.png", transparency=bytes([0] * 5 + [255] * 251))
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    numpy.testing.assert_array_equal(image_folder.decode_image(tmp_path / "deep.png", 1, None)[0], ramp)
+    numpy.testing.assert_array_equal(image_folder.decode_image(tmp_path / "float.tif", 1, None)[0], ramp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Palette images with Transparency" warning
+        expected = numpy.asarray(Image.open(tmp_path / "palette.png").convert("RGBA").convert("RGB")).transpose(2, 0, 1)
+        numpy.testing.assert_array_equal(image_folder.decode_image(tmp_path / "palette.png", 3, None), expected)
+
+
 def test_image_folder_cache_is_used_and_refreshed_when_the_folder_changes(tmp_path, monkeypatch):
     root = tmp_path / "pictures"
     make_folder(root)

@@ -58,6 +58,15 @@ def test_precision_recall_f1_match_hand_computation():
     assert report["confusion_matrix"] == CONFUSION.tolist()
 
 
+def test_the_macro_mean_leaves_out_a_class_neither_present_nor_predicted():
+    # A test folder without class c: c's zeros would pull the macro mean down (scikit-learn leaves it out).
+    confusion = numpy.array([[3, 1, 0], [2, 2, 0], [0, 0, 0]])
+    report = classification_report(confusion, NAMES)
+    assert report["macro_avg"]["recall"] == pytest.approx((3 / 4 + 2 / 4) / 2)
+    assert report["macro_avg"]["precision"] == pytest.approx((3 / 5 + 2 / 3) / 2)
+    assert classification_report(numpy.zeros((3, 3), dtype=int), NAMES)["macro_avg"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
 def test_report_is_json_ready_and_formats_as_a_table():
     report = classification_report(CONFUSION, NAMES)
     assert json.loads(json.dumps(report)) == report

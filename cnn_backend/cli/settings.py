@@ -165,12 +165,13 @@ def missing_classes_notes(data, train_window, val_window) -> list[str]:
     class, say): validating on classes never trained on, or training without them."""
     notes = []
     for name, window in (("training", train_window), ("validation", val_window)):
-        present = len(numpy.unique(data.labels[window]))
-        if present < data.num_classes:
-            notes.append(
-                f"the {name} images hold {present} of the {data.num_classes} classes (the data is ordered by class?); "
-                f"--val-fraction holds out part of every class instead of a range"
-            )
+        missing = sorted(set(range(data.num_classes)) - set(numpy.unique(data.labels[window]).tolist()))
+        if not missing:
+            continue
+        named = ", ".join(str(data.class_names[index]) for index in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        why = ("the data is ordered by class?); --val-fraction holds out part of every class instead of a range"
+               if isinstance(window, slice) else "a class with a single image is kept for training)")
+        notes.append(f"the {name} images hold {data.num_classes - len(missing)} of the {data.num_classes} classes (not {named}: {why}")
     return notes
 
 

@@ -40,6 +40,7 @@ from .arguments import (
     open_fraction,
     positive_int,
     range_text,
+    select_range,
 )
 from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, out_of_memory, print_error, say, silent
 from .recorder import EpochProgress, RunRecorder, format_epoch_line, same_folder
@@ -232,8 +233,10 @@ def _train(args, world, held: list | None = None) -> int:
 
     data = load_training_data(settings, checkpoint if "data" not in explicit else None)
     images, labels = data.images, data.labels
-    if checkpoint is None and source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder"):
-        # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX sets.
+    if checkpoint is None and (source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder")
+                               or not _recipe_ranges_fit(settings, explicit, len(labels))):
+        # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX
+        # sets: other data, or an IDX folder of fewer images, is split by the general rule.
         for key in ("train_split", "val_split"):
             if key not in explicit:
                 settings[key] = None
@@ -299,6 +302,18 @@ def _last_batch_left_out(samples: int, batch_size: int, processes: int, model) -
         "so a process would get a single sample, and BatchNorm cannot take statistics over it")
     return (f"the last batch of each epoch ({samples:,} = {samples // batch_size:,} x {batch_size} + {last}) would hold "
             f"{images}, {why}: it is left out (another batch size keeps it)")
+
+
+def _recipe_ranges_fit(settings: dict, explicit: dict, total: int) -> bool:
+    """Whether the ranges the recipe gave (not the options) lie within ``total`` images."""
+    for key in ("train_split", "val_split"):
+        if key in explicit or not settings[key]:
+            continue
+        try:
+            select_range(settings[key], total, key)
+        except ValueError:  # DataError too: past the end
+            return False
+    return True
 
 
 def _refuse_batches_batchnorm_cannot_take(batch_size: int, processes: int, model) -> None:

@@ -194,6 +194,7 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] |
     try:
         with _open_image(path) as image:
             image.load()
+            image = _eight_bit(image)
             try:
                 converted = image.convert(target_mode) if image.mode != target_mode else image
             except ValueError as exc:
@@ -208,6 +209,27 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] |
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode ({_reason(exc)})") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _eight_bit(image):
+    """``image`` in a mode Pillow converts to L or RGB without losing it: 16-bit and 32-bit integer
+    greyscale scaled down to 8 bits (Pillow's own conversion clips them at 255: a 16-bit picture
+    came out white), float greyscale from [0, 1] (or clipped to [0, 255] if it goes beyond 1), and a
+    palette image with transparency through RGBA (Pillow warns otherwise)."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        pixels = numpy.asarray(image).astype(numpy.int64)
+        bits = 8 if image.mode == "I" and pixels.max(initial=0) <= 255 else 16
+        scaled = numpy.clip(pixels, 0, (1 << bits) - 1) >> (bits - 8)
+        return Image.fromarray(scaled.astype(numpy.uint8), mode="L")
+    if image.mode == "F":
+        pixels = numpy.asarray(image, dtype=numpy.float64)
+        scale = 255.0 if numpy.nanmax(pixels, initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(numpy.clip(numpy.nan_to_num(pixels) * scale, 0, 255).round().astype(numpy.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA")
+    return image
 
 
 @contextlib.contextmanager
