@@ -131,6 +131,14 @@ def test_corrupt_idx_files_raise_one_line_naming_file_and_problem(tmp_path, case
     assert_one_line_error(excinfo, path, problem)
 
 
+def test_gzip_data_without_gz_in_its_name_says_to_rename_it(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte"
+    path.write_bytes(gzip.compress(idx_header(0x08, 2) + b"\x01\x02", mtime=0))
+    with pytest.raises(DataError) as excinfo:
+        data.read_labels(path)
+    assert_one_line_error(excinfo, path, r"gzip-compressed IDX data without \.gz in its name; rename it train-labels-idx1-ubyte\.gz")
+
+
 def test_file_named_gz_that_is_not_gzip(tmp_path):
     path = tmp_path / "train-labels-idx1-ubyte.gz"
     path.write_bytes(idx_header(0x08, 2) + bytes([1, 2]))

@@ -115,6 +115,8 @@ def _decode_idx(raw: bytes, path: Path) -> numpy.ndarray:
     if len(raw) < 4:
         raise DataError(f"{path}: truncated: {len(raw)} bytes, too short for an IDX header")
     magic = int.from_bytes(raw[:4], "big")
+    if raw[:2] == b"\x1f\x8b":  # gzip's own magic number: compressed, but not named so
+        raise DataError(f"{path}: gzip-compressed IDX data without .gz in its name; rename it {path.name}.gz")
     if raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: bad IDX magic number 0x{magic:08X} (the first two bytes must be zero)")
     code, ndim = raw[2], raw[3]
