@@ -168,6 +168,27 @@ def test_image_folder_trains_with_a_stratified_hold_out_and_evaluates_it(tmp_pat
     one_error_line(err, "no test split", "(--split train, the default)")
 
 
+def test_a_hold_out_is_not_evaluated_or_resumed_once_the_folder_changed(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--batch-size", 4,
+                              "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    # One more picture: the stratified draw over the new order could move training images into the hold-out.
+    (root / "circle" / "0.png").rename(root / "circle" / "extra.png")
+    save_png(root / "circle" / "0.png", numpy.full((12, 12, 3), 7))
+    status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")
+    assert status == 2
+    one_error_line(err, f"{root}: the images changed since {out / 'last.npz'} was trained (files added, removed or replaced), "
+                        "so its hold-out would now take images it trained on; pass --range START:STOP, or evaluate --split test")
+    status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet")
+    assert status == 2
+    one_error_line(err, "the images changed since", "resume on the same files, or start a new run")
+    assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--range", "0:5")[0] == 0
+    (root / "circle" / "extra.png").replace(root / "circle" / "0.png")  # the same files again
+    assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")[0] == 0
+
+
 def test_image_folder_size_and_channels_options(tmp_path, capsys):
     root = make_image_folder(tmp_path / "shapes")
     out = tmp_path / "run"

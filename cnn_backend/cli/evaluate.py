@@ -19,7 +19,7 @@ from ..training import evaluate
 from .arguments import DATA_METAVAR, add_command, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
-from .settings import data_not_found
+from .settings import data_digest, data_not_found
 
 CHECKPOINT_HELP = "a .npz written by train (or Sequential.save)"
 
@@ -91,6 +91,11 @@ def run_evaluate(args) -> int:
         if range_text is None:
             raise ValueError(f"{args.checkpoint} stores no validation range; pass --range START:STOP or --split test")
     if range_text is None:
+        if stored.get("holdout_of") not in (None, data_digest(data)):
+            raise ValueError(
+                f"{source}: the images changed since {checkpoint.path} was trained (files added, removed or replaced), "
+                f"so its hold-out would now take images it trained on; pass --range START:STOP, or evaluate --split test"
+            )
         window = stratified_holdout(labels, stored["val_fraction"], stored.get("seed", 0))[1]
         window_text, label = "hold-out", f"hold-out ({len(window):,} images)"
     else:

@@ -3,6 +3,7 @@ its data and its training/validation split."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy
@@ -152,12 +153,21 @@ def resolve_validation(settings: dict, data, explicit: dict) -> tuple:
     if fraction is None:
         return resolve_ranges(settings, len(data))
     settings["val_fraction"], settings["train_split"], settings["val_split"] = fraction, None, None
+    # The hold-out is drawn from the data's order: evaluate checks the data is still the same.
+    settings["holdout_of"] = data_digest(data)
     train_index, val_index = stratified_holdout(data.labels, fraction, settings["seed"])
     line = (
         f"split: training on {len(train_index):,} images, validating on a stratified {fraction:g} hold-out of "
         f"every class ({len(val_index):,} images, seed {settings['seed']}): {why}"
     )
     return train_index, val_index, line
+
+
+def data_digest(data) -> str:
+    """A digest of every image and label, in order: the same only for the same files."""
+    hasher = hashlib.sha256(numpy.ascontiguousarray(data.labels).tobytes())
+    hasher.update(numpy.ascontiguousarray(data.images).tobytes())
+    return hasher.hexdigest()[:32]
 
 
 def missing_classes_notes(data, train_window, val_window) -> list[str]:

@@ -241,6 +241,12 @@ def _train(args, world, held: list | None = None) -> int:
             if key not in explicit:
                 settings[key] = None
     train_window, val_window, split_line = resolve_validation(settings, data, explicit)
+    if checkpoint is not None and checkpoint.settings.get("holdout_of") not in (None, settings.get("holdout_of")):
+        raise ValueError(
+            f"{settings['data']}: the images changed since {checkpoint.path} was trained (files added, removed or "
+            f"replaced), so its hold-out would now mix training and validation images; resume on the same files, "
+            f"or start a new run"
+        )
     split_notes = missing_classes_notes(data, train_window, val_window)
     if checkpoint is not None:
         inputs = checkpoint.input_spec()
@@ -370,7 +376,7 @@ def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_win
     training = numpy.arange(len(labels))[train_window]  # positions only: the images are not copied
     return {
         # The data by content, not by name: a folder's absolute path may differ from machine to machine.
-        **{f"--{key.replace('_', '-')}": value for key, value in settings.items() if key != "data"},
+        **{f"--{key.replace('_', '-')}": value for key, value in settings.items() if key in SETTING_NAMES and key != "data"},
         "the resumed epoch": None if checkpoint is None else checkpoint.epoch,
         "training images": len(training), "validation images": len(labels[val_window]),
         "an image shape": tuple(images.shape[1:]),
