@@ -149,12 +149,18 @@ def make_image_folder(root, per_class=6):
     return root
 
 
-def test_image_folder_trains_with_a_stratified_hold_out_and_evaluates_it(tmp_path, capsys):
-    root = make_image_folder(tmp_path / "shapes")
-    out = tmp_path / "run"
+def train_seed_on(capsys, root, out) -> str:
+    """One epoch of the seed model on the image folder ``root`` into ``out``; returns its stdout."""
     status, stdout, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--batch-size", 4,
                                    "--device", "cpu", "--out", out, "--quiet", "--no-plots")
     assert status == 0, err
+    return stdout
+
+
+def test_image_folder_trains_with_a_stratified_hold_out_and_evaluates_it(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    stdout = train_seed_on(capsys, root, out)
     assert "note: " in stdout and "square/broken.png" in stdout
     assert "validating on a stratified 0.2 hold-out of every class (3 images, seed 0)" in stdout
     settings = load_checkpoint(out / "last.npz").settings
@@ -171,9 +177,7 @@ def test_image_folder_trains_with_a_stratified_hold_out_and_evaluates_it(tmp_pat
 def test_a_hold_out_is_not_evaluated_or_resumed_once_the_folder_changed(tmp_path, capsys):
     root = make_image_folder(tmp_path / "shapes")
     out = tmp_path / "run"
-    status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--batch-size", 4,
-                              "--device", "cpu", "--out", out, "--quiet", "--no-plots")
-    assert status == 0, err
+    train_seed_on(capsys, root, out)
     # One more picture: the stratified draw over the new order could move training images into the hold-out.
     (root / "circle" / "0.png").rename(root / "circle" / "extra.png")
     save_png(root / "circle" / "0.png", numpy.full((12, 12, 3), 7))
