@@ -143,12 +143,7 @@ class MpiCommunicator:
         self.comm.Barrier()
 
     def abort(self, status: int = 1) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # mpiexec forwards each process's output through its own proxy; an abort that comes at once
-        # can tear the job down before the last line (the error message) is forwarded.
-        time.sleep(ABORT_FLUSH_SECONDS)
-        self.comm.Abort(status)
+        abort_job(self.comm, status)
 
     def _host_buffer(self, array) -> numpy.ndarray:
         if isinstance(array, numpy.ndarray):
@@ -237,6 +232,16 @@ def launched_by_mpi(environ=None) -> bool:
     """Whether an MPI launcher (``mpiexec``, ``mpirun``, ``srun --mpi``) started this process."""
     environ = os.environ if environ is None else environ
     return any(name in environ for name in LAUNCHER_RANK_VARIABLES)
+
+
+def abort_job(comm, status: int) -> None:
+    """End every process of ``comm``'s job with ``status`` (``MPI_Abort``), once this process's
+    output has gone out: mpiexec forwards each process's output through its own proxy, and an abort
+    that comes at once can tear the job down before the last line (the error message) is forwarded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_FLUSH_SECONDS)
+    comm.Abort(status)
 
 
 def launcher_rank(environ=None) -> int | None:

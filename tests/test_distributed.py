@@ -170,7 +170,7 @@ def test_processes_started_differently_are_refused_naming_the_first_difference()
     other_labels = labels.copy()
     other_labels[3] = 9
     other = _run_facts(settings, None, images, other_labels, slice(0, 30), slice(30, 40), model)
-    with pytest.raises(DistributedSetupError, match=r"^the processes were not started alike: rank 2 has training labels \(digest\) '[0-9a-f]{16}' where rank 0 has '[0-9a-f]{16}'; give every process the same command line and the same data$"):
+    with pytest.raises(DistributedSetupError, match=r"^the processes were not started alike: rank 2 has training labels \(digest\) '[0-9a-f]{32}' where rank 0 has '[0-9a-f]{32}'; give every process the same command line and the same data$"):
         check_processes_agree(GatheredFacts([same, same, other]), same)
     shifted = _run_facts({**settings, "seed": 1}, None, images, labels, slice(0, 30), slice(30, 40), model)
     with pytest.raises(DistributedSetupError, match=r"rank 1 has --seed 1 where rank 0 has 0;"):

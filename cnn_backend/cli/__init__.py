@@ -27,7 +27,7 @@ from .. import __version__
 from ..backend import get_backend
 from ..data import download
 from ..datasets import download_dataset
-from ..distributed import launcher_rank
+from ..distributed import abort_job, launcher_rank
 from ..runfolder import stop_signals_raise
 from .arguments import parse_range, select_range
 from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, USER_ERRORS, failure, print_error
@@ -119,8 +119,7 @@ def _end_job_for_a_usage_error(text: str, rank: int) -> None:
         time.sleep(USAGE_ERROR_GRACE_SECONDS)  # ended here by rank 0 if its command line was wrong too
         text = f"rank {rank} of {size}: {text}"
     print_error(text)
-    time.sleep(0.5)  # mpiexec forwards the line before the job is torn down
-    MPI.COMM_WORLD.Abort(EXIT_USAGE)
+    abort_job(MPI.COMM_WORLD, EXIT_USAGE)
     os._exit(EXIT_USAGE)  # MPI_Abort may return before the launcher ends this process: say nothing more
 
 

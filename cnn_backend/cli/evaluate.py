@@ -91,7 +91,8 @@ def run_evaluate(args) -> int:
         if range_text is None:
             raise ValueError(f"{args.checkpoint} stores no validation range; pass --range START:STOP or --split test")
     if range_text is None:
-        if stored.get("holdout_of") not in (None, data_digest(data)):
+        recorded = stored.get("holdout_of")  # checkpoints from before it was recorded have none
+        if recorded is not None and recorded != data_digest(data):
             raise ValueError(
                 f"{source}: the images changed since {checkpoint.path} was trained (files added, removed or replaced), "
                 f"so its hold-out would now take images it trained on; pass --range START:STOP, or evaluate --split test"

@@ -163,11 +163,17 @@ def resolve_validation(settings: dict, data, explicit: dict) -> tuple:
     return train_index, val_index, line
 
 
+def array_digest(*arrays) -> str:
+    """A short digest of the arrays' values, in order (host arrays)."""
+    hasher = hashlib.sha256()
+    for array in arrays:
+        hasher.update(numpy.ascontiguousarray(array).tobytes())
+    return hasher.hexdigest()[:32]
+
+
 def data_digest(data) -> str:
     """A digest of every image and label, in order: the same only for the same files."""
-    hasher = hashlib.sha256(numpy.ascontiguousarray(data.labels).tobytes())
-    hasher.update(numpy.ascontiguousarray(data.images).tobytes())
-    return hasher.hexdigest()[:32]
+    return array_digest(data.labels, data.images)
 
 
 def missing_classes_notes(data, train_window, val_window) -> list[str]:

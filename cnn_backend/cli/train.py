@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -51,6 +50,7 @@ from .settings import (
     FOLDER_VALIDATION_FRACTION,
     FULL_SPLIT,
     SETTING_NAMES,
+    array_digest,
     load_training_data,
     missing_classes_notes,
     optimizer_config,
@@ -294,7 +294,7 @@ def _last_batch_left_out(samples: int, batch_size: int, processes: int, model) -
     no sample of it, or a BatchNorm network a single one (whose statistics it cannot take). A
     different image is left out each epoch, as the order is shuffled."""
     last = samples % batch_size
-    smallest = 2 if _has_batchnorm(model.layers) else 1
+    smallest = 2 if _has_batchnorm(model) else 1
     if last == 0 or last // processes >= smallest:
         return None
     if samples < batch_size:
@@ -323,7 +323,7 @@ def _recipe_ranges_fit(settings: dict, explicit: dict, total: int) -> bool:
 
 
 def _refuse_batches_batchnorm_cannot_take(batch_size: int, processes: int, model) -> None:
-    if _has_batchnorm(model.layers) and batch_size // processes < 2:
+    if _has_batchnorm(model) and batch_size // processes < 2:
         share = "each step" if processes == 1 else f"each of the {processes} processes"
         raise ValueError(
             f"--batch-size {batch_size} gives {share} {batch_size // processes} sample, and BatchNorm cannot take "
@@ -331,8 +331,8 @@ def _refuse_batches_batchnorm_cannot_take(batch_size: int, processes: int, model
         )
 
 
-def _has_batchnorm(layers) -> bool:
-    return any(isinstance(layer, BatchNorm) or _has_batchnorm([child for _, child in layer.children()]) for layer in layers)
+def _has_batchnorm(model) -> bool:
+    return any(isinstance(layer, BatchNorm) for _, layer in model.named_layers())
 
 
 def _file_identity(path) -> tuple | None:
@@ -370,9 +370,6 @@ def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_w
 def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_window, model) -> dict:
     """What every process of a job must share: the settings, the resumed epoch, the data (sizes,
     the labels' digest and a sample of the images') and the parameter count."""
-    def digest(array) -> str:
-        return hashlib.sha256(numpy.ascontiguousarray(array).tobytes()).hexdigest()[:16]
-
     training = numpy.arange(len(labels))[train_window]  # positions only: the images are not copied
     return {
         # The data by content, not by name: a folder's absolute path may differ from machine to machine.
@@ -380,8 +377,9 @@ def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_win
         "the resumed epoch": None if checkpoint is None else checkpoint.epoch,
         "training images": len(training), "validation images": len(labels[val_window]),
         "an image shape": tuple(images.shape[1:]),
-        "training labels (digest)": digest(labels[train_window]), "validation labels (digest)": digest(labels[val_window]),
-        "training images (digest of a sample)": digest(images[training[:: max(1, len(training) // 64)]]),
+        "training labels (digest)": array_digest(labels[train_window]),
+        "validation labels (digest)": array_digest(labels[val_window]),
+        "training images (digest of a sample)": array_digest(images[training[:: max(1, len(training) // 64)]]),
         "parameters": sum(param.data.size for param in model.parameters()),
     }
 
