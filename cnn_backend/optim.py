@@ -50,6 +50,36 @@ class Optimizer:
         for buffer_name in self.buffer_names:
             self._flat_buffers[buffer_name], self.buffers[buffer_name] = self._zero_state()
         self._scratch = None
+        self._placement = self._parameters_placement()
+
+    def _parameters_placement(self):
+        """The parameters' array type and dtype: what the state arrays must match."""
+        return (type(self.params[0].data), self.params[0].data.dtype) if self.params else None
+
+    def _follow_parameters(self) -> None:
+        """Convert the state to the parameters' device and dtype when they moved after this
+        optimiser was built (``model.to``): an optimiser made before ``model.to("float64")`` then
+        keeps float64 moments, converted rather than reset, as PyTorch's state follows its parameters."""
+        placement = self._parameters_placement()
+        if placement == self._placement:
+            return
+        flat = shared_flat_buffer(self.params)
+        if flat is not None:
+            backend = flat.backend
+        elif placement[0] is type(self.backend.xp.empty(0)):
+            backend = self.backend.with_dtype(placement[1])
+        else:
+            raise ValueError(
+                f"{type(self).__name__}: its parameters moved to another device after it was built; "
+                "build the optimiser after moving them"
+            )
+        old_backend, old_buffers = self.backend, dict(self.buffers)
+        self.backend, self._flat, self._scratch = backend, flat, None
+        for name in self.buffer_names:
+            self._flat_buffers[name], self.buffers[name] = self._zero_state()
+            for new, old in zip(self.buffers[name], old_buffers[name]):
+                new[...] = backend.to_device(old_backend.to_numpy(old).astype(backend.dtype))
+        self._placement = placement
 
     def _zero_state(self):
         """``(flat array or None, per-parameter arrays)``, zero, laid out like the parameters."""
@@ -61,6 +91,7 @@ class Optimizer:
 
     def step(self) -> None:
         """Apply one update from the gradients stored in the parameters."""
+        self._follow_parameters()
         self.steps += 1
         if self._scratch is None:
             self._scratch = [self._zero_state() for _ in range(self.scratch_count)]
@@ -101,11 +132,13 @@ class Optimizer:
     def state_dict(self) -> dict:
         """Host copies of the state buffers plus the step count, by name (copies even on the CPU,
         where ``to_numpy`` returns the live buffer: the next step would change a saved state)."""
+        self._follow_parameters()
         state = {f"{name}/{i}": self.backend.to_numpy(buf).copy() for name, bufs in self.buffers.items() for i, buf in enumerate(bufs)}
         state["steps"] = self.steps
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self._follow_parameters()
         for name, bufs in self.buffers.items():
             for i, buf in enumerate(bufs):
                 key = f"{name}/{i}"

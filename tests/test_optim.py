@@ -98,6 +98,35 @@ def test_float32_parameters_stay_float32():
         assert all(buf.dtype == numpy.float32 for bufs in opt.buffers.values() for buf in bufs)
 
 
+@pytest.mark.parametrize("make", [lambda ps, b: Adam(ps, lr=0.01, backend=b), lambda ps, b: SGD(ps, 0.1, momentum=0.9, backend=b)])
+def test_state_follows_a_model_moved_to_float64_after_the_optimiser_was_built(make):
+    """``model.to`` after the optimiser: its state is converted to float64, not kept in float32
+    (nor reset), so the next step equals that of an optimiser built after the move with the same state."""
+    from cnn_backend import seed_cnn
+
+    cpu32 = get_backend("cpu")
+    x = numpy.random.default_rng(0).random((4, 1, 28, 28))
+
+    def step(model, opt):
+        for p in model.parameters():
+            p.grad = numpy.sin(numpy.arange(p.data.size).reshape(p.data.shape)).astype(p.data.dtype)
+        opt.step()
+
+    moved, rebuilt = seed_cnn(cpu32, seed=0), seed_cnn(cpu32, seed=0)
+    moved_opt, rebuilt_opt = make(moved.parameters(), cpu32), make(rebuilt.parameters(), cpu32)
+    step(moved, moved_opt), step(rebuilt, rebuilt_opt)
+    state = rebuilt_opt.state_dict()
+    moved.to(CPU64), rebuilt.to(CPU64)
+    rebuilt_opt = make(rebuilt.parameters(), CPU64)
+    rebuilt_opt.load_state_dict(state)
+    step(moved, moved_opt), step(rebuilt, rebuilt_opt)
+
+    assert all(buf.dtype == numpy.float64 for bufs in moved_opt.buffers.values() for buf in bufs)
+    for a, b in zip(moved.parameters(), rebuilt.parameters()):
+        numpy.testing.assert_array_equal(a.data, b.data)
+    assert moved.forward(x).dtype == numpy.float64
+
+
 def test_state_dict_round_trip_continues_identically():
     def run(steps, resume_at=None):
         p = param([1.0, 1.0], [0.0, 0.0])
