@@ -205,6 +205,30 @@ def test_image_folder_size_and_channels_options(tmp_path, capsys):
     assert status == 0 and stdout.split(": ")[1].split(" ")[0] in ("circle", "square", "triangle")
 
 
+def test_images_too_small_for_the_network_suggest_image_size_only_when_it_would_help(tmp_path, capsys):
+    root = tmp_path / "thumbnails"  # 6x6: the seed network's 6x6 kernel and its pooling leave nothing
+    for name in ("light", "dark"):
+        (root / name).mkdir(parents=True)
+        for index in range(4):
+            save_png(root / name / f"{index}.png", numpy.full((6, 6), 200 if name == "light" else 20))
+    status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--device", "cpu",
+                              "--out", tmp_path / "run", "--quiet")
+    assert status == 2
+    one_error_line(err, "seed: layer 2 (MaxPool)", "the images are 6x6: pass --image-size 28 to resize them")
+    assert not (tmp_path / "run").exists()
+    # Sized by the user, or too small at any size (a 30x30 kernel): no suggestion.
+    status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--image-size", 4, "--epochs", 1,
+                              "--device", "cpu", "--out", tmp_path / "run", "--quiet")
+    assert status == 2 and "--image-size 28" not in one_error_line(err, "seed: layer 0 (Convolution): kernel 6x6")
+    root = make_image_folder(tmp_path / "shapes")  # 12x12
+    spec = tmp_path / "wide.toml"
+    spec.write_text('[[layers]]\ntype = "Convolution"\nout_channels = 4\nkernel_size = 30\n\n'
+                    '[[layers]]\ntype = "Flatten"\n\n[[layers]]\ntype = "FullyConnected"\nout_features = 3\n')
+    status, _, err = run_main(capsys, "train", "--data", root, "--model", spec, "--epochs", 1, "--device", "cpu",
+                              "--out", tmp_path / "run", "--quiet")
+    assert status == 2 and "--image-size" not in one_error_line(err, "kernel 30x30 is larger than its input 12x12")
+
+
 BAD_COMMANDS = {
     "folder options on fixed-shape data": (["train", "--data", "bundled", "--channels", 3], "--channels and --image-size apply to folders of images only"),
     "two ways to choose validation": (["train", "--data", "bundled", "--val-fraction", 0.1, "--val-split", "9000:"], "--val-fraction and --train-split/--val-split"),

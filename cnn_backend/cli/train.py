@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from ..optim import OPTIMIZERS, make_optimizer
 from ..report import confusion_matrix, matplotlib_available, plot_confusion_matrix, plot_curves, plot_filters
 from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder
 from ..serialization import FileWriteError
-from ..spec import BUILTIN_NAMES
+from ..spec import BUILTIN_NAMES, SpecError
 from ..summary import format_summary
 from ..training import OPTIMIZER_DEFAULTS, RECIPES, SCHEDULES, NonFiniteLossError, evaluate, fit, schedule_for_run, schedule_from_config
 from .arguments import (
@@ -66,6 +67,10 @@ from .settings import (
 FAILURE_GRACE_SECONDS, USAGE_GRACE_SECONDS, INTERRUPT_GRACE_SECONDS = 2.0, 30.0, 10.0
 
 CURVES_PLOT, CONFUSION_PLOT, FILTERS_PLOT = "curves.png", "confusion_matrix.png", "filters.png"
+
+#: the image side the built-in networks are made for, suggested to --image-size when an image
+#: folder's images are too small for the network
+HINTED_IMAGE_SIZE = 28
 
 
 def add_train_command(commands) -> None:
@@ -147,10 +152,27 @@ def add_train_command(commands) -> None:
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots written at the end")
 
 
+def _image_size_hint(settings: dict, backend, inputs: InputSpec) -> str:
+    """For a network that cannot take an image folder's images: how to resize them, when the same
+    network builds for 28x28 images (the size the built-in networks are made for); else nothing."""
+    channels, height, width = inputs.input_shape
+    if settings["image_size"] is not None or min(height, width) >= HINTED_IMAGE_SIZE or source_kind(settings["data"]) != "image-folder":
+        return ""
+    resized = dataclasses.replace(inputs, image_size=(HINTED_IMAGE_SIZE, HINTED_IMAGE_SIZE))
+    try:
+        build_model(settings, backend, "auto", resized)
+    except ValueError:  # SpecError and the like: the size is not what stops it
+        return ""
+    return f"; the images are {height}x{width}: pass --image-size {HINTED_IMAGE_SIZE} to resize them to a size this network takes"
+
+
 def _model_and_optimizer(settings: dict, backend, checkpoint: Checkpoint | None, conv_algorithm: str | None, inputs: InputSpec):
     """A fresh model and optimiser, or the checkpoint's; also the first epoch left to train."""
     if checkpoint is None:
-        model = build_model(settings, backend, conv_algorithm or "auto", inputs)
+        try:
+            model = build_model(settings, backend, conv_algorithm or "auto", inputs)
+        except SpecError as exc:
+            raise SpecError(f"{exc}{_image_size_hint(settings, backend, inputs)}") from None
         optimizer = make_optimizer(settings["optimizer"], model.parameters(), backend, **optimizer_config(settings))
         return model, optimizer, 1
     if checkpoint.epoch >= settings["epochs"]:
