@@ -31,7 +31,7 @@ from .inputs import INPUTS_KEY, InputSpec
 from .layers import Dropout
 from .model import CONFIG_KEY, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
-from .serialization import ModelFileError, json_array, read_npz
+from .serialization import ModelFileError, json_array, read_npz, stored_float_dtype
 
 STATE_KEY = "__training_state__"
 OPTIMIZER_PREFIX = "optim/"
@@ -118,6 +118,15 @@ class Checkpoint:
     def settings(self) -> dict:
         """The run settings stored with the checkpoint (empty for a plain model file)."""
         return dict(self.state["settings"]) if self.state else {}
+
+    @property
+    def dtype(self) -> str:
+        """The float dtype the model was trained or saved in: the run's ``--dtype``, else the
+        training state's, else the stored parameters' (a plain model file), else float32."""
+        recorded = self.settings.get("dtype") or (self.state or {}).get("dtype")
+        if recorded:
+            return str(recorded)
+        return stored_float_dtype(self.parameters.values())
 
     @property
     def history(self) -> list[dict]:

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy
 
+from .inputs import generic_class_names
 from .serialization import write_atomically
 
 #: Written when ``--opset`` is left out: the first opset with a Gelu operator, read by ONNX Runtime
@@ -44,6 +45,8 @@ BATCH_DIM = "batch"
 INSTALL_HINT = 'pip install "cnn-backend[onnx]"'
 #: Input height and width of networks whose files do not record an input shape (Fashion-MNIST's).
 DEFAULT_IMAGE_SIZE = (28, 28)
+#: the metadata entries the exporter writes (a user's ``metadata`` may not replace them)
+RESERVED_METADATA = frozenset({"preprocessing", "output", "opset", "architecture", "cnn_backend_version", "class_names"})
 
 
 class ExportError(ValueError):
@@ -123,6 +126,12 @@ def build_onnx_model(
     n_classes = shape[0]
     if class_names is not None and len(class_names) != n_classes:
         raise ExportError(f"{len(class_names)} class names for a network with {n_classes} outputs")
+    if class_names is None:  # generic names, so that a reader can always take them from the metadata
+        class_names = generic_class_names(n_classes)
+    reserved = sorted(RESERVED_METADATA.intersection(map(str, metadata or {})))
+    if reserved:
+        raise ExportError(f"metadata key {', '.join(map(repr, reserved))} is written by the exporter itself; "
+                          "give your entry another name (class names: class_names=...)")
     output = PROBABILITIES_NAME if softmax else LOGITS_NAME
     if softmax:
         graph.node("Softmax", [x], name="output.softmax", outputs=[PROBABILITIES_NAME], axis=1)
@@ -215,8 +224,7 @@ def describe(model, input_shape, output: str, class_names, normalization: Normal
         "architecture": json.dumps(model.config()),
         "cnn_backend_version": _library_version(),
     }
-    if class_names is not None:
-        properties["class_names"] = json.dumps(list(class_names))
+    properties["class_names"] = json.dumps(list(class_names))
     return properties
 
 
@@ -497,6 +505,8 @@ def run(args: argparse.Namespace) -> int:
     from .backend import get_backend
     from .checkpoint import load_checkpoint
 
+    if args.out.suffix.lower() != ".onnx":  # also keeps a swapped argument order from replacing the checkpoint
+        raise ExportError(f"OUT.onnx names the ONNX file to write and must end in .onnx, got {str(args.out)!r}")
     import_onnx()  # before any work: a missing package is reported first
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
     model = checkpoint.build_model(get_backend("cpu", "float32"))

@@ -44,7 +44,7 @@ class InputSpec:
     def legacy(cls, num_outputs: int = len(CLASS_NAMES), input_shape=None) -> "InputSpec":
         """The assumed input of a file that records none: Fashion-MNIST's names (generic ones when
         the network has not ten outputs) and ``input_shape`` when the model config gives one, else 1x28x28."""
-        names = CLASS_NAMES if num_outputs == len(CLASS_NAMES) else tuple(f"class {index}" for index in range(num_outputs))
+        names = CLASS_NAMES if num_outputs == len(CLASS_NAMES) else generic_class_names(num_outputs)
         channels, height, width = (1, 28, 28)
         if input_shape is not None and len(input_shape) == 3 and int(input_shape[0]) in (1, 3):
             channels, height, width = (int(size) for size in input_shape)
@@ -90,3 +90,8 @@ class InputSpec:
     def prepare(self, images, dtype) -> numpy.ndarray:
         """Host uint8 ``(N, C, H, W)`` images as the model's float input, on the host."""
         return prepare_images(images, dtype, self.normalization)
+
+
+def generic_class_names(count: int) -> tuple[str, ...]:
+    """``("class 0", "class 1", ...)``: the names of a network's outputs when none were recorded."""
+    return tuple(f"class {index}" for index in range(count))

@@ -10,7 +10,7 @@ from typing import Iterable
 from .backend import Backend, get_backend
 from .data import count_non_finite_samples
 from .init import as_integer, make_rng
-from .serialization import ModelFileError, json_array, read_npz, write_npz_atomic
+from .serialization import ModelFileError, json_array, read_npz, stored_float_dtype, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
 from .parameters import FlatParameters, Parameter
 
@@ -89,8 +89,9 @@ class Sequential:
     # -- device and mode ----------------------------------------------------------------------------
 
     def to(self, backend: Backend | str) -> "Sequential":
-        """Move every parameter to ``backend`` (and its dtype)."""
-        self.backend = get_backend(backend)
+        """Move every parameter to ``backend`` (and its dtype); a device name (``"cpu"``,
+        ``"cuda"``, ``"auto"``) keeps the model's dtype, as PyTorch's ``module.to(device)`` does."""
+        self.backend = get_backend(backend, self.backend.dtype)
         for layer in self.layers:
             layer.to(self.backend)
         self.flatten_parameters()
@@ -364,8 +365,11 @@ class Sequential:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: Backend | str = "cpu") -> "Sequential":
-        """Rebuild a model saved with :meth:`save` on ``backend``."""
+        """Rebuild a model saved with :meth:`save` on ``backend``; a device name (``"cpu"``,
+        ``"cuda"``, ``"auto"``) keeps the dtype the parameters were saved in."""
         arrays = read_npz(path)
+        if not isinstance(backend, Backend):
+            backend = get_backend(backend, stored_float_dtype(value for key, value in arrays.items() if key.startswith("param/")))
         if CONFIG_KEY not in arrays:
             raise ModelFileError(f"{path}: not a cnn_backend model file (no model config inside)")
         try:

@@ -58,7 +58,7 @@ class Optimizer:
 
     def _follow_parameters(self) -> None:
         """Convert the state to the parameters' device and dtype when they moved after this
-        optimiser was built (``model.to``): an optimiser made before ``model.to("float64")`` then
+        optimiser was built (``model.to``): an optimiser made before ``model.to(get_backend("cpu", "float64"))`` then
         keeps float64 moments, converted rather than reset, as PyTorch's state follows its parameters."""
         placement = self._parameters_placement()
         if placement == self._placement:

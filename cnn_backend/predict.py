@@ -91,6 +91,6 @@ def predict_images(checkpoint: str | os.PathLike, paths: Sequence[str | os.PathL
     from .checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, require_training_state=False)
-    backend = get_backend(device, loaded.settings.get("dtype", "float32"))
+    backend = get_backend(device, loaded.dtype)
     model = loaded.build_model(backend)
     return predict_files(model, loaded.input_spec(), paths, top=top)

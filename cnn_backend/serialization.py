@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
+import stat
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -43,11 +45,12 @@ def atomic_path(path: str | os.PathLike):
 
     Readers of ``path`` see the old file or the complete new one, never a half-written one.
     """
-    path = Path(path)
+    path = _replaceable_file(Path(path))
     temporary = temporary_name(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent_folders(path)
         yield temporary
+        _keep_permissions(path, temporary)
         pause_point(f"replace {path.name}")
         os.replace(temporary, path)
         _sync_directory(path.parent)
@@ -58,6 +61,36 @@ def atomic_path(path: str | os.PathLike):
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
+
+
+def _replaceable_file(path: Path) -> Path:
+    """The file that writing ``path`` replaces: a symbolic link's target (the link stays a link), and
+    never a folder, device or pipe (renaming onto one would replace it with a regular file)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise FileWriteError(path, OSError(errno.EINVAL, f"it is {kind}; name a file to write"))
+    return path
+
+
+def _make_parent_folders(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocking = next((parent for parent in reversed(path.parents) if parent.exists() and not parent.is_dir()), None)
+        if blocking is None:
+            raise
+        raise FileWriteError(path, OSError(exc.errno, f"{blocking} is a file, not a folder")) from None
+
+
+def _keep_permissions(path: Path, temporary: Path) -> None:
+    """Give the new file the permissions of the one it replaces (a 600 file stays private)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    os.chmod(temporary, stat.S_IMODE(mode))
 
 
 def temporary_name(path: Path) -> Path:
@@ -109,3 +142,8 @@ def read_npz(path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path}: no such file") from None
     except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled or corrupt), OSError
         raise ModelFileError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+def stored_float_dtype(arrays) -> str:
+    """``"float64"`` when the stored parameters are float64, else ``"float32"``."""
+    return "float64" if any(getattr(array, "dtype", None) == numpy.float64 for array in arrays) else "float32"

@@ -436,6 +436,21 @@ def test_split_beyond_the_bundled_data_is_refused(tmp_path, capsys):
     assert status == 2 and "reaches past the 10,000 images" in err and "cnn-backend download" in err
 
 
+def test_a_float64_model_file_is_evaluated_and_predicted_in_float64(tmp_path, capsys, monkeypatch):
+    from cnn_backend import predict as predict_module
+    from cnn_backend.model import seed_cnn
+
+    path = seed_cnn(get_backend("cpu", "float64"), seed=1).save(tmp_path / "model64.npz")
+    assert load_checkpoint(path, require_training_state=False).dtype == "float64"
+    status, out, err = run_main(capsys, "evaluate", path, "--device", "cpu", "--range", "0:20")
+    assert status == 0, err
+    assert "device: cpu (float64)" in out
+    dtypes = []
+    monkeypatch.setattr(predict_module, "predict_files", lambda model, *args, **kwargs: dtypes.append(model.backend.dtype) or [])
+    predict_module.predict_images(path, [])
+    assert dtypes == [numpy.float64]
+
+
 def test_evaluate_test_split_needs_the_download(trained, capsys, monkeypatch):
     monkeypatch.setenv("CNN_BACKEND_DATA", str(trained / "no-data-here"))
     status, _, err = run_main(capsys, "evaluate", trained / "last.npz", "--split", "test", "--data", "auto", "--device", "cpu")

@@ -432,6 +432,27 @@ def test_a_network_without_an_input_shape_says_how_to_give_one():
     assert resolve_input_shape(unbuilt, (3, 8, 8)) == (3, 8, 8)
 
 
+def test_an_output_name_without_onnx_is_refused_so_the_checkpoint_survives_swapped_arguments(tmp_path, capsys):
+    checkpoint = save_model(seed_cnn(), tmp_path / "model.npz")
+    saved = checkpoint.read_bytes()
+    for out in (checkpoint, tmp_path / "net.toml", tmp_path):
+        assert main(["export", str(checkpoint), str(out)]) == 2
+        assert "must end in .onnx" in one_error_line(capsys)
+    assert checkpoint.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
+
+
+def test_metadata_may_not_replace_the_exporters_own_entries():
+    with pytest.raises(ExportError, match=r"metadata key 'class_names', 'opset' is written by the exporter itself"):
+        build_onnx_model(seed_cnn(), metadata={"opset": "7", "class_names": "oops", "author": "me"})
+    assert metadata(build_onnx_model(seed_cnn(), metadata={"author": "me"}))["author"] == "me"
+
+
+def test_class_names_are_always_in_the_metadata():
+    spec = {"layers": [{"type": "Flatten"}, {"type": "FullyConnected", "out_features": 3}]}
+    model = Sequential.from_spec(spec, (1, 4, 4))
+    assert json.loads(metadata(build_onnx_model(model))["class_names"]) == ["class 0", "class 1", "class 2"]
+
+
 def test_wrong_number_of_class_names_is_refused():
     with pytest.raises(ExportError, match="3 class names for a network with 10 outputs"):
         build_onnx_model(seed_cnn(), class_names=["a", "b", "c"])

@@ -90,6 +90,17 @@ def test_load_into_float64(tmp_path):
     assert all(p.data.dtype == numpy.float64 for p in loaded.parameters())
 
 
+def test_a_device_name_keeps_the_saved_or_current_dtype(tmp_path):
+    """``load(path, "cpu")`` and ``to("cpu")`` keep float64 (PyTorch's ``to(device)`` keeps the dtype too)."""
+    model = seed_cnn(get_backend("cpu", "float64"), seed=2)
+    path = model.save(tmp_path / "m64.npz")
+    assert Sequential.load(path).backend.dtype == numpy.float64
+    assert Sequential.load(path, "cpu").backend.dtype == numpy.float64
+    assert Sequential.load(seed_cnn(seed=2).save(tmp_path / "m32.npz")).backend.dtype == numpy.float32
+    model.to("cpu")
+    assert model.backend.dtype == numpy.float64 and all(p.data.dtype == numpy.float64 for p in model.parameters())
+
+
 def test_to_moves_and_casts_parameters():
     model = seed_cnn(seed=2)
     before = model.state_dict()

@@ -127,6 +127,22 @@ def test_state_follows_a_model_moved_to_float64_after_the_optimiser_was_built(ma
     assert moved.forward(x).dtype == numpy.float64
 
 
+def test_state_follows_a_model_moved_to_another_device_after_the_optimiser_was_built():
+    from cnn_backend import seed_cnn
+    from cnn_backend.testing import standin_backend
+
+    device = standin_backend("float64")
+    model = seed_cnn(CPU64, seed=0)
+    opt = Adam(model.parameters(), lr=0.01, backend=CPU64)
+    model.to(device)
+    for p in model.parameters():
+        p.grad = device.to_device(numpy.ones(p.data.shape))
+    before = device.to_numpy(model.parameters()[0].data).copy()
+    opt.step()  # a step on NumPy state arrays would mix host and device arrays and fail
+    assert opt.backend is device and all(type(buf) is type(model.parameters()[0].data) for buf in opt.buffers["first_moment"])
+    numpy.testing.assert_allclose(device.to_numpy(model.parameters()[0].data), before - 0.01, rtol=0, atol=1e-9)
+
+
 def test_state_dict_round_trip_continues_identically():
     def run(steps, resume_at=None):
         p = param([1.0, 1.0], [0.0, 0.0])

@@ -67,7 +67,7 @@ def run_evaluate(args) -> int:
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
     stored = checkpoint.settings
     inputs = checkpoint.input_spec()
-    backend, device_line = open_backend(args.device, args.dtype or stored.get("dtype", "float32"))
+    backend, device_line = open_backend(args.device, args.dtype or checkpoint.dtype)
     model = checkpoint.build_model(backend)
 
     source = args.data or stored.get("data", "auto")
@@ -156,7 +156,7 @@ def run_predict(args) -> int:
     """The ``predict`` command: 0 when every image was predicted, 2 when any could not be used."""
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
     inputs = checkpoint.input_spec()
-    backend, device_line = open_backend(args.device, checkpoint.settings.get("dtype", "float32"))
+    backend, device_line = open_backend(args.device, checkpoint.dtype)
     model = checkpoint.build_model(backend)
     with quiet_float_warnings():
         predictions = predict_files(model, inputs, args.images, top=args.top, batch_size=args.batch_size)
