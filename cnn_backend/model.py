@@ -80,6 +80,8 @@ class Sequential:
                 shape = layer.build(shape, rng)
             except ShapeError as exc:
                 raise ShapeError(f"layer {index} ({type(layer).__name__}): {exc}") from None
+            except MemoryError as exc:  # a layer sized by mistake (out_features=10**11): name it
+                raise MemoryError(f"layer {index} ({type(layer).__name__}): its parameters cannot be allocated ({exc})") from None
         return shape
 
     @property

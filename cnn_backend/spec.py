@@ -103,15 +103,32 @@ def parse_spec_text(text: str, syntax: str = "toml", source: str = "spec") -> di
     """Parse TOML or JSON text; a syntax error is one line with its position."""
     if syntax == "json":
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=_table_without_repeated_keys)
         except json.JSONDecodeError as exc:
             raise SpecError(f"{source}: JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        except _RepeatedKey as exc:  # TOML refuses a repeated key as a syntax error; so does this
+            raise SpecError(f"{source}: JSON: the key {exc.args[0]!r} appears twice in one table") from None
     else:
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(f"{source}: TOML syntax error: {exc}") from None
+    if not isinstance(document, (dict, list)):
+        raise SpecError(f"{source}: a spec is a table with a 'layers' list, got {type(document).__name__}")
     return document
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _table_without_repeated_keys(pairs: list) -> dict:
+    table = {}
+    for key, value in pairs:
+        if key in table:
+            raise _RepeatedKey(key)
+        table[key] = value
+    return table
 
 
 def builtin_spec_path(name: str) -> Path:
@@ -271,6 +288,8 @@ def build_model(
         model = Sequential(layers, backend, input_shape=shape, rng=make_rng(seed))
     except ShapeError as exc:
         raise SpecError(_spec_shape_message(str(exc))) from None
+    except MemoryError as exc:
+        raise SpecError(f"{_spec_shape_message(str(exc))}; make the layer smaller") from None
     output = model.output_shape
     last = f"layer {len(layers) - 1} ({type(layers[-1]).__name__})"
     if len(output) != 1:

@@ -149,6 +149,16 @@ MALFORMED = {
     "no-class-vector": ("net.json", json.dumps([conv(10, 3)]), ["layer 0 (Convolution): the network ends with shape (10, 26, 26)", "add Flatten"]),
     "dense-on-an-image": ("net.json", json.dumps([conv(4, 3), dense(10)]), ["layer 1 (FullyConnected): expected a flat per-sample input", "Flatten"]),
     "unknown-top-level-key": ("net.json", json.dumps({"layers": [{"type": "Flatten"}, dense(10)], "optimizer": "sgd"}), ["unknown top-level key 'optimizer'"]),
+    "json-string-document": ("net.json", '"seed"', ["a spec is a table with a 'layers' list, got str"]),
+    "json-null-document": ("net.json", "null", ["a spec is a table with a 'layers' list, got NoneType"]),
+    "json-repeated-key": ("net.json", '[{"type": "Flatten"}, {"type": "FullyConnected", "out_features": 10, "out_features": 5}]',
+                          ["JSON: the key 'out_features' appears twice in one table"]),
+    "nan-slope": ("net.toml", '[[layers]]\ntype = "Flatten"\n[[layers]]\ntype = "LeakyReLU"\nnegative_slope = nan\n'
+                  '[[layers]]\ntype = "FullyConnected"\nout_features = 10\n', ["layer 1 (LeakyReLU): negative_slope must be a finite number, got nan"]),
+    "infinite-eps": ("net.json", json.dumps([{"type": "Flatten"}, {"type": "BatchNorm", "eps": 1e400}, dense(10)]),
+                     ["layer 1 (BatchNorm): eps must be a finite number > 0, got inf"]),
+    "layer-too-large-to-allocate": ("net.json", json.dumps([{"type": "Flatten"}, dense(10**11)]),
+                                    ["layer 1 (FullyConnected): its parameters cannot be allocated", "make the layer smaller"]),
 }
 
 

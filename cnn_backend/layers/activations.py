@@ -45,8 +45,8 @@ class LeakyReLU(Layer):
 
     def __init__(self, negative_slope: float = 0.01, *, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-            raise ValueError(f"LeakyReLU: negative_slope must be a number, got {negative_slope!r}")
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
+            raise ValueError(f"LeakyReLU: negative_slope must be a finite number, got {negative_slope!r}")
         self.negative_slope = float(negative_slope)
 
     def config(self) -> dict:

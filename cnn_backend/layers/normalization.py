@@ -30,8 +30,8 @@ class BatchNorm(Layer):
                 raise ValueError(f"BatchNorm: {name} must be a number, got {value!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum!r}")
-        if not eps > 0.0:
-            raise ValueError(f"BatchNorm: eps must be > 0, got {eps!r}")
+        if not 0.0 < eps < float("inf"):
+            raise ValueError(f"BatchNorm: eps must be a finite number > 0, got {eps!r}")
         self.num_features, self.momentum, self.eps = num_features, float(momentum), float(eps)
         self._cache = None
         if num_features is not None:
