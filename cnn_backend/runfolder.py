@@ -106,7 +106,7 @@ class RunFolder:
         self.path, self.created = path, created
         self._descriptor: int | None = None
         self._accepted = False  # whether the folder was found free for this run (its leftovers are ours)
-        self.created_parent = False  # runs/ itself was made for this folder
+        self.created_parents: list[Path] = []  # folders above it made for it (runs/, or --out's), deepest first
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -124,16 +124,17 @@ class RunFolder:
         if requested is None:
             made_parent = not DEFAULT_PARENT.exists()
             folder = cls(_new_default_folder(), created=True)
-            folder.created_parent = made_parent
+            folder.created_parents = [DEFAULT_PARENT] if made_parent else []
         else:
             if requested.exists() and not requested.is_dir():
                 raise ValueError(f"--out {requested} is a file, not a folder")
-            created = not requested.exists()
+            missing = [path for path in (requested, *requested.parents) if not path.exists()]
             try:
                 requested.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise FileWriteError(requested, exc) from None
-            folder = cls(requested, created)
+            folder = cls(requested, created=bool(missing))
+            folder.created_parents = missing[1:]
         try:
             folder._lock()
             resuming_here = resumed_folder is not None and _same_folder(folder.path, resumed_folder)
@@ -213,8 +214,8 @@ class RunFolder:
                     self._clear_leftovers()
                 if self.created and not any(self.path.iterdir()):
                     self.path.rmdir()
-                    if self.created_parent:
-                        self.path.parent.rmdir()
+                    for parent in self.created_parents:  # each only if empty: rmdir refuses otherwise
+                        parent.rmdir()
             os.close(self._descriptor)  # releases the lock
             self._descriptor = None
 

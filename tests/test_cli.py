@@ -296,6 +296,19 @@ def test_resume_refuses_another_optimizer_and_a_finished_run(trained, capsys):
     assert status == 2 and "already finished epoch 2 of 2" in err and "--epochs" in err
 
 
+def test_resume_refuses_another_runs_checkpoint_put_in_a_folder_holding_a_run(tmp_path, capsys):
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    assert run_main(capsys, "train", *SMALL, "--epochs", 1, "--no-plots", "--out", ours)[0] == 0
+    assert run_main(capsys, "train", *SMALL, "--epochs", 2, "--seed", 7, "--no-plots", "--out", theirs)[0] == 0
+    (ours / "foreign.npz").write_bytes((theirs / "last.npz").read_bytes())
+    before = (ours / "last.npz").read_bytes(), (ours / "history.jsonl").read_text()
+    status, _, err = run_main(capsys, "train", "--resume", ours / "foreign.npz", "--epochs", 3, "--device", "cpu", "--quiet")
+    assert status == 2 and err.count("\n") == 1, err
+    assert (f"{ours / 'foreign.npz'} is not from the run in {ours} (their histories differ from epoch 1): resuming it "
+            f"there would overwrite that run; add --out NEW_FOLDER") in err
+    assert ((ours / "last.npz").read_bytes(), (ours / "history.jsonl").read_text()) == before
+
+
 def test_resume_refuses_a_checkpoint_that_would_overwrite_later_epochs_or_changed_while_starting(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert run_main(capsys, "train", *SMALL, "--epochs", 1, "--no-plots", "--out", run)[0] == 0

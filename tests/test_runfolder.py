@@ -125,6 +125,16 @@ def test_without_fcntl_the_run_says_so_and_creates_nothing(tmp_path, capsys, mon
 # -- 2: a failed start leaves nothing that blocks the next ------------------------------------------
 
 
+def test_a_failed_start_removes_the_nested_folders_it_made_and_only_those(tmp_path):
+    from cnn_backend.runfolder import RunFolder
+
+    (tmp_path / "a").mkdir()
+    folder = RunFolder.open(tmp_path / "a" / "b" / "c")
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    folder.close()  # no checkpoint written: as after Ctrl-C in the first epoch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and not any((tmp_path / "a").iterdir())
+
+
 @pytest.mark.parametrize("failure", ["non-finite", "conv-algorithm", "ctrl-c"])
 @pytest.mark.parametrize("out", ["given", "default"])
 def test_a_failed_start_leaves_nothing_behind(tmp_path, failure, out):
