@@ -19,6 +19,7 @@ split (``t10k``) is kept for the final report only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -177,8 +178,14 @@ class Normalization:
         self.std = tuple(float(value) for value in std)
         if len(self.mean) != len(self.std) or not self.mean:
             raise ValueError(f"mean and std need one value per channel, got {len(self.mean)} and {len(self.std)}")
-        if min(self.std) <= 0:
-            raise ValueError(f"std must be positive, got {self.std}")
+        if not all(math.isfinite(value) and value > 0 for value in self.std) or not all(map(math.isfinite, self.mean)):
+            raise ValueError(f"std must be positive and finite, and mean finite; got mean {self.mean}, std {self.std}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Normalization) and (self.mean, self.std) == (other.mean, other.std)
+
+    def __hash__(self) -> int:
+        return hash((self.mean, self.std))
 
     @classmethod
     def from_images(cls, images, chunk: int = 4096) -> "Normalization":

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy
 
+from .data import CLASS_NAMES, Normalization
 from .inputs import generic_class_names
 from .serialization import write_atomically
 
@@ -53,20 +54,6 @@ class ExportError(ValueError):
     """A network, option or environment the exporter cannot serve (one line, saying what to do)."""
 
 
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel ``(x - mean) / std`` applied to [0, 1] images before the first layer."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != len(self.std) or not self.mean:
-            raise ExportError(f"normalisation needs one mean and one std per channel, got {len(self.mean)} and {len(self.std)}")
-        if not all(math.isfinite(s) and s > 0 for s in self.std) or not all(math.isfinite(m) for m in self.mean):
-            raise ExportError(f"normalisation std must be finite and > 0 and mean finite, got mean {self.mean}, std {self.std}")
-
-
 # == public API =====================================================================================
 
 
@@ -86,8 +73,9 @@ def export_onnx(
     ``input_shape`` is the per-sample ``(C, H, W)`` (default: the model's ``input_shape``, else
     ``(channels of the first convolution, 28, 28)``). ``class_names`` and ``metadata`` (extra
     string entries) go into the metadata; ``normalization`` is folded into the graph as ``Sub`` and
-    ``Div`` nodes so the graph still takes [0, 1] images. Nothing is written unless the whole graph
-    is built and checked; the file is replaced atomically.
+    ``Div`` nodes so the graph still takes [0, 1] images. Either, when not given, comes from the
+    model's ``input_spec`` (what ``Sequential.load`` read from a checkpoint) when it has one.
+    Nothing is written unless the whole graph is built and checked; the file is replaced atomically.
     """
     proto = build_onnx_model(
         model, opset=opset, softmax=softmax, input_shape=input_shape, class_names=class_names,
@@ -111,6 +99,10 @@ def build_onnx_model(
     """The checked ``onnx.ModelProto`` that :func:`export_onnx` writes."""
     onnx = import_onnx()
     check_opset(opset, onnx)
+    recorded = getattr(model, "input_spec", None)
+    if recorded is not None:
+        class_names = recorded.class_names if class_names is None else class_names
+        normalization = recorded.normalization if normalization is None else normalization
     input_shape = resolve_input_shape(model, input_shape)
     graph = GraphBuilder(onnx, opset)
     shape = input_shape
@@ -465,14 +457,9 @@ def checkpoint_preparation(checkpoint, n_classes: int | None) -> tuple[list[str]
     outputs (``n_classes``; None when unknown) and no normalisation: what runs that record neither
     were trained on.
     """
-    from .data import CLASS_NAMES
-
     inputs = checkpoint.input_spec() if hasattr(checkpoint, "input_spec") else None
     if inputs is not None and inputs.recorded:  # what training recorded about its input (``__inputs__``)
-        recorded_normalization = inputs.normalization
-        return list(inputs.class_names), (
-            Normalization(recorded_normalization.mean, recorded_normalization.std) if recorded_normalization else None
-        )
+        return list(inputs.class_names), inputs.normalization
     settings = checkpoint.settings
     names = settings.get("class_names")
     if names is None and n_classes == len(CLASS_NAMES):

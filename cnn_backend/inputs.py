@@ -1,9 +1,11 @@
 """What a trained model expects as input, recorded with it: class names, channel count, image size
 and the per-channel normalisation, so evaluation and prediction prepare images as training did.
 
-:class:`InputSpec` is stored in checkpoints (``__inputs__``, JSON). Files from earlier versions
-carry none: they were all trained on Fashion-MNIST, so :meth:`InputSpec.legacy` gives its 28x28
-greyscale input and class names (generic ``class <i>`` names when the output size is not 10).
+:class:`InputSpec` is stored in checkpoints and model files (``__inputs__``, JSON): training writes
+it, ``Sequential.save`` writes the model's ``input_spec``. Files without one (earlier versions, all
+trained on Fashion-MNIST, or a model saved with none set) get :meth:`InputSpec.legacy`: a 28x28
+greyscale input (the model's recorded shape when it has one) and Fashion-MNIST's class names
+(generic ``class <i>`` names when the output size is not 10).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class InputSpec:
         text = f"{shape_text(self.input_shape)} input, {self.num_classes} classes"
         if self.normalization is not None:
             text += ", normalised per channel"
-        return text + ("" if self.recorded else " (assumed: the file records no input description, as before this was stored)")
+        return text + ("" if self.recorded else " (assumed: the file records no input description; set model.input_spec before saving it to record one)")
 
     def check(self, data: LabelledImages, what: str) -> None:
         """Refuse data whose image shape or class count differs from what the model was trained on."""

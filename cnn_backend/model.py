@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -10,7 +9,8 @@ from typing import Iterable
 from .backend import Backend, get_backend
 from .data import count_non_finite_samples
 from .init import as_integer, make_rng
-from .serialization import ModelFileError, json_array, read_npz, stored_float_dtype, write_npz_atomic
+from .inputs import INPUTS_KEY, InputSpec
+from .serialization import ModelFileError, json_array, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
 from .parameters import FlatParameters, Parameter
 
@@ -55,6 +55,9 @@ class Sequential:
                 layer.to(self.backend)
         self.input_shape: tuple | None = None
         self.spec_options: dict = {}
+        # What the model expects as input (class names, image size, normalisation): set by
+        # Sequential.load from the file, written back by save; None when nothing records it.
+        self.input_spec: InputSpec | None = None
         if input_shape is not None:
             self.build(input_shape, rng)
         self.layers[0].needs_input_grad = False
@@ -354,40 +357,38 @@ class Sequential:
     # -- files ---------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write architecture and parameters to ``path`` (.npz), atomically.
+        """Write architecture and parameters to ``path`` (.npz), atomically, with :attr:`input_spec`
+        when the model has one (what evaluation and prediction need to prepare images).
 
         ``extra`` maps names to host arrays stored beside the parameters (e.g. optimiser state).
         """
         arrays = {f"param/{name}": value for name, value in self.state_dict().items()}
         arrays.update({f"buffer/{name}": value for name, value in self.buffer_state_dict().items()})
         arrays[CONFIG_KEY] = json_array(self.config())
+        if self.input_spec is not None:
+            if not isinstance(self.input_spec, InputSpec):
+                raise TypeError(f"model.input_spec must be a cnn_backend.inputs.InputSpec or None, not {type(self.input_spec).__name__}")
+            arrays[INPUTS_KEY] = json_array(self.input_spec.config())
         for name, value in (extra or {}).items():
             arrays[name] = value
         return write_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: Backend | str = "cpu") -> "Sequential":
-        """Rebuild a model saved with :meth:`save` on ``backend``; a device name (``"cpu"``,
-        ``"cuda"``, ``"auto"``) keeps the dtype the parameters were saved in."""
-        arrays = read_npz(path)
+        """Rebuild a model saved with :meth:`save` (or a training checkpoint) on ``backend``; a device
+        name (``"cpu"``, ``"cuda"``, ``"auto"``) keeps the dtype it was saved in. The input the file
+        records becomes :attr:`input_spec`, so a model loaded and saved again keeps it.
+
+        Raises :class:`ModelFileError` (one line naming the file) for a file that is unreadable, not
+        a model, does not fit its architecture, or holds NaN or infinite weights.
+        """
+        from .checkpoint import load_checkpoint  # the checkpoint module is built on this one
+
+        checkpoint = load_checkpoint(path, require_training_state=False)
         if not isinstance(backend, Backend):
-            backend = get_backend(backend, stored_float_dtype(value for key, value in arrays.items() if key.startswith("param/")))
-        if CONFIG_KEY not in arrays:
-            raise ModelFileError(f"{path}: not a cnn_backend model file (no model config inside)")
-        try:
-            config = json.loads(str(arrays[CONFIG_KEY]))
-        except ValueError as exc:
-            raise ModelFileError(f"{path}: the model config is not valid JSON ({exc})") from None
-        try:
-            model = cls.from_config(config, backend)
-        except ModelFileError as exc:
-            raise ModelFileError(f"{path}: {exc}") from None
-        state = {key[len("param/") :]: value for key, value in arrays.items() if key.startswith("param/")}
-        buffers = {key[len("buffer/") :]: value for key, value in arrays.items() if key.startswith("buffer/")}
-        try:
-            model.load_state_dict(state, buffers)
-        except ModelFileError as exc:
-            raise ModelFileError(f"{path}: {exc}") from None
+            backend = get_backend(backend, checkpoint.dtype)
+        model = checkpoint.build_model(backend)
+        model.input_spec = checkpoint.input_spec() if checkpoint.inputs is not None else None
         return model
 
 

@@ -84,9 +84,13 @@ def predict_files(model, inputs: InputSpec, paths: Sequence[str | os.PathLike], 
     return predictions
 
 
-def predict_images(checkpoint: str | os.PathLike, paths: Sequence[str | os.PathLike], *, top: int = 5, device: str = "cpu") -> list[Prediction]:
-    """Load ``checkpoint`` (or a model file) onto ``device`` and predict ``paths``: the Python
-    counterpart of ``cnn-backend predict``."""
+def predict_images(
+    checkpoint: str | os.PathLike, paths: str | os.PathLike | Sequence[str | os.PathLike], *, top: int = 5, device: str = "cpu",
+) -> list[Prediction]:
+    """Load ``checkpoint`` (or a model file) onto ``device`` and predict ``paths`` (one path or a
+    sequence of them; a list of one prediction per image): the Python counterpart of ``cnn-backend predict``."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     from .backend import get_backend
     from .checkpoint import load_checkpoint
 

@@ -132,6 +132,11 @@ def write_npz_atomic(path: str | os.PathLike, arrays: dict) -> Path:
 
 def read_npz(path: str | os.PathLike) -> dict:
     """All arrays of an ``.npz`` file, refusing pickled objects; one-line error when unreadable."""
+    if Path(path).is_dir():
+        found = [name for name in ("best.npz", "last.npz") if (Path(path) / name).is_file()]
+        named = " or ".join(str(Path(path) / name) for name in found)
+        hint = f"give a checkpoint in it: {named}" if found else "give a .npz model file or checkpoint"
+        raise ModelFileError(f"{path}: a folder, not a model file; {hint}")
     if Path(path).is_file() and not zipfile.is_zipfile(path):
         # Checked first: numpy would call any other content "pickled data" and suggest pickle.
         raise ModelFileError(f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)")

@@ -142,7 +142,7 @@ def test_loading_a_model_file_with_a_broken_config_is_one_line(tmp_path):
     numpy.savez(path, __model_config__=numpy.array("{not json"))
     with pytest.raises(ModelFileError, match=r"model.npz: the model config is not valid JSON"):
         Sequential.load(path)
-    numpy.savez(path, __model_config__=numpy.array('[{"type": "Teleporter", "args": {}}]'))
+    numpy.savez(path, __model_config__=numpy.array('[{"type": "Teleporter", "args": {}}]'), **{"param/0.weight": numpy.zeros(3)})
     with pytest.raises(ModelFileError, match=r"model.npz: unknown or malformed layer"):
         Sequential.load(path)
 

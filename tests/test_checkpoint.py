@@ -144,6 +144,37 @@ def test_a_checkpoint_is_also_a_plain_model_file(tmp_path):
         numpy.testing.assert_array_equal(loaded.state_dict()[name], value)
 
 
+def test_a_checkpoint_loaded_and_saved_again_keeps_its_input_description(tmp_path):
+    from cnn_backend.data import Normalization
+    from cnn_backend.inputs import InputSpec
+
+    backend = get_backend("cpu")
+    model = tiny_model(backend)
+    optimizer = make_optimizer("sgd", model.parameters(), backend, lr=0.05)
+    recorded = InputSpec(("ant", "bee", "cow"), 1, (4, 4), Normalization([0.25], [0.5]))
+    path = save(tmp_path / "c.npz", model, optimizer, inputs=recorded)
+    loaded = Sequential.load(path)
+    assert loaded.input_spec == recorded
+    again = load_checkpoint(loaded.save(tmp_path / "again.npz"), require_training_state=False)
+    assert again.input_spec() == recorded and again.input_spec().recorded
+    # A model built in code records none until given one; files without one get the assumed input.
+    assert Sequential.load(tiny_model(backend).save(tmp_path / "bare.npz")).input_spec is None
+    assert not load_checkpoint(tmp_path / "bare.npz", require_training_state=False).input_spec().recorded
+    loaded.input_spec = recorded.config()  # the description's dict, not the description
+    with pytest.raises(TypeError, match=r"model.input_spec must be a cnn_backend.inputs.InputSpec or None, not dict"):
+        loaded.save(tmp_path / "wrong.npz")
+    assert not (tmp_path / "wrong.npz").exists()
+
+
+def test_loading_a_model_file_with_non_finite_weights_is_refused_in_one_line(tmp_path):
+    model = tiny_model(get_backend("cpu"))
+    model.layers[1].params["weight"].data[0, 0] = numpy.nan
+    path = model.save(tmp_path / "diverged.npz")
+    with pytest.raises(ModelFileError, match=r"diverged.npz: parameter 1.weight holds NaN or infinite values") as info:
+        Sequential.load(path)
+    assert "\n" not in str(info.value)
+
+
 def test_a_plain_model_file_evaluates_but_does_not_resume(tmp_path):
     model = seed_cnn("cpu", seed=1)
     path = model.save(tmp_path / "model.npz")

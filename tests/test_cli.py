@@ -296,6 +296,19 @@ def test_resume_refuses_another_optimizer_and_a_finished_run(trained, capsys):
     assert status == 2 and "already finished epoch 2 of 2" in err and "--epochs" in err
 
 
+def test_resume_refuses_options_the_checkpoint_fixes(trained, tmp_path, capsys):
+    """The network's dropout rate and the input normalisation come with the checkpoint: asking for
+    others on --resume would be recorded in the settings but not applied, so it is refused."""
+    status, _, err = run_main(capsys, "train", "--resume", trained / "last.npz", "--normalize", "--epochs", 3, "--device", "cpu")
+    assert status == 2 and err.count("\n") == 1
+    assert "was trained without --normalize, so --normalize cannot resume it (leave --normalize out to resume" in err
+    run = tmp_path / "plain"
+    assert run_main(capsys, "train", *SMALL, "--model", "plain", "--dropout", "0.25", "--epochs", 1, "--out", run, "--quiet")[0] == 0
+    status, _, err = run_main(capsys, "train", "--resume", run / "last.npz", "--dropout", "0.5", "--epochs", 2, "--device", "cpu")
+    assert status == 2 and "was trained with --dropout 0.25, so --dropout 0.5 cannot resume it" in err
+    assert not (run / "history.jsonl").read_text().count("\n") > 1  # nothing was trained
+
+
 def test_resume_refuses_another_runs_checkpoint_put_in_a_folder_holding_a_run(tmp_path, capsys):
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     assert run_main(capsys, "train", *SMALL, "--epochs", 1, "--no-plots", "--out", ours)[0] == 0
@@ -436,7 +449,7 @@ def test_ctrl_c_while_an_epoch_is_saved_still_prints_that_epoch(tmp_path, capsys
     status, out, err = run_main(capsys, "train", *SMALL, "--epochs", 3, "--no-plots", "--out", tmp_path / "run")
     assert status == 130
     assert re.search(r"^epoch 1/3  train loss ", out, re.MULTILINE) and "epoch 2/3" not in out
-    assert f"interrupted during epoch 1; the last good checkpoint is {tmp_path / 'run' / 'last.npz'} (epoch 1)" in err
+    assert f"interrupted after epoch 1; the last good checkpoint is {tmp_path / 'run' / 'last.npz'} (epoch 1)" in err
 
 
 def test_train_refuses_an_output_folder_holding_another_run(trained, capsys):

@@ -102,6 +102,9 @@ def test_colour_data_end_to_end_train_evaluate_predict(where, tmp_path, capsys, 
 
     (first_prediction, _) = predict_images(out / "last.npz", [first, second], top=2)
     assert lines[0] == f"{first}: " + ", ".join(f"{name} {p:.1%}" for name, p in first_prediction.top)
+    (alone,) = predict_images(out / "last.npz", str(first), top=2)  # one path, not a list of one
+    assert [name for name, _ in alone.top] == [name for name, _ in first_prediction.top]
+    numpy.testing.assert_allclose([p for _, p in alone.top], [p for _, p in first_prediction.top], rtol=1e-5)
 
 
 def test_predict_reports_each_unusable_file_and_still_predicts_the_others(tmp_path, capsys):

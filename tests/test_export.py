@@ -453,6 +453,22 @@ def test_class_names_are_always_in_the_metadata():
     assert json.loads(metadata(build_onnx_model(model))["class_names"]) == ["class 0", "class 1", "class 2"]
 
 
+def test_a_loaded_model_exports_with_the_input_its_file_records(tmp_path):
+    from cnn_backend.inputs import InputSpec
+
+    spec = {"layers": [{"type": "Flatten"}, {"type": "FullyConnected", "out_features": 3}]}
+    model = Sequential.from_spec(spec, (1, 4, 4))
+    model.input_spec = InputSpec(("ant", "bee", "cow"), 1, (4, 4), Normalization((0.25,), (0.5,)))
+    loaded = Sequential.load(model.save(tmp_path / "model.npz"))
+    proto = build_onnx_model(loaded)
+    assert json.loads(metadata(proto)["class_names"]) == ["ant", "bee", "cow"]
+    images = numpy.random.default_rng(3).random((5, 1, 4, 4), dtype=numpy.float32)
+    expected = library_logits(loaded, ((images - 0.25) / 0.5).astype(numpy.float32))
+    assert numpy.abs(run_onnx(proto.SerializeToString(), images) - expected).max() <= TOLERANCE
+    # Arguments given win over the recorded description.
+    assert json.loads(metadata(build_onnx_model(loaded, class_names=["x", "y", "z"]))["class_names"]) == ["x", "y", "z"]
+
+
 def test_wrong_number_of_class_names_is_refused():
     with pytest.raises(ExportError, match="3 class names for a network with 10 outputs"):
         build_onnx_model(seed_cnn(), class_names=["a", "b", "c"])

@@ -604,9 +604,9 @@ def test_to_moves_buffers_and_casts_them():
     "make, message",
     [
         (lambda: BatchNorm(3, momentum=1.5), r"BatchNorm: momentum must be in \[0, 1\]"),
-        (lambda: BatchNorm(3, eps=0.0), r"BatchNorm: eps must be > 0"),
+        (lambda: BatchNorm(3, eps=0.0), r"BatchNorm: eps must be a finite number > 0, got 0.0"),
         (lambda: AvgPool(0), r"AvgPool: pool_size must be an integer >= 1"),
-        (lambda: LeakyReLU("x"), r"LeakyReLU: negative_slope must be a number"),
+        (lambda: LeakyReLU("x"), r"LeakyReLU: negative_slope must be a finite number, got 'x'"),
         (lambda: Residual([]), r"Residual needs at least one inner layer"),
         (lambda: Convolution(1, 2, 3, bias="no"), r"Convolution: bias must be true or false"),
     ],

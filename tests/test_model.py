@@ -117,6 +117,14 @@ def test_missing_file_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_run_folder_given_for_a_model_file_names_its_checkpoints(tmp_path):
+    with pytest.raises(ModelFileError, match=r"^\S+empty: a folder, not a model file; give a .npz model file or checkpoint$"):
+        Sequential.load((tmp_path / "empty").mkdir() or tmp_path / "empty")
+    seed_cnn().save(tmp_path / "best.npz")
+    with pytest.raises(ModelFileError, match=rf"a folder, not a model file; give a checkpoint in it: {tmp_path / 'best.npz'}$"):
+        Sequential.load(tmp_path)
+
+
 def test_corrupt_file_is_refused(tmp_path):
     path = tmp_path / "corrupt.npz"
     path.write_bytes(b"\x00not a zip at all" * 10)
@@ -135,7 +143,7 @@ def test_truncated_file_is_refused(tmp_path):
 
 def test_file_without_config_is_refused(tmp_path):
     path = write_npz_atomic(tmp_path / "plain.npz", {"a": numpy.zeros(3)})
-    with pytest.raises(ModelFileError, match=r"not a cnn_backend model file"):
+    with pytest.raises(ModelFileError, match=r"plain.npz: not a cnn_backend model or checkpoint"):
         Sequential.load(path)
 
 

@@ -35,6 +35,8 @@ SETTING_NAMES = (
     "dropout", "augment", "label_smoothing", "seed", "dtype", "data", "train_split", "val_split",
     "image_size", "channels", "strict", "val_fraction", "normalize",
 )
+#: settings the checkpoint's network and optimiser state embody: a resumed run cannot change them
+FIXED_BY_CHECKPOINT = ("model", "optimizer", "dropout", "normalize")
 #: what ``source_kind`` calls a folder given by its path (not a dataset name)
 FOLDER_KINDS = ("idx-folder", "cifar10-folder", "image-folder")
 #: the training/validation split of a full 60,000-image training set
@@ -48,15 +50,18 @@ FOLDER_VALIDATION_FRACTION = 0.2
 def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> dict:
     """The run settings: explicit options, else (with a checkpoint) the stored ones, else the recipe.
 
-    The model and optimiser of a resumed run are fixed by its checkpoint; asking for others is an
+    The model, optimiser, dropout and normalisation of a resumed run are fixed by its checkpoint
+    (``FIXED_BY_CHECKPOINT``); asking for others is an
     error. Choosing an optimiser other than the recipe's brings that optimiser's own defaults.
     """
     stored = {key: value for key, value in (checkpoint.settings if checkpoint else {}).items() if key in SETTING_NAMES}
-    for key in ("model", "optimizer"):
-        if stored.get(key) and explicit.get(key) not in (None, stored[key]):
+    # (--dropout on a network without the option is refused below, for what it is)
+    fixed = [key for key in FIXED_BY_CHECKPOINT if key != "dropout" or stored.get("model") in DROPOUT_MODELS]
+    for key in fixed:
+        if key in stored and explicit.get(key) not in (None, stored[key]):
             raise ValueError(
-                f"{checkpoint.path} was trained with --{key} {stored[key]}, so --{key} {explicit[key]} cannot "
-                f"resume it (start a new run without --resume instead)"
+                f"{checkpoint.path} was trained {_as_trained(key, stored[key])}, so {_as_option(key, explicit[key])} cannot "
+                f"resume it (leave {_as_option(key)} out to resume, or start a new run without --resume)"
             )
     model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
     recipe = RECIPES.get(model, SPEC_FILE_RECIPE)
@@ -71,6 +76,15 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
         hint = "" if model in BUILTIN_NAMES else "; write a Dropout layer into the architecture file instead"
         raise ValueError(f"--dropout applies to the {' and '.join(DROPOUT_MODELS)} models only, not {model}{hint}")
     return {key: settings[key] for key in SETTING_NAMES}
+
+
+def _as_option(key: str, value=True) -> str:
+    flag = "--" + key.replace("_", "-")
+    return flag if isinstance(value, bool) else f"{flag} {value}"
+
+
+def _as_trained(key: str, value) -> str:
+    return f"without {_as_option(key)}" if value is False else f"with {_as_option(key, value)}"
 
 
 def recipe_augmentation(augment: str, data) -> str:

@@ -495,7 +495,9 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
         if stage == "plots":
             report_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
         else:
-            report_error(f"{what} during epoch {progress.epoch or start_epoch}; {intact(resume_hint=True)}", prefix="")
+            epoch = progress.epoch or start_epoch
+            saved = recorder is not None and recorder.last_saved_epoch == epoch  # stopped while writing its files
+            report_error(f"{what} {'after' if saved else 'during'} epoch {epoch}; {intact(resume_hint=True)}", prefix="")
         return getattr(exc, "exit_status", EXIT_INTERRUPTED)
     except NonFiniteLossError as exc:
         progress.close()
