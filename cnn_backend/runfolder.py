@@ -132,7 +132,7 @@ class RunFolder:
             try:
                 requested.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise FileWriteError(requested, exc) from None
+                raise FileWriteError(requested, OSError(exc.errno, f"{exc.strerror or exc}; choose another --out")) from None
             folder = cls(requested, created=bool(missing))
             folder.created_parents = missing[1:]
         try:

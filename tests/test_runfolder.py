@@ -252,6 +252,13 @@ def test_disk_full_during_a_checkpoint_names_the_file_and_the_intact_epoch(tmp_p
     assert hidden_files(run) == []
 
 
+def test_an_out_folder_that_cannot_be_made_says_to_choose_another(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 1, "--out", tmp_path / "afile" / "run")
+    assert status == 1 and one_line(err).endswith(f"cannot write {tmp_path / 'afile' / 'run'}: Not a directory; choose another --out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+
+
 def test_disk_full_before_any_checkpoint_leaves_nothing(tmp_path, capsys, monkeypatch):
     _fail_nth_npz_write(monkeypatch, failing_call=1)
     status, _, err = run_main(capsys, "train", *SMALL, "--epochs", 2, "--out", tmp_path / "run")
