@@ -35,6 +35,7 @@ from .functional import CONV_ALGORITHMS, output_size
 from .layers import Convolution, FullyConnected, MaxPool, SoftmaxCrossEntropy
 from .model import ARCHITECTURES
 from .optim import SGD
+from .serialization import FileWriteError, write_atomically
 from .spec import build_model
 from .training import train_step
 
@@ -76,6 +77,9 @@ def _csv(choices: Sequence[str] | None = None, kind: Callable = str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (also mounted as ``cnn-backend benchmark``)."""
+    # Imported here: the command line's package loads this module only when the command is run.
+    from .cli.arguments import json_report_path, non_negative_int, positive_float, positive_int
+
     parser.add_argument(
         "--devices", type=_csv(BENCH_DEVICES), default=None,
         help="comma-separated devices (default: cpu, plus cuda when a GPU is usable)",
@@ -94,17 +98,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--infer-batch-sizes", type=_csv(kind=int), default=[256], help="inference batch sizes (default: 256)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed repeats per figure; the median is reported (default: 5)"
+        "--repeats", type=positive_int, default=5, help="timed repeats per figure; the median is reported (default: 5)"
     )
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps before timing (default: 3)")
     parser.add_argument(
-        "--min-time", type=float, default=0.5,
+        "--min-time", type=positive_float, default=0.5,
         help="each repeat runs at least this many seconds, and at least 2 steps (default: 0.5)",
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float dtype (default: float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the weights (default: 0)")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads", type=positive_int, default=None,
         help="threads for our BLAS (through threadpoolctl) and for PyTorch (default: the thread count "
         "NumPy's BLAS already uses, else the usable cores)",
     )
@@ -120,33 +124,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inference batch of each model on the stand-in device (no GPU needed; see docs/device-cost.md)",
     )
     parser.add_argument(
-        "--json", "--out", dest="json", default="benchmark.json", metavar="PATH",
-        help="where to write the results as JSON (default: benchmark.json)",
+        "--json", "--out", dest="json", type=json_report_path, default=Path("benchmark.json"), metavar="PATH.json",
+        help="where to write the results as JSON (default: benchmark.json); missing folders are made",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.strip().split("\n\n")[0])
-    add_arguments(parser)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """``cnn-backend benchmark ARGV``: the same one-line errors and exit statuses."""
+    from .cli import main as command_line
+
+    return command_line(["benchmark", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the arguments describe, print the table and write the JSON.
 
-    Returns 0, or 2 for invalid settings or when a device asked for with ``--devices`` is not usable.
+    Returns 0, or 1 when writing the JSON fails at the end (the table is printed first). Raises
+    ValueError when the JSON's folder cannot be written (checked first), and DeviceUnavailableError
+    when a device asked for with ``--devices`` is not usable: the command line reports both in one
+    line, exit status 2.
     """
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
-    problem = _invalid_settings(args)
-    if problem:
-        print(f"benchmark: {problem}", file=sys.stderr)
-        return 2
+    # Checked before minutes of measuring, not after: the report would be lost.
+    _refuse_an_unwritable_report(Path(args.json))
     if args.launches:
         return run_launch_count(args)
 
@@ -158,11 +160,7 @@ def run(args: argparse.Namespace) -> int:
         limit_blas_threads(args.threads)
         environment["machine"]["compute_threads"] = args.threads
         environment["blas"] = blas_info()
-    try:
-        devices, device_notes = usable_devices(args.devices)
-    except DeviceUnavailableError as exc:
-        print(f"benchmark: {exc}", file=sys.stderr)
-        return 2
+    devices, device_notes = usable_devices(args.devices)
     torch_info, torch = load_torch(args.no_torch, threads)
     print(torch_info["note"])
 
@@ -204,10 +202,7 @@ def run(args: argparse.Namespace) -> int:
         "peak_memory": memory,
     }
     print(format_table(report))
-    path = Path(args.json)
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"results written to {path}")
-    return 0
+    return write_report(report, Path(args.json))
 
 
 def run_launch_count(args: argparse.Namespace) -> int:
@@ -218,20 +213,34 @@ def run_launch_count(args: argparse.Namespace) -> int:
         args.models, args.train_batch_sizes, args.infer_batch_sizes, args.algorithms, args.dtype, args.seed
     )
     print(format_launch_table(rows))
-    path = Path(args.json)
-    path.write_text(json.dumps({"launches": rows}, indent=2) + "\n", encoding="utf-8")
+    return write_report({"launches": rows}, Path(args.json))
+
+
+def write_report(report: dict, path: Path) -> int:
+    """Write ``report`` as JSON to ``path`` atomically; 0, or 1 (one line on stderr) when it cannot be."""
+    from .cli.console import EXIT_FAILED, EXIT_OK, print_error
+
+    text = json.dumps(report, indent=2) + "\n"
+    try:
+        write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
+    except FileWriteError as exc:
+        # The figures are on stdout already: say so, rather than let them look lost.
+        print_error(f"{exc}; the results are in the table above; to keep them as JSON, rerun with --json naming a writable file")
+        return EXIT_FAILED
     print(f"results written to {path}")
-    return 0
+    return EXIT_OK
 
 
-def _invalid_settings(args: argparse.Namespace) -> str | None:
-    if args.repeats < 1:
-        return "--repeats must be >= 1"
-    if args.warmup < 0 or args.min_time < 0:
-        return "--warmup and --min-time must be >= 0"
-    if args.threads is not None and args.threads < 1:
-        return "--threads must be >= 1"
-    return None
+def _refuse_an_unwritable_report(path: Path) -> None:
+    """ValueError (one line) when ``path`` cannot be written: a file where a folder must be, or a folder
+    this user may not write in. Missing folders are fine: they are made when the report is written."""
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: {folder} is a file, not a folder; choose another --json PATH.json")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: no permission to write in {folder}; choose another --json PATH.json")
 
 
 # == what we run on =================================================================================

@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy
 
+from .backend import get_backend
 from .datasets.base import DATA_DIR_ENV, DataError, check_labels
 from .datasets.download import download_files
 from .datasets.idx import read_idx, read_labels, write_idx
 from .datasets.idx import read_images as _read_idx_images
 from .datasets.registry import FASHION_MNIST
+from .init import as_integer
 from .datasets.sources import (
     BUNDLED_COUNT,
     BUNDLED_DIR,
@@ -337,13 +339,11 @@ class BatchLoader:
             raise ValueError(f"labels must be integers, got {labels.dtype}")
         problem = _label_problem(labels, num_classes)
         if problem:
-            raise DataError(problem)
+            raise DataError(f"{problem} (num_classes={num_classes}: give the data's class count as num_classes)")
         if normalization is not None:
             _check_normalization(normalization, images.shape[1])
-        if not isinstance(batch_size, (int, numpy.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(seed, (int, numpy.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        batch_size = as_integer(batch_size, "batch_size", 1)
+        seed = as_integer(seed, "seed", 0)
 
         if not 0 <= rank < size:
             raise ValueError(f"rank must be in [0, {size}), got {rank!r}")
@@ -353,7 +353,7 @@ class BatchLoader:
                 f"{size} ({', '.join(str(size * k) for k in _nearby_multiples(batch_size, size))})"
             )
 
-        self.backend = backend
+        self.backend = backend = get_backend(backend)  # a Backend, or a device name as Sequential takes
         self.batch_size = int(batch_size)
         self.rank, self.size = int(rank), int(size)
         self.shuffle = shuffle

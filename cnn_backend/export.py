@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,7 @@ def export_onnx(
     model's ``input_spec`` (what ``Sequential.load`` read from a checkpoint) when it has one.
     Nothing is written unless the whole graph is built and checked; the file is replaced atomically.
     """
+    check_onnx_path(path)
     proto = build_onnx_model(
         model, opset=opset, softmax=softmax, input_shape=input_shape, class_names=class_names,
         normalization=normalization, metadata=metadata,
@@ -99,6 +101,8 @@ def build_onnx_model(
     """The checked ``onnx.ModelProto`` that :func:`export_onnx` writes."""
     onnx = import_onnx()
     check_opset(opset, onnx)
+    opset = int(opset) if isinstance(opset, numbers.Integral) and not isinstance(opset, bool) else opset
+    class_names = _check_preparation(class_names, normalization)
     recorded = getattr(model, "input_spec", None)
     if recorded is not None:
         class_names = recorded.class_names if class_names is None else class_names
@@ -163,11 +167,28 @@ def import_onnx():
     return onnx
 
 
+def check_onnx_path(path: str | os.PathLike) -> None:
+    """The file to write must end in ``.onnx``: a swapped argument order then never replaces a checkpoint."""
+    if Path(path).suffix.lower() != ".onnx":
+        raise ExportError(f"OUT.onnx names the ONNX file to write and must end in .onnx, got {str(path)!r}")
+
+
+def _check_preparation(class_names, normalization) -> list[str] | None:
+    """``class_names`` as a list of strings (one per output); ``normalization`` of the right type."""
+    if normalization is not None and not isinstance(normalization, Normalization):
+        raise ExportError(f"normalization must be a cnn_backend.data.Normalization(mean, std), got {type(normalization).__name__}")
+    if class_names is None:
+        return None
+    if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+        raise ExportError(f"class_names must be a sequence of strings, one per output, got {class_names!r:.60}")
+    return list(class_names)
+
+
 def check_opset(opset: int, onnx=None) -> None:
     """Refuse an opset outside ``MIN_OPSET`` .. the newest the installed ``onnx`` knows, in one line."""
     onnx = onnx or import_onnx()
     newest = onnx.defs.onnx_opset_version()
-    if not isinstance(opset, int) or isinstance(opset, bool):
+    if not isinstance(opset, numbers.Integral) or isinstance(opset, bool):
         raise ExportError(f"opset must be an integer, got {opset!r}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the exporter writes opsets {MIN_OPSET} to {newest}; "
@@ -492,8 +513,7 @@ def run(args: argparse.Namespace) -> int:
     from .backend import get_backend
     from .checkpoint import load_checkpoint
 
-    if args.out.suffix.lower() != ".onnx":  # also keeps a swapped argument order from replacing the checkpoint
-        raise ExportError(f"OUT.onnx names the ONNX file to write and must end in .onnx, got {str(args.out)!r}")
+    check_onnx_path(args.out)
     import_onnx()  # before any work: a missing package is reported first
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
     model = checkpoint.build_model(get_backend("cpu", "float32"))

@@ -28,6 +28,11 @@ class InputSpec:
     normalization: Normalization | None = None
     recorded: bool = True  # False for the assumed input of a file that recorded none
 
+    def __post_init__(self) -> None:
+        if isinstance(self.class_names, str) or not all(isinstance(name, str) for name in self.class_names):
+            raise ValueError(f"InputSpec: class_names must be a sequence of strings, one per class, got {self.class_names!r:.60}")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Per-sample shape ``(C, H, W)``."""

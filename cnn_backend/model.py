@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy
+
 from .backend import Backend, get_backend
 from .data import count_non_finite_samples
 from .init import as_integer, make_rng
@@ -15,6 +17,8 @@ from .layers import LAYER_TYPES, BatchNorm, Convolution, Dropout, Flatten, Fully
 from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
+#: how NumPy refuses an array larger than any memory (a ValueError, not a MemoryError)
+NUMPY_SIZE_ERRORS = ("Maximum allowed dimension exceeded", "array is too big")
 #: samples per forward pass when predicting or evaluating: large enough for fast matrix products,
 #: small enough that the default model's im2col buffers stay near 60 MiB (1,000 took 230 MiB)
 EVALUATION_BATCH_SIZE = 250
@@ -83,7 +87,9 @@ class Sequential:
                 shape = layer.build(shape, rng)
             except ShapeError as exc:
                 raise ShapeError(f"layer {index} ({type(layer).__name__}): {exc}") from None
-            except MemoryError as exc:  # a layer sized by mistake (out_features=10**11): name it
+            except (MemoryError, ValueError) as exc:  # a layer sized by mistake (out_features=10**11): name it
+                if not isinstance(exc, MemoryError) and not str(exc).startswith(NUMPY_SIZE_ERRORS):
+                    raise
                 raise MemoryError(f"layer {index} ({type(layer).__name__}): its parameters cannot be allocated ({exc})") from None
         return shape
 
@@ -197,6 +203,11 @@ class Sequential:
             x = self.backend.to_numpy(x)
         if not len(x):
             raise ShapeError("Sequential.predict_logits: no samples to predict (an empty input)")
+        if x.dtype.kind in "biu":  # raw 8-bit pixels would be read as values up to 255
+            raise ShapeError(
+                f"Sequential.predict_logits: the input holds {x.dtype} values, not floats; pass images scaled to "
+                f"[0, 1] (images / 255), or cnn_backend.data.prepare_images(images, dtype, normalization)"
+            )
         bad = count_non_finite_samples(x, self.backend)
         if bad:
             raise ShapeError(f"Sequential.predict_logits: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
@@ -293,14 +304,17 @@ class Sequential:
         own_buffers = dict(self.named_buffers())
         if own_buffers or buffers:
             _check_names("buffers", own_buffers.keys(), (buffers or {}).keys())
+        # Every value is checked before any is copied: a refused state leaves the model as it was.
+        values = {name: _as_array(state[name]) for name in own}
+        buffer_values = {name: _as_array(buffers[name]) for name in own_buffers}
         for name, param in own.items():
-            value = state[name]
-            _check_shape("parameter", name, value, param.data)
-            param.data = self.backend.to_device(value.astype(self.backend.dtype))
+            _check_shape("parameter", name, values[name], param.data)
         for name, current in own_buffers.items():
-            value = buffers[name]
-            _check_shape("buffer", name, value, current)
-            self.set_buffer(name, self.backend.to_device(value.astype(self.backend.dtype)))
+            _check_shape("buffer", name, buffer_values[name], current)
+        for name, param in own.items():
+            param.data = self.backend.to_device(values[name].astype(self.backend.dtype))
+        for name in own_buffers:
+            self.set_buffer(name, self.backend.to_device(buffer_values[name].astype(self.backend.dtype)))
 
     def set_buffer(self, name: str, value) -> None:
         """Replace the buffer ``name`` (as in :meth:`named_buffers`) with the device array ``value``
@@ -366,12 +380,23 @@ class Sequential:
         arrays.update({f"buffer/{name}": value for name, value in self.buffer_state_dict().items()})
         arrays[CONFIG_KEY] = json_array(self.config())
         if self.input_spec is not None:
-            if not isinstance(self.input_spec, InputSpec):
-                raise TypeError(f"model.input_spec must be a cnn_backend.inputs.InputSpec or None, not {type(self.input_spec).__name__}")
+            self._check_input_spec()
             arrays[INPUTS_KEY] = json_array(self.input_spec.config())
         for name, value in (extra or {}).items():
             arrays[name] = value
         return write_npz_atomic(path, arrays)
+
+    def _check_input_spec(self) -> None:
+        """Refuse an input description the network cannot serve: its files would fail only when used."""
+        spec = self.input_spec
+        if not isinstance(spec, InputSpec):
+            raise TypeError(f"model.input_spec must be a cnn_backend.inputs.InputSpec or None, not {type(spec).__name__}")
+        built_for = self.input_shape
+        if built_for is not None and len(built_for) == 3 and built_for[0] != spec.channels:
+            raise ValueError(f"model.input_spec describes {spec.channels}-channel images but the network takes {built_for[0]} channels")
+        outputs = self.output_shape
+        if outputs is not None and len(outputs) == 1 and outputs[0] != spec.num_classes:
+            raise ValueError(f"model.input_spec names {spec.num_classes} classes but the network has {outputs[0]} outputs")
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: Backend | str = "cpu") -> "Sequential":
@@ -390,6 +415,11 @@ class Sequential:
         model = checkpoint.build_model(backend)
         model.input_spec = checkpoint.input_spec() if checkpoint.inputs is not None else None
         return model
+
+
+def _as_array(value):
+    """An array as given (host or device), or a nested list as a host array."""
+    return value if hasattr(value, "shape") and hasattr(value, "astype") else numpy.asarray(value)
 
 
 def _check_names(what: str, expected, found) -> None:

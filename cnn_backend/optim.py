@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import numpy
 
 from .backend import Backend
 from .parameters import FlatParameters, Parameter, shared_flat_buffer
@@ -36,6 +38,9 @@ class Optimizer:
     name: str = ""
     #: names of the per-parameter state buffers (e.g. momentum), saved in checkpoints
     buffer_names: tuple[str, ...] = ()
+    #: every buffer name this kind may keep (SGD keeps a velocity only with momentum): a state
+    #: holding a name of another kind's was saved by that kind
+    known_buffers: tuple[str, ...] = ()
     #: how many scratch arrays (each the size of the parameters) an update needs
     scratch_count: int = 1
 
@@ -138,15 +143,56 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`. All of it is checked before anything changes, so a refused
+        state leaves this optimiser as it was. Buffers may be any array-likes (lists included); a
+        buffer of this kind that this optimiser does not keep (a velocity, without momentum) is ignored."""
         self._follow_parameters()
+        owner = type(self).__name__
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{owner}: optimiser state must be a dict as state_dict() returns, got {type(state).__name__}")
+        self._check_kind(state)
+        if "steps" not in state:
+            raise ValueError(f"{owner}: optimiser state has no 'steps' entry; pass a dict that state_dict() returned")
+        steps = _step_count(state["steps"])
+        if steps is None:
+            # Adam's bias correction 1 - beta ** steps goes negative below 0, flipping the updates.
+            raise ValueError(f"{owner}: optimiser state 'steps' must be an integer >= 0, got {state['steps']!r}")
+        loaded = {}
         for name, bufs in self.buffers.items():
             for i, buf in enumerate(bufs):
                 key = f"{name}/{i}"
-                if key not in state or tuple(state[key].shape) != tuple(buf.shape):
-                    raise ValueError(f"{type(self).__name__}: optimiser state {key!r} is missing or has the wrong shape")
-                # Copied into place: the buffers may be views of one flat array.
-                buf[...] = self.backend.to_device(state[key].astype(buf.dtype))
-        self.steps = int(state["steps"])
+                value = _numeric_array(state[key]) if key in state else None
+                if key in state and value is None:
+                    raise ValueError(f"{owner}: optimiser state {key!r} must be an array of numbers, got {_short(state[key])}")
+                if value is None or tuple(value.shape) != tuple(buf.shape):
+                    raise ValueError(f"{owner}: optimiser state {key!r} is missing or has the wrong shape")
+                # Checked after the cast: a float64 value too large for float32 becomes infinite.
+                with numpy.errstate(over="ignore", invalid="ignore"):
+                    value = self.backend.to_device(value).astype(buf.dtype)
+                if not bool(self.backend.xp.isfinite(value).all()):
+                    raise ValueError(
+                        f"{owner}: optimiser state {key!r} holds NaN or infinite values; "
+                        "use a state saved before the run diverged"
+                    )
+                loaded[key] = (buf, value)
+        for buf, value in loaded.values():
+            buf[...] = value  # copied into place: the buffers may be views of one flat array
+        self.steps = steps
+
+    def _check_kind(self, state: Mapping) -> None:
+        """Refuse a state holding buffers this kind never keeps, naming the kind that keeps them."""
+        foreign = sorted({str(key).split("/")[0] for key in state if key != "steps"} - set(self.known_buffers))
+        if not foreign:
+            return
+        owner = type(self).__name__
+        kinds = [cls.__name__ for cls in OPTIMIZERS.values() if set(foreign) <= set(cls.known_buffers)]
+        names = ", ".join(repr(name) for name in foreign)
+        if kinds:
+            raise ValueError(
+                f"{owner}: this optimiser state was saved by {kinds[0]} (its {names} buffers); "
+                f"load it into {kinds[0]}, or load a state saved by {owner}"
+            )
+        raise ValueError(f"{owner}: optimiser state holds unknown buffers {names}; pass a dict that {owner}.state_dict() returned")
 
 
 class SGD(Optimizer):
@@ -157,6 +203,7 @@ class SGD(Optimizer):
     """
 
     name = "sgd"
+    known_buffers = ("velocity",)
 
     def __init__(
         self,
@@ -211,7 +258,7 @@ class Adam(Optimizer):
     """Adam with bias correction; ``weight_decay`` is decoupled (AdamW): ``w -= lr * wd * w``."""
 
     name = "adam"
-    buffer_names = ("first_moment", "second_moment")
+    buffer_names = known_buffers = ("first_moment", "second_moment")
 
     def __init__(
         self,
@@ -269,6 +316,35 @@ class Adam(Optimizer):
 def _is_number(value) -> bool:
     """A real number, NumPy scalars included; not a bool (True as a learning rate is a mistake)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _step_count(value) -> int | None:
+    """``value`` as a step count if it is an integer >= 0 (a NumPy integer or 0-d integer array,
+    as a state saved with ``numpy.savez`` holds, included; a bool or a float is not), else None."""
+    if isinstance(value, bool):
+        return None
+    if not isinstance(value, numbers.Integral):
+        array = numpy.asarray(value) if isinstance(value, numpy.ndarray) else None
+        if array is None or array.ndim != 0 or array.dtype.kind not in "iu":
+            return None
+        value = array.item()
+    return int(value) if value >= 0 else None
+
+
+def _numeric_array(value):
+    """``value`` as an array of real numbers (device arrays kept as they are), or None if it is not one."""
+    if not (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "astype")):
+        try:
+            value = numpy.asarray(value)
+        except (TypeError, ValueError):  # ragged lists, objects NumPy cannot read
+            return None
+    return value if numpy.dtype(value.dtype).kind in "iuf" else None
+
+
+def _short(value) -> str:
+    """A value for a one-line message, cut if long."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _checked(owner: str, name: str, value, requirement: str, holds) -> float:

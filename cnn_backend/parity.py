@@ -8,7 +8,8 @@ read back and compared, so a divergence is reported at the step and layer where 
     python scripts/parity.py --dtype float64
 
 Exit status: 0 when every difference is within the tolerance, 1 when one is not (or a device result
-has the wrong dtype, shape or array type), 2 when the device is unavailable (one line says why).
+has the wrong dtype, shape or array type), 2 when the device is unavailable or the run cannot be set
+up (a bad option, a network without 10 outputs; one line says why).
 
 Differences are measured per tensor: ``max abs`` is ``max |device - cpu|`` and ``max rel`` is that
 divided by ``max |cpu|``, so entries that cancel to almost zero do not inflate it.
@@ -25,11 +26,11 @@ from typing import Callable, Iterable, Sequence
 import numpy
 
 from . import backend as backend_module
-from .backend import Backend, DeviceUnavailableError
+from .backend import Backend
 from .layers import SoftmaxCrossEntropy
 from .model import ARCHITECTURES, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
-from .training import OPTIMIZER_DEFAULTS
+from .training import OPTIMIZER_DEFAULTS, refuse_batches_batchnorm_cannot_take
 
 DEVICES = ("cuda", "standin")
 DATA_SOURCES = ("synthetic", "bundled")
@@ -353,12 +354,26 @@ def compare(
             raise SpecError(f"{model}: {exc}") from None
     else:
         raise ValueError(f"model must be one of {', '.join(ARCHITECTURES)} or an architecture file (.toml, .json), got {model!r}")
+    _refuse_a_model_the_data_cannot_train(models[0], model, batch_size)
     batches = host_batches(data, steps, batch_size, device.dtype, seed)
     description = (
         f"parity: {model} model, {device.dtype.name}, convolution {conv_algorithm}, {optimizer}, "
         f"{steps} steps of {batch_size} {data} images, {reference.name} vs {device.name}"
     )
     return compare_models(*models, batches, optimizer_factory(optimizer, lr), tolerance, description)
+
+
+def _refuse_a_model_the_data_cannot_train(network: Sequential, name: str, batch_size: int) -> None:
+    """ValueError (one line, what to do) before any step, instead of the loss's or BatchNorm's
+    complaint from inside the first one."""
+    outputs = network.output_shape[0]
+    if outputs != NUM_CLASSES:
+        raise ValueError(
+            f"{name}: the network has {outputs} outputs, but parity trains on Fashion-MNIST-like data "
+            f"(--data synthetic or bundled) with {NUM_CLASSES} classes; give its last layer {NUM_CLASSES} outputs "
+            f"(out_features = {NUM_CLASSES})"
+        )
+    refuse_batches_batchnorm_cannot_take(batch_size, 1, network)  # train's rule, for one process
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,6 +392,9 @@ def device_backend(name: str, dtype) -> Backend:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``parity`` command's options."""
+    # Imported here: the command line's package loads this module only when the command is run.
+    from .cli.arguments import learning_rate, positive_float, positive_int
+
     parser.add_argument(
         "--device",
         choices=DEVICES,
@@ -386,37 +404,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default="seed", metavar="seed|default|plain|FILE",
                         help="a built-in architecture or an architecture file (.toml, .json) for 28x28 images (default: seed)")
-    parser.add_argument("--steps", type=_positive_int, default=20, help="training steps to compare (default: 20)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default: 32)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="training steps to compare (default: 20)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default: 32)")
     parser.add_argument("--dtype", choices=backend_module.DTYPES, default="float32", help="float dtype (default: float32)")
     parser.add_argument("--conv-algorithm", choices=CONV_CHOICES, default="auto", help="convolution algorithm (default: auto)")
     parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd", help="sgd (momentum 0.9) or adam (default: sgd)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
+    parser.add_argument("--lr", type=learning_rate, default=None, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
     parser.add_argument("--data", choices=DATA_SOURCES, default="synthetic", help="batches from seeded noise or the bundled subset (default: synthetic)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data (default: 0)")
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=positive_float,
         default=None,
         help="largest relative difference accepted (default: 1e-4 for float32, 1e-9 for float64)",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the verdict line")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run the comparison the arguments describe; returns the exit status (0 pass, 1 fail, 2 no device)."""
-    try:
-        device = device_backend(args.device, args.dtype)
-    except DeviceUnavailableError as exc:
-        print(f"parity: {exc}", file=sys.stderr)
-        return 2
+    """Run the comparison the arguments describe; returns the exit status (0 pass, 1 fail).
+
+    Raises DeviceUnavailableError without the device, and ValueError for a model the run cannot
+    train: the command line reports both in one line, exit status 2.
+    """
+    device = device_backend(args.device, args.dtype)
     reference = backend_module.get_backend("cpu", args.dtype)
     report = compare(
         reference,
@@ -435,18 +446,11 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cnn-backend parity",
-        description="Train the same seeded model on the CPU and on a device side by side and compare "
-        "activations, gradients and weights of every layer at every step.",
-    )
-    add_arguments(parser)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    """``cnn-backend parity ARGV``: the same one-line errors and exit statuses."""
+    from .cli import main as command_line
+
+    return command_line(["parity", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -88,19 +88,21 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 def read_spec_file(path: str | os.PathLike) -> dict:
     """The spec document in ``path`` (``.toml`` or ``.json``), checked for syntax only."""
     path = Path(path)
-    if path.suffix not in SPEC_SUFFIXES:
+    suffix = path.suffix.lower()  # CONV.TOML too, as Windows tools often write it
+    if suffix not in SPEC_SUFFIXES:
         raise SpecError(f"{path}: an architecture file must end in .toml or .json")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors write one) is not part of the document
     except FileNotFoundError:
         raise SpecError(f"{path}: no such architecture file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot be read ({exc})") from None
-    return parse_spec_text(text, "json" if path.suffix == ".json" else "toml", str(path))
+    return parse_spec_text(text, "json" if suffix == ".json" else "toml", str(path))
 
 
 def parse_spec_text(text: str, syntax: str = "toml", source: str = "spec") -> dict:
-    """Parse TOML or JSON text; a syntax error is one line with its position."""
+    """Parse TOML or JSON text (a leading BOM ignored); a syntax error is one line with its position."""
+    text = text[1:] if text.startswith("\ufeff") else text
     if syntax == "json":
         try:
             document = json.loads(text, object_pairs_hook=_table_without_repeated_keys)
@@ -144,7 +146,7 @@ def resolve_spec(model: str | os.PathLike | dict | list) -> tuple[str, dict]:
     if text in BUILTIN_NAMES:
         return text, read_spec_file(builtin_spec_path(text))
     path = Path(text)
-    if path.suffix in SPEC_SUFFIXES or path.exists():
+    if path.suffix.lower() in SPEC_SUFFIXES or path.exists():
         return str(path), read_spec_file(path)
     raise SpecError(f"unknown model {text!r}: choose {', '.join(BUILTIN_NAMES)}, or give a .toml or .json architecture file")
 
@@ -212,6 +214,7 @@ def _normalize_layer(index: int, entry, parents: str) -> dict:
                 why = f"{kind} takes {', '.join(options) or 'no options'}"
             raise SpecError(f"{label}: unknown option {name!r} ({why})")
         accepted, _, allowed = options[name]
+        value = _plain_number(value, accepted)
         if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
             raise SpecError(f"{label}: {name} must be {_TYPE_WORDS[accepted[-1]]}, got {value!r}")
         if allowed is not None and value not in allowed:
@@ -226,6 +229,19 @@ def _normalize_layer(index: int, entry, parents: str) -> dict:
     if kind == "Residual":
         normalized["layers"] = _normalize_layers(normalized["layers"], f"{label} > ")
     return normalized
+
+
+def _plain_number(value, accepted: tuple):
+    """A NumPy integer (or, where numbers are taken, a NumPy float) as the Python int or float it
+    holds, so that a spec built in Python from arrays passes and the normalised spec stays
+    JSON-ready; anything else (bools, a float where an integer is needed) is returned unchanged."""
+    if isinstance(value, bool) or type(value) in (int, float) or int not in accepted:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if float in accepted and isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 # -- building --------------------------------------------------------------------------------------

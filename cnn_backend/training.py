@@ -19,7 +19,8 @@ import numpy
 from .data import BatchShare
 from .distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
 from .functional import cross_entropy_per_sample
-from .layers import NonFiniteLogitsError, SoftmaxCrossEntropy
+from .init import as_integer
+from .layers import BatchNorm, NonFiniteLogitsError, SoftmaxCrossEntropy
 from .layers.loss import check_label_range
 from .model import EVALUATION_BATCH_SIZE, Sequential
 from .optim import SCHEDULE_TYPES, ConstantSchedule, OneCycleSchedule, Optimizer
@@ -179,6 +180,21 @@ def train_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Optim
     return loss, n_correct
 
 
+def has_batchnorm(model: Sequential) -> bool:
+    return any(isinstance(layer, BatchNorm) for _, layer in model.named_layers())
+
+
+def refuse_batches_batchnorm_cannot_take(batch_size: int, processes: int, model: Sequential) -> None:
+    """ValueError (one line, naming ``--batch-size``) when a network with BatchNorm would get a single
+    sample a step on a process: its training-mode statistics need two or more."""
+    if has_batchnorm(model) and batch_size // processes < 2:
+        share = "each step" if processes == 1 else f"each of the {processes} processes"
+        raise ValueError(
+            f"--batch-size {batch_size} gives {share} {batch_size // processes} sample, and BatchNorm cannot take "
+            f"statistics over a single one: choose --batch-size {2 * processes} or more"
+        )
+
+
 def evaluate(
     model: Sequential, images, labels, batch_size: int = EVALUATION_BATCH_SIZE, *, with_predictions: bool = False,
     communicator=None, flip_average: bool = False,
@@ -198,7 +214,10 @@ def evaluate(
     communicator = communicator or SingleProcess()
     if with_predictions and communicator.size > 1:
         raise ValueError("evaluate: predictions are gathered by a single process only")
+    batch_size = as_integer(batch_size, "batch_size", 1)
     labels = numpy.asarray(labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"evaluate: expected labels of shape ({len(images)},), one class index per image, got {labels.shape}")
     starts = list(range(0, len(labels), batch_size))
     first, last = _chunk_range(len(starts), communicator.rank, communicator.size)
     stop = starts[last] if last < len(starts) else len(labels)

@@ -190,3 +190,25 @@ def test_numpy_shapes_and_class_counts_are_integers_and_a_text_class_count_is_re
 def test_input_that_is_not_real_numbers_is_refused(dtype):
     with pytest.raises(ValueError, match=r"^Sequential: expected real numbers, got an array of dtype "):
         seed_cnn("cpu")(numpy.zeros((2, 1, 28, 28), dtype=dtype))
+
+
+def test_evaluate_refuses_labels_that_do_not_match_the_images(model):
+    images = numpy.random.default_rng(0).random((6, 1, 28, 28), dtype=numpy.float32)
+    labels = numpy.arange(6) % 10
+    expected = r"evaluate: expected labels of shape \(6,\), one class index per image, got "
+    with pytest.raises(ValueError, match=expected + r"\(6, 1\)"):
+        evaluate(model, images, labels[:, None])  # scored as 36 pairs, it gave an accuracy above 1
+    with pytest.raises(ValueError, match=expected + r"\(4,\)"):
+        evaluate(model, images, labels[:4])  # only the first four images were scored
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
+        evaluate(model, images, labels, batch_size=0)
+    assert 0.0 <= evaluate(model, images, labels)["accuracy"] <= 1.0
+
+
+def test_raw_pixels_are_refused_by_prediction_and_evaluation(model):
+    pixels = numpy.random.default_rng(1).integers(0, 256, (3, 1, 28, 28), dtype=numpy.uint8)
+    message = r"the input holds uint8 values, not floats; pass images scaled to \[0, 1\] \(images / 255\)"
+    for call in (lambda: model.predict(pixels), lambda: evaluate(model, pixels, numpy.zeros(3, numpy.int64))):
+        with pytest.raises(ShapeError, match=message):
+            call()
+    assert model.predict(pixels / 255.0).shape == (3,)

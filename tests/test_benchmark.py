@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+from pathlib import Path
 
 import pytest
 
 from cnn_backend import benchmark
+from cnn_backend.backend import DeviceUnavailableError
 
 RESULT_FIELDS = {
     "device", "model", "algorithm", "mode", "batch_size", "samples_per_second", "repeats_samples_per_second",
@@ -66,7 +69,7 @@ def test_mounts_on_a_subcommand_parser():
     parser = argparse.ArgumentParser()
     benchmark.add_arguments(parser.add_subparsers().add_parser("benchmark"))
     args = parser.parse_args(["benchmark", "--train-batch-sizes", "32,64", "--out", "x.json"])
-    assert args.train_batch_sizes == [32, 64] and args.json == "x.json" and args.repeats == 5
+    assert args.train_batch_sizes == [32, 64] and args.json == Path("x.json") and args.repeats == 5
 
 
 def test_flops_per_sample_count_every_product_of_the_default_model():
@@ -101,3 +104,78 @@ def test_the_pytorch_twin_of_each_model_has_its_parameters(model_name):
     twin = benchmark.torch_model(torch, model_name)
     ours = ARCHITECTURES[model_name]("cpu", seed=0)
     assert sorted(p.numel() for p in twin.parameters()) == sorted(p.data.size for p in ours.parameters())
+
+
+QUICK_SEED = ["--quick", "--no-torch", "--no-memory", "--models", "seed", "--algorithms", "gemm"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--min-time", "-1"], "argument --min-time: must be a finite number > 0, got '-1'"),
+        (["--min-time", "nan"], "argument --min-time: must be a finite number > 0, got 'nan'"),
+        (["--min-time", "0"], "argument --min-time: must be a finite number > 0, got '0'"),
+        (["--threads", "0"], "argument --threads: must be a positive integer, got '0'"),
+        (["--repeats", "0"], "argument --repeats: must be a positive integer, got '0'"),
+        (["--warmup", "-1"], "argument --warmup: must be an integer >= 0, got '-1'"),
+    ],
+)
+def test_bad_settings_are_refused_in_the_standard_line_before_measuring(capsys, options, message):
+    assert benchmark.main(options) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"cnn-backend: error: {message}; see cnn-backend benchmark --help\n"
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):
+    (tmp_path / "reports.json").mkdir()
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    cases = [
+        ("results.txt", "argument --json/--out: 'results.txt' does not end in .json"),
+        (str(tmp_path / "reports.json"), f"argument --json/--out: '{tmp_path / 'reports.json'}' is a folder"),
+        (str(tmp_path / "blocker" / "x.json"), f"cannot write {tmp_path / 'blocker' / 'x.json'}: {tmp_path / 'blocker'} is a file, not a folder"),
+    ]
+    for path, message in cases:
+        assert benchmark.main([*QUICK_SEED, "--json", path]) == 2
+        out, err = capsys.readouterr()
+        assert out == "", "nothing is measured"
+        assert err.startswith(f"cnn-backend: error: {message}") and err.count("\n") == 1
+
+
+def test_the_report_goes_into_missing_folders(tmp_path, capsys):
+    path = tmp_path / "new" / "folder" / "bench.json"
+    assert benchmark.main([*QUICK_SEED, "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["settings"]["models"] == ["seed"]
+    assert f"results written to {path}" in capsys.readouterr().out
+
+
+def test_a_late_write_failure_is_one_line_and_the_table_stays_on_stdout(tmp_path, capsys, monkeypatch):
+    def disk_full(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("cnn_backend.serialization.os.fsync", disk_full)
+    path = tmp_path / "bench.json"
+    assert benchmark.main([*QUICK_SEED, "--json", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "samples/s" in out and "seed" in out and "results written" not in out
+    assert err == (
+        f"cnn-backend: error: cannot write {path}: No space left on device; the results are in the table above; "
+        "to keep them as JSON, rerun with --json naming a writable file\n"
+    )
+    assert list(tmp_path.iterdir()) == [], "no file, whole or half-written, is left"
+
+
+def test_an_unusable_device_asked_for_is_reported_in_the_standard_line(capsys, monkeypatch):
+    real = benchmark.get_backend
+
+    def no_gpu(device="auto", dtype="float32"):
+        if device == "cuda":
+            raise DeviceUnavailableError("CUDA was requested but CuPy found no usable CUDA device")
+        return real(device, dtype)
+
+    monkeypatch.setattr(benchmark, "get_backend", no_gpu)
+    assert benchmark.main([*QUICK_SEED, "--devices", "cuda"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[-1] == "cnn-backend: error: CUDA was requested but CuPy found no usable CUDA device"
+    assert not any(line.startswith("benchmark:") for line in err.splitlines())

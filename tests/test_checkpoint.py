@@ -164,6 +164,17 @@ def test_a_checkpoint_loaded_and_saved_again_keeps_its_input_description(tmp_pat
     with pytest.raises(TypeError, match=r"model.input_spec must be a cnn_backend.inputs.InputSpec or None, not dict"):
         loaded.save(tmp_path / "wrong.npz")
     assert not (tmp_path / "wrong.npz").exists()
+    colour = Sequential.from_spec([{"type": "Convolution", "out_channels": 2, "kernel_size": 3}, {"type": "Flatten"},
+                                   {"type": "FullyConnected", "out_features": 3}], (1, 6, 6))
+    colour.input_spec = InputSpec(("ant", "bee"), 1, (6, 6))
+    with pytest.raises(ValueError, match=r"model.input_spec names 2 classes but the network has 3 outputs"):
+        colour.save(tmp_path / "wrong.npz")
+    colour.input_spec = InputSpec(("ant", "bee", "cow"), 3, (6, 6))
+    with pytest.raises(ValueError, match=r"model.input_spec describes 3-channel images but the network takes 1 channels"):
+        colour.save(tmp_path / "wrong.npz")
+    assert not (tmp_path / "wrong.npz").exists()
+    with pytest.raises(ValueError, match=r"InputSpec: class_names must be a sequence of strings, one per class, got 'abc'"):
+        InputSpec("abc", 1, (4, 4))
 
 
 def test_loading_a_model_file_with_non_finite_weights_is_refused_in_one_line(tmp_path):

@@ -296,6 +296,15 @@ def test_resume_refuses_another_optimizer_and_a_finished_run(trained, capsys):
     assert status == 2 and "already finished epoch 2 of 2" in err and "--epochs" in err
 
 
+def test_evaluate_never_writes_its_report_over_a_checkpoint(trained, capsys):
+    before = (trained / "best.npz").read_bytes()
+    status, _, err = run_main(capsys, "evaluate", trained / "best.npz", "--device", "cpu", "--json", trained / "best.npz")
+    assert status == 2 and err.count("\n") == 1 and "does not end in .json; name the report PATH.json" in err
+    status, _, err = run_main(capsys, "evaluate", trained / "best.npz", "--device", "cpu", "--json", trained.parent / "x.json")
+    assert status == 0 and json.loads((trained.parent / "x.json").read_text())["accuracy"] >= 0
+    assert (trained / "best.npz").read_bytes() == before
+
+
 def test_resume_refuses_options_the_checkpoint_fixes(trained, tmp_path, capsys):
     """The network's dropout rate and the input normalisation come with the checkpoint: asking for
     others on --resume would be recorded in the settings but not applied, so it is refused."""
@@ -370,12 +379,12 @@ def test_a_last_batch_too_small_to_train_on_is_left_out_with_a_note(tmp_path, ca
     assert _last_batch_left_out(68, 64, 2, default) is None and _last_batch_left_out(128, 64, 2, default) is None
     with pytest.raises(ValueError, match=r"^the training split holds 1 image, too few to train on: a batch needs at least 2 here"):
         _last_batch_left_out(1, 64, 1, default)
-    from cnn_backend.cli.train import _refuse_batches_batchnorm_cannot_take
+    from cnn_backend.training import refuse_batches_batchnorm_cannot_take
 
-    _refuse_batches_batchnorm_cannot_take(1, 1, plain)  # no BatchNorm: one sample a step is fine
+    refuse_batches_batchnorm_cannot_take(1, 1, plain)  # no BatchNorm: one sample a step is fine
     with pytest.raises(ValueError, match=r"^--batch-size 3 gives each of the 2 processes 1 sample, and BatchNorm cannot "
                                          r"take statistics over a single one: choose --batch-size 4 or more$"):
-        _refuse_batches_batchnorm_cannot_take(3, 2, default)
+        refuse_batches_batchnorm_cannot_take(3, 2, default)
 
     status, out, err = run_main(capsys, "train", "--model", "default", "--device", "cpu", "--data", "bundled", "--train-split",
                                 ":129", "--val-split", "9000:9100", "--epochs", 1, "--quiet", "--no-plots", "--out", tmp_path / "run")

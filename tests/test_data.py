@@ -628,16 +628,19 @@ def test_batches_never_mix_host_and_device_arrays(max_device_bytes):
 def test_batch_loader_rejects_bad_input():
     backend = get_backend("cpu")
     images = numpy.zeros((4, 28, 28), numpy.uint8)
-    with pytest.raises(DataError, match=r"labels must be class indices 0-9; found 12 at record 2 \(1 out of range\)"):
+    with pytest.raises(DataError, match=r"labels must be class indices 0-9; found 12 at record 2 \(1 out of range\) "
+                                        r"\(num_classes=10: give the data's class count as num_classes\)"):
         BatchLoader(images, numpy.array([0, 1, 12, 3]), backend, 2)
+    assert len(BatchLoader(images, numpy.array([0, 1, 12, 3]), "cpu", 2, num_classes=13)) == 2  # a device name will do
     with pytest.raises(DataError, match=r"found -1 at record 0"):
         BatchLoader(images, numpy.array([-1, 1, 2, 3]), backend, 2)
     with pytest.raises(ValueError, match="images must be uint8"):
         BatchLoader(images.astype(numpy.float32), numpy.zeros(4, int), backend, 2)
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
         BatchLoader(images, numpy.zeros(3, int), backend, 2)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-        BatchLoader(images, numpy.zeros(4, int), backend, 0)
+    for wrong in (0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"batch_size must be an integer >= 1, got {wrong!r}"):
+            BatchLoader(images, numpy.zeros(4, int), backend, wrong)
 
 
 def test_prepare_images_scales_to_unit_range_with_a_channel_axis():

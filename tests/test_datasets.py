@@ -593,6 +593,43 @@ def test_a_link_back_up_the_tree_is_followed_once(tmp_path):
     assert len(load_dataset(root)) == 2
 
 
+@pytest.mark.parametrize("target", ["..", "../y", "../y/deeper", "../../pictures"])
+def test_a_folder_link_out_of_a_class_folder_does_not_take_another_class_images(tmp_path, target):
+    """Links are followed per class; one to a folder holding the class folder (a loop) or into
+    another class's folder is not walked, so each image keeps its own class and none is hidden."""
+    root = tmp_path / "pictures"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    save(root / "y" / "deeper" / "c.png", random_uint8((4, 4), 3))
+    (root / "x" / "up").symlink_to(target, target_is_directory=True)
+    loaded = load_dataset(root)
+    assert loaded.labels.tolist() == [0, 1, 1]
+    numpy.testing.assert_array_equal(loaded.images[0, 0], random_uint8((4, 4), 1))
+
+
+def test_a_folder_link_out_of_the_tree_is_followed(tmp_path):
+    root, elsewhere = tmp_path / "pictures", tmp_path / "more"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    save(elsewhere / "c.png", random_uint8((4, 4), 3))
+    (root / "x" / "more").symlink_to(elsewhere, target_is_directory=True)
+    (root / "x" / "again").symlink_to(elsewhere, target_is_directory=True)  # the same folder twice: walked once
+    assert load_dataset(root).labels.tolist() == [0, 0, 1]
+
+
+def test_a_broken_link_is_skipped_as_a_broken_link(tmp_path):
+    root = tmp_path / "pictures"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    (root / "y" / "broken.png").symlink_to(root / "y" / "gone.png")
+    loaded = load_dataset(root)
+    assert len(loaded) == 2
+    assert "y/broken.png (broken link: its target does not exist)" in loaded.notes[0]
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root, strict=True)
+    assert_one_line(excinfo, r"y/broken.png \(broken link")
+
+
 def test_cifar_offline_download_says_which_file_to_put_where(data_root):
     import socket
 

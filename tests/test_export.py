@@ -469,6 +469,21 @@ def test_a_loaded_model_exports_with_the_input_its_file_records(tmp_path):
     assert json.loads(metadata(build_onnx_model(loaded, class_names=["x", "y", "z"]))["class_names"]) == ["x", "y", "z"]
 
 
+def test_python_api_arguments_are_checked_as_the_command_line_checks_them(tmp_path):
+    model = seed_cnn()
+    checkpoint = model.save(tmp_path / "model.npz")
+    with pytest.raises(ExportError, match=r"OUT.onnx names the ONNX file to write and must end in .onnx, got '.*model.npz'"):
+        export_onnx(model, checkpoint)
+    assert Sequential.load(checkpoint).state_dict().keys() == model.state_dict().keys()  # not replaced
+    with pytest.raises(ExportError, match=r"class_names must be a sequence of strings, one per output, got 'abcdefghij'"):
+        build_onnx_model(model, class_names="abcdefghij")
+    with pytest.raises(ExportError, match=r"class_names must be a sequence of strings, one per output, got \[0, 1, "):
+        build_onnx_model(model, class_names=list(range(10)))
+    with pytest.raises(ExportError, match=r"normalization must be a cnn_backend.data.Normalization\(mean, std\), got dict"):
+        build_onnx_model(model, normalization={"mean": [0.5], "std": [0.5]})
+    assert metadata(build_onnx_model(model, opset=numpy.int64(17)))["opset"] == "17"
+
+
 def test_wrong_number_of_class_names_is_refused():
     with pytest.raises(ExportError, match="3 class names for a network with 10 outputs"):
         build_onnx_model(seed_cnn(), class_names=["a", "b", "c"])

@@ -165,6 +165,18 @@ def test_mismatched_parameters_are_refused(tmp_path):
     state["4.weight"] = numpy.zeros((10, 121))
     with pytest.raises(ModelFileError, match=r"parameter 4.weight has shape \(10, 121\) in the file, the model expects \(121, 10\)"):
         seed.load_state_dict(state)
+    before = seed.state_dict()
+    state["0.weight"] = numpy.ones_like(state["0.weight"])
+    with pytest.raises(ModelFileError, match=r"parameter 4.weight has shape"):
+        seed.load_state_dict(state)
+    numpy.testing.assert_array_equal(seed.state_dict()["0.weight"], before["0.weight"])  # nothing copied
+
+
+def test_a_state_of_nested_lists_loads():
+    model, source = seed_cnn(seed=1), seed_cnn(seed=2)
+    model.load_state_dict({name: value.tolist() for name, value in source.state_dict().items()})
+    for name, value in source.state_dict().items():
+        numpy.testing.assert_array_equal(model.state_dict()[name], value)
 
 
 def test_unknown_layer_type_in_config_is_refused():

@@ -166,6 +166,66 @@ def test_state_dict_with_wrong_shape_is_refused():
         opt.load_state_dict({"velocity/0": numpy.zeros(2), "steps": 1})
 
 
+def adam_state(**changes):
+    """A one-step Adam state over one two-element parameter, with ``changes`` applied."""
+    opt = Adam([param([1.0, 2.0], [0.5, -0.5])], lr=0.1, backend=CPU64)
+    opt.step()
+    return {**opt.state_dict(), **changes}
+
+
+@pytest.mark.parametrize(
+    "make, state, message",
+    [
+        (lambda: SGD([param([1.0, 2.0], [0.0, 0.0])], lr=0.1, backend=CPU64), adam_state(),
+         r"^SGD: this optimiser state was saved by Adam \(its 'first_moment', 'second_moment' buffers\); load it into Adam"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), {"velocity/0": numpy.zeros(2), "steps": 1},
+         r"^Adam: this optimiser state was saved by SGD \(its 'velocity' buffers\)"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), adam_state(steps=-5),
+         r"^Adam: optimiser state 'steps' must be an integer >= 0, got -5$"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), adam_state(steps=2.5),
+         r"'steps' must be an integer >= 0, got 2.5$"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), {k: v for k, v in adam_state().items() if k != "steps"},
+         r"^Adam: optimiser state has no 'steps' entry"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), adam_state(**{"second_moment/0": numpy.array([1.0, numpy.inf])}),
+         r"^Adam: optimiser state 'second_moment/0' holds NaN or infinite values"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), adam_state(**{"first_moment/0": [numpy.nan, 0.0]}),
+         r"^Adam: optimiser state 'first_moment/0' holds NaN or infinite values"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), adam_state(**{"first_moment/0": [1.0, "a"]}),
+         r"^Adam: optimiser state 'first_moment/0' must be an array of numbers, got \[1.0, 'a'\]$"),
+        (lambda: Adam([param([1.0, 2.0], [0.0, 0.0])], backend=CPU64), adam_state(**{"moment/0": numpy.zeros(2)}),
+         r"^Adam: optimiser state holds unknown buffers 'moment'"),
+    ],
+)
+def test_load_state_dict_refuses_a_bad_state_in_one_line_and_changes_nothing(make, state, message):
+    opt = make()
+    before = {key: (value.copy() if isinstance(value, numpy.ndarray) else value) for key, value in opt.state_dict().items()}
+    with pytest.raises(ValueError, match=message) as caught:
+        opt.load_state_dict(state)
+    assert "\n" not in str(caught.value)
+    after = opt.state_dict()
+    assert after.keys() == before.keys() and all(numpy.array_equal(after[key], before[key]) for key in before)
+
+
+def test_load_state_dict_takes_lists_and_numpy_integers():
+    """Array-likes are converted (as ``numpy.savez``/JSON round trips give them), with the same result."""
+    saved = adam_state()
+    as_lists = {key: (value.tolist() if isinstance(value, numpy.ndarray) else numpy.int64(value)) for key, value in saved.items()}
+    opt = Adam([param([1.0, 2.0], [0.0, 0.0])], lr=0.1, backend=CPU64)
+    opt.load_state_dict(as_lists)
+    assert opt.steps == 1 and type(opt.steps) is int
+    for key, value in opt.state_dict().items():
+        numpy.testing.assert_array_equal(value, saved[key], err_msg=key)
+
+
+def test_load_state_dict_ignores_a_velocity_sgd_without_momentum_does_not_keep():
+    """Resuming an SGD run with momentum 0 drops the velocity: the same kind's buffer, not another kind's."""
+    with_momentum = SGD([param([1.0], [1.0])], lr=0.1, momentum=0.9, backend=CPU64)
+    with_momentum.step()
+    plain = SGD([param([1.0], [1.0])], lr=0.1, backend=CPU64)
+    plain.load_state_dict(with_momentum.state_dict())
+    assert plain.steps == 1
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

@@ -454,7 +454,7 @@ def test_parity_command_without_the_device_says_why_in_one_line_and_exits_2(monk
     assert parity.main(["--device", "cuda"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.strip() == "parity: CUDA was requested but CuPy found no usable CUDA device"
+    assert captured.err == "cnn-backend: error: CUDA was requested but CuPy found no usable CUDA device\n"
 
 
 def test_parity_command_exits_1_when_the_device_computes_differently(monkeypatch, capsys):
@@ -495,3 +495,39 @@ def test_parity_run_of_an_architecture_file_compares_nested_parameters_and_buffe
     assert report.verdict == "pass" and report.problems == []
     names = {(d.layer, d.name) for d in report.differences}
     assert {("5 Residual", "projection.weight"), ("5 Residual", "layers.1.running_var"), ("1 BatchNorm", "running_mean")} <= names
+
+
+def test_parity_refuses_a_network_without_ten_outputs_up_front(tmp_path, capsys):
+    spec = tmp_path / "small.toml"
+    spec.write_text('[[layers]]\ntype = "Flatten"\n[[layers]]\ntype = "FullyConnected"\nout_features = 3\n')
+    assert parity.main(["--device", "standin", "--model", str(spec), "--steps", "1", "--batch-size", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"cnn-backend: error: {spec}: the network has 3 outputs, but parity trains on Fashion-MNIST-like data "
+        "(--data synthetic or bundled) with 10 classes; give its last layer 10 outputs (out_features = 10)\n"
+    )
+    with pytest.raises(ValueError, match=r"has 3 outputs, .* with 10 classes; give its last layer 10 outputs"):
+        parity.compare(get_backend("cpu"), standin_backend(), model=str(spec), steps=1, batch_size=2)
+
+
+@pytest.mark.parametrize("option", ["--tolerance", "--lr"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_parity_refuses_a_tolerance_or_rate_that_is_not_a_positive_number(capsys, option, value):
+    assert parity.main(["--device", "standin", option, value]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"cnn-backend: error: argument {option}: must be a finite number > 0, got '{value}'; see cnn-backend parity --help\n"
+
+
+def test_parity_refuses_a_batch_of_one_for_a_batchnorm_network_up_front(capsys):
+    assert parity.main(["--device", "standin", "--model", "default", "--batch-size", "1", "--steps", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "cnn-backend: error: --batch-size 1 gives each step 1 sample, and BatchNorm cannot take statistics "
+        "over a single one: choose --batch-size 2 or more\n"
+    )
+    # without BatchNorm one sample a step is fine
+    assert parity.main(["--device", "standin", "--model", "seed", "--batch-size", "1", "--steps", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("verdict: PASS")

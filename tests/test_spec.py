@@ -4,6 +4,7 @@ the summary table, and the example files (each trained a few steps so they canno
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,53 @@ out_features = 10
             numpy.testing.assert_array_equal(p.data, q.data, err_msg=name)
     assert models[0].layers[2].in_features == 4 * 26 * 26
     assert models[0].output_shape == (10,)
+
+
+def same_parameters(model, reference):
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        numpy.testing.assert_array_equal(p.data, q.data, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["net.json", "NET.JSON", "net.toml", "Net.Toml"])
+def test_a_spec_file_with_a_bom_or_an_upper_case_extension_is_read(tmp_path, capsys, name):
+    """Windows editors write a UTF-8 BOM, and some tools upper-case extensions."""
+    layers = [conv(4, 3), {"type": "Flatten"}, dense(10)]
+    if name.lower().endswith(".json"):
+        text = json.dumps({"layers": layers})
+    else:
+        text = '[[layers]]\ntype = "Convolution"\nout_channels = 4\nkernel_size = 3\n[[layers]]\ntype = "Flatten"\n' \
+               '[[layers]]\ntype = "FullyConnected"\nout_features = 10\n'
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_spec_file(path) == {"layers": layers}
+    same_parameters(build_model(path, FASHION, seed=3), build_model(layers, FASHION, seed=3))
+    status, out, err = run_main(capsys, "summary", "--model", path)
+    assert status == 0 and "total: " in out, err
+
+
+def test_other_extensions_are_still_refused(tmp_path):
+    path = tmp_path / "net.yaml"
+    path.write_text("layers: []")
+    with pytest.raises(SpecError, match=r"net.yaml: an architecture file must end in .toml or .json$"):
+        read_spec_file(path)
+
+
+def test_numpy_scalars_in_a_python_spec_are_taken_as_numbers():
+    """A spec built from arrays holds NumPy scalars; the normalised spec holds plain, JSON-ready numbers."""
+    layers = [conv(numpy.int64(4), numpy.int32(3), stride=numpy.uint8(1)), {"type": "Dropout", "rate": numpy.float32(0.25)},
+              {"type": "Flatten"}, dense(numpy.int16(10))]
+    normalized = normalize_spec(layers)
+    assert type(normalized["layers"][0]["out_channels"]) is int and type(normalized["layers"][1]["rate"]) is float
+    json.dumps(normalized)
+    plain = [conv(4, 3, stride=1), {"type": "Dropout", "rate": 0.25}, {"type": "Flatten"}, dense(10)]
+    same_parameters(build_model(layers, FASHION, seed=3), build_model(plain, FASHION, seed=3))
+
+
+@pytest.mark.parametrize("value", [numpy.float64(4.0), numpy.True_, True, 4.5])
+def test_bools_and_non_integral_numbers_are_still_not_integers(value):
+    with pytest.raises(SpecError, match=rf"^layer 0 \(Convolution\): out_channels must be an integer, got {re.escape(repr(value))}$"):
+        normalize_spec([conv(value, 3)])
 
 
 def test_sizes_are_inferred_through_every_layer_type():

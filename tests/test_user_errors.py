@@ -66,6 +66,19 @@ def test_summary_of_a_network_too_large_for_memory_is_one_line(tmp_path, capsys)
     one_error_line(err, "layer 1 (FullyConnected): its parameters cannot be allocated (Unable to allocate", "make the layer smaller")
 
 
+@pytest.mark.parametrize("size", [2**62, 2**63], ids=["array-too-big", "beyond-int64"])
+def test_sizes_beyond_any_memory_name_the_layer_too(tmp_path, capsys, size):
+    """NumPy refuses these with a ValueError of its own, not a MemoryError."""
+    spec = tmp_path / "huge.toml"
+    spec.write_text(HUGE_NETWORK.replace("1000000000000", str(size)))
+    status, _, err = run_main(capsys, "summary", "--model", spec)
+    assert status == cli.EXIT_USAGE
+    one_error_line(err, "huge.toml: layer 1 (FullyConnected): its parameters cannot be allocated (", "make the layer smaller")
+    status, _, err = run_main(capsys, "summary", "--model", "default", "--input-shape", "1,99999999999999999999,28")
+    assert status == cli.EXIT_USAGE
+    one_error_line(err, "has a size above 16,777,216; give the shape of one sample, e.g. 1,28,28")
+
+
 def test_train_of_a_network_too_large_for_memory_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
     spec = tmp_path / "huge.toml"
     spec.write_text(HUGE_NETWORK)

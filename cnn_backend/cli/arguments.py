@@ -38,6 +38,7 @@ positive_int = _number(int, lambda value: value >= 1, "must be a positive intege
 non_negative_int = _number(int, lambda value: value >= 0, "must be an integer >= 0")
 learning_rate = _number(float, lambda value: math.isfinite(value) and value > 0, "must be a finite number > 0")
 non_negative_float = _number(float, lambda value: math.isfinite(value) and value >= 0, "must be a finite number >= 0")
+positive_float = _number(float, lambda value: math.isfinite(value) and value > 0, "must be a finite number > 0")
 open_fraction = _number(float, lambda value: 0.0 < value < 1.0, "must be between 0 and 1 (exclusive)")
 fraction = _number(float, lambda value: 0.0 <= value < 1.0, "must be in [0, 1)")
 
@@ -50,6 +51,17 @@ def image_size_text(text: str) -> str:
     return text
 
 
+def json_report_path(text: str) -> Path:
+    """Where a command writes its JSON report: a name ending in ``.json`` (so that a checkpoint
+    given by mistake is never replaced by a report), and not a folder."""
+    path = Path(text)
+    if path.suffix.lower() != ".json":
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .json; name the report PATH.json (a report never replaces another kind of file)")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name a file such as {str(path / 'report.json')!r}")
+    return path
+
+
 def _parse(kind, text: str):
     try:
         return kind(text)
@@ -58,7 +70,7 @@ def _parse(kind, text: str):
 
 
 def model_text(text: str) -> str:
-    if text in BUILTIN_NAMES or Path(text).suffix in (".toml", ".json"):
+    if text in BUILTIN_NAMES or Path(text).suffix.lower() in (".toml", ".json"):
         return text
     raise argparse.ArgumentTypeError(f"choose {', '.join(BUILTIN_NAMES)}, or an architecture file ending in .toml or .json, got {text!r}")
 
@@ -70,7 +82,13 @@ def input_shape_text(text: str) -> tuple[int, ...]:
         shape = ()
     if len(shape) not in (1, 3) or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 1,28,28) or a feature count, got {text!r}")
+    if max(shape) > LARGEST_INPUT_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} has a size above {LARGEST_INPUT_SIZE:,}; give the shape of one sample, e.g. 1,28,28")
     return shape
+
+
+#: the largest size of one axis of a sample's shape that --input-shape takes (a typo's guard)
+LARGEST_INPUT_SIZE = 1 << 24
 
 
 def range_text(text: str) -> str:

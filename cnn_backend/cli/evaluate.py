@@ -16,7 +16,7 @@ from ..predict import predict_files
 from ..report import classification_report, confusion_matrix, format_report, write_json
 from ..serialization import FileWriteError
 from ..training import evaluate
-from .arguments import DATA_METAVAR, add_command, positive_int, range_label, range_text, select_range
+from .arguments import DATA_METAVAR, add_command, json_report_path, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
 from .settings import data_digest, data_not_found
@@ -43,7 +43,7 @@ def add_evaluate_command(commands) -> None:
                                  f"(default: {EVALUATION_BATCH_SIZE})")
     evaluate_parser.add_argument("--flip-average", action="store_true", help="also score the mean of the logits of each "
                                  "image and its left-right mirror, reported beside the plain figures (twice the work)")
-    evaluate_parser.add_argument("--json", type=Path, metavar="PATH", help="report file (default: <checkpoint>-<split>-evaluation.json beside the checkpoint)")
+    evaluate_parser.add_argument("--json", type=json_report_path, metavar="PATH.json", help="report file (default: <checkpoint>-<split>-evaluation.json beside the checkpoint)")
 
 
 def add_predict_command(commands) -> None:

@@ -20,14 +20,17 @@ from ..distributed import bind_device, check_processes_agree, communicator_for_b
 from ..faults import pause_point
 from ..functional import CONV_ALGORITHMS
 from ..inputs import InputSpec
-from ..layers import BatchNorm, Convolution
+from ..layers import Convolution
 from ..optim import OPTIMIZERS, make_optimizer
 from ..report import confusion_matrix, matplotlib_available, plot_confusion_matrix, plot_curves, plot_filters
 from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder
 from ..serialization import FileWriteError
 from ..spec import BUILTIN_NAMES, SpecError
 from ..summary import format_summary
-from ..training import OPTIMIZER_DEFAULTS, RECIPES, SCHEDULES, NonFiniteLossError, evaluate, fit, schedule_for_run, schedule_from_config
+from ..training import (
+    OPTIMIZER_DEFAULTS, RECIPES, SCHEDULES, NonFiniteLossError, evaluate, fit, has_batchnorm, refuse_batches_batchnorm_cannot_take,
+    schedule_for_run, schedule_from_config,
+)
 from .arguments import (
     DATA_METAVAR,
     add_command,
@@ -279,7 +282,7 @@ def _train(args, world, held: list | None = None) -> int:
     model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
     check_processes_agree(world, _run_facts(settings, checkpoint, images, labels, train_window, val_window, model))
 
-    _refuse_batches_batchnorm_cannot_take(settings["batch_size"], communicator.size, model)
+    refuse_batches_batchnorm_cannot_take(settings["batch_size"], communicator.size, model)
     last_batch_note = _last_batch_left_out(len(labels[train_window]), settings["batch_size"], communicator.size, model)
     loader = BatchLoader(
         images[train_window], labels[train_window], backend, settings["batch_size"], seed=settings["seed"],
@@ -316,7 +319,7 @@ def _last_batch_left_out(samples: int, batch_size: int, processes: int, model) -
     no sample of it, or a BatchNorm network a single one (whose statistics it cannot take). A
     different image is left out each epoch, as the order is shuffled."""
     last = samples % batch_size
-    smallest = 2 if _has_batchnorm(model) else 1
+    smallest = 2 if has_batchnorm(model) else 1
     if last == 0 or last // processes >= smallest:
         return None
     if samples < batch_size:
@@ -342,19 +345,6 @@ def _recipe_ranges_fit(settings: dict, explicit: dict, total: int) -> bool:
         except ValueError:  # DataError too: past the end
             return False
     return True
-
-
-def _refuse_batches_batchnorm_cannot_take(batch_size: int, processes: int, model) -> None:
-    if _has_batchnorm(model) and batch_size // processes < 2:
-        share = "each step" if processes == 1 else f"each of the {processes} processes"
-        raise ValueError(
-            f"--batch-size {batch_size} gives {share} {batch_size // processes} sample, and BatchNorm cannot take "
-            f"statistics over a single one: choose --batch-size {2 * processes} or more"
-        )
-
-
-def _has_batchnorm(model) -> bool:
-    return any(isinstance(layer, BatchNorm) for _, layer in model.named_layers())
 
 
 def _file_identity(path) -> tuple | None:

@@ -100,17 +100,31 @@ def split_folder(root: Path, split: str) -> tuple[Path, Path]:
     return root, root
 
 
-def list_images(folder: Path, class_names: list[str]) -> tuple[list[ImageFile], list[str]]:
+def list_images(folder: Path, class_names: list[str]) -> tuple[list[ImageFile], list[tuple[str, str]]]:
     """Image files of every class folder (recursively: each folder's files by name, then its
-    sub-folders) and the relative names of other files. Plain strings and ``os.scandir`` keep
-    this quick: it runs on every load, cached or not."""
-    images, others = [], []
-    visited: set[str] = set()  # real paths: a link back up the tree is walked once
+    sub-folders) and ``(relative name, reason)`` of the other files. Plain strings and
+    ``os.scandir`` keep this quick: it runs on every load, cached or not.
 
-    def walk(directory: str, relative: str, label: int) -> None:
+    Folder links are followed, as torchvision's ``ImageFolder`` does, with two exceptions that keep
+    each image in its own class: a link to a folder that holds the class folder (``up -> ..``, a
+    loop) and a link into another class's folder are not walked; and within one class a folder
+    reached twice is walked once. These checks are per class, so a link in one class folder never
+    hides another class's images from that class."""
+    images, others = [], []
+    class_reals = [os.path.realpath(os.path.join(folder, name)) for name in class_names]
+
+    def taken(real: str, label: int) -> bool:
+        """True when ``real`` lies in another class's folder, deeper than in this class's own (a
+        class folder nested in another one keeps its images; two names for one folder share it)."""
+        own = len(class_reals[label]) if _inside(real, class_reals[label]) else -1
+        return any(other != label and len(base) > own and _inside(real, base) for other, base in enumerate(class_reals))
+
+    def walk(directory: str, relative: str, label: int, visited: set[str]) -> None:
         real = os.path.realpath(directory)
-        if real in visited:
-            return
+        if real in visited or (real != class_reals[label] and _inside(class_reals[label], real)):
+            return  # walked already, or holds this class folder: a loop
+        if taken(real, label):
+            return  # another class's folder: its images are that class's
         visited.add(real)
         try:
             entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
@@ -125,20 +139,28 @@ def list_images(folder: Path, class_names: list[str]) -> tuple[list[ImageFile], 
                 if entry.is_dir():
                     subfolders.append((entry.path, name))
                     continue
+                if entry.is_symlink() and not os.path.exists(entry.path):
+                    others.append((name, "broken link: its target does not exist"))
+                    continue
                 if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    others.append(name)
+                    others.append((name, "not an image file extension"))
                     continue
                 stat = entry.stat()
-            except OSError:
-                others.append(name)  # a dangling link, say
+            except OSError as exc:
+                others.append((name, f"cannot read ({exc.strerror or exc})"))
                 continue
             images.append(ImageFile(name, label, stat.st_size, stat.st_mtime_ns))
         for path, name in subfolders:
-            walk(path, name, label)
+            walk(path, name, label, visited)
 
     for label, class_name in enumerate(class_names):
-        walk(os.path.join(folder, class_name), class_name, label)
+        walk(os.path.join(folder, class_name), class_name, label, set())
     return images, others
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True when the real path ``path`` is ``folder`` or inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 # --------------------------------------------------------------------------------- decoding
@@ -338,7 +360,7 @@ def _skipped_summary(skipped, total: int, folder: Path) -> str:
 
 
 def _decode_folder(folder, class_names, files, others, channels, size, cache_dir, listing) -> _Decoded:
-    skipped = [(name, "not an image file extension") for name in others]
+    skipped = list(others)
     headers = []
     for item in files:
         try:
