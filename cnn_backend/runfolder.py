@@ -127,7 +127,7 @@ class RunFolder:
             folder.created_parents = [DEFAULT_PARENT] if made_parent else []
         else:
             if requested.exists() and not requested.is_dir():
-                raise ValueError(f"--out {requested} is a file, not a folder")
+                raise ValueError(f"--out {requested} is a file, not a folder; choose another --out")
             missing = [path for path in (requested, *requested.parents) if not path.exists()]
             try:
                 requested.mkdir(parents=True, exist_ok=True)

@@ -334,7 +334,7 @@ class Trainer:
                 self.model, self.loss_fn, self.optimizer, x, y,
                 lambda: self.average_gradients(fraction * self.communicator.size),
             )
-            pending.append(loss * fraction if fraction != 1.0 else loss)
+            pending.append(loss * share.count)  # this process's loss sum: summed over processes, the batch's
             correct_acc = n_correct if correct_acc is None else correct_acc + n_correct
             samples += share.total
             if step % self.log_every == 0 or step == steps_per_epoch:
@@ -345,16 +345,16 @@ class Trainer:
                 first_bad = _first_non_finite(batch_losses)
                 if first_bad is not None:
                     raise NonFiniteLossError(epoch, step - len(pending) + 1 + first_bad)
-                # Each loss is a batch mean: weight by batch size (all equal but maybe the last).
+                # Sums over samples: a short last batch weighs by its size, as in the accuracy.
                 total_loss += float(batch_losses.sum())
                 total_correct += int(round(float(interval[-1])))
                 pending, correct_acc = [], None
                 if on_interval is not None:
-                    on_interval(step, total_loss / step, total_correct / samples)
+                    on_interval(step, total_loss / samples, total_correct / samples)
         if step == 0:
             raise ValueError("the training data yields no batch: use a smaller batch size or more data")
         average_buffers(self.model, self.communicator)
-        return total_loss / step, total_correct / samples, samples
+        return total_loss / samples, total_correct / samples, samples
 
     def _share(self, index: int, count: int) -> BatchShare:
         """This process's part of global batch ``index``, told to the layers and the augmentation."""

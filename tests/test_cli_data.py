@@ -16,6 +16,7 @@ from cnn_backend.checkpoint import load_checkpoint
 from cnn_backend.datasets import DATASETS
 from cnn_backend.datasets.cifar import write_cifar_batch
 from cnn_backend.model import seed_cnn
+from cnn_backend.report import read_history
 from cnn_backend.testing import standin_backend
 
 from cli_helpers import one_error_line, run_main
@@ -196,6 +197,25 @@ def test_a_hold_out_is_not_evaluated_or_resumed_once_the_folder_changed(tmp_path
     assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")[0] == 0
 
 
+def test_a_hold_out_run_resumes_only_on_its_own_hold_out_and_image_size(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    train_seed_on(capsys, root, out)
+    resume = ("train", "--resume", out / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet", "--no-plots")
+    for options, asked in [(("--seed", 5), "--seed 5"), (("--val-fraction", 0.5), "--val-fraction 0.5"),
+                           (("--train-split", ":12", "--val-split", "12:"), "--train-split :12 and --val-split 12:")]:
+        status, _, err = run_main(capsys, *resume, *options)
+        assert status == 2
+        one_error_line(err, f"last.npz validates on a 0.2 hold-out drawn with --seed 0, so {asked} cannot resume it: "
+                            "the validation images would include ones it has trained on")
+    # Images of another size are named as such, not as changed files.
+    status, _, err = run_main(capsys, *resume, "--image-size", 16)
+    assert status == 2
+    one_error_line(err, "the model was trained on 3x12x12 images but --data", "has 3x16x16 ones")
+    assert [row["epoch"] for row in read_history(out / "history.jsonl")] == [1]
+    assert run_main(capsys, *resume)[0] == 0
+
+
 def test_image_folder_size_and_channels_options(tmp_path, capsys):
     root = make_image_folder(tmp_path / "shapes")
     out = tmp_path / "run"
@@ -203,6 +223,9 @@ def test_image_folder_size_and_channels_options(tmp_path, capsys):
                                    "--image-size", "8x10", "--val-fraction", 0.4, "--device", "cpu", "--out", out, "--quiet", "--no-plots")
     assert status == 0, err
     assert "1x8x10 input, 3 classes" in stdout
+    status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--image-size", "8x12", "--device", "cpu")
+    assert status == 2
+    one_error_line(err, "was trained with --image-size 8x10, so --image-size 8x12 cannot resume it (leave --image-size out")
     picture = save_png(tmp_path / "p.png", numpy.zeros((30, 30, 3)))
     status, stdout, _ = run_main(capsys, "predict", out / "last.npz", picture)
     assert status == 0 and stdout.split(": ")[1].split(" ")[0] in ("circle", "square", "triangle")

@@ -150,3 +150,17 @@ def test_every_architecture_has_a_complete_recipe():
     for recipe in RECIPES.values():
         assert set(recipe) == keys
         assert recipe["optimizer"] in OPTIMIZERS and recipe["schedule"] in SCHEDULES
+
+
+def test_the_epoch_training_loss_is_the_mean_over_samples_with_a_short_last_batch():
+    """100 images in batches of 32: the last batch of 4 weighs 4, not as much as a full one."""
+    images, labels = load_fashion_mnist("train", "bundled")
+    images, labels = images[:100], labels[:100]
+    model = seed_cnn(seed=3)
+    optimizer = SGD(model.parameters(), lr=0.1, backend=model.backend)
+    loader = BatchLoader(images, labels, model.backend, 32, seed=0)
+    # A rate of zero leaves the weights as they are, so the epoch's loss is that of one model.
+    (stats,) = fit(model, optimizer, loader, 1, schedule=lambda step: 0.0)
+    expected = evaluate(model, prepare_images(images, "float32"), labels)
+    assert stats.train_loss == pytest.approx(expected["loss"], rel=1e-5)
+    assert stats.train_accuracy == pytest.approx(expected["accuracy"])

@@ -12,6 +12,7 @@ from ..augment import WITHOUT_FLIPS
 from ..checkpoint import Checkpoint
 from ..data import BUNDLED_COUNT, DataError, stratified_holdout
 from ..datasets import DATASETS, load_dataset, source_kind
+from ..datasets.folder import parse_image_size
 from ..spec import BUILTIN_NAMES
 from ..training import OPTIMIZER_DEFAULTS, RECIPES
 from .arguments import range_label, select_range
@@ -36,7 +37,7 @@ SETTING_NAMES = (
     "image_size", "channels", "strict", "val_fraction", "normalize",
 )
 #: settings the checkpoint's network and optimiser state embody: a resumed run cannot change them
-FIXED_BY_CHECKPOINT = ("model", "optimizer", "dropout", "normalize")
+FIXED_BY_CHECKPOINT = ("model", "optimizer", "dropout", "normalize", "image_size", "channels")
 #: what ``source_kind`` calls a folder given by its path (not a dataset name)
 FOLDER_KINDS = ("idx-folder", "cifar10-folder", "image-folder")
 #: the training/validation split of a full 60,000-image training set
@@ -50,19 +51,21 @@ FOLDER_VALIDATION_FRACTION = 0.2
 def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> dict:
     """The run settings: explicit options, else (with a checkpoint) the stored ones, else the recipe.
 
-    The model, optimiser, dropout and normalisation of a resumed run are fixed by its checkpoint
-    (``FIXED_BY_CHECKPOINT``); asking for others is an
+    The network, optimiser and input of a resumed run are fixed by its checkpoint
+    (``FIXED_BY_CHECKPOINT``), and so is a hold-out's validation set; asking for others is an
     error. Choosing an optimiser other than the recipe's brings that optimiser's own defaults.
     """
     stored = {key: value for key, value in (checkpoint.settings if checkpoint else {}).items() if key in SETTING_NAMES}
     # (--dropout on a network without the option is refused below, for what it is)
     fixed = [key for key in FIXED_BY_CHECKPOINT if key != "dropout" or stored.get("model") in DROPOUT_MODELS]
     for key in fixed:
-        if key in stored and explicit.get(key) not in (None, stored[key]):
+        if stored.get(key) is not None and key in explicit and not _same_setting(key, explicit[key], stored[key]):
             raise ValueError(
                 f"{checkpoint.path} was trained {_as_trained(key, stored[key])}, so {_as_option(key, explicit[key])} cannot "
                 f"resume it (leave {_as_option(key)} out to resume, or start a new run without --resume)"
             )
+    if stored.get("val_fraction") is not None:
+        _refuse_another_holdout(checkpoint.path, stored, explicit)
     model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
     recipe = RECIPES.get(model, SPEC_FILE_RECIPE)
     optimizer = explicit.get("optimizer") or stored.get("optimizer") or recipe["optimizer"]
@@ -76,6 +79,26 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
         hint = "" if model in BUILTIN_NAMES else "; write a Dropout layer into the architecture file instead"
         raise ValueError(f"--dropout applies to the {' and '.join(DROPOUT_MODELS)} models only, not {model}{hint}")
     return {key: settings[key] for key in SETTING_NAMES}
+
+
+def _same_setting(key: str, first, second) -> bool:
+    if key == "image_size":  # "28" and "28x28" are the same size
+        return parse_image_size(first) == parse_image_size(second)
+    return first == second
+
+
+def _refuse_another_holdout(path, stored: dict, explicit: dict) -> None:
+    """A hold-out run validates on images drawn by --val-fraction and --seed: ranges, another fraction
+    or another seed on resume would validate on images it has trained on."""
+    changed = [key for key in ("val_fraction", "seed") if explicit.get(key) not in (None, stored.get(key))]
+    changed += [key for key in ("train_split", "val_split") if key in explicit]
+    if changed:
+        asked = " and ".join(_as_option(key, explicit[key]) for key in changed)
+        raise ValueError(
+            f"{path} validates on a {stored['val_fraction']:g} hold-out drawn with --seed {stored['seed']}, so {asked} "
+            f"cannot resume it: the validation images would include ones it has trained on (leave "
+            f"{' and '.join(_as_option(key) for key in changed)} out to resume, or start a new run)"
+        )
 
 
 def _as_option(key: str, value=True) -> str:

@@ -258,6 +258,9 @@ def _train(args, world, held: list | None = None) -> int:
 
     data = load_training_data(settings, checkpoint if "data" not in explicit else None)
     images, labels = data.images, data.labels
+    if checkpoint is not None:  # first: other images (--image-size, --channels) also change a hold-out's digest
+        inputs = checkpoint.input_spec()
+        inputs.check(data, f"--data {settings['data']}")
     if checkpoint is None and (source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder")
                                or not _recipe_ranges_fit(settings, explicit, len(labels))):
         # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX
@@ -273,10 +276,7 @@ def _train(args, world, held: list | None = None) -> int:
             f"or start a new run"
         )
     split_notes = missing_classes_notes(data, train_window, val_window)
-    if checkpoint is not None:
-        inputs = checkpoint.input_spec()
-        inputs.check(data, f"--data {settings['data']}")
-    else:
+    if checkpoint is None:
         normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None
         inputs = InputSpec.for_data(data, normalization)
     model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
