@@ -16,6 +16,7 @@ where for an offline install.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -42,12 +43,13 @@ class _TransientError(Exception):
     """A failure worth retrying (server error, dropped connection, timeout)."""
 
 
-def offline_instructions(directory: Path, names: Sequence[str]) -> str:
-    """The clause saying how to install ``names`` by hand into ``directory``."""
-    return (
-        f"to install without network, place {', '.join(names)} into {directory} "
-        f"(or point --data-dir, data_dir= in Python, or ${DATA_DIR_ENV} at a folder that holds them)"
-    )
+def offline_instructions(directory: Path, names: Sequence[str], *, in_data_root: bool = False) -> str:
+    """The clause saying how to install ``names`` by hand into ``directory`` (``in_data_root``: the
+    dataset's folder under the data root, which the environment variable moves)."""
+    text = f"to install without network, place {', '.join(names)} into {directory}"
+    if in_data_root:
+        text += f" (${DATA_DIR_ENV} chooses the data root, the folder that holds {directory.name}/)"
+    return text
 
 
 def download_files(
@@ -72,11 +74,23 @@ def download_files(
         raise ValueError("at least one mirror URL is needed")
     directory = Path(directory).expanduser()
     by_hand = by_hand or offline_instructions(directory, list(files))
+    created = [folder for folder in (directory, *directory.parents) if not folder.exists()]  # deepest first
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create the data directory {directory}: {exc.strerror or exc}") from None
+    try:
+        _fetch_missing(directory, files, mirrors, retries, backoff, timeout, progress, by_hand)
+    except BaseException:
+        for folder in created:  # a failed first download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return directory
 
+
+def _fetch_missing(directory: Path, files, mirrors, retries, backoff, timeout, progress, by_hand: str) -> None:
+    """Download each file of ``files`` not yet present and verified in ``directory``."""
     for name, expected in files.items():
         algorithm = digest_algorithm(expected)
         final = directory / name
@@ -99,7 +113,6 @@ def download_files(
                     logger.info("%s; trying the next mirror", exc)
         if last_error is not None:
             raise DataError(f"{last_error}; {by_hand}") from None
-    return directory
 
 
 def _download_one(url, final: Path, expected, algorithm, retries, backoff, timeout, progress) -> None:

@@ -178,7 +178,7 @@ def load_registered(info: DatasetInfo, split: str, directory: Path | None = None
             missing = [name for name, path in zip((images_name, labels_name), paths) if path is None]
             raise DataError(
                 f"{info.title} {split} split not found: {directory} has no {' or '.join(missing)}; "
-                f"{how}{offline_instructions(directory, list(info.files))}"
+                f"{how}{offline_instructions(directory, list(info.files), in_data_root=named)}"
             )
         images, labels = load_idx_pair(paths[0], paths[1], info.num_classes, info.image_shape[1:])
         return LabelledImages(images, labels, info.class_names, f"{info.title} {split}: files in {directory}")
@@ -188,7 +188,7 @@ def load_registered(info: DatasetInfo, split: str, directory: Path | None = None
         archives = [directory / name for name in info.files if (directory / name).is_file()]
         if not archives:
             raise DataError(
-                f"{info.title} not found in {directory}; {how}{offline_instructions(directory, list(info.files))}"
+                f"{info.title} not found in {directory}; {how}{offline_instructions(directory, list(info.files), in_data_root=named)}"
             )
         for archive in archives:
             digest = file_digest(archive, "md5")
