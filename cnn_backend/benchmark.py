@@ -327,9 +327,10 @@ def usable_devices(requested: list[str] | None) -> tuple[list[str], dict]:
         try:
             get_backend(device)
         except DeviceUnavailableError as exc:
-            notes[device] = str(exc)
             if requested:
                 raise
+            # Tried because it might be there, not because it was asked for: say only why it is not.
+            notes[device] = str(exc).replace("CUDA was requested but ", "", 1)
             continue
         devices.append(device)
     return devices, notes

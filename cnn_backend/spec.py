@@ -292,8 +292,10 @@ def build_model(
     convolution algorithm for every Convolution whose spec leaves it at ``"auto"``. Raises
     :class:`SpecError` (one line, naming the layer) for any spec that cannot work.
     """
+    file_name = None
     if not isinstance(spec, (dict, list)):
-        _, spec = resolve_spec(spec)
+        label, spec = resolve_spec(spec)
+        file_name = Path(label).stem  # what a file that names no network is called in summaries
     normalized = normalize_spec(spec)
     shape = _check_input_shape(input_shape)
     if num_classes is not None:
@@ -316,6 +318,8 @@ def build_model(
     if num_classes is not None and output[0] != num_classes:
         raise SpecError(f"{last}: the network ends with {output[0]} outputs but the data has {num_classes} classes")
     model.spec_options = {key: normalized[key] for key in ("name", "description") if key in normalized}
+    if file_name and "name" not in model.spec_options:
+        model.spec_options["name"] = file_name
     return model
 
 

@@ -316,6 +316,15 @@ def test_summary_command_prints_the_table(capsys):
     assert status == 2 and "expected C,H,W" in err
 
 
+def test_a_spec_file_without_a_name_is_called_after_the_file(tmp_path, capsys):
+    spec = tmp_path / "my-net.toml"
+    spec.write_text('[[layers]]\ntype = "Flatten"\n\n[[layers]]\ntype = "FullyConnected"\nout_features = 10\n')
+    status, out, _ = run_main(capsys, "summary", "--model", spec)
+    assert status == 0 and out.startswith("model my-net: input 1x28x28 per sample")
+    assert Sequential.from_spec(spec, (1, 28, 28)).spec_options["name"] == "my-net"
+    assert "name" not in Sequential.from_spec({"layers": [{"type": "Flatten"}]}, (1, 2, 2)).spec_options  # no file, no name
+
+
 # -- examples: each trains ----------------------------------------------------------------------------------
 
 

@@ -75,8 +75,8 @@ def check_spec_file(model: str) -> None:
 
 def load_spec_model(model: str, input_shape, backend, seed: int = 0, num_classes: int | None = None, conv_algorithm: str = "auto"):
     """Build the network ``model`` names (built-in or file); errors name the file."""
-    label, document = resolve_spec(model)
+    label, _ = resolve_spec(model)  # a missing or unreadable file is refused here, for what it is
     with _naming(label):
         return build_spec_model(
-            document, input_shape, backend, seed, num_classes=num_classes, algorithm=None if conv_algorithm == "auto" else conv_algorithm
+            model, input_shape, backend, seed, num_classes=num_classes, algorithm=None if conv_algorithm == "auto" else conv_algorithm
         )

@@ -120,7 +120,7 @@ def recipe_augmentation(augment: str, data) -> str:
     return augment
 
 
-def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:
+def resolve_ranges(settings: dict, total: int, given_why: str = "as requested") -> tuple[slice, slice, str]:
     """Training and validation slices of ``total`` images, and one line saying which were chosen.
 
     Ranges left to the data (None) are decided here and written back into ``settings``, so the
@@ -141,7 +141,7 @@ def resolve_ranges(settings: dict, total: int) -> tuple[slice, slice, str]:
     elif (train_text, val_text) == (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]):
         why = "the seed experiment's split"
     else:
-        why = "as requested"
+        why = given_why
     settings["train_split"], settings["val_split"] = train_text, val_text
     train_window = select_range(train_text, total, "--train-split")
     val_window = select_range(val_text, total, "--val-split")
@@ -176,19 +176,21 @@ def data_not_found(exc: DataError, checkpoint: Checkpoint | None) -> DataError:
     return DataError(f"{exc}; {checkpoint.path} was trained on it: pass --data to read it from where it is now")
 
 
-def resolve_validation(settings: dict, data, explicit: dict) -> tuple:
+def resolve_validation(settings: dict, data, explicit: dict, resumed: bool = False) -> tuple:
     """Training and validation selections (slices, or index arrays for a hold-out) and the line
     saying which were chosen. Writes the choice back into ``settings`` for the checkpoints."""
     ranges_given = any(key in explicit for key in ("train_split", "val_split"))
+    chosen_here = ranges_given or "val_fraction" in explicit or not resumed
+    given_why = "as requested" if chosen_here else "as the checkpoint records"
     if "val_fraction" in explicit and ranges_given:
         raise ValueError("--val-fraction and --train-split/--val-split choose the validation images two ways; pass one of them")
     fraction = settings["val_fraction"]
     if fraction is None and not ranges_given and settings["train_split"] is None and source_kind(settings["data"]) == "image-folder":
         fraction, why = FOLDER_VALIDATION_FRACTION, "the default for image folders (ordered by class)"
     else:
-        why = "as requested"
+        why = given_why
     if fraction is None:
-        return resolve_ranges(settings, len(data))
+        return resolve_ranges(settings, len(data), given_why)
     settings["val_fraction"], settings["train_split"], settings["val_split"] = fraction, None, None
     # The hold-out is drawn from the data's order: evaluate checks the data is still the same.
     settings["holdout_of"] = data_digest(data)

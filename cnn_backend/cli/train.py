@@ -268,7 +268,7 @@ def _train(args, world, held: list | None = None) -> int:
         for key in ("train_split", "val_split"):
             if key not in explicit:
                 settings[key] = None
-    train_window, val_window, split_line = resolve_validation(settings, data, explicit)
+    train_window, val_window, split_line = resolve_validation(settings, data, explicit, resumed=checkpoint is not None)
     if checkpoint is not None and checkpoint.settings.get("holdout_of") not in (None, settings.get("holdout_of")):
         raise ValueError(
             f"{settings['data']}: the images changed since {checkpoint.path} was trained (files added, removed or "
