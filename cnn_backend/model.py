@@ -109,8 +109,10 @@ class Sequential:
         return self
 
     def train(self, mode: bool = True) -> "Sequential":
+        """Training mode (Dropout drops, BatchNorm uses batch statistics), or evaluation mode with
+        ``mode=False``; for every layer, those inside containers (``Layer.children``) included."""
         self.training = mode
-        for layer in self.layers:
+        for _, layer in self.named_layers():
             layer.training = mode
         return self
 
@@ -121,12 +123,9 @@ class Sequential:
         """Tell layers that draw random numbers per sample (Dropout) that the coming batches are
         samples ``start ..`` of global batches of ``total``, ``share = (start, total)``
         (data-parallel training); None: each batch is a whole batch."""
-        pending = list(self.layers)
-        while pending:
-            layer = pending.pop()
+        for _, layer in self.named_layers():
             if hasattr(layer, "batch_share"):
                 layer.batch_share = share
-            pending.extend(getattr(layer, "layers", ()))
 
     # -- computation ---------------------------------------------------------------------------------
 
@@ -363,6 +362,30 @@ class Sequential:
         from .spec import build_model
 
         return build_model(spec, input_shape, backend, seed, **options)
+
+    def __deepcopy__(self, memo) -> "Sequential":
+        """An independent copy on the same device: rebuilt from :meth:`config`, with this model's
+        parameters, buffers, mode, input description and Dropout generator states (``copy.deepcopy``;
+        a snapshot of the best weights, say)."""
+        from .checkpoint import dropout_rng_states, restore_dropout_rng_states  # built on this module
+
+        try:
+            clone = Sequential.from_config(self.config(), self.backend)
+        except ModelFileError as exc:
+            raise TypeError(f"this model cannot be copied ({exc}); build another one and give it "
+                            f"load_state_dict(model.state_dict(), model.buffer_state_dict())") from None
+        clone.load_state_dict(self.state_dict(), self.buffer_state_dict())
+        restore_dropout_rng_states(clone, dropout_rng_states(self))
+        clone.train(self.training)
+        clone.input_spec = self.input_spec
+        memo[id(self)] = clone
+        return clone
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a Sequential cannot be pickled (it holds its device's modules); write it with model.save(path) and "
+            "read it with Sequential.load(path), or pickle model.state_dict(); copy.deepcopy(model) copies it"
+        )
 
     def __repr__(self) -> str:
         inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))

@@ -8,7 +8,7 @@ import numpy
 import pytest
 
 from cnn_backend import ModelFileError, Sequential, default_cnn, get_backend, plain_cnn, seed_cnn
-from cnn_backend.layers import Convolution, Dropout, FullyConnected, MaxPool, ReLU
+from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU
 from cnn_backend.serialization import write_npz_atomic
 
 
@@ -348,3 +348,61 @@ def test_old_format_files_with_a_list_of_layers_still_load(tmp_path):
     loaded = Sequential.load(tmp_path / "old.npz")
     x = numpy.random.default_rng(6).random((2, 1, 28, 28), dtype=numpy.float32)
     numpy.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+
+
+def test_eval_and_train_reach_the_layers_inside_a_custom_container():
+    from cnn_backend.layers import BatchNorm, Dropout, Layer
+
+    class Block(Layer):
+        """A container as base.py describes one: its layers are its children."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def children(self):
+            return [(f"inner.{i}", layer) for i, layer in enumerate(self.inner)]
+
+        def _build(self, shape, rng):
+            for layer in self.inner:
+                shape = layer.build(shape, rng)
+            return shape
+
+        def forward(self, x):
+            for layer in self.inner:
+                x = layer.forward(x)
+            return x
+
+        def backward(self, grad):
+            for layer in reversed(self.inner):
+                grad = layer.backward(grad)
+            return grad
+
+    block = Block([FullyConnected(out_features=8), BatchNorm(), Dropout(0.5)])
+    model = Sequential([Flatten(), block, FullyConnected(out_features=3)], input_shape=(1, 6, 6), rng=0)
+    x = numpy.random.default_rng(0).random((5, 1, 6, 6), dtype=numpy.float32)
+    model.eval()
+    assert not any(layer.training for layer in block.inner)
+    running_mean = block.inner[1].buffers["running_mean"].copy()
+    numpy.testing.assert_array_equal(model.predict_logits(x), model.predict_logits(x))  # no dropout, no batch statistics
+    numpy.testing.assert_array_equal(block.inner[1].buffers["running_mean"], running_mean)
+    model.train()
+    assert all(layer.training for layer in block.inner)
+
+
+def test_a_deep_copy_is_independent_and_computes_the_same():
+    import copy
+    import pickle
+
+    model = default_cnn(get_backend("cpu", "float64"), seed=4)
+    x = numpy.random.default_rng(1).random((4, 1, 28, 28))
+    clone = copy.deepcopy(model)
+    assert clone.backend.dtype == numpy.float64 and clone.training
+    # Same weights and the same Dropout generator: the same training-mode output.
+    numpy.testing.assert_array_equal(clone.forward(x), model.forward(x))
+    clone.layers[0].params["weight"].data[...] = 0.0
+    assert numpy.abs(model.layers[0].params["weight"].data).sum() > 0  # the original is untouched
+    model.eval()
+    assert copy.deepcopy(model).training is False
+    with pytest.raises(TypeError, match=r"a Sequential cannot be pickled .*model.save\(path\).*copy.deepcopy\(model\) copies it"):
+        pickle.dumps(model)
