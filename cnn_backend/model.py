@@ -131,6 +131,7 @@ class Sequential:
 
     def forward(self, x):
         """Logits for a batch. ``x`` may be a host array; it is sent to the device in the model's dtype."""
+        _refuse_integer_input(x, "Sequential")
         x = self.backend.to_device(x)
         self._output_shape = None  # until this pass completes: backward must not use a failed one's caches
         if x.ndim == 0 or x.shape[0] == 0:
@@ -202,11 +203,7 @@ class Sequential:
             x = self.backend.to_numpy(x)
         if not len(x):
             raise ShapeError("Sequential.predict_logits: no samples to predict (an empty input)")
-        if x.dtype.kind in "biu":  # raw 8-bit pixels would be read as values up to 255
-            raise ShapeError(
-                f"Sequential.predict_logits: the input holds {x.dtype} values, not floats; pass images scaled to "
-                f"[0, 1] (images / 255), or cnn_backend.data.prepare_images(images, dtype, normalization)"
-            )
+        _refuse_integer_input(x, "Sequential.predict_logits")
         bad = count_non_finite_samples(x, self.backend)
         if bad:
             raise ShapeError(f"Sequential.predict_logits: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
@@ -438,6 +435,16 @@ class Sequential:
         model = checkpoint.build_model(backend)
         model.input_spec = checkpoint.input_spec() if checkpoint.inputs is not None else None
         return model
+
+
+def _refuse_integer_input(x, where: str) -> None:
+    """Raw 8-bit pixels would be read as values up to 255: refused, saying how to scale them."""
+    kind = getattr(getattr(x, "dtype", None), "kind", "f")
+    if kind in "biu":
+        raise ShapeError(
+            f"{where}: the input holds {x.dtype} values, not floats; pass images scaled to [0, 1] (images / 255), "
+            f"or cnn_backend.data.prepare_images(images, dtype, normalization)"
+        )
 
 
 def _as_array(value):

@@ -211,4 +211,6 @@ def test_raw_pixels_are_refused_by_prediction_and_evaluation(model):
     for call in (lambda: model.predict(pixels), lambda: evaluate(model, pixels, numpy.zeros(3, numpy.int64))):
         with pytest.raises(ShapeError, match=message):
             call()
+    with pytest.raises(ShapeError, match=r"^Sequential: the input holds uint8 values, not floats"):
+        model(pixels)
     assert model.predict(pixels / 255.0).shape == (3,)

@@ -314,6 +314,16 @@ def test_loss_rejects_mismatched_or_float_labels():
         loss_fn.forward(numpy.zeros((2, 3)), numpy.array([0.0, 1.0]))
     with pytest.raises(ShapeError, match=r"expected logits of shape \(N, classes\)"):
         loss_fn.forward(numpy.zeros(3), numpy.array([0]))
+    with pytest.raises(ShapeError, match=r"got \(2, 3\); the loss takes class indices: pass targets.argmax\(axis=1\) for one-hot"):
+        loss_fn.forward(numpy.zeros((2, 3)), numpy.eye(3, dtype=numpy.int64)[[0, 2]])
+
+
+def test_host_labels_are_sent_to_a_device_model():
+    device = standin_backend("float64")
+    logits = device.to_device(numpy.array([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]]))
+    on_device = SoftmaxCrossEntropy(device).forward(logits, numpy.array([0, 2]))
+    on_host = SoftmaxCrossEntropy(CPU64).forward(numpy.array([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]]), numpy.array([0, 2]))
+    assert float(device.to_numpy(on_device)) == pytest.approx(float(on_host))
 
 
 # -- bad input names the layer and the expected shape -------------------------------------------------

@@ -51,7 +51,7 @@ def test_default_model_shapes_buffers_and_dropout_rate():
 
 def test_forward_casts_host_input_to_the_model_dtype():
     model = seed_cnn(get_backend("cpu", "float64"))
-    assert model.forward(numpy.zeros((1, 1, 28, 28), dtype=numpy.uint8)).dtype == numpy.float64
+    assert model.forward(numpy.zeros((1, 1, 28, 28), dtype=numpy.float32)).dtype == numpy.float64
 
 
 def test_predict_batches_agree_with_one_pass_and_restore_training_mode():

@@ -32,7 +32,7 @@ class SoftmaxCrossEntropy:
         self._dlogits = None
 
     def forward(self, logits, labels):
-        if not hasattr(labels, "shape"):  # a list or tuple of class indices
+        if not isinstance(labels, self.backend.xp.ndarray):  # a list, or host labels for a device model
             labels = self.backend.to_device(labels)
         if logits.ndim != 2:
             raise ShapeError(f"SoftmaxCrossEntropy: expected logits of shape (N, classes), got {tuple(logits.shape)}")
@@ -41,7 +41,8 @@ class SoftmaxCrossEntropy:
         if labels.shape != (logits.shape[0],):
             raise ShapeError(
                 f"SoftmaxCrossEntropy: expected labels of shape ({logits.shape[0]},) to match the logits, "
-                f"got {tuple(labels.shape)}"
+                f"got {tuple(labels.shape)}" + ("; the loss takes class indices: pass targets.argmax(axis=1) for one-hot "
+                                               "targets" if labels.shape == logits.shape else "")
             )
         if labels.dtype.kind not in "iu":
             raise ShapeError(f"SoftmaxCrossEntropy: labels must be integer class indices, got dtype {labels.dtype}")
