@@ -360,6 +360,19 @@ class Sequential:
 
         return build_model(spec, input_shape, backend, seed, **options)
 
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, index: int) -> Layer:
+        """The layer at ``index`` (``model[0]``, ``model[-1]``); a slice is refused, as a new model over
+        the same layers would share their parameters."""
+        if isinstance(index, slice):
+            raise TypeError("model[a:b]: a model is not sliced (the layers would be shared); use model.layers[a:b] for the list")
+        return self.layers[index]
+
     def __deepcopy__(self, memo) -> "Sequential":
         """An independent copy on the same device: rebuilt from :meth:`config`, with this model's
         parameters, buffers, mode, input description and Dropout generator states (``copy.deepcopy``;

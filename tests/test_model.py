@@ -406,3 +406,11 @@ def test_a_deep_copy_is_independent_and_computes_the_same():
     assert copy.deepcopy(model).training is False
     with pytest.raises(TypeError, match=r"a Sequential cannot be pickled .*model.save\(path\).*copy.deepcopy\(model\) copies it"):
         pickle.dumps(model)
+
+
+def test_a_model_is_a_sequence_of_its_layers():
+    model = seed_cnn()
+    assert len(model) == 5 and list(model) == model.layers
+    assert model[0] is model.layers[0] and isinstance(model[-1], FullyConnected)
+    with pytest.raises(TypeError, match=r"a model is not sliced .*use model.layers\[a:b\]"):
+        model[1:3]
