@@ -35,7 +35,12 @@ CUDA_INSTALL_HINT = (
 
 
 class DeviceUnavailableError(RuntimeError):
-    """Raised when a device is asked for that this machine cannot provide."""
+    """Raised when a device is asked for that this machine cannot provide: ``reason`` says what is
+    missing, the message also that the device was asked for."""
+
+    def __init__(self, reason: str, device: str = "CUDA") -> None:
+        super().__init__(f"{device} was requested but {reason}")
+        self.reason, self.device = reason, device
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,21 +216,21 @@ def cuda_backend(dtype: Any = "float32") -> CudaBackend:
     try:
         cupy = importlib.import_module("cupy")
     except ImportError as exc:
-        raise DeviceUnavailableError(f"CUDA was requested but CuPy is not installed ({exc}); {CUDA_INSTALL_HINT}") from None
+        raise DeviceUnavailableError(f"CuPy is not installed ({exc}); {CUDA_INSTALL_HINT}") from None
     try:
         usable = bool(cupy.cuda.is_available())
     except Exception as exc:  # a broken driver raises instead of answering False
-        raise DeviceUnavailableError(f"CUDA was requested but the CUDA driver failed: {exc}") from None
+        raise DeviceUnavailableError(f"the CUDA driver failed: {exc}") from None
     if not usable:
         raise DeviceUnavailableError(
-            f"CUDA was requested but CuPy {cupy.__version__} found no usable CUDA device "
+            f"CuPy {cupy.__version__} found no usable CUDA device "
             "(no GPU, or the NVIDIA driver is missing)"
         )
     try:
         signal = importlib.import_module("cupyx.scipy.signal")
     except Exception as exc:  # ImportError, or a RuntimeError from a missing CUDA library
         raise DeviceUnavailableError(
-            f"CUDA was requested but cupyx.scipy.signal failed to import ({exc}); "
+            f"cupyx.scipy.signal failed to import ({exc}); "
             f"the CUDA libraries are missing or mismatched: {CUDA_INSTALL_HINT}"
         ) from None
     return CudaBackend("cuda", cupy, signal, _float_dtype(dtype))

@@ -329,8 +329,7 @@ def usable_devices(requested: list[str] | None) -> tuple[list[str], dict]:
         except DeviceUnavailableError as exc:
             if requested:
                 raise
-            # Tried because it might be there, not because it was asked for: say only why it is not.
-            notes[device] = str(exc).replace("CUDA was requested but ", "", 1)
+            notes[device] = exc.reason  # tried because it might be there, not asked for: why it is not
             continue
         devices.append(device)
     return devices, notes

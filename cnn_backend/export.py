@@ -101,7 +101,7 @@ def build_onnx_model(
     """The checked ``onnx.ModelProto`` that :func:`export_onnx` writes."""
     onnx = import_onnx()
     check_opset(opset, onnx)
-    opset = int(opset) if isinstance(opset, numbers.Integral) and not isinstance(opset, bool) else opset
+    opset = int(opset)  # a NumPy integer too, once check_opset has taken it
     class_names = _check_preparation(class_names, normalization)
     recorded = getattr(model, "input_spec", None)
     if recorded is not None:

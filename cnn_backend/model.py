@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-import numpy
-
 from .backend import Backend, get_backend
 from .data import count_non_finite_samples
 from .init import as_integer, make_rng
@@ -301,8 +299,8 @@ class Sequential:
         if own_buffers or buffers:
             _check_names("buffers", own_buffers.keys(), (buffers or {}).keys())
         # Every value is checked before any is copied: a refused state leaves the model as it was.
-        values = {name: _as_array(state[name]) for name in own}
-        buffer_values = {name: _as_array(buffers[name]) for name in own_buffers}
+        values = {name: self.backend.to_device(state[name]) for name in own}  # lists too
+        buffer_values = {name: self.backend.to_device(buffers[name]) for name in own_buffers}
         for name, param in own.items():
             _check_shape("parameter", name, values[name], param.data)
         for name, current in own_buffers.items():
@@ -458,11 +456,6 @@ def _refuse_integer_input(x, where: str) -> None:
             f"{where}: the input holds {x.dtype} values, not floats; pass images scaled to [0, 1] (images / 255), "
             f"or cnn_backend.data.prepare_images(images, dtype, normalization)"
         )
-
-
-def _as_array(value):
-    """An array as given (host or device), or a nested list as a host array."""
-    return value if hasattr(value, "shape") and hasattr(value, "astype") else numpy.asarray(value)
 
 
 def _check_names(what: str, expected, found) -> None:

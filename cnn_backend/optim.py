@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Mapping, Sequence
 
-import numpy
-
 from .backend import Backend
+from .init import as_integer
 from .parameters import FlatParameters, Parameter, shared_flat_buffer
 
 
@@ -153,22 +153,22 @@ class Optimizer:
         self._check_kind(state)
         if "steps" not in state:
             raise ValueError(f"{owner}: optimiser state has no 'steps' entry; pass a dict that state_dict() returned")
-        steps = _step_count(state["steps"])
-        if steps is None:
-            # Adam's bias correction 1 - beta ** steps goes negative below 0, flipping the updates.
-            raise ValueError(f"{owner}: optimiser state 'steps' must be an integer >= 0, got {state['steps']!r}")
+        steps = state["steps"]
+        if getattr(steps, "ndim", None) == 0:  # a 0-d array, as a state saved with numpy.savez holds
+            steps = steps.item()
+        # Below 0, Adam's bias correction 1 - beta ** steps goes negative, flipping the updates.
+        steps = as_integer(steps, f"{owner}: optimiser state 'steps'", 0)
         loaded = {}
         for name, bufs in self.buffers.items():
             for i, buf in enumerate(bufs):
                 key = f"{name}/{i}"
-                value = _numeric_array(state[key]) if key in state else None
-                if key in state and value is None:
-                    raise ValueError(f"{owner}: optimiser state {key!r} must be an array of numbers, got {_short(state[key])}")
+                value = self._device_numbers(state[key], key) if key in state else None
                 if value is None or tuple(value.shape) != tuple(buf.shape):
                     raise ValueError(f"{owner}: optimiser state {key!r} is missing or has the wrong shape")
                 # Checked after the cast: a float64 value too large for float32 becomes infinite.
-                with numpy.errstate(over="ignore", invalid="ignore"):
-                    value = self.backend.to_device(value).astype(buf.dtype)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    value = value.astype(buf.dtype)
                 if not bool(self.backend.xp.isfinite(value).all()):
                     raise ValueError(
                         f"{owner}: optimiser state {key!r} holds NaN or infinite values; "
@@ -178,6 +178,17 @@ class Optimizer:
         for buf, value in loaded.values():
             buf[...] = value  # copied into place: the buffers may be views of one flat array
         self.steps = steps
+
+    def _device_numbers(self, value, key: str):
+        """``value`` (an array of this device or the host, or a list) on this device; a one-line
+        ValueError when it is not numbers."""
+        try:
+            array = self.backend.to_device(value)
+        except (TypeError, ValueError):  # ragged lists, objects no array holds
+            array = None
+        if array is None or array.dtype.kind not in "iuf":
+            raise ValueError(f"{type(self).__name__}: optimiser state {key!r} must be an array of numbers, got {_short(value)}")
+        return array
 
     def _check_kind(self, state: Mapping) -> None:
         """Refuse a state holding buffers this kind never keeps, naming the kind that keeps them."""
@@ -316,29 +327,6 @@ class Adam(Optimizer):
 def _is_number(value) -> bool:
     """A real number, NumPy scalars included; not a bool (True as a learning rate is a mistake)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _step_count(value) -> int | None:
-    """``value`` as a step count if it is an integer >= 0 (a NumPy integer or 0-d integer array,
-    as a state saved with ``numpy.savez`` holds, included; a bool or a float is not), else None."""
-    if isinstance(value, bool):
-        return None
-    if not isinstance(value, numbers.Integral):
-        array = numpy.asarray(value) if isinstance(value, numpy.ndarray) else None
-        if array is None or array.ndim != 0 or array.dtype.kind not in "iu":
-            return None
-        value = array.item()
-    return int(value) if value >= 0 else None
-
-
-def _numeric_array(value):
-    """``value`` as an array of real numbers (device arrays kept as they are), or None if it is not one."""
-    if not (hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "astype")):
-        try:
-            value = numpy.asarray(value)
-        except (TypeError, ValueError):  # ragged lists, objects NumPy cannot read
-            return None
-    return value if numpy.dtype(value.dtype).kind in "iuf" else None
 
 
 def _short(value) -> str:

@@ -92,7 +92,7 @@ def read_spec_file(path: str | os.PathLike) -> dict:
     if suffix not in SPEC_SUFFIXES:
         raise SpecError(f"{path}: an architecture file must end in .toml or .json")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors write one) is not part of the document
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"{path}: no such architecture file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -102,7 +102,7 @@ def read_spec_file(path: str | os.PathLike) -> dict:
 
 def parse_spec_text(text: str, syntax: str = "toml", source: str = "spec") -> dict:
     """Parse TOML or JSON text (a leading BOM ignored); a syntax error is one line with its position."""
-    text = text[1:] if text.startswith("\ufeff") else text
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is not part of the document
     if syntax == "json":
         try:
             document = json.loads(text, object_pairs_hook=_table_without_repeated_keys)

@@ -170,7 +170,7 @@ def test_an_unusable_device_asked_for_is_reported_in_the_standard_line(capsys, m
 
     def no_gpu(device="auto", dtype="float32"):
         if device == "cuda":
-            raise DeviceUnavailableError("CUDA was requested but CuPy found no usable CUDA device")
+            raise DeviceUnavailableError("CuPy found no usable CUDA device")
         return real(device, dtype)
 
     monkeypatch.setattr(benchmark, "get_backend", no_gpu)

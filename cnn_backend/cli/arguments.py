@@ -10,7 +10,7 @@ from pathlib import Path
 from ..data import BUNDLED_COUNT, DataError
 from ..datasets import DATASETS
 from ..datasets.folder import parse_image_size
-from ..spec import BUILTIN_NAMES
+from ..spec import BUILTIN_NAMES, SPEC_SUFFIXES
 
 DATA_METAVAR = "|".join(("auto", "bundled") + tuple(DATASETS)) + "|DIR"
 
@@ -36,9 +36,9 @@ def _number(kind, accept, requirement: str):
 
 positive_int = _number(int, lambda value: value >= 1, "must be a positive integer")
 non_negative_int = _number(int, lambda value: value >= 0, "must be an integer >= 0")
-learning_rate = _number(float, lambda value: math.isfinite(value) and value > 0, "must be a finite number > 0")
-non_negative_float = _number(float, lambda value: math.isfinite(value) and value >= 0, "must be a finite number >= 0")
 positive_float = _number(float, lambda value: math.isfinite(value) and value > 0, "must be a finite number > 0")
+learning_rate = positive_float
+non_negative_float = _number(float, lambda value: math.isfinite(value) and value >= 0, "must be a finite number >= 0")
 open_fraction = _number(float, lambda value: 0.0 < value < 1.0, "must be between 0 and 1 (exclusive)")
 fraction = _number(float, lambda value: 0.0 <= value < 1.0, "must be in [0, 1)")
 
@@ -70,7 +70,7 @@ def _parse(kind, text: str):
 
 
 def model_text(text: str) -> str:
-    if text in BUILTIN_NAMES or Path(text).suffix.lower() in (".toml", ".json"):
+    if text in BUILTIN_NAMES or Path(text).suffix.lower() in SPEC_SUFFIXES:
         return text
     raise argparse.ArgumentTypeError(f"choose {', '.join(BUILTIN_NAMES)}, or an architecture file ending in .toml or .json, got {text!r}")
 

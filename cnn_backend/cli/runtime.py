@@ -31,7 +31,7 @@ def open_backend(device: str, dtype: str):
     try:
         backend = package.get_backend(device, dtype)
     except DeviceUnavailableError as exc:
-        raise DeviceUnavailableError(f"{exc}; `--device auto` would fall back to the CPU") from None
+        raise DeviceUnavailableError(f"{exc.reason}; `--device auto` would fall back to the CPU", exc.device) from None
     return backend, f"device: {backend.name} ({backend.dtype.name})"
 
 

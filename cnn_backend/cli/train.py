@@ -370,11 +370,10 @@ def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_w
     if not last.exists() or os.path.samefile(last, checkpoint.path):
         return
     folder_run = load_checkpoint(last)
-    common = min(len(folder_run.history), len(checkpoint.history))
-    if folder_run.history[:common] != checkpoint.history[:common]:
-        # A checkpoint of another run put in this folder: the runs' histories part, so resuming
-        # here would replace this folder's run with that one.
-        epoch = next(row for row, (ours, theirs) in enumerate(zip(folder_run.history, checkpoint.history), 1) if ours != theirs)
+    # A checkpoint of another run put in this folder: the runs' histories part, so resuming here
+    # would replace this folder's run with that one.
+    epoch = next((row for row, (ours, theirs) in enumerate(zip(folder_run.history, checkpoint.history), 1) if ours != theirs), None)
+    if epoch is not None:
         raise ValueError(
             f"{checkpoint.path} is not from the run in {out_dir} (their histories differ from epoch {epoch}): resuming "
             f"it there would overwrite that run; add --out NEW_FOLDER"
