@@ -26,7 +26,7 @@ from .layers import (
 from .model import ARCHITECTURES, Sequential, default_cnn, plain_cnn, seed_cnn
 from .optim import SGD, Adam, CosineSchedule, OneCycleSchedule, StepSchedule
 from .serialization import ModelFileError
-from .spec import SpecError, build_model
+from .spec import SpecError, build_model, register_layer
 
 __version__ = "0.1.0"
 
@@ -62,5 +62,6 @@ __all__ = [
     "default_cnn",
     "plain_cnn",
     "get_backend",
+    "register_layer",
     "seed_cnn",
 ]

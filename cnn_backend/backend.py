@@ -65,6 +65,10 @@ class Backend:
     #: core at a time; CuPy's copies are cheap kernels, so only the CPU backend does
     bands_thin_convolutions = False
 
+    def __deepcopy__(self, memo) -> "Backend":
+        # A device handle, not data: a copied layer computes on the same device (its modules cannot be copied).
+        return self
+
     def to_device(self, array: Any, dtype: Any = None):
         """Return ``array`` as an array of this backend (no copy when it already is one)."""
         return self.xp.asarray(array, dtype=dtype)

@@ -500,8 +500,12 @@ def checkpoint_preparation(checkpoint, n_classes: int | None) -> tuple[list[str]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``export`` command's options."""
+    # Imported here: the command line's package loads this module only when the command is run.
+    from .cli.arguments import add_import_option
+
     parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .npz written by train (or Sequential.save)")
     parser.add_argument("out", type=Path, metavar="OUT.onnx", help="the ONNX file to write (replaced atomically)")
+    add_import_option(parser)
     parser.add_argument("--opset", type=_opset_number, default=DEFAULT_OPSET, metavar="N",
                         help=f"ONNX opset to write, {MIN_OPSET} or newer (default: {DEFAULT_OPSET}; "
                         f"below {GELU_OPSET}, GELU is written as elementary operators)")

@@ -21,7 +21,9 @@ import numbers
 import warnings
 from typing import Mapping, Sequence
 
-from .backend import Backend
+import numpy
+
+from .backend import Backend, cpu_backend, cuda_backend
 from .init import as_integer
 from .parameters import FlatParameters, Parameter, shared_flat_buffer
 
@@ -44,18 +46,33 @@ class Optimizer:
     #: how many scratch arrays (each the size of the parameters) an update needs
     scratch_count: int = 1
 
-    def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend) -> None:
+    def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend | None = None) -> None:
         self.lr = _checked(type(self).__name__, "learning rate", lr, "> 0", lambda value: value > 0)
         self.params = list(params)
-        self.backend = backend
         self.steps = 0
         self._flat: FlatParameters | None = shared_flat_buffer(self.params)
+        self.backend = self._parameters_backend() if backend is None else backend
         self._flat_buffers: dict = {}
         self.buffers: dict[str, list] = {}
         for buffer_name in self.buffer_names:
             self._flat_buffers[buffer_name], self.buffers[buffer_name] = self._zero_state()
         self._scratch = None
         self._placement = self._parameters_placement()
+
+    def _parameters_backend(self) -> Backend:
+        """The device the parameters live on, for an optimiser built without ``backend=``: the
+        model's flat buffer knows it; outside one, NumPy arrays are on the CPU, CuPy's on CUDA."""
+        if self._flat is not None:
+            return self._flat.backend
+        if self.params and all(isinstance(p.data, numpy.ndarray) for p in self.params):
+            return cpu_backend(self.params[0].data.dtype)
+        if self.params and all(type(p.data).__module__.startswith("cupy") for p in self.params):
+            return cuda_backend(self.params[0].data.dtype)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: the parameter list is empty; pass model.parameters()")
+        raise ValueError(
+            f"{type(self).__name__}: cannot tell which device these parameters are on; pass backend=model.backend"
+        )
 
     def _parameters_placement(self):
         """The parameters' array type and dtype: what the state arrays must match."""
@@ -224,7 +241,7 @@ class SGD(Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        backend: Backend,
+        backend: Backend | None = None,
     ) -> None:
         momentum = _checked("SGD", "momentum", momentum, "in [0, 1)", lambda value: 0.0 <= value < 1.0)
         weight_decay = _checked("SGD", "weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
@@ -279,7 +296,7 @@ class Adam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        backend: Backend,
+        backend: Backend | None = None,
     ) -> None:
         try:
             beta1, beta2 = betas

@@ -393,7 +393,7 @@ def device_backend(name: str, dtype) -> Backend:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``parity`` command's options."""
     # Imported here: the command line's package loads this module only when the command is run.
-    from .cli.arguments import learning_rate, positive_float, positive_int
+    from .cli.arguments import add_import_option, learning_rate, positive_float, positive_int
 
     parser.add_argument(
         "--device",
@@ -404,6 +404,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default="seed", metavar="seed|default|plain|FILE",
                         help="a built-in architecture or an architecture file (.toml, .json) for 28x28 images (default: seed)")
+    add_import_option(parser)
     parser.add_argument("--steps", type=positive_int, default=20, help="training steps to compare (default: 20)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default: 32)")
     parser.add_argument("--dtype", choices=backend_module.DTYPES, default="float32", help="float dtype (default: float32)")

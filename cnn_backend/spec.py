@@ -24,10 +24,12 @@ See ``docs/spec-format.md``.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import numbers
 import os
 import sys
+import typing
 from importlib import resources
 from pathlib import Path
 
@@ -74,6 +76,8 @@ LAYER_OPTIONS: dict[str, dict[str, tuple]] = {
     "GELU": {},
     "Residual": {"layers": ((list,), REQUIRED, None)},
 }
+#: the types this library defines: :func:`register_layer` refuses to replace them
+BUILTIN_LAYER_TYPES = frozenset(LAYER_OPTIONS)
 TOP_LEVEL_KEYS = ("layers", "name", "description")
 SPEC_SUFFIXES = (".toml", ".json")
 ARCHITECTURES_PACKAGE = "cnn_backend.architectures"
@@ -198,7 +202,10 @@ def _normalize_layer(index: int, entry, parents: str) -> dict:
     if not isinstance(kind, str) or kind not in LAYER_OPTIONS:
         close = difflib.get_close_matches(str(kind), LAYER_OPTIONS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise SpecError(f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(LAYER_OPTIONS)}")
+        raise SpecError(
+            f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(LAYER_OPTIONS)} "
+            f"(a layer class of your own: cnn_backend.register_layer, or --import MODULE on the command line)"
+        )
     options = LAYER_OPTIONS[kind]
     normalized = {"type": kind}
     for name, value in entry.items():
@@ -214,6 +221,9 @@ def _normalize_layer(index: int, entry, parents: str) -> dict:
                 why = f"{kind} takes {', '.join(options) or 'no options'}"
             raise SpecError(f"{label}: unknown option {name!r} ({why})")
         accepted, _, allowed = options[name]
+        if accepted is None:  # an option of a registered class, typed by nothing: its constructor checks it
+            normalized[name] = _plain_number(value, _NUMBER)
+            continue
         value = _plain_number(value, accepted)
         if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
             raise SpecError(f"{label}: {name} must be {_TYPE_WORDS[accepted[-1]]}, got {value!r}")
@@ -242,6 +252,62 @@ def _plain_number(value, accepted: tuple):
     if float in accepted and isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+# -- layer classes of your own --------------------------------------------------------------------
+
+
+def register_layer(cls: type) -> type:
+    """Make a :class:`~cnn_backend.layers.Layer` subclass nameable by its class name in architecture
+    files, specs and model files (``Sequential.load``, checkpoints); returns the class, so it also
+    serves as a decorator (``@register_layer``).
+
+    Its options are the constructor's keyword arguments but ``backend`` and ``rng`` (and ``in_*``
+    sizes defaulting to None, which :meth:`Layer.build` infers); one without a default is required.
+    Each is typed by its annotation (``int``, ``float``, ``bool``, ``str``), else by its default's
+    type, else checked by the constructor alone. Registering the same class again (a module
+    reloaded, a notebook cell run twice) replaces it; a built-in type's name, or a name another
+    class holds, is refused. See ``docs/custom-layers.md``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"register_layer takes a subclass of cnn_backend.layers.Layer, got {cls!r}")
+    name = cls.__name__
+    if name in BUILTIN_LAYER_TYPES:
+        raise ValueError(f"{name} is a built-in layer type: give your class another name")
+    held = LAYER_TYPES.get(name)
+    if held is not None and _qualified_name(held) != _qualified_name(cls):
+        raise ValueError(f"the layer type {name} is already registered by {_qualified_name(held)}: rename one of the two classes")
+    LAYER_OPTIONS[name] = _constructor_options(cls)
+    LAYER_TYPES[name] = cls
+    return cls
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: constructor arguments that are never options: the device, and the generator of the initial weights
+_NOT_OPTIONS = ("self", "backend", "rng")
+_ANNOTATED_TYPES = {int: _INT, float: _NUMBER, bool: _BOOL, str: _STR}
+
+
+def _constructor_options(cls: type) -> dict[str, tuple]:
+    """The :data:`LAYER_OPTIONS` entry of a registered class, read from its constructor."""
+    signature = inspect.signature(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not evaluate: type the options by their defaults
+        hints = {}
+    options = {}
+    for name, parameter in signature.parameters.items():
+        if name in _NOT_OPTIONS or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        default = REQUIRED if parameter.default is parameter.empty else parameter.default
+        if name.startswith("in_") and default is None:
+            continue  # an input size, inferred by build
+        accepted = _ANNOTATED_TYPES.get(hints.get(name), _ANNOTATED_TYPES.get(type(default)))
+        options[name] = (accepted, default, None)
+    return options
 
 
 # -- building --------------------------------------------------------------------------------------

@@ -67,3 +67,17 @@ def device_under_test(request):
 def standin():
     """A fresh float32 stand-in device (its own usage record)."""
     return standin_backend("float32")
+
+
+@pytest.fixture
+def registry_restored():
+    """Layer types registered during the test (``register_layer``) are forgotten after it, as in a
+    new process: registrations are process-wide."""
+    from cnn_backend.layers import LAYER_TYPES
+    from cnn_backend.spec import LAYER_OPTIONS
+
+    saved = [(registry, dict(registry)) for registry in (LAYER_TYPES, LAYER_OPTIONS)]
+    yield
+    for registry, contents in saved:
+        registry.clear()
+        registry.update(contents)

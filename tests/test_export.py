@@ -38,6 +38,7 @@ from cnn_backend.export import (  # noqa: E402
 from cnn_backend.layers import Layer, SoftmaxCrossEntropy  # noqa: E402
 from cnn_backend.model import Sequential, plain_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import make_optimizer  # noqa: E402
+from cnn_backend.spec import BUILTIN_LAYER_TYPES  # noqa: E402
 from cnn_backend.training import train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -237,7 +238,7 @@ def layer_types(layers) -> set[str]:
 def test_the_test_networks_use_every_layer_type():
     networks = [spec_network(EVERY_LAYER_SPEC, 0), spec_network(GLOBAL_POOL_SPEC, 0)]
     used = set().union(*(layer_types(model.layers) for model in networks))
-    assert used == set(layer_module.LAYER_TYPES) <= set(EXPORTERS)
+    assert used == set(BUILTIN_LAYER_TYPES) <= set(EXPORTERS)
     residuals = [layer for model in networks for layer in model.layers if type(layer).__name__ == "Residual"]
     assert any(block.projection is not None for block in residuals) and any(block.projection is None for block in residuals)
     assert any("bias" not in layer.params for model in networks for _, layer in model.named_layers()

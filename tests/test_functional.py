@@ -13,6 +13,7 @@ import numpy
 import pytest
 
 from cnn_backend import functional as F
+from cnn_backend import gradcheck
 from cnn_backend.backend import get_backend
 from cnn_backend.layers import Convolution, SoftmaxCrossEntropy, resolve_conv_algorithm
 from cnn_backend.model import plain_cnn, seed_cnn
@@ -231,16 +232,8 @@ def test_convolution_layer_reuses_buffers_safely(make_backend):
 
 
 def numerical_gradient(loss_of, value: numpy.ndarray, eps: float = 1e-6) -> numpy.ndarray:
-    grad = numpy.zeros_like(value)
-    for index in numpy.ndindex(value.shape):
-        original = value[index]
-        value[index] = original + eps
-        plus = loss_of(value)
-        value[index] = original - eps
-        minus = loss_of(value)
-        value[index] = original
-        grad[index] = (plus - minus) / (2 * eps)
-    return grad
+    """Central differences of ``loss_of(value)`` with respect to every element of ``value``."""
+    return gradcheck.numerical_gradient(lambda: loss_of(value), value, eps)
 
 
 @pytest.mark.parametrize("stride, padding", [(1, 0), (1, 1), (2, 1), (2, 0)])

@@ -291,3 +291,33 @@ def test_one_cycle_schedule_matches_pytorch():
 def test_one_cycle_schedule_refuses_bad_settings(kwargs):
     with pytest.raises(ValueError, match=r"OneCycleSchedule: need total_steps >= 2, 0 < pct_start < 1"):
         OneCycleSchedule(1.0, **{"total_steps": 10, **kwargs})
+
+
+@pytest.mark.parametrize("make", [SGD, Adam])
+def test_an_optimiser_without_backend_takes_the_parameters_device(make):
+    from cnn_backend import default_cnn
+    from cnn_backend.testing import standin_backend
+
+    for backend in (get_backend("cpu", "float64"), standin_backend("float32")):
+        model = default_cnn(backend, seed=0)
+        assert make(model.parameters(), lr=0.01).backend is backend  # the model's flat buffer knows its device
+    model = default_cnn(get_backend("cpu", "float64"), seed=0)
+    subset = make(model.parameters()[-2:], lr=0.01)  # host arrays outside the flat buffer: the CPU, their dtype
+    assert subset.backend.name == "cpu" and subset.backend.dtype == numpy.float64
+    x = numpy.random.default_rng(0).random((4, 1, 28, 28))
+    model.forward(x)
+    model.backward(numpy.ones((4, 10)))
+    before = model.parameters()[-1].data.copy()
+    subset.step()
+    assert not numpy.array_equal(model.parameters()[-1].data, before)
+
+
+def test_an_optimiser_without_backend_refuses_what_it_cannot_place():
+    from cnn_backend import default_cnn
+    from cnn_backend.testing import standin_backend
+
+    device_params = default_cnn(standin_backend(), seed=0).parameters()[:2]  # device arrays outside the flat buffer
+    with pytest.raises(ValueError, match=r"^Adam: cannot tell which device these parameters are on; pass backend=model\.backend$"):
+        Adam(device_params)
+    with pytest.raises(ValueError, match=r"^SGD: the parameter list is empty; pass model\.parameters\(\)$"):
+        SGD([], lr=0.1)

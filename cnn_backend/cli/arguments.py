@@ -1,10 +1,14 @@
 """Argument types of the command line (a bad value is a usage error, status 2), image ranges
-``START:STOP``, and the sub-parser of a command."""
+``START:STOP``, the sub-parser of a command, and ``--import`` (modules registering layer classes)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import math
+import os
+import sys
 from pathlib import Path
 
 from ..data import BUNDLED_COUNT, DataError
@@ -20,6 +24,57 @@ def add_command(commands, name: str, handler, *, help: str, description: str) ->
     parser = commands.add_parser(name, help=help, description=description)
     parser.set_defaults(handler=handler)
     return parser
+
+
+IMPORT_HELP = (
+    "a module that registers your own layer classes with cnn_backend.register_layer, imported before the network "
+    "is built or loaded: a dotted module name importable from the current folder, or a path to a .py file (repeatable)"
+)
+
+
+def add_import_option(parser) -> None:
+    """``--import MODULE``, repeatable: each module is imported while the command line is parsed,
+    so the layer classes it registers are known before the command reads a spec or a checkpoint."""
+    parser.add_argument("--import", dest="imports", type=imported_module, action="append", metavar="MODULE", help=IMPORT_HELP)
+
+
+def imported_module(text: str):
+    """An argument type: the module ``text`` names, imported (its registrations are what counts)."""
+    try:
+        if text.lower().endswith(".py") or os.path.isfile(text):
+            return _import_file(text)
+        if os.getcwd() not in sys.path:  # found from the current folder, as by `python -m`
+            sys.path.insert(0, os.getcwd())
+        importlib.invalidate_caches()  # a file written since the interpreter started is found too
+        return importlib.import_module(text)
+    except argparse.ArgumentTypeError:
+        raise
+    except Exception as exc:  # the user's code: any error is theirs to fix, reported in one line
+        raise argparse.ArgumentTypeError(f"cannot import {text!r}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+
+
+def _import_file(text: str):
+    """The module of the file ``text``, named by its stem and put in ``sys.modules`` before it runs,
+    so that its classes have a proper ``__module__`` (registration compares it)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"cannot import {text!r}: no such file")
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        where = getattr(loaded, "__file__", None)
+        if where is not None and Path(where).resolve() == path.resolve():
+            return loaded  # given twice, or already imported by another module
+        raise argparse.ArgumentTypeError(f"cannot import {text!r}: the module name {name!r} is taken by {where or 'a built-in module'}; rename the file")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)  # as the import system does with a module that fails
+        raise
+    return module
 
 
 def _number(kind, accept, requirement: str):

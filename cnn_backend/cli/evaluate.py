@@ -16,7 +16,7 @@ from ..predict import predict_files
 from ..report import classification_report, confusion_matrix, format_report, write_json
 from ..serialization import FileWriteError
 from ..training import evaluate
-from .arguments import DATA_METAVAR, add_command, json_report_path, positive_int, range_label, range_text, select_range
+from .arguments import DATA_METAVAR, add_command, add_import_option, json_report_path, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
 from .settings import data_digest, data_not_found
@@ -31,6 +31,7 @@ def add_evaluate_command(commands) -> None:
         description="Evaluate a checkpoint (or model file) on a split: prints a table and writes a JSON report.",
     )
     evaluate_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help=CHECKPOINT_HELP)
+    add_import_option(evaluate_parser)
     evaluate_parser.add_argument("--data", metavar=DATA_METAVAR, help="the data (default: the one the checkpoint was trained on)")
     evaluate_parser.add_argument("--split", choices=("train", "test"), default="train", help="train (default: the "
                                  "checkpoint's validation images) or test (datasets with a test split; for Fashion-MNIST "
@@ -56,6 +57,7 @@ def add_predict_command(commands) -> None:
     )
     predict_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     predict_parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
+    add_import_option(predict_parser)
     predict_parser.add_argument("--top", type=positive_int, default=3, metavar="K", help="classes to show per image (default: 3)")
     predict_parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     predict_parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")

@@ -34,6 +34,7 @@ from ..training import (
 from .arguments import (
     DATA_METAVAR,
     add_command,
+    add_import_option,
     fraction,
     image_size_text,
     learning_rate,
@@ -91,6 +92,7 @@ def add_train_command(commands) -> None:
                        "article's one-filter network), default (a two-block BatchNorm CNN, used when --model is left out), plain "
                        "(a two-block CNN without BatchNorm), or an architecture file (.toml or .json, see docs/spec-format.md; "
                        "trained with the plain model's recipe, without its dropout)")
+    add_import_option(model)
     model.add_argument("--dropout", type=fraction, metavar="RATE", help="dropout before the output layer, default and plain "
                        f"models only (default: {recipe_default('dropout', DROPOUT_MODELS)}); an architecture file writes its own Dropout layers")
     model.add_argument("--augment", choices=AUGMENTATIONS, help="training-time augmentation on the device: none, "

@@ -11,7 +11,7 @@ from ..backend import DTYPES
 from ..datasets import DATA_DIR_ENV, DATASETS, dataset_dir
 from ..spec import BUILTIN_NAMES
 from ..summary import format_summary
-from .arguments import add_command, input_shape_text, model_text
+from .arguments import add_command, add_import_option, input_shape_text, model_text
 from .console import EXIT_OK, PROG, say
 from .runtime import DEFAULT_MODEL, INPUT_SHAPE, build_builtin_model, load_spec_model
 from .settings import resolve_settings
@@ -26,6 +26,7 @@ def add_summary_command(commands) -> None:
     )
     summary_parser.add_argument("--model", type=model_text, default=DEFAULT_MODEL, metavar="seed|default|plain|FILE",
                                 help="a built-in network or a .toml/.json architecture file (default: default)")
+    add_import_option(summary_parser)
     summary_parser.add_argument("--input-shape", type=input_shape_text, default=INPUT_SHAPE, metavar="C,H,W",
                                 help="per-sample input shape, channels,height,width (or features) (default: 1,28,28, Fashion-MNIST)")
     summary_parser.add_argument("--dtype", choices=DTYPES, default="float32", help="for the parameter memory (default: float32)")

@@ -1,0 +1,255 @@
+"""Layers of your own: registration by name (specs, model files), options read from the constructor,
+the public finite-difference check, and a registered layer through training, saving and devices."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy
+import pytest
+
+from cnn_backend import ModelFileError, Sequential, SpecError, build_model, register_layer
+from cnn_backend.backend import cpu_backend
+from cnn_backend.checkpoint import load_checkpoint
+from cnn_backend.gradcheck import GradientCheckError, check_layer_gradients
+from cnn_backend.layers import LAYER_TYPES, Layer, SoftmaxCrossEntropy
+from cnn_backend.optim import SGD
+from cnn_backend.spec import LAYER_OPTIONS
+from cnn_backend.testing import standin_backend
+from cnn_backend.training import train_step
+
+from layer_helpers import ChannelScale
+
+
+#: registrations are process-wide: each test's are undone after it
+pytestmark = pytest.mark.usefixtures("registry_restored")
+
+
+class WrongScaleGradient(ChannelScale):
+    def backward(self, dy):
+        dx = super().backward(dy)
+        self.params["scale"].grad = 2 * self.params["scale"].grad
+        return dx
+
+
+def spec_with(entry: dict) -> dict:
+    return {"layers": [
+        {"type": "Convolution", "out_channels": 3, "kernel_size": 3}, entry, {"type": "ReLU"},
+        {"type": "Flatten"}, {"type": "FullyConnected", "out_features": 4},
+    ]}  # fmt: skip
+
+
+def images(n=6, seed=0):
+    return numpy.random.default_rng(seed).random((n, 1, 8, 8)).astype(numpy.float32)
+
+
+# -- registration and specs ----------------------------------------------------------------------
+
+
+def test_a_registered_layer_is_built_from_a_spec_with_its_options():
+    assert register_layer(ChannelScale) is ChannelScale  # usable as a decorator
+    model = build_model(spec_with({"type": "ChannelScale", "initial": 0.5}), (1, 8, 8), seed=0)
+    layer = model[1]
+    assert isinstance(layer, ChannelScale) and layer.initial == 0.5
+    numpy.testing.assert_array_equal(layer.params["scale"].data, numpy.full(3, 0.5, numpy.float32))
+    assert model.forward(images()).shape == (6, 4)
+    default = build_model(spec_with({"type": "ChannelScale"}), (1, 8, 8), seed=0)
+    assert default[1].initial == 1.0
+    assert [row.description for row in model.summary().rows][1] == "initial=0.5"
+
+
+def test_options_are_checked_by_their_annotation_or_default_and_required_ones_must_be_given():
+    class Shift(Layer):
+        def __init__(self, amount, in_features=None, repeats=2, label: str = "s", *, backend=None, rng=None):
+            super().__init__(backend)
+            if not -10 <= amount <= 10:
+                raise ValueError(f"Shift: amount must be in [-10, 10], got {amount!r}")
+
+        def forward(self, x):
+            return x
+
+    register_layer(Shift)
+    assert set(LAYER_OPTIONS["Shift"]) == {"amount", "repeats", "label"}  # no backend, rng or inferred in_* size
+    cases = {
+        "missing required option 'amount'": {"type": "Shift"},
+        "repeats must be an integer, got 2.5": {"type": "Shift", "amount": 1, "repeats": 2.5},
+        "label must be a string, got 3": {"type": "Shift", "amount": 1, "label": 3},
+        "unknown option 'amout' (did you mean amount?)": {"type": "Shift", "amout": 1},
+        "layer 0 (Shift): amount must be in [-10, 10], got 11": {"type": "Shift", "amount": 11},
+    }
+    for message, entry in cases.items():
+        with pytest.raises(SpecError) as caught:
+            build_model({"layers": [entry]}, (4,))
+        assert message in str(caught.value)
+    build_model({"layers": [{"type": "Shift", "amount": numpy.int64(3)}]}, (4,))  # a NumPy number counts
+
+
+def test_an_unknown_type_points_to_registration():
+    with pytest.raises(SpecError, match=r"unknown layer type 'ChannelScale'.*cnn_backend\.register_layer, or --import MODULE"):
+        build_model(spec_with({"type": "ChannelScale"}), (1, 8, 8))
+
+
+def test_registration_refuses_what_is_not_a_layer_a_built_in_name_and_a_name_taken_by_another_class():
+    with pytest.raises(TypeError, match=r"takes a subclass of cnn_backend\.layers\.Layer"):
+        register_layer(dict)
+    with pytest.raises(TypeError, match=r"takes a subclass"):
+        register_layer(ChannelScale(backend="cpu"))  # an instance, not the class
+
+    class ReLU(Layer):
+        pass
+
+    with pytest.raises(ValueError, match=r"ReLU is a built-in layer type: give your class another name"):
+        register_layer(ReLU)
+    register_layer(ChannelScale)
+    impostor = type("ChannelScale", (Layer,), {"__module__": "elsewhere"})
+    with pytest.raises(ValueError, match=r"already registered by layer_helpers\.ChannelScale: rename one"):
+        register_layer(impostor)
+    assert LAYER_TYPES["ChannelScale"] is ChannelScale
+
+
+def test_registering_the_same_class_again_replaces_it_as_a_reloaded_module_does():
+    register_layer(ChannelScale)
+    reloaded = type("ChannelScale", (ChannelScale,), {"__module__": ChannelScale.__module__, "__qualname__": "ChannelScale"})
+    register_layer(reloaded)
+    assert LAYER_TYPES["ChannelScale"] is reloaded
+    assert isinstance(build_model(spec_with({"type": "ChannelScale"}), (1, 8, 8))[1], reloaded)
+
+
+# -- training, files, devices --------------------------------------------------------------------
+
+
+def test_a_registered_layer_trains_saves_and_loads(tmp_path):
+    register_layer(ChannelScale)
+    model = build_model(spec_with({"type": "ChannelScale", "initial": 0.5}), (1, 8, 8), seed=0)
+    backend = model.backend
+    optimizer = SGD(model.parameters(), lr=0.1, backend=backend)
+    loss_fn = SoftmaxCrossEntropy(backend)
+    x, y = images(), numpy.arange(6) % 4
+    before = model[1].params["scale"].data.copy()
+    for _ in range(3):
+        train_step(model, loss_fn, optimizer, x, y)
+    assert not numpy.array_equal(model[1].params["scale"].data, before)  # in the flat buffer, updated by the optimiser
+    model.eval()
+    expected = model.forward(x)
+    path = model.save(tmp_path / "model.npz")
+    loaded = Sequential.load(path)
+    assert isinstance(loaded[1], ChannelScale) and loaded[1].initial == 0.5
+    numpy.testing.assert_array_equal(loaded.eval().forward(x), expected)
+    numpy.testing.assert_array_equal(load_checkpoint(path, require_training_state=False).build_model(cpu_backend()).eval().forward(x), expected)
+
+
+def test_a_model_file_with_an_unregistered_type_says_how_to_load_it(tmp_path):
+    register_layer(ChannelScale)
+    path = build_model(spec_with({"type": "ChannelScale"}), (1, 8, 8), seed=0).save(tmp_path / "model.npz")
+    del LAYER_TYPES["ChannelScale"], LAYER_OPTIONS["ChannelScale"]  # a fresh process that did not register it
+    with pytest.raises(ModelFileError, match=r"model\.npz: the model config cannot be built: .*unknown layer type 'ChannelScale'.*register_layer") as caught:
+        Sequential.load(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_layer_written_against_the_backend_runs_alike_on_the_device_stand_in():
+    register_layer(ChannelScale)
+    spec = spec_with({"type": "ChannelScale", "initial": 0.5})
+    on_cpu = build_model(spec, (1, 8, 8), backend=cpu_backend("float64", parallel=False), seed=3)
+    standin = standin_backend("float64")
+    on_device = build_model(spec, (1, 8, 8), backend=standin, seed=3)
+    x = images().astype(numpy.float64)
+    numpy.testing.assert_array_equal(standin.to_numpy(on_device.forward(standin.to_device(x))), on_cpu.forward(x))
+    dy = numpy.ones((6, 4))
+    on_cpu.backward(dy)
+    on_device.backward(standin.to_device(dy))
+    numpy.testing.assert_array_equal(standin.to_numpy(on_device[1].params["scale"].grad), on_cpu[1].params["scale"].grad)
+
+
+# -- the gradient check --------------------------------------------------------------------------
+
+
+def test_gradient_check_passes_a_correct_layer_and_reports_each_array():
+    report = check_layer_gradients(ChannelScale(0.7), input_shape=(3, 4, 5))
+    assert set(report.worst) == {"input", "scale"}
+    assert all(value <= 1.0 for value in report.worst.values())
+
+
+def test_gradient_check_names_the_wrong_parameter_gradient_and_both_values():
+    with pytest.raises(GradientCheckError, match=r"the gradient of parameter 'scale' differs from its finite differences at \(\d+,\): backward gives"):
+        check_layer_gradients(WrongScaleGradient(0.7), input_shape=(3, 4, 5))
+
+
+def test_gradient_check_catches_a_wrong_input_gradient_a_missing_one_and_an_unset_parameter_gradient():
+    class HalfInputGradient(ChannelScale):
+        def backward(self, dy):
+            return super().backward(dy) / 2
+
+    class NoInputGradient(ChannelScale):
+        def backward(self, dy):
+            super().backward(dy)
+
+    class NoParameterGradient(ChannelScale):
+        def backward(self, dy):
+            return dy * self._per_channel(dy.ndim)
+
+    with pytest.raises(GradientCheckError, match=r"^the input gradient differs"):
+        check_layer_gradients(HalfInputGradient(), input_shape=(2, 3))
+    with pytest.raises(GradientCheckError, match=r"backward returned None for the input gradient"):
+        check_layer_gradients(NoInputGradient(), input_shape=(2, 3))
+    with pytest.raises(GradientCheckError, match=r"left the gradient of parameter 'scale' unset"):
+        check_layer_gradients(NoParameterGradient(), input_shape=(2, 3))
+
+
+def test_gradient_check_leaves_the_layer_as_it_was():
+    model = build_model({"layers": [{"type": "FullyConnected", "out_features": 3}]}, (4,), seed=0)
+    layer = model[0]
+    weight = layer.params["weight"].data.copy()
+    check_layer_gradients(layer, input_shape=(4,))
+    assert layer.backend.dtype == numpy.float32 and layer.params["weight"].data.dtype == numpy.float32
+    numpy.testing.assert_array_equal(layer.params["weight"].data, weight)
+    assert layer.params["weight"]._flat is not None  # still in the model's flat buffer
+    assert copy.deepcopy(layer).backend is layer.backend  # a copy computes on the same device
+
+
+def test_gradient_check_takes_a_batch_in_any_layout_and_refuses_both_or_neither():
+    x = numpy.random.default_rng(1).standard_normal((3, 2, 4, 4))
+    batch_innermost = numpy.ascontiguousarray(x.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
+    check_layer_gradients(ChannelScale(0.3), x=batch_innermost)
+    with pytest.raises(ValueError, match=r"either input_shape .* or the batch x"):
+        check_layer_gradients(ChannelScale(), (2, 4, 4), x=x)
+    with pytest.raises(ValueError, match=r"either input_shape"):
+        check_layer_gradients(ChannelScale())
+
+
+# -- the example in examples/prelu.py --------------------------------------------------------------
+
+
+@pytest.fixture()
+def prelu_module():
+    """examples/prelu.py, imported as ``--import`` imports it (registered again if an earlier test
+    imported it: each test's registrations are undone after it)."""
+    from pathlib import Path
+
+    from cnn_backend.cli.arguments import imported_module
+
+    module = imported_module(str(Path(__file__).resolve().parent.parent / "examples" / "prelu.py"))
+    register_layer(module.PReLU)
+    return module
+
+
+def test_the_prelu_example_passes_the_gradient_check_on_images_and_vectors(prelu_module):
+    for shape in ((3, 4, 4), (5,)):
+        report = check_layer_gradients(prelu_module.PReLU(0.2), input_shape=shape)
+        assert set(report.worst) == {"input", "slope"}
+
+
+def test_the_prelu_example_uses_only_names_cupy_has_and_matches_the_cpu_on_the_stand_in(prelu_module):
+    from cnn_backend.testing import missing_cupy_names
+
+    spec = {"layers": [{"type": "Convolution", "out_channels": 3, "kernel_size": 3}, {"type": "PReLU"}, {"type": "Flatten"},
+                       {"type": "FullyConnected", "out_features": 4}, {"type": "PReLU", "initial_slope": 0.1}]}
+    standin = standin_backend("float64")
+    on_device = build_model(spec, (1, 8, 8), backend=standin, seed=1)
+    on_cpu = build_model(spec, (1, 8, 8), backend=cpu_backend("float64", parallel=False), seed=1)
+    x = images().astype(numpy.float64) - 0.5
+    numpy.testing.assert_array_equal(standin.to_numpy(on_device.forward(standin.to_device(x))), on_cpu.forward(x))
+    on_device.backward(standin.to_device(numpy.ones((6, 4))))
+    missing = missing_cupy_names(standin.usage)
+    assert "where" in standin.usage.module_names and "minimum" in standin.usage.module_names
+    assert not any(missing.values()), missing
