@@ -307,10 +307,34 @@ Exporter = Callable[[GraphBuilder, object, LayerPath, str, Shape], tuple[str, Sh
 def export_layer(graph: GraphBuilder, layer, where: LayerPath, x: str, shape: Shape) -> tuple[str, Shape]:
     """Emit the nodes of one layer reading tensor ``x`` of per-sample ``shape``; returns (output, shape)."""
     exporter = EXPORTERS.get(type(layer).__name__)
-    if exporter is None:
-        raise ExportError(f"{where} cannot be exported to ONNX: no exporter for {type(layer).__name__} "
-                          f"(exportable: {', '.join(sorted(EXPORTERS))})")
-    return exporter(graph, layer, where, x, shape)
+    if exporter is not None:
+        return exporter(graph, layer, where, x, shape)
+    if callable(getattr(layer, "export_onnx", None)):
+        return _export_own_layer(graph, layer, where, x, shape)
+    raise ExportError(f"{where} cannot be exported to ONNX: no exporter for {type(layer).__name__} "
+                      f"(exportable: {', '.join(sorted(EXPORTERS))}, and layers of your own that define export_onnx)")
+
+
+def _export_own_layer(graph: GraphBuilder, layer, where: LayerPath, x: str, shape: Shape) -> tuple[str, Shape]:
+    """A layer of one's own that writes its nodes itself: ``layer.export_onnx(graph, prefix, x, shape)``
+    returns its output tensor's name and per-sample shape (docs/custom-layers.md)."""
+    try:
+        result = layer.export_onnx(graph, where.prefix, x, tuple(shape))
+    except ExportError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ExportError(f"{where} cannot be exported to ONNX: its export_onnx failed ({type(exc).__name__}: {exc})") from None
+    try:
+        output, out_shape = result
+        out_shape = tuple(int(size) for size in out_shape)
+    except (TypeError, ValueError):
+        raise ExportError(f"{where}: export_onnx must return (output tensor name, per-sample shape), got {result!r}") from None
+    if not isinstance(output, str):
+        raise ExportError(f"{where}: export_onnx must return (output tensor name, per-sample shape), got {result!r}")
+    expected = getattr(layer, "output_shape", None)
+    if expected is not None and tuple(expected) != out_shape and tuple(layer.input_shape or ()) == tuple(shape):
+        raise ExportError(f"{where}: export_onnx gives per-sample shape {out_shape}, but the layer's output is {tuple(expected)}")
+    return output, out_shape
 
 
 def _expect_image(where: LayerPath, shape: Shape) -> None:

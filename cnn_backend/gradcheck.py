@@ -16,6 +16,8 @@ element costs two forward passes.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy
@@ -79,19 +81,37 @@ def check_layer_gradients(
         raise TypeError(f"check_layer_gradients takes a cnn_backend Layer, got {type(layer).__name__}")
     if (input_shape is None) == (x is None):
         raise ValueError("give either input_shape (per sample, e.g. (3, 5, 5)) or the batch x, not both or neither")
+    shape = None if input_shape is None else _sample_shape(input_shape)
+    batch_size = _positive_integer("batch_size", batch_size)
+    eps = _finite_number("eps", eps, "> 0", lambda value: value > 0)
+    rtol = _finite_number("rtol", rtol, ">= 0", lambda value: value >= 0)
+    atol = _finite_number("atol", atol, ">= 0", lambda value: value >= 0)
+    if rtol == 0 and atol == 0:
+        raise ValueError("rtol and atol are both 0, a tolerance finite differences never meet; give rtol > 0 or atol > 0")
+    if x is not None:
+        x = numpy.array(x, dtype=numpy.float64, order="K")  # its memory layout kept: layers take any
+        if x.ndim < 2 or x.shape[0] < 1:
+            raise ValueError(f"x must be a batch of at least one sample, of shape (batch, *sample shape), got shape {x.shape}")
+        if not numpy.isfinite(x).all():
+            raise ValueError("x holds NaN or infinite values; give finite numbers")
     rng = numpy.random.default_rng(seed)
     checked = copy.deepcopy(layer).to(cpu_backend("float64", parallel=False))
     checked.needs_input_grad = True  # a model's first layer skips it; the check wants it
     if x is None:
-        shape = tuple(int(size) for size in input_shape)
         if checked.output_shape is None or checked.input_shape != shape:
             checked.build(shape, rng)
         x = rng.standard_normal((batch_size, *shape))
-    else:
-        x = numpy.array(x, dtype=numpy.float64, order="K")  # its memory layout kept: layers take any
-        if checked.output_shape is None:
-            checked.build(x.shape[1:], rng)
-    probe = rng.standard_normal(checked.forward(x).shape)
+    elif checked.output_shape is None:
+        checked.build(x.shape[1:], rng)
+    first = numpy.array(checked.forward(x))
+    # Finite differences of a forward pass that changes between calls measure that change, not the
+    # gradient (a dropout mask redrawn gives differences in the hundreds of thousands).
+    if not numpy.array_equal(first, numpy.asarray(checked.forward(x)), equal_nan=True):
+        raise GradientCheckError(
+            "forward gives different outputs for the same input (it draws random numbers or updates state): "
+            "check the layer with layer.training = False"
+        )
+    probe = rng.standard_normal(first.shape)
 
     def objective() -> float:
         return float((numpy.asarray(checked.forward(x)) * probe).sum())
@@ -115,7 +135,8 @@ def _compare(what: str, analytic, numerical: numpy.ndarray, rtol: float, atol: f
     analytic = numpy.asarray(analytic)
     if analytic.shape != numerical.shape:
         raise GradientCheckError(f"{what} has shape {analytic.shape}, expected {numerical.shape}")
-    ratio = numpy.abs(analytic - numerical) / (atol + rtol * numpy.abs(numerical))
+    with numpy.errstate(all="ignore"):  # inf - inf, or 0 / 0 at a zero tolerance: NaN, which fails below
+        ratio = numpy.abs(analytic - numerical) / (atol + rtol * numpy.abs(numerical))
     index = numpy.unravel_index(int(numpy.argmax(ratio)), ratio.shape) if ratio.size else ()
     worst = float(ratio[index]) if ratio.size else 0.0
     if not worst <= 1.0:  # NaN fails too
@@ -124,3 +145,31 @@ def _compare(what: str, analytic, numerical: numpy.ndarray, rtol: float, atol: f
             f"backward gives {analytic[index]:.9g}, finite differences {numerical[index]:.9g} (rtol {rtol:g}, atol {atol:g})"
         )
     return worst
+
+
+def _sample_shape(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints; a lone int is the shape of a vector."""
+    sizes = (input_shape,) if isinstance(input_shape, numbers.Integral) else input_shape
+    try:
+        shape = tuple(sizes)
+    except TypeError:
+        shape = None
+    if not shape or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1 for size in shape):
+        raise ValueError(f"input_shape must be the shape of one sample, positive integers such as (3, 5, 5) or 5, got {input_shape!r}")
+    return tuple(int(size) for size in shape)
+
+
+def _positive_integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _finite_number(name: str, value, requirement: str, holds) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number {requirement}, got {value!r}")
+    if not (math.isfinite(value) and holds(float(value))):
+        raise ValueError(f"{name} must be a finite number {requirement}, got {value!r}")
+    return float(value)

@@ -77,18 +77,19 @@ class Sequential:
         Raises :class:`~cnn_backend.layers.ShapeError` naming the first layer (index and type) that
         cannot take the shape it receives.
         """
-        rng = make_rng(rng) if rng is not None else None
+        rng = make_rng(rng)  # every layer draws from it (a layer of one's own need not make its own)
         shape = tuple(int(size) for size in input_shape)
         self.input_shape = shape
         for index, layer in enumerate(self.layers):
+            where = f"layer {index} ({type(layer).__name__})"
             try:
                 shape = layer.build(shape, rng)
             except ShapeError as exc:
-                raise ShapeError(f"layer {index} ({type(layer).__name__}): {exc}") from None
+                raise ShapeError(f"{where}: {exc}") from None
             except (MemoryError, ValueError) as exc:  # a layer sized by mistake (out_features=10**11): name it
-                if not isinstance(exc, MemoryError) and not str(exc).startswith(NUMPY_SIZE_ERRORS):
-                    raise
-                raise MemoryError(f"layer {index} ({type(layer).__name__}): its parameters cannot be allocated ({exc})") from None
+                if isinstance(exc, MemoryError) or str(exc).startswith(NUMPY_SIZE_ERRORS):
+                    raise MemoryError(f"{where}: its parameters cannot be allocated ({exc})") from None
+                raise ShapeError(f"{where}: {exc}") from exc  # a layer of one's own refusing its input
         return shape
 
     @property
@@ -322,7 +323,10 @@ class Sequential:
         older list of ``{"type": ..., "args": ...}`` per layer."""
         if self.input_shape is None:
             return [{"type": type(layer).__name__, "args": layer.config()} for layer in self.layers]
-        return {"input_shape": list(self.input_shape), "layers": [layer.spec() for layer in self.layers], **self.spec_options}
+        from .spec import spec_entry  # the spec module is built on this one
+
+        layers = [spec_entry(layer, f"layer {index} ({type(layer).__name__})") for index, layer in enumerate(self.layers)]
+        return {"input_shape": list(self.input_shape), "layers": layers, **self.spec_options}
 
     @classmethod
     def from_config(cls, config, backend: Backend | str = "cpu") -> "Sequential":

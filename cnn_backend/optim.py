@@ -23,8 +23,10 @@ from typing import Mapping, Sequence
 
 import numpy
 
-from .backend import Backend, cpu_backend, cuda_backend
+from .backend import DTYPES, Backend, cpu_backend, cuda_backend
 from .init import as_integer
+from .layers import Layer
+from .model import Sequential
 from .parameters import FlatParameters, Parameter, shared_flat_buffer
 
 
@@ -47,8 +49,8 @@ class Optimizer:
     scratch_count: int = 1
 
     def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend | None = None) -> None:
+        self.params = _checked_parameters(type(self).__name__, params)
         self.lr = _checked(type(self).__name__, "learning rate", lr, "> 0", lambda value: value > 0)
-        self.params = list(params)
         self.steps = 0
         self._flat: FlatParameters | None = shared_flat_buffer(self.params)
         self.backend = self._parameters_backend() if backend is None else backend
@@ -61,9 +63,13 @@ class Optimizer:
 
     def _parameters_backend(self) -> Backend:
         """The device the parameters live on, for an optimiser built without ``backend=``: the
-        model's flat buffer knows it; outside one, NumPy arrays are on the CPU, CuPy's on CUDA."""
+        model's flat buffer knows it, and so does each parameter still in one (a subset of a
+        model's); outside one, NumPy arrays are on the CPU, CuPy's on CUDA."""
         if self._flat is not None:
             return self._flat.backend
+        backends = {id(p.flat.backend): p.flat.backend for p in self.params if p.flat is not None}
+        if self.params and len(backends) == 1 and all(p.flat is not None for p in self.params):
+            return next(iter(backends.values()))
         if self.params and all(isinstance(p.data, numpy.ndarray) for p in self.params):
             return cpu_backend(self.params[0].data.dtype)
         if self.params and all(type(p.data).__module__.startswith("cupy") for p in self.params):
@@ -350,6 +356,36 @@ def _short(value) -> str:
     """A value for a one-line message, cut if long."""
     text = repr(value).replace("\n", " ")
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _checked_parameters(owner: str, params) -> list[Parameter]:
+    """``params`` as a list, refused in one line unless every item is a float32 or float64
+    :class:`Parameter` (a model, named parameters or a lone parameter are common slips)."""
+    expected = f"{owner}: expected parameters (model.parameters()), got"
+    if isinstance(params, Sequential):
+        raise TypeError(f"{expected} a Sequential: pass model.parameters()")
+    if isinstance(params, Layer):
+        raise TypeError(f"{expected} a {type(params).__name__} layer: pass [param for _, param in layer.named_parameters()]")
+    if isinstance(params, Parameter):
+        raise TypeError(f"{expected} a single Parameter: pass a list of it, [param]")
+    if isinstance(params, Mapping):
+        raise TypeError(f"{expected} a {type(params).__name__}: pass a list of its parameters, list(params.values())")
+    if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"{expected} {_short(params)}")
+    params = list(params)
+    for index, param in enumerate(params):
+        if isinstance(param, tuple) and len(param) == 2 and isinstance(param[1], Parameter):
+            raise TypeError(f"{expected} (name, parameter) pairs: pass model.parameters(), not named_parameters()")
+        if not isinstance(param, Parameter):
+            raise TypeError(f"{expected} a {type(param).__name__} at index {index}; every item must be a cnn_backend Parameter")
+    for index, param in enumerate(params):
+        dtype = getattr(param.data, "dtype", None)
+        if dtype is None:
+            raise TypeError(f"{owner}: parameter {index} holds a {type(param.data).__name__}, not an array; make it Parameter(array)")
+        # Updates in float16 lose most steps to rounding and integers cannot take them at all.
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"{owner}: parameters of dtype {dtype} cannot be updated; use {' or '.join(DTYPES)}")
+    return params
 
 
 def _checked(owner: str, name: str, value, requirement: str, holds) -> float:

@@ -86,6 +86,12 @@ BUILTIN_NAMES = ("seed", "default", "plain")
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list of layer tables"}
 
 
+def _main_type(accepted: tuple) -> type:
+    """The type an option's message names: the last accepted one that is not None's (an option
+    annotated ``float | None`` is "a number")."""
+    return [kind for kind in accepted if kind is not type(None)][-1]
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 
@@ -193,17 +199,21 @@ def _normalize_layers(layers, parents: str) -> list[dict]:
 
 
 def _normalize_layer(index: int, entry, parents: str) -> dict:
-    label = _label(index, entry, parents)
+    return _normalize_entry(entry, _label(index, entry, parents))
+
+
+def _normalize_entry(entry, label: str) -> dict:
     if not isinstance(entry, dict):
         raise SpecError(f"{label}: a layer is a table with a type and options, got {entry!r}")
     if "type" not in entry:
         raise SpecError(f"{label}: missing the layer type (type = \"Convolution\", \"ReLU\", ...)")
     kind = entry["type"]
-    if not isinstance(kind, str) or kind not in LAYER_OPTIONS:
-        close = difflib.get_close_matches(str(kind), LAYER_OPTIONS, n=1)
+    known = [name for name in LAYER_OPTIONS if name in LAYER_TYPES]
+    if not isinstance(kind, str) or kind not in known:
+        close = difflib.get_close_matches(str(kind), known, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise SpecError(
-            f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(LAYER_OPTIONS)} "
+            f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(known)} "
             f"(a layer class of your own: cnn_backend.register_layer, or --import MODULE on the command line)"
         )
     options = LAYER_OPTIONS[kind]
@@ -226,7 +236,7 @@ def _normalize_layer(index: int, entry, parents: str) -> dict:
             continue
         value = _plain_number(value, accepted)
         if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
-            raise SpecError(f"{label}: {name} must be {_TYPE_WORDS[accepted[-1]]}, got {value!r}")
+            raise SpecError(f"{label}: {name} must be {_TYPE_WORDS[_main_type(accepted)]}, got {value!r}")
         if allowed is not None and value not in allowed:
             raise SpecError(f"{label}: {name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
         normalized[name] = value
@@ -264,10 +274,13 @@ def register_layer(cls: type) -> type:
 
     Its options are the constructor's keyword arguments but ``backend`` and ``rng`` (and ``in_*``
     sizes defaulting to None, which :meth:`Layer.build` infers); one without a default is required.
-    Each is typed by its annotation (``int``, ``float``, ``bool``, ``str``), else by its default's
-    type, else checked by the constructor alone. Registering the same class again (a module
-    reloaded, a notebook cell run twice) replaces it; a built-in type's name, or a name another
-    class holds, is refused. See ``docs/custom-layers.md``.
+    Each is typed by its annotation (``int``, ``float``, ``bool``, ``str``; ``T | None`` takes None
+    too), else by its default's type, else checked by the constructor alone. The class's
+    ``config()`` (else its same-named attributes) must give back those options: see
+    :func:`spec_entry`. Registering the same class again (a module reloaded, a notebook cell run
+    twice) replaces it; a built-in type's name, a name another class holds, an option called
+    ``type`` or ``layers``, and a container (a class defining ``children()``) are refused. See
+    ``docs/custom-layers.md``.
     """
     if not (isinstance(cls, type) and issubclass(cls, Layer)):
         raise TypeError(f"register_layer takes a subclass of cnn_backend.layers.Layer, got {cls!r}")
@@ -277,9 +290,19 @@ def register_layer(cls: type) -> type:
     held = LAYER_TYPES.get(name)
     if held is not None and _qualified_name(held) != _qualified_name(cls):
         raise ValueError(f"the layer type {name} is already registered by {_qualified_name(held)}: rename one of the two classes")
-    LAYER_OPTIONS[name] = _constructor_options(cls)
+    if cls.children is not Layer.children:
+        raise TypeError(f"{name} holds other layers (it defines children()), which a spec cannot rebuild: build networks with it in Python")
+    options = _constructor_options(cls)
+    taken = [option for option in options if option in _RESERVED_OPTIONS]
+    if taken:
+        raise ValueError(f"{name}: an option cannot be called {taken[0]!r} (a spec entry's {taken[0]!r} means something else): rename it")
+    LAYER_OPTIONS[name] = options
     LAYER_TYPES[name] = cls
     return cls
+
+
+#: keys a spec entry gives their own meaning: the type's name, a Residual's inner layers
+_RESERVED_OPTIONS = ("type", "layers")
 
 
 def _qualified_name(cls: type) -> str:
@@ -289,6 +312,17 @@ def _qualified_name(cls: type) -> str:
 #: constructor arguments that are never options: the device, and the generator of the initial weights
 _NOT_OPTIONS = ("self", "backend", "rng")
 _ANNOTATED_TYPES = {int: _INT, float: _NUMBER, bool: _BOOL, str: _STR}
+
+
+def _accepted_types(hint, default) -> tuple | None:
+    """What an option of a registered class takes: its annotation's type (``T | None`` and
+    ``Optional[T]`` take None too), else its default's, else None (its constructor checks it)."""
+    arguments = typing.get_args(hint)
+    if arguments and type(None) in arguments and len(arguments) == 2:  # Optional[T], T | None
+        (inner,) = [argument for argument in arguments if argument is not type(None)]
+        accepted = _ANNOTATED_TYPES.get(inner)
+        return None if accepted is None else accepted + (type(None),)
+    return _ANNOTATED_TYPES.get(hint, _ANNOTATED_TYPES.get(type(default)))
 
 
 def _constructor_options(cls: type) -> dict[str, tuple]:
@@ -305,8 +339,7 @@ def _constructor_options(cls: type) -> dict[str, tuple]:
         default = REQUIRED if parameter.default is parameter.empty else parameter.default
         if name.startswith("in_") and default is None:
             continue  # an input size, inferred by build
-        accepted = _ANNOTATED_TYPES.get(hints.get(name), _ANNOTATED_TYPES.get(type(default)))
-        options[name] = (accepted, default, None)
+        options[name] = (_accepted_types(hints.get(name), default), default, None)
     return options
 
 
@@ -324,11 +357,62 @@ def _make_layer(entry: dict, backend: Backend, label: str, algorithm: str | None
     if kind == "Convolution" and algorithm is not None and options["algorithm"] == "auto":
         options["algorithm"] = algorithm
     try:
-        return LAYER_TYPES[kind](**options, backend=backend)
+        layer = LAYER_TYPES[kind](**options, backend=backend)
     except ValueError as exc:
         message = str(exc)
         prefix = f"{kind}: "
         raise SpecError(f"{label}: {message[len(prefix):] if message.startswith(prefix) else message}") from None
+    except Exception as exc:
+        if kind in BUILTIN_LAYER_TYPES:
+            raise
+        raise SpecError(f"{label}: {type(exc).__name__}: {exc}") from exc  # a class of one's own: its error, named
+    if kind not in BUILTIN_LAYER_TYPES:
+        _check_options_kept(layer, entry, label)
+    return layer
+
+
+def _check_options_kept(layer: Layer, entry: dict, label: str) -> None:
+    """Refuse a layer of one's own whose ``config()`` would not rebuild it as ``entry`` built it: its
+    model files would load another network, or none."""
+    recorded = spec_entry(layer, label)
+    for name, value in entry.items():
+        if recorded.get(name) != value:
+            raise SpecError(
+                f"{label}: its config() gives {name}={recorded.get(name)!r} for a layer built with {name}={value!r}: "
+                f"return every constructor option, as given, from config()"
+            )
+
+
+def spec_entry(layer: Layer, label: str = "") -> dict:
+    """``layer``'s architecture-file entry, as model files and checkpoints record it.
+
+    A registered class of one's own is checked as a spec file's entry would be (its options, their
+    types; NumPy numbers become Python ones) and must be JSON-ready; one without a ``config()`` of
+    its own has its options read from its same-named attributes. Other layers give ``layer.spec()``.
+    """
+    kind = type(layer).__name__
+    label = label or f"layer ({kind})"
+    if kind in BUILTIN_LAYER_TYPES or LAYER_TYPES.get(kind) is not type(layer):
+        return layer.spec()
+    if type(layer).config is Layer.config and type(layer).spec is Layer.spec:
+        unread = [option for option in LAYER_OPTIONS[kind] if not hasattr(layer, option)]
+        if unread:
+            raise SpecError(f"{label}: define config() returning its options ({kind} has no attribute {unread[0]!r} to read that option from)")
+        entry = {"type": kind, **{option: getattr(layer, option) for option in LAYER_OPTIONS[kind]}}
+    else:
+        entry = layer.spec()
+    try:
+        normalized = _normalize_entry(entry, label)
+    except SpecError as exc:
+        raise SpecError(f"{exc}; {kind}.config() must return its constructor's options") from None
+    for name, value in normalized.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise SpecError(
+                f"{label}: config() gives {name}={value!r}, which a model file cannot hold: return numbers, strings, true/false or lists"
+            ) from None
+    return normalized
 
 
 def _check_input_shape(input_shape) -> tuple:

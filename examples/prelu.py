@@ -4,7 +4,8 @@ one slope per channel (or per feature after a Flatten).
     cnn-backend train --model examples/prelu.toml --import examples/prelu.py
 
 Written against ``self.backend.xp`` only, so it runs unchanged on NumPy and CuPy; checked by
-``cnn_backend.gradcheck.check_layer_gradients(PReLU(), input_shape=(3, 4, 4))``. See
+``cnn_backend.gradcheck.check_layer_gradients(PReLU(), input_shape=(3, 4, 4))``; exported to ONNX
+as the ``PRelu`` operator (``cnn-backend export ... --import examples/prelu.py``). See
 docs/custom-layers.md.
 """
 
@@ -52,3 +53,8 @@ class PReLU(Layer):
         every_axis_but_channels = (0,) + tuple(range(2, dy.ndim))
         self.params["slope"].grad = (dy * xp.minimum(x, 0)).sum(axis=every_axis_but_channels)
         return xp.where(x > 0, dy, dy * self._slopes_for(dy.ndim))
+
+    def export_onnx(self, graph, prefix: str, x: str, shape: tuple) -> tuple[str, tuple]:
+        """ONNX's PRelu: the slopes shaped (C, 1, 1) to broadcast over an (N, C, H, W) input, (F,) over (N, F)."""
+        slopes = self.backend.to_numpy(self.params["slope"].data).reshape((-1,) + (1,) * (len(shape) - 1))
+        return graph.node("PRelu", [x, graph.constant(f"{prefix}.slope", slopes)], name=f"{prefix}.prelu"), shape

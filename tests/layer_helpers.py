@@ -1,7 +1,12 @@
-"""A small layer of one's own, as a user writes it, shared by the tests of registration and --import."""
+"""A small layer of one's own, as a user writes it, and the examples' own layers imported as --import
+imports them: shared by the tests of registration, --import, specs and export."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from cnn_backend import register_layer
+from cnn_backend.cli.arguments import imported_module
 from cnn_backend.layers import Layer
 from cnn_backend.parameters import Parameter
 
@@ -33,3 +38,25 @@ class ChannelScale(Layer):
         summed_axes = (0,) + tuple(range(2, dy.ndim))
         self.params["scale"].grad = (dy * self._x).sum(axis=summed_axes)
         return dy * self._per_channel(dy.ndim)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def import_example_layers(name: str):
+    """``examples/<name>.py`` imported as ``--import`` imports it, and its layer classes registered
+    (again, where an earlier test imported it and its registrations were undone since)."""
+    module = imported_module(str(EXAMPLES / f"{name}.py"))
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, Layer) and value.__module__ == module.__name__:
+            register_layer(value)
+    return module
+
+
+def forget_layer_type(name: str) -> None:
+    """As a new process that did not import its module: the type ``name`` unregistered."""
+    from cnn_backend.layers import LAYER_TYPES
+    from cnn_backend.spec import LAYER_OPTIONS
+
+    LAYER_TYPES.pop(name, None)
+    LAYER_OPTIONS.pop(name, None)

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 
 from cnn_backend.layers import LAYER_TYPES
-from cnn_backend.spec import LAYER_OPTIONS
 
 from cli_helpers import one_error_line, run_main
+from layer_helpers import forget_layer_type
 
 TINY_RUN = ["--device", "cpu", "--data", "bundled", "--train-split", ":256", "--val-split", "9000:9128", "--epochs", 1,
             "--batch-size", 64, "--quiet", "--no-plots"]  # fmt: skip
@@ -60,8 +60,7 @@ class CustomLayer:
 
     def forget(self) -> None:
         """As a new process would be: the class unregistered, the module not imported."""
-        LAYER_TYPES.pop(self.class_name, None)
-        LAYER_OPTIONS.pop(self.class_name, None)
+        forget_layer_type(self.class_name)
         sys.modules.pop(self.module_name, None)
 
 
@@ -135,3 +134,102 @@ def test_a_trained_checkpoint_of_a_custom_layer_loads_only_with_its_module(custo
 def test_every_command_that_builds_or_loads_a_network_takes_import(command, capsys):
     status, out, _ = run_main(capsys, command, "--help")
     assert status == 0 and "--import MODULE" in out and "cnn_backend.register_layer" in out
+
+
+@pytest.fixture
+def imports_undone(tmp_path, monkeypatch):
+    """The current folder is ``tmp_path``; ``sys.path`` and the modules imported from ``tmp_path``
+    are as before the test after it (the layer types they register: see ``registry_restored``)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    root = str(tmp_path.resolve())
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith((root, str(tmp_path))):
+            del sys.modules[name]
+
+
+def net_using(folder, class_name):
+    """An architecture file in ``folder`` with a layer of type ``class_name``."""
+    spec = folder / "net.toml"
+    layers = [f'type = "{class_name}"', 'type = "Flatten"', 'type = "FullyConnected"\nout_features = 10']
+    spec.write_text("".join(f"[[layers]]\n{layer}\n" for layer in layers))
+    return spec
+
+
+def test_a_file_imported_by_path_imports_the_modules_beside_it(imports_undone, registry_restored, capsys):
+    number = next(_numbers)
+    class_name, helper = f"SiblingScale{number}", f"sibling_helper_{number}"
+    folder = imports_undone / "sib"
+    folder.mkdir()
+    (folder / f"{helper}.py").write_text("from layer_helpers import ChannelScale as Base\n")
+    (folder / "uses_sibling.py").write_text(
+        f"from cnn_backend import register_layer\nfrom {helper} import Base\n\n\n@register_layer\nclass {class_name}(Base):\n    pass\n"
+    )
+    status, out, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), "--import", "sib/uses_sibling.py")
+    assert status == 0, err
+    assert class_name in out
+    assert sys.path[0] == str(folder.resolve())  # first, as `python sib/uses_sibling.py` puts it
+    status, _, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), "--import", "sib/uses_sibling.py")
+    assert status == 0, err
+    assert sys.path.count(str(folder.resolve())) == 1  # not again
+
+
+@pytest.mark.parametrize("dotted_first", [True, False], ids=["dotted-then-path", "path-then-dotted"])
+def test_one_file_named_by_module_and_by_path_is_imported_once(imports_undone, registry_restored, capsys, dotted_first):
+    number = next(_numbers)
+    class_name, package, stem = f"TwiceNamedScale{number}", f"twice_pkg_{number}", f"twice_layers_{number}"
+    (imports_undone / package).mkdir()
+    (imports_undone / package / "__init__.py").write_text("")
+    (imports_undone / package / f"{stem}.py").write_text(LAYER_MODULE.format(name=class_name))
+    names = [f"{package}.{stem}", f"{package}/{stem}.py"]
+    imports = [arg for name in (names if dotted_first else names[::-1]) for arg in ("--import", name)]
+    status, out, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), *imports)
+    assert status == 0, err
+    assert class_name in out
+    first_name = f"{package}.{stem}" if dotted_first else stem  # a file by path is named by its stem
+    # their own names, not hasattr: some modules (torch.ops) answer any attribute
+    defining = {name for name, module in list(sys.modules.items()) if class_name in getattr(module, "__dict__", {})}
+    assert defining == {first_name}
+    assert LAYER_TYPES[class_name].__module__ == first_name
+
+
+def test_a_dotted_name_taken_by_another_module_than_the_file_in_the_current_folder_is_refused(imports_undone, capsys):
+    import email  # noqa: F401  (imported before, as the command line's own modules import the standard library)
+    import json
+
+    (imports_undone / "json.py").write_text("raise RuntimeError('never run')\n")
+    status, _, err = run_main(capsys, "summary", "--import", "json")
+    one_error_line(err, f"argument --import: cannot import 'json': the name is taken by {json.__file__}, not ./json.py; rename the file")
+    assert status == 2
+    (imports_undone / "email").mkdir()
+    (imports_undone / "email" / "__init__.py").write_text("")
+    (imports_undone / "email" / "my_layers.py").write_text("")
+    status, _, err = run_main(capsys, "summary", "--import", "email.my_layers")
+    one_error_line(err, "cannot import 'email.my_layers': the name is taken by", "email/__init__.py, not ./email/; rename the file")
+    assert status == 2
+    (imports_undone / "sys.py").write_text("")
+    status, _, err = run_main(capsys, "summary", "--import", "sys")
+    one_error_line(err, "cannot import 'sys': the name is taken by a built-in module, not ./sys.py; rename the file")
+    assert status == 2
+
+
+@pytest.mark.parametrize("call", ["sys.exit(3)", "sys.exit('no GPU here')", "sys.exit()"])
+def test_a_module_that_calls_sys_exit_is_a_usage_error_in_one_line(imports_undone, capsys, call):
+    name = f"exiting_layers_{next(_numbers)}"
+    (imports_undone / f"{name}.py").write_text(f"import sys\n{call}\n")
+    for given in (f"{name}.py", name):
+        status, _, err = run_main(capsys, "summary", "--import", given)
+        one_error_line(err, f"argument --import: cannot import {given!r}: it called {call}")
+        assert status == 2
+        assert name not in sys.modules
+
+
+def test_an_interrupt_while_importing_is_not_taken_for_an_error_of_the_module(imports_undone):
+    from cnn_backend.cli.arguments import imported_module
+
+    name = f"interrupted_layers_{next(_numbers)}"
+    (imports_undone / f"{name}.py").write_text("raise KeyboardInterrupt\n")
+    for given in (f"{name}.py", name):
+        with pytest.raises(KeyboardInterrupt):
+            imported_module(given)

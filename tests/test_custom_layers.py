@@ -14,11 +14,12 @@ from cnn_backend.checkpoint import load_checkpoint
 from cnn_backend.gradcheck import GradientCheckError, check_layer_gradients
 from cnn_backend.layers import LAYER_TYPES, Layer, SoftmaxCrossEntropy
 from cnn_backend.optim import SGD
+from cnn_backend.parameters import Parameter
 from cnn_backend.spec import LAYER_OPTIONS
 from cnn_backend.testing import standin_backend
 from cnn_backend.training import train_step
 
-from layer_helpers import ChannelScale
+from layer_helpers import ChannelScale, forget_layer_type, import_example_layers
 
 
 #: registrations are process-wide: each test's are undone after it
@@ -64,6 +65,7 @@ def test_options_are_checked_by_their_annotation_or_default_and_required_ones_mu
             super().__init__(backend)
             if not -10 <= amount <= 10:
                 raise ValueError(f"Shift: amount must be in [-10, 10], got {amount!r}")
+            self.amount, self.repeats, self.label = amount, repeats, label  # no config(): read from these
 
         def forward(self, x):
             return x
@@ -141,7 +143,7 @@ def test_a_registered_layer_trains_saves_and_loads(tmp_path):
 def test_a_model_file_with_an_unregistered_type_says_how_to_load_it(tmp_path):
     register_layer(ChannelScale)
     path = build_model(spec_with({"type": "ChannelScale"}), (1, 8, 8), seed=0).save(tmp_path / "model.npz")
-    del LAYER_TYPES["ChannelScale"], LAYER_OPTIONS["ChannelScale"]  # a fresh process that did not register it
+    forget_layer_type("ChannelScale")
     with pytest.raises(ModelFileError, match=r"model\.npz: the model config cannot be built: .*unknown layer type 'ChannelScale'.*register_layer") as caught:
         Sequential.load(path)
     assert "\n" not in str(caught.value)
@@ -222,15 +224,7 @@ def test_gradient_check_takes_a_batch_in_any_layout_and_refuses_both_or_neither(
 
 @pytest.fixture()
 def prelu_module():
-    """examples/prelu.py, imported as ``--import`` imports it (registered again if an earlier test
-    imported it: each test's registrations are undone after it)."""
-    from pathlib import Path
-
-    from cnn_backend.cli.arguments import imported_module
-
-    module = imported_module(str(Path(__file__).resolve().parent.parent / "examples" / "prelu.py"))
-    register_layer(module.PReLU)
-    return module
+    return import_example_layers("prelu")
 
 
 def test_the_prelu_example_passes_the_gradient_check_on_images_and_vectors(prelu_module):
@@ -253,3 +247,131 @@ def test_the_prelu_example_uses_only_names_cupy_has_and_matches_the_cpu_on_the_s
     missing = missing_cupy_names(standin.usage)
     assert "where" in standin.usage.module_names and "minimum" in standin.usage.module_names
     assert not any(missing.values()), missing
+
+
+# -- what a model file records of a layer of one's own ------------------------------------------------
+
+
+class NoisyInit(Layer):
+    """Weights drawn from the generator build hands in, whoever builds it."""
+
+    def __init__(self, units: int, init_std: float | None = None, *, backend=None):
+        super().__init__(backend)
+        self.units, self.init_std = units, init_std
+
+    def _build(self, input_shape, rng):
+        std = 1.0 if self.init_std is None else self.init_std
+        weight = rng.standard_normal((input_shape[0], self.units)) * std
+        self.params = {"weight": Parameter(self.backend.to_device(weight.astype(self.backend.dtype)))}
+        return (self.units,)
+
+    def config(self):
+        return {"units": self.units, "init_std": self.init_std}
+
+    def forward(self, x):
+        return x @ self.params["weight"].data
+
+
+def test_a_layer_drawing_its_weights_builds_without_a_seed_from_python_and_alone():
+    from cnn_backend.layers import Flatten
+
+    model = Sequential([Flatten(), NoisyInit(3)], input_shape=(1, 2, 2))  # no rng given: one is made
+    assert model.output_shape == (3,) and model[1].params["weight"].data.shape == (4, 3)
+    assert NoisyInit(5).build((4,)) == (5,)
+
+
+def test_an_optional_annotation_takes_none_or_its_type():
+    register_layer(NoisyInit)
+    spec = {"layers": [{"type": "Flatten"}, {"type": "NoisyInit", "units": 3, "init_std": "x"}]}
+    with pytest.raises(SpecError, match=r"^layer 1 \(NoisyInit\): init_std must be a number, got 'x'$"):
+        build_model(spec, (1, 2, 2))
+    for init_std in (None, 0.5):
+        spec["layers"][1]["init_std"] = init_std
+        assert build_model(spec, (1, 2, 2), seed=0)[1].init_std == init_std
+
+
+def own_layer(name: str, config, init=None):
+    """A registered layer class ``name`` with option ``a`` (default 1.0) and the given ``config``."""
+
+    def __init__(self, a: float = 1.0, *, backend=None):
+        Layer.__init__(self, backend)
+        self.a = a
+        if init is not None:
+            init(self)
+
+    attributes = {"__init__": __init__, "forward": lambda self, x: x, "__module__": __name__}
+    if config is not None:
+        attributes["config"] = config
+    return register_layer(type(name, (Layer,), attributes))
+
+
+def flatten_then(entry: dict) -> dict:
+    return {"layers": [{"type": "Flatten"}, entry, {"type": "FullyConnected", "out_features": 2}]}
+
+
+def test_a_config_that_would_not_rebuild_the_layer_is_refused_when_it_is_built(tmp_path):
+    own_layer("WrongKey", lambda self: {"alpha": self.a})
+    with pytest.raises(SpecError, match=r"^layer 1 \(WrongKey\): unknown option 'alpha' \(WrongKey takes a\); WrongKey\.config\(\) must return its constructor's options$"):
+        build_model(flatten_then({"type": "WrongKey"}), (1, 2, 2))
+    own_layer("Forgets", lambda self: {})
+    with pytest.raises(SpecError, match=r"^layer 1 \(Forgets\): its config\(\) gives a=1\.0 for a layer built with a=3\.0: return every constructor option"):
+        build_model(flatten_then({"type": "Forgets", "a": 3.0}), (1, 2, 2))
+
+    class Unsaveable(Layer):
+        def __init__(self, table=None, *, backend=None):  # an option no annotation or default types
+            super().__init__(backend)
+
+        def config(self):
+            return {"table": object()}
+
+    register_layer(Unsaveable)
+    with pytest.raises(SpecError, match=r"^layer 1 \(Unsaveable\): config\(\) gives table=<object .*>, which a model file cannot hold"):
+        build_model(flatten_then({"type": "Unsaveable"}), (1, 2, 2))
+    # Built in Python, the same layer is refused when its model is written, and nothing is written.
+    from cnn_backend.layers import Flatten, FullyConnected
+
+    model = Sequential([Flatten(), LAYER_TYPES["WrongKey"](), FullyConnected(out_features=2)], input_shape=(1, 2, 2))
+    with pytest.raises(SpecError, match=r"^layer 1 \(WrongKey\): unknown option 'alpha'"):
+        model.save(tmp_path / "model.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numpy_values_from_config_are_written_as_python_numbers(tmp_path):
+    import json
+
+    own_layer("NumpyConfig", lambda self: {"a": numpy.float32(self.a)})
+    model = build_model(flatten_then({"type": "NumpyConfig", "a": 0.5}), (1, 2, 2), seed=0)
+    assert type(model.config()["layers"][1]["a"]) is float
+    json.dumps(model.config())
+    assert Sequential.load(model.save(tmp_path / "model.npz"))[1].a == 0.5
+
+
+def test_errors_of_ones_own_constructor_and_build_name_the_layer_in_one_line():
+    def refuse(self):
+        raise TypeError("needs a lookup table")
+
+    own_layer("Grumpy", None, init=refuse)
+    with pytest.raises(SpecError, match=r"^layer 1 \(Grumpy\): TypeError: needs a lookup table$"):
+        build_model(flatten_then({"type": "Grumpy"}), (1, 2, 2))
+
+    class NeedsThreeChannels(ChannelScale):
+        def _build(self, input_shape, rng):
+            if input_shape[0] != 3:
+                raise ValueError("needs 3 channels")
+            return super()._build(input_shape, rng)
+
+    register_layer(NeedsThreeChannels)
+    with pytest.raises(SpecError, match=r"^layer 0 \(NeedsThreeChannels\): needs 3 channels$"):
+        build_model({"layers": [{"type": "NeedsThreeChannels"}, {"type": "Flatten"}]}, (1, 2, 2))
+
+
+def test_registration_refuses_an_option_a_spec_entry_reserves_and_a_container():
+    with pytest.raises(ValueError, match=r"^Typed: an option cannot be called 'type' .*: rename it$"):
+        register_layer(type("Typed", (Layer,), {"__init__": lambda self, type="a", *, backend=None: Layer.__init__(self, backend)}))
+
+    class Stack(Layer):
+        def children(self):
+            return []
+
+    with pytest.raises(TypeError, match=r"^Stack holds other layers \(it defines children\(\)\), which a spec cannot rebuild"):
+        register_layer(Stack)

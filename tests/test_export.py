@@ -40,6 +40,9 @@ from cnn_backend.model import Sequential, plain_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import make_optimizer  # noqa: E402
 from cnn_backend.spec import BUILTIN_LAYER_TYPES  # noqa: E402
 from cnn_backend.training import train_step  # noqa: E402
+from cnn_backend.spec import build_model  # noqa: E402
+
+from layer_helpers import EXAMPLES, forget_layer_type, import_example_layers  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4
@@ -412,6 +415,55 @@ def test_python_api_names_the_unexportable_layer_and_writes_nothing(tmp_path):
     model = seed_cnn()
     model.layers.insert(2, Doubling())
     with pytest.raises(ExportError, match=r"^layer 2 \(Doubling\) cannot be exported to ONNX"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_layer_of_ones_own_with_export_onnx_matches_onnxruntime(bundled, registry_restored):
+    import_example_layers("prelu")  # PReLU writes ONNX's PRelu itself
+    images, labels = bundled
+    model = train_briefly(build_model(EXAMPLES / "prelu.toml", (1, 28, 28), seed=5), images, labels)
+    slopes = [layer.params["slope"].data for layer in model.layers if type(layer).__name__ == "PReLU"]
+    assert len(slopes) == 3 and not all(numpy.all(slope == 0.25) for slope in slopes)  # trained away from the start
+    assert_matches_library(model, images)
+
+
+def test_cli_exports_a_layer_of_ones_own_with_its_module_and_refuses_it_without(tmp_path, capsys, registry_restored):
+    import_example_layers("prelu")
+    checkpoint = save_model(build_model(EXAMPLES / "prelu.toml", (1, 28, 28), seed=0), tmp_path / "model.npz")
+    assert main(["export", str(checkpoint), str(tmp_path / "m.onnx"), "--import", str(EXAMPLES / "prelu.py")]) == 0
+    assert [node.op_type for node in onnx.load(tmp_path / "m.onnx").graph.node].count("PRelu") == 3
+    forget_layer_type("PReLU")
+    assert main(["export", str(checkpoint), str(tmp_path / "again.onnx")]) == 2
+    assert "unknown layer type 'PReLU'" in one_error_line(capsys) and not (tmp_path / "again.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "writer, message",
+    [
+        (lambda self, graph, prefix, x, shape: {}["missing"], r"its export_onnx failed \(KeyError: 'missing'\)"),
+        (lambda self, graph, prefix, x, shape: x, r"export_onnx must return \(output tensor name, per-sample shape\)"),
+        (lambda self, graph, prefix, x, shape: (None, shape), r"export_onnx must return \(output tensor name"),
+    ],
+    ids=["raises", "one value", "no name"],
+)
+def test_a_failing_export_onnx_is_refused_in_one_line(tmp_path, writer, message):
+    model = seed_cnn()
+    model.layers.insert(2, type("Doubling", (Doubling,), {"export_onnx": writer})())
+    with pytest.raises(ExportError, match=r"^layer 2 \(Doubling\)(: | cannot be exported to ONNX: )" + message):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_onnx_giving_another_shape_than_its_layer_is_refused(tmp_path):
+    class Widening(Doubling):
+        def export_onnx(self, graph, prefix, x, shape):
+            return graph.node("Identity", [x], name=f"{prefix}.same"), (shape[0] + 1, *shape[1:])
+
+    L = layer_module
+    model = Sequential([L.Convolution(1, 1, 6, rng=0), Widening(), L.ReLU(), L.MaxPool(2), L.Flatten(), L.FullyConnected(121, 10, rng=0)],
+                       input_shape=(1, 28, 28))  # fmt: skip
+    with pytest.raises(ExportError, match=r"^layer 1 \(Widening\): export_onnx gives per-sample shape \(2, 23, 23\), but the layer's output is \(1, 23, 23\)$"):
         export_onnx(model, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 

@@ -312,12 +312,85 @@ def test_an_optimiser_without_backend_takes_the_parameters_device(make):
     assert not numpy.array_equal(model.parameters()[-1].data, before)
 
 
-def test_an_optimiser_without_backend_refuses_what_it_cannot_place():
+def test_an_optimiser_without_backend_takes_the_device_of_a_subset_of_a_device_model():
     from cnn_backend import default_cnn
     from cnn_backend.testing import standin_backend
 
-    device_params = default_cnn(standin_backend(), seed=0).parameters()[:2]  # device arrays outside the flat buffer
+    device = standin_backend()
+    model = default_cnn(device, seed=0)
+    subset = model.parameters()[:2]  # device arrays outside the optimiser's flat path, each still in the model's buffer
+    opt = Adam(subset, lr=0.01)
+    assert opt.backend is device and opt._flat is None
+    assert all(type(buf) is type(subset[0].data) for buf in opt.buffers["first_moment"])
+    for p in model.parameters():
+        p.grad = device.to_device(numpy.ones(p.data.shape, dtype=numpy.float32))
+    before = [device.to_numpy(p.data).copy() for p in model.parameters()[:3]]
+    opt.step()
+    after = [device.to_numpy(p.data) for p in model.parameters()[:3]]
+    numpy.testing.assert_allclose(after[0], before[0] - 0.01, rtol=0, atol=1e-6)
+    numpy.testing.assert_allclose(after[1], before[1] - 0.01, rtol=0, atol=1e-6)
+    numpy.testing.assert_array_equal(after[2], before[2])  # not in the subset
+
+
+def test_an_optimiser_without_backend_refuses_what_it_cannot_place(standin):
+    device_params = [Parameter(standin.to_device(numpy.zeros(3, dtype=numpy.float32)))]  # in no flat buffer
     with pytest.raises(ValueError, match=r"^Adam: cannot tell which device these parameters are on; pass backend=model\.backend$"):
         Adam(device_params)
+    assert Adam(device_params, backend=standin).backend is standin
     with pytest.raises(ValueError, match=r"^SGD: the parameter list is empty; pass model\.parameters\(\)$"):
         SGD([], lr=0.1)
+
+
+def _named_parameters():
+    from cnn_backend import default_cnn
+
+    return default_cnn(CPU64, seed=0).named_parameters()
+
+
+def _model_and_layer():
+    from cnn_backend import default_cnn
+
+    model = default_cnn(CPU64, seed=0)
+    return model, model[0]
+
+
+EXPECTED = r"expected parameters \(model\.parameters\(\)\), got"
+
+
+@pytest.mark.parametrize("make", [SGD, Adam])
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (lambda: _model_and_layer()[0], rf"{EXPECTED} a Sequential: pass model\.parameters\(\)$"),
+        (_named_parameters, rf"{EXPECTED} \(name, parameter\) pairs: pass model\.parameters\(\), not named_parameters\(\)$"),
+        (lambda: iter(_named_parameters()), rf"{EXPECTED} \(name, parameter\) pairs: pass model\.parameters\(\), not named_"),
+        (lambda: _model_and_layer()[1], rf"{EXPECTED} a Convolution layer: pass \[param for _, param in layer\.named_parameters\(\)\]$"),
+        (lambda: list(_model_and_layer()[0]), rf"{EXPECTED} a Convolution at index 0; every item must be a cnn_backend Parameter$"),
+        (lambda: param([1.0], [0.0]), rf"{EXPECTED} a single Parameter: pass a list of it, \[param\]$"),
+        (lambda: {"w": param([1.0], [0.0])}, rf"{EXPECTED} a dict: pass a list of its parameters, list\(params\.values\(\)\)$"),
+        (lambda: 0.1, rf"{EXPECTED} 0\.1$"),
+        (lambda: None, rf"{EXPECTED} None$"),
+        (lambda: [Parameter([1.0, 2.0])], r"parameter 0 holds a list, not an array; make it Parameter\(array\)$"),
+    ],
+    ids=["model", "named", "named-iterator", "layer", "layers", "one-parameter", "dict", "number", "none", "list-data"],
+)
+def test_anything_but_a_list_of_parameters_is_refused_in_one_line_naming_what_was_given(make, given, message):
+    with pytest.raises(TypeError, match=rf"^{make.__name__}: {message}") as caught:
+        make(given(), lr=0.1)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("make", [SGD, Adam])
+@pytest.mark.parametrize("dtype", ["float16", "int32", "int64"])
+@pytest.mark.parametrize("backend", [None, CPU64], ids=["inferred", "given"])
+def test_parameters_of_a_dtype_no_update_suits_are_refused_naming_the_optimiser(make, dtype, backend):
+    p = Parameter(numpy.zeros(3, dtype=dtype))
+    with pytest.raises(ValueError, match=rf"^{make.__name__}: parameters of dtype {dtype} cannot be updated; use float32 or float64$"):
+        make([p], lr=0.1, backend=backend)
+
+
+def test_a_generator_of_parameters_is_taken():
+    p = param([1.0, -2.0], [0.5, 1.0])
+    opt = SGD((q for q in [p]), lr=0.1)
+    opt.step()
+    numpy.testing.assert_allclose(p.data, [0.95, -2.1])

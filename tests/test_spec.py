@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy
 import pytest
 
-from cnn_backend import Sequential, SpecError, build_model, default_cnn, get_backend, plain_cnn, register_layer, seed_cnn
+from cnn_backend import Sequential, SpecError, build_model, default_cnn, get_backend, plain_cnn, seed_cnn
 from cnn_backend.cli import main
-from cnn_backend.cli.arguments import imported_module
-from cnn_backend.layers import BatchNorm, Convolution, Layer, Residual, SoftmaxCrossEntropy
+from cnn_backend.layers import BatchNorm, Convolution, Residual, SoftmaxCrossEntropy
 from cnn_backend.optim import Adam
 from cnn_backend.spec import builtin_spec_path, normalize_spec, parse_spec_text, read_spec_file
 from cnn_backend.summary import format_summary, summarize
 from cnn_backend.training import train_step
+
+from layer_helpers import import_example_layers
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -337,21 +338,10 @@ def batch():
     return prepare_images(images[:48]), labels[:48]
 
 
-def import_example_layers(spec_file: Path) -> None:
-    """Import the module beside an example that defines its own layer types (``prelu.py`` for
-    ``prelu.toml``), as ``--import`` does, and register its classes (again, where an earlier test
-    imported it and its registrations were undone since)."""
-    module_file = spec_file.with_suffix(".py")
-    if module_file.exists():
-        module = imported_module(str(module_file))
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, Layer) and value.__module__ == module.__name__:
-                register_layer(value)
-
-
 @pytest.mark.parametrize("example", sorted(path.name for path in EXAMPLES.glob("*.toml")))
 def test_every_example_builds_and_its_loss_decreases(example, batch, registry_restored):
-    import_example_layers(EXAMPLES / example)
+    if (EXAMPLES / example).with_suffix(".py").exists():  # an example with layer types of its own
+        import_example_layers(Path(example).stem)
     model = build_model(EXAMPLES / example, FASHION, seed=0, num_classes=10)
     optimizer = Adam(model.parameters(), lr=2e-3, backend=model.backend)
     loss_fn = SoftmaxCrossEntropy(model.backend)

@@ -39,33 +39,80 @@ def add_import_option(parser) -> None:
 
 
 def imported_module(text: str):
-    """An argument type: the module ``text`` names, imported (its registrations are what counts)."""
+    """An argument type: the module ``text`` names, imported (its registrations are what counts).
+
+    A file already imported under any name (given once by path, once dotted) is not run again: a
+    second run would define its classes again under another module name, and registering them
+    would be refused as a clash with the first."""
     try:
         if text.lower().endswith(".py") or os.path.isfile(text):
             return _import_file(text)
         if os.getcwd() not in sys.path:  # found from the current folder, as by `python -m`
             sys.path.insert(0, os.getcwd())
         importlib.invalidate_caches()  # a file written since the interpreter started is found too
+        top = text.partition(".")[0]
+        if top.isidentifier():
+            _refuse_a_shadowed_name(text, top, importlib.import_module(top))
+        if text not in sys.modules:
+            spec = importlib.util.find_spec(text)
+            loaded = _module_of_file(spec.origin) if spec is not None and spec.has_location else None
+            if loaded is not None:
+                return loaded
         return importlib.import_module(text)
     except argparse.ArgumentTypeError:
         raise
+    except SystemExit as exc:  # would end the command silently with the module's status
+        code = "" if exc.code is None else repr(exc.code)
+        raise argparse.ArgumentTypeError(f"cannot import {text!r}: it called sys.exit({code})") from None
     except Exception as exc:  # the user's code: any error is theirs to fix, reported in one line
         raise argparse.ArgumentTypeError(f"cannot import {text!r}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
 
 
+def _refuse_a_shadowed_name(text: str, top: str, module) -> None:
+    """Refuse ``module``, imported for the top-level name ``top``, when it is not the ``./top.py`` (or
+    ``./top/`` package) in the current folder: a standard or installed module of that name (already
+    imported, or earlier on ``sys.path``) would be used instead of the user's file without a word."""
+    local = [candidate for candidate in (Path(f"{top}.py"), Path(top) / "__init__.py") if candidate.is_file()]
+    if not local:
+        return
+    where = getattr(module, "__file__", None)
+    if where is not None and any(Path(where).resolve() == candidate.resolve() for candidate in local):
+        return
+    shown = f"./{top}.py" if local[0].name != "__init__.py" else f"./{top}/"
+    taker = where or ("a namespace package" if hasattr(module, "__path__") else "a built-in module")
+    raise argparse.ArgumentTypeError(f"cannot import {text!r}: the name is taken by {taker}, not {shown}; rename the file")
+
+
+def _module_of_file(path) -> object | None:
+    """The module already imported (under any name) from the file ``path``, or None."""
+    path = Path(path)
+    for module in list(sys.modules.values()):
+        where = getattr(module, "__file__", None)
+        # The names first: resolving the path of every imported module would cost a system call each.
+        if isinstance(where, str) and os.path.basename(where) == path.name and Path(where).resolve() == path.resolve():
+            return module
+    return None
+
+
 def _import_file(text: str):
     """The module of the file ``text``, named by its stem and put in ``sys.modules`` before it runs,
-    so that its classes have a proper ``__module__`` (registration compares it)."""
+    so that its classes have a proper ``__module__`` (registration compares it). Its folder goes
+    first on ``sys.path`` unless already there, as ``python FILE`` does, so that it can import the
+    modules beside it."""
     path = Path(text)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"cannot import {text!r}: no such file")
-    name = path.stem
-    loaded = sys.modules.get(name)
+    loaded = _module_of_file(path)
     if loaded is not None:
-        where = getattr(loaded, "__file__", None)
-        if where is not None and Path(where).resolve() == path.resolve():
-            return loaded  # given twice, or already imported by another module
+        return loaded  # given twice, under a dotted name too, or already imported by another module
+    name = path.stem
+    taken = sys.modules.get(name)
+    if taken is not None:
+        where = getattr(taken, "__file__", None)
         raise argparse.ArgumentTypeError(f"cannot import {text!r}: the module name {name!r} is taken by {where or 'a built-in module'}; rename the file")
+    folder = path.resolve().parent
+    if not any(Path(entry or os.curdir).resolve() == folder for entry in sys.path if isinstance(entry, str)):
+        sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..backend import Backend, cpu_backend, get_backend
-from ..init import as_integer
+from ..init import as_integer, make_rng
 from ..parameters import Parameter
 
 
@@ -38,9 +38,9 @@ class Layer:
 
     def build(self, input_shape, rng=None) -> tuple:
         """Check ``input_shape`` (per sample, no batch axis), create missing parameters from the
-        host generator ``rng``, and return the per-sample output shape."""
+        host generator ``rng`` (a seed or None is made one), and return the per-sample output shape."""
         input_shape = tuple(int(size) for size in input_shape)
-        output_shape = tuple(self._build(input_shape, rng))
+        output_shape = tuple(self._build(input_shape, make_rng(rng)))
         self.input_shape, self.output_shape = input_shape, output_shape
         return output_shape
 
