@@ -265,7 +265,7 @@ class GraphBuilder:
         self.onnx, self.helper, self.opset = onnx, onnx.helper, opset
         self.nodes: list = []
         self.initializers: list = []
-        self._names: set[str] = {INPUT_NAME}
+        self._names: set[str] = {INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME}  # the graph's own inputs and outputs
 
     def unique(self, name: str) -> str:
         candidate, n = name, 1
@@ -322,8 +322,8 @@ def _export_own_layer(graph: GraphBuilder, layer, where: LayerPath, x: str, shap
         result = layer.export_onnx(graph, where.prefix, x, tuple(shape))
     except ExportError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ExportError(f"{where} cannot be exported to ONNX: its export_onnx failed ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # the layer's own code: whatever it raises is reported in one line
+        raise ExportError(f"{where} cannot be exported to ONNX: its export_onnx failed ({type(exc).__name__}: {exc})") from exc
     try:
         output, out_shape = result
         out_shape = tuple(int(size) for size in out_shape)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy
 
 from .backend import cpu_backend
-from .layers import Layer
+from .layers import Layer, ShapeError
 
 
 class GradientCheckError(AssertionError):
@@ -69,10 +69,12 @@ def check_layer_gradients(
 
     The check runs on a float64 CPU copy of ``layer`` (the layer itself is left as it was): in
     float32 the rounding of the differences swamps any error worth finding. Give the per-sample
-    ``input_shape`` (a random batch of ``batch_size`` is drawn from ``seed``; an unbuilt layer is built
-    for it, its weights from the same seed) or the batch ``x`` itself, for layers whose gradient is
-    undefined somewhere (ReLU at 0, a max-pool's tie). The layer's mode is kept: check a layer whose
-    forward pass draws random numbers (dropout) in evaluation mode, ``layer.training = False``.
+    ``input_shape`` (a random batch of ``batch_size`` is drawn from ``seed``) or the batch ``x`` itself,
+    for layers whose gradient is undefined somewhere (ReLU at 0, a max-pool's tie). The copy is built
+    for that per-sample shape unless already built for it (an unbuilt layer's weights are drawn from
+    the same seed); a layer that cannot take the shape raises ShapeError in one line naming it. The
+    layer's mode is kept: check a layer whose forward pass draws random numbers (dropout) in
+    evaluation mode, ``layer.training = False``.
 
     Returns a :class:`GradientCheck`; raises :class:`GradientCheckError` naming the first array
     whose gradient differs, the element and both values.
@@ -97,12 +99,14 @@ def check_layer_gradients(
     rng = numpy.random.default_rng(seed)
     checked = copy.deepcopy(layer).to(cpu_backend("float64", parallel=False))
     checked.needs_input_grad = True  # a model's first layer skips it; the check wants it
+    if x is not None:
+        shape = tuple(x.shape[1:])
+    # A layer built for another per-sample shape keeps shape-dependent state (a weight sized for it):
+    # the copy is built for the checked shape, as training would build it.
+    if checked.output_shape is None or checked.input_shape != shape:
+        _build_for(checked, shape, rng)
     if x is None:
-        if checked.output_shape is None or checked.input_shape != shape:
-            checked.build(shape, rng)
         x = rng.standard_normal((batch_size, *shape))
-    elif checked.output_shape is None:
-        checked.build(x.shape[1:], rng)
     first = numpy.array(checked.forward(x))
     # Finite differences of a forward pass that changes between calls measure that change, not the
     # gradient (a dropout mask redrawn gives differences in the hundreds of thousands).
@@ -127,6 +131,17 @@ def check_layer_gradients(
         analytic = numpy.array(param.grad)
         worst[name] = _compare(f"the gradient of parameter {name!r}", analytic, numerical_gradient(objective, param.data, eps), rtol, atol)
     return GradientCheck(worst)
+
+
+def _build_for(layer: Layer, shape: tuple, rng) -> None:
+    try:
+        layer.build(shape, rng)
+    except ValueError as exc:  # ShapeError, or a ValueError of a layer of one's own: its words for the shape
+        built = f" (it was built for {layer.input_shape})" if layer.input_shape is not None else ""
+        raise ShapeError(
+            f"{type(layer).__name__} cannot take a per-sample input of shape {shape}{built}: {' '.join(str(exc).split())}; "
+            f"check it with an input of a shape it takes"
+        ) from exc
 
 
 def _compare(what: str, analytic, numerical: numpy.ndarray, rtol: float, atol: float) -> float:

@@ -12,6 +12,7 @@ from .init import as_integer, make_rng
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
+from .layers.base import buffer_in_dtype
 from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
@@ -90,6 +91,8 @@ class Sequential:
                 if isinstance(exc, MemoryError) or str(exc).startswith(NUMPY_SIZE_ERRORS):
                     raise MemoryError(f"{where}: its parameters cannot be allocated ({exc})") from None
                 raise ShapeError(f"{where}: {exc}") from exc  # a layer of one's own refusing its input
+            except Exception as exc:  # a layer of one's own failing in _build: named, in one line
+                raise ShapeError(f"{where}: {type(exc).__name__} in _build: {exc}") from exc
         return shape
 
     @property
@@ -309,7 +312,7 @@ class Sequential:
         for name, param in own.items():
             param.data = self.backend.to_device(values[name].astype(self.backend.dtype))
         for name in own_buffers:
-            self.set_buffer(name, self.backend.to_device(buffer_values[name].astype(self.backend.dtype)))
+            self.set_buffer(name, self.backend.to_device(buffer_in_dtype(buffer_values[name], self.backend.dtype)))
 
     def set_buffer(self, name: str, value) -> None:
         """Replace the buffer ``name`` (as in :meth:`named_buffers`) with the device array ``value``

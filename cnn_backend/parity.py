@@ -47,6 +47,14 @@ DEFAULT_TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
 #: The report's columns: what is compared for every layer at every step.
 QUANTITIES = ("activation", "gradient", "weight")
 
+#: Layers whose input gradient is routed by a comparison (the window's maximum, the sign): where two
+#: candidates lie within rounding of each other, two devices may choose differently and the runs part.
+ROUTING_LAYERS = ("MaxPool", "ReLU", "LeakyReLU")
+ROUTING_HINT = (
+    "likely a max-pool or ReLU routing a gradient differently between candidates within float32 rounding of each other "
+    "(real images' flat backgrounds make such near ties common): rerun with --dtype float64 to tell it from a device fault"
+)
+
 
 @dataclass(frozen=True)
 class Difference:
@@ -129,9 +137,10 @@ class ParityReport:
         if self.passed:
             return f"verdict: PASS ({worst}; tolerance {self.tolerance:.0e})"
         first = self.first_failure()
+        hint = f"; {ROUTING_HINT}" if self.dtype == "float32" and _routed_gradient(first) else ""
         return (
             f"verdict: FAIL (first beyond tolerance {self.tolerance:.0e}: step {first.step}, {first.layer} "
-            f"{first.quantity} {first.name}, relative difference {first.max_rel:.2e}; {worst})"
+            f"{first.quantity} {first.name}, relative difference {first.max_rel:.2e}; {worst}){hint}"
         )
 
     def format(self) -> str:
@@ -143,6 +152,13 @@ class ParityReport:
             parts.append(f"... and {len(self.problems) - shown} more problems")
         parts.append(self.summary())
         return "\n".join(parts)
+
+
+def _routed_gradient(difference: Difference) -> bool:
+    """Whether ``difference`` is the input gradient of a layer that routes it by a comparison: with
+    every earlier tensor within tolerance, a near tie decided differently is the likely cause."""
+    kind = difference.layer.partition(" ")[2]  # "4 MaxPool": the index, then the class name
+    return difference.quantity == "gradient" and difference.name == "input" and kind in ROUTING_LAYERS
 
 
 def tensor_difference(reference, device, scale: float | None = None) -> tuple[float, float]:

@@ -24,7 +24,6 @@ See ``docs/spec-format.md``.
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
 import numbers
 import os
@@ -37,6 +36,7 @@ from .backend import Backend, get_backend
 from .functional import CONV_ALGORITHMS
 from .init import INITIALIZERS, as_integer, make_rng
 from .layers import LAYER_TYPES, Layer, ShapeError
+from .layers.base import constructor_options
 from .model import Sequential
 
 if sys.version_info >= (3, 11):
@@ -309,8 +309,6 @@ def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-#: constructor arguments that are never options: the device, and the generator of the initial weights
-_NOT_OPTIONS = ("self", "backend", "rng")
 _ANNOTATED_TYPES = {int: _INT, float: _NUMBER, bool: _BOOL, str: _STR}
 
 
@@ -322,23 +320,21 @@ def _accepted_types(hint, default) -> tuple | None:
         (inner,) = [argument for argument in arguments if argument is not type(None)]
         accepted = _ANNOTATED_TYPES.get(inner)
         return None if accepted is None else accepted + (type(None),)
-    return _ANNOTATED_TYPES.get(hint, _ANNOTATED_TYPES.get(type(default)))
+    accepted = _ANNOTATED_TYPES.get(hint, _ANNOTATED_TYPES.get(type(default)))
+    if accepted is not None and default is None:  # `scale: float = None` takes its own default
+        accepted += (type(None),)
+    return accepted
 
 
 def _constructor_options(cls: type) -> dict[str, tuple]:
     """The :data:`LAYER_OPTIONS` entry of a registered class, read from its constructor."""
-    signature = inspect.signature(cls.__init__)
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an annotation that does not evaluate: type the options by their defaults
         hints = {}
     options = {}
-    for name, parameter in signature.parameters.items():
-        if name in _NOT_OPTIONS or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
+    for name, parameter in constructor_options(cls).items():
         default = REQUIRED if parameter.default is parameter.empty else parameter.default
-        if name.startswith("in_") and default is None:
-            continue  # an input size, inferred by build
         options[name] = (_accepted_types(hints.get(name), default), default, None)
     return options
 
@@ -387,20 +383,25 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
     """``layer``'s architecture-file entry, as model files and checkpoints record it.
 
     A registered class of one's own is checked as a spec file's entry would be (its options, their
-    types; NumPy numbers become Python ones) and must be JSON-ready; one without a ``config()`` of
-    its own has its options read from its same-named attributes. Other layers give ``layer.spec()``.
+    types; NumPy numbers become Python ones; input sizes left out) and must be JSON-ready. A
+    Residual's inner layers are checked alike. Other layers give ``layer.spec()``.
     """
     kind = type(layer).__name__
     label = label or f"layer ({kind})"
-    if kind in BUILTIN_LAYER_TYPES or LAYER_TYPES.get(kind) is not type(layer):
+    if kind == "Residual":
+        entry = layer.spec()
+        entry["layers"] = [spec_entry(inner, f"{label} > layer {i} ({type(inner).__name__})") for i, inner in enumerate(layer.layers)]
+        return entry
+    registered = LAYER_TYPES.get(kind)
+    if kind in BUILTIN_LAYER_TYPES or registered is None or _qualified_name(registered) != _qualified_name(type(layer)):
         return layer.spec()
-    if type(layer).config is Layer.config and type(layer).spec is Layer.spec:
-        unread = [option for option in LAYER_OPTIONS[kind] if not hasattr(layer, option)]
+    options = LAYER_OPTIONS[kind]
+    if type(layer).config is Layer.config:
+        unread = [option for option in options if not hasattr(layer, option)]
         if unread:
             raise SpecError(f"{label}: define config() returning its options ({kind} has no attribute {unread[0]!r} to read that option from)")
-        entry = {"type": kind, **{option: getattr(layer, option) for option in LAYER_OPTIONS[kind]}}
-    else:
-        entry = layer.spec()
+    # The class's name, not the one a built-in parent's spec() writes; input sizes are inferred, never recorded.
+    entry = {**{key: value for key, value in layer.spec().items() if key in options or not key.startswith("in_")}, "type": kind}
     try:
         normalized = _normalize_entry(entry, label)
     except SpecError as exc:

@@ -3,9 +3,11 @@ is parsed, so that architecture files and checkpoints naming the class can be bu
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -212,6 +214,34 @@ def test_a_dotted_name_taken_by_another_module_than_the_file_in_the_current_fold
     status, _, err = run_main(capsys, "summary", "--import", "sys")
     one_error_line(err, "cannot import 'sys': the name is taken by a built-in module, not ./sys.py; rename the file")
     assert status == 2
+
+
+def test_a_file_named_after_a_module_not_imported_yet_is_refused_rather_than_put_in_its_place(imports_undone, capsys):
+    # A standard module that neither the command line nor the test run imports: were it imported,
+    # the check of sys.modules would refuse the file and this test would not reach the one it is for.
+    assert "tabnanny" not in sys.modules
+    standard = importlib.util.find_spec("tabnanny").origin  # found, not imported
+    (imports_undone / "mine").mkdir()
+    (imports_undone / "mine" / "tabnanny.py").write_text("raise RuntimeError('never run')\n")
+    status, _, err = run_main(capsys, "summary", "--import", "mine/tabnanny.py")
+    one_error_line(err, f"argument --import: cannot import 'mine/tabnanny.py': the module name 'tabnanny' is taken by {standard}; rename the file")
+    assert status == 2
+    assert "tabnanny" not in sys.modules  # neither the file nor the standard module stands for it now
+
+
+def test_a_file_whose_folder_is_on_the_path_is_found_as_itself_and_imported(imports_undone, registry_restored, capsys):
+    number = next(_numbers)
+    class_name, stem = f"OnPathScale{number}", f"on_path_layers_{number}"
+    folder = imports_undone / "on_path"
+    folder.mkdir()
+    file = folder / f"{stem}.py"
+    file.write_text(LAYER_MODULE.format(name=class_name))
+    sys.path.insert(0, str(folder))
+    assert Path(importlib.util.find_spec(stem).origin) == file  # the name is found, as the file itself: no clash
+    status, out, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), "--import", f"on_path/{stem}.py")
+    assert status == 0, err
+    assert class_name in out
+    assert Path(sys.modules[stem].__file__).resolve() == file.resolve()
 
 
 @pytest.mark.parametrize("call", ["sys.exit(3)", "sys.exit('no GPU here')", "sys.exit()"])

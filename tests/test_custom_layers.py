@@ -375,3 +375,104 @@ def test_registration_refuses_an_option_a_spec_entry_reserves_and_a_container():
 
     with pytest.raises(TypeError, match=r"^Stack holds other layers \(it defines children\(\)\), which a spec cannot rebuild"):
         register_layer(Stack)
+
+
+# -- options kept on every path ------------------------------------------------------------------------
+
+
+class Swish(Layer):
+    """``x * sigmoid(beta * x)``; keeps its option as an attribute and defines no config()."""
+
+    def __init__(self, beta: float = 1.0, *, backend=None):
+        super().__init__(backend)
+        self.beta = beta
+
+    def forward(self, x):
+        return x / (1 + self.backend.xp.exp(-self.beta * x))
+
+
+def test_options_kept_as_attributes_are_recorded_inside_blocks_without_input_shape_and_after_re_registering(tmp_path):
+    register_layer(Swish)
+    spec = {"layers": [{"type": "Convolution", "out_channels": 2, "kernel_size": 3, "padding": 1},
+                       {"type": "Residual", "layers": [{"type": "Swish", "beta": 3.0}]},
+                       {"type": "Flatten"}, {"type": "FullyConnected", "out_features": 2}]}  # fmt: skip
+    model = build_model(spec, (1, 4, 4), seed=0)
+    inner = model[1].layers[0]
+    assert repr(inner) == "Swish(beta=3.0)" and model.summary().rows[2].description == "beta=3.0"
+    assert Sequential.load(model.save(tmp_path / "block.npz"))[1].layers[0].beta == 3.0
+    assert copy.deepcopy(model)[1].layers[0].beta == 3.0
+    from cnn_backend.layers import Flatten
+
+    unshaped = Sequential([Flatten(), Swish(2.0)])  # no input shape: the older form of the config
+    assert Sequential.from_config(unshaped.config())[1].beta == 2.0
+    # A notebook cell defining and registering the class again: models built before keep their options.
+    register_layer(type("Swish", (Swish,), {"__module__": Swish.__module__, "__qualname__": "Swish"}))
+    assert Sequential.load(model.save(tmp_path / "again.npz"))[1].layers[0].beta == 3.0
+
+
+def test_a_registered_subclass_of_a_built_in_layer_is_recorded_under_its_own_name(tmp_path):
+    from cnn_backend.layers import Convolution
+
+    class WideConvolution(Convolution):
+        pass
+
+    register_layer(WideConvolution)
+    spec = flatten_then({"type": "Flatten"})
+    spec["layers"][0] = {"type": "WideConvolution", "out_channels": 2, "kernel_size": 3}
+    model = build_model(spec, (1, 5, 5), seed=0)
+    assert model.config()["layers"][0]["type"] == "WideConvolution"
+    assert "in_channels" not in model.config()["layers"][0]  # inferred, never recorded
+    loaded = Sequential.load(model.save(tmp_path / "model.npz"))
+    assert type(loaded[0]) is WideConvolution and loaded[0].out_channels == 2
+
+
+def test_an_option_defaulting_to_none_takes_none_whatever_its_annotation():
+    class Scaled(Layer):
+        def __init__(self, scale: float = None, *, backend=None):  # noqa: RUF013 (as users write it)
+            super().__init__(backend)
+            self.scale = scale
+
+        def forward(self, x):
+            return x if self.scale is None else x * self.scale
+
+    register_layer(Scaled)
+    assert build_model(flatten_then({"type": "Scaled"}), (1, 2, 2))[1].scale is None
+    with pytest.raises(SpecError, match=r"scale must be a number, got 'x'$"):
+        build_model(flatten_then({"type": "Scaled", "scale": "x"}), (1, 2, 2))
+
+
+def test_a_build_that_fails_or_returns_nothing_is_named_in_one_line():
+    class NoShape(ChannelScale):
+        def _build(self, input_shape, rng):
+            super()._build(input_shape, rng)
+
+    class Lookup(ChannelScale):
+        def _build(self, input_shape, rng):
+            return {"a": 1}["x"]
+
+    for cls, message in ((NoShape, r"NoShape\._build returned None: return the per-sample output shape"),
+                         (Lookup, r"KeyError in _build: 'x'")):  # fmt: skip
+        register_layer(cls)
+        with pytest.raises(SpecError, match=rf"^layer 0 \({cls.__name__}\): {message}$"):
+            build_model({"layers": [{"type": cls.__name__}, {"type": "Flatten"}]}, (1, 2, 2))
+
+
+def test_integer_buffers_keep_their_dtype_through_files_and_moves(tmp_path):
+    class Counter(ChannelScale):
+        def _build(self, input_shape, rng):
+            self.buffers["seen"] = self.backend.xp.zeros((), dtype=numpy.int64)
+            return super()._build(input_shape, rng)
+
+        def forward(self, x):
+            if self.training:
+                self.buffers["seen"] += x.shape[0]
+            return super().forward(x)
+
+    register_layer(Counter)
+    model = build_model(flatten_then({"type": "Counter"}), (1, 2, 2), seed=0)
+    model.forward(numpy.zeros((3, 1, 2, 2), numpy.float32))
+    model[1].buffers["seen"][...] = 2**24 + 1  # beyond float32's integers
+    loaded = Sequential.load(model.save(tmp_path / "model.npz"))
+    assert loaded[1].buffers["seen"].dtype == numpy.int64 and int(loaded[1].buffers["seen"]) == 2**24 + 1
+    moved = loaded.to(cpu_backend("float64"))
+    assert moved[1].buffers["seen"].dtype == numpy.int64

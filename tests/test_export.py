@@ -442,10 +442,11 @@ def test_cli_exports_a_layer_of_ones_own_with_its_module_and_refuses_it_without(
     "writer, message",
     [
         (lambda self, graph, prefix, x, shape: {}["missing"], r"its export_onnx failed \(KeyError: 'missing'\)"),
+        (lambda self, graph, prefix, x, shape: Layer.forward(self, x), r"its export_onnx failed \(NotImplementedError: \)"),
         (lambda self, graph, prefix, x, shape: x, r"export_onnx must return \(output tensor name, per-sample shape\)"),
         (lambda self, graph, prefix, x, shape: (None, shape), r"export_onnx must return \(output tensor name"),
     ],
-    ids=["raises", "one value", "no name"],
+    ids=["raises", "not implemented", "one value", "no name"],
 )
 def test_a_failing_export_onnx_is_refused_in_one_line(tmp_path, writer, message):
     model = seed_cnn()
@@ -466,6 +467,16 @@ def test_an_export_onnx_giving_another_shape_than_its_layer_is_refused(tmp_path)
     with pytest.raises(ExportError, match=r"^layer 1 \(Widening\): export_onnx gives per-sample shape \(2, 23, 23\), but the layer's output is \(1, 23, 23\)$"):
         export_onnx(model, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_layers_constant_never_takes_the_graphs_own_names(tmp_path):
+    class NamesItsConstantLogits(Doubling):
+        def export_onnx(self, graph, prefix, x, shape):
+            return graph.node("Mul", [x, graph.constant("logits", 2.0)], name=f"{prefix}.double"), shape
+
+    model = seed_cnn()
+    model.layers.insert(2, NamesItsConstantLogits())
+    onnx.checker.check_model(build_onnx_model(model), full_check=True)
 
 
 def test_input_shape_that_does_not_fit_the_dense_layer_is_refused():

@@ -9,7 +9,8 @@ import numpy
 import pytest
 
 from cnn_backend.gradcheck import GradientCheckError, _compare, check_layer_gradients
-from cnn_backend.layers import BatchNorm, Dropout, FullyConnected, Layer
+from cnn_backend.layers import BatchNorm, Dropout, FullyConnected, Layer, ShapeError
+from cnn_backend.parameters import Parameter
 
 NOT_REPEATABLE = (
     r"^forward gives different outputs for the same input \(it draws random numbers or updates state\): "
@@ -62,6 +63,42 @@ def test_an_int_input_shape_is_the_shape_of_a_vector():
     as_int = check_layer_gradients(FullyConnected(out_features=3), input_shape=4)
     as_tuple = check_layer_gradients(FullyConnected(out_features=3), input_shape=(4,))
     assert as_int == as_tuple  # same seed, same draws: the same check
+
+
+class PerFeatureScale(Layer):
+    """``y = x * scale``, one factor per feature: a weight whose size is the per-sample shape's."""
+
+    def _build(self, input_shape, rng):
+        self.params = {"scale": Parameter(numpy.linspace(0.5, 1.5, input_shape[0]))}
+        return input_shape
+
+    def forward(self, x):
+        self._x = x
+        return x * self.params["scale"].data
+
+    def backward(self, dy):
+        self.params["scale"].grad = (dy * self._x).sum(axis=0)
+        return dy * self.params["scale"].data
+
+
+def test_a_layer_built_for_another_shape_than_x_is_checked_on_a_copy_built_for_x():
+    layer = PerFeatureScale()
+    layer.build((3,))
+    report = check_layer_gradients(layer, x=numpy.random.default_rng(1).standard_normal((2, 5)))
+    assert set(report.worst) == {"input", "scale"} and all(value <= 1.0 for value in report.worst.values())
+    assert layer.input_shape == (3,) and layer.params["scale"].data.shape == (3,)  # the layer itself is left as it was
+
+
+@pytest.mark.parametrize("given", [{"x": numpy.ones((2, 5))}, {"input_shape": (5,)}], ids=["x", "input-shape"])
+def test_a_layer_that_cannot_take_the_checked_shape_says_so_in_one_line_naming_it(given):
+    layer = FullyConnected(out_features=3)
+    layer.build((4,))
+    message = (
+        r"^FullyConnected cannot take a per-sample input of shape \(5,\) \(it was built for \(4,\)\): "
+        r"expected 4 input features, got 5; check it with an input of a shape it takes$"
+    )
+    with pytest.raises(ShapeError, match=message):
+        check_layer_gradients(layer, **given)
 
 
 @pytest.mark.parametrize(

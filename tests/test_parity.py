@@ -11,6 +11,7 @@ The last section tests the ``parity`` command's comparison itself, on the stand-
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy
 import pytest
 
 from cnn_backend import parity
+from cnn_backend.parity import Difference
 from cnn_backend.backend import DeviceUnavailableError, get_backend
 from cnn_backend.layers import (
     GELU,
@@ -471,6 +473,44 @@ def test_parity_command_exits_1_when_the_device_computes_differently(monkeypatch
     status = parity.main(["--device", "standin", "--steps", "1", "--batch-size", "2", "--conv-algorithm", "signal", "--quiet"])
     assert status == 1
     assert capsys.readouterr().out.startswith("verdict: FAIL (first beyond tolerance 1e-04: step 1, 0 Convolution")
+
+
+ROUTING_HINT = (
+    "; likely a max-pool or ReLU routing a gradient differently between candidates within float32 rounding of each other "
+    "(real images' flat backgrounds make such near ties common): rerun with --dtype float64 to tell it from a device fault"
+)
+
+
+def test_parity_on_bundled_images_parts_in_float32_with_a_hint_at_the_max_pool_and_passes_in_float64(capsys):
+    # Fashion-MNIST's flat backgrounds tie max-pool windows within float32 rounding: the plain
+    # network's runs part at the second step, on the stand-in as on a GPU.
+    command = ["--device", "standin", "--model", "plain", "--data", "bundled", "--steps", "3", "--quiet"]
+    assert parity.main(command) == 1
+    verdict = capsys.readouterr().out
+    assert verdict.count("\n") == 1 and verdict.endswith(ROUTING_HINT + "\n"), verdict
+    # here step 2, 4 MaxPool; another machine's rounding may tie another window first
+    assert re.match(r"verdict: FAIL \(first beyond tolerance 1e-04: step \d, \d (MaxPool|ReLU) gradient input, ", verdict), verdict
+    assert parity.main([*command, "--dtype", "float64"]) == 0
+    assert capsys.readouterr().out.startswith("verdict: PASS")
+
+
+@pytest.mark.parametrize(
+    "dtype, layer, quantity, name, hinted",
+    [
+        ("float32", "4 MaxPool", "gradient", "input", True),
+        ("float32", "1 ReLU", "gradient", "input", True),
+        ("float64", "4 MaxPool", "gradient", "input", False),  # no ties decided by rounding: something else
+        ("float32", "3 Convolution", "gradient", "input", False),
+        ("float32", "4 MaxPool", "activation", "output", False),  # the forward pass's maximum agrees within rounding
+    ],
+    ids=["maxpool", "relu", "float64", "convolution", "maxpool-output"],
+)
+def test_the_routing_hint_follows_only_a_routing_layers_input_gradient_in_float32(dtype, layer, quantity, name, hinted):
+    report = parity.ParityReport("cpu", "standin", dtype, 1e-4, 2)
+    report.differences = [Difference(1, layer, quantity, name, 0.0, 0.0), Difference(2, layer, quantity, name, 0.5, 0.6)]
+    line = report.summary()
+    assert line.startswith(f"verdict: FAIL (first beyond tolerance 1e-04: step 2, {layer} {quantity} {name}, relative difference 6.00e-01; ")
+    assert line.endswith(ROUTING_HINT) == hinted, line
 
 
 def test_parity_is_a_subcommand_of_the_command_line(capsys):

@@ -108,8 +108,8 @@ def _import_file(text: str):
     name = path.stem
     taken = sys.modules.get(name)
     if taken is not None:
-        where = getattr(taken, "__file__", None)
-        raise argparse.ArgumentTypeError(f"cannot import {text!r}: the module name {name!r} is taken by {where or 'a built-in module'}; rename the file")
+        _refuse_a_taken_name(text, name, getattr(taken, "__file__", None))
+    _refuse_an_importable_name(text, name, path)
     folder = path.resolve().parent
     if not any(Path(entry or os.curdir).resolve() == folder for entry in sys.path if isinstance(entry, str)):
         sys.path.insert(0, str(folder))
@@ -122,6 +122,31 @@ def _import_file(text: str):
         sys.modules.pop(name, None)  # as the import system does with a module that fails
         raise
     return module
+
+
+def _refuse_an_importable_name(text: str, name: str, path: Path) -> None:
+    """Refuse the file ``path`` when another module is importable as ``name`` (a standard or installed
+    one not imported yet): put in ``sys.modules`` under that name, the file would stand in for it for
+    the rest of the process, and whatever imports it later (onnx for export, matplotlib for the plots)
+    would get the user's file. The file itself, found where its folder is on ``sys.path``, is no clash."""
+    if "." in name:  # find_spec would import the parent package, and `import a.b` never finds ./a.b.py
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    if spec.has_location:
+        where = spec.origin
+        if Path(where).resolve() == path.resolve():
+            return
+    elif spec.submodule_search_locations:  # a namespace package: named by its first folder
+        where = next(iter(spec.submodule_search_locations))
+    else:
+        where = None
+    _refuse_a_taken_name(text, name, where)
+
+
+def _refuse_a_taken_name(text: str, name: str, where: str | None) -> None:
+    raise argparse.ArgumentTypeError(f"cannot import {text!r}: the module name {name!r} is taken by {where or 'a built-in module'}; rename the file")
 
 
 def _number(kind, accept, requirement: str):

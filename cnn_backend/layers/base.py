@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ..backend import Backend, cpu_backend, get_backend
 from ..init import as_integer, make_rng
 from ..parameters import Parameter
@@ -40,7 +42,10 @@ class Layer:
         """Check ``input_shape`` (per sample, no batch axis), create missing parameters from the
         host generator ``rng`` (a seed or None is made one), and return the per-sample output shape."""
         input_shape = tuple(int(size) for size in input_shape)
-        output_shape = tuple(self._build(input_shape, make_rng(rng)))
+        output_shape = self._build(input_shape, make_rng(rng))
+        if output_shape is None:
+            raise ShapeError(f"{type(self).__name__}._build returned None: return the per-sample output shape")
+        output_shape = tuple(output_shape)
         self.input_shape, self.output_shape = input_shape, output_shape
         return output_shape
 
@@ -100,15 +105,17 @@ class Layer:
             param.data = backend.to_device(host.astype(backend.dtype))
             param.grad = None
         for name, value in self.buffers.items():
-            self.buffers[name] = backend.to_device(self.backend.to_numpy(value).astype(backend.dtype))
+            self.buffers[name] = backend.to_device(buffer_in_dtype(self.backend.to_numpy(value), backend.dtype))
         for _, child in self.children():
             child.to(backend)
         self.backend = backend
         return self
 
     def config(self) -> dict:
-        """Constructor arguments that rebuild this layer (parameters excluded)."""
-        return {}
+        """Constructor arguments that rebuild this layer (parameters excluded). By default, each
+        option of the constructor (see :func:`constructor_options`) that the layer keeps as an
+        attribute of the same name; layers that keep them otherwise override this."""
+        return {name: getattr(self, name) for name in constructor_options(type(self)) if hasattr(self, name)}
 
     def spec(self) -> dict:
         """This layer as an architecture-file entry: its type and the options a user writes
@@ -137,6 +144,28 @@ class Layer:
 
     def _not_built(self, what: str) -> ShapeError:
         return ShapeError(f"{self}: {what} is not known yet: build the layer with its input shape first (or give {what})")
+
+
+def buffer_in_dtype(array, dtype):
+    """A float buffer in the model's float dtype; an integer or boolean one (a counter, a flag) keeps its own."""
+    return array if array.dtype.kind in "biu" else array.astype(dtype)
+
+
+#: constructor arguments that are never options: the device, and the generator of the initial weights
+NOT_OPTIONS = ("self", "backend", "rng")
+
+
+def constructor_options(cls: type) -> dict[str, inspect.Parameter]:
+    """The options of a layer class, by name: its constructor's arguments but ``backend``, ``rng``,
+    ``*args``/``**kwargs`` and ``in_*`` sizes that default to None (inferred when built)."""
+    options = {}
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name in NOT_OPTIONS or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if name.startswith("in_") and parameter.default is None:
+            continue
+        options[name] = parameter
+    return options
 
 
 def _size(layer: str, name: str, value, low: int) -> int:
