@@ -27,6 +27,7 @@ from .model import ARCHITECTURES, Sequential, default_cnn, plain_cnn, seed_cnn
 from .optim import SGD, Adam, CosineSchedule, OneCycleSchedule, StepSchedule
 from .serialization import ModelFileError
 from .spec import SpecError, build_model, register_layer
+from . import gradcheck  # cnn_backend.gradcheck.check_layer_gradients, for layers of your own
 
 __version__ = "0.1.0"
 

@@ -666,7 +666,13 @@ def missing_cupy_names(usage: DeviceUsage) -> dict[str, list[str]]:
     ``cupyx.scipy.signal``, array attributes on ``cupy.ndarray``, and NumPy functions called on
     device arrays on ``cupy`` (where CuPy's dispatch looks for them).
     """
-    cupy = importlib.import_module("cupy")
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        raise ImportError(
+            "missing_cupy_names checks names against CuPy, which is not installed: pip install cupy-cuda12x "
+            "(or cupy-cuda13x; it installs and imports without a GPU)"
+        ) from None
     signal_exports = cupy_signal_exports()
     return {
         "xp": sorted(name for name in usage.module_names if not _has_dotted(cupy, name, "cupy")),

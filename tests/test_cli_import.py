@@ -171,7 +171,7 @@ def test_a_file_imported_by_path_imports_the_modules_beside_it(imports_undone, r
     status, out, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), "--import", "sib/uses_sibling.py")
     assert status == 0, err
     assert class_name in out
-    assert sys.path[0] == str(folder.resolve())  # first, as `python sib/uses_sibling.py` puts it
+    assert sys.path[-1] == str(folder.resolve())  # last: see the test of a neighbour named like an installed module
     status, _, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), "--import", "sib/uses_sibling.py")
     assert status == 0, err
     assert sys.path.count(str(folder.resolve())) == 1  # not again
@@ -242,6 +242,18 @@ def test_a_file_whose_folder_is_on_the_path_is_found_as_itself_and_imported(impo
     assert status == 0, err
     assert class_name in out
     assert Path(sys.modules[stem].__file__).resolve() == file.resolve()
+
+
+def test_a_neighbour_named_like_an_installed_module_does_not_hide_it(imports_undone, registry_restored, capsys):
+    number = next(_numbers)
+    class_name, stem = f"NeighbourScale{number}", f"neighbour_layers_{number}"
+    folder = imports_undone / "with_neighbours"
+    folder.mkdir()
+    (folder / f"{stem}.py").write_text(LAYER_MODULE.format(name=class_name))
+    (folder / "tabnanny.py").write_text("raise RuntimeError('the neighbour was imported')\n")
+    status, _, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), "--import", f"with_neighbours/{stem}.py")
+    assert status == 0, err
+    assert Path(importlib.util.find_spec("tabnanny").origin).parent != folder.resolve()  # the folder goes last on the path
 
 
 @pytest.mark.parametrize("call", ["sys.exit(3)", "sys.exit('no GPU here')", "sys.exit()"])

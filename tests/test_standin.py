@@ -458,3 +458,13 @@ def test_command_line_trains_resumes_and_evaluates_on_the_standin(monkeypatch, t
     captured = capsys.readouterr()
     assert "device: standin" in captured.out and requested and set(requested) == {"cuda"}
     assert (out / "last.npz").exists() and captured.err == ""
+
+
+def test_checking_names_without_cupy_says_what_to_install(monkeypatch):
+    import sys
+
+    from cnn_backend.testing import missing_cupy_names
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as where CuPy is not installed
+    with pytest.raises(ImportError, match=r"^missing_cupy_names checks names against CuPy, which is not installed: pip install cupy-cuda12x"):
+        missing_cupy_names(standin_backend().usage)

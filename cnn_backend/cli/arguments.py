@@ -97,8 +97,8 @@ def _module_of_file(path) -> object | None:
 def _import_file(text: str):
     """The module of the file ``text``, named by its stem and put in ``sys.modules`` before it runs,
     so that its classes have a proper ``__module__`` (registration compares it). Its folder goes
-    first on ``sys.path`` unless already there, as ``python FILE`` does, so that it can import the
-    modules beside it."""
+    on ``sys.path`` unless already there, so that it can import the modules beside it: last, so
+    that a neighbour named like an installed package (an ``onnx.py``) never hides that package."""
     path = Path(text)
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"cannot import {text!r}: no such file")
@@ -112,7 +112,7 @@ def _import_file(text: str):
     _refuse_an_importable_name(text, name, path)
     folder = path.resolve().parent
     if not any(Path(entry or os.curdir).resolve() == folder for entry in sys.path if isinstance(entry, str)):
-        sys.path.insert(0, str(folder))
+        sys.path.append(str(folder))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

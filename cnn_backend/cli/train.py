@@ -529,7 +529,7 @@ def _describe_settings(settings: dict) -> str:
     text = (
         f"{settings['model']} model, {settings['optimizer']} lr {settings['lr']:g} {momentum_name} {settings['momentum']:g} "
         f"weight decay {settings['weight_decay']:g}, {settings['schedule']} schedule, batch {settings['batch_size']}, "
-        f"{settings['epochs']} epochs, seed {settings['seed']}, {settings['dtype']}"
+        f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''}, seed {settings['seed']}, {settings['dtype']}"
     )
     text += f", dropout {settings['dropout']:g}" if settings["dropout"] else ""
     text += f", label smoothing {settings['label_smoothing']:g}" if settings["label_smoothing"] else ""
