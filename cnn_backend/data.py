@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy
 
-from .backend import get_backend
+from .backend import _float_dtype, get_backend
 from .datasets.base import DATA_DIR_ENV, DataError, check_labels
 from .datasets.download import download_files
 from .datasets.idx import read_idx, read_labels, write_idx
@@ -253,6 +253,15 @@ def prepare_images(images, dtype="float32", normalization: Normalization | None 
     in [0, 1], then normalised per channel when ``normalization`` is given (what :class:`BatchLoader`
     does on the device, for evaluation sets and predictions)."""
     images = numpy.asarray(images)
+    if images.dtype != numpy.uint8:
+        # Float images are scaled already (or not meant to be): dividing them by 255 again is silent harm.
+        raise ValueError(
+            f"prepare_images takes uint8 images (0-255), got {images.dtype}: images already scaled to [0, 1] "
+            "are model input as they are"
+        )
+    if images.ndim not in (3, 4):
+        raise ValueError(f"prepare_images takes images of shape (N, H, W) or (N, C, H, W), got {images.shape}")
+    dtype = _float_dtype(dtype)
     if images.ndim == 3:
         images = images[:, None]
     scaled = images.astype(dtype)
@@ -379,6 +388,11 @@ class BatchLoader:
         if self.resident:
             self._device_images = backend.to_device(self._host_images)
             self._device_labels = backend.to_device(self._host_labels)
+
+    @property
+    def labels(self) -> numpy.ndarray:
+        """The host labels (int64 class indices, checked when the loader was made), in data order."""
+        return self._host_labels
 
     def __len__(self) -> int:
         """Number of batches per epoch."""

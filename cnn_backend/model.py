@@ -300,6 +300,11 @@ class Sequential:
         own = dict(self.named_parameters())
         _check_names("parameters", own.keys(), state.keys())
         own_buffers = dict(self.named_buffers())
+        if own_buffers and buffers is None:  # PyTorch's state_dict holds the buffers; ours are a second dict
+            raise ModelFileError(
+                f"the model has buffers ({', '.join(sorted(own_buffers)[:3])}{', ...' if len(own_buffers) > 3 else ''}) and none were given: "
+                "pass model.buffer_state_dict() as the second argument, load_state_dict(state, buffers)"
+            )
         if own_buffers or buffers:
             _check_names("buffers", own_buffers.keys(), (buffers or {}).keys())
         # Every value is checked before any is copied: a refused state leaves the model as it was.
@@ -309,6 +314,13 @@ class Sequential:
             _check_shape("parameter", name, values[name], param.data)
         for name, current in own_buffers.items():
             _check_shape("buffer", name, buffer_values[name], current)
+        checked = [("parameter", name, values[name]) for name in own] + [("buffer", name, buffer_values[name]) for name in own_buffers]
+        for kind, name, value in checked:  # a NaN or infinite weight makes every output NaN
+            if value.dtype.kind in "fc" and not bool(self.backend.xp.isfinite(value).all()):
+                raise ValueError(
+                    f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
+                    f"use a checkpoint saved before the run diverged, or train again"
+                )
         for name, param in own.items():
             param.data = self.backend.to_device(values[name].astype(self.backend.dtype))
         for name in own_buffers:

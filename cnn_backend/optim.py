@@ -119,6 +119,10 @@ class Optimizer:
 
     def step(self) -> None:
         """Apply one update from the gradients stored in the parameters."""
+        # Checked at every step, not only when built: a schedule (or code) sets ``lr`` between steps.
+        # Zero is a schedule's start or end (no update); a negative rate would climb the loss.
+        if not (isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"{type(self).__name__}: the learning rate must be a finite number >= 0, got {self.lr!r} (set by a schedule or by code)")
         self._follow_parameters()
         self.steps += 1
         if self._scratch is None:

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy
 
-from .data import BatchShare
+from .data import BatchLoader, BatchShare
 from .distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
 from .functional import cross_entropy_per_sample
 from .init import as_integer
 from .layers import BatchNorm, NonFiniteLogitsError, SoftmaxCrossEntropy
 from .layers.loss import check_label_range
-from .model import EVALUATION_BATCH_SIZE, Sequential
+from .model import EVALUATION_BATCH_SIZE, Sequential, _refuse_integer_input
 from .optim import SCHEDULE_TYPES, ConstantSchedule, OneCycleSchedule, Optimizer
 
 # -- recipes ----------------------------------------------------------------------------------------
@@ -215,9 +216,7 @@ def evaluate(
     if with_predictions and communicator.size > 1:
         raise ValueError("evaluate: predictions are gathered by a single process only")
     batch_size = as_integer(batch_size, "batch_size", 1)
-    labels = numpy.asarray(labels)
-    if labels.shape != (len(images),):
-        raise ValueError(f"evaluate: expected labels of shape ({len(images)},), one class index per image, got {labels.shape}")
+    labels = _checked_labels(images, labels, "evaluate")
     starts = list(range(0, len(labels), batch_size))
     first, last = _chunk_range(len(starts), communicator.rank, communicator.size)
     stop = starts[last] if last < len(starts) else len(labels)
@@ -247,6 +246,34 @@ def evaluate(
     if with_predictions:
         result["predictions"] = be.to_numpy(predicted)
     return result
+
+
+def _checked_labels(images, labels, where: str):
+    """``labels`` as a host array of one integer class index per image, refused in one line otherwise."""
+    labels = numpy.asarray(labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"{where}: expected labels of shape ({len(images)},), one class index per image, got {labels.shape}")
+    if not numpy.issubdtype(labels.dtype, numpy.integer):
+        raise ValueError(f"{where}: labels must be integer class indices, got {labels.dtype}")
+    return labels
+
+
+def _check_validation(model: Sequential, validation) -> None:
+    """Refuse before the first epoch a validation set that evaluate would refuse only after one."""
+    if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+        raise TypeError(f"fit: validation must be a pair (images, labels), got {type(validation).__name__}")
+    images, labels = validation
+    _refuse_integer_input(images, "fit: validation")
+    labels = _checked_labels(images, labels, "fit: validation")
+    outputs = _class_count(model)
+    if outputs is not None:
+        check_label_range(labels, outputs)
+
+
+def _class_count(model: Sequential) -> int | None:
+    """The model's number of outputs (classes), or None while it is not known (an unbuilt model)."""
+    shape = model.output_shape
+    return int(shape[0]) if shape is not None and len(shape) == 1 else None
 
 
 def _chunk_range(n_chunks: int, rank: int, size: int) -> tuple[int, int]:
@@ -287,6 +314,7 @@ class Trainer:
         communicator=None,
         label_smoothing: float = 0.0,
     ) -> None:
+        check_labels = _check_trainer_arguments(model, optimizer, loader)
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.schedule = schedule or ConstantSchedule(optimizer.lr)
         self.augment = augment
@@ -299,8 +327,9 @@ class Trainer:
                 "the parameters of process%s %s differed from rank 0's and were replaced by them",
                 "es" if len(replaced) > 1 else "", ", ".join(map(str, replaced)),
             )
-        # Labels were validated on the host by the loader: skip the per-step device syncs.
-        self.loss_fn = SoftmaxCrossEntropy(model.backend, check_inputs=False, label_smoothing=label_smoothing)
+        # Labels are checked per step (a device read each) unless the loader's are known to fit the model.
+        loss_type = _LabelCheckedLoss if check_labels else SoftmaxCrossEntropy
+        self.loss_fn = loss_type(model.backend, check_inputs=False, label_smoothing=label_smoothing)
         # Augmentations that draw per sample learn which part of each global batch they get.
         self._share_augment = getattr(augment, "set_batch_share", None)
 
@@ -369,6 +398,69 @@ class Trainer:
             self._share_augment(share)
 
 
+class _LabelCheckedLoss(SoftmaxCrossEntropy):
+    """The training loss, refusing labels outside the logits' classes (a label of -1 would train class 9
+    silently); non-finite logits are left to the loop, which names the step they appeared at."""
+
+    def forward(self, logits, labels):
+        if not isinstance(labels, self.backend.xp.ndarray):
+            labels = self.backend.to_device(labels)
+        if logits.ndim == 2:
+            check_label_range(labels, logits.shape[1])
+        return super().forward(logits, labels)
+
+
+def _check_trainer_arguments(model: Sequential, optimizer, loader) -> bool:
+    """Refuse, in one line each, arguments that would fail mid-epoch (or train nothing); returns
+    whether each batch's labels must be checked (False when the loader's are known to fit)."""
+    if not isinstance(optimizer, Optimizer):
+        given = "None" if optimizer is None else f"a {type(optimizer).__name__}"
+        raise TypeError(f"the optimizer must be a cnn_backend.optim.Optimizer (e.g. SGD(model.parameters(), lr=0.01)), got {given}")
+    if not callable(getattr(loader, "epoch", None)) or not hasattr(loader, "__len__"):
+        raise TypeError(
+            f"the loader must be a cnn_backend.data.BatchLoader (or an object with epoch(n) and len()), "
+            f"got a {type(loader).__name__}"
+        )
+    updated = {id(param) for param in optimizer.params}
+    parameters = model.parameters()
+    # A subset is fine (frozen layers); none at all means another model's optimiser.
+    if parameters and not any(id(param) in updated for param in parameters):
+        raise ValueError("the optimiser updates none of this model's parameters: build it with model.parameters()")
+    if not isinstance(loader, BatchLoader):
+        return True  # its labels are known only as each batch arrives: each is checked
+    _check_last_batch(model, loader)
+    outputs = _class_count(model)
+    labels = loader.labels  # validated non-negative integers; the largest is what must fit
+    if outputs is None or not len(labels):
+        return True
+    largest = int(labels.max())
+    if largest >= outputs:
+        raise ValueError(
+            f"the loader's labels go up to {largest} but the model has {outputs} outputs: build the model for "
+            f"{largest + 1} classes or more, or give the loader the data's labels"
+        )
+    return False
+
+
+def _check_last_batch(model: Sequential, loader: BatchLoader) -> None:
+    """BatchNorm needs two or more samples per process in every batch, the last (short) one included."""
+    if not has_batchnorm(model):
+        return
+    per_process = "" if loader.size == 1 else f" per process ({loader.size} processes)"
+    last = 0 if loader.drop_last else loader.num_samples % loader.batch_size
+    if loader.batch_size // loader.size < 2:
+        raise ValueError(
+            f"batches of {loader.batch_size} give BatchNorm {loader.batch_size // loader.size} sample{per_process}, and it "
+            f"cannot take statistics over a single one: choose a batch size of {2 * loader.size} or more"
+        )
+    if last and last // loader.size < 2:
+        raise ValueError(
+            f"the last batch of each epoch ({loader.num_samples} images in batches of {loader.batch_size}) gives BatchNorm "
+            f"{last // loader.size} sample{per_process}, and it cannot take statistics over a single one: pass "
+            f"drop_last=True to the BatchLoader, or another batch size"
+        )
+
+
 def _first_non_finite(values) -> int | None:
     bad = numpy.flatnonzero(~numpy.isfinite(values))
     return int(bad[0]) if bad.size else None
@@ -400,6 +492,14 @@ def fit(
     is then shared among the processes too, in chunks of ``validation_batch_size`` images (the
     samples per forward pass). ``label_smoothing``: that of the training loss (see :class:`Trainer`).
     """
+    epochs = as_integer(epochs, "fit: epochs", 1)
+    if isinstance(start_epoch, numbers.Integral) and start_epoch < 1:
+        raise ValueError(f"fit: start_epoch counts from 1 (the first epoch is 1), got {start_epoch}")
+    start_epoch = as_integer(start_epoch, "fit: start_epoch", 1)
+    if start_epoch > epochs:
+        raise ValueError(f"fit: start_epoch {start_epoch} is after the last epoch (epochs={epochs}): nothing would be trained")
+    if validation is not None:
+        _check_validation(model, validation)
     trainer = Trainer(
         model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every, communicator=communicator,
         label_smoothing=label_smoothing,

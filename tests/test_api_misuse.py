@@ -123,3 +123,77 @@ def test_the_documented_input_gradient_and_gradient_overwrite():
     shifted[1][pixel] -= h
     up, down = (float(loss_fn(model(s), labels)) for s in shifted)
     assert dx[pixel] == pytest.approx((up - down) / (2 * h), rel=1e-5)
+
+
+# -- what a PyTorch or Keras user writes by habit -----------------------------------------------------
+
+
+def test_sizes_given_positionally_as_keras_writes_them_say_which_argument_they_set():
+    from cnn_backend.layers import Convolution, FullyConnected
+
+    with pytest.raises(ValueError, match=r"^FullyConnected: out_features is missing; FullyConnected\(10\) sets in_features=10 "
+                                         r"\(the input size comes first\): write FullyConnected\(out_features=10\)"):
+        FullyConnected(10)
+    with pytest.raises(ValueError, match=r"^Convolution: kernel_size is missing; Convolution\(8, 3\) sets in_channels=8, out_channels=3 "
+                                         r".*write Convolution\(out_channels=8, kernel_size=3\)"):
+        Convolution(8, 3, padding=1)
+    assert FullyConnected(4, 3).out_features == 3 and Convolution(1, 8, 3).kernel_size == 3  # full positional calls stay
+
+
+def test_a_learning_rate_set_between_steps_is_checked_at_the_step():
+    from cnn_backend import SGD, Adam, seed_cnn
+
+    for make in (SGD, Adam):
+        model = seed_cnn()
+        optimizer = make(model.parameters(), lr=0.01)
+        model.forward(numpy.zeros((2, 1, 28, 28), numpy.float32))
+        model.backward(numpy.ones((2, 10), numpy.float32))
+        before = [p.data.copy() for p in model.parameters()]
+        for bad in (-0.1, float("nan"), float("inf")):
+            optimizer.lr = bad  # as a schedule or the user's code sets it
+            with pytest.raises(ValueError, match=rf"^{make.__name__}: the learning rate must be a finite number >= 0, got {bad!r}"):
+                optimizer.step()
+        assert all(numpy.array_equal(p.data, b) for p, b in zip(model.parameters(), before))  # nothing updated
+
+
+def test_prepare_images_takes_uint8_pixels_only():
+    from cnn_backend.data import prepare_images
+
+    pixels = numpy.full((2, 4, 4), 255, numpy.uint8)
+    assert prepare_images(pixels).max() == 1.0
+    with pytest.raises(ValueError, match=r"^prepare_images takes uint8 images \(0-255\), got float64: images already scaled"):
+        prepare_images(pixels / 255.0)
+    with pytest.raises(ValueError, match=r"^dtype must be one of float32, float64, got 'int32'"):
+        prepare_images(pixels, dtype="int32")
+    with pytest.raises(ValueError, match=r"^prepare_images takes images of shape \(N, H, W\) or \(N, C, H, W\), got \(4, 4\)"):
+        prepare_images(pixels[0])
+
+
+def test_load_state_dict_refuses_non_finite_weights_and_changes_nothing():
+    from cnn_backend import seed_cnn
+
+    model = seed_cnn()
+    state = model.state_dict()
+    before = {name: value.copy() for name, value in state.items()}
+    state["0.weight"] = state["0.weight"].copy()
+    state["0.weight"][0, 0, 0, 0] = numpy.nan
+    with pytest.raises(ValueError, match=r"^parameter 0\.weight holds NaN or infinite values, so the model's outputs would too"):
+        model.load_state_dict(state)
+    assert all(numpy.array_equal(model.state_dict()[name], value) for name, value in before.items())
+
+
+def test_load_state_dict_without_the_buffers_says_to_pass_them_and_an_unfinished_layer_names_what_it_lacks():
+    from cnn_backend import default_cnn
+    from cnn_backend.layers import Layer
+    from cnn_backend.serialization import ModelFileError
+
+    model = default_cnn()
+    with pytest.raises(ModelFileError, match=r"^the model has buffers \(.*, \.\.\.\) and none were given: pass model\.buffer_state_dict\(\) as the second argument"):
+        model.load_state_dict(default_cnn(seed=1).state_dict())
+    model.load_state_dict(default_cnn(seed=1).state_dict(), default_cnn(seed=1).buffer_state_dict())
+
+    class Unfinished(Layer):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"^Unfinished defines no forward\(x\): a layer implements forward and backward$"):
+        Unfinished().forward(numpy.zeros(2))

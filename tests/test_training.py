@@ -7,6 +7,7 @@ import pytest
 
 from cnn_backend import SGD, get_backend, seed_cnn
 from cnn_backend.data import BatchLoader, load_fashion_mnist, prepare_images
+from cnn_backend.layers import SoftmaxCrossEntropy
 from cnn_backend.model import ARCHITECTURES
 from cnn_backend.optim import OPTIMIZERS, ConstantSchedule, CosineSchedule, OneCycleSchedule, StepSchedule
 from cnn_backend.training import (
@@ -164,3 +165,127 @@ def test_the_epoch_training_loss_is_the_mean_over_samples_with_a_short_last_batc
     expected = evaluate(model, prepare_images(images, "float32"), labels)
     assert stats.train_loss == pytest.approx(expected["loss"], rel=1e-5)
     assert stats.train_accuracy == pytest.approx(expected["accuracy"])
+
+
+def small_run(fashion, count: int = 64, batch_size: int = 32, **loader_kwargs):
+    (train_x, train_y), _ = fashion
+    model = seed_cnn("cpu", seed=0)
+    optimizer = SGD(model.parameters(), lr=0.01, backend=model.backend)
+    return model, optimizer, BatchLoader(train_x[:count], train_y[:count], model.backend, batch_size, **loader_kwargs)
+
+
+@pytest.mark.parametrize("start_epoch", [0, -1, numpy.int64(0)])
+def test_fit_refuses_a_start_epoch_below_one(fashion, start_epoch):
+    model, optimizer, loader = small_run(fashion)
+    with pytest.raises(ValueError, match=rf"^fit: start_epoch counts from 1 \(the first epoch is 1\), got {int(start_epoch)}$"):
+        fit(model, optimizer, loader, 2, start_epoch=start_epoch)
+
+
+@pytest.mark.parametrize("epochs", [1.5, 0, -1, None])
+def test_fit_refuses_epochs_that_are_not_a_positive_integer(fashion, epochs):
+    model, optimizer, loader = small_run(fashion)
+    with pytest.raises(ValueError, match=r"^fit: epochs must be an integer >= 1, got "):
+        fit(model, optimizer, loader, epochs)
+
+
+def test_fit_refuses_a_start_epoch_after_the_last_and_takes_numpy_integers(fashion):
+    model, optimizer, loader = small_run(fashion)
+    with pytest.raises(ValueError, match=r"^fit: start_epoch 3 is after the last epoch \(epochs=1\): nothing would be trained$"):
+        fit(model, optimizer, loader, 1, start_epoch=3)
+    history = fit(model, optimizer, loader, numpy.int64(2), start_epoch=numpy.int32(2))
+    assert [stats.epoch for stats in history] == [2]
+
+
+def test_fit_refuses_a_loader_without_epoch_and_len(fashion):
+    model, optimizer, loader = small_run(fashion)
+    batches = list(loader.epoch(1))
+    for bad in (batches, iter(batches)):
+        with pytest.raises(TypeError, match=r"^the loader must be a cnn_backend\.data\.BatchLoader \(or an object with epoch\(n\) and len\(\)\), got a (list|list_iterator)$"):
+            fit(model, optimizer, bad, 1)
+
+
+def test_fit_and_trainer_refuse_what_is_not_an_optimizer(fashion):
+    model, optimizer, loader = small_run(fashion)
+    expected = r"^the optimizer must be a cnn_backend\.optim\.Optimizer \(e\.g\. SGD\(model\.parameters\(\), lr=0\.01\)\), got "
+    with pytest.raises(TypeError, match=expected + "None$"):
+        fit(model, None, loader, 1)
+    with pytest.raises(TypeError, match=expected + "a BatchLoader$"):
+        fit(model, loader, optimizer, 1)  # swapped
+    with pytest.raises(TypeError, match=expected + "a SoftmaxCrossEntropy$"):
+        Trainer(model, SoftmaxCrossEntropy(model.backend), loader)
+
+
+def test_an_optimiser_of_another_models_parameters_is_refused_and_a_subset_allowed(fashion):
+    model, _, loader = small_run(fashion)
+    other = seed_cnn("cpu", seed=0)
+    with pytest.raises(ValueError, match=r"^the optimiser updates none of this model's parameters: build it with model\.parameters\(\)$"):
+        fit(model, SGD(other.parameters(), lr=0.01, backend=model.backend), loader, 1)
+    frozen = model.parameters()[0]
+    before = frozen.data.copy()
+    fit(model, SGD(model.parameters()[1:], lr=0.01, backend=model.backend), loader, 1)
+    numpy.testing.assert_array_equal(frozen.data, before)
+
+
+def test_a_batch_loader_with_labels_beyond_the_models_outputs_is_refused_before_training(fashion):
+    (train_x, _), _ = fashion
+    model = seed_cnn("cpu", seed=0)
+    labels = numpy.arange(64) % 12  # labels up to 11 for a 10-output model
+    loader = BatchLoader(train_x[:64], labels, model.backend, 32, num_classes=12)
+    started = []
+    with pytest.raises(ValueError, match=r"^the loader's labels go up to 11 but the model has 10 outputs: build the model for 12 classes or more, or give the loader the data's labels$"):
+        fit(model, SGD(model.parameters(), lr=0.01, backend=model.backend), loader, 1, on_epoch_start=started.append)
+    assert started == []
+
+
+class NegativeLabelLoader:
+    """Batches of a real loader, with one label set to -1 (which would index class 9)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, index: int):
+        for x, y in self.loader.epoch(index):
+            y = y.copy()
+            y[0] = -1
+            yield x, y
+
+
+def test_a_custom_loader_yielding_a_negative_label_is_refused(fashion):
+    model, optimizer, loader = small_run(fashion)
+    with pytest.raises(ValueError, match=r"^SoftmaxCrossEntropy: labels must be in \[0, 9\], got values from -1 to \d$"):
+        fit(model, optimizer, NegativeLabelLoader(loader), 1)
+
+
+def test_evaluate_refuses_float_labels(fashion):
+    _, (val_x, val_y) = fashion
+    model = seed_cnn("cpu", seed=0)
+    with pytest.raises(ValueError, match=r"^evaluate: labels must be integer class indices, got float64$"):
+        evaluate(model, prepare_images(val_x), val_y.astype(numpy.float64))
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (lambda x, y: (prepare_images(x), y[:-1]), r"^fit: validation: expected labels of shape \(500,\), one class index per image, got \(499,\)$"),
+    (lambda x, y: (prepare_images(x), y.astype(numpy.float64)), r"^fit: validation: labels must be integer class indices, got float64$"),
+    (lambda x, y: (prepare_images(x), y + 1), r"^SoftmaxCrossEntropy: labels must be in \[0, 9\], got values from 1 to 10$"),
+    (lambda x, y: (x, y), r"^fit: validation: the input holds uint8 values, not floats; "),
+])
+def test_fit_checks_the_validation_set_before_the_first_epoch(fashion, bad, expected):
+    model, optimizer, loader = small_run(fashion)
+    _, (val_x, val_y) = fashion
+    started = []
+    with pytest.raises(ValueError, match=expected):
+        fit(model, optimizer, loader, 1, validation=bad(val_x, val_y), on_epoch_start=started.append)
+    assert started == []
+
+
+def test_a_batchnorm_network_refuses_a_last_batch_of_one_sample_up_front(fashion):
+    (train_x, train_y), _ = fashion
+    model = ARCHITECTURES["default"]("cpu", seed=0)
+    optimizer = SGD(model.parameters(), lr=0.01, backend=model.backend)
+    loader = BatchLoader(train_x[:65], train_y[:65], model.backend, 64)
+    with pytest.raises(ValueError, match=r"^the last batch of each epoch \(65 images in batches of 64\) gives BatchNorm 1 sample, and it cannot take statistics over a single one: pass drop_last=True to the BatchLoader, or another batch size$"):
+        fit(model, optimizer, loader, 1)
+    Trainer(model, optimizer, BatchLoader(train_x[:65], train_y[:65], model.backend, 64, drop_last=True))  # accepted

@@ -123,10 +123,10 @@ class Layer:
         return {"type": type(self).__name__, **self.config()}
 
     def forward(self, x):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no forward(x): a layer implements forward and backward")
 
     def backward(self, dy):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no backward(dy): a layer implements forward and backward")
 
     def __call__(self, x):
         return self.forward(x)
@@ -166,6 +166,18 @@ def constructor_options(cls: type) -> dict[str, inspect.Parameter]:
             continue
         options[name] = parameter
     return options
+
+
+def missing_size_after_positional(layer: str, missing: str, given: tuple, names: tuple) -> ValueError:
+    """The error for a short positional call (``Convolution(8, 3)``, ``FullyConnected(10)``, written as
+    Keras's layers are) whose first size went to the input size: what it set, and what was meant."""
+    call = ", ".join(repr(value) for value in given)
+    assigned = ", ".join(f"{name}={value!r}" for name, value in zip(names, given))
+    meant = ", ".join(f"{name}={value!r}" for name, value in zip(names[1:], given))
+    return ValueError(
+        f"{layer}: {missing} is missing; {layer}({call}) sets {assigned} (the input size comes first): "
+        f"write {layer}({meant}) to leave the input size to the input"
+    )
 
 
 def _size(layer: str, name: str, value, low: int) -> int:

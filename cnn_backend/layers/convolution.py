@@ -6,7 +6,7 @@ from .. import functional as F
 from ..backend import Backend
 from ..init import initial_weight, make_rng
 from ..parameters import Parameter
-from .base import Layer, ShapeError, _optional_size, _size
+from .base import Layer, ShapeError, _optional_size, _size, missing_size_after_positional
 
 
 class Convolution(Layer):
@@ -32,6 +32,10 @@ class Convolution(Layer):
         backend: Backend | str | None = None,
     ) -> None:
         super().__init__(backend)
+        if kernel_size is None and None not in (in_channels, out_channels):  # Convolution(8, 3), as Keras's Conv2D(8, 3)
+            raise missing_size_after_positional(
+                "Convolution", "kernel_size", (in_channels, out_channels), ("in_channels", "out_channels", "kernel_size")
+            )
         in_channels = _optional_size("Convolution", "in_channels", in_channels, 1)
         out_channels, kernel_size, stride, padding = (
             _size("Convolution", name, value, low)

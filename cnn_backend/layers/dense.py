@@ -8,7 +8,7 @@ from .. import functional as F
 from ..backend import Backend
 from ..init import initial_weight, make_rng
 from ..parameters import Parameter
-from .base import Layer, ShapeError, _optional_size, _size
+from .base import Layer, ShapeError, _optional_size, _size, missing_size_after_positional
 
 
 class Flatten(Layer):
@@ -63,6 +63,8 @@ class FullyConnected(Layer):
         backend: Backend | str | None = None,
     ) -> None:
         super().__init__(backend)
+        if out_features is None and in_features is not None:  # FullyConnected(10), as Keras's Dense(10) is written
+            raise missing_size_after_positional("FullyConnected", "out_features", (in_features,), ("in_features", "out_features"))
         in_features = _optional_size("FullyConnected", "in_features", in_features, 1)
         out_features = _size("FullyConnected", "out_features", out_features, 1)
         self.in_features, self.out_features, self.init = in_features, out_features, init
