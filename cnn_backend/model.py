@@ -52,6 +52,12 @@ class Sequential:
                     f"Sequential: item {index} is a {type(layer).__name__} ({layer!r:.40}), not a layer; pass layer "
                     f"objects (cnn_backend.layers), or build the network from a spec (cnn_backend.spec.build_model)"
                 )
+            first = next(i for i, other in enumerate(self.layers) if other is layer)
+            if first != index:  # one object twice: its caches and gradients would serve both places
+                raise ValueError(
+                    f"Sequential: item {index} ({type(layer).__name__}) is the same layer object as item {first}; "
+                    f"a layer takes one place in a network: make another (weights are not shared)"
+                )
         self.backend = self.layers[0].backend if backend is None else get_backend(backend)
         for layer in self.layers:
             if layer.backend is not self.backend:
@@ -148,7 +154,10 @@ class Sequential:
             x = self._forward_layers(x)
         except ShapeError as exc:
             if self.input_shape != tuple(x.shape[1:]):  # the usual cause: say it rather than its effect deep inside
-                raise ShapeError(f"{exc}; the model was built for samples of shape {self.input_shape}, this batch's are {tuple(x.shape[1:])}") from None
+                one_sample = "; for a single sample, pass x[None] (a batch of one)" if tuple(x.shape) == self.input_shape else ""
+                raise ShapeError(
+                    f"{exc}; the model was built for samples of shape {self.input_shape}, this batch's are {tuple(x.shape[1:])}{one_sample}"
+                ) from None
             raise
         self._output_shape, self._predicted_since_forward = tuple(x.shape), False
         return x
@@ -203,6 +212,8 @@ class Sequential:
         batch_size = as_integer(batch_size, "batch_size", 1)
         if not isinstance(x, self.backend.xp.ndarray):
             x = self.backend.to_numpy(x)
+        if x.ndim == 0:
+            raise ShapeError(f"Sequential.predict_logits: expected a batch of samples, got a single number ({x.dtype})")
         if not len(x):
             raise ShapeError("Sequential.predict_logits: no samples to predict (an empty input)")
         _refuse_integer_input(x, "Sequential.predict_logits")

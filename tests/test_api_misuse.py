@@ -197,3 +197,25 @@ def test_load_state_dict_without_the_buffers_says_to_pass_them_and_an_unfinished
 
     with pytest.raises(NotImplementedError, match=r"^Unfinished defines no forward\(x\): a layer implements forward and backward$"):
         Unfinished().forward(numpy.zeros(2))
+
+
+def test_predicting_a_number_or_one_unbatched_sample_says_what_to_pass():
+    from cnn_backend import seed_cnn
+    from cnn_backend.layers import ShapeError
+
+    model = seed_cnn()
+    with pytest.raises(ShapeError, match=r"^Sequential\.predict_logits: expected a batch of samples, got a single number \(float32\)$"):
+        model.predict(numpy.float32(1.0))
+    image = numpy.zeros((1, 28, 28), numpy.float32)
+    with pytest.raises(ShapeError, match=r"this batch's are \(28, 28\); for a single sample, pass x\[None\] \(a batch of one\)$"):
+        model.predict(image)
+    assert model.predict(image[None]).shape == (1,)
+
+
+def test_one_layer_object_in_two_places_is_refused_naming_both():
+    from cnn_backend import Sequential
+    from cnn_backend.layers import Flatten, FullyConnected, ReLU
+
+    dense = FullyConnected(4, 4)
+    with pytest.raises(ValueError, match=r"^Sequential: item 3 \(FullyConnected\) is the same layer object as item 1; a layer takes one place"):
+        Sequential([Flatten(), dense, ReLU(), dense], input_shape=(1, 2, 2))
