@@ -125,7 +125,7 @@ class Backend:
 
     def with_dtype(self, dtype: Any) -> "Backend":
         """The same device with another default float dtype."""
-        return type(self)(self.name, self.xp, self.signal, _float_dtype(dtype))
+        return type(self)(self.name, self.xp, self.signal, float_dtype(dtype))
 
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, dtype={self.dtype.name})"
@@ -138,7 +138,8 @@ class CudaBackend(Backend):
         self.xp.cuda.get_current_stream().synchronize()
 
 
-def _float_dtype(dtype: Any) -> numpy.dtype:
+def float_dtype(dtype: Any) -> numpy.dtype:
+    """``dtype`` as a NumPy dtype, refused in one line unless it is one of :data:`DTYPES`."""
     resolved = numpy.dtype(dtype)
     if resolved.name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {resolved.name!r}")
@@ -208,7 +209,7 @@ def cpu_backend(dtype: Any = "float32", parallel: bool = True) -> Backend:
     """
     if parallel:
         allocator.keep_freed_memory()
-    return (CpuBackend if parallel else Backend)("cpu", numpy, _SCIPY_SIGNAL, _float_dtype(dtype))
+    return (CpuBackend if parallel else Backend)("cpu", numpy, _SCIPY_SIGNAL, float_dtype(dtype))
 
 
 def cuda_backend(dtype: Any = "float32") -> CudaBackend:
@@ -237,7 +238,17 @@ def cuda_backend(dtype: Any = "float32") -> CudaBackend:
             f"cupyx.scipy.signal failed to import ({exc}); "
             f"the CUDA libraries are missing or mismatched: {CUDA_INSTALL_HINT}"
         ) from None
-    return CudaBackend("cuda", cupy, signal, _float_dtype(dtype))
+    return CudaBackend("cuda", cupy, signal, float_dtype(dtype))
+
+
+def backend_of(array) -> Backend | None:
+    """The backend whose arrays ``array`` is one of, in its dtype: a NumPy array the CPU's, a CuPy
+    array CUDA's; None for anything else (a stand-in device's array, a list)."""
+    if isinstance(array, numpy.ndarray):
+        return cpu_backend(array.dtype)
+    if type(array).__module__.startswith("cupy"):
+        return cuda_backend(array.dtype)
+    return None
 
 
 def cuda_nccl() -> ModuleType:

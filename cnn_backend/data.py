@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy
 
-from .backend import _float_dtype, get_backend
+from .backend import float_dtype, get_backend
 from .datasets.base import DATA_DIR_ENV, DataError, check_labels
 from .datasets.download import download_files
 from .datasets.idx import read_idx, read_labels, write_idx
@@ -261,7 +261,7 @@ def prepare_images(images, dtype="float32", normalization: Normalization | None 
         )
     if images.ndim not in (3, 4):
         raise ValueError(f"prepare_images takes images of shape (N, H, W) or (N, C, H, W), got {images.shape}")
-    dtype = _float_dtype(dtype)
+    dtype = float_dtype(dtype)
     if images.ndim == 3:
         images = images[:, None]
     scaled = images.astype(dtype)

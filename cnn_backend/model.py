@@ -46,13 +46,14 @@ class Sequential:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("Sequential needs at least one layer")
+        first_place: dict[int, int] = {}
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
                 raise ValueError(
                     f"Sequential: item {index} is a {type(layer).__name__} ({layer!r:.40}), not a layer; pass layer "
                     f"objects (cnn_backend.layers), or build the network from a spec (cnn_backend.spec.build_model)"
                 )
-            first = next(i for i, other in enumerate(self.layers) if other is layer)
+            first = first_place.setdefault(id(layer), index)
             if first != index:  # one object twice: its caches and gradients would serve both places
                 raise ValueError(
                     f"Sequential: item {index} ({type(layer).__name__}) is the same layer object as item {first}; "

@@ -21,12 +21,9 @@ import numbers
 import warnings
 from typing import Mapping, Sequence
 
-import numpy
-
-from .backend import DTYPES, Backend, cpu_backend, cuda_backend
+from .backend import DTYPES, Backend, backend_of
 from .init import as_integer
 from .layers import Layer
-from .model import Sequential
 from .parameters import FlatParameters, Parameter, shared_flat_buffer
 
 
@@ -65,17 +62,14 @@ class Optimizer:
         """The device the parameters live on, for an optimiser built without ``backend=``: the
         model's flat buffer knows it, and so does each parameter still in one (a subset of a
         model's); outside one, NumPy arrays are on the CPU, CuPy's on CUDA."""
-        if self._flat is not None:
-            return self._flat.backend
-        backends = {id(p.flat.backend): p.flat.backend for p in self.params if p.flat is not None}
-        if self.params and len(backends) == 1 and all(p.flat is not None for p in self.params):
-            return next(iter(backends.values()))
-        if self.params and all(isinstance(p.data, numpy.ndarray) for p in self.params):
-            return cpu_backend(self.params[0].data.dtype)
-        if self.params and all(type(p.data).__module__.startswith("cupy") for p in self.params):
-            return cuda_backend(self.params[0].data.dtype)
         if not self.params:
             raise ValueError(f"{type(self).__name__}: the parameter list is empty; pass model.parameters()")
+        in_flat_buffers = {None if p.flat is None else p.flat.backend for p in self.params}
+        if len(in_flat_buffers) == 1 and None not in in_flat_buffers:
+            return in_flat_buffers.pop()
+        by_array = [backend_of(p.data) for p in self.params]
+        if None not in by_array and len({backend.name for backend in by_array}) == 1:
+            return by_array[0]
         raise ValueError(
             f"{type(self).__name__}: cannot tell which device these parameters are on; pass backend=model.backend"
         )
@@ -366,8 +360,8 @@ def _checked_parameters(owner: str, params) -> list[Parameter]:
     """``params`` as a list, refused in one line unless every item is a float32 or float64
     :class:`Parameter` (a model, named parameters or a lone parameter are common slips)."""
     expected = f"{owner}: expected parameters (model.parameters()), got"
-    if isinstance(params, Sequential):
-        raise TypeError(f"{expected} a Sequential: pass model.parameters()")
+    if callable(getattr(params, "parameters", None)):  # a Sequential
+        raise TypeError(f"{expected} a {type(params).__name__}: pass model.parameters()")
     if isinstance(params, Layer):
         raise TypeError(f"{expected} a {type(params).__name__} layer: pass [param for _, param in layer.named_parameters()]")
     if isinstance(params, Parameter):

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy
 
-from .backend import Backend, _float_dtype
+from .backend import Backend, float_dtype
 
 STANDIN_NAME = "standin"
 
@@ -572,7 +572,7 @@ def standin_backend(dtype: Any = "float32", usage: DeviceUsage | None = None) ->
     usage = DeviceUsage() if usage is None else usage
     xp = DeviceNamespace(numpy, usage, usage.module_names, "xp", host_transfers=True)
     signal = DeviceNamespace(scipy.signal, usage, usage.signal_names, "signal")
-    return StandinBackend(STANDIN_NAME, xp, signal, _float_dtype(dtype))
+    return StandinBackend(STANDIN_NAME, xp, signal, float_dtype(dtype))
 
 
 def is_device_array(value: Any) -> bool:

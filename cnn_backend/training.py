@@ -327,9 +327,11 @@ class Trainer:
                 "the parameters of process%s %s differed from rank 0's and were replaced by them",
                 "es" if len(replaced) > 1 else "", ", ".join(map(str, replaced)),
             )
-        # Labels are checked per step (a device read each) unless the loader's are known to fit the model.
-        loss_type = _LabelCheckedLoss if check_labels else SoftmaxCrossEntropy
-        self.loss_fn = loss_type(model.backend, check_inputs=False, label_smoothing=label_smoothing)
+        # Labels are checked per step (a device read each) unless the loader's are known to fit the model;
+        # non-finite logits are left to the loop, which names the step they appeared at.
+        self.loss_fn = SoftmaxCrossEntropy(
+            model.backend, check_inputs=False, check_labels=check_labels, label_smoothing=label_smoothing
+        )
         # Augmentations that draw per sample learn which part of each global batch they get.
         self._share_augment = getattr(augment, "set_batch_share", None)
 
@@ -396,18 +398,6 @@ class Trainer:
         self.model.set_batch_share(share)
         if self._share_augment is not None:
             self._share_augment(share)
-
-
-class _LabelCheckedLoss(SoftmaxCrossEntropy):
-    """The training loss, refusing labels outside the logits' classes (a label of -1 would train class 9
-    silently); non-finite logits are left to the loop, which names the step they appeared at."""
-
-    def forward(self, logits, labels):
-        if not isinstance(labels, self.backend.xp.ndarray):
-            labels = self.backend.to_device(labels)
-        if logits.ndim == 2:
-            check_label_range(labels, logits.shape[1])
-        return super().forward(logits, labels)
 
 
 def _check_trainer_arguments(model: Sequential, optimizer, loader) -> bool:

@@ -17,14 +17,20 @@ class SoftmaxCrossEntropy:
     """Fused softmax + categorical cross-entropy: the loss of integer class labels given logits.
 
     ``check_inputs`` validates labels and logits (one device sync each); training loops that have
-    validated labels on the host turn it off and watch the loss value instead. ``label_smoothing``
+    validated labels on the host turn it off and watch the loss value instead. ``check_labels``
+    (default: ``check_inputs``) checks the labels' range alone, for loops that watch the loss but
+    take labels from a loader that did not validate them. ``label_smoothing``
     in [0, 1) replaces the one-hot target by ``(1 - label_smoothing) onehot + label_smoothing / K``
     (PyTorch's definition); it discourages over-confident logits.
     """
 
-    def __init__(self, backend: Backend | str | None = None, *, check_inputs: bool = True, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, backend: Backend | str | None = None, *, check_inputs: bool = True, check_labels: bool | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
         self.backend = cpu_backend() if backend is None else get_backend(backend)
         self.check_inputs = check_inputs
+        self.check_labels = check_inputs if check_labels is None else check_labels
         if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
                 or not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
@@ -46,17 +52,12 @@ class SoftmaxCrossEntropy:
             )
         if labels.dtype.kind not in "iu":
             raise ShapeError(f"SoftmaxCrossEntropy: labels must be integer class indices, got dtype {labels.dtype}")
-        if self.check_inputs:
-            self._check_values(logits, labels)
+        if self.check_labels:
+            check_label_range(labels, logits.shape[1])
+        if self.check_inputs and not bool(self.backend.xp.isfinite(logits).all()):
+            raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
         loss, self._dlogits = F.softmax_cross_entropy(self.backend, logits, labels, self.label_smoothing)
         return loss
-
-    def _check_values(self, logits, labels) -> None:
-        xp = self.backend.xp
-        n_classes = logits.shape[1]
-        check_label_range(labels, n_classes)
-        if not bool(xp.isfinite(logits).all()):
-            raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
 
     def backward(self):
         """Gradient of the mean loss with respect to the logits: ``(softmax - target) / N``."""
