@@ -288,6 +288,11 @@ class GraphBuilder:
         self.nodes.append(self.helper.make_node(op, inputs, outputs, name=name, **attributes))
         return outputs[0]
 
+    def layer(self, layer, prefix: str, x: str, shape) -> tuple[str, Shape]:
+        """Emit the nodes of ``layer`` (a container's inner layer, placed at ``prefix``) reading
+        tensor ``x`` of per-sample ``shape``; returns its output's name and per-sample shape."""
+        return export_layer(self, layer, LayerPath(prefix, type(layer).__name__), x, tuple(int(size) for size in shape))
+
     def rename_output(self, old: str, new: str) -> None:
         """Give the graph's final tensor its public name."""
         for node in self.nodes:

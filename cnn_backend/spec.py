@@ -51,8 +51,10 @@ class SpecError(ValueError):
 
 REQUIRED = object()
 #: option -> (accepted Python types, default or REQUIRED, allowed values or None)
-_INT, _NUMBER, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
-LAYER_OPTIONS: dict[str, dict[str, tuple]] = {
+_INT, _NUMBER, _BOOL, _STR, _LAYERS = (int,), (int, float), (bool,), (str,), (list,)
+#: the options of the built-in types; those of a registered class are read from its constructor
+#: (:func:`layer_options`), so the one registry of types is :data:`cnn_backend.layers.LAYER_TYPES`
+BUILTIN_OPTIONS: dict[str, dict[str, tuple]] = {
     "Convolution": {
         "out_channels": (_INT, REQUIRED, None),
         "kernel_size": (_INT, REQUIRED, None),
@@ -74,10 +76,10 @@ LAYER_OPTIONS: dict[str, dict[str, tuple]] = {
     "Tanh": {},
     "Sigmoid": {},
     "GELU": {},
-    "Residual": {"layers": ((list,), REQUIRED, None)},
+    "Residual": {"layers": (_LAYERS, REQUIRED, None)},
 }
 #: the types this library defines: :func:`register_layer` refuses to replace them
-BUILTIN_LAYER_TYPES = frozenset(LAYER_OPTIONS)
+BUILTIN_LAYER_TYPES = frozenset(BUILTIN_OPTIONS)
 TOP_LEVEL_KEYS = ("layers", "name", "description")
 SPEC_SUFFIXES = (".toml", ".json")
 ARCHITECTURES_PACKAGE = "cnn_backend.architectures"
@@ -208,15 +210,15 @@ def _normalize_entry(entry, label: str) -> dict:
     if "type" not in entry:
         raise SpecError(f"{label}: missing the layer type (type = \"Convolution\", \"ReLU\", ...)")
     kind = entry["type"]
-    known = [name for name in LAYER_OPTIONS if name in LAYER_TYPES]
-    if not isinstance(kind, str) or kind not in known:
+    known = [*BUILTIN_OPTIONS, *(name for name in LAYER_TYPES if name not in BUILTIN_OPTIONS)]
+    if not isinstance(kind, str) or kind not in LAYER_TYPES:
         close = difflib.get_close_matches(str(kind), known, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise SpecError(
             f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(known)} "
             f"(a layer class of your own: cnn_backend.register_layer, or --import MODULE on the command line)"
         )
-    options = LAYER_OPTIONS[kind]
+    options = layer_options(kind)
     normalized = {"type": kind}
     for name, value in entry.items():
         if name == "type":
@@ -246,7 +248,7 @@ def _normalize_entry(entry, label: str) -> dict:
         if default is REQUIRED:
             raise SpecError(f"{label}: missing required option {name!r}")
         normalized[name] = default
-    if kind == "Residual":
+    if "layers" in options:  # Residual or a container of one's own: its inner layer tables
         normalized["layers"] = _normalize_layers(normalized["layers"], f"{label} > ")
     return normalized
 
@@ -277,10 +279,12 @@ def register_layer(cls: type) -> type:
     Each is typed by its annotation (``int``, ``float``, ``bool``, ``str``; ``T | None`` takes None
     too), else by its default's type, else checked by the constructor alone. The class's
     ``config()`` (else its same-named attributes) must give back those options: see
-    :func:`spec_entry`. Registering the same class again (a module reloaded, a notebook cell run
-    twice) replaces it; a built-in type's name, a name another class holds, an option called
-    ``type`` or ``layers``, and a container (a class defining ``children()``) are refused. See
-    ``docs/custom-layers.md``.
+    :func:`spec_entry`. A container (a class defining ``children()``, as ``Residual``) takes its
+    inner layers as the constructor argument ``layers`` and keeps them, in order, in
+    ``self.layers``: a spec writes them as inner layer tables. Registering the same class again (a
+    module reloaded, a notebook cell run twice) replaces it; a built-in type's name, a name another
+    class holds, an option called ``type``, one called ``layers`` on a class that holds no layers,
+    and a container without that argument are refused. See ``docs/custom-layers.md``.
     """
     if not (isinstance(cls, type) and issubclass(cls, Layer)):
         raise TypeError(f"register_layer takes a subclass of cnn_backend.layers.Layer, got {cls!r}")
@@ -290,19 +294,27 @@ def register_layer(cls: type) -> type:
     held = LAYER_TYPES.get(name)
     if held is not None and _qualified_name(held) != _qualified_name(cls):
         raise ValueError(f"the layer type {name} is already registered by {_qualified_name(held)}: rename one of the two classes")
-    if cls.children is not Layer.children:
-        raise TypeError(f"{name} holds other layers (it defines children()), which a spec cannot rebuild: build networks with it in Python")
     options = _constructor_options(cls)
-    taken = [option for option in options if option in _RESERVED_OPTIONS]
+    container = cls.children is not Layer.children
+    if container and "layers" not in options:
+        raise TypeError(
+            f"{name} holds other layers (it defines children()): a spec rebuilds such a layer when its constructor "
+            f"takes them as `layers` and keeps them in self.layers; add that argument, or build networks with it in Python"
+        )
+    taken = [option for option in options if option == "type" or option == "layers" and not container]
     if taken:
         raise ValueError(f"{name}: an option cannot be called {taken[0]!r} (a spec entry's {taken[0]!r} means something else): rename it")
-    LAYER_OPTIONS[name] = options
     LAYER_TYPES[name] = cls
     return cls
 
 
-#: keys a spec entry gives their own meaning: the type's name, a Residual's inner layers
-_RESERVED_OPTIONS = ("type", "layers")
+def layer_options(kind: str) -> dict[str, tuple]:
+    """The options a spec entry of the registered type ``kind`` takes: option -> (accepted Python
+    types or None, default or :data:`REQUIRED`, allowed values or None). A built-in type's are
+    :data:`BUILTIN_OPTIONS`; a registered class's are read from its constructor. ``layers`` among
+    them marks a container: its value is the list of inner layer tables."""
+    options = BUILTIN_OPTIONS.get(kind)
+    return _constructor_options(LAYER_TYPES[kind]) if options is None else options
 
 
 def _qualified_name(cls: type) -> str:
@@ -327,7 +339,8 @@ def _accepted_types(hint, default) -> tuple | None:
 
 
 def _constructor_options(cls: type) -> dict[str, tuple]:
-    """The :data:`LAYER_OPTIONS` entry of a registered class, read from its constructor."""
+    """The :func:`layer_options` of a registered class, read from its constructor (a container's
+    ``layers``, whatever its annotation or default, is a required list of layer tables)."""
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an annotation that does not evaluate: type the options by their defaults
@@ -336,6 +349,8 @@ def _constructor_options(cls: type) -> dict[str, tuple]:
     for name, parameter in constructor_options(cls).items():
         default = REQUIRED if parameter.default is parameter.empty else parameter.default
         options[name] = (_accepted_types(hints.get(name), default), default, None)
+    if "layers" in options and cls.children is not Layer.children:
+        options["layers"] = (_LAYERS, REQUIRED, None)
     return options
 
 
@@ -345,11 +360,10 @@ def _constructor_options(cls: type) -> dict[str, tuple]:
 def _make_layer(entry: dict, backend: Backend, label: str, algorithm: str | None) -> Layer:
     options = {key: value for key, value in entry.items() if key != "type"}
     kind = entry["type"]
-    if kind == "Residual":
-        inner = [
+    if "layers" in options:  # a container: its inner layers first, in order (they draw their parameters first)
+        options["layers"] = [
             _make_layer(child, backend, f"{label} > {_label(i, child, '')}", algorithm) for i, child in enumerate(options["layers"])
         ]
-        return LAYER_TYPES[kind](inner, backend=backend)
     if kind == "Convolution" and algorithm is not None and options["algorithm"] == "auto":
         options["algorithm"] = algorithm
     try:
@@ -369,9 +383,14 @@ def _make_layer(entry: dict, backend: Backend, label: str, algorithm: str | None
 
 def _check_options_kept(layer: Layer, entry: dict, label: str) -> None:
     """Refuse a layer of one's own whose ``config()`` would not rebuild it as ``entry`` built it: its
-    model files would load another network, or none."""
+    model files would load another network, or none. A container's inner layers are checked as
+    they are built (and recorded from ``self.layers``, which must hold them as given)."""
     recorded = spec_entry(layer, label)
     for name, value in entry.items():
+        if name == "layers":
+            if len(recorded["layers"]) != len(value):
+                raise SpecError(f"{label}: self.layers holds {len(recorded['layers'])} layers for a layer built with {len(value)}: keep the inner layers, as given, in self.layers")
+            continue
         if recorded.get(name) != value:
             raise SpecError(
                 f"{label}: its config() gives {name}={recorded.get(name)!r} for a layer built with {name}={value!r}: "
@@ -383,25 +402,26 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
     """``layer``'s architecture-file entry, as model files and checkpoints record it.
 
     A registered class of one's own is checked as a spec file's entry would be (its options, their
-    types; NumPy numbers become Python ones; input sizes left out) and must be JSON-ready. A
-    Residual's inner layers are checked alike. Other layers give ``layer.spec()``.
+    types; NumPy numbers become Python ones; input sizes left out) and must be JSON-ready. The inner
+    layers of a container (Residual, or one of one's own) are read from ``layer.layers`` and checked
+    alike. Other layers give ``layer.spec()``.
     """
     kind = type(layer).__name__
     label = label or f"layer ({kind})"
     if kind == "Residual":
-        entry = layer.spec()
-        entry["layers"] = [spec_entry(inner, f"{label} > layer {i} ({type(inner).__name__})") for i, inner in enumerate(layer.layers)]
-        return entry
+        return {**layer.spec(), "layers": _inner_entries(layer, label)}
     registered = LAYER_TYPES.get(kind)
     if kind in BUILTIN_LAYER_TYPES or registered is None or _qualified_name(registered) != _qualified_name(type(layer)):
         return layer.spec()
-    options = LAYER_OPTIONS[kind]
+    options = layer_options(kind)
     if type(layer).config is Layer.config:
-        unread = [option for option in options if not hasattr(layer, option)]
+        unread = [option for option in options if option != "layers" and not hasattr(layer, option)]
         if unread:
             raise SpecError(f"{label}: define config() returning its options ({kind} has no attribute {unread[0]!r} to read that option from)")
     # The class's name, not the one a built-in parent's spec() writes; input sizes are inferred, never recorded.
     entry = {**{key: value for key, value in layer.spec().items() if key in options or not key.startswith("in_")}, "type": kind}
+    if "layers" in options:
+        entry["layers"] = _inner_entries(layer, label)
     try:
         normalized = _normalize_entry(entry, label)
     except SpecError as exc:
@@ -414,6 +434,14 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
                 f"{label}: config() gives {name}={value!r}, which a model file cannot hold: return numbers, strings, true/false or lists"
             ) from None
     return normalized
+
+
+def _inner_entries(layer: Layer, label: str) -> list[dict]:
+    """The spec entries of a container's inner layers, ``layer.layers`` in order."""
+    inner = getattr(layer, "layers", None)
+    if not (isinstance(inner, (list, tuple)) and inner and all(isinstance(child, Layer) for child in inner)):
+        raise SpecError(f"{label}: keep the inner layers in self.layers, a list of layers: model files record them from there")
+    return [spec_entry(child, f"{label} > layer {i} ({type(child).__name__})") for i, child in enumerate(inner)]
 
 
 def _check_input_shape(input_shape) -> tuple:

@@ -55,10 +55,11 @@ def _count(layer: Layer) -> int:
 
 def _describe(layer: Layer) -> str:
     """The options a spec would need to write for this layer (those left at their default omitted)."""
-    from .spec import LAYER_OPTIONS
+    from .spec import LAYER_TYPES, layer_options
 
     options = layer.spec()
-    known = LAYER_OPTIONS.get(options.pop("type"), {})
+    kind = options.pop("type")
+    known = layer_options(kind) if LAYER_TYPES.get(kind) is type(layer) else {}
     options.pop("layers", None)
     shown = {key: value for key, value in options.items() if key not in known or known[key][1] != value}
     if isinstance(layer, (MaxPool, AvgPool)) and shown.get("stride") == layer.pool_size:

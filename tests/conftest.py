@@ -74,10 +74,8 @@ def registry_restored():
     """Layer types registered during the test (``register_layer``) are forgotten after it, as in a
     new process: registrations are process-wide."""
     from cnn_backend.layers import LAYER_TYPES
-    from cnn_backend.spec import LAYER_OPTIONS
 
-    saved = [(registry, dict(registry)) for registry in (LAYER_TYPES, LAYER_OPTIONS)]
+    saved = dict(LAYER_TYPES)
     yield
-    for registry, contents in saved:
-        registry.clear()
-        registry.update(contents)
+    LAYER_TYPES.clear()
+    LAYER_TYPES.update(saved)

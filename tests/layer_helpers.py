@@ -56,7 +56,5 @@ def import_example_layers(name: str):
 def forget_layer_type(name: str) -> None:
     """As a new process that did not import its module: the type ``name`` unregistered."""
     from cnn_backend.layers import LAYER_TYPES
-    from cnn_backend.spec import LAYER_OPTIONS
 
     LAYER_TYPES.pop(name, None)
-    LAYER_OPTIONS.pop(name, None)

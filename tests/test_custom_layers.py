@@ -14,8 +14,8 @@ from cnn_backend.checkpoint import load_checkpoint
 from cnn_backend.gradcheck import GradientCheckError, check_layer_gradients
 from cnn_backend.layers import LAYER_TYPES, Layer, SoftmaxCrossEntropy
 from cnn_backend.optim import SGD
+from cnn_backend.spec import layer_options
 from cnn_backend.parameters import Parameter
-from cnn_backend.spec import LAYER_OPTIONS
 from cnn_backend.testing import standin_backend
 from cnn_backend.training import train_step
 
@@ -71,7 +71,7 @@ def test_options_are_checked_by_their_annotation_or_default_and_required_ones_mu
             return x
 
     register_layer(Shift)
-    assert set(LAYER_OPTIONS["Shift"]) == {"amount", "repeats", "label"}  # no backend, rng or inferred in_* size
+    assert set(layer_options("Shift")) == {"amount", "repeats", "label"}  # no backend, rng or inferred in_* size
     cases = {
         "missing required option 'amount'": {"type": "Shift"},
         "repeats must be an integer, got 2.5": {"type": "Shift", "amount": 1, "repeats": 2.5},
@@ -378,15 +378,17 @@ def test_errors_of_ones_own_constructor_and_build_name_the_layer_in_one_line():
         build_model({"layers": [{"type": "NeedsThreeChannels"}, {"type": "Flatten"}]}, (1, 2, 2))
 
 
-def test_registration_refuses_an_option_a_spec_entry_reserves_and_a_container():
+def test_registration_refuses_an_option_a_spec_entry_reserves_and_a_container_without_layers():
     with pytest.raises(ValueError, match=r"^Typed: an option cannot be called 'type' .*: rename it$"):
         register_layer(type("Typed", (Layer,), {"__init__": lambda self, type="a", *, backend=None: Layer.__init__(self, backend)}))
+    with pytest.raises(ValueError, match=r"^Listed: an option cannot be called 'layers' .*: rename it$"):
+        register_layer(type("Listed", (Layer,), {"__init__": lambda self, layers=(), *, backend=None: Layer.__init__(self, backend)}))
 
     class Stack(Layer):
         def children(self):
             return []
 
-    with pytest.raises(TypeError, match=r"^Stack holds other layers \(it defines children\(\)\), which a spec cannot rebuild"):
+    with pytest.raises(TypeError, match=r"^Stack holds other layers \(it defines children\(\)\): a spec rebuilds such a layer when its constructor takes them as `layers`"):
         register_layer(Stack)
 
 
@@ -489,3 +491,106 @@ def test_integer_buffers_keep_their_dtype_through_files_and_moves(tmp_path):
     assert loaded[1].buffers["seen"].dtype == numpy.int64 and int(loaded[1].buffers["seen"]) == 2**24 + 1
     moved = loaded.to(cpu_backend("float64"))
     assert moved[1].buffers["seen"].dtype == numpy.int64
+
+
+# -- containers of one's own: examples/rezero.py --------------------------------------------------------
+
+
+@pytest.fixture()
+def rezero_module():
+    return import_example_layers("rezero")
+
+
+def rezero_spec(**options) -> dict:
+    block = {"type": "ReZero", "layers": [{"type": "Convolution", "out_channels": 3, "kernel_size": 3, "padding": 1}, {"type": "BatchNorm"}, {"type": "ReLU"}], **options}
+    return {"layers": [{"type": "Convolution", "out_channels": 3, "kernel_size": 3}, block, {"type": "Flatten"}, {"type": "FullyConnected", "out_features": 4}]}
+
+
+def test_a_container_of_ones_own_is_built_from_inner_layer_tables_trains_saves_and_loads(rezero_module, tmp_path):
+    model = build_model(rezero_spec(initial_alpha=0.5), (1, 8, 8), seed=0)
+    block = model[1]
+    assert isinstance(block, rezero_module.ReZero) and block.initial_alpha == 0.5
+    assert [type(layer).__name__ for layer in block.layers] == ["Convolution", "BatchNorm", "ReLU"]
+    names = [name for name, _ in model.named_parameters()]
+    assert names[2:5] == ["1.alpha", "1.layers.0.weight", "1.layers.0.bias"]
+    optimizer = SGD(model.parameters(), lr=0.1, backend=model.backend)
+    x, y = images(), numpy.arange(6) % 4
+    for _ in range(3):
+        train_step(model, SoftmaxCrossEntropy(model.backend), optimizer, x, y)
+    assert block.params["alpha"].data[0] != 0.5 and block.layers[1].buffers["running_mean"].any()
+    expected = model.eval().forward(x)
+    assert not block.layers[1].training  # eval() reached the inner BatchNorm
+    loaded = Sequential.load(model.save(tmp_path / "model.npz"))
+    assert loaded.config()["layers"][1] == model.config()["layers"][1] == {**rezero_spec(initial_alpha=0.5)["layers"][1], "layers": [
+        layer.spec() for layer in block.layers]}
+    numpy.testing.assert_array_equal(loaded.eval().forward(x), expected)
+    assert [row.name for row in loaded.summary().rows][1:5] == ["1", "1.layers.0", "1.layers.1", "1.layers.2"]
+
+
+def test_a_container_of_ones_own_passes_the_gradient_check_and_a_wrong_inner_backward_is_caught(rezero_module):
+    from cnn_backend.layers import Convolution, ReLU
+
+    report = check_layer_gradients(rezero_module.ReZero([Convolution(out_channels=3, kernel_size=3, padding=1), ReLU()], initial_alpha=0.5), input_shape=(3, 4, 4))
+    assert set(report.worst) == {"input", "alpha", "layers.0.weight", "layers.0.bias"}
+    register_layer(WrongScaleGradient)
+    with pytest.raises(GradientCheckError, match=r"parameter 'layers\.0\.scale'"):
+        check_layer_gradients(rezero_module.ReZero([WrongScaleGradient()], initial_alpha=0.5), input_shape=(3, 4, 4))
+
+
+def test_a_container_of_ones_own_names_its_inner_layers_in_spec_errors(rezero_module):
+    cases = {
+        "layer 1 (ReZero): missing required option 'layers'": {"type": "ReZero"},
+        "layer 1 (ReZero): layers must be a list of layer tables, got 3": {"type": "ReZero", "layers": 3},
+        "layer 1 (ReZero) > layer 0 (Convolution): unknown option 'filters'": {"type": "ReZero", "layers": [{"type": "Convolution", "filters": 3}]},
+        "layer 1 (ReZero): the inner layers give (5, 6, 6) for an input of (3, 6, 6)": {"type": "ReZero", "layers": [{"type": "Convolution", "out_channels": 5, "kernel_size": 1}]},
+        "layer 1 (ReZero): initial_alpha must be a number, got 'a'": {"type": "ReZero", "layers": [{"type": "ReLU"}], "initial_alpha": "a"},
+    }
+    for message, block in cases.items():
+        spec = rezero_spec()
+        spec["layers"][1] = block
+        with pytest.raises(SpecError) as caught:
+            build_model(spec, (1, 8, 8))
+        assert message in str(caught.value), str(caught.value)
+
+
+def test_a_container_that_does_not_keep_its_inner_layers_in_self_layers_is_refused(rezero_module):
+    class Forgetful(rezero_module.ReZero):
+        def __init__(self, layers, initial_alpha: float = 0.0, *, backend=None):
+            super().__init__(layers, initial_alpha, backend=backend)
+            self.layers = self.layers[:1]
+
+    class Hidden(rezero_module.ReZero):
+        def __init__(self, layers, initial_alpha: float = 0.0, *, backend=None):
+            super().__init__(layers, initial_alpha, backend=backend)
+            self.blocks = self.layers
+            del self.layers
+
+        def children(self):
+            return [(f"blocks.{index}", layer) for index, layer in enumerate(self.blocks)]
+
+        def config(self):
+            return {"layers": [], "initial_alpha": self.initial_alpha}
+
+    for cls, message in ((Forgetful, r"self\.layers holds 1 layers for a layer built with 3"), (Hidden, r"keep the inner layers in self\.layers, a list of layers")):
+        register_layer(cls)
+        spec = rezero_spec()
+        spec["layers"][1]["type"] = cls.__name__
+        with pytest.raises(SpecError, match=rf"^layer 1 \({cls.__name__}\): {message}"):
+            build_model(spec, (1, 8, 8))
+
+
+def test_the_rezero_example_matches_the_cpu_on_the_stand_in_with_names_cupy_has(rezero_module):
+    spec = rezero_spec(initial_alpha=0.3)
+    standin = standin_backend("float64")
+    on_device = build_model(spec, (1, 8, 8), backend=standin, seed=1)
+    on_cpu = build_model(spec, (1, 8, 8), backend=cpu_backend("float64", parallel=False), seed=1)
+    x = images().astype(numpy.float64) - 0.5
+    numpy.testing.assert_allclose(standin.to_numpy(on_device.forward(standin.to_device(x))), on_cpu.forward(x), rtol=1e-12, atol=1e-12)
+    on_device.backward(standin.to_device(numpy.ones((6, 4))))
+    on_cpu.backward(numpy.ones((6, 4)))
+    numpy.testing.assert_allclose(standin.to_numpy(on_device[1].params["alpha"].grad), on_cpu[1].params["alpha"].grad, rtol=1e-12)
+    pytest.importorskip("cupy", reason="CuPy is not installed, so the names cannot be checked against it (pip install cupy-cuda12x; no GPU needed)")
+    from cnn_backend.testing import missing_cupy_names
+
+    missing = missing_cupy_names(standin.usage)
+    assert not any(missing.values()), missing

@@ -428,6 +428,17 @@ def test_a_layer_of_ones_own_with_export_onnx_matches_onnxruntime(bundled, regis
     assert_matches_library(model, images)
 
 
+def test_a_container_of_ones_own_exports_its_inner_layers_through_graph_layer(bundled, registry_restored):
+    import_example_layers("rezero")  # ReZero writes its inner layers with graph.layer, then Mul and Add
+    images, labels = bundled
+    model = train_briefly(build_model(EXAMPLES / "rezero.toml", (1, 28, 28), seed=5), images, labels)
+    alphas = [float(layer.params["alpha"].data[0]) for layer in model.layers if type(layer).__name__ == "ReZero"]
+    assert len(alphas) == 2 and all(alpha != 0 for alpha in alphas)  # trained away from the identity
+    graph = build_onnx_model(model)
+    assert {"3.layers.0.conv", "7.layers.1.batchnorm", "3.add"} <= {node.name for node in graph.graph.node}
+    assert_matches_library(model, images)
+
+
 def test_cli_exports_a_layer_of_ones_own_with_its_module_and_refuses_it_without(tmp_path, capsys, registry_restored):
     import_example_layers("prelu")
     checkpoint = save_model(build_model(EXAMPLES / "prelu.toml", (1, 28, 28), seed=0), tmp_path / "model.npz")
