@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy
+
 from .backend import Backend, get_backend
 from .data import count_non_finite_samples
 from .init import as_integer, make_rng
@@ -326,17 +328,25 @@ class Sequential:
             _check_shape("parameter", name, values[name], param.data)
         for name, current in own_buffers.items():
             _check_shape("buffer", name, buffer_values[name], current)
+        dtype, finite = self.backend.dtype, lambda value: value.dtype.kind not in "fc" or bool(self.backend.xp.isfinite(value).all())
         checked = [("parameter", name, values[name]) for name in own] + [("buffer", name, buffer_values[name]) for name in own_buffers]
         for kind, name, value in checked:  # a NaN or infinite weight makes every output NaN
-            if value.dtype.kind in "fc" and not bool(self.backend.xp.isfinite(value).all()):
+            if not finite(value):
                 raise ValueError(
                     f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
                     f"use a checkpoint saved before the run diverged, or train again"
                 )
+        with numpy.errstate(over="ignore"):  # a float64 value beyond float32's range: refused below, in one line
+            values = {name: value.astype(dtype) for name, value in values.items()}
+            buffer_values = {name: buffer_in_dtype(value, dtype) for name, value in buffer_values.items()}
+        checked = [("parameter", name, values[name]) for name in own] + [("buffer", name, buffer_values[name]) for name in own_buffers]
+        for kind, name, value in checked:
+            if not finite(value):
+                raise ValueError(f"{kind} {name} holds values too large for {dtype.name}: load it into a float64 model (dtype='float64')")
         for name, param in own.items():
-            param.data = self.backend.to_device(values[name].astype(self.backend.dtype))
+            param.data = values[name]
         for name in own_buffers:
-            self.set_buffer(name, self.backend.to_device(buffer_in_dtype(buffer_values[name], self.backend.dtype)))
+            self.set_buffer(name, buffer_values[name])
 
     def set_buffer(self, name: str, value) -> None:
         """Replace the buffer ``name`` (as in :meth:`named_buffers`) with the device array ``value``

@@ -180,6 +180,13 @@ def test_load_state_dict_refuses_non_finite_weights_and_changes_nothing():
     with pytest.raises(ValueError, match=r"^parameter 0\.weight holds NaN or infinite values, so the model's outputs would too"):
         model.load_state_dict(state)
     assert all(numpy.array_equal(model.state_dict()[name], value) for name, value in before.items())
+    state["0.weight"] = before["0.weight"].astype(numpy.float64)
+    state["0.weight"][0, 0, 0, 1] = 1e300  # finite in float64, infinite once cast to the model's float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no overflow warning on the way
+        with pytest.raises(ValueError, match=r"^parameter 0\.weight holds values too large for float32: load it into a float64 model \(dtype='float64'\)$"):
+            model.load_state_dict(state)
+    assert all(numpy.array_equal(model.state_dict()[name], value) for name, value in before.items())
 
 
 def test_load_state_dict_without_the_buffers_says_to_pass_them_and_an_unfinished_layer_names_what_it_lacks():

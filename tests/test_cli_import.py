@@ -202,17 +202,17 @@ def test_a_dotted_name_taken_by_another_module_than_the_file_in_the_current_fold
 
     (imports_undone / "json.py").write_text("raise RuntimeError('never run')\n")
     status, _, err = run_main(capsys, "summary", "--import", "json")
-    one_error_line(err, f"argument --import: cannot import 'json': the name is taken by {json.__file__}, not ./json.py; rename the file")
+    one_error_line(err, f"argument --import: cannot import 'json': the module name 'json' is taken by {json.__file__}, not ./json.py; rename the file")
     assert status == 2
     (imports_undone / "email").mkdir()
     (imports_undone / "email" / "__init__.py").write_text("")
     (imports_undone / "email" / "my_layers.py").write_text("")
     status, _, err = run_main(capsys, "summary", "--import", "email.my_layers")
-    one_error_line(err, "cannot import 'email.my_layers': the name is taken by", "email/__init__.py, not ./email/; rename the file")
+    one_error_line(err, "cannot import 'email.my_layers': the module name 'email' is taken by", "email/__init__.py, not ./email/; rename the file")
     assert status == 2
     (imports_undone / "sys.py").write_text("")
     status, _, err = run_main(capsys, "summary", "--import", "sys")
-    one_error_line(err, "cannot import 'sys': the name is taken by a built-in module, not ./sys.py; rename the file")
+    one_error_line(err, "cannot import 'sys': the module name 'sys' is taken by a built-in module, not ./sys.py; rename the file")
     assert status == 2
 
 
@@ -224,7 +224,7 @@ def test_a_file_named_after_a_module_not_imported_yet_is_refused_rather_than_put
     (imports_undone / "mine").mkdir()
     (imports_undone / "mine" / "tabnanny.py").write_text("raise RuntimeError('never run')\n")
     status, _, err = run_main(capsys, "summary", "--import", "mine/tabnanny.py")
-    one_error_line(err, f"argument --import: cannot import 'mine/tabnanny.py': the module name 'tabnanny' is taken by {standard}; rename the file")
+    one_error_line(err, f"argument --import: cannot import 'mine/tabnanny.py': the module name 'tabnanny' is taken by {standard}, not mine/tabnanny.py; rename the file")
     assert status == 2
     assert "tabnanny" not in sys.modules  # neither the file nor the standard module stands for it now
 

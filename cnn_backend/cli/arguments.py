@@ -79,8 +79,7 @@ def _refuse_a_shadowed_name(text: str, top: str, module) -> None:
     if where is not None and any(Path(where).resolve() == candidate.resolve() for candidate in local):
         return
     shown = f"./{top}.py" if local[0].name != "__init__.py" else f"./{top}/"
-    taker = where or ("a namespace package" if hasattr(module, "__path__") else "a built-in module")
-    raise argparse.ArgumentTypeError(f"cannot import {text!r}: the name is taken by {taker}, not {shown}; rename the file")
+    _refuse_a_taken_name(text, top, where or ("a namespace package" if hasattr(module, "__path__") else None), shown)
 
 
 def _module_of_file(path) -> object | None:
@@ -108,7 +107,7 @@ def _import_file(text: str):
     name = path.stem
     taken = sys.modules.get(name)
     if taken is not None:
-        _refuse_a_taken_name(text, name, getattr(taken, "__file__", None))
+        _refuse_a_taken_name(text, name, getattr(taken, "__file__", None), text)
     _refuse_an_importable_name(text, name, path)
     folder = path.resolve().parent
     if not any(Path(entry or os.curdir).resolve() == folder for entry in sys.path if isinstance(entry, str)):
@@ -142,11 +141,15 @@ def _refuse_an_importable_name(text: str, name: str, path: Path) -> None:
         where = next(iter(spec.submodule_search_locations))
     else:
         where = None
-    _refuse_a_taken_name(text, name, where)
+    _refuse_a_taken_name(text, name, where, text)
 
 
-def _refuse_a_taken_name(text: str, name: str, where: str | None) -> None:
-    raise argparse.ArgumentTypeError(f"cannot import {text!r}: the module name {name!r} is taken by {where or 'a built-in module'}; rename the file")
+def _refuse_a_taken_name(text: str, name: str, taker: str | None, mine: str) -> None:
+    """The one refusal of a module name that another module (``taker``: its file, or None for a
+    built-in one) holds instead of the user's ``mine``."""
+    raise argparse.ArgumentTypeError(
+        f"cannot import {text!r}: the module name {name!r} is taken by {taker or 'a built-in module'}, not {mine}; rename the file"
+    )
 
 
 def _number(kind, accept, requirement: str):
