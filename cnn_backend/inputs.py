@@ -85,7 +85,9 @@ class InputSpec:
         return text + ("" if self.recorded else " (assumed: the file records no input description; set model.input_spec before saving it to record one)")
 
     def check(self, data: LabelledImages, what: str) -> None:
-        """Refuse data whose image shape or class count differs from what the model was trained on."""
+        """Refuse data whose image shape, class count or class names (in label order) differ from
+        what the model was trained on: the same count under other names would be scored silently
+        against the wrong classes (a renamed class folder reorders them all)."""
         if data.image_shape != self.input_shape:
             raise DataError(
                 f"the model was trained on {shape_text(self.input_shape)} images but {what} has "
@@ -93,10 +95,23 @@ class InputSpec:
             )
         if data.num_classes != self.num_classes:
             raise DataError(f"the model knows {self.num_classes} classes but {what} has {data.num_classes}")
+        differ = [index for index, (mine, theirs) in enumerate(zip(self.class_names, data.class_names)) if mine != theirs]
+        if differ and self.recorded:  # a file that recorded no names keeps the old behaviour: counts only
+            first = differ[0]
+            order = " (the same names in another order)" if sorted(self.class_names) == sorted(data.class_names) else ""
+            raise DataError(
+                f"{what} names its classes differently from the model{order}: class {first} is {data.class_names[first]!r} there "
+                f"but {self.class_names[first]!r} for the model, so its labels would score the wrong classes; pass data with "
+                f"the model's classes ({_listed(self.class_names)})"
+            )
 
     def prepare(self, images, dtype) -> numpy.ndarray:
         """Host uint8 ``(N, C, H, W)`` images as the model's float input, on the host."""
         return prepare_images(images, dtype, self.normalization)
+
+
+def _listed(names: tuple[str, ...], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f", ... {len(names)} in all" if len(names) > shown else "")
 
 
 def generic_class_names(count: int) -> tuple[str, ...]:

@@ -187,7 +187,7 @@ def test_a_hold_out_is_not_evaluated_or_resumed_once_the_folder_changed(tmp_path
     save_png(root / "circle" / "0.png", numpy.full((12, 12, 3), 7))
     status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")
     assert status == 2
-    one_error_line(err, f"{root}: the images changed since {out / 'last.npz'} was trained (files added, removed or replaced), "
+    one_error_line(err, f"{root}: the images changed since {out / 'last.npz'} was trained (files added, removed, renamed or replaced), "
                         "so its hold-out would now take images it trained on; pass --range START:STOP, or evaluate --split test")
     status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet")
     assert status == 2
@@ -195,6 +195,25 @@ def test_a_hold_out_is_not_evaluated_or_resumed_once_the_folder_changed(tmp_path
     assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--range", "0:5")[0] == 0
     (root / "circle" / "extra.png").replace(root / "circle" / "0.png")  # the same files again
     assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")[0] == 0
+
+
+def test_a_renamed_class_folder_is_refused_by_evaluate_and_resume_instead_of_scored_against_other_classes(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    train_seed_on(capsys, root, out)
+    (root / "circle").rename(root / "zcircle")  # sorted, the folders now give labels square 0, triangle 1, zcircle 2
+    expected = (f"names its classes differently from the model: class 0 is 'square' there but 'circle' for the model, "
+                "so its labels would score the wrong classes; pass data with the model's classes (circle, square, triangle)")
+    for command in (["evaluate", out / "last.npz", "--range", "0:5"], ["train", "--resume", out / "last.npz", "--epochs", 2]):
+        status, _, err = run_main(capsys, *command, "--device", "cpu")
+        assert status == 2
+        one_error_line(err, f"--data {root}", expected)
+    (root / "square").rename(root / "acircle")  # another name, not another order
+    status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--range", "0:5", "--device", "cpu")
+    assert status == 2 and "class 0 is 'acircle' there but 'circle'" in err and "another order" not in err
+    (root / "acircle").rename(root / "square")
+    (root / "zcircle").rename(root / "circle")
+    assert run_main(capsys, "evaluate", out / "last.npz", "--range", "0:5", "--device", "cpu")[0] == 0
 
 
 def test_a_hold_out_run_resumes_only_on_its_own_hold_out_and_image_size(tmp_path, capsys):

@@ -96,7 +96,7 @@ def run_evaluate(args) -> int:
         recorded = stored.get("holdout_of")  # checkpoints from before it was recorded have none
         if recorded is not None and recorded != data_digest(data):
             raise ValueError(
-                f"{source}: the images changed since {checkpoint.path} was trained (files added, removed or replaced), "
+                f"{source}: the images changed since {checkpoint.path} was trained (files added, removed, renamed or replaced), "
                 f"so its hold-out would now take images it trained on; pass --range START:STOP, or evaluate --split test"
             )
         window = stratified_holdout(labels, stored["val_fraction"], stored.get("seed", 0))[1]

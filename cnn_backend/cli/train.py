@@ -273,7 +273,7 @@ def _train(args, world, held: list | None = None) -> int:
     train_window, val_window, split_line = resolve_validation(settings, data, explicit, resumed=checkpoint is not None)
     if checkpoint is not None and checkpoint.settings.get("holdout_of") not in (None, settings.get("holdout_of")):
         raise ValueError(
-            f"{settings['data']}: the images changed since {checkpoint.path} was trained (files added, removed or "
+            f"{settings['data']}: the images changed since {checkpoint.path} was trained (files added, removed, renamed or "
             f"replaced), so its hold-out would now mix training and validation images; resume on the same files, "
             f"or start a new run"
         )
