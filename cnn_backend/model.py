@@ -9,7 +9,7 @@ from typing import Iterable
 import numpy
 
 from .backend import Backend, get_backend
-from .data import count_non_finite_samples
+from .data import count_non_finite_samples, prepare_images
 from .init import as_integer, make_rng
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
@@ -231,6 +231,17 @@ class Sequential:
             self.train(was_training)
             self._predicted_since_forward = True
         return self.backend.xp.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+    def prepare(self, pixels):
+        """Host uint8 images, ``(N, H, W)`` or ``(N, C, H, W)``, as this model's float input (host),
+        prepared as its training prepared them: divided by 255, then normalised per channel when
+        :attr:`input_spec` records a normalisation (a network trained with ``--normalize``).
+
+        ``predict``, ``predict_logits`` and ``forward`` take that input: ``model.predict(model.prepare(pixels))``
+        suits every model, and gives what its exported ONNX graph gives for ``pixels / 255``.
+        """
+        normalization = self.input_spec.normalization if self.input_spec is not None else None
+        return prepare_images(pixels, self.backend.dtype, normalization)
 
     def predict(self, x, batch_size: int = EVALUATION_BATCH_SIZE):
         """Predicted class indices for ``x`` (host NumPy array)."""

@@ -184,6 +184,22 @@ def test_folded_normalisation_takes_unit_range_images(bundled):
     assert preprocessing["range"] == [0.0, 1.0]
 
 
+def test_a_normalised_models_prepare_gives_the_input_its_exported_graph_takes(bundled):
+    from cnn_backend.data import CLASS_NAMES, load_fashion_mnist, prepare_images
+    from cnn_backend.inputs import InputSpec
+
+    images, labels = bundled
+    pixels = load_fashion_mnist("train", "bundled")[0][-37:]  # uint8, as read from the files
+    mean, std = 0.286, 0.353
+    model = train_briefly(seed_cnn(seed=9), (images - mean) / std, labels, steps=2)
+    model.input_spec = InputSpec(CLASS_NAMES, 1, (28, 28), Normalization((mean,), (std,)))
+    got = run_onnx(build_onnx_model(model).SerializeToString(), prepare_images(pixels))  # the graph takes [0, 1]
+    assert numpy.abs(library_logits(model, model.prepare(pixels)) - got).max() <= TOLERANCE
+    assert numpy.abs(library_logits(model, prepare_images(pixels)) - got).max() > 100 * TOLERANCE  # un-normalised: other logits
+    model.input_spec = None
+    numpy.testing.assert_array_equal(model.prepare(pixels), prepare_images(pixels))
+
+
 def test_model_on_the_device_boundary_exports_the_same_graph(device_under_test):
     """Parameters are read through the backend (never numpy.asarray on a device array)."""
     reference = build_onnx_model(seed_cnn(seed=10))
