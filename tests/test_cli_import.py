@@ -256,6 +256,16 @@ def test_a_neighbour_named_like_an_installed_module_does_not_hide_it(imports_und
     assert Path(importlib.util.find_spec("tabnanny").origin).parent != folder.resolve()  # the folder goes last on the path
 
 
+def test_a_neighbour_of_a_dotted_module_in_the_current_folder_does_not_hide_an_installed_module(imports_undone, registry_restored, capsys):
+    number = next(_numbers)
+    class_name, stem = f"DottedNeighbourScale{number}", f"dotted_neighbour_layers_{number}"
+    (imports_undone / f"{stem}.py").write_text(LAYER_MODULE.format(name=class_name))
+    (imports_undone / "tabnanny.py").write_text("raise RuntimeError('the neighbour was imported')\n")
+    status, _, err = run_main(capsys, "summary", "--model", net_using(imports_undone, class_name), "--import", stem)
+    assert status == 0, err
+    assert Path(importlib.util.find_spec("tabnanny").origin).parent != imports_undone.resolve()  # the current folder goes last
+
+
 @pytest.mark.parametrize("call", ["sys.exit(3)", "sys.exit('no GPU here')", "sys.exit()"])
 def test_a_module_that_calls_sys_exit_is_a_usage_error_in_one_line(imports_undone, capsys, call):
     name = f"exiting_layers_{next(_numbers)}"

@@ -47,8 +47,8 @@ def imported_module(text: str):
     try:
         if text.lower().endswith(".py") or os.path.isfile(text):
             return _import_file(text)
-        if os.getcwd() not in sys.path:  # found from the current folder, as by `python -m`
-            sys.path.insert(0, os.getcwd())
+        if os.getcwd() not in sys.path:  # found from the current folder; last, so that a neighbour
+            sys.path.append(os.getcwd())  # named like an installed package (./onnx.py) never hides it
         importlib.invalidate_caches()  # a file written since the interpreter started is found too
         top = text.partition(".")[0]
         if top.isidentifier():
