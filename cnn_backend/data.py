@@ -163,7 +163,10 @@ def stratified_holdout(labels, fraction: float, seed: int = 0) -> tuple[numpy.nd
         held_out.append(rng.permutation(members)[:count])
     validation = numpy.sort(numpy.concatenate(held_out)) if held_out else numpy.zeros(0, dtype=numpy.int64)
     if not len(validation):
-        raise DataError(f"a validation fraction of {fraction:g} leaves no validation images (every class has one image)")
+        raise DataError(
+            f"a validation fraction of {fraction:g} leaves no validation images (every class has one image): "
+            f"add images to the classes, or choose the validation images yourself (--train-split and --val-split)"
+        )
     train = numpy.setdiff1d(numpy.arange(len(labels)), validation)
     return train, validation
 

@@ -477,6 +477,12 @@ class Sequential:
         built_for = self.input_shape
         if built_for is not None and len(built_for) == 3 and built_for[0] != spec.channels:
             raise ValueError(f"model.input_spec describes {spec.channels}-channel images but the network takes {built_for[0]} channels")
+        if built_for is not None and len(built_for) == 3 and tuple(built_for[1:]) != spec.image_size:
+            # evaluate, predict and export would resize images to the recorded size, which the network was not built for
+            raise ValueError(
+                f"model.input_spec describes {spec.image_size[0]}x{spec.image_size[1]} images but the network was built for "
+                f"{built_for[1]}x{built_for[2]}: give the InputSpec image_size=({built_for[1]}, {built_for[2]})"
+            )
         outputs = self.output_shape
         if outputs is not None and len(outputs) == 1 and outputs[0] != spec.num_classes:
             raise ValueError(f"model.input_spec names {spec.num_classes} classes but the network has {outputs[0]} outputs")

@@ -172,6 +172,9 @@ def test_a_checkpoint_loaded_and_saved_again_keeps_its_input_description(tmp_pat
     colour.input_spec = InputSpec(("ant", "bee", "cow"), 3, (6, 6))
     with pytest.raises(ValueError, match=r"model.input_spec describes 3-channel images but the network takes 1 channels"):
         colour.save(tmp_path / "wrong.npz")
+    colour.input_spec = InputSpec(("ant", "bee", "cow"), 1, (8, 6))
+    with pytest.raises(ValueError, match=r"^model.input_spec describes 8x6 images but the network was built for 6x6: give the InputSpec image_size=\(6, 6\)$"):
+        colour.save(tmp_path / "wrong.npz")
     assert not (tmp_path / "wrong.npz").exists()
     with pytest.raises(ValueError, match=r"InputSpec: class_names must be a sequence of strings, one per class, got 'abc'"):
         InputSpec("abc", 1, (4, 4))

@@ -114,8 +114,8 @@ CORRUPT_FILES = {
     "images read as labels": (idx_header(0x08, 2, 28, 28) + bytes(2 * 784), "labels", r"expected a 1-D uint8 label file, got 3-D uint8"),
     "labels read as images": (idx_header(0x08, 4) + bytes(4), "images", r"expected a 3-D uint8 image file, got 1-D uint8"),
     "float images": (idx_header(0x0D, 1, 28, 28) + bytes(4 * 784), "images", r"expected a 3-D uint8 image file, got 3-D float32"),
-    "wrong image size": (idx_header(0x08, 2, 27, 27) + bytes(2 * 729), "images", r"expected 28x28 images, got 27x27"),
-    "label out of range": (idx_header(0x08, 4) + bytes([0, 9, 10, 3]), "labels", r"labels must be class indices 0-9; found 10 at record 2"),
+    "wrong image size": (idx_header(0x08, 2, 27, 27) + bytes(2 * 729), "images", r"expected 28x28 images, got 27x27; images of another size train from a folder of images \(one sub-folder per class\)$"),
+    "label out of range": (idx_header(0x08, 4) + bytes([0, 9, 10, 3]), "labels", r"labels must be class indices 0-9; found 10 at record 2 \(1 out of range\); other classes train from a folder of images"),
 }
 
 

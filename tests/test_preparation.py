@@ -84,7 +84,7 @@ def test_stratified_holdout_takes_the_fraction_of_every_class():
     assert not numpy.array_equal(stratified_holdout(labels, 0.2, seed=6)[1], validation)
     with pytest.raises(ValueError, match="between 0 and 1"):
         stratified_holdout(labels, 1.0)
-    with pytest.raises(DataError, match="leaves no validation images"):
+    with pytest.raises(DataError, match=r"leaves no validation images \(every class has one image\): add images to the classes, or choose the validation images yourself \(--train-split and --val-split\)$"):
         stratified_holdout(numpy.array([0, 1, 2]), 0.5)
 
 

@@ -84,7 +84,10 @@ def read_images(path: str | os.PathLike, image_shape: tuple[int, int] | None = N
     if images.dtype != numpy.uint8 or images.ndim != 3:
         raise DataError(f"{path}: expected a 3-D uint8 image file, got {images.ndim}-D {images.dtype}")
     if image_shape is not None and images.shape[1:] != tuple(image_shape):
-        raise DataError(f"{path}: expected {shape_text(image_shape)} images, got {shape_text(images.shape[1:])}")
+        raise DataError(
+            f"{path}: expected {shape_text(image_shape)} images, got {shape_text(images.shape[1:])}; "
+            f"images of another size train from a folder of images (one sub-folder per class)"
+        )
     return images
 
 
@@ -95,7 +98,7 @@ def read_labels(path: str | os.PathLike, num_classes: int = 10) -> numpy.ndarray
         raise DataError(f"{path}: expected a 1-D uint8 label file, got {labels.ndim}-D {labels.dtype}")
     problem = check_labels(labels, num_classes)
     if problem:
-        raise DataError(f"{path}: {problem}")
+        raise DataError(f"{path}: {problem}; other classes train from a folder of images (one sub-folder per class)")
     return labels.astype(numpy.int64)
 
 
