@@ -236,6 +236,24 @@ def test_a_hold_out_run_resumes_only_on_its_own_hold_out_and_image_size(tmp_path
     assert status == 0 and "hold-out of every class (3 images, seed 0): as the checkpoint records" in out
 
 
+def test_a_run_validated_on_a_range_resumes_only_on_its_own_ranges(tmp_path, capsys):
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--model", "seed", "--epochs", 1, "--train-split", ":256", "--val-split", "8000:8128",
+                              "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    resume = ("train", "--resume", out / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet", "--no-plots")
+    for options, asked in [(("--val-fraction", 0.1), "--val-fraction 0.1"), (("--val-split", "8000:8200"), "--val-split 8000:8200"),
+                           (("--train-split", ":8100"), "--train-split :8100")]:
+        status, _, err = run_main(capsys, *resume, *options)
+        assert status == 2
+        one_error_line(err, f"last.npz trains on :256 and validates on 8000:8128, so {asked} cannot resume it: its images would "
+                            "change, and the validation ones could include images it has trained on")
+    assert [row["epoch"] for row in read_history(out / "history.jsonl")] == [1]
+    status, stdout, err = run_main(capsys, *resume, "--train-split", "0:256")  # the same images, written otherwise
+    assert status == 0, err
+    assert [row["epoch"] for row in read_history(out / "history.jsonl")] == [1, 2]
+
+
 def test_image_folder_size_and_channels_options(tmp_path, capsys):
     root = make_image_folder(tmp_path / "shapes")
     out = tmp_path / "run"

@@ -15,7 +15,7 @@ from ..datasets import DATASETS, load_dataset, source_kind
 from ..datasets.folder import parse_image_size
 from ..spec import BUILTIN_NAMES
 from ..training import OPTIMIZER_DEFAULTS, RECIPES
-from .arguments import range_label, select_range
+from .arguments import parse_range, range_label, select_range
 from .runtime import DEFAULT_MODEL
 
 #: the recipe of a network from an architecture file: the plain model's, without the dropout that
@@ -66,6 +66,8 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
             )
     if stored.get("val_fraction") is not None:
         _refuse_another_holdout(checkpoint.path, stored, explicit)
+    elif stored.get("val_split") is not None:
+        _refuse_other_ranges(checkpoint.path, stored, explicit)
     model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
     recipe = RECIPES.get(model, SPEC_FILE_RECIPE)
     optimizer = explicit.get("optimizer") or stored.get("optimizer") or recipe["optimizer"]
@@ -99,6 +101,28 @@ def _refuse_another_holdout(path, stored: dict, explicit: dict) -> None:
             f"cannot resume it: the validation images would include ones it has trained on (leave "
             f"{' and '.join(_as_option(key) for key in changed)} out to resume, or start a new run)"
         )
+
+
+def _refuse_other_ranges(path, stored: dict, explicit: dict) -> None:
+    """A run validated on a range keeps its ranges: a hold-out drawn now, or other ranges, would
+    validate on images it has trained on and compare its best epoch across two validation sets."""
+    changed = [key for key in ("train_split", "val_split") if key in explicit and not _same_range(explicit[key], stored.get(key))]
+    changed += ["val_fraction"] if explicit.get("val_fraction") is not None else []
+    if changed:
+        asked = " and ".join(_as_option(key, explicit[key]) for key in changed)
+        raise ValueError(
+            f"{path} trains on {stored.get('train_split')} and validates on {stored['val_split']}, so {asked} cannot resume "
+            f"it: its images would change, and the validation ones could include images it has trained on (leave "
+            f"{' and '.join(_as_option(key) for key in changed)} out to resume, or start a new run)"
+        )
+
+
+def _same_range(first: str, second: str | None) -> bool:
+    """``":512"`` and ``"0:512"`` name the same images."""
+    if second is None:
+        return False
+    (start, stop), (other_start, other_stop) = parse_range(first), parse_range(second)
+    return (start or 0, stop) == (other_start or 0, other_stop)
 
 
 def _as_option(key: str, value=True) -> str:
