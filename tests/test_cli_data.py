@@ -5,6 +5,9 @@ bad input refused in one line."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -176,6 +179,54 @@ def test_image_folder_trains_with_a_stratified_hold_out_and_evaluates_it(tmp_pat
     status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--split", "test")
     assert status == 2
     one_error_line(err, "no test split", "(--split train, the default)")
+
+
+def test_evaluate_reads_the_image_cache_that_train_wrote(tmp_path, capsys):
+    """train leaves channels and size out, evaluate names the recorded ones: the same pixels, one entry."""
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    assert "(cached)" not in train_seed_on(capsys, root, out)
+    entries = sorted((tmp_path / "data-root" / "image-folders").iterdir())
+    assert len(entries) == 1
+    status, stdout, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")
+    assert status == 0, err
+    assert f"data: image folder {root}: 18 images, 3 classes, 3x12x12 (cached)" in stdout
+    assert sorted((tmp_path / "data-root" / "image-folders").iterdir()) == entries
+
+
+def non_utf8_path(parent, name: bytes, payload: bytes | None = None):
+    """``parent/name`` created (a folder when ``payload`` is None) for a ``name`` that is not UTF-8;
+    skips the test where the file system refuses such names."""
+    if sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
+        pytest.skip(f"file names are decoded as {sys.getfilesystemencoding()}, not UTF-8")
+    target = os.path.join(os.fsencode(parent), name)
+    try:
+        if payload is None:
+            os.makedirs(target)
+        else:
+            with open(target, "wb") as file:
+                file.write(payload)
+    except OSError as exc:
+        pytest.skip(f"the file system refuses a name that is not UTF-8 ({exc.strerror or exc})")
+    return Path(os.fsdecode(target))
+
+
+def test_image_file_names_that_are_not_utf8_train_and_a_class_folder_so_named_is_refused(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    non_utf8_path(root / "circle", b"caf\xe9.png", (root / "circle" / "1.png").read_bytes())
+    non_utf8_path(root / "square", b"bro\xffken.png", b"not really a png")
+    for attempt in ("decoded", "cached"):  # capsys's stdout refuses what is not UTF-8, as a terminal's would
+        stdout = train_seed_on(capsys, root, tmp_path / attempt)
+        assert "image folder" in stdout and "19 images, 3 classes" in stdout, attempt
+        assert "square/bro\ufffdken.png (not an image Pillow recognises)" in stdout, attempt
+    assert "(cached)" in stdout
+
+    png = save_png(tmp_path / "p.png", numpy.zeros((12, 12, 3)))
+    non_utf8_path(non_utf8_path(root, b"caf\xe9"), b"a.png", png.read_bytes())
+    status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--device", "cpu",
+                              "--out", tmp_path / "refused", "--quiet", "--no-plots")
+    assert status == 2
+    one_error_line(err, f"{root}/caf\ufffd: the class folder's name is not valid UTF-8; rename it")
 
 
 def test_a_hold_out_is_not_evaluated_or_resumed_once_the_folder_changed(tmp_path, capsys):

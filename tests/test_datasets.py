@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -632,6 +633,101 @@ def test_a_broken_link_is_skipped_as_a_broken_link(tmp_path):
     with pytest.raises(DataError) as excinfo:
         load_dataset(root, strict=True)
     assert_one_line(excinfo, r"y/broken.png \(broken link")
+
+
+def undecodable(parent: Path, name: bytes, payload: bytes | None = None) -> Path:
+    """``parent/name`` created (a folder when ``payload`` is None) for a ``name`` that is not UTF-8,
+    as Python sees it (surrogate escapes); skips the test where the file system refuses such names."""
+    if sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
+        pytest.skip(f"file names are decoded as {sys.getfilesystemencoding()}, not UTF-8")
+    target = os.path.join(os.fsencode(parent), name)
+    try:
+        if payload is None:
+            os.makedirs(target)
+        else:
+            with open(target, "wb") as file:
+                file.write(payload)
+    except OSError as exc:
+        pytest.skip(f"the file system refuses a name that is not UTF-8 ({exc.strerror or exc})")
+    return Path(os.fsdecode(target))
+
+
+def test_a_file_name_that_is_not_utf8_is_loaded_and_shown_with_a_replacement_character(tmp_path):
+    root = tmp_path / "pictures"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(root / "y" / "b.png", random_uint8((4, 4), 2))
+    odd = save(tmp_path / "odd.png", random_uint8((4, 4), 3))
+    undecodable(root / "x", b"caf\xe9.png", (tmp_path / "odd.png").read_bytes())
+    undecodable(root / "y", b"caf\xe9.txt", b"not an image")
+    for attempt in ("decoded", "cached"):
+        loaded = load_dataset(root)
+        assert loaded.labels.tolist() == [0, 0, 1], attempt
+        numpy.testing.assert_array_equal(loaded.images[1, 0], odd)
+        (note,) = loaded.notes
+        assert "y/caf\ufffd.txt (not an image file extension)" in note and note.encode("utf-8"), attempt
+        assert loaded.source.encode("utf-8")  # prints on a strict UTF-8 stream
+    assert "(cached)" in loaded.source
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root, strict=True)
+    assert_one_line(excinfo, "y/caf\ufffd\\.txt", r"refused \(strict\)").encode("utf-8")
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    root = tmp_path / "pictures"
+    save(root / "x" / "a.png", random_uint8((4, 4), 1))
+    save(undecodable(root, b"caf\xe9") / "b.png", random_uint8((4, 4), 2))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root)
+    assert_one_line(excinfo, re.escape(f"{root}/caf\ufffd: the class folder's name is not valid UTF-8; rename it")).encode("utf-8")
+
+    # A test split's class folder too (it would be named as a class the training folder lacks).
+    split = tmp_path / "split"
+    for name in ("x", "y"):
+        save(split / "train" / name / "a.png", random_uint8((4, 4), 1))
+    save(split / "test" / "x" / "a.png", random_uint8((4, 4), 1))
+    save(undecodable(split / "test", b"caf\xe9") / "b.png", random_uint8((4, 4), 2))
+    assert len(load_dataset(split, "train")) == 2
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(split, "test")
+    assert_one_line(excinfo, re.escape(f"{split}/test/caf\ufffd: the class folder's name is not valid UTF-8"), "rename it")
+
+
+def test_one_cache_entry_serves_loads_that_name_or_leave_out_the_same_channels_and_size(tmp_path, monkeypatch):
+    """Entries are keyed on what the images are converted to: train leaves channels and size out,
+    evaluate names the recorded ones; both read one entry, without reading any image."""
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded an image although the cache is valid")
+
+    root = tmp_path / "pictures"
+    make_folder(root)
+    first = load_dataset(root)  # 3x8x6, chosen from the images
+    with monkeypatch.context() as patch:
+        patch.setattr(image_folder, "decode_image", no_decoding)
+        patch.setattr(image_folder, "read_header", no_decoding)
+        named = load_dataset(root, channels=3, image_size=(8, 6))
+        assert "(cached)" in named.source
+        numpy.testing.assert_array_equal(named.images, first.images)
+        assert named.notes == first.notes
+        assert "(cached)" in load_dataset(root, image_size="8x6").source  # one named, one chosen
+    assert len(list(image_folder.cache_root().iterdir())) == 1
+
+    other = tmp_path / "other"  # the other way round: named first, then left out
+    make_folder(other)
+    load_dataset(other, channels=3, image_size="8x6")
+    with monkeypatch.context() as patch:
+        patch.setattr(image_folder, "decode_image", no_decoding)
+        patch.setattr(image_folder, "read_header", no_decoding)
+        assert "(cached)" in load_dataset(other).source
+    assert len(list(image_folder.cache_root().iterdir())) == 2
+
+    # Other values are another entry; a change that moves the chosen size drops the stale entries.
+    assert load_dataset(root, channels=1).images.shape == (5, 1, 8, 6)
+    assert len(list(image_folder.cache_root().iterdir())) == 3
+    for index in range(5):  # more 10x10 images than 8x6 ones
+        save(root / "cat" / f"big{index}.png", random_uint8((10, 10, 3), 20 + index))
+    assert load_dataset(root).images.shape == (10, 3, 10, 10)
+    assert len(list(image_folder.cache_root().iterdir())) == 2  # other's, and root's new one
 
 
 def test_cifar_offline_download_says_which_file_to_put_where(data_root):

@@ -13,9 +13,15 @@ refuses them instead). Every image is converted to the channel count (1 or 3; de
 image is colour, else 1) and resized to one size (default: the most common one).
 
 The decoded arrays are cached under ``data_root()/image-folders`` as uint8 ``.npy`` files opened
-memory-mapped, keyed by every file's relative name, size and modification time: the second load of
-an unchanged folder reads no image, and any change (a file added, removed, replaced or touched)
+memory-mapped, one entry per folder, split and resolved channel count and size (what the images are
+converted to, so a load that leaves them out and one that names the same values share an entry),
+valid while every file's relative name, size and modification time are unchanged: the second load
+of an unchanged folder reads no image, and any change (a file added, removed, replaced or touched)
 decodes the folder again.
+
+File names that are not valid UTF-8 (bytes the file system gives Python as surrogate escapes) are
+loaded like any other and shown with U+FFFD in notes and errors; a class folder so named is refused,
+because class names are written as text into checkpoints, exported models and reports.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 CHANNEL_CHOICES = (1, 3)
 CACHE_FOLDER = "image-folders"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: entries keyed on the resolved channels and size
 _NAMES_SHOWN = 3
 
 
@@ -55,6 +61,32 @@ class ImageFile:
     mtime_ns: int
 
 
+def _shown(path) -> str:
+    """``path`` as text that prints anywhere: bytes that are not UTF-8 (surrogate escapes in a file
+    name) become U+FFFD instead of making ``print`` fail."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _check_class_names(folder: Path, names) -> None:
+    """Refuse class folders whose names are not UTF-8: class names are stored as text (checkpoints,
+    ONNX metadata, reports), where such a name cannot be written or would not read back the same."""
+    bad = [name for name in names if not _is_text(name)]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{_shown(folder / bad[0])}: the class folder's name is not valid UTF-8{more}; rename it "
+            "(class names are stored as text in checkpoints, exported models and reports)"
+        )
+
+
+def _is_text(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------------ layout
 
 
@@ -63,11 +95,11 @@ def find_classes(directory: Path) -> list[str]:
     try:
         entries = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
     except FileNotFoundError:
-        raise DataError(f"{directory}: no such folder") from None
+        raise DataError(f"{_shown(directory)}: no such folder") from None
     except NotADirectoryError:
-        raise DataError(f"{directory}: not a folder") from None
+        raise DataError(f"{_shown(directory)}: not a folder") from None
     except OSError as exc:
-        raise DataError(f"{directory}: cannot list ({exc.strerror or exc})") from None
+        raise DataError(f"{_shown(directory)}: cannot list ({exc.strerror or exc})") from None
     return entries
 
 
@@ -292,38 +324,45 @@ def load_image_folder(
     channels = check_channels(channels)
     size = parse_image_size(image_size)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
+        raise DataError(f"{_shown(root)}: no such folder" if not root.exists() else f"{_shown(root)}: not a folder")
     folder, class_folder = split_folder(root, split)
     class_names = find_classes(class_folder)
+    _check_class_names(class_folder, class_names)
     if not class_names:
-        raise DataError(f"{class_folder}: no class folders; expected {class_folder}/<class name>/<image files>")
+        raise DataError(f"{_shown(class_folder)}: no class folders; expected {_shown(class_folder)}/<class name>/<image files>")
     if len(class_names) == 1:
-        raise DataError(f"{class_folder}: only one class folder ({class_names[0]}); a classifier needs at least two")
+        raise DataError(f"{_shown(class_folder)}: only one class folder ({class_names[0]}); a classifier needs at least two")
     if folder != class_folder:
-        unknown = sorted(set(find_classes(folder)) - set(class_names))
+        split_classes = find_classes(folder)
+        _check_class_names(folder, split_classes)
+        unknown = sorted(set(split_classes) - set(class_names))
         if unknown:
-            raise DataError(f"{folder}: class folders {', '.join(unknown)} are not in {class_folder}")
+            raise DataError(f"{_shown(folder)}: class folders {', '.join(unknown)} are not in {_shown(class_folder)}")
     files, others = list_images(folder, class_names)
     if split == "train":
         counts = Counter(item.label for item in files)
         empty = [name for label, name in enumerate(class_names) if counts[label] == 0]
         if empty:
             raise DataError(
-                f"{folder / empty[0]}: no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                f"{_shown(folder / empty[0])}: no image files ({', '.join(IMAGE_EXTENSIONS)})"
                 + (f"; {len(empty) - 1} more empty class folders" if len(empty) > 1 else "")
             )
     if not files:
-        raise DataError(f"{folder}: no image files in its class folders ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{_shown(folder)}: no image files in its class folders ({', '.join(IMAGE_EXTENSIONS)})")
 
-    options = {"channels": channels, "size": size, "split": split}
-    cache_dir = _cache_dir(folder, options) if cache else None
     listing = _listing_digest(class_names, files, others)
-    if cache_dir is not None:
-        cached = _read_cache(cache_dir, listing)
-        if cached is not None:
-            return _finish(cached, folder, strict)
+    if cache:
+        # Left out, channels and size are resolved from the images' headers; a cache entry of this
+        # listing records that choice, so an unchanged folder is found without reading any image.
+        resolved = (channels, size)
+        if channels is None or size is None:
+            resolved = _recorded_choice(folder, split, listing, channels, size)
+        if resolved is not None:
+            cached = _read_cache(_cache_dir(folder, split, *resolved), listing)
+            if cached is not None:
+                return _finish(cached, folder, strict)
 
-    decoded = _decode_folder(folder, class_names, files, others, channels, size, cache_dir, listing)
+    decoded = _decode_folder(folder, class_names, files, others, channels, size, split if cache else None, listing)
     return _finish(decoded, folder, strict)
 
 
@@ -347,19 +386,20 @@ def _finish(decoded: _Decoded, folder: Path, strict: bool) -> LabelledImages:
         logger.info("%s", summary)
     channels, height, width = decoded.images.shape[1:]
     source = (
-        f"image folder {folder}: {len(decoded.images):,} images, {len(decoded.class_names)} classes, "
+        f"image folder {_shown(folder)}: {len(decoded.images):,} images, {len(decoded.class_names)} classes, "
         f"{channels}x{height}x{width}" + (" (cached)" if decoded.from_cache else "")
     )
     return LabelledImages(decoded.images, decoded.labels, decoded.class_names, source, notes)
 
 
 def _skipped_summary(skipped, total: int, folder: Path) -> str:
-    shown = "; ".join(f"{name} ({reason})" for name, reason in skipped[:_NAMES_SHOWN])
+    shown = "; ".join(f"{_shown(name)} ({reason})" for name, reason in skipped[:_NAMES_SHOWN])
     more = f"; and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
-    return f"{folder}: skipped {len(skipped)} of {total} files that are not usable images: {shown}{more}"
+    return f"{_shown(folder)}: skipped {len(skipped)} of {total} files that are not usable images: {shown}{more}"
 
 
-def _decode_folder(folder, class_names, files, others, channels, size, cache_dir, listing) -> _Decoded:
+def _decode_folder(folder, class_names, files, others, channels, size, cache_split, listing) -> _Decoded:
+    """Decode every readable image; ``cache_split`` is the split to cache them under (None: no cache)."""
     skipped = list(others)
     headers = []
     for item in files:
@@ -370,14 +410,17 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_dir
             skipped.append((item.relative, str(exc)))
     readable = [index for index, header in enumerate(headers) if header is not None]
     if not readable:
-        raise DataError(f"{folder}: none of its {len(files)} image files can be read")
-    if channels is None:
-        channels = 3 if any(headers[index][0] not in GREY_MODES for index in readable) else 1
-    if size is None:
-        size = Counter(headers[index][1] for index in readable).most_common(1)[0][0]
+        raise DataError(f"{_shown(folder)}: none of its {len(files)} image files can be read")
+    automatic = {
+        "channels": 3 if any(headers[index][0] not in GREY_MODES for index in readable) else 1,
+        "size": list(Counter(headers[index][1] for index in readable).most_common(1)[0][0]),
+    }
+    channels = automatic["channels"] if channels is None else channels
+    size = tuple(automatic["size"]) if size is None else size
 
-    staging = None
-    if cache_dir is not None:
+    staging = cache_dir = None
+    if cache_split is not None:
+        cache_dir = _cache_dir(folder, cache_split, channels, size)
         staging = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.partial")
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -403,12 +446,12 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_dir
         if not keep.all():
             images, labels = numpy.ascontiguousarray(images[keep]), labels[keep]
         if not len(labels):
-            raise DataError(f"{folder}: none of its {len(files)} image files can be decoded")
+            raise DataError(f"{_shown(folder)}: none of its {len(files)} image files can be decoded")
         present = set(labels.tolist())
         listed = {item.label for item in files}
         lost = [name for label, name in enumerate(class_names) if label in listed and label not in present]
         if lost:
-            raise DataError(f"{folder / lost[0]}: none of its image files can be decoded, so the class would have no images")
+            raise DataError(f"{_shown(folder / lost[0])}: none of its image files can be decoded, so the class would have no images")
         skipped.sort()
         decoded = _Decoded(images, labels, tuple(class_names), skipped, len(files) + len(others), False)
         if staging is not None:
@@ -421,8 +464,9 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_dir
             numpy.save(staging / "labels.npy", labels)
             meta = {
                 "version": _CACHE_VERSION, "listing": listing, "class_names": list(class_names),
-                "skipped": skipped, "total": decoded.total,
+                "skipped": skipped, "total": decoded.total, "automatic": automatic,
             }
+            # ensure_ascii (the default) writes a file name's surrogate escapes as \udcXX: they read back unchanged.
             (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
             try:
                 if cache_dir.exists():
@@ -432,6 +476,7 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_dir
                 decoded.images = numpy.array(decoded.images)
                 return decoded
             staging = None
+            _remove_stale_entries(folder, cache_split, listing)
             cached = _read_cache(cache_dir, listing)
             if cached is not None:
                 decoded = _Decoded(cached.images, cached.labels, cached.class_names, cached.skipped, cached.total, False)
@@ -448,24 +493,69 @@ def cache_root() -> Path:
     return data_root() / CACHE_FOLDER
 
 
-def _cache_dir(folder: Path, options: dict) -> Path:
-    key = json.dumps({"folder": str(folder.resolve()), **options}, sort_keys=True)
-    return cache_root() / hashlib.sha256(key.encode()).hexdigest()[:24]
+def _cache_prefix(folder: Path, split: str) -> str:
+    """The start of the names of every cache entry of ``split`` of ``folder``."""
+    key = json.dumps({"folder": str(folder.resolve()), "split": split, "version": _CACHE_VERSION}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:24]  # ensure_ascii: ASCII even for an undecodable name
+
+
+def _cache_dir(folder: Path, split: str, channels: int, size: tuple[int, int]) -> Path:
+    """The entry of the images converted to ``channels`` and ``size``: the resolved values, so that a
+    load that leaves them out (train) and one that names them (evaluate) share it."""
+    return cache_root() / f"{_cache_prefix(folder, split)}-{channels}x{size[0]}x{size[1]}"
+
+
+def _entries(folder: Path, split: str) -> list[Path]:
+    return sorted(cache_root().glob(f"{_cache_prefix(folder, split)}-*"))
+
+
+def _read_meta(entry: Path) -> dict | None:
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _recorded_choice(folder: Path, split: str, listing: str, channels, size) -> tuple[int, tuple[int, int]] | None:
+    """``(channels, size)`` with the values left out (None) taken from the automatic choice that a
+    cache entry of this very listing recorded; None when no entry has it."""
+    for entry in _entries(folder, split):
+        meta = _read_meta(entry)
+        if meta is None or meta.get("version") != _CACHE_VERSION or meta.get("listing") != listing:
+            continue
+        try:
+            automatic = meta["automatic"]
+            recorded = check_channels(int(automatic["channels"])), parse_image_size(automatic["size"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        return (recorded[0] if channels is None else channels), (recorded[1] if size is None else size)
+    return None
+
+
+def _remove_stale_entries(folder: Path, split: str, listing: str) -> None:
+    """Remove this split's entries of another listing: the folder has changed since they were written
+    (an entry whose automatic size changed would otherwise stay behind under its old name)."""
+    for entry in _entries(folder, split):
+        meta = _read_meta(entry)
+        if meta is None or meta.get("listing") != listing:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _listing_digest(class_names, files, others) -> str:
     hasher = hashlib.sha256()
     hasher.update(json.dumps([_CACHE_VERSION, list(class_names), sorted(others)]).encode())
     for item in files:
-        hasher.update(f"{item.relative}\0{item.label}\0{item.size}\0{item.mtime_ns}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 is hashed as its bytes instead of failing.
+        hasher.update(f"{item.relative}\0{item.label}\0{item.size}\0{item.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return hasher.hexdigest()
 
 
 def _read_cache(cache_dir: Path, listing: str) -> _Decoded | None:
     """The cached arrays when they were made from exactly this listing, else None."""
     try:
-        meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("version") != _CACHE_VERSION or meta.get("listing") != listing:
+        meta = _read_meta(cache_dir)
+        if meta is None or meta.get("version") != _CACHE_VERSION or meta.get("listing") != listing:
             return None
         images = numpy.load(cache_dir / "images.npy", mmap_mode="r")
         labels = numpy.load(cache_dir / "labels.npy")
