@@ -16,8 +16,8 @@ from .layers import AvgPool, Layer, MaxPool
 
 @dataclass
 class LayerRow:
-    """One line of the table. ``depth`` 1 marks a layer inside a container (its numbers are already
-    part of the container's row)."""
+    """One line of the table. ``depth`` above 0 marks a layer inside a container, 2 inside a
+    container that is itself inside one (its numbers are already part of the container's row)."""
 
     name: str
     type: str
@@ -67,6 +67,13 @@ def _describe(layer: Layer) -> str:
     return ", ".join(f"{key}={value}" for key, value in shown.items())
 
 
+def _add_rows(rows: list, name: str, layer: Layer, depth: int) -> None:
+    """The row of ``layer``, then those of the layers inside it, a level deeper, to any depth."""
+    rows.append(LayerRow(name, type(layer).__name__, _describe(layer), layer.output_shape, _count(layer), layer.macs(), depth=depth))
+    for child_name, child in layer.children():
+        _add_rows(rows, f"{name}.{child_name}", child, depth + 1)
+
+
 def summarize(model) -> ModelSummary:
     """The summary of a built :class:`~cnn_backend.model.Sequential` (one with its input shape)."""
     if model.input_shape is None:
@@ -79,11 +86,7 @@ def summarize(model) -> ModelSummary:
     itemsize = model.backend.dtype.itemsize
     summary = ModelSummary(tuple(model.input_shape), model.backend.dtype.name, name=model.spec_options.get("name"))
     for index, layer in enumerate(model.layers):
-        summary.rows.append(LayerRow(str(index), type(layer).__name__, _describe(layer), layer.output_shape, _count(layer), layer.macs()))
-        for child_name, child in layer.children():
-            summary.rows.append(
-                LayerRow(f"{index}.{child_name}", type(child).__name__, _describe(child), child.output_shape, _count(child), child.macs(), depth=1)
-            )
+        _add_rows(summary.rows, str(index), layer, 0)
     summary.total_params = sum(param.data.size for param in model.parameters())
     summary.total_buffers = sum(value.size for _, value in model.named_buffers())
     summary.total_macs = sum(layer.macs() for layer in model.layers)

@@ -308,6 +308,18 @@ def test_summary_of_a_residual_network_counts_nested_layers_once():
     assert json.loads(json.dumps(summary.as_dict()))["rows"][0]["output_shape"] == [16, 28, 28]
 
 
+def test_summary_shows_the_layers_of_a_block_inside_a_block_a_level_deeper():
+    conv = {"type": "Convolution", "out_channels": 4, "kernel_size": 3, "padding": 1}
+    inner = {"type": "Residual", "layers": [conv, {"type": "ReLU"}]}
+    model = build_model({"layers": [conv, {"type": "Residual", "layers": [inner, conv]}, {"type": "Flatten"},
+                                    {"type": "FullyConnected", "out_features": 3}]}, (1, 6, 6))
+    rows = {row.name: row for row in model.summary().rows}
+    assert [(name, row.depth) for name, row in rows.items()][1:6] == [
+        ("1", 0), ("1.layers.0", 1), ("1.layers.0.layers.0", 2), ("1.layers.0.layers.1", 2), ("1.layers.1", 1)]
+    assert rows["1.layers.0"].params == rows["1.layers.0.layers.0"].params == 4 * 9 * 4 + 4
+    assert "    1.layers.0.layers.0  Convolution" in format_summary(model.summary())
+
+
 def test_summary_command_prints_the_table(capsys):
     status, out, _ = run_main(capsys, "summary", "--model", EXAMPLES / "lenet.toml", "--input-shape", "3,32,32")
     assert status == 0
