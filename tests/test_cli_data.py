@@ -23,6 +23,7 @@ from cnn_backend.report import read_history
 from cnn_backend.testing import standin_backend
 
 from cli_helpers import one_error_line, run_main
+from file_helpers import undecodable
 
 CIFAR_NAMES = DATASETS["cifar10"].class_names
 
@@ -194,27 +195,10 @@ def test_evaluate_reads_the_image_cache_that_train_wrote(tmp_path, capsys):
     assert sorted((tmp_path / "data-root" / "image-folders").iterdir()) == entries
 
 
-def non_utf8_path(parent, name: bytes, payload: bytes | None = None):
-    """``parent/name`` created (a folder when ``payload`` is None) for a ``name`` that is not UTF-8;
-    skips the test where the file system refuses such names."""
-    if sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
-        pytest.skip(f"file names are decoded as {sys.getfilesystemencoding()}, not UTF-8")
-    target = os.path.join(os.fsencode(parent), name)
-    try:
-        if payload is None:
-            os.makedirs(target)
-        else:
-            with open(target, "wb") as file:
-                file.write(payload)
-    except OSError as exc:
-        pytest.skip(f"the file system refuses a name that is not UTF-8 ({exc.strerror or exc})")
-    return Path(os.fsdecode(target))
-
-
 def test_image_file_names_that_are_not_utf8_train_and_a_class_folder_so_named_is_refused(tmp_path, capsys):
     root = make_image_folder(tmp_path / "shapes")
-    non_utf8_path(root / "circle", b"caf\xe9.png", (root / "circle" / "1.png").read_bytes())
-    non_utf8_path(root / "square", b"bro\xffken.png", b"not really a png")
+    undecodable(root / "circle", b"caf\xe9.png", (root / "circle" / "1.png").read_bytes())
+    undecodable(root / "square", b"bro\xffken.png", b"not really a png")
     for attempt in ("decoded", "cached"):  # capsys's stdout refuses what is not UTF-8, as a terminal's would
         stdout = train_seed_on(capsys, root, tmp_path / attempt)
         assert "image folder" in stdout and "19 images, 3 classes" in stdout, attempt
@@ -222,7 +206,7 @@ def test_image_file_names_that_are_not_utf8_train_and_a_class_folder_so_named_is
     assert "(cached)" in stdout
 
     png = save_png(tmp_path / "p.png", numpy.zeros((12, 12, 3)))
-    non_utf8_path(non_utf8_path(root, b"caf\xe9"), b"a.png", png.read_bytes())
+    undecodable(undecodable(root, b"caf\xe9"), b"a.png", png.read_bytes())
     status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--device", "cpu",
                               "--out", tmp_path / "refused", "--quiet", "--no-plots")
     assert status == 2

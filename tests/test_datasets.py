@@ -29,6 +29,8 @@ from cnn_backend.datasets.cifar import RECORD_BYTES, read_cifar_batch, write_cif
 from cnn_backend.datasets.download import extract_tar
 from cnn_backend.datasets.idx import write_idx
 
+from file_helpers import undecodable
+
 
 @pytest.fixture(autouse=True)
 def data_root(tmp_path, monkeypatch):
@@ -633,23 +635,6 @@ def test_a_broken_link_is_skipped_as_a_broken_link(tmp_path):
     with pytest.raises(DataError) as excinfo:
         load_dataset(root, strict=True)
     assert_one_line(excinfo, r"y/broken.png \(broken link")
-
-
-def undecodable(parent: Path, name: bytes, payload: bytes | None = None) -> Path:
-    """``parent/name`` created (a folder when ``payload`` is None) for a ``name`` that is not UTF-8,
-    as Python sees it (surrogate escapes); skips the test where the file system refuses such names."""
-    if sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"):
-        pytest.skip(f"file names are decoded as {sys.getfilesystemencoding()}, not UTF-8")
-    target = os.path.join(os.fsencode(parent), name)
-    try:
-        if payload is None:
-            os.makedirs(target)
-        else:
-            with open(target, "wb") as file:
-                file.write(payload)
-    except OSError as exc:
-        pytest.skip(f"the file system refuses a name that is not UTF-8 ({exc.strerror or exc})")
-    return Path(os.fsdecode(target))
 
 
 def test_a_file_name_that_is_not_utf8_is_loaded_and_shown_with_a_replacement_character(tmp_path):

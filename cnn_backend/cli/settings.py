@@ -94,13 +94,10 @@ def _refuse_another_holdout(path, stored: dict, explicit: dict) -> None:
     or another seed on resume would validate on images it has trained on."""
     changed = [key for key in ("val_fraction", "seed") if explicit.get(key) not in (None, stored.get(key))]
     changed += [key for key in ("train_split", "val_split") if key in explicit]
-    if changed:
-        asked = " and ".join(_as_option(key, explicit[key]) for key in changed)
-        raise ValueError(
-            f"{path} validates on a {stored['val_fraction']:g} hold-out drawn with --seed {stored['seed']}, so {asked} "
-            f"cannot resume it: the validation images would include ones it has trained on (leave "
-            f"{' and '.join(_as_option(key) for key in changed)} out to resume, or start a new run)"
-        )
+    _refuse_changes(
+        f"{path} validates on a {stored['val_fraction']:g} hold-out drawn with --seed {stored['seed']}", changed, explicit,
+        "the validation images would include ones it has trained on",
+    )
 
 
 def _refuse_other_ranges(path, stored: dict, explicit: dict) -> None:
@@ -108,13 +105,19 @@ def _refuse_other_ranges(path, stored: dict, explicit: dict) -> None:
     validate on images it has trained on and compare its best epoch across two validation sets."""
     changed = [key for key in ("train_split", "val_split") if key in explicit and not _same_range(explicit[key], stored.get(key))]
     changed += ["val_fraction"] if explicit.get("val_fraction") is not None else []
+    _refuse_changes(
+        f"{path} trains on {stored.get('train_split')} and validates on {stored['val_split']}", changed, explicit,
+        "its images would change, and the validation ones could include images it has trained on",
+    )
+
+
+def _refuse_changes(run: str, changed: list[str], explicit: dict, why: str) -> None:
+    """The one-line refusal of the options ``changed`` on resume: ``run`` says what the checkpoint
+    uses, ``why`` what the options would break."""
     if changed:
         asked = " and ".join(_as_option(key, explicit[key]) for key in changed)
-        raise ValueError(
-            f"{path} trains on {stored.get('train_split')} and validates on {stored['val_split']}, so {asked} cannot resume "
-            f"it: its images would change, and the validation ones could include images it has trained on (leave "
-            f"{' and '.join(_as_option(key) for key in changed)} out to resume, or start a new run)"
-        )
+        leave = " and ".join(_as_option(key) for key in changed)
+        raise ValueError(f"{run}, so {asked} cannot resume it: {why} (leave {leave} out to resume, or start a new run)")
 
 
 def _same_range(first: str, second: str | None) -> bool:
