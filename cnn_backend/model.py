@@ -171,11 +171,11 @@ class Sequential:
         layers, index = self.layers, 0
         while index < len(layers):
             layer, following = layers[index], layers[index + 1] if index + 1 < len(layers) else None
-            if isinstance(layer, Convolution) and isinstance(following, MaxPool) and layer.runs_with_maxpool(following, x.shape):
+            if _runs_as(layer, Convolution) and _runs_as(following, MaxPool) and layer.runs_with_maxpool(following, x.shape):
                 x = layer.forward_maxpool2x2(x)
                 following.pooled_by_previous()
                 index += 2
-            elif self.fuses_batchnorm_relu and isinstance(layer, BatchNorm) and type(following) is ReLU:
+            elif self.fuses_batchnorm_relu and _runs_as(layer, BatchNorm) and _runs_as(following, ReLU):
                 x = layer.forward_relu(x)
                 following.applied_by_previous()
                 index += 2
@@ -504,6 +504,14 @@ class Sequential:
         model = checkpoint.build_model(backend)
         model.input_spec = checkpoint.input_spec() if checkpoint.inputs is not None else None
         return model
+
+
+def _runs_as(layer, cls: type) -> bool:
+    """Whether ``layer`` computes as ``cls`` does: an instance whose class keeps ``cls``'s forward and
+    backward. Only such layers join a fused pair: the fused pass calls ``cls``'s own code, which a
+    subclass that changes either would silently lose."""
+    kind = type(layer)
+    return isinstance(layer, cls) and kind.forward is cls.forward and kind.backward is cls.backward
 
 
 def _refuse_integer_input(x, where: str) -> None:

@@ -12,7 +12,7 @@ from cnn_backend import ModelFileError, Sequential, SpecError, build_model, regi
 from cnn_backend.backend import cpu_backend
 from cnn_backend.checkpoint import load_checkpoint
 from cnn_backend.gradcheck import GradientCheckError, check_layer_gradients
-from cnn_backend.layers import LAYER_TYPES, Layer, SoftmaxCrossEntropy
+from cnn_backend.layers import LAYER_TYPES, Flatten, FullyConnected, Layer, SoftmaxCrossEntropy
 from cnn_backend.optim import SGD
 from cnn_backend.spec import layer_options
 from cnn_backend.parameters import Parameter
@@ -594,3 +594,31 @@ def test_the_rezero_example_matches_the_cpu_on_the_stand_in_with_names_cupy_has(
 
     missing = missing_cupy_names(standin.usage)
     assert not any(missing.values()), missing
+
+
+def test_a_subclass_of_a_fused_layer_that_changes_its_pass_runs_its_own_code_inside_a_model():
+    from cnn_backend.layers import BatchNorm, Convolution, MaxPool, ReLU
+
+    class DoubledConvolution(Convolution):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+        def backward(self, dy):
+            return super().backward(2 * dy)
+
+    class ShiftedBatchNorm(BatchNorm):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    cases = [
+        [DoubledConvolution(out_channels=4, kernel_size=3, padding=1), MaxPool(2)],  # first layer + 2x2 pool: fused on the CPU
+        [Convolution(out_channels=4, kernel_size=3, padding=1), ShiftedBatchNorm(), ReLU()],  # BatchNorm + ReLU: fused
+    ]
+    x = images(n=4)
+    for layers in cases:
+        model = Sequential([*layers, Flatten(), FullyConnected(out_features=3)], input_shape=(1, 8, 8), rng=0)
+        chained = x
+        for layer in model.layers:
+            chained = layer.forward(chained)
+        numpy.testing.assert_allclose(model.forward(x), chained, rtol=1e-6)
+        model.backward(numpy.ones((4, 3), numpy.float32))  # the pass the layer's own backward pairs with
