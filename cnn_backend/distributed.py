@@ -415,11 +415,16 @@ def broadcast_parameters(model, communicator) -> list[int]:
 
 def average_buffers(model, communicator) -> None:
     """Average non-trained state (BatchNorm running statistics) over the ranks, in place, so the
-    saved model and the validation of every rank use the same values."""
+    saved model and the validation of every rank use the same values.
+
+    Only float buffers are averaged. An integer or boolean one (a step counter, a flag of a layer of
+    one's own) is left as it is: every rank counts the same steps, and a mean of counts rounded back
+    would be a count no rank made."""
     if communicator.size == 1:
         return
     named = getattr(model, "named_buffers", None)
     buffers = [array for _, array in named()] if callable(named) else []
+    buffers = [array for array in buffers if array.dtype.kind == "f"]
     if not buffers:
         return
     xp = model.backend.xp

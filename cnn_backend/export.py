@@ -276,9 +276,27 @@ class GraphBuilder:
         return candidate
 
     def constant(self, name: str, value) -> str:
-        """A float32 initialiser holding ``value`` (host array or number); returns its name."""
+        """An initialiser holding ``value`` (host array or number); returns its name. A Python number
+        is float32, the graph's type (a factor: ``2`` and ``2.0`` alike, as a spec may give either);
+        arrays, NumPy scalars and lists keep their kind: floats as float32, integers as int64 (what ONNX takes for
+        axes, shapes and indices: Unsqueeze, Reshape, Slice, Gather), booleans as bool (Where, And).
+        The layer's export_onnx reports the errors raised here (its place in the network, in one line)."""
+        array = numpy.asarray(value)
+        if type(value) in (int, float):
+            array = array.astype(numpy.float32)
+        kind = array.dtype.kind
+        if kind == "b":
+            dtype = numpy.bool_
+        elif kind in "iu":
+            if kind == "u" and array.size and int(array.max()) > numpy.iinfo(numpy.int64).max:
+                raise ValueError(f"graph.constant {name!r}: integers above 2**63 - 1 do not fit ONNX's int64")
+            dtype = numpy.int64
+        elif kind == "f":
+            dtype = numpy.float32
+        else:  # a string or a complex number would fail deep inside onnx, or lose its imaginary part
+            raise TypeError(f"graph.constant {name!r}: expected numbers (float, integer or bool), got an array of dtype {array.dtype}")
         name = self.unique(name)
-        array = numpy.ascontiguousarray(numpy.asarray(value, dtype=numpy.float32))
+        array = numpy.ascontiguousarray(array.astype(dtype, copy=False))
         self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
         return name
 

@@ -24,6 +24,7 @@ import numpy
 
 from .backend import cpu_backend
 from .layers import Layer, ShapeError
+from .layers.base import NOT_BUILT_ADVICE, child_label, failed_build_path, unbuilt_inner_layer
 
 
 class GradientCheckError(AssertionError):
@@ -73,8 +74,9 @@ def check_layer_gradients(
     for layers whose gradient is undefined somewhere (ReLU at 0, a max-pool's tie). The copy is built
     for that per-sample shape unless already built for it (an unbuilt layer's weights are drawn from
     the same seed); a layer that cannot take the shape raises ShapeError in one line naming it. The
-    layer's mode is kept: check a layer whose forward pass draws random numbers (dropout) in
-    evaluation mode, ``layer.training = False``.
+    mode of the layer and of every layer inside it is kept: check a layer whose forward pass draws
+    random numbers (dropout) in evaluation mode, ``layer.eval()`` (which sets it on the layers inside
+    a container too).
 
     Returns a :class:`GradientCheck`; raises :class:`GradientCheckError` naming the first array
     whose gradient differs, the element and both values.
@@ -111,9 +113,15 @@ def check_layer_gradients(
     # Finite differences of a forward pass that changes between calls measure that change, not the
     # gradient (a dropout mask redrawn gives differences in the hundreds of thousands).
     if not numpy.array_equal(first, numpy.asarray(checked.forward(x)), equal_nan=True):
+        training = _training_layers(checked)
+        if not training:
+            advice = " in evaluation mode too: make its forward give the same output for the same input when not training"
+        elif checked.children():  # a container's own flag set alone leaves those inside training: name them
+            advice = f": check the layer in evaluation mode, layer.eval(), which sets the layers inside too (in training mode: {training})"
+        else:
+            advice = ": check the layer in evaluation mode, layer.eval()"
         raise GradientCheckError(
-            "forward gives different outputs for the same input (it draws random numbers or updates state): "
-            "check the layer with layer.training = False"
+            f"forward gives different outputs for the same input (it draws random numbers or updates state){advice}"
         )
     probe = rng.standard_normal(first.shape)
 
@@ -133,15 +141,32 @@ def check_layer_gradients(
     return GradientCheck(worst)
 
 
+def _training_layers(layer: Layer) -> str:
+    """The layers in training mode, this one or those inside it (a container's flag set alone), named."""
+    names = [label for label, inner in _walk(type(layer).__name__, layer) if inner.training]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def _walk(label: str, layer: Layer):
+    yield label, layer
+    for name, child in layer.children():
+        yield from _walk(f"{label} > {child_label(name, child)}", child)
+
+
 def _build_for(layer: Layer, shape: tuple, rng) -> None:
+    built = f" (it was built for {layer.input_shape})" if layer.input_shape is not None else ""
     try:
         layer.build(shape, rng)
     except ValueError as exc:  # ShapeError, or a ValueError of a layer of one's own: its words for the shape
-        built = f" (it was built for {layer.input_shape})" if layer.input_shape is not None else ""
+        inner = failed_build_path(exc, layer)  # inside a container: the layer that refused it
         raise ShapeError(
-            f"{type(layer).__name__} cannot take a per-sample input of shape {shape}{built}: {' '.join(str(exc).split())}; "
-            f"check it with an input of a shape it takes"
+            f"{type(layer).__name__} cannot take a per-sample input of shape {shape}{built}: {inner + ': ' if inner else ''}"
+            f"{' '.join(str(exc).split())}; check it with an input of a shape it takes"
         ) from exc
+    unbuilt = unbuilt_inner_layer(layer)
+    if unbuilt is not None:  # a container whose _build forgot one: its forward would fail unhelpfully
+        raise ShapeError(f"{type(layer).__name__} > {unbuilt}: {NOT_BUILT_ADVICE}")
 
 
 def _compare(what: str, analytic, numerical: numpy.ndarray, rtol: float, atol: float) -> float:

@@ -14,7 +14,7 @@ from .init import as_integer, make_rng
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
-from .layers.base import buffer_in_dtype
+from .layers.base import NOT_BUILT_ADVICE, buffer_in_dtype, child_label, failed_build_path, training_mode, unbuilt_inner_layer
 from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
@@ -61,6 +61,7 @@ class Sequential:
                     f"Sequential: item {index} ({type(layer).__name__}) is the same layer object as item {first}; "
                     f"a layer takes one place in a network: make another (weights are not shared)"
                 )
+        _refuse_layers_in_two_places(self.layers)
         self.backend = self.layers[0].backend if backend is None else get_backend(backend)
         for layer in self.layers:
             if layer.backend is not self.backend:
@@ -91,17 +92,24 @@ class Sequential:
         shape = tuple(int(size) for size in input_shape)
         self.input_shape = shape
         for index, layer in enumerate(self.layers):
-            where = f"layer {index} ({type(layer).__name__})"
+            top = f"layer {index} ({type(layer).__name__})"
             try:
                 shape = layer.build(shape, rng)
-            except ShapeError as exc:
-                raise ShapeError(f"{where}: {exc}") from None
-            except (MemoryError, ValueError) as exc:  # a layer sized by mistake (out_features=10**11): name it
-                if isinstance(exc, MemoryError) or str(exc).startswith(NUMPY_SIZE_ERRORS):
+            except Exception as exc:
+                # Inside a container, the message names the path down to the layer that failed.
+                inner = failed_build_path(exc, layer)
+                where = f"{top} > {inner}" if inner else top
+                if isinstance(exc, ShapeError):
+                    raise ShapeError(f"{where}: {exc}") from None
+                if isinstance(exc, MemoryError) or (isinstance(exc, ValueError) and str(exc).startswith(NUMPY_SIZE_ERRORS)):
+                    # a layer sized by mistake (out_features=10**11): name it
                     raise MemoryError(f"{where}: its parameters cannot be allocated ({exc})") from None
-                raise ShapeError(f"{where}: {exc}") from exc  # a layer of one's own refusing its input
-            except Exception as exc:  # a layer of one's own failing in _build: named, in one line
-                raise ShapeError(f"{where}: {type(exc).__name__} in _build: {exc}") from exc
+                if isinstance(exc, ValueError):  # a layer of one's own refusing its input
+                    raise ShapeError(f"{where}: {exc}") from exc
+                raise ShapeError(f"{where}: {type(exc).__name__} in _build: {exc}") from exc  # its own code failing: in one line
+            unbuilt = unbuilt_inner_layer(layer)
+            if unbuilt is not None:  # caught here, not as a None shape deep inside summary or training
+                raise ShapeError(f"{top} > {unbuilt}: {NOT_BUILT_ADVICE}")
         return shape
 
     @property
@@ -121,10 +129,12 @@ class Sequential:
 
     def train(self, mode: bool = True) -> "Sequential":
         """Training mode (Dropout drops, BatchNorm uses batch statistics), or evaluation mode with
-        ``mode=False``; for every layer, those inside containers (``Layer.children``) included."""
+        ``mode=False``; for every layer, those inside containers (``Layer.children``) included
+        (each layer's :meth:`Layer.train`)."""
+        mode = training_mode(mode, "Sequential.train")
         self.training = mode
-        for _, layer in self.named_layers():
-            layer.training = mode
+        for layer in self.layers:
+            layer.train(mode)
         return self
 
     def eval(self) -> "Sequential":
@@ -512,6 +522,29 @@ def _runs_as(layer, cls: type) -> bool:
     subclass that changes either would silently lose."""
     kind = type(layer)
     return isinstance(layer, cls) and kind.forward is cls.forward and kind.backward is cls.backward
+
+
+def _refuse_layers_in_two_places(layers: list) -> None:
+    """One layer object in two places of the network, inside containers too (a top-level layer used
+    again inside a block, one layer twice in a block): refused in one line naming both places. Its
+    caches and gradients would serve both, and building the second place rebuilds the first."""
+    places: dict[int, str] = {}
+
+    def visit(place: str, layer: Layer) -> None:
+        first = places.setdefault(id(layer), place)
+        if first != place:  # checked before its children are visited: a block inside itself ends here too
+            raise ValueError(
+                f"Sequential: {place} is the same layer object as {first}; a layer takes one place in a network: "
+                f"make another (weights are not shared)"
+            )
+        for name, child in layer.children():
+            if not isinstance(child, Layer):
+                raise ValueError(f"Sequential: {place}: children() gives a {type(child).__name__} as {name!r}, not a layer; "
+                                 f"children() lists (name, layer) pairs of the layers inside")
+            visit(f"{place} > {child_label(name, child)}", child)
+
+    for index, layer in enumerate(layers):
+        visit(f"layer {index} ({type(layer).__name__})", layer)
 
 
 def _refuse_integer_input(x, where: str) -> None:

@@ -152,7 +152,7 @@ def builtin_spec_path(name: str) -> Path:
 
 def resolve_spec(model: str | os.PathLike | dict | list) -> tuple[str, dict]:
     """``(label, spec document)`` for a built-in name, a spec file path, or a spec dict / layer list."""
-    if isinstance(model, (dict, list)):
+    if isinstance(model, (dict, list, tuple)):
         return "spec", model
     text = str(model)
     if text in BUILTIN_NAMES:
@@ -173,8 +173,9 @@ def _label(index: int, entry, parents: str) -> str:
 
 def normalize_spec(document) -> dict:
     """Check a spec document's structure, types and options; returns ``{"layers": [...], ...}`` with
-    every option filled in (defaults included). Shapes are checked by :func:`build_model`."""
-    if isinstance(document, list):
+    every option filled in (defaults included; tuples, in a spec built in Python, as lists).
+    Shapes are checked by :func:`build_model`."""
+    if isinstance(document, (list, tuple)):
         document = {"layers": document}
     if not isinstance(document, dict):
         raise SpecError(f"a spec is a table with a 'layers' list, got {type(document).__name__}")
@@ -192,6 +193,8 @@ def normalize_spec(document) -> dict:
 
 
 def _normalize_layers(layers, parents: str) -> list[dict]:
+    if isinstance(layers, tuple):  # a spec built in Python: the list a file would hold
+        layers = list(layers)
     if not isinstance(layers, list):
         raise SpecError(f"{parents}layers must be a list of layer tables ([[layers]]), got {type(layers).__name__}")
     if not layers:
@@ -234,8 +237,10 @@ def _normalize_entry(entry, label: str) -> dict:
             raise SpecError(f"{label}: unknown option {name!r} ({why})")
         accepted, _, allowed = options[name]
         if accepted is None:  # an option of a registered class, typed by nothing: its constructor checks it
-            normalized[name] = _plain_number(value, _NUMBER)
+            normalized[name] = _plain_value(value)
             continue
+        if list in accepted and isinstance(value, tuple):  # a container's inner layer tables, given in Python
+            value = list(value)
         value = _plain_number(value, accepted)
         if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
             raise SpecError(f"{label}: {name} must be {_TYPE_WORDS[_main_type(accepted)]}, got {value!r}")
@@ -247,7 +252,7 @@ def _normalize_entry(entry, label: str) -> dict:
             continue
         if default is REQUIRED:
             raise SpecError(f"{label}: missing required option {name!r}")
-        normalized[name] = default
+        normalized[name] = _plain_value(default)  # a default of (1, 1) is recorded as a file holds it, [1, 1]
     if "layers" in options:  # Residual or a container of one's own: its inner layer tables
         normalized["layers"] = _normalize_layers(normalized["layers"], f"{label} > ")
     return normalized
@@ -264,6 +269,17 @@ def _plain_number(value, accepted: tuple):
     if float in accepted and isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+def _plain_value(value):
+    """An untyped option's value as a model file holds it, so that what is built, recorded and
+    read back compares equal: tuples as lists (JSON and TOML have only lists), at any depth, and
+    NumPy numbers as Python ones; anything else unchanged (refused when written, if it must be)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain_value(item) for key, item in value.items()}
+    return _plain_number(value, _NUMBER)
 
 
 # -- layer classes of your own --------------------------------------------------------------------
@@ -283,7 +299,7 @@ def register_layer(cls: type) -> type:
     inner layers as the constructor argument ``layers`` and keeps them, in order, in
     ``self.layers``: a spec writes them as inner layer tables. Registering the same class again (a
     module reloaded, a notebook cell run twice) replaces it; a built-in type's name, a name another
-    class holds, an option called ``type``, one called ``layers`` on a class that holds no layers,
+    class holds, an option called ``type``, one called ``layers`` on a class without ``children()``,
     and a container without that argument are refused. See ``docs/custom-layers.md``.
     """
     if not (isinstance(cls, type) and issubclass(cls, Layer)):
@@ -301,9 +317,14 @@ def register_layer(cls: type) -> type:
             f"{name} holds other layers (it defines children()): a spec rebuilds such a layer when its constructor "
             f"takes them as `layers` and keeps them in self.layers; add that argument, or build networks with it in Python"
         )
-    taken = [option for option in options if option == "type" or option == "layers" and not container]
-    if taken:
-        raise ValueError(f"{name}: an option cannot be called {taken[0]!r} (a spec entry's {taken[0]!r} means something else): rename it")
+    if "layers" in options and not container:  # most often a container that forgot children(), rarely a clash of names
+        raise ValueError(
+            f"{name} takes `layers` but defines no children(): a container lists its inner layers in children() as "
+            f"(\"layers.0\", layer) pairs, so that parameters, buffers, eval() and moves between devices reach them; "
+            f"define children(), or rename an option `layers` that means something else (a spec entry's 'layers' are inner layer tables)"
+        )
+    if "type" in options:
+        raise ValueError(f"{name}: an option cannot be called 'type' (a spec entry's 'type' means something else): rename it")
     LAYER_TYPES[name] = cls
     return cls
 
@@ -401,39 +422,69 @@ def _check_options_kept(layer: Layer, entry: dict, label: str) -> None:
 def spec_entry(layer: Layer, label: str = "") -> dict:
     """``layer``'s architecture-file entry, as model files and checkpoints record it.
 
-    A registered class of one's own is checked as a spec file's entry would be (its options, their
-    types; NumPy numbers become Python ones; input sizes left out) and must be JSON-ready. The inner
-    layers of a container (Residual, or one of one's own) are read from ``layer.layers`` and checked
-    alike. Other layers give ``layer.spec()``.
+    A built-in layer gives ``layer.spec()``. A registered class of one's own (a subclass of a
+    built-in type too) is recorded from its ``config()`` under its own name, input sizes left out,
+    and checked as a spec file's entry would be (its options, their types; NumPy numbers become
+    Python ones, tuples lists). A class that is not registered gives ``layer.spec()`` (its
+    ``config()``, by default). The inner layers of a container (Residual, or one of one's own,
+    registered or not) are read from ``layer.layers``; every value must be one a model file holds.
     """
     kind = type(layer).__name__
     label = label or f"layer ({kind})"
-    if kind == "Residual":
-        return {**layer.spec(), "layers": _inner_entries(layer, label)}
+    if kind in BUILTIN_LAYER_TYPES:
+        entry = layer.spec()
+        if kind == "Residual":
+            entry["layers"] = _inner_entries(layer, label)
+        return entry
     registered = LAYER_TYPES.get(kind)
-    if kind in BUILTIN_LAYER_TYPES or registered is None or _qualified_name(registered) != _qualified_name(type(layer)):
-        return layer.spec()
+    if registered is None or _qualified_name(registered) != _qualified_name(type(layer)):
+        return _unregistered_entry(layer, kind, label)
     options = layer_options(kind)
     if type(layer).config is Layer.config:
         unread = [option for option in options if option != "layers" and not hasattr(layer, option)]
         if unread:
             raise SpecError(f"{label}: define config() returning its options ({kind} has no attribute {unread[0]!r} to read that option from)")
-    # The class's name, not the one a built-in parent's spec() writes; input sizes are inferred, never recorded.
-    entry = {**{key: value for key, value in layer.spec().items() if key in options or not key.startswith("in_")}, "type": kind}
+    config = layer.config()
+    if not isinstance(config, dict):
+        raise SpecError(f"{label}: {kind}.config() returned {type(config).__name__}: return a dict of its constructor's options")
+    # config(), what the docs say is recorded: a spec() inherited from a built-in parent or defined
+    # for another purpose need not give the class's options. in_* sizes that are not options are inferred.
+    entry = {"type": kind, **{key: value for key, value in config.items() if key != "type" and (key in options or not key.startswith("in_"))}}
     if "layers" in options:
         entry["layers"] = _inner_entries(layer, label)
     try:
         normalized = _normalize_entry(entry, label)
     except SpecError as exc:
         raise SpecError(f"{exc}; {kind}.config() must return its constructor's options") from None
-    for name, value in normalized.items():
+    _check_storable(normalized, label)
+    return normalized
+
+
+def _unregistered_entry(layer: Layer, kind: str, label: str) -> dict:
+    """The entry of a class that is not registered: written so that its files load once it is."""
+    entry = {key: _plain_value(value) for key, value in layer.spec().items()}
+    if _holds_layer_list(layer) and ("layers" in entry or type(layer).children is not Layer.children):
+        entry["layers"] = _inner_entries(layer, label)  # the default config() gives the layer objects themselves
+    _check_storable(entry, label)
+    return entry
+
+
+def _holds_layer_list(layer: Layer) -> bool:
+    inner = getattr(layer, "layers", None)
+    return isinstance(inner, (list, tuple)) and bool(inner) and all(isinstance(child, Layer) for child in inner)
+
+
+def _check_storable(entry: dict, label: str) -> None:
+    """Refuse, naming the option, a value a model file (JSON) cannot hold: nothing is written."""
+    for name, value in entry.items():
         try:
             json.dumps(value)
         except (TypeError, ValueError):
+            shown = " ".join(repr(value).split())  # an array's repr spans lines: the message stays one
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise SpecError(
-                f"{label}: config() gives {name}={value!r}, which a model file cannot hold: return numbers, strings, true/false or lists"
+                f"{label}: config() gives {name}={shown}, which a model file cannot hold: return numbers, strings, true/false or lists"
             ) from None
-    return normalized
 
 
 def _inner_entries(layer: Layer, label: str) -> list[dict]:
@@ -472,7 +523,7 @@ def build_model(
     :class:`SpecError` (one line, naming the layer) for any spec that cannot work.
     """
     file_name = None
-    if not isinstance(spec, (dict, list)):
+    if not isinstance(spec, (dict, list, tuple)):
         label, spec = resolve_spec(spec)
         file_name = Path(label).stem  # what a file that names no network is called in summaries
     normalized = normalize_spec(spec)

@@ -4,7 +4,8 @@ parameter count and multiply-accumulates per sample, then the totals and the par
 :func:`summarize` returns the table as data; :func:`format_summary` prints it. MACs count the
 multiply-accumulates of Convolution (``outputs * C_in * K * K``), FullyConnected
 (``in_features * out_features``) and BatchNorm (one scale-and-shift per value); pooling,
-activations and the residual additions are not counted.
+activations and the residual additions are not counted. A container (a layer with children) counts
+those of the layers inside it unless it defines ``macs`` itself (:meth:`Layer.macs`).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def summarize(model) -> ModelSummary:
             "the model has no input shape yet: build it with one (build_model, or Sequential(..., input_shape=...)), "
             "or run it on a batch first"
         )
-    if any(layer.output_shape is None for layer in model.layers):
-        model.build(model.input_shape)  # layers made with their sizes, shape recorded by a forward pass: shapes only
+    if any(layer.output_shape is None for _, layer in model.named_layers()):
+        # layers made with their sizes, shape recorded by a forward pass: shapes only (and a layer inside
+        # a container left unbuilt is refused there, in one line)
+        model.build(model.input_shape)
     itemsize = model.backend.dtype.itemsize
     summary = ModelSummary(tuple(model.input_shape), model.backend.dtype.name, name=model.spec_options.get("name"))
     for index, layer in enumerate(model.layers):
@@ -91,7 +94,8 @@ def summarize(model) -> ModelSummary:
     summary.total_buffers = sum(value.size for _, value in model.named_buffers())
     summary.total_macs = sum(layer.macs() for layer in model.layers)
     summary.parameter_bytes = summary.total_params * itemsize
-    summary.buffer_bytes = summary.total_buffers * itemsize
+    # Each buffer's own size: an integer counter keeps its dtype (int64), not the model's float one.
+    summary.buffer_bytes = sum(int(value.nbytes) for _, value in model.named_buffers())
     return summary
 
 

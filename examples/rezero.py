@@ -51,9 +51,6 @@ class ReZero(Layer):
         self.params = {"alpha": Parameter(self.backend.to_device(alpha))}
         return input_shape
 
-    def macs(self) -> int:
-        return sum(layer.macs() for layer in self.layers)
-
     def forward(self, x):
         inner = x
         for layer in self.layers:

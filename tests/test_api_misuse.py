@@ -226,3 +226,52 @@ def test_one_layer_object_in_two_places_is_refused_naming_both():
     dense = FullyConnected(4, 4)
     with pytest.raises(ValueError, match=r"^Sequential: item 3 \(FullyConnected\) is the same layer object as item 1; a layer takes one place"):
         Sequential([Flatten(), dense, ReLU(), dense], input_shape=(1, 2, 2))
+
+
+def test_one_layer_object_in_two_places_inside_containers_is_refused_naming_both():
+    from cnn_backend import Sequential
+    from cnn_backend.layers import Convolution, GlobalAvgPool, FullyConnected, Layer, ReLU, Residual, Tanh
+
+    class Block(Layer):
+        def __init__(self, layers):
+            self.layers = list(layers)
+            super().__init__()
+
+        def children(self):
+            return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
+
+        def _build(self, shape, rng):
+            for layer in self.layers:
+                shape = layer.build(shape, rng)
+            return shape
+
+    def conv():
+        return Convolution(out_channels=2, kernel_size=3, padding=1)
+
+    tail = [GlobalAvgPool(), FullyConnected(out_features=3)]
+    shared = conv()
+    looped = Block([ReLU()])
+    looped.layers.append(looped)
+    cases = [
+        ([conv(), Block([shared, Tanh(), shared])], r"layer 1 \(Block\) > layer 2 \(Convolution\) is the same layer object as layer 1 \(Block\) > layer 0 \(Convolution\)"),
+        ([shared, Block([shared])], r"layer 1 \(Block\) > layer 0 \(Convolution\) is the same layer object as layer 0 \(Convolution\)"),
+        ([shared, Residual([Tanh(), shared])], r"layer 1 \(Residual\) > layer 1 \(Convolution\) is the same layer object as layer 0 \(Convolution\)"),
+        ([Block([Residual([shared]), Block([shared])])],
+         r"layer 0 \(Block\) > layer 1 \(Block\) > layer 0 \(Convolution\) is the same layer object as layer 0 \(Block\) > layer 0 \(Residual\) > layer 0 \(Convolution\)"),
+        ([looped], r"layer 0 \(Block\) > layer 1 \(Block\) is the same layer object as layer 0 \(Block\)"),  # a block inside itself
+    ]
+    for layers, places in cases:
+        with pytest.raises(ValueError, match=rf"^Sequential: {places}; a layer takes one place in a network: make another \(weights are not shared\)$"):
+            Sequential(layers + tail, input_shape=(2, 6, 6))
+
+
+def test_children_that_are_not_layers_are_refused_in_one_line():
+    from cnn_backend import Sequential
+    from cnn_backend.layers import Layer
+
+    class Listing(Layer):
+        def children(self):
+            return [("layers.0", "Convolution")]
+
+    with pytest.raises(ValueError, match=r"^Sequential: layer 0 \(Listing\): children\(\) gives a str as 'layers.0', not a layer; children\(\) lists \(name, layer\) pairs"):
+        Sequential([Listing()])

@@ -12,7 +12,7 @@ from cnn_backend import ModelFileError, Sequential, SpecError, build_model, regi
 from cnn_backend.backend import cpu_backend
 from cnn_backend.checkpoint import load_checkpoint
 from cnn_backend.gradcheck import GradientCheckError, check_layer_gradients
-from cnn_backend.layers import LAYER_TYPES, Flatten, FullyConnected, Layer, SoftmaxCrossEntropy
+from cnn_backend.layers import LAYER_TYPES, BatchNorm, Convolution, Flatten, FullyConnected, Layer, Residual, SoftmaxCrossEntropy
 from cnn_backend.optim import SGD
 from cnn_backend.spec import layer_options
 from cnn_backend.parameters import Parameter
@@ -326,6 +326,9 @@ def test_a_config_that_would_not_rebuild_the_layer_is_refused_when_it_is_built(t
     own_layer("WrongKey", lambda self: {"alpha": self.a})
     with pytest.raises(SpecError, match=r"^layer 1 \(WrongKey\): unknown option 'alpha' \(WrongKey takes a\); WrongKey\.config\(\) must return its constructor's options$"):
         build_model(flatten_then({"type": "WrongKey"}), (1, 2, 2))
+    own_layer("Listing", lambda self: [self.a])
+    with pytest.raises(SpecError, match=r"^layer 1 \(Listing\): Listing\.config\(\) returned list: return a dict of its constructor's options$"):
+        build_model(flatten_then({"type": "Listing"}), (1, 2, 2))
     own_layer("Forgets", lambda self: {})
     with pytest.raises(SpecError, match=r"^layer 1 \(Forgets\): its config\(\) gives a=1\.0 for a layer built with a=3\.0: return every constructor option"):
         build_model(flatten_then({"type": "Forgets", "a": 3.0}), (1, 2, 2))
@@ -381,7 +384,8 @@ def test_errors_of_ones_own_constructor_and_build_name_the_layer_in_one_line():
 def test_registration_refuses_an_option_a_spec_entry_reserves_and_a_container_without_layers():
     with pytest.raises(ValueError, match=r"^Typed: an option cannot be called 'type' .*: rename it$"):
         register_layer(type("Typed", (Layer,), {"__init__": lambda self, type="a", *, backend=None: Layer.__init__(self, backend)}))
-    with pytest.raises(ValueError, match=r"^Listed: an option cannot be called 'layers' .*: rename it$"):
+    # Most often a container that forgot children(): told what children() gives, and the rename otherwise.
+    with pytest.raises(ValueError, match=r'^Listed takes `layers` but defines no children\(\): a container lists its inner layers in children\(\) as \("layers\.0", layer\) pairs.*rename an option `layers` that means something else'):
         register_layer(type("Listed", (Layer,), {"__init__": lambda self, layers=(), *, backend=None: Layer.__init__(self, backend)}))
 
     class Stack(Layer):
@@ -426,8 +430,6 @@ def test_options_kept_as_attributes_are_recorded_inside_blocks_without_input_sha
 
 
 def test_a_registered_subclass_of_a_built_in_layer_is_recorded_under_its_own_name(tmp_path):
-    from cnn_backend.layers import Convolution
-
     class WideConvolution(Convolution):
         pass
 
@@ -439,6 +441,193 @@ def test_a_registered_subclass_of_a_built_in_layer_is_recorded_under_its_own_nam
     assert "in_channels" not in model.config()["layers"][0]  # inferred, never recorded
     loaded = Sequential.load(model.save(tmp_path / "model.npz"))
     assert type(loaded[0]) is WideConvolution and loaded[0].out_channels == 2
+    # Recorded from the built-in config() the subclasses inherit, less in_* sizes (BatchNorm's num_features,
+    # an option of the constructor they inherit, is recorded too: it rebuilds the same layer).
+    plain = {name: register_layer(type(name, (parent,), {"__module__": __name__})) for name, parent in (
+        ("PlainBatchNorm", BatchNorm), ("PlainFullyConnected", FullyConnected), ("PlainResidual", Residual))}  # fmt: skip
+    spec = {"layers": [
+        {"type": "Convolution", "out_channels": 2, "kernel_size": 3}, {"type": "PlainBatchNorm", "momentum": 0.3, "eps": 0.01},
+        {"type": "PlainResidual", "layers": [{"type": "ReLU"}]}, {"type": "Flatten"},
+        {"type": "PlainFullyConnected", "out_features": 3, "init": "glorot"},
+    ]}  # fmt: skip
+    model = build_model(spec, (1, 5, 5), seed=0)
+    recorded = model.config()["layers"]
+    assert {key: recorded[1][key] for key in ("type", "momentum", "eps")} == {"type": "PlainBatchNorm", "momentum": 0.3, "eps": 0.01}
+    assert recorded[2]["layers"] == [{"type": "ReLU"}]
+    assert recorded[4] == {"type": "PlainFullyConnected", "out_features": 3, "init": "glorot"}
+    loaded = Sequential.load(model.save(tmp_path / "plain.npz"))
+    assert [type(layer) for layer in loaded.layers[1:]] == [plain["PlainBatchNorm"], plain["PlainResidual"], Flatten, plain["PlainFullyConnected"]]
+    assert loaded.config() == model.config()
+
+
+class ScaledResidual(Residual):
+    """``x + gain * f(x)``: a subclass of a built-in container with an option of its own."""
+
+    def __init__(self, layers, gain: float = 1.0, *, backend=None):
+        super().__init__(layers, backend=backend)
+        self.gain = float(gain)
+
+    def config(self):
+        return {**super().config(), "gain": self.gain}
+
+    def forward(self, x):
+        inner = x
+        for layer in self.layers:
+            inner = layer.forward(inner)
+        return x + self.gain * inner
+
+
+class GainConvolution(Convolution):
+    """A Convolution subclass whose config() leaves out the inferred in_channels, as the docs say."""
+
+    def __init__(self, out_channels: int, kernel_size: int, gain: float = 1.0, *, in_channels=None, backend=None):
+        super().__init__(in_channels, out_channels, kernel_size, backend=backend)
+        self.gain = float(gain)
+
+    def config(self):
+        return {"out_channels": self.out_channels, "kernel_size": self.kernel_size, "gain": self.gain}
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+class ShiftedBatchNorm(BatchNorm):
+    def __init__(self, shift: float = 0.0, momentum: float = 0.1, *, backend=None):
+        super().__init__(None, momentum, backend=backend)
+        self.shift = float(shift)
+
+    def config(self):
+        return {"shift": self.shift, "momentum": self.momentum}
+
+    def forward(self, x):
+        return super().forward(x) + self.shift
+
+
+class WideFullyConnected(FullyConnected):
+    def __init__(self, out_features: int, width: int = 1, *, in_features=None, backend=None):
+        super().__init__(in_features, out_features * width, backend=backend)
+        self.width = width
+
+    def config(self):
+        return {"out_features": self.out_features // self.width, "width": self.width}
+
+
+def test_a_registered_subclass_of_a_built_in_layer_keeps_its_own_options_in_specs_files_and_copies(tmp_path):
+    for cls in (ScaledResidual, GainConvolution, ShiftedBatchNorm, WideFullyConnected):
+        register_layer(cls)
+    spec = {"layers": [
+        {"type": "GainConvolution", "out_channels": 3, "kernel_size": 3, "gain": 2.0},
+        {"type": "ShiftedBatchNorm", "shift": 0.5, "momentum": 0.2},
+        {"type": "ScaledResidual", "gain": 0.5, "layers": [{"type": "Convolution", "out_channels": 3, "kernel_size": 3, "padding": 1}]},
+        {"type": "Flatten"}, {"type": "WideFullyConnected", "out_features": 2, "width": 2},
+    ]}  # fmt: skip
+    model = build_model(spec, (1, 6, 6), seed=0)  # refused before: spec() of the built-in parent dropped gain, shift, width
+    recorded = model.config()["layers"]
+    assert recorded[0] == {"type": "GainConvolution", "out_channels": 3, "kernel_size": 3, "gain": 2.0}
+    assert recorded[1] == {"type": "ShiftedBatchNorm", "shift": 0.5, "momentum": 0.2}  # what config() gives, no num_features
+    assert recorded[2]["gain"] == 0.5 and recorded[4] == {"type": "WideFullyConnected", "out_features": 2, "width": 2}
+    loaded = Sequential.load(model.save(tmp_path / "model.npz"))
+    assert (loaded[0].gain, loaded[1].shift, loaded[2].gain, loaded[4].width) == (2.0, 0.5, 0.5, 2)
+    assert copy.deepcopy(model)[2].gain == 0.5
+    x = images(n=2, seed=1)[:, :, :6, :6]
+    numpy.testing.assert_array_equal(loaded.eval().forward(x), model.eval().forward(x))
+    assert model.summary().rows[0].description == "out_channels=3, kernel_size=3, gain=2.0"  # spec() no longer KeyErrors
+
+
+class Pad(Layer):
+    """Zero-pads H and W by ``pads = (rows, columns)`` on each side; keeps its option as a tuple."""
+
+    def __init__(self, pads=(1, 1), *, backend=None):
+        super().__init__(backend)
+        self.pads = tuple(int(p) for p in pads)
+
+    def _build(self, input_shape, rng):
+        return (input_shape[0], input_shape[1] + 2 * self.pads[0], input_shape[2] + 2 * self.pads[1])
+
+    def forward(self, x):
+        a, b = self.pads
+        return self.backend.xp.pad(x, ((0, 0), (0, 0), (a, a), (b, b)))
+
+
+class Corners(Layer):
+    """An option holding tuples inside a list, kept as given."""
+
+    def __init__(self, points=((0, 0),), *, backend=None):
+        super().__init__(backend)
+        self.points = [tuple(point) for point in points]
+
+    def forward(self, x):
+        return x
+
+
+def test_tuple_options_are_written_as_lists_and_load_back(tmp_path):
+    import json
+
+    register_layer(Pad)
+    register_layer(Corners)
+    built_in_python = Sequential([Pad((2, 1)), Corners([(1, 2), (3, 4)]), Flatten(), FullyConnected(out_features=2)], input_shape=(1, 2, 2))
+    document = json.loads(json.dumps(built_in_python.config()))
+    assert document["layers"][:2] == [{"type": "Pad", "pads": [2, 1]}, {"type": "Corners", "points": [[1, 2], [3, 4]]}]
+    loaded = Sequential.load(built_in_python.save(tmp_path / "model.npz"))  # refused before: config() gives pads=(2, 1)
+    assert (loaded[0].pads, loaded[1].points) == ((2, 1), [(1, 2), (3, 4)])
+    # A file's lists, a Python spec's tuples (nested ones too) and a tuple default all build and record alike.
+    for pad, corners in (({"pads": [2, 1]}, {"points": [[1, 2], [3, 4]]}), ({"pads": (2, 1)}, {"points": [(1, 2), (3, 4)]}), ({}, {})):
+        spec = {"layers": ({"type": "Pad", **pad}, {"type": "Corners", **corners}, {"type": "Flatten"}, {"type": "FullyConnected", "out_features": 2})}
+        model = build_model(spec, (1, 2, 2), seed=0)
+        assert model.config()["layers"][0]["pads"] == ([2, 1] if pad else [1, 1])
+        assert Sequential.load(model.save(tmp_path / "spec.npz"))[0].pads == model[0].pads
+
+
+class Block(Layer):
+    """A container of one's own with the default config(), as the QA pass wrote it."""
+
+    def __init__(self, layers, *, backend=None):
+        self.layers = list(layers)
+        super().__init__(backend)
+
+    def children(self):
+        return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
+
+    def _build(self, shape, rng):
+        for layer in self.layers:
+            shape = layer.build(shape, rng)
+        return shape
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+
+def test_an_unregistered_container_saves_its_inner_layers_and_loads_once_registered(tmp_path):
+    from cnn_backend.layers import Tanh
+
+    model = Sequential([Convolution(out_channels=2, kernel_size=3), Block([Tanh()]), Flatten(), FullyConnected(out_features=2)], input_shape=(1, 5, 5))
+    path = model.save(tmp_path / "model.npz")  # a TypeError before: the default config() gives the Tanh object
+    assert model.config()["layers"][1] == {"type": "Block", "layers": [{"type": "Tanh"}]}
+    with pytest.raises(ModelFileError, match=r"unknown layer type 'Block'.*register_layer"):
+        Sequential.load(path)
+    register_layer(Block)
+    x = images(n=2)[:, :, :5, :5]
+    numpy.testing.assert_array_equal(Sequential.load(path).forward(x), model.forward(x))
+
+
+def test_a_value_a_model_file_cannot_hold_is_refused_in_one_line_for_an_unregistered_class_too(tmp_path):
+    class Table(Layer):
+        def __init__(self, table=None, *, backend=None):
+            super().__init__(backend)
+            self.table = numpy.arange(40.0).reshape(5, 8) if table is None else table
+
+        def forward(self, x):
+            return x
+
+    model = Sequential([Flatten(), Table(), FullyConnected(out_features=2)], input_shape=(1, 2, 2))
+    with pytest.raises(SpecError, match=r"^layer 1 \(Table\): config\(\) gives table=array\(.*, which a model file cannot hold: return numbers") as caught:
+        model.save(tmp_path / "model.npz")
+    assert "\n" not in str(caught.value) and list(tmp_path.iterdir()) == []
+    block = Sequential([Flatten(), Block([Table()]), FullyConnected(out_features=2)], input_shape=(1, 2, 2))
+    with pytest.raises(SpecError, match=r"^layer 1 \(Block\) > layer 0 \(Table\): config\(\) gives table="):
+        block.save(tmp_path / "block.npz")
 
 
 def test_an_option_defaulting_to_none_takes_none_whatever_its_annotation():

@@ -280,6 +280,25 @@ def test_running_statistics_are_averaged_over_the_processes_in_one_call():
     assert communicator.calls == 1
 
 
+def test_integer_buffers_are_left_as_they_are_and_only_float_ones_averaged():
+    be = standin_backend("float64")
+    buffers = {
+        "1.steps": be.to_device(numpy.array(7, dtype=numpy.int64)),  # a counter: the same on every rank
+        "1.seen": be.to_device(numpy.array([True, False])),
+        "3.running_mean": be.to_device(numpy.arange(4.0)),
+    }
+    model = SimpleNamespace(backend=be, named_buffers=lambda: list(buffers.items()))
+    communicator = HalvingCommunicator()
+    average_buffers(model, communicator)
+    assert communicator.calls == 1
+    assert be.to_numpy(buffers["3.running_mean"]).tolist() == [0.0, 0.5, 1.0, 1.5]
+    assert buffers["1.steps"].dtype == numpy.int64 and int(be.to_numpy(buffers["1.steps"])) == 7
+    assert be.to_numpy(buffers["1.seen"]).tolist() == [True, False]
+    only_integers = SimpleNamespace(backend=be, named_buffers=lambda: [("1.steps", buffers["1.steps"])])
+    average_buffers(only_integers, communicator)  # nothing to average: no call
+    assert communicator.calls == 1 and int(be.to_numpy(buffers["1.steps"])) == 7
+
+
 # -- under mpiexec -n 2 ----------------------------------------------------------------------------
 
 
@@ -317,6 +336,45 @@ def test_two_ranks_end_with_the_weights_and_validation_of_one_process(tmp_path):
     numpy.testing.assert_allclose(
         [row[0] for row in float32["history"]], [row[0] for row in float32["reference_history"]], rtol=1e-5
     )
+
+
+#: a layer of one's own counting its training batches in an int64 buffer (left alone by the averaging)
+COUNTED_LAYER = """
+import numpy
+from cnn_backend import register_layer
+from cnn_backend.layers import Layer
+
+@register_layer
+class Counted(Layer):
+    def __init__(self, *, backend=None):
+        super().__init__(backend)
+        self.buffers["steps"] = self.backend.to_device(numpy.zeros((), dtype=numpy.int64))
+
+    def forward(self, x):
+        if self.training:
+            self.buffers["steps"] += 1
+        return x
+
+    def backward(self, dy):
+        return dy
+"""
+
+
+@needs_mpi
+def test_two_ranks_train_a_model_whose_only_buffer_is_an_integer_counter(tmp_path):
+    (tmp_path / "counted.py").write_text(COUNTED_LAYER)
+    (tmp_path / "counted.toml").write_text(
+        '[[layers]]\ntype = "Convolution"\nout_channels = 2\nkernel_size = 3\n[[layers]]\ntype = "Counted"\n'
+        '[[layers]]\ntype = "GlobalAvgPool"\n[[layers]]\ntype = "FullyConnected"\nout_features = 10\n'
+    )
+    result = run_job(on_two_ranks(
+        "train", "--model", "counted.toml", "--import", "counted.py", "--data", "bundled", "--train-split", ":80",
+        "--val-split", "9500:9600", "--batch-size", "8", "--epochs", "1", "--device", "cpu", "--no-plots", "--quiet", "--out", "run",
+    ), tmp_path, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    with numpy.load(tmp_path / "run" / "last.npz") as arrays:
+        steps = arrays["buffer/1.steps"]
+    assert steps.dtype == numpy.int64 and int(steps) == 10  # 80 images in global batches of 8: each rank counted 10
 
 
 @needs_mpi

@@ -506,6 +506,48 @@ def test_a_layers_constant_never_takes_the_graphs_own_names(tmp_path):
     onnx.checker.check_model(build_onnx_model(model), full_check=True)
 
 
+def test_constants_keep_integer_and_boolean_arrays_and_make_floats_and_python_numbers_float32():
+    from cnn_backend.export import GraphBuilder
+
+    graph = GraphBuilder(onnx, DEFAULT_OPSET)
+    values = [numpy.array([2, 3], dtype=numpy.int32), [0, -1], numpy.uint8(4), numpy.array([True, False]), True,
+              numpy.arange(3.0), 2.0, numpy.float16(0.5), 2]  # fmt: skip  # a Python int: a factor, as a spec may write 2 for 2.0
+    for index, value in enumerate(values):
+        graph.constant(f"c{index}", value)
+    names = [onnx.TensorProto.DataType.Name(tensor.data_type) for tensor in graph.initializers]
+    assert names == ["INT64"] * 3 + ["BOOL"] * 2 + ["FLOAT"] * 4
+    assert onnx.numpy_helper.to_array(graph.initializers[1]).tolist() == [0, -1]
+    with pytest.raises(TypeError, match=r"^graph\.constant 'text': expected numbers \(float, integer or bool\), got an array of dtype <U1$"):
+        graph.constant("text", "a")
+    with pytest.raises(ValueError, match=r"^graph\.constant 'huge': integers above 2\*\*63 - 1 do not fit ONNX's int64$"):
+        graph.constant("huge", numpy.array([2**64 - 1], dtype=numpy.uint64))
+
+
+class FlattenedThrough(Layer):
+    """Flattens each sample, written with operators whose axes and shapes are int64 tensors."""
+
+    def _build(self, input_shape, rng):
+        return (int(numpy.prod(input_shape)),)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], -1)
+
+    def export_onnx(self, graph, prefix, x, shape):
+        # Unsqueeze and Reshape take their axes and shape as int64 inputs (opset 13 on).
+        widened = graph.node("Unsqueeze", [x, graph.constant(f"{prefix}.axes", numpy.array([1]))], name=f"{prefix}.unsqueeze")
+        return graph.node("Reshape", [widened, graph.constant(f"{prefix}.shape", [0, -1])], name=f"{prefix}.reshape"), self.output_shape
+
+
+def test_a_layer_of_ones_own_exports_operators_taking_int64_constants():
+    from cnn_backend.layers import Convolution, FullyConnected
+
+    model = Sequential([Convolution(out_channels=2, kernel_size=3), FlattenedThrough(), FullyConnected(out_features=4)],
+                       input_shape=(1, 6, 6), rng=0).eval()  # fmt: skip
+    proto = build_onnx_model(model)  # passes onnx.checker's full check
+    images = numpy.random.default_rng(0).random((3, 1, 6, 6), dtype=numpy.float32)
+    assert numpy.abs(run_onnx(proto.SerializeToString(), images) - library_logits(model, images)).max() <= TOLERANCE
+
+
 def test_input_shape_that_does_not_fit_the_dense_layer_is_refused():
     with pytest.raises(ExportError, match=r"layer 7 \(FullyConnected\) expects 3136 input features.*\(4096,\)"):
         build_onnx_model(plain_cnn(), input_shape=(1, 32, 32))

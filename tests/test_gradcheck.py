@@ -14,7 +14,7 @@ from cnn_backend.parameters import Parameter
 
 NOT_REPEATABLE = (
     r"^forward gives different outputs for the same input \(it draws random numbers or updates state\): "
-    r"check the layer with layer\.training = False$"
+    r"check the layer in evaluation mode, layer\.eval\(\)$"
 )
 
 
@@ -49,6 +49,61 @@ def test_a_layer_whose_state_changes_its_output_is_refused_in_training_only():
     layer.buffers["calls"] = 3
     layer.training = False
     assert check_layer_gradients(layer, (4,)).worst["input"] <= 1.0
+
+
+class Block(Layer):
+    """A container of one's own: its inner layers in order, listed in children()."""
+
+    def __init__(self, layers):
+        self.layers = list(layers)
+        super().__init__()
+
+    def children(self):
+        return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
+
+    def _build(self, shape, rng):
+        for layer in self.layers:
+            shape = layer.build(shape, rng)
+        return shape
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+
+def test_a_container_holding_dropout_passes_after_eval_and_is_refused_naming_the_layers_left_training():
+    block = Block([FullyConnected(out_features=3), Dropout(0.5)])
+    block.training = False  # the container's own flag alone: its Dropout still drops
+    with pytest.raises(GradientCheckError, match=(
+        r"^forward gives different outputs for the same input \(it draws random numbers or updates state\): check the layer in "
+        r"evaluation mode, layer\.eval\(\), which sets the layers inside too \(in training mode: Block > layer 0 \(FullyConnected\), "
+        r"Block > layer 1 \(Dropout\)\)$"
+    )):
+        check_layer_gradients(block, (4,))
+    assert set(check_layer_gradients(block.eval(), (4,)).worst) == {"input", "layers.0.weight", "layers.0.bias"}
+    # The copy checked has the mode of each layer as the user left it: one inner layer put back in training.
+    block.layers[1].train()
+    with pytest.raises(GradientCheckError, match=r"\(in training mode: Block > layer 1 \(Dropout\)\)$"):
+        check_layer_gradients(block, (4,))
+    assert block.layers[1].training and not block.training  # the layer itself left as it was
+
+
+def test_a_layer_that_is_not_repeatable_in_evaluation_mode_is_told_so():
+    class Noisy(Layer):
+        def forward(self, x):
+            return x + numpy.random.default_rng().standard_normal(x.shape)
+
+    with pytest.raises(GradientCheckError, match=(
+        r"\(it draws random numbers or updates state\) in evaluation mode too: make its forward give the same output for the same "
+        r"input when not training$"
+    )):
+        check_layer_gradients(Noisy().eval(), (3,))
 
 
 def test_batchnorm_in_training_updates_its_statistics_but_repeats_its_output_so_it_passes():

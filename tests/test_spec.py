@@ -108,6 +108,36 @@ def test_numpy_scalars_in_a_python_spec_are_taken_as_numbers():
     same_parameters(build_model(layers, FASHION, seed=3), build_model(plain, FASHION, seed=3))
 
 
+def test_tuples_in_a_python_spec_are_taken_as_lists():
+    """A spec built in Python may hold tuples where a file holds lists: the layer list and a block's."""
+    layers = (conv(4, 3), {"type": "Residual", "layers": (conv(4, 3, padding=1), {"type": "ReLU"})}, {"type": "Flatten"}, dense(10))
+    normalized = normalize_spec(layers)
+    assert isinstance(normalized["layers"], list) and isinstance(normalized["layers"][1]["layers"], list)
+    listed = [conv(4, 3), {"type": "Residual", "layers": [conv(4, 3, padding=1), {"type": "ReLU"}]}, {"type": "Flatten"}, dense(10)]
+    assert normalized == normalize_spec(listed)
+    same_parameters(build_model({"layers": layers}, FASHION, seed=1), build_model(listed, FASHION, seed=1))
+    same_parameters(build_model(layers, FASHION, seed=1), build_model(listed, FASHION, seed=1))
+
+
+def test_built_in_spec_entries_are_unchanged_and_a_subclass_s_follow_its_config_and_name():
+    from cnn_backend.layers import FullyConnected, ReLU
+
+    assert Convolution(2, 4, 3).spec() == conv(4, 3, stride=1, padding=0, bias=True, algorithm="auto", init="he")
+    assert FullyConnected(3, 5).spec() == dense(5, init="he")
+    assert BatchNorm(3).spec() == {"type": "BatchNorm", "momentum": 0.1, "eps": 1e-5}
+    assert Residual([ReLU()]).spec() == {"type": "Residual", "layers": [{"type": "ReLU"}]}
+
+    class Gained(Convolution):
+        def __init__(self, out_channels, kernel_size, gain=1.0, *, in_channels=None, backend=None):
+            super().__init__(in_channels, out_channels, kernel_size, backend=backend)
+            self.gain = gain
+
+        def config(self):  # without in_channels, an inferred size
+            return {"out_channels": self.out_channels, "kernel_size": self.kernel_size, "gain": self.gain}
+
+    assert Gained(4, 3, gain=2.0).spec() == {"type": "Gained", "out_channels": 4, "kernel_size": 3, "gain": 2.0}
+
+
 @pytest.mark.parametrize("value", [numpy.float64(4.0), numpy.True_, True, 4.5])
 def test_bools_and_non_integral_numbers_are_still_not_integers(value):
     with pytest.raises(SpecError, match=rf"^layer 0 \(Convolution\): out_channels must be an integer, got {re.escape(repr(value))}$"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import numpy
+
 from ..backend import Backend, cpu_backend, get_backend
 from ..init import as_integer, make_rng
 from ..parameters import Parameter
@@ -42,10 +44,16 @@ class Layer:
         """Check ``input_shape`` (per sample, no batch axis), create missing parameters from the
         host generator ``rng`` (a seed or None is made one), and return the per-sample output shape."""
         input_shape = tuple(int(size) for size in input_shape)
-        output_shape = self._build(input_shape, make_rng(rng))
-        if output_shape is None:
-            raise ShapeError(f"{type(self).__name__}._build returned None: return the per-sample output shape")
-        output_shape = tuple(output_shape)
+        try:
+            output_shape = self._build(input_shape, make_rng(rng))
+            if output_shape is None:
+                raise ShapeError(f"{type(self).__name__}._build returned None: return the per-sample output shape")
+            output_shape = tuple(output_shape)
+        except Exception as exc:
+            # Marked on the way out, so that whoever reports it can name the path down to the
+            # inner layer that failed, whatever a container's _build in between is (failed_build_path).
+            _mark_failed_build(exc, self)
+            raise
         self.input_shape, self.output_shape = input_shape, output_shape
         return output_shape
 
@@ -55,12 +63,30 @@ class Layer:
 
     def macs(self) -> int:
         """Multiply-accumulates per sample at the last built shapes (see :mod:`cnn_backend.summary`
-        for what is counted; 0 for layers without weights)."""
-        return 0
+        for what is counted): by default those of the layers inside (:meth:`children`), so 0 for a
+        plain layer without weights, and a container's sum without a macs of its own."""
+        return sum(child.macs() for _, child in self.children())
 
     def _expect_built_rank(self, input_shape: tuple, rank: int, layout: str) -> None:
         if len(input_shape) != rank:
             raise ShapeError(f"expected a per-sample input of shape {layout}, got {input_shape}")
+
+    # -- mode -----------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "Layer":
+        """Training mode (Dropout drops, BatchNorm uses batch statistics) for this layer and every
+        layer inside it (:meth:`children`, to any depth), or evaluation mode with ``mode=False``;
+        returns the layer, as PyTorch's ``Module.train`` does. Setting ``layer.training`` sets this
+        layer's own flag only (Residual passes it on; a container of one's own need not)."""
+        mode = training_mode(mode, f"{type(self).__name__}.train")
+        self.training = mode
+        for _, child in self.children():
+            child.train(mode)
+        return self
+
+    def eval(self) -> "Layer":
+        """Evaluation mode for this layer and every layer inside it: ``train(False)``."""
+        return self.train(False)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -144,6 +170,69 @@ class Layer:
 
     def _not_built(self, what: str) -> ShapeError:
         return ShapeError(f"{self}: {what} is not known yet: build the layer with its input shape first (or give {what})")
+
+
+def training_mode(mode, where: str) -> bool:
+    """``mode`` as a bool; anything else (a string "False" is true) refused in one line."""
+    if not isinstance(mode, (bool, numpy.bool_)):
+        raise TypeError(f"{where}(mode): mode must be True (training) or False (evaluation), got {mode!r}")
+    return bool(mode)
+
+
+def child_label(name: str, layer: "Layer") -> str:
+    """How a message names a layer inside a container: ``layer N (Type)`` for the child named
+    ``layers.N`` (as the index of a spec's inner layer table), ``name (Type)`` for any other."""
+    head, _, index = name.partition(".")
+    place = f"layer {index}" if head == "layers" and index.isdigit() else name
+    return f"{place} ({type(layer).__name__})"
+
+
+#: the attribute of an exception listing the layers whose build it ended, innermost first
+_FAILED_BUILDS = "_cnn_backend_failed_builds"
+
+
+def _mark_failed_build(exc: BaseException, layer: "Layer") -> None:
+    try:
+        getattr(exc, _FAILED_BUILDS).append(layer)
+    except AttributeError:
+        try:
+            setattr(exc, _FAILED_BUILDS, [layer])
+        except (AttributeError, TypeError):  # an exception type without attributes: reported without the path
+            pass
+
+
+def failed_build_path(exc: BaseException, layer: "Layer") -> str:
+    """The path from ``layer`` down to the inner layer whose build raised ``exc``, as child labels
+    joined by ``" > "`` (``"layer 0 (Convolution)"``); empty when ``layer`` itself failed, or when a
+    container's _build raised an error of its own (which says what it means)."""
+    chain = getattr(exc, _FAILED_BUILDS, None) or []
+    if not chain or chain[-1] is not layer:
+        return ""
+    labels, parent = [], layer
+    for inner in reversed(chain[:-1]):
+        name = next((child_name for child_name, child in parent.children() if child is inner), None)
+        if name is None:  # a layer the container builds but does not list as a child: the path ends above it
+            break
+        labels.append(child_label(name, inner))
+        parent = inner
+    return " > ".join(labels)
+
+
+def unbuilt_inner_layer(layer: "Layer") -> str | None:
+    """The path (child labels joined by ``" > "``) to the first layer inside ``layer`` that its
+    build left unbuilt (no output shape), or None when every one was built."""
+    for name, child in layer.children():
+        label = child_label(name, child)
+        if child.output_shape is None:
+            return label
+        deeper = unbuilt_inner_layer(child)
+        if deeper is not None:
+            return f"{label} > {deeper}"
+    return None
+
+
+#: what a container of one's own forgot when a layer inside it is left unbuilt
+NOT_BUILT_ADVICE = "not built: a container's _build must build its inner layers (shape = layer.build(shape, rng))"
 
 
 def buffer_in_dtype(array, dtype):

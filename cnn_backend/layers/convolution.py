@@ -98,8 +98,10 @@ class Convolution(Layer):
         }
 
     def spec(self) -> dict:
-        entry = {"type": "Convolution", **self.config()}
-        del entry["in_channels"]
+        # From config(), so that a subclass's own options and name are kept; in_channels is inferred
+        # from the input, and a subclass's config() may already leave it out.
+        entry = {"type": type(self).__name__, **self.config()}
+        entry.pop("in_channels", None)
         return entry
 
     def __repr__(self) -> str:

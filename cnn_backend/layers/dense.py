@@ -96,7 +96,10 @@ class FullyConnected(Layer):
         return {"in_features": self.in_features, "out_features": self.out_features, "init": self.init}
 
     def spec(self) -> dict:
-        return {"type": "FullyConnected", "out_features": self.out_features, "init": self.init}
+        # From config(), so that a subclass's own options and name are kept; in_features is inferred.
+        entry = {"type": type(self).__name__, **self.config()}
+        entry.pop("in_features", None)
+        return entry
 
     def __repr__(self) -> str:
         return f"FullyConnected({'?' if self.in_features is None else self.in_features}->{self.out_features})"

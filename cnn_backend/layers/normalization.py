@@ -56,7 +56,10 @@ class BatchNorm(Layer):
         return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
 
     def spec(self) -> dict:
-        return {"type": "BatchNorm", "momentum": self.momentum, "eps": self.eps}
+        # From config(), so that a subclass's own options and name are kept; num_features is inferred.
+        entry = {"type": type(self).__name__, **self.config()}
+        entry.pop("num_features", None)
+        return entry
 
     def macs(self) -> int:
         return 0 if self.output_shape is None else _element_count(self.output_shape)

@@ -60,7 +60,8 @@ class Residual(Layer):
         return {"layers": [layer.spec() for layer in self.layers]}
 
     def spec(self) -> dict:
-        return {"type": "Residual", "layers": [layer.spec() for layer in self.layers]}
+        # From config(), so that a subclass's own options and name are kept.
+        return {"type": type(self).__name__, **self.config()}
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
@@ -72,7 +73,10 @@ class Residual(Layer):
             try:
                 shape = layer.build(shape, rng)
             except ShapeError as exc:
-                raise ShapeError(f"inner layer {index} ({type(layer).__name__}): {exc}") from None
+                from .base import failed_build_path
+
+                deeper = failed_build_path(exc, layer)  # a container inside the block: down to the layer that failed
+                raise ShapeError(f"inner layer {index} ({type(layer).__name__}){' > ' + deeper if deeper else ''}: {exc}") from None
         if shape == input_shape and self.projection is None:
             return shape
         if len(shape) != 3 or len(input_shape) != 3:
