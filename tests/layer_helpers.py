@@ -40,6 +40,33 @@ class ChannelScale(Layer):
         return dy * self._per_channel(dy.ndim)
 
 
+class Block(Layer):
+    """A container of one's own, written plainly: its inner layers run in order, listed in
+    children(); no config(), train() or macs() of its own, so the defaults serve it."""
+
+    def __init__(self, layers, *, backend=None):
+        self.layers = list(layers)
+        super().__init__(self.layers[0].backend if backend is None and self.layers else backend)
+
+    def children(self):
+        return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
+
+    def _build(self, shape, rng):
+        for layer in self.layers:
+            shape = layer.build(shape, rng)
+        return shape
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

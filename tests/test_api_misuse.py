@@ -12,6 +12,8 @@ from cnn_backend import SGD, Adam, get_backend
 from cnn_backend.layers import Dropout, ShapeError, SoftmaxCrossEntropy
 from cnn_backend.model import plain_cnn
 
+from layer_helpers import Block
+
 CPU64 = get_backend("cpu", "float64")
 
 
@@ -230,20 +232,7 @@ def test_one_layer_object_in_two_places_is_refused_naming_both():
 
 def test_one_layer_object_in_two_places_inside_containers_is_refused_naming_both():
     from cnn_backend import Sequential
-    from cnn_backend.layers import Convolution, GlobalAvgPool, FullyConnected, Layer, ReLU, Residual, Tanh
-
-    class Block(Layer):
-        def __init__(self, layers):
-            self.layers = list(layers)
-            super().__init__()
-
-        def children(self):
-            return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
-
-        def _build(self, shape, rng):
-            for layer in self.layers:
-                shape = layer.build(shape, rng)
-            return shape
+    from cnn_backend.layers import Convolution, FullyConnected, GlobalAvgPool, ReLU, Residual, Tanh
 
     def conv():
         return Convolution(out_channels=2, kernel_size=3, padding=1)

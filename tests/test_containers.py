@@ -23,38 +23,13 @@ from cnn_backend.layers import (
 )
 from cnn_backend.summary import summarize
 
+from layer_helpers import Block
+
 #: registrations are process-wide: each test's are undone after it
 pytestmark = pytest.mark.usefixtures("registry_restored")
 
 NOT_BUILT = r"not built: a container's _build must build its inner layers \(shape = layer\.build\(shape, rng\)\)$"
 KERNEL_TOO_LARGE = r"kernel 31x31 is larger than its input 8x8$"
-
-
-class Block(Layer):
-    """The inner layers in order, written as the docs' three rules for containers say and no more
-    (no train, no macs of its own)."""
-
-    def __init__(self, layers, *, backend=None):
-        self.layers = list(layers)
-        super().__init__(self.layers[0].backend if backend is None else backend)
-
-    def children(self):
-        return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
-
-    def _build(self, shape, rng):
-        for layer in self.layers:
-            shape = layer.build(shape, rng)
-        return shape
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
-
-    def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy
 
 
 class Lazy(Block):
@@ -219,7 +194,7 @@ def test_spec_errors_name_the_path_through_containers_and_residual_blocks_alike(
 
 
 def test_the_gradient_check_names_the_inner_layer_that_refuses_the_shape():
-    with pytest.raises(ShapeError, match=rf"^Block cannot take a per-sample input of shape \(2, 8, 8\): layer 1 \(Convolution\): kernel 31x31"):
+    with pytest.raises(ShapeError, match=r"^Block cannot take a per-sample input of shape \(2, 8, 8\): layer 1 \(Convolution\): kernel 31x31"):
         check_layer_gradients(Block([ReLU(), Convolution(out_channels=2, kernel_size=31)]), input_shape=(2, 8, 8))
 
 

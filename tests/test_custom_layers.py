@@ -19,7 +19,7 @@ from cnn_backend.parameters import Parameter
 from cnn_backend.testing import standin_backend
 from cnn_backend.training import train_step
 
-from layer_helpers import ChannelScale, forget_layer_type, import_example_layers
+from layer_helpers import Block, ChannelScale, forget_layer_type, import_example_layers
 
 
 #: registrations are process-wide: each test's are undone after it
@@ -576,27 +576,6 @@ def test_tuple_options_are_written_as_lists_and_load_back(tmp_path):
         model = build_model(spec, (1, 2, 2), seed=0)
         assert model.config()["layers"][0]["pads"] == ([2, 1] if pad else [1, 1])
         assert Sequential.load(model.save(tmp_path / "spec.npz"))[0].pads == model[0].pads
-
-
-class Block(Layer):
-    """A container of one's own with the default config(), as the QA pass wrote it."""
-
-    def __init__(self, layers, *, backend=None):
-        self.layers = list(layers)
-        super().__init__(backend)
-
-    def children(self):
-        return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
-
-    def _build(self, shape, rng):
-        for layer in self.layers:
-            shape = layer.build(shape, rng)
-        return shape
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
 
 
 def test_an_unregistered_container_saves_its_inner_layers_and_loads_once_registered(tmp_path):

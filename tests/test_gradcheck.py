@@ -12,6 +12,8 @@ from cnn_backend.gradcheck import GradientCheckError, _compare, check_layer_grad
 from cnn_backend.layers import BatchNorm, Dropout, FullyConnected, Layer, ShapeError
 from cnn_backend.parameters import Parameter
 
+from layer_helpers import Block
+
 NOT_REPEATABLE = (
     r"^forward gives different outputs for the same input \(it draws random numbers or updates state\): "
     r"check the layer in evaluation mode, layer\.eval\(\)$"
@@ -49,32 +51,6 @@ def test_a_layer_whose_state_changes_its_output_is_refused_in_training_only():
     layer.buffers["calls"] = 3
     layer.training = False
     assert check_layer_gradients(layer, (4,)).worst["input"] <= 1.0
-
-
-class Block(Layer):
-    """A container of one's own: its inner layers in order, listed in children()."""
-
-    def __init__(self, layers):
-        self.layers = list(layers)
-        super().__init__()
-
-    def children(self):
-        return [(f"layers.{index}", layer) for index, layer in enumerate(self.layers)]
-
-    def _build(self, shape, rng):
-        for layer in self.layers:
-            shape = layer.build(shape, rng)
-        return shape
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
-
-    def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy
 
 
 def test_a_container_holding_dropout_passes_after_eval_and_is_refused_naming_the_layers_left_training():
