@@ -13,7 +13,7 @@ from .data import count_non_finite_samples, prepare_images
 from .init import as_integer, make_rng
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
-from .layers import LAYER_TYPES, BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
+from .layers import LAYER_TYPES, BatchNorm, Convolution, Layer, MaxPool, ReLU, ShapeError
 from .layers.base import NOT_BUILT_ADVICE, buffer_in_dtype, child_label, failed_build_path, training_mode, unbuilt_inner_layer
 from .parameters import FlatParameters, Parameter
 
