@@ -27,6 +27,7 @@ class InputSpec:
     image_size: tuple[int, int]
     normalization: Normalization | None = None
     recorded: bool = True  # False for the assumed input of a file that recorded none
+    names_assumed: bool = False  # trained on files that store no class names (an IDX folder)
 
     def __post_init__(self) -> None:
         if isinstance(self.class_names, str) or not all(isinstance(name, str) for name in self.class_names):
@@ -45,7 +46,7 @@ class InputSpec:
     @classmethod
     def for_data(cls, data: LabelledImages, normalization: Normalization | None = None) -> "InputSpec":
         channels, height, width = data.image_shape
-        return cls(tuple(data.class_names), channels, (height, width), normalization)
+        return cls(tuple(data.class_names), channels, (height, width), normalization, names_assumed=data.names_assumed)
 
     @classmethod
     def legacy(cls, num_outputs: int = len(CLASS_NAMES), input_shape=None) -> "InputSpec":
@@ -63,6 +64,7 @@ class InputSpec:
             "channels": self.channels,
             "image_size": list(self.image_size),
             "normalization": self.normalization.config() if self.normalization else None,
+            **({"class_names_assumed": True} if self.names_assumed else {}),
         }
 
     @classmethod
@@ -72,11 +74,12 @@ class InputSpec:
             channels = int(config["channels"])
             height, width = (int(size) for size in config["image_size"])
             normalization = Normalization.from_config(config.get("normalization"))
+            names_assumed = bool(config.get("class_names_assumed", False))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed input description ({exc})") from None
         if channels not in (1, 3) or not names or min(height, width) < 1:
             raise ValueError(f"malformed input description (channels {channels}, size {height}x{width}, {len(names)} classes)")
-        return cls(names, channels, (height, width), normalization)
+        return cls(names, channels, (height, width), normalization, names_assumed=names_assumed)
 
     def describe(self) -> str:
         text = f"{shape_text(self.input_shape)} input, {self.num_classes} classes"
@@ -96,7 +99,9 @@ class InputSpec:
         if data.num_classes != self.num_classes:
             raise DataError(f"the model knows {self.num_classes} classes but {what} has {data.num_classes}")
         differ = [index for index, (mine, theirs) in enumerate(zip(self.class_names, data.class_names)) if mine != theirs]
-        if differ and self.recorded:  # a file that recorded no names keeps the old behaviour: counts only
+        # Names are compared where both sides know them: not for a file that recorded none, nor for
+        # IDX files, which store none (a folder of MNIST's files is named as Fashion-MNIST).
+        if differ and self.recorded and not (self.names_assumed or data.names_assumed):
             first = differ[0]
             order = " (the same names in another order)" if sorted(self.class_names) == sorted(data.class_names) else ""
             raise DataError(

@@ -251,6 +251,28 @@ def test_a_renamed_class_folder_is_refused_by_evaluate_and_resume_instead_of_sco
     assert run_main(capsys, "evaluate", out / "last.npz", "--range", "0:5", "--device", "cpu")[0] == 0
 
 
+def test_class_names_are_compared_only_where_the_files_store_them(tmp_path):
+    import shutil
+
+    from cnn_backend.datasets import load_dataset
+    from cnn_backend.datasets.base import DataError
+    from cnn_backend.datasets.sources import BUNDLED_DIR
+    from cnn_backend.inputs import InputSpec
+
+    idx = tmp_path / "idx"  # a folder of IDX files: MNIST's, say, which store no class names
+    shutil.copytree(BUNDLED_DIR, idx, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    folder_data = load_dataset(idx)
+    assert folder_data.names_assumed and not load_dataset("bundled").names_assumed
+    digits = InputSpec(DATASETS["mnist"].class_names, 1, (28, 28))
+    digits.check(folder_data, "--data idx")  # a model trained with --data mnist, evaluated on the same files by path
+    trained_on_folder = InputSpec.from_config(InputSpec.for_data(folder_data).config())  # as a checkpoint records it
+    assert trained_on_folder.names_assumed
+    trained_on_folder.check(load_dataset("bundled"), "--data bundled")
+    with pytest.raises(DataError, match=r"names its classes differently from the model: class 0 is 'T-shirt/top' there but '0'"):
+        digits.check(load_dataset("bundled"), "--data bundled")  # names both sides know still count
+    assert "class_names_assumed" not in InputSpec.for_data(load_dataset("bundled")).config()  # files as before
+
+
 def test_a_hold_out_run_resumes_only_on_its_own_hold_out_and_image_size(tmp_path, capsys):
     root = make_image_folder(tmp_path / "shapes")
     out = tmp_path / "run"

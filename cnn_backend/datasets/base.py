@@ -18,14 +18,17 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class LabelledImages:
     """One split on the host: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)`` (class
-    indices into ``class_names``), ``source``, one line saying where the data came from, and
-    ``notes``, lines worth showing the user (files skipped, say)."""
+    indices into ``class_names``), ``source``, one line saying where the data came from,
+    ``notes``, lines worth showing the user (files skipped, say), and ``names_assumed``: True when
+    the files store no class names and these are assumed (a folder of IDX files is named as
+    Fashion-MNIST, though it may hold MNIST's digits)."""
 
     images: numpy.ndarray
     labels: numpy.ndarray
     class_names: tuple[str, ...]
     source: str = ""
     notes: tuple[str, ...] = ()
+    names_assumed: bool = False
 
     def __post_init__(self) -> None:
         if self.images.dtype != numpy.uint8 or self.images.ndim != 4:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .base import DATA_DIR_ENV, DataError, LabelledImages, dataset_dir
@@ -251,6 +251,8 @@ def load_dataset(
         raise ValueError("--channels and --image-size apply to folders of images only; this data has a fixed shape")
     if kind == FASHION_MNIST.name or kind == "idx-folder":
         loaded = load_fashion_source(resolve_source(split, source))
+        if kind == "idx-folder":  # IDX files hold no class names: Fashion-MNIST's are a guess
+            loaded = replace(loaded, names_assumed=True)
     elif kind == "cifar10-folder":
         loaded = load_registered(DATASETS["cifar10"], split, Path(source).expanduser())
     elif kind == "image-folder":
