@@ -258,6 +258,10 @@ class LayerPath:
         return LayerPath(f"{self.prefix}.{name}", type(layer).__name__)
 
 
+#: graph.constant's dtypes: ONNX's float tensors, and the integer and boolean inputs some operators take
+CONSTANT_DTYPES = {"float32": numpy.float32, "int64": numpy.int64, "bool": numpy.bool_}
+
+
 class GraphBuilder:
     """Collects nodes and initialisers; hands out unique tensor names."""
 
@@ -275,28 +279,24 @@ class GraphBuilder:
         self._names.add(candidate)
         return candidate
 
-    def constant(self, name: str, value) -> str:
-        """An initialiser holding ``value`` (host array or number); returns its name. A Python number
-        is float32, the graph's type (a factor: ``2`` and ``2.0`` alike, as a spec may give either);
-        arrays, NumPy scalars and lists keep their kind: floats as float32, integers as int64 (what ONNX takes for
-        axes, shapes and indices: Unsqueeze, Reshape, Slice, Gather), booleans as bool (Where, And).
-        The layer's export_onnx reports the errors raised here (its place in the network, in one line)."""
+    def constant(self, name: str, value, dtype: str = "float32") -> str:
+        """An initialiser holding ``value`` (host array or number) as ``dtype``; returns its name.
+
+        float32, the graph's type, unless asked: ``dtype="int64"`` for what ONNX takes as integers
+        (axes, shapes, indices: Unsqueeze, Reshape, Slice, Gather), ``"bool"`` for Where's and And's
+        conditions. Explicit, so that an integer-valued factor stays a float. The layer's
+        export_onnx reports the errors raised here (its place in the network, in one line)."""
+        if dtype not in CONSTANT_DTYPES:
+            raise ValueError(f"graph.constant {name!r}: dtype must be one of {', '.join(CONSTANT_DTYPES)}, got {dtype!r}")
         array = numpy.asarray(value)
-        if type(value) in (int, float):
-            array = array.astype(numpy.float32)
-        kind = array.dtype.kind
-        if kind == "b":
-            dtype = numpy.bool_
-        elif kind in "iu":
-            if kind == "u" and array.size and int(array.max()) > numpy.iinfo(numpy.int64).max:
-                raise ValueError(f"graph.constant {name!r}: integers above 2**63 - 1 do not fit ONNX's int64")
-            dtype = numpy.int64
-        elif kind == "f":
-            dtype = numpy.float32
-        else:  # a string or a complex number would fail deep inside onnx, or lose its imaginary part
-            raise TypeError(f"graph.constant {name!r}: expected numbers (float, integer or bool), got an array of dtype {array.dtype}")
+        if array.dtype.kind not in "biuf":  # a string or a complex number would fail deep inside onnx, or lose its imaginary part
+            raise TypeError(f"graph.constant {name!r}: expected numbers, got an array of dtype {array.dtype}")
+        if dtype == "int64" and array.dtype.kind == "f" and not numpy.array_equal(array, numpy.round(array)):
+            raise ValueError(f"graph.constant {name!r}: int64 values must be whole numbers, got {array.ravel()[:4].tolist()}")
+        if dtype == "int64" and array.dtype.kind == "u" and array.size and int(array.max()) > numpy.iinfo(numpy.int64).max:
+            raise ValueError(f"graph.constant {name!r}: integers above 2**63 - 1 do not fit ONNX's int64")
         name = self.unique(name)
-        array = numpy.ascontiguousarray(array.astype(dtype, copy=False))
+        array = numpy.ascontiguousarray(array.astype(CONSTANT_DTYPES[dtype], copy=False))
         self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
         return name
 

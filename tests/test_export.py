@@ -506,21 +506,27 @@ def test_a_layers_constant_never_takes_the_graphs_own_names(tmp_path):
     onnx.checker.check_model(build_onnx_model(model), full_check=True)
 
 
-def test_constants_keep_integer_and_boolean_arrays_and_make_floats_and_python_numbers_float32():
+def test_constants_are_float32_unless_an_integer_or_boolean_dtype_is_asked_for():
     from cnn_backend.export import GraphBuilder
 
     graph = GraphBuilder(onnx, DEFAULT_OPSET)
-    values = [numpy.array([2, 3], dtype=numpy.int32), [0, -1], numpy.uint8(4), numpy.array([True, False]), True,
-              numpy.arange(3.0), 2.0, numpy.float16(0.5), 2]  # fmt: skip  # a Python int: a factor, as a spec may write 2 for 2.0
-    for index, value in enumerate(values):
-        graph.constant(f"c{index}", value)
+    floats = [numpy.array([2, 3], dtype=numpy.int32), [0, -1], numpy.uint8(4), 2, 2.0, numpy.arange(3.0), numpy.float16(0.5)]
+    for index, value in enumerate(floats):  # an integer-valued factor stays a float, as before there were dtypes
+        graph.constant(f"f{index}", value)
+    graph.constant("axes", [0, -1], dtype="int64")
+    graph.constant("whole", numpy.array([3.0]), dtype="int64")
+    graph.constant("mask", numpy.array([1, 0]), dtype="bool")
     names = [onnx.TensorProto.DataType.Name(tensor.data_type) for tensor in graph.initializers]
-    assert names == ["INT64"] * 3 + ["BOOL"] * 2 + ["FLOAT"] * 4
-    assert onnx.numpy_helper.to_array(graph.initializers[1]).tolist() == [0, -1]
-    with pytest.raises(TypeError, match=r"^graph\.constant 'text': expected numbers \(float, integer or bool\), got an array of dtype <U1$"):
+    assert names == ["FLOAT"] * len(floats) + ["INT64", "INT64", "BOOL"]
+    assert onnx.numpy_helper.to_array(graph.initializers[-3]).tolist() == [0, -1]
+    with pytest.raises(TypeError, match=r"^graph\.constant 'text': expected numbers, got an array of dtype <U1$"):
         graph.constant("text", "a")
     with pytest.raises(ValueError, match=r"^graph\.constant 'huge': integers above 2\*\*63 - 1 do not fit ONNX's int64$"):
-        graph.constant("huge", numpy.array([2**64 - 1], dtype=numpy.uint64))
+        graph.constant("huge", numpy.array([2**64 - 1], dtype=numpy.uint64), dtype="int64")
+    with pytest.raises(ValueError, match=r"^graph\.constant 'half': int64 values must be whole numbers, got \[0\.5\]$"):
+        graph.constant("half", [0.5], dtype="int64")
+    with pytest.raises(ValueError, match=r"^graph\.constant 'x': dtype must be one of float32, int64, bool, got 'float64'$"):
+        graph.constant("x", 1.0, dtype="float64")
 
 
 class FlattenedThrough(Layer):
@@ -534,8 +540,8 @@ class FlattenedThrough(Layer):
 
     def export_onnx(self, graph, prefix, x, shape):
         # Unsqueeze and Reshape take their axes and shape as int64 inputs (opset 13 on).
-        widened = graph.node("Unsqueeze", [x, graph.constant(f"{prefix}.axes", numpy.array([1]))], name=f"{prefix}.unsqueeze")
-        return graph.node("Reshape", [widened, graph.constant(f"{prefix}.shape", [0, -1])], name=f"{prefix}.reshape"), self.output_shape
+        widened = graph.node("Unsqueeze", [x, graph.constant(f"{prefix}.axes", [1], dtype="int64")], name=f"{prefix}.unsqueeze")
+        return graph.node("Reshape", [widened, graph.constant(f"{prefix}.shape", [0, -1], dtype="int64")], name=f"{prefix}.reshape"), self.output_shape
 
 
 def test_a_layer_of_ones_own_exports_operators_taking_int64_constants():
