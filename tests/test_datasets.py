@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -713,6 +714,19 @@ def test_one_cache_entry_serves_loads_that_name_or_leave_out_the_same_channels_a
         save(root / "cat" / f"big{index}.png", random_uint8((10, 10, 3), 20 + index))
     assert load_dataset(root).images.shape == (10, 3, 10, 10)
     assert len(list(image_folder.cache_root().iterdir())) == 2  # other's, and root's new one
+
+
+def test_entries_of_the_first_cache_format_are_removed_when_a_folder_is_next_cached(tmp_path):
+    old = image_folder.cache_root() / ("0123456789abcdef" * 2)[:24]  # named by 24 hex digits, meta version 1
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"version": 1, "listing": "x"}))
+    (old / "images.npy").write_bytes(b"")
+    unrelated = image_folder.cache_root() / "notes"  # not an entry of any format: left alone
+    unrelated.mkdir()
+    root = tmp_path / "pictures"
+    make_folder(root)
+    load_dataset(root)
+    assert not old.exists() and unrelated.exists()
 
 
 def test_cifar_offline_download_says_which_file_to_put_where(data_root):

@@ -122,11 +122,11 @@ def split_folder(root: Path, split: str) -> tuple[Path, Path]:
     instead = "evaluate the checkpoint's validation images instead (--split train, the default)"
     if has_split_layout(root):
         if split == "test" and not (root / "test").is_dir():
-            raise DataError(f"{root}: no test split (no test folder beside train); {instead}, or add {root / 'test'}/<class>/<images>")
+            raise DataError(f"{_shown(root)}: no test split (no test folder beside train); {instead}, or add {_shown(root / 'test')}/<class>/<images>")
         return root / split, root / "train"
     if split == "test":
         raise DataError(
-            f"{root}: no test split (the folder is root/<class>/..., not root/train and root/test); "
+            f"{_shown(root)}: no test split (the folder is root/<class>/..., not root/train and root/test); "
             f"{instead}, or pass --data a folder with train and test sub-folders"
         )
     return root, root
@@ -539,6 +539,12 @@ def _remove_stale_entries(folder: Path, split: str, listing: str) -> None:
     for entry in _entries(folder, split):
         meta = _read_meta(entry)
         if meta is None or meta.get("listing") != listing:
+            shutil.rmtree(entry, ignore_errors=True)
+    # Entries of the first cache format (named by 24 hex digits alone) are never read again, and
+    # their meta.json names no folder: all of them go once any folder is cached in this format.
+    for entry in cache_root().glob("?" * 24):
+        meta = _read_meta(entry)
+        if all(c in "0123456789abcdef" for c in entry.name) and meta is not None and meta.get("version") == 1:
             shutil.rmtree(entry, ignore_errors=True)
 
 
