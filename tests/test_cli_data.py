@@ -309,6 +309,14 @@ def test_a_run_validated_on_a_range_resumes_only_on_its_own_ranges(tmp_path, cap
     status, stdout, err = run_main(capsys, *resume, "--train-split", "0:256")  # the same images, written otherwise
     assert status == 0, err
     assert [row["epoch"] for row in read_history(out / "history.jsonl")] == [1, 2]
+    # An open end is resolved against the data: the fallback split records 8000:10000 of the bundled 10,000.
+    out = tmp_path / "fallback"
+    status, _, err = run_main(capsys, "train", "--model", "plain", "--epochs", 1, "--train-split", "9000:9064", "--device", "cpu",
+                              "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    assert load_checkpoint(out / "last.npz").settings["val_split"] == "8000:10000"
+    status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--val-split", "8000:", "--device", "cpu", "--quiet", "--no-plots")
+    assert status == 0, err
 
 
 def test_image_folder_size_and_channels_options(tmp_path, capsys):

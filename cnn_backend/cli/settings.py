@@ -66,8 +66,6 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
             )
     if stored.get("val_fraction") is not None:
         _refuse_another_holdout(checkpoint.path, stored, explicit)
-    elif stored.get("val_split") is not None:
-        _refuse_other_ranges(checkpoint.path, stored, explicit)
     model = explicit.get("model") or stored.get("model") or DEFAULT_MODEL
     recipe = RECIPES.get(model, SPEC_FILE_RECIPE)
     optimizer = explicit.get("optimizer") or stored.get("optimizer") or recipe["optimizer"]
@@ -100,13 +98,18 @@ def _refuse_another_holdout(path, stored: dict, explicit: dict) -> None:
     )
 
 
-def _refuse_other_ranges(path, stored: dict, explicit: dict) -> None:
+def refuse_other_ranges(checkpoint: Checkpoint, explicit: dict, total: int) -> None:
     """A run validated on a range keeps its ranges: a hold-out drawn now, or other ranges, would
-    validate on images it has trained on and compare its best epoch across two validation sets."""
-    changed = [key for key in ("train_split", "val_split") if key in explicit and not _same_range(explicit[key], stored.get(key))]
+    validate on images it has trained on and compare its best epoch across two validation sets.
+    Checked once the data is read: ``total`` images resolve an open end (``8000:`` is ``8000:10000``
+    of 10,000)."""
+    stored = checkpoint.settings
+    if stored.get("val_fraction") is not None or stored.get("val_split") is None:
+        return  # a hold-out run: refused in resolve_settings; no range recorded: nothing to keep
+    changed = [key for key in ("train_split", "val_split") if key in explicit and not _same_range(explicit[key], stored.get(key), total)]
     changed += ["val_fraction"] if explicit.get("val_fraction") is not None else []
     _refuse_changes(
-        f"{path} trains on {stored.get('train_split')} and validates on {stored['val_split']}", changed, explicit,
+        f"{checkpoint.path} trains on {stored.get('train_split')} and validates on {stored['val_split']}", changed, explicit,
         "its images would change, and the validation ones could include images it has trained on",
     )
 
@@ -120,12 +123,12 @@ def _refuse_changes(run: str, changed: list[str], explicit: dict, why: str) -> N
         raise ValueError(f"{run}, so {asked} cannot resume it: {why} (leave {leave} out to resume, or start a new run)")
 
 
-def _same_range(first: str, second: str | None) -> bool:
-    """``":512"`` and ``"0:512"`` name the same images."""
+def _same_range(first: str, second: str | None, total: int) -> bool:
+    """Whether two ranges name the same of ``total`` images (``:512`` and ``0:512``; ``8000:`` and ``8000:10000`` of 10,000)."""
     if second is None:
         return False
     (start, stop), (other_start, other_stop) = parse_range(first), parse_range(second)
-    return (start or 0, stop) == (other_start or 0, other_stop)
+    return (start or 0, total if stop is None else stop) == (other_start or 0, total if other_stop is None else other_stop)
 
 
 def _as_option(key: str, value=True) -> str:

@@ -59,6 +59,7 @@ from .settings import (
     load_training_data,
     missing_classes_notes,
     optimizer_config,
+    refuse_other_ranges,
     resolve_settings,
     resolve_validation,
 )
@@ -263,6 +264,7 @@ def _train(args, world, held: list | None = None) -> int:
     if checkpoint is not None:  # first: other images (--image-size, --channels) also change a hold-out's digest
         inputs = checkpoint.input_spec()
         inputs.check(data, f"--data {settings['data']}")
+        refuse_other_ranges(checkpoint, explicit, len(labels))
     if checkpoint is None and (source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder")
                                or not _recipe_ranges_fit(settings, explicit, len(labels))):
         # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX
