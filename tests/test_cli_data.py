@@ -251,6 +251,24 @@ def test_a_renamed_class_folder_is_refused_by_evaluate_and_resume_instead_of_sco
     assert run_main(capsys, "evaluate", out / "last.npz", "--range", "0:5", "--device", "cpu")[0] == 0
 
 
+def test_a_range_run_is_not_evaluated_or_resumed_on_its_ranges_once_the_folder_changed(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--batch-size", 4, "--train-split", ":12",
+                              "--val-split", "12:18", "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    save_png(root / "circle" / "00.png", numpy.full((12, 12, 3), 7))  # sorts first: every later index moves by one
+    status, _, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")
+    assert status == 2
+    one_error_line(err, f"{root}: the images changed since {out / 'last.npz'} was trained", "so its validation range would now hold other images")
+    status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet")
+    assert status == 2
+    one_error_line(err, "the images changed since", "so its ranges would now mix training and validation images")
+    assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--range", "12:18")[0] == 0  # asked for: as given
+    (root / "circle" / "00.png").unlink()
+    assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")[0] == 0
+
+
 def test_class_names_are_compared_only_where_the_files_store_them(tmp_path):
     import shutil
 

@@ -19,7 +19,7 @@ from ..training import evaluate
 from .arguments import DATA_METAVAR, add_command, add_import_option, json_report_path, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
-from .settings import data_digest, data_not_found
+from .settings import data_digest, data_not_found, ranges_digest
 
 CHECKPOINT_HELP = "a .npz written by train (or Sequential.save)"
 
@@ -64,6 +64,21 @@ def add_predict_command(commands) -> None:
     predict_parser.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default: 256)")
 
 
+def _refuse_changed_ranges(stored: dict, data, source, path) -> None:
+    """The checkpoint's own validation range indexes the data's order: refused once its images (or
+    the training range's) are others, where a file added before them shifted every index."""
+    recorded = stored.get("ranges_of")  # checkpoints from before it was recorded have none
+    if recorded is None or stored.get("train_split") is None:
+        return
+    train_window = select_range(stored["train_split"], len(data), "--train-split")
+    val_window = select_range(stored["val_split"], len(data), "--range")
+    if ranges_digest(data, train_window, val_window) != recorded:
+        raise ValueError(
+            f"{source}: the images changed since {path} was trained (files added, removed, renamed or replaced), so its "
+            f"validation range would now hold other images, some it may have trained on; pass --range START:STOP, or evaluate --split test"
+        )
+
+
 def run_evaluate(args) -> int:
     """The ``evaluate`` command."""
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
@@ -92,6 +107,7 @@ def run_evaluate(args) -> int:
         range_text, why = stored.get("val_split"), "the checkpoint's validation range"
         if range_text is None:
             raise ValueError(f"{args.checkpoint} stores no validation range; pass --range START:STOP or --split test")
+        _refuse_changed_ranges(stored, data, source, checkpoint.path)
     if range_text is None:
         recorded = stored.get("holdout_of")  # checkpoints from before it was recorded have none
         if recorded is not None and recorded != data_digest(data):

@@ -220,7 +220,10 @@ def resolve_validation(settings: dict, data, explicit: dict, resumed: bool = Fal
     else:
         why = given_why
     if fraction is None:
-        return resolve_ranges(settings, len(data), given_why)
+        train_window, val_window, line = resolve_ranges(settings, len(data), given_why)
+        # Ranges index the data's order: evaluate and --resume check that they still hold the same images.
+        settings["ranges_of"] = ranges_digest(data, train_window, val_window)
+        return train_window, val_window, line
     settings["val_fraction"], settings["train_split"], settings["val_split"] = fraction, None, None
     # The hold-out is drawn from the data's order: evaluate checks the data is still the same.
     settings["holdout_of"] = data_digest(data)
@@ -238,6 +241,12 @@ def array_digest(*arrays) -> str:
     for array in arrays:
         hasher.update(numpy.ascontiguousarray(array).tobytes())
     return hasher.hexdigest()[:32]
+
+
+def ranges_digest(data, train_window: slice, val_window: slice) -> str:
+    """A digest of the images and labels a range run trains and validates on: the same while those
+    images are (a folder's file added before them shifts every index after it)."""
+    return array_digest(data.labels[train_window], data.images[train_window], data.labels[val_window], data.images[val_window])
 
 
 def data_digest(data) -> str:

@@ -273,12 +273,13 @@ def _train(args, world, held: list | None = None) -> int:
             if key not in explicit:
                 settings[key] = None
     train_window, val_window, split_line = resolve_validation(settings, data, explicit, resumed=checkpoint is not None)
-    if checkpoint is not None and checkpoint.settings.get("holdout_of") not in (None, settings.get("holdout_of")):
-        raise ValueError(
-            f"{settings['data']}: the images changed since {checkpoint.path} was trained (files added, removed, renamed or "
-            f"replaced), so its hold-out would now mix training and validation images; resume on the same files, "
-            f"or start a new run"
-        )
+    for digest, selection in (("holdout_of", "its hold-out"), ("ranges_of", "its ranges")):
+        if checkpoint is not None and checkpoint.settings.get(digest) not in (None, settings.get(digest)):
+            raise ValueError(
+                f"{settings['data']}: the images changed since {checkpoint.path} was trained (files added, removed, renamed or "
+                f"replaced), so {selection} would now mix training and validation images; resume on the same files, "
+                f"or start a new run"
+            )
     split_notes = missing_classes_notes(data, train_window, val_window)
     if checkpoint is None:
         normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None
