@@ -269,6 +269,21 @@ def test_a_range_run_is_not_evaluated_or_resumed_on_its_ranges_once_the_folder_c
     assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")[0] == 0
 
 
+def test_an_architecture_file_named_another_way_resumes_its_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.toml").write_text('[[layers]]\ntype = "Flatten"\n\n[[layers]]\ntype = "FullyConnected"\nout_features = 10\n')
+    (tmp_path / "other.toml").write_text((tmp_path / "net.toml").read_text())
+    common = ("--device", "cpu", "--quiet", "--no-plots")
+    status, _, err = run_main(capsys, "train", "--model", "net.toml", "--epochs", 1, "--train-split", ":256", "--val-split", "9000:9128", "--out", "run", *common)
+    assert status == 0, err
+    for epochs, named in ((2, "./net.toml"), (3, tmp_path / "net.toml")):
+        status, _, err = run_main(capsys, "train", "--resume", "run/last.npz", "--model", named, "--epochs", epochs, *common)
+        assert status == 0, err
+    status, _, err = run_main(capsys, "train", "--resume", "run/last.npz", "--model", "other.toml", "--epochs", 4, *common)
+    assert status == 2
+    one_error_line(err, "was trained with --model net.toml, so --model other.toml cannot resume it")
+
+
 def test_class_names_are_compared_only_where_the_files_store_them(tmp_path):
     import shutil
 

@@ -84,6 +84,9 @@ def resolve_settings(explicit: dict, checkpoint: Checkpoint | None = None) -> di
 def _same_setting(key: str, first, second) -> bool:
     if key == "image_size":  # "28" and "28x28" are the same size
         return parse_image_size(first) == parse_image_size(second)
+    if key == "model" and first != second and not {first, second} & set(BUILTIN_NAMES):
+        # one architecture file named two ways (net.toml, ./net.toml, its absolute path), from the same folder
+        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
     return first == second
 
 
