@@ -24,7 +24,7 @@ import numpy
 
 from .backend import cpu_backend
 from .layers import Layer, ShapeError
-from .layers.base import NOT_BUILT_ADVICE, child_label, failed_build_path, unbuilt_inner_layer
+from .layers.base import NOT_BUILT_ADVICE, failed_build_path, unbuilt_inner_layer, walk_layers
 
 
 class GradientCheckError(AssertionError):
@@ -98,6 +98,8 @@ def check_layer_gradients(
             raise ValueError(f"x must be a batch of at least one sample, of shape (batch, *sample shape), got shape {x.shape}")
         if not numpy.isfinite(x).all():
             raise ValueError("x holds NaN or infinite values; give finite numbers")
+    for _ in walk_layers(layer, type(layer).__name__):  # a children() listing no (name, layer) pairs: one line, before .to walks it
+        pass
     rng = numpy.random.default_rng(seed)
     checked = copy.deepcopy(layer).to(cpu_backend("float64", parallel=False))
     checked.needs_input_grad = True  # a model's first layer skips it; the check wants it
@@ -143,15 +145,9 @@ def check_layer_gradients(
 
 def _training_layers(layer: Layer) -> str:
     """The layers in training mode, this one or those inside it (a container's flag set alone), named."""
-    names = [label for label, inner in _walk(type(layer).__name__, layer) if inner.training]
+    names = [label for label, inner, _ in walk_layers(layer, type(layer).__name__) if inner.training]
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return ", ".join(names[:3]) + more
-
-
-def _walk(label: str, layer: Layer):
-    yield label, layer
-    for name, child in layer.children():
-        yield from _walk(f"{label} > {child_label(name, child)}", child)
 
 
 def _build_for(layer: Layer, shape: tuple, rng) -> None:
@@ -164,9 +160,9 @@ def _build_for(layer: Layer, shape: tuple, rng) -> None:
             f"{type(layer).__name__} cannot take a per-sample input of shape {shape}{built}: {inner + ': ' if inner else ''}"
             f"{' '.join(str(exc).split())}; check it with an input of a shape it takes"
         ) from exc
-    unbuilt = unbuilt_inner_layer(layer)
+    unbuilt = unbuilt_inner_layer(layer, type(layer).__name__)
     if unbuilt is not None:  # a container whose _build forgot one: its forward would fail unhelpfully
-        raise ShapeError(f"{type(layer).__name__} > {unbuilt}: {NOT_BUILT_ADVICE}")
+        raise ShapeError(f"{unbuilt}: {NOT_BUILT_ADVICE}")
 
 
 def _compare(what: str, analytic, numerical: numpy.ndarray, rtol: float, atol: float) -> float:

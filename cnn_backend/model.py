@@ -14,7 +14,7 @@ from .init import as_integer, make_rng
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Layer, MaxPool, ReLU, ShapeError
-from .layers.base import NOT_BUILT_ADVICE, buffer_in_dtype, child_label, failed_build_path, training_mode, unbuilt_inner_layer
+from .layers.base import NOT_BUILT_ADVICE, buffer_in_dtype, failed_build_path, training_mode, unbuilt_inner_layer, walk_layers
 from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
@@ -48,18 +48,11 @@ class Sequential:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("Sequential needs at least one layer")
-        first_place: dict[int, int] = {}
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
                 raise ValueError(
                     f"Sequential: item {index} is a {type(layer).__name__} ({layer!r:.40}), not a layer; pass layer "
                     f"objects (cnn_backend.layers), or build the network from a spec (cnn_backend.spec.build_model)"
-                )
-            first = first_place.setdefault(id(layer), index)
-            if first != index:  # one object twice: its caches and gradients would serve both places
-                raise ValueError(
-                    f"Sequential: item {index} ({type(layer).__name__}) is the same layer object as item {first}; "
-                    f"a layer takes one place in a network: make another (weights are not shared)"
                 )
         _refuse_layers_in_two_places(self.layers)
         self.backend = self.layers[0].backend if backend is None else get_backend(backend)
@@ -107,9 +100,9 @@ class Sequential:
                 if isinstance(exc, ValueError):  # a layer of one's own refusing its input
                     raise ShapeError(f"{where}: {exc}") from exc
                 raise ShapeError(f"{where}: {type(exc).__name__} in _build: {exc}") from exc  # its own code failing: in one line
-            unbuilt = unbuilt_inner_layer(layer)
+            unbuilt = unbuilt_inner_layer(layer, top)
             if unbuilt is not None:  # caught here, not as a None shape deep inside summary or training
-                raise ShapeError(f"{top} > {unbuilt}: {NOT_BUILT_ADVICE}")
+                raise ShapeError(f"{unbuilt}: {NOT_BUILT_ADVICE}")
         return shape
 
     @property
@@ -262,6 +255,8 @@ class Sequential:
     def named_layers(self) -> list[tuple[str, Layer]]:
         """Every layer with its dotted name (``"3"``, ``"3.layers.0"``, ``"3.projection"``), containers
         before their children."""
+        # Its own recursion, not layers.base.walk_layers: set_batch_share runs it every training step,
+        # and a generator is measurably slower here (children() are checked by the constructor).
         named = []
 
         def visit(name: str, layer: Layer) -> None:
@@ -343,29 +338,44 @@ class Sequential:
         if own_buffers or buffers:
             _check_names("buffers", own_buffers.keys(), (buffers or {}).keys())
         # Every value is checked before any is copied: a refused state leaves the model as it was.
-        values = {name: self.backend.to_device(state[name]) for name in own}  # lists too
-        buffer_values = {name: self.backend.to_device(buffers[name]) for name in own_buffers}
+        values = {name: self.backend.to_device(state[name]) for name in own}  # lists too; a host array on the CPU as it is
+        # Buffers are replaced, not written into, and small: each an array of its own, never the caller's.
+        buffer_values = {name: self.backend.xp.array(buffers[name]) for name in own_buffers}
         for name, param in own.items():
             _check_shape("parameter", name, values[name], param.data)
         for name, current in own_buffers.items():
             _check_shape("buffer", name, buffer_values[name], current)
-        dtype, finite = self.backend.dtype, lambda value: value.dtype.kind not in "fc" or bool(self.backend.xp.isfinite(value).all())
-        checked = [("parameter", name, values[name]) for name in own] + [("buffer", name, buffer_values[name]) for name in own_buffers]
-        for kind, name, value in checked:  # a NaN or infinite weight makes every output NaN
-            if not finite(value):
-                raise ValueError(
-                    f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
-                    f"use a checkpoint saved before the run diverged, or train again"
-                )
+        dtype = self.backend.dtype
+
+        def first_not_finite() -> tuple | None:  # (kind, name) of the first array holding NaN or infinity
+            for kind, table in (("parameter", values), ("buffer", buffer_values)):
+                for name, value in table.items():
+                    if value.dtype.kind in "fc" and not bool(self.backend.xp.isfinite(value).all()):
+                        return kind, name
+            return None
+
+        found = first_not_finite()
+        if found is not None:  # a NaN or infinite weight makes every output NaN
+            kind, name = found
+            raise ValueError(
+                f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
+                f"use a checkpoint saved before the run diverged, or train again"
+            )
         with numpy.errstate(over="ignore"):  # a float64 value beyond float32's range: refused below, in one line
-            values = {name: value.astype(dtype) for name, value in values.items()}
-            buffer_values = {name: buffer_in_dtype(value, dtype) for name, value in buffer_values.items()}
-        checked = [("parameter", name, values[name]) for name in own] + [("buffer", name, buffer_values[name]) for name in own_buffers]
-        for kind, name, value in checked:
-            if not finite(value):
-                raise ValueError(f"{kind} {name} holds values too large for {dtype.name}: load it into a float64 model (dtype='float64')")
+            # Cast in place in the dicts, one array at a time, and only where the dtype differs: the state is
+            # not held twice over on the device.
+            for name, value in values.items():
+                values[name] = value.astype(dtype, copy=False)
+            for name, value in buffer_values.items():
+                buffer_values[name] = buffer_in_dtype(value, dtype)
+        found = first_not_finite()
+        if found is not None:
+            kind, name = found
+            raise ValueError(f"{kind} {name} holds values too large for {dtype.name}: load it into a float64 model (dtype='float64')")
         for name, param in own.items():
-            param.data = values[name]
+            # Copied into the parameter's own array (its view of the flat buffer): nothing is allocated, and
+            # no array of the caller's is kept, which a later change to the state would reach.
+            param.data[...] = values[name]
         for name in own_buffers:
             self.set_buffer(name, buffer_values[name])
 
@@ -525,26 +535,20 @@ def _runs_as(layer, cls: type) -> bool:
 
 
 def _refuse_layers_in_two_places(layers: list) -> None:
-    """One layer object in two places of the network, inside containers too (a top-level layer used
-    again inside a block, one layer twice in a block): refused in one line naming both places. Its
-    caches and gradients would serve both, and building the second place rebuilds the first."""
+    """One layer object in two places of the network, at the top or inside containers (a layer listed
+    twice, a top-level layer used again inside a block, one layer twice in a block): refused in one
+    line naming both places. Its caches and gradients would serve both, and building the second
+    place rebuilds the first."""
     places: dict[int, str] = {}
-
-    def visit(place: str, layer: Layer) -> None:
-        first = places.setdefault(id(layer), place)
-        if first != place:  # checked before its children are visited: a block inside itself ends here too
-            raise ValueError(
-                f"Sequential: {place} is the same layer object as {first}; a layer takes one place in a network: "
-                f"make another (weights are not shared)"
-            )
-        for name, child in layer.children():
-            if not isinstance(child, Layer):
-                raise ValueError(f"Sequential: {place}: children() gives a {type(child).__name__} as {name!r}, not a layer; "
-                                 f"children() lists (name, layer) pairs of the layers inside")
-            visit(f"{place} > {child_label(name, child)}", child)
-
     for index, layer in enumerate(layers):
-        visit(f"layer {index} ({type(layer).__name__})", layer)
+        for place, inner, _ in walk_layers(layer, f"layer {index} ({type(layer).__name__})"):
+            first = places.get(id(inner))
+            if first is not None:  # refused before the walk goes below it: a block inside itself ends here too
+                raise ValueError(
+                    f"Sequential: {place} is the same layer object as {first}; a layer takes one place in a network: "
+                    f"make another (weights are not shared)"
+                )
+            places[id(inner)] = place
 
 
 def _refuse_integer_input(x, where: str) -> None:

@@ -207,7 +207,9 @@ def _normalize_layer(index: int, entry, parents: str) -> dict:
     return _normalize_entry(entry, _label(index, entry, parents))
 
 
-def _normalize_entry(entry, label: str) -> dict:
+def _normalize_entry(entry, label: str, *, inner_checked: bool = False) -> dict:
+    """``entry`` checked and completed with defaults; a container's inner layer tables too, unless
+    ``inner_checked`` (entries :func:`spec_entry` wrote, each already checked: kept as they are)."""
     if not isinstance(entry, dict):
         raise SpecError(f"{label}: a layer is a table with a type and options, got {entry!r}")
     if "type" not in entry:
@@ -228,7 +230,7 @@ def _normalize_entry(entry, label: str) -> dict:
             continue
         if name not in options:
             close = difflib.get_close_matches(name, options, n=1)
-            if name.startswith("in_"):
+            if name.startswith("in_") or name in LAYER_TYPES[kind].inferred_sizes:
                 why = "input sizes are inferred from the input shape; leave it out"
             elif close:
                 why = f"did you mean {close[0]}?"
@@ -253,7 +255,7 @@ def _normalize_entry(entry, label: str) -> dict:
         if default is REQUIRED:
             raise SpecError(f"{label}: missing required option {name!r}")
         normalized[name] = _plain_value(default)  # a default of (1, 1) is recorded as a file holds it, [1, 1]
-    if "layers" in options:  # Residual or a container of one's own: its inner layer tables
+    if "layers" in options and not inner_checked:  # Residual or a container of one's own: its inner layer tables
         normalized["layers"] = _normalize_layers(normalized["layers"], f"{label} > ")
     return normalized
 
@@ -423,11 +425,13 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
     """``layer``'s architecture-file entry, as model files and checkpoints record it.
 
     A built-in layer gives ``layer.spec()``. A registered class of one's own (a subclass of a
-    built-in type too) is recorded from its ``config()`` under its own name, input sizes left out,
-    and checked as a spec file's entry would be (its options, their types; NumPy numbers become
-    Python ones, tuples lists). A class that is not registered gives ``layer.spec()`` (its
-    ``config()``, by default). The inner layers of a container (Residual, or one of one's own,
-    registered or not) are read from ``layer.layers``; every value must be one a model file holds.
+    built-in type too) is recorded from its ``config()`` under its own name, input sizes left out
+    (``in_*`` sizes that are not options, and the class's ``inferred_sizes``), and checked as a spec
+    file's entry would be (its options, their types; NumPy numbers become Python ones, tuples
+    lists). A class that is not registered gives ``layer.spec()`` (its ``config()``, by default),
+    under its own name: its files load once it is registered. The inner layers of a container
+    (Residual, or one of one's own, registered or not) are read from ``layer.layers``, each recorded
+    by this function, so by the same rules at any depth; every value must be one a model file holds.
     """
     kind = type(layer).__name__
     label = label or f"layer ({kind})"
@@ -448,12 +452,19 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
     if not isinstance(config, dict):
         raise SpecError(f"{label}: {kind}.config() returned {type(config).__name__}: return a dict of its constructor's options")
     # config(), what the docs say is recorded: a spec() inherited from a built-in parent or defined
-    # for another purpose need not give the class's options. in_* sizes that are not options are inferred.
-    entry = {"type": kind, **{key: value for key, value in config.items() if key != "type" and (key in options or not key.startswith("in_"))}}
+    # for another purpose need not give the class's options. Inferred sizes (a BatchNorm subclass's
+    # num_features, in_* sizes that are not options) are left out, as Layer.spec leaves them out.
+    inferred = type(layer).inferred_sizes
+    entry = {
+        "type": kind,
+        **{key: value for key, value in config.items() if key != "type" and key not in inferred and (key in options or not key.startswith("in_"))},
+    }
     if "layers" in options:
+        # Each inner entry is checked by its own spec_entry (an unregistered inner layer is written
+        # under its name, as at the top level): only the container's own options are checked here.
         entry["layers"] = _inner_entries(layer, label)
     try:
-        normalized = _normalize_entry(entry, label)
+        normalized = _normalize_entry(entry, label, inner_checked=True)
     except SpecError as exc:
         raise SpecError(f"{exc}; {kind}.config() must return its constructor's options") from None
     _check_storable(normalized, label)
@@ -470,6 +481,7 @@ def _unregistered_entry(layer: Layer, kind: str, label: str) -> dict:
 
 
 def _holds_layer_list(layer: Layer) -> bool:
+    """Whether ``layer.layers`` is a non-empty list (or tuple) of layers: what containers record."""
     inner = getattr(layer, "layers", None)
     return isinstance(inner, (list, tuple)) and bool(inner) and all(isinstance(child, Layer) for child in inner)
 
@@ -489,10 +501,9 @@ def _check_storable(entry: dict, label: str) -> None:
 
 def _inner_entries(layer: Layer, label: str) -> list[dict]:
     """The spec entries of a container's inner layers, ``layer.layers`` in order."""
-    inner = getattr(layer, "layers", None)
-    if not (isinstance(inner, (list, tuple)) and inner and all(isinstance(child, Layer) for child in inner)):
+    if not _holds_layer_list(layer):
         raise SpecError(f"{label}: keep the inner layers in self.layers, a list of layers: model files record them from there")
-    return [spec_entry(child, f"{label} > layer {i} ({type(child).__name__})") for i, child in enumerate(inner)]
+    return [spec_entry(child, f"{label} > layer {i} ({type(child).__name__})") for i, child in enumerate(layer.layers)]
 
 
 def _check_input_shape(input_shape) -> tuple:
@@ -535,9 +546,9 @@ def build_model(
     try:
         model = Sequential(layers, backend, input_shape=shape, rng=make_rng(seed))
     except ShapeError as exc:
-        raise SpecError(_spec_shape_message(str(exc))) from None
+        raise SpecError(str(exc)) from None
     except MemoryError as exc:
-        raise SpecError(f"{_spec_shape_message(str(exc))}; make the layer smaller") from None
+        raise SpecError(f"{exc}; make the layer smaller") from None
     output = model.output_shape
     last = f"layer {len(layers) - 1} ({type(layers[-1]).__name__})"
     if len(output) != 1:
@@ -551,9 +562,3 @@ def build_model(
     if file_name and "name" not in model.spec_options:
         model.spec_options["name"] = file_name
     return model
-
-
-def _spec_shape_message(message: str) -> str:
-    # Sequential names "layer i (Type): "; a Residual's inner layers add "inner layer j (Type): ".
-    return message.replace(": inner layer ", " > layer ")
-

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .layers import AvgPool, Layer, MaxPool
+from .layers import LAYER_TYPES, AvgPool, Layer, MaxPool
+from .layers.base import walk_layers
+from .spec import layer_options
 
 
 @dataclass
@@ -56,8 +58,6 @@ def _count(layer: Layer) -> int:
 
 def _describe(layer: Layer) -> str:
     """The options a spec would need to write for this layer (those left at their default omitted)."""
-    from .spec import LAYER_TYPES, layer_options
-
     options = layer.spec()
     kind = options.pop("type")
     known = layer_options(kind) if LAYER_TYPES.get(kind) is type(layer) else {}
@@ -66,13 +66,6 @@ def _describe(layer: Layer) -> str:
     if isinstance(layer, (MaxPool, AvgPool)) and shown.get("stride") == layer.pool_size:
         del shown["stride"]
     return ", ".join(f"{key}={value}" for key, value in shown.items())
-
-
-def _add_rows(rows: list, name: str, layer: Layer, depth: int) -> None:
-    """The row of ``layer``, then those of the layers inside it, a level deeper, to any depth."""
-    rows.append(LayerRow(name, type(layer).__name__, _describe(layer), layer.output_shape, _count(layer), layer.macs(), depth=depth))
-    for child_name, child in layer.children():
-        _add_rows(rows, f"{name}.{child_name}", child, depth + 1)
 
 
 def summarize(model) -> ModelSummary:
@@ -88,8 +81,11 @@ def summarize(model) -> ModelSummary:
         model.build(model.input_shape)
     itemsize = model.backend.dtype.itemsize
     summary = ModelSummary(tuple(model.input_shape), model.backend.dtype.name, name=model.spec_options.get("name"))
-    for index, layer in enumerate(model.layers):
-        _add_rows(summary.rows, str(index), layer, 0)
+    for index, layer in enumerate(model.layers):  # each layer's row, then those of the layers inside it, a level deeper
+        summary.rows += [
+            LayerRow(name, type(inner).__name__, _describe(inner), inner.output_shape, _count(inner), inner.macs(), depth=depth)
+            for name, inner, depth in walk_layers(layer, str(index), dotted=True)
+        ]
     summary.total_params = sum(param.data.size for param in model.parameters())
     summary.total_buffers = sum(value.size for _, value in model.named_buffers())
     summary.total_macs = sum(layer.macs() for layer in model.layers)

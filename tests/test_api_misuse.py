@@ -226,7 +226,7 @@ def test_one_layer_object_in_two_places_is_refused_naming_both():
     from cnn_backend.layers import Flatten, FullyConnected, ReLU
 
     dense = FullyConnected(4, 4)
-    with pytest.raises(ValueError, match=r"^Sequential: item 3 \(FullyConnected\) is the same layer object as item 1; a layer takes one place"):
+    with pytest.raises(ValueError, match=r"^Sequential: layer 3 \(FullyConnected\) is the same layer object as layer 1 \(FullyConnected\); a layer takes one place"):
         Sequential([Flatten(), dense, ReLU(), dense], input_shape=(1, 2, 2))
 
 
@@ -262,5 +262,22 @@ def test_children_that_are_not_layers_are_refused_in_one_line():
         def children(self):
             return [("layers.0", "Convolution")]
 
-    with pytest.raises(ValueError, match=r"^Sequential: layer 0 \(Listing\): children\(\) gives a str as 'layers.0', not a layer; children\(\) lists \(name, layer\) pairs"):
+    with pytest.raises(ValueError, match=r"^layer 0 \(Listing\): children\(\) gives a str as 'layers.0', not a layer; children\(\) lists \(name, layer\) pairs"):
         Sequential([Listing()])
+
+
+def test_children_that_are_not_name_layer_pairs_are_refused_in_one_line():
+    from cnn_backend import Sequential
+    from cnn_backend.gradcheck import check_layer_gradients
+    from cnn_backend.layers import ReLU, Tanh
+
+    class Bare(Block):  # the layers themselves, without their names
+        def children(self):
+            return list(self.layers)
+
+    pairs = r"children\(\) lists \(name, layer\) pairs of the layers inside$"
+    # A traceback before ("cannot unpack non-iterable ReLU object"), from Sequential and from the gradient check alike.
+    with pytest.raises(ValueError, match=rf"^layer 1 \(Block\) > layer 0 \(Bare\): children\(\) gives ReLU\(\), not a \(name, layer\) pair; {pairs}"):
+        Sequential([Tanh(), Block([Bare([ReLU()])])])
+    with pytest.raises(ValueError, match=rf"^Bare: children\(\) gives ReLU\(\), not a \(name, layer\) pair; {pairs}"):
+        check_layer_gradients(Bare([ReLU()]), input_shape=(3,))

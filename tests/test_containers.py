@@ -169,9 +169,9 @@ def test_the_summary_of_a_model_holding_a_container_built_alone_refuses_an_unbui
         (lambda: Block([Picky()]), r"layer 0 \(Block\) > layer 0 \(Picky\): takes 3 channels only$"),
         (lambda: Block([Broken()]), r"layer 0 \(Block\) > layer 0 \(Broken\): KeyError in _build: 'x'$"),
         (lambda: Residual([Block([Convolution(out_channels=2, kernel_size=31)])]),
-         rf"layer 0 \(Residual\): inner layer 0 \(Block\) > layer 0 \(Convolution\): {KERNEL_TOO_LARGE}"),
+         rf"layer 0 \(Residual\) > layer 0 \(Block\) > layer 0 \(Convolution\): {KERNEL_TOO_LARGE}"),
         (lambda: Block([Residual([ReLU(), Convolution(out_channels=2, kernel_size=31)])]),
-         rf"layer 0 \(Block\) > layer 0 \(Residual\): inner layer 1 \(Convolution\): {KERNEL_TOO_LARGE}"),
+         rf"layer 0 \(Block\) > layer 0 \(Residual\) > layer 1 \(Convolution\): {KERNEL_TOO_LARGE}"),
     ],
     ids=["inner", "two deep", "named child", "unlisted layer", "ValueError of ones own", "KeyError", "in Residual", "holding Residual"],
 )
@@ -191,6 +191,21 @@ def test_spec_errors_name_the_path_through_containers_and_residual_blocks_alike(
     ):
         with pytest.raises(SpecError, match=rf"^{path}: {KERNEL_TOO_LARGE}"):
             build_model({"layers": [block, *end]}, (2, 8, 8))
+
+
+def test_a_failure_inside_a_residual_block_reads_the_same_from_every_entry_point():
+    # Residual wrapped it as "layer 1 (Residual): inner layer 1 (Convolution): ..." before, which only
+    # build_model rewrote to this path; Sequential and the gradient check kept the other wording.
+    path = r"layer 1 \(Residual\) > layer 1 \(Convolution\)"
+    end = [GlobalAvgPool(), FullyConnected(out_features=3)]
+    with pytest.raises(ShapeError, match=rf"^{path}: {KERNEL_TOO_LARGE}"):
+        Sequential([Tanh(), Residual([ReLU(), Convolution(out_channels=2, kernel_size=31)]), *end], input_shape=(2, 8, 8))
+    conv31 = {"type": "Convolution", "out_channels": 2, "kernel_size": 31}
+    with pytest.raises(SpecError, match=rf"^{path}: {KERNEL_TOO_LARGE}"):
+        build_model([{"type": "Tanh"}, {"type": "Residual", "layers": [{"type": "ReLU"}, conv31]}, {"type": "GlobalAvgPool"},
+                     {"type": "FullyConnected", "out_features": 3}], (2, 8, 8))  # fmt: skip
+    with pytest.raises(ShapeError, match=r"^Residual cannot take a per-sample input of shape \(2, 8, 8\): layer 1 \(Convolution\): kernel 31x31"):
+        check_layer_gradients(Residual([ReLU(), Convolution(out_channels=2, kernel_size=31)]), input_shape=(2, 8, 8))
 
 
 def test_the_gradient_check_names_the_inner_layer_that_refuses_the_shape():

@@ -8,7 +8,7 @@ import numpy
 import pytest
 
 from cnn_backend import ModelFileError, Sequential, default_cnn, get_backend, plain_cnn, seed_cnn
-from cnn_backend.layers import Convolution, Dropout, Flatten, FullyConnected, MaxPool, ReLU
+from cnn_backend.layers import BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU
 from cnn_backend.serialization import write_npz_atomic
 
 
@@ -177,6 +177,45 @@ def test_a_state_of_nested_lists_loads():
     model.load_state_dict({name: value.tolist() for name, value in source.state_dict().items()})
     for name, value in source.state_dict().items():
         numpy.testing.assert_array_equal(model.state_dict()[name], value)
+
+
+class Tally(Layer):
+    """Passes its input on and keeps an integer buffer, as a counter of one's own would."""
+
+    def _build(self, input_shape, rng):
+        self.buffers["seen"] = self.backend.xp.zeros((), dtype=numpy.int64)
+        return input_shape
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dy):
+        return dy
+
+
+def test_a_loaded_state_is_copied_once_into_the_model_and_shares_no_array_with_the_caller():
+    import tracemalloc
+
+    def network(seed):
+        return Sequential([FullyConnected(out_features=512), BatchNorm(), Tally(), FullyConnected(out_features=256)],
+                          input_shape=(512,), rng=seed)  # fmt: skip
+
+    model, source = network(0), network(1)
+    source[2].buffers["seen"][...] = 7
+    state, buffers = source.state_dict(), source.buffer_state_dict()
+    tracemalloc.start()
+    try:
+        model.load_state_dict(state, buffers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Written straight into the flat buffer: the state was cast into a second full copy before.
+    assert peak < sum(value.nbytes for value in state.values()) / 4
+    expected = {name: value.copy() for name, value in {**state, **buffers}.items()}
+    for value in [*state.values(), *buffers.values()]:
+        value += 1  # the caller's arrays change afterwards: the model keeps what it loaded
+    for name, value in {**model.state_dict(), **model.buffer_state_dict()}.items():
+        numpy.testing.assert_array_equal(value, expected[name], err_msg=name)  # the integer buffer was the caller's array before
 
 
 def test_unknown_layer_type_in_config_is_refused():

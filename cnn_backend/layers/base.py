@@ -25,6 +25,10 @@ class Layer:
     its per-sample output shape. A layer given every size at construction builds at once.
     """
 
+    #: constructor options that :meth:`build` infers from the input shape (``("in_channels",)``):
+    #: never options of a spec, never recorded by :meth:`spec` or a model file
+    inferred_sizes: tuple[str, ...] = ()
+
     def __init__(self, backend: Backend | str | None = None) -> None:
         # Parameters are created directly in the backend's dtype, so float32 and float64 models
         # are both cast from the same float64 host draw.
@@ -144,9 +148,13 @@ class Layer:
         return {name: getattr(self, name) for name in constructor_options(type(self)) if hasattr(self, name)}
 
     def spec(self) -> dict:
-        """This layer as an architecture-file entry: its type and the options a user writes
-        (sizes that are inferred from the input shape are left out)."""
-        return {"type": type(self).__name__, **self.config()}
+        """This layer as an architecture-file entry: its type and :meth:`config` but the sizes
+        inferred from the input shape (:attr:`inferred_sizes`), under the class's own name (a
+        subclass's options and name are kept)."""
+        entry = {"type": type(self).__name__, **self.config()}
+        for name in self.inferred_sizes:
+            entry.pop(name, None)
+        return entry
 
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} defines no forward(x): a layer implements forward and backward")
@@ -218,16 +226,37 @@ def failed_build_path(exc: BaseException, layer: "Layer") -> str:
     return " > ".join(labels)
 
 
-def unbuilt_inner_layer(layer: "Layer") -> str | None:
-    """The path (child labels joined by ``" > "``) to the first layer inside ``layer`` that its
-    build left unbuilt (no output shape), or None when every one was built."""
-    for name, child in layer.children():
-        label = child_label(name, child)
-        if child.output_shape is None:
-            return label
-        deeper = unbuilt_inner_layer(child)
-        if deeper is not None:
-            return f"{label} > {deeper}"
+def walk_layers(layer: "Layer", label: str, *, dotted: bool = False, depth: int = 0):
+    """``(label, layer, depth)`` for ``layer`` (depth 0) and then every layer inside it (its
+    :meth:`Layer.children`, to any depth), each container before the layers inside it. An inner
+    layer's label is its container's and its :func:`child_label`, joined by ``" > "``
+    (``"layer 0 (Block) > layer 1 (Convolution)"``), or, ``dotted``, its child name joined by ``"."``
+    (``"0.layers.1"``, as parameter names run).
+
+    Lazy: a caller that stops at a layer (met twice, so perhaps inside itself) never walks below it.
+    A children() that does not list (name, layer) pairs is refused in one line naming the layer."""
+    yield label, layer, depth
+    for pair in layer.children():
+        try:
+            name, child = pair
+        except (TypeError, ValueError):
+            shown = " ".join(repr(pair).split())
+            raise ValueError(f"{label}: children() gives {shown[:60]}, not a (name, layer) pair; {_PAIRS}") from None
+        if not (isinstance(child, Layer) and isinstance(name, str)):
+            what = f"a {type(child).__name__} as {name!r}, not a layer" if isinstance(name, str) else f"the name {name!r}, not a string"
+            raise ValueError(f"{label}: children() gives {what}; {_PAIRS}")
+        yield from walk_layers(child, f"{label}.{name}" if dotted else f"{label} > {child_label(name, child)}", dotted=dotted, depth=depth + 1)
+
+
+_PAIRS = "children() lists (name, layer) pairs of the layers inside"
+
+
+def unbuilt_inner_layer(layer: "Layer", label: str) -> str | None:
+    """The path (``label``, then child labels, joined by ``" > "``) to the first layer inside
+    ``layer`` that its build left unbuilt (no output shape), or None when every one was built."""
+    for path, inner, depth in walk_layers(layer, label):
+        if depth and inner.output_shape is None:
+            return path
     return None
 
 
@@ -246,10 +275,11 @@ NOT_OPTIONS = ("self", "backend", "rng")
 
 def constructor_options(cls: type) -> dict[str, inspect.Parameter]:
     """The options of a layer class, by name: its constructor's arguments but ``backend``, ``rng``,
-    ``*args``/``**kwargs`` and ``in_*`` sizes that default to None (inferred when built)."""
+    ``*args``/``**kwargs``, the class's :attr:`Layer.inferred_sizes` and ``in_*`` sizes that default
+    to None (inferred when built)."""
     options = {}
     for name, parameter in inspect.signature(cls.__init__).parameters.items():
-        if name in NOT_OPTIONS or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        if name in NOT_OPTIONS or name in cls.inferred_sizes or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         if name.startswith("in_") and parameter.default is None:
             continue

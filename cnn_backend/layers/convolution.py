@@ -17,6 +17,8 @@ class Convolution(Layer):
     convolution through the backend's signal module) or ``"auto"`` (see :func:`resolve_conv_algorithm`).
     """
 
+    inferred_sizes = ("in_channels",)
+
     def __init__(
         self,
         in_channels: int | None = None,
@@ -96,13 +98,6 @@ class Convolution(Layer):
             "algorithm": self.algorithm,
             "init": self.init,
         }
-
-    def spec(self) -> dict:
-        # From config(), so that a subclass's own options and name are kept; in_channels is inferred
-        # from the input, and a subclass's config() may already leave it out.
-        entry = {"type": type(self).__name__, **self.config()}
-        entry.pop("in_channels", None)
-        return entry
 
     def __repr__(self) -> str:
         k = self.kernel_size

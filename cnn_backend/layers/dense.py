@@ -53,6 +53,8 @@ class FullyConnected(Layer):
     ``in_features`` may be left out (None): :meth:`build` infers it from the (flat) input shape.
     """
 
+    inferred_sizes = ("in_features",)
+
     def __init__(
         self,
         in_features: int | None = None,
@@ -94,12 +96,6 @@ class FullyConnected(Layer):
 
     def config(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features, "init": self.init}
-
-    def spec(self) -> dict:
-        # From config(), so that a subclass's own options and name are kept; in_features is inferred.
-        entry = {"type": type(self).__name__, **self.config()}
-        entry.pop("in_features", None)
-        return entry
 
     def __repr__(self) -> str:
         return f"FullyConnected({'?' if self.in_features is None else self.in_features}->{self.out_features})"

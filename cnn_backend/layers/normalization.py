@@ -20,6 +20,8 @@ class BatchNorm(Layer):
     moved with the model, never trained.
     """
 
+    inferred_sizes = ("num_features",)
+
     def __init__(
         self, num_features: int | None = None, momentum: float = 0.1, eps: float = 1e-5, *, backend: Backend | str | None = None
     ) -> None:
@@ -54,12 +56,6 @@ class BatchNorm(Layer):
 
     def config(self) -> dict:
         return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
-
-    def spec(self) -> dict:
-        # From config(), so that a subclass's own options and name are kept; num_features is inferred.
-        entry = {"type": type(self).__name__, **self.config()}
-        entry.pop("num_features", None)
-        return entry
 
     def macs(self) -> int:
         return 0 if self.output_shape is None else _element_count(self.output_shape)

@@ -59,24 +59,16 @@ class Residual(Layer):
     def config(self) -> dict:
         return {"layers": [layer.spec() for layer in self.layers]}
 
-    def spec(self) -> dict:
-        # From config(), so that a subclass's own options and name are kept.
-        return {"type": type(self).__name__, **self.config()}
-
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Residual([{inner}]" + (f", projection={self.projection!r})" if self.projection is not None else ")")
 
     def _build(self, input_shape: tuple, rng) -> tuple:
+        # An inner layer's error goes out as it is: Layer.build marks it, and whoever reports it names
+        # the path down to that layer ("layer 4 (Residual) > layer 1 (Convolution): ...").
         shape = input_shape
-        for index, layer in enumerate(self.layers):
-            try:
-                shape = layer.build(shape, rng)
-            except ShapeError as exc:
-                from .base import failed_build_path
-
-                deeper = failed_build_path(exc, layer)  # a container inside the block: down to the layer that failed
-                raise ShapeError(f"inner layer {index} ({type(layer).__name__}){' > ' + deeper if deeper else ''}: {exc}") from None
+        for layer in self.layers:
+            shape = layer.build(shape, rng)
         if shape == input_shape and self.projection is None:
             return shape
         if len(shape) != 3 or len(input_shape) != 3:
@@ -97,9 +89,6 @@ class Residual(Layer):
         if projected != shape:
             raise ShapeError(f"the projection maps {input_shape} to {projected}, the inner layers to {shape}")
         return shape
-
-    def macs(self) -> int:
-        return sum(layer.macs() for _, layer in self.children())
 
     def forward(self, x):
         out = x
