@@ -16,15 +16,19 @@
   ``best.npz`` one best behind), which the next start in the folder repairs from ``last.npz``.
   SIGINT and SIGTERM wait until the three writes are done.
 * **SIGTERM is Ctrl-C.** :func:`stop_signals_raise` makes both raise :class:`Interrupted`, a
-  ``KeyboardInterrupt`` carrying the exit status (130 for SIGINT, 143 for SIGTERM).
+  ``KeyboardInterrupt`` carrying the exit status (130 for SIGINT, 143 for SIGTERM). The first one
+  taken decides: later stop signals are ignored while it is reported, and, when the process ends
+  with the command, until it exits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -53,8 +57,48 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(self.description)
 
 
+#: within :func:`stop_signals_raise`: whether inside it, and the stop signal taken (None: none yet)
+_stop = {"inside": False, "taken": None}
+
+
 def _raise_interrupted(signum, frame) -> None:
+    _ignore_further_stop_signals(signum)
     raise Interrupted(signum)
+
+
+def _ignore_further_stop_signals(signum: int) -> None:
+    """The command ends on the first stop signal: a second one (a SIGTERM after Ctrl-C) would raise
+    again while the first is reported, or kill the process as it exits, and end it with its status
+    under the first one's message."""
+    _stop["taken"] = signum
+    for other in STOP_SIGNALS:
+        # A function, not SIG_IGN: one already pending when the handler changes would be reported
+        # ("Signal 15 ignored due to race condition") instead of ignored.
+        signal.signal(other, _ignore)
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+def _ignore_until_exit() -> None:
+    """SIG_IGN for the stop signals: unlike a Python handler, which the interpreter resets to the
+    default as it shuts down (the slow part of its exit), it lasts until the process ends. Blocked
+    meanwhile, so that none arrives as the handler changes (the race ``_ignore`` avoids)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    try:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _the_program_is_the_command_line() -> bool:
+    """Whether the program's ``__main__`` runs the command line's ``main`` (``python -m cnn_backend``,
+    the ``cnn-backend`` script, a script calling it): the process then ends with the command. Called
+    from other code (a test), it must get its signal handlers back."""
+    main = getattr(sys.modules.get("__main__"), "main", None)
+    return getattr(main, "__module__", None) == "cnn_backend.cli" and getattr(main, "__name__", None) == "main"
 
 
 @contextlib.contextmanager
@@ -63,17 +107,26 @@ def stop_signals_raise():
     previous handlers come back after it.
 
     Also undoes an ignored SIGINT inherited by a process started in the background: training should
-    still stop cleanly, with its checkpoint, when sent one.
+    still stop cleanly, with its checkpoint, when sent one. Once one is taken, further ones are
+    ignored; and they stay ignored after the block when the program is the command line, which
+    exits next (a SIGTERM during the interpreter's shutdown would otherwise end a Ctrl-C with 143).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    outer = dict(_stop)
+    _stop.update(inside=True, taken=None)
     previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        taken = _stop["taken"]
+        _stop.update(outer)
+        if taken is not None and _the_program_is_the_command_line():
+            _ignore_until_exit()
+        else:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 class DeferredInterrupt:
@@ -92,9 +145,15 @@ class DeferredInterrupt:
             self.received = signum
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        if self.received is not None and exc_type is None:
+        stopping = self.received is not None and exc_type is None
+        if stopping and self.previous and _stop["inside"]:
+            # Straight from holding to ignoring: restored first, the raising handlers could take a
+            # second signal in place of the first.
+            _ignore_further_stop_signals(self.received)
+        else:
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+        if stopping:
             raise Interrupted(self.received)
         return False
 
@@ -111,11 +170,12 @@ class RunFolder:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, requested: Path | None, resumed_checkpoint: Path | None = None) -> "RunFolder":
+    def open(cls, requested: Path | None, resumed_checkpoint: Path | None = None, *, imports=()) -> "RunFolder":
         """Own ``requested`` (default: the resumed checkpoint's folder, else a new ``runs/<date-time>``).
 
         Refuses a folder that holds another run (unless it is the resumed checkpoint's own), is
-        held by a live process, or is a file.
+        held by a live process, or is a file; ``imports`` (``--import`` as given) go into the
+        refusal's resume hint.
         """
         _fcntl()  # before anything is created
         resumed_folder = resumed_checkpoint.parent if resumed_checkpoint is not None else None
@@ -138,7 +198,7 @@ class RunFolder:
         try:
             folder._lock()
             resuming_here = resumed_folder is not None and _same_folder(folder.path, resumed_folder)
-            folder._refuse_another_run(resuming_here)
+            folder._refuse_another_run(resuming_here, imports)
             folder._accepted = True
             folder._clear_leftovers()
         except BaseException:
@@ -167,10 +227,10 @@ class RunFolder:
         except (OSError, ValueError):
             return "PID unknown"
 
-    def _refuse_another_run(self, resuming_here: bool) -> None:
+    def _refuse_another_run(self, resuming_here: bool, imports=()) -> None:
         existing = [name for name in (LAST_CHECKPOINT, BEST_CHECKPOINT) if (self.path / name).exists()]
         if existing and not resuming_here:
-            hint = f", or continue it with --resume {self.path / LAST_CHECKPOINT}" if LAST_CHECKPOINT in existing else ""
+            hint = f", or continue it with {resume_arguments(self.path / LAST_CHECKPOINT, imports=imports)}" if LAST_CHECKPOINT in existing else ""
             raise ValueError(f"{self.path} already holds a training run ({', '.join(existing)}); choose another --out{hint}")
 
     def _clear_leftovers(self) -> None:
@@ -218,6 +278,14 @@ class RunFolder:
                         parent.rmdir()
             os.close(self._descriptor)  # releases the lock
             self._descriptor = None
+
+
+def resume_arguments(checkpoint: Path, *, out: Path | None = None, imports=()) -> str:
+    """``--resume CHECKPOINT [--out DIR] [--import MODULE ...]``, quoted for a shell: the ``--import``
+    arguments as given, without which a network with a layer of one's own cannot be rebuilt."""
+    words = ["--resume", str(checkpoint), *(["--out", str(out)] if out is not None else [])]
+    words += [word for text in imports for word in ("--import", text)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _fcntl():

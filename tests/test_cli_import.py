@@ -132,6 +132,18 @@ def test_a_trained_checkpoint_of_a_custom_layer_loads_only_with_its_module(custo
     assert "accuracy" in out
 
 
+def test_the_refusal_of_a_folder_holding_a_run_repeats_import_as_given(custom, capsys, monkeypatch):
+    # Without --import, the command it suggests cannot rebuild the network ("unknown layer type").
+    monkeypatch.chdir(custom.file.parent)
+    train = ["train", "--model", custom.spec.name, "--import", custom.file.name, "--import", custom.module_name, *TINY_RUN, "--out", "run"]
+    status, _, err = run_main(capsys, *train)
+    assert status == 0, err
+    status, _, err = run_main(capsys, *train)
+    one_error_line(err, "run already holds a training run",
+                   f"continue it with --resume {Path('run') / 'last.npz'} --import {custom.file.name} --import {custom.module_name}")
+    assert status == 2
+
+
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict", "summary", "export", "parity"])
 def test_every_command_that_builds_or_loads_a_network_takes_import(command, capsys):
     status, out, _ = run_main(capsys, command, "--help")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -193,6 +194,58 @@ def test_sigterm_at_any_other_command_exits_143(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_second_signal_while_the_first_is_handled_keeps_the_first_ones_message_and_status(tmp_path):
+    # Both arrive while the run is stopped: SIGINT's handler raises first, and SIGTERM's would raise
+    # again as that unwinds, ending the run with 143.
+    process = start_stopped("train", *SMALL, "--epochs", 2, "--out", "run", cwd=tmp_path, at="step@1")
+    process.send_signal(signal.SIGINT)
+    result = finish(process, signal.SIGTERM)
+    assert result.returncode == 130, result.stderr
+    assert one_line(result.stderr).startswith("cnn-backend: interrupted during epoch 1; no epoch finished")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_signal_as_the_stopped_run_exits_keeps_the_first_ones_status(tmp_path):
+    # Ctrl-C while an epoch is saved (held back until its files are written), then SIGTERM while the
+    # process shuts down, after the command returned: the interpreter's default for SIGTERM would
+    # kill it, its status then SIGTERM's under the message of Ctrl-C.
+    script = (
+        "import atexit, os, signal, sys\n"
+        "import cnn_backend.cli.recorder as recorder\n"
+        "def ctrl_c(name):\n"
+        "    if name == 'history':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "recorder.pause_point = ctrl_c\n"
+        "atexit.register(os.kill, os.getpid(), signal.SIGTERM)\n"
+        "from cnn_backend.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, "train", *SMALL, "--epochs", "2", "--out", "run"], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 130, result.stderr
+    assert one_line(result.stderr).startswith("cnn-backend: interrupted after epoch 1; the last good checkpoint is")
+
+
+def test_in_process_a_second_stop_signal_is_ignored_and_the_handlers_come_back():
+    from cnn_backend.runfolder import Interrupted, stop_signals_raise
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with stop_signals_raise():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(TIMEOUT)  # not reached: the handler raises first
+        except Interrupted as first:
+            stopped = first
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # while the first is handled
+                time.sleep(0.01)
+            except Interrupted as second:  # a KeyboardInterrupt would end the whole test session
+                pytest.fail(f"{second.description} raised in place of {first.description}")
+    assert stopped.exit_status == 130
+    # Not the command line's own process (pytest's): it gets its handlers back.
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
 def test_a_history_left_one_row_short_is_repaired_on_resume(tmp_path):
     # What a SIGKILL exactly between the rename of last.npz and the history write would leave.
     assert cli("train", *SMALL, "--epochs", 2, "--out", "run", cwd=tmp_path).returncode == 0
@@ -221,6 +274,73 @@ def test_interrupt_after_resuming_elsewhere_says_how_to_resume_into_the_same_fol
     line = one_line(finish(process, signal.SIGINT).stderr)
     assert f"resume with: cnn-backend train --resume {Path('A') / 'last.npz'} --out NEW" in line, line
     assert not (tmp_path / "NEW").exists()
+
+
+#: a module of one's own registering a layer class, and an architecture file using it
+OWN_LAYER_MODULE = "from cnn_backend import register_layer\nfrom cnn_backend.layers import ReLU\n\n\n@register_layer\nclass OwnReLU(ReLU):\n    pass\n"
+OWN_LAYER_NET = "".join(f"[[layers]]\n{layer}\n" for layer in (
+    'type = "Convolution"\nout_channels = 4\nkernel_size = 3', 'type = "OwnReLU"', 'type = "Flatten"', 'type = "FullyConnected"\nout_features = 10'))
+
+
+def test_every_resume_hint_of_a_network_with_an_own_layer_repeats_import_as_given(tmp_path):
+    (tmp_path / "layers").mkdir()
+    (tmp_path / "layers" / "own relu.py").write_text(OWN_LAYER_MODULE)  # a space: the hint quotes it for the shell
+    (tmp_path / "net.toml").write_text(OWN_LAYER_NET)
+    run = ["train", "--model", "net.toml", "--import", "layers/own relu.py", *SMALL[2:], "--out", "run"]
+    imports = "--import 'layers/own relu.py'"
+    result = finish(start_stopped(*run, "--epochs", 3, "--log-every", 2, cwd=tmp_path, at="step@3"), signal.SIGINT)
+    line = one_line(result.stderr)
+    assert result.returncode == 130 and line.startswith("cnn-backend: interrupted during epoch 2;"), line
+    hint = f"cnn-backend train --resume {Path('run') / 'last.npz'} {imports}"
+    assert line.endswith(f"resume with: {hint}"), line
+
+    refused = cli(*run, "--epochs", 1, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert one_line(refused.stderr).endswith(f"or continue it with --resume {Path('run') / 'last.npz'} {imports}"), refused.stderr
+
+    # Stopped on resuming, before its folder's history is started again: the checkpoint resumed is the good one.
+    stopped = start_stopped(*shlex.split(hint)[1:], "--epochs", 2, "--no-plots", cwd=tmp_path, at="replace history.jsonl@1")
+    line = one_line(finish(stopped, signal.SIGINT).stderr)
+    assert line.endswith(f"the last good checkpoint is {Path('run') / 'last.npz'} (epoch 1); resume with: {hint}"), line
+
+    # The hint as it is pasted into a shell works: without --import the network could not be rebuilt.
+    words = shlex.split(hint)
+    assert words[:1] == ["cnn-backend"]
+    resumed = cli(*words[1:], "--epochs", 2, "--no-plots", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.npz").epoch == 2
+
+
+def test_another_runs_checkpoint_copied_into_a_run_folder_is_refused_whichever_file_it_replaced(tmp_path):
+    resume = ["train", "--resume", Path("A") / "last.npz", "--epochs", 3, "--device", "cpu", "--quiet", "--no-plots"]
+    assert cli("train", *SMALL, "--epochs", 1, "--out", "A", cwd=tmp_path).returncode == 0
+    epoch_1 = (tmp_path / "A" / "last.npz").read_bytes()
+    assert cli(*resume[:3], "--epochs", 2, *resume[5:], cwd=tmp_path).returncode == 0
+    assert cli("train", *SMALL, "--seed", 1, "--epochs", 2, "--out", "B", cwd=tmp_path).returncode == 0
+    folder = {name: (tmp_path / "A" / name).read_bytes() for name in ("last.npz", "best.npz", "history.jsonl")}
+
+    def refused(*fragments) -> None:
+        before = {name: (tmp_path / "A" / name).read_bytes() for name in folder}
+        result = cli(*resume, cwd=tmp_path)
+        line = one_line(result.stderr)
+        assert result.returncode == 2 and all(fragment in line for fragment in fragments), line
+        assert {name: (tmp_path / "A" / name).read_bytes() for name in folder} == before  # nothing rewritten
+        for name, data in folder.items():  # A's own files back
+            (tmp_path / "A" / name).unlink()
+            (tmp_path / "A" / name).write_bytes(data)
+
+    a_last, a = Path("A") / "last.npz", Path("A")
+    (tmp_path / "A" / "last.npz").write_bytes((tmp_path / "B" / "last.npz").read_bytes())  # B's checkpoint over A's
+    refused(f"{a_last} and {a / 'history.jsonl'} are from different runs (their histories differ from epoch 1)", "add --out NEW_FOLDER")
+    (tmp_path / "A" / "best.npz").unlink()
+    (tmp_path / "A" / "best.npz").write_bytes((tmp_path / "B" / "best.npz").read_bytes())  # B's best.npz alone
+    refused(f"{a_last} and {a / 'best.npz'} are from different runs")
+    (tmp_path / "A" / "last.npz").write_bytes(epoch_1)  # A's own, older, checkpoint: its later epoch would go
+    refused(f"{a / 'history.jsonl'} goes on to epoch 2 but {a_last} holds epoch 1", "add --out NEW_FOLDER to go on from epoch 1 there")
+
+    finished = cli(*resume, cwd=tmp_path)  # the folder's own files: resumed
+    assert finished.returncode == 0, finished.stderr
+    assert [row["epoch"] for row in read_history(tmp_path / "A" / "history.jsonl")] == [1, 2, 3]
 
 
 # -- 5: write errors -------------------------------------------------------------------------------

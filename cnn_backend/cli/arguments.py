@@ -34,8 +34,24 @@ IMPORT_HELP = (
 
 def add_import_option(parser) -> None:
     """``--import MODULE``, repeatable: each module is imported while the command line is parsed,
-    so the layer classes it registers are known before the command reads a spec or a checkpoint."""
-    parser.add_argument("--import", dest="imports", type=imported_module, action="append", metavar="MODULE", help=IMPORT_HELP)
+    so the layer classes it registers are known before the command reads a spec or a checkpoint.
+    ``imports`` holds the modules, ``imports_given`` the texts as given (repeated in resume hints)."""
+    parser.add_argument("--import", dest="imports", action=_ImportAction, metavar="MODULE", help=IMPORT_HELP)
+    parser.set_defaults(imports_given=[])
+
+
+class _ImportAction(argparse.Action):
+    """Appends the module :func:`imported_module` imports to ``imports`` and the text to
+    ``imports_given``: a resume hint must repeat ``--import`` as typed, which the module alone does
+    not tell (named by path or dotted name, relative or not)."""
+
+    def __call__(self, parser, namespace, text, option_string=None):
+        try:
+            module = imported_module(text)
+        except argparse.ArgumentTypeError as exc:  # reported as argparse reports a type's error
+            raise argparse.ArgumentError(self, str(exc)) from None
+        namespace.imports = [*(getattr(namespace, "imports", None) or []), module]
+        namespace.imports_given = [*(getattr(namespace, "imports_given", None) or []), text]
 
 
 def imported_module(text: str):

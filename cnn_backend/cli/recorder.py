@@ -3,15 +3,19 @@ run folder's files after every epoch."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import Checkpoint, save_checkpoint
+import numpy
+
+from ..checkpoint import STATE_KEY, Checkpoint, save_checkpoint
 from ..faults import pause_point
 from ..inputs import InputSpec
-from ..report import HistoryWriter
-from ..runfolder import HISTORY_FILE, LAST_CHECKPOINT, DeferredInterrupt, RunFolder
+from ..report import HistoryWriter, read_history
+from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, DeferredInterrupt, RunFolder, resume_arguments
 from .console import PROG
 
 
@@ -60,8 +64,9 @@ class RunRecorder:
     cannot split (see :mod:`cnn_backend.runfolder` for the order)."""
 
     def __init__(self, folder: RunFolder, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict,
-                 resumed: Checkpoint | None = None, inputs: InputSpec | None = None) -> None:
+                 resumed: Checkpoint | None = None, inputs: InputSpec | None = None, imports=()) -> None:
         self.folder, self.out_dir = folder, folder.path
+        self.imports = tuple(imports)  # --import as given, repeated in the resume hint
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.inputs = inputs
         self.settings = settings
@@ -120,12 +125,60 @@ class RunRecorder:
             return "no epoch finished, so no checkpoint was written"
         text = f"the last good checkpoint is {path} (epoch {epoch})"
         if resume_hint:
-            text += f"; resume with: {PROG} train --resume {path}" + (f" --out {out}" if out is not None else "")
+            text += f"; resume with: {PROG} train {resume_arguments(path, out=out, imports=self.imports)}"
         return text
 
 
 def same_folder(first: Path, second: Path) -> bool:
     return first.resolve() == second.resolve()
+
+
+def refuse_files_of_another_run(out_dir: Path, checkpoint: Checkpoint) -> None:
+    """Refuse to resume ``checkpoint`` in its own folder ``out_dir`` when the folder's history.jsonl or
+    best.npz are not of its run (another run's last.npz copied over this one's): the run would go on
+    beside another run's history and best.npz.
+
+    A run is known by its history, whose rows hold each epoch's losses and timings. The files must
+    hold the checkpoint's rows or fewer (one fewer after a SIGKILL between the commit and the
+    history write; best.npz is an earlier epoch's last.npz). A file that cannot be read says nothing.
+    """
+    rows = checkpoint.history
+    for name, stored in ((HISTORY_FILE, _history_file_rows(out_dir / HISTORY_FILE)),
+                         (BEST_CHECKPOINT, _stored_history(out_dir / BEST_CHECKPOINT, checkpoint.path))):
+        if stored is None:
+            continue
+        epoch = next((row for row, (ours, theirs) in enumerate(zip(rows, stored), 1) if ours != theirs), None)
+        if epoch is not None:
+            raise ValueError(
+                f"{checkpoint.path} and {out_dir / name} are from different runs (their histories differ from epoch {epoch}): "
+                f"resuming it there would mix two runs' files; put back the files of one run, or add "
+                f"--out NEW_FOLDER to go on from this checkpoint there"
+            )
+        if len(stored) > len(rows):
+            raise ValueError(
+                f"{out_dir / name} goes on to epoch {len(stored)} but {checkpoint.path} holds epoch {checkpoint.epoch}: "
+                f"resuming it in its own folder would overwrite the later epochs; put the run's own {checkpoint.path.name} "
+                f"back, or add --out NEW_FOLDER to go on from epoch {checkpoint.epoch} there"
+            )
+
+
+def _history_file_rows(path: Path) -> list | None:
+    try:
+        return read_history(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _stored_history(path: Path, resumed: Path) -> list | None:
+    """The history kept in the checkpoint ``path`` (its training state alone is read), or None."""
+    try:
+        if os.path.samefile(path, resumed):
+            return None  # best.npz linked to the checkpoint resumed: the same file
+        with numpy.load(path, allow_pickle=False) as archive:
+            history = json.loads(str(archive[STATE_KEY]))["history"]
+    except Exception:  # noqa: BLE001 - absent, unreadable or not a checkpoint: no evidence either way
+        return None
+    return history if isinstance(history, list) else None
 
 
 def format_epoch_line(stats, epochs: int, improved: bool) -> str:

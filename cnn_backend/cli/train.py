@@ -23,7 +23,7 @@ from ..inputs import InputSpec
 from ..layers import Convolution
 from ..optim import OPTIMIZERS, make_optimizer
 from ..report import confusion_matrix, matplotlib_available, plot_confusion_matrix, plot_curves, plot_filters
-from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder
+from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder, resume_arguments
 from ..serialization import FileWriteError
 from ..spec import BUILTIN_NAMES, SpecError
 from ..summary import format_summary
@@ -47,7 +47,7 @@ from .arguments import (
     select_range,
 )
 from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, out_of_memory, print_error, say, silent
-from .recorder import EpochProgress, RunRecorder, format_epoch_line, same_folder
+from .recorder import EpochProgress, RunRecorder, format_epoch_line, refuse_files_of_another_run, same_folder
 from .runtime import build_model, check_spec_file, open_backend, quiet_float_warnings
 from .settings import (
     DROPOUT_MODELS,
@@ -305,7 +305,7 @@ def _train(args, world, held: list | None = None) -> int:
 
     # Everything that can be refused has been checked: only now is the output folder touched (by
     # rank 0 alone; the others learn its name).
-    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None) if world.is_root else None
+    folder = RunFolder.open(args.out, checkpoint.path if checkpoint is not None else None, imports=args.imports_given) if world.is_root else None
     try:
         if folder is not None and checkpoint is not None:
             _refuse_an_outdated_resume(folder.path, checkpoint, resumed_identity)
@@ -362,8 +362,9 @@ def _file_identity(path) -> tuple | None:
 
 def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_when_read) -> None:
     """With the output folder locked: refuse a checkpoint that another run replaced after this one
-    read it, and one older than its own folder's last.npz, whose later epochs resuming there would
-    overwrite (``best.npz`` of a run that went on)."""
+    read it, one older than its own folder's last.npz, whose later epochs resuming there would
+    overwrite (``best.npz`` of a run that went on), and one of another run than the folder's
+    last.npz, history.jsonl or best.npz."""
     if not same_folder(out_dir, checkpoint.path.parent):
         return  # a new folder: nothing there to overwrite, and the file read was whole
     if _file_identity(checkpoint.path) != identity_when_read:
@@ -373,6 +374,8 @@ def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_w
         )
     last = out_dir / LAST_CHECKPOINT
     if not last.exists() or os.path.samefile(last, checkpoint.path):
+        # Copied over last.npz, another run's checkpoint is told by the folder's other files.
+        refuse_files_of_another_run(out_dir, checkpoint)
         return
     folder_run = load_checkpoint(last)
     # A checkpoint of another run put in this folder: the runs' histories part, so resuming here
@@ -391,6 +394,7 @@ def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_w
             f"folder would overwrite {later}; resume {last}, or add --out NEW_FOLDER to go on from epoch "
             f"{checkpoint.epoch} there"
         )
+    refuse_files_of_another_run(out_dir, checkpoint)
 
 
 def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_window, model) -> dict:
@@ -455,10 +459,14 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
             # Not rank 0: an epoch finished here, and rank 0 commits each one before the next step.
             last = out_dir / LAST_CHECKPOINT
             return f"rank 0 keeps the last epoch it committed in {last}" + (
-                f"; resume with: {PROG} train --resume {last}" if resume_hint else "")
+                f"; resume with: {PROG} train {resume_arguments(last, imports=args.imports_given)}" if resume_hint else "")
         if recorder is None:
-            return "no epoch finished, so no checkpoint was written" if checkpoint is None else \
-                f"the last good checkpoint is {checkpoint.path} (epoch {checkpoint.epoch})"
+            if checkpoint is None:
+                return "no epoch finished, so no checkpoint was written"
+            out = None if same_folder(out_dir, checkpoint.path.parent) else out_dir
+            return f"the last good checkpoint is {checkpoint.path} (epoch {checkpoint.epoch})" + (
+                f"; resume with: {PROG} train {resume_arguments(checkpoint.path, out=out, imports=args.imports_given)}"
+                if resume_hint else "")
         return recorder.intact_text(resume_hint=resume_hint)
 
     stage = "training"
@@ -466,7 +474,7 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
         if folder is not None:
             recorder = RunRecorder(folder, model, optimizer, schedule,
                                    {**settings, "device": backend.name, "processes": communicator.size},
-                                   history=history, best=best, resumed=checkpoint, inputs=inputs)
+                                   history=history, best=best, resumed=checkpoint, inputs=inputs, imports=args.imports_given)
         pause_point("folder")
         started = time.perf_counter()
         with quiet_float_warnings():
