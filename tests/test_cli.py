@@ -149,9 +149,10 @@ def test_ctrl_c_keeps_a_complete_checkpoint_and_says_how_to_resume(tmp_path):
     stdout, stderr = process.communicate(timeout=60)
 
     assert process.returncode == 130, stderr
-    line = assert_one_error_line(
-        subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), 130, "interrupted during epoch",
-    )
+    line = assert_one_error_line(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), 130, "interrupted ")
+    # The signal lands in the next epoch, or (on a slow machine) while epoch 1's other files are
+    # still being written after last.npz: then the run finishes them and says "after epoch 1".
+    assert re.search(r"interrupted (during epoch \d+|after epoch \d+)", line), line
     assert f"resume with: cnn-backend train --resume {Path('run') / 'last.npz'}" in line
     checkpoint = load_checkpoint(last)
     assert checkpoint.epoch >= 1
