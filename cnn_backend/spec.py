@@ -368,8 +368,14 @@ def _constructor_options(cls: type) -> dict[str, tuple]:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an annotation that does not evaluate: type the options by their defaults
         hints = {}
+    # A subclass of a built-in type does not offer what that type keeps out of specs: Residual's
+    # projection, which its build makes (an option would take any value, untyped, into a file).
+    parent = next((base for base in cls.__mro__[1:] if base.__name__ in BUILTIN_OPTIONS and LAYER_TYPES.get(base.__name__) is base), None)
+    withheld = set() if parent is None else set(constructor_options(parent)) - set(BUILTIN_OPTIONS[parent.__name__])
     options = {}
     for name, parameter in constructor_options(cls).items():
+        if name in withheld:
+            continue
         default = REQUIRED if parameter.default is parameter.empty else parameter.default
         options[name] = (_accepted_types(hints.get(name), default), default, None)
     if "layers" in options and cls.children is not Layer.children:

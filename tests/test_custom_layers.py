@@ -817,3 +817,24 @@ def test_a_subclass_of_a_fused_layer_that_changes_its_pass_runs_its_own_code_ins
             chained = layer.forward(chained)
         numpy.testing.assert_allclose(model.forward(x), chained, rtol=1e-6)
         model.backward(numpy.ones((4, 3), numpy.float32))  # the pass the layer's own backward pairs with
+
+
+def test_a_registered_residual_subclass_offers_no_projection_option():
+    from cnn_backend.layers import Residual
+
+    class GainResidual(Residual):
+        def __init__(self, layers, gain: float = 1.0, projection=None, *, backend=None):
+            super().__init__(layers, projection, backend=backend)
+            self.gain = gain
+
+        def config(self):
+            return {**super().config(), "gain": self.gain}
+
+    register_layer(GainResidual)
+    assert set(layer_options("GainResidual")) == {"layers", "gain"}  # the projection is made by build, not written
+    block = {"type": "GainResidual", "gain": 0.5, "layers": [{"type": "ReLU"}]}
+    model = build_model({"layers": [{"type": "Convolution", "out_channels": 2, "kernel_size": 3, "padding": 1}, block,
+                                    {"type": "Flatten"}, {"type": "FullyConnected", "out_features": 2}]}, (1, 4, 4))
+    assert model.config()["layers"][1] == block
+    with pytest.raises(SpecError, match=r"layer 0 \(GainResidual\): unknown option 'projection'"):
+        build_model({"layers": [{**block, "projection": 3}, {"type": "Flatten"}, {"type": "FullyConnected", "out_features": 2}]}, (2, 4, 4))
