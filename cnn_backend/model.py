@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable
-
-import numpy
 
 from .backend import Backend, get_backend
 from .data import count_non_finite_samples, prepare_images
@@ -361,7 +360,8 @@ class Sequential:
                 f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
                 f"use a checkpoint saved before the run diverged, or train again"
             )
-        with numpy.errstate(over="ignore"):  # a float64 value beyond float32's range: refused below, in one line
+        with warnings.catch_warnings():  # NumPy's overflow warning for a float64 value beyond float32's range: refused below, in one line
+            warnings.simplefilter("ignore", RuntimeWarning)
             # Cast in place in the dicts, one array at a time, and only where the dtype differs: the state is
             # not held twice over on the device.
             for name, value in values.items():

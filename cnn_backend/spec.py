@@ -313,7 +313,7 @@ def register_layer(cls: type) -> type:
     if held is not None and _qualified_name(held) != _qualified_name(cls):
         raise ValueError(f"the layer type {name} is already registered by {_qualified_name(held)}: rename one of the two classes")
     options = _constructor_options(cls)
-    container = cls.children is not Layer.children
+    container = _defines_children(cls)
     if container and "layers" not in options:
         raise TypeError(
             f"{name} holds other layers (it defines children()): a spec rebuilds such a layer when its constructor "
@@ -378,7 +378,7 @@ def _constructor_options(cls: type) -> dict[str, tuple]:
             continue
         default = REQUIRED if parameter.default is parameter.empty else parameter.default
         options[name] = (_accepted_types(hints.get(name), default), default, None)
-    if "layers" in options and cls.children is not Layer.children:
+    if "layers" in options and _defines_children(cls):
         options["layers"] = (_LAYERS, REQUIRED, None)
     return options
 
@@ -480,10 +480,15 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
 def _unregistered_entry(layer: Layer, kind: str, label: str) -> dict:
     """The entry of a class that is not registered: written so that its files load once it is."""
     entry = {key: _plain_value(value) for key, value in layer.spec().items()}
-    if _holds_layer_list(layer) and ("layers" in entry or type(layer).children is not Layer.children):
+    if _holds_layer_list(layer) and ("layers" in entry or _defines_children(type(layer))):
         entry["layers"] = _inner_entries(layer, label)  # the default config() gives the layer objects themselves
     _check_storable(entry, label)
     return entry
+
+
+def _defines_children(cls: type) -> bool:
+    """Whether ``cls`` is a container: it lists layers inside it (:meth:`Layer.children`)."""
+    return cls.children is not Layer.children
 
 
 def _holds_layer_list(layer: Layer) -> bool:

@@ -118,15 +118,23 @@ class RunRecorder:
     def intact_text(self, *, resume_hint: bool) -> str:
         """Which checkpoint is good after a failure (never a file that does not exist), and how to resume."""
         if self.last_saved_epoch is not None:
-            path, epoch, out = self.out_dir / LAST_CHECKPOINT, self.last_saved_epoch, None
-        elif self.resumed is not None:
-            path, epoch, out = self.resumed.path, self.resumed.epoch, self.out_dir
-        else:
-            return "no epoch finished, so no checkpoint was written"
-        text = f"the last good checkpoint is {path} (epoch {epoch})"
-        if resume_hint:
-            text += f"; resume with: {PROG} train {resume_arguments(path, out=out, imports=self.imports)}"
-        return text
+            return good_checkpoint_text(self.out_dir / LAST_CHECKPOINT, self.last_saved_epoch, None, self.imports, resume_hint)
+        if self.resumed is not None:
+            return good_checkpoint_text(self.resumed.path, self.resumed.epoch, self.out_dir, self.imports, resume_hint)
+        return NO_CHECKPOINT
+
+
+#: what a run stopped before its first epoch's commit keeps
+NO_CHECKPOINT = "no epoch finished, so no checkpoint was written"
+
+
+def good_checkpoint_text(path: Path, epoch: int, out: Path | None, imports, resume_hint: bool) -> str:
+    """Which checkpoint is good after a failure and, with ``resume_hint``, the command that resumes
+    it (into ``out`` when that is not the checkpoint's own folder; ``--import`` as given)."""
+    text = f"the last good checkpoint is {path} (epoch {epoch})"
+    if resume_hint:
+        text += f"; resume with: {PROG} train {resume_arguments(path, out=out, imports=imports)}"
+    return text
 
 
 def same_folder(first: Path, second: Path) -> bool:

@@ -47,7 +47,15 @@ from .arguments import (
     select_range,
 )
 from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, out_of_memory, print_error, say, silent
-from .recorder import EpochProgress, RunRecorder, format_epoch_line, refuse_files_of_another_run, same_folder
+from .recorder import (
+    NO_CHECKPOINT,
+    EpochProgress,
+    RunRecorder,
+    format_epoch_line,
+    good_checkpoint_text,
+    refuse_files_of_another_run,
+    same_folder,
+)
 from .runtime import build_model, check_spec_file, open_backend, quiet_float_warnings
 from .settings import (
     DROPOUT_MODELS,
@@ -462,11 +470,9 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
                 f"; resume with: {PROG} train {resume_arguments(last, imports=args.imports_given)}" if resume_hint else "")
         if recorder is None:
             if checkpoint is None:
-                return "no epoch finished, so no checkpoint was written"
+                return NO_CHECKPOINT
             out = None if same_folder(out_dir, checkpoint.path.parent) else out_dir
-            return f"the last good checkpoint is {checkpoint.path} (epoch {checkpoint.epoch})" + (
-                f"; resume with: {PROG} train {resume_arguments(checkpoint.path, out=out, imports=args.imports_given)}"
-                if resume_hint else "")
+            return good_checkpoint_text(checkpoint.path, checkpoint.epoch, out, args.imports_given, resume_hint)
         return recorder.intact_text(resume_hint=resume_hint)
 
     stage = "training"
