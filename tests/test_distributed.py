@@ -7,8 +7,10 @@ where mpi4py or ``mpiexec`` is missing (``pip install mpi4py mpich``).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -218,6 +220,61 @@ def test_dropout_and_augmentation_draw_for_the_global_batch_and_apply_this_share
         augment.set_batch_share((start, 6))
         parts.append(be.to_numpy(augment(images[start:stop], 1, 4)))
     assert numpy.array_equal(numpy.concatenate(parts), whole)
+
+
+@pytest.mark.parametrize("bit_generator", [numpy.random.PCG64, numpy.random.PCG64DXSM, numpy.random.MT19937])
+@pytest.mark.parametrize("buffered_half", [False, True])
+def test_a_dropout_share_draws_its_rows_only_and_leaves_the_generator_where_the_whole_batch_would(bit_generator, buffered_half):
+    # PCG64 skips the other processes' rows (a K-th of the draw); a generator that cannot, or whose
+    # buffered 32-bit half a skip would drop, draws the whole batch: masks and final state agree either way.
+    be = standin_backend("float64")
+    x = be.to_device(numpy.random.default_rng(0).random((8, 3, 2, 2)))
+
+    def layer():
+        rng = numpy.random.Generator(bit_generator(11))
+        if buffered_half:
+            rng.integers(0, 10, dtype=numpy.int32)  # leaves half of a 64-bit draw buffered (PCG64)
+        return Dropout(0.4, rng=rng, backend=be)
+
+    whole = layer()
+    expected = be.to_numpy(whole.forward(x))
+    for steps in range(2):  # the second step continues from where the first left the stream
+        parts, states = [], []
+        for start, stop in ((0, 2), (2, 5), (5, 8)):
+            share = layer()
+            share.batch_share = (start, 8)
+            for _ in range(steps):
+                share.forward(x[start:stop])
+            parts.append(be.to_numpy(share.forward(x[start:stop])))
+            states.append(next_draws(share.rng))
+        if steps:
+            expected = be.to_numpy(whole.forward(x))
+        assert numpy.array_equal(numpy.concatenate(parts), expected)
+        assert all(numpy.array_equal(state, next_draws(whole.rng)) for state in states)
+
+
+def test_a_dropout_share_of_a_pcg64_generator_draws_only_its_own_rows():
+    class CountingGenerator:
+        def __init__(self, rng):
+            self.bit_generator, self._rng, self.drawn = rng.bit_generator, rng, 0
+
+        def random(self, shape):
+            self.drawn += math.prod(shape)
+            return self._rng.random(shape)
+
+    be = standin_backend("float64")
+    layer = Dropout(0.5, rng=3, backend=be)
+    layer.rng = CountingGenerator(layer.rng)
+    layer.batch_share = (2, 8)
+    layer.forward(be.to_device(numpy.ones((2, 5))))
+    assert layer.rng.drawn == 2 * 5
+
+
+def next_draws(rng):
+    """The next draws of ``rng``, leaving it where it is: equal draws mean equal positions (a 32-bit
+    draw first, which takes a buffered half where there is one)."""
+    ahead = copy.deepcopy(rng)
+    return [ahead.integers(0, 2**31, dtype=numpy.int32), *ahead.integers(0, 2**62, size=3)]
 
 
 class RecordingCommunicator(SingleProcess):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+
+import numpy
 
 from .. import functional as F
 from ..backend import Backend
@@ -145,8 +148,9 @@ class Dropout(Layer):
     seeded generator, so CPU and GPU runs drop the same units.
 
     In data-parallel training ``batch_share`` is ``(start, total)``: this process holds samples
-    ``start ..`` of a global batch of ``total``, so the mask is drawn for the whole global batch (every
-    process advances the generator alike) and this process applies its rows, as one process would."""
+    ``start ..`` of a global batch of ``total``: every process advances the generator past the whole
+    global batch's mask and applies its own rows, as one process would (drawing only those rows when
+    the generator can skip ahead: the default PCG64 can)."""
 
     def __init__(self, rate: float = 0.5, *, rng=None, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
@@ -174,12 +178,32 @@ class Dropout(Layer):
         if not self.training or self.rate == 0.0:
             self._mask = None
             return x
-        start, total = self.batch_share or (0, x.shape[0])
-        keep = (self.rng.random((total,) + tuple(x.shape[1:])) >= self.rate)[start:start + x.shape[0]]
+        keep = self._draw_keep(tuple(x.shape))
         # Send the mask as booleans (a quarter of float32's bytes) and scale it on the device.
         self._mask = self.backend.to_device(keep).astype(x.dtype)
         self._mask *= 1.0 / (1.0 - self.rate)
         return F.multiply(self.backend, x, self._mask)
+
+    def _draw_keep(self, shape: tuple):
+        """``rng.random(global batch) >= rate`` for this process's rows (host booleans). A generator
+        that can skip ahead exactly (PCG64: one 64-bit step per float64 value) draws only those rows
+        and skips the others, so each of N processes draws a N-th of the mask and the stream, and
+        with it every mask, is the same as one process's."""
+        start, total = self.batch_share or (0, shape[0])
+        per_sample = math.prod(shape[1:])
+        bit_generator = self.rng.bit_generator
+        skips = (
+            shape[0] < total
+            and isinstance(bit_generator, (numpy.random.PCG64, numpy.random.PCG64DXSM))
+            # advance() drops a buffered 32-bit half; the full draw keeps it for later draws
+            and not bit_generator.state["has_uint32"]
+        )
+        if not skips:
+            return (self.rng.random((total,) + shape[1:]) >= self.rate)[start:start + shape[0]]
+        bit_generator.advance(start * per_sample)
+        keep = self.rng.random(shape) >= self.rate
+        bit_generator.advance((total - start - shape[0]) * per_sample)
+        return keep
 
     def backward(self, dy):
         return dy if self._mask is None else F.multiply(self.backend, dy, self._mask)
