@@ -119,7 +119,7 @@ class MpiCommunicator:
 
     def allreduce_sum(self, array):
         host = self._host_buffer(array)
-        self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
+        _wait(self.comm.Iallreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM))
         return self._store(array, host)
 
     def allreduce_mean(self, array):
@@ -129,7 +129,7 @@ class MpiCommunicator:
 
     def broadcast(self, array, root: int = 0):
         host = self._host_buffer(array)
-        self.comm.Bcast(host, root=root)
+        _wait(self.comm.Ibcast(host, root=root))
         return self._store(array, host)
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
@@ -140,7 +140,7 @@ class MpiCommunicator:
         return self.comm.allgather(value)
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        _wait(self.comm.Ibarrier())
 
     def abort(self, status: int = 1) -> None:
         abort_job(self.comm, status)
@@ -158,6 +158,18 @@ class MpiCommunicator:
         if host is not array:
             array[...] = self.backend.to_device(host)
         return array
+
+
+def _wait(request) -> None:
+    """Wait for a non-blocking MPI operation in a loop that returns to Python between tests.
+
+    A blocking collective holds the main thread in C, where Python's signal handlers cannot run: a
+    Ctrl-C or SIGTERM reaching rank 0 while another rank has already stopped for one would never
+    be taken, and rank 0 could neither report nor clean its run folder. MPI's own blocking wait
+    polls a core in the same way, so the loop costs nothing more.
+    """
+    while not request.Test():
+        pass
 
 
 class NcclCommunicator:

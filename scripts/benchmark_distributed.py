@@ -62,7 +62,7 @@ def worker(steps: int) -> None:
         average()
         reduce_seconds.append(time.perf_counter() - started)
 
-    batches = loader.epoch(1)
+    batches = _endless(loader)
     for _ in range(WARMUP):
         x, y = next(batches)
         train_step(model, loss_fn, optimizer, x, y, timed_average)
@@ -89,6 +89,14 @@ def worker(steps: int) -> None:
         }), flush=True)
 
 
+def _endless(loader):
+    """The loader's batches, epoch after epoch: any number of steps can be timed."""
+    epoch = 1
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
 def measure(processes: int, threads: int, steps: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
@@ -96,7 +104,10 @@ def measure(processes: int, threads: int, steps: int) -> dict:
     if processes > 1:
         mpiexec = Path(sys.executable).parent / "mpiexec"
         command = [str(mpiexec) if mpiexec.is_file() else shutil.which("mpiexec"), "-n", str(processes), *command]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, check=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        sys.exit(f"benchmark_distributed.py: the {processes} x {threads} measurement failed: {said}")
     return {"threads": threads, **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
@@ -117,9 +128,11 @@ def paper_model(gradient_bytes: int, compute_seconds_per_sample: float) -> list[
 
 
 def main() -> None:
+    from cnn_backend.cli.arguments import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default: 30)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each configuration (default: 3)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps per configuration (default: 30)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats of each configuration (default: 3)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -166,15 +166,15 @@ def test_processes_started_differently_are_refused_naming_the_first_difference()
     images, labels = numpy.zeros((40, 1, 4, 4), numpy.uint8), numpy.arange(40) % 10
     model = plain_cnn("cpu", seed=0)
     settings = {"train_split": ":30", "seed": 0}
-    same = _run_facts(settings, None, images, labels, slice(0, 30), slice(30, 40), model)
+    same = _run_facts(settings, 50, None, images, labels, slice(0, 30), slice(30, 40), model)
     check_processes_agree(GatheredFacts([same, dict(same)]), same)  # alike: nothing said
     # The same command line over other data (--data auto finding another set on another machine).
     other_labels = labels.copy()
     other_labels[3] = 9
-    other = _run_facts(settings, None, images, other_labels, slice(0, 30), slice(30, 40), model)
+    other = _run_facts(settings, 50, None, images, other_labels, slice(0, 30), slice(30, 40), model)
     with pytest.raises(DistributedSetupError, match=r"^the processes were not started alike: rank 2 has training labels \(digest\) '[0-9a-f]{32}' where rank 0 has '[0-9a-f]{32}'; give every process the same command line and the same data$"):
         check_processes_agree(GatheredFacts([same, same, other]), same)
-    shifted = _run_facts({**settings, "seed": 1}, None, images, labels, slice(0, 30), slice(30, 40), model)
+    shifted = _run_facts({**settings, "seed": 1}, 50, None, images, labels, slice(0, 30), slice(30, 40), model)
     with pytest.raises(DistributedSetupError, match=r"rank 1 has --seed 1 where rank 0 has 0;"):
         check_processes_agree(GatheredFacts([same, shifted]), same)
 
@@ -565,7 +565,7 @@ def test_a_signal_to_rank_1_alone_ends_the_job_with_one_line_naming_it(tmp_path)
     last = Path("run") / "last.npz"
     assert error_lines(result.stderr, prefix="cnn-backend: ") == [
         f"cnn-backend: rank 1 of 2: terminated by SIGTERM during epoch 2; rank 0 keeps the last epoch it committed in "
-        f"{last}; resume with: cnn-backend train --resume {last}"
+        f"{last}; resume with: mpiexec -n 2 cnn-backend train --resume {last}"
     ], result.stderr
     assert result.returncode == 143 and elapsed < 45
     from cnn_backend.checkpoint import load_checkpoint
@@ -591,12 +591,50 @@ def test_a_signal_to_rank_1_alone_before_training_is_named_too(tmp_path):
 
 
 @needs_mpi
+def test_a_signal_reaching_rank_0_while_it_waits_in_a_collective_is_taken_there(tmp_path):
+    # Rank 1 is stopped first and leaves the collectives; rank 0, waiting for it in the step's
+    # all-reduce, gets the same signal half a second later (a scheduler signalling every rank): it
+    # reports as one process would and cleans its folder, without waiting for rank 1's grace period.
+    fault = (
+        "import threading; pid_0 = int(open('rank0.pid').read()); "
+        "threading.Timer(0.5, os.kill, (pid_0, signal.SIGTERM)).start(); os.kill(os.getpid(), signal.SIGTERM)"
+    )
+    script = INJECT_ON_RANK_1.replace(
+        "training.train_step = failing_step\n",
+        "training.train_step = failing_step\n"
+        "if os.environ.get('PMI_RANK') == '0':\n    open('rank0.pid', 'w').write(str(os.getpid()))\n",
+    ).replace("FAULT", fault).replace("STEP", "3")
+    started = time.monotonic()
+    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *TRAIN_ARGS, "--epochs", "2", "--out", "run"], tmp_path, timeout=60)
+    elapsed = time.monotonic() - started
+    assert error_lines(result.stderr, prefix="cnn-backend: ") == [
+        "cnn-backend: terminated by SIGTERM during epoch 1; no epoch finished, so no checkpoint was written"
+    ], result.stderr
+    assert result.returncode == 143 and elapsed < 9  # rank 1 would speak only after ten seconds
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing
+
+
+@needs_mpi
 def test_a_usage_error_under_mpiexec_is_said_once(tmp_path):
     result = run_job(on_two_ranks("train", "--epochs", "0"), tmp_path, timeout=60)
     assert result.returncode == 2
     assert error_lines(result.stderr) == [
         "cnn-backend: error: argument --epochs: must be a positive integer, got '0'; see cnn-backend train --help"
     ], result.stderr
+
+
+@needs_mpi
+@pytest.mark.parametrize("command", [["summary", "--model", "seed"], ["evaluate", "missing.npz"]])
+def test_commands_other_than_train_refuse_a_job_of_several_processes_in_one_line(tmp_path, command):
+    # Each process would run the whole command: print the same lines and write the same files.
+    result = run_job([MPIEXEC, "-n", "2", *cli(*command)], tmp_path, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert error_lines(result.stderr) == [
+        f"cnn-backend: error: {command[0]} runs in one process: start it without mpiexec (train alone shares its work "
+        "among the processes of a job)"
+    ], result.stderr
+    alone = run_job([MPIEXEC, "-n", "1", *cli("summary", "--model", "seed")], tmp_path, timeout=60)
+    assert alone.returncode == 0 and "total: 1,257 parameters" in alone.stdout
 
 
 @needs_mpi
@@ -612,13 +650,16 @@ def test_a_bad_option_on_rank_1_alone_ends_the_job_in_one_line(tmp_path):
 
 
 @needs_mpi
-def test_ranks_given_different_command_lines_are_refused_in_one_line(tmp_path):
-    first, second = cli(*TRAIN_ARGS, "--epochs", "1", "--out", "run"), cli(*TRAIN_ARGS, "--epochs", "2", "--out", "run")
+@pytest.mark.parametrize("option, first_value, second_value", [("--epochs", "1", "2"), ("--log-every", "3", "1")])
+def test_ranks_given_different_command_lines_are_refused_in_one_line(tmp_path, option, first_value, second_value):
+    # --log-every too: it decides when the ranks all-reduce the logged losses
+    first = cli(*TRAIN_ARGS, "--epochs", "1", "--out", "run", option, first_value)
+    second = cli(*TRAIN_ARGS, "--epochs", "1", "--out", "run", option, second_value)
     result = run_job([MPIEXEC, "-n", "1", *first, ":", "-n", "1", *second], tmp_path, timeout=60)
     assert result.returncode == 2
     assert error_lines(result.stderr) == [
-        "cnn-backend: error: rank 0 of 2: the processes were not started alike: rank 1 has --epochs 2 where rank 0 has 1; "
-        "give every process the same command line and the same data"
+        f"cnn-backend: error: rank 0 of 2: the processes were not started alike: rank 1 has {option} {second_value} where "
+        f"rank 0 has {first_value}; give every process the same command line and the same data"
     ], result.stderr
     assert not (tmp_path / "run").exists()
 
@@ -669,8 +710,12 @@ def test_ctrl_c_through_mpiexec_leaves_the_last_complete_checkpoint(tmp_path):
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode != 0
-    assert "interrupted during epoch" in stderr or "Abort(130)" in stderr, stderr
+    assert process.returncode == 130
+    # Rank 0 reports, even when the signal finds it waiting in a collective for a rank already stopped.
+    lines = error_lines(stderr, prefix="cnn-backend: ")
+    last = Path("run") / "last.npz"
+    assert len(lines) == 1 and lines[0].startswith("cnn-backend: interrupted during epoch "), stderr
+    assert lines[0].endswith(f"resume with: mpiexec -n 2 cnn-backend train --resume {last}"), stderr
     from cnn_backend.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(tmp_path / "run" / "last.npz")

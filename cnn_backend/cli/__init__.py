@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
         return exc.code if isinstance(exc.code, int) else EXIT_OK
+    if args.command != "train":
+        _refuse_a_job_of_several_processes(args.command)
     try:
         with stop_signals_raise():
             return args.handler(args)
@@ -121,6 +123,17 @@ def _end_job_for_a_usage_error(text: str, rank: int) -> None:
     print_error(text)
     abort_job(MPI.COMM_WORLD, EXIT_USAGE)
     os._exit(EXIT_USAGE)  # MPI_Abort may return before the launcher ends this process: say nothing more
+
+
+def _refuse_a_job_of_several_processes(command: str) -> None:
+    """Only ``train`` shares its work among the processes of an ``mpiexec`` job; any other command
+    would run once per process, each printing (and writing) the same, so a job of several is
+    refused in one line by rank 0. Returns when this is not such a job."""
+    rank = launcher_rank()
+    if rank is not None:
+        _end_job_for_a_usage_error(
+            f"{command} runs in one process: start it without mpiexec (train alone shares its work among the processes of a job)", rank
+        )
 
 
 def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParser:

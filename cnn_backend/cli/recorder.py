@@ -67,6 +67,7 @@ class RunRecorder:
                  resumed: Checkpoint | None = None, inputs: InputSpec | None = None, imports=()) -> None:
         self.folder, self.out_dir = folder, folder.path
         self.imports = tuple(imports)  # --import as given, repeated in the resume hint
+        self.processes = int(settings.get("processes", 1))  # an mpiexec job's, repeated there too
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.inputs = inputs
         self.settings = settings
@@ -118,9 +119,9 @@ class RunRecorder:
     def intact_text(self, *, resume_hint: bool) -> str:
         """Which checkpoint is good after a failure (never a file that does not exist), and how to resume."""
         if self.last_saved_epoch is not None:
-            return good_checkpoint_text(self.out_dir / LAST_CHECKPOINT, self.last_saved_epoch, None, self.imports, resume_hint)
+            return good_checkpoint_text(self.out_dir / LAST_CHECKPOINT, self.last_saved_epoch, None, self.imports, resume_hint, self.processes)
         if self.resumed is not None:
-            return good_checkpoint_text(self.resumed.path, self.resumed.epoch, self.out_dir, self.imports, resume_hint)
+            return good_checkpoint_text(self.resumed.path, self.resumed.epoch, self.out_dir, self.imports, resume_hint, self.processes)
         return NO_CHECKPOINT
 
 
@@ -128,13 +129,20 @@ class RunRecorder:
 NO_CHECKPOINT = "no epoch finished, so no checkpoint was written"
 
 
-def good_checkpoint_text(path: Path, epoch: int, out: Path | None, imports, resume_hint: bool) -> str:
+def good_checkpoint_text(path: Path, epoch: int, out: Path | None, imports, resume_hint: bool, processes: int = 1) -> str:
     """Which checkpoint is good after a failure and, with ``resume_hint``, the command that resumes
     it (into ``out`` when that is not the checkpoint's own folder; ``--import`` as given)."""
     text = f"the last good checkpoint is {path} (epoch {epoch})"
     if resume_hint:
-        text += f"; resume with: {PROG} train {resume_arguments(path, out=out, imports=imports)}"
+        text += f"; resume with: {resume_command(path, out, imports, processes)}"
     return text
+
+
+def resume_command(path: Path, out: Path | None, imports, processes: int = 1) -> str:
+    """The command that resumes ``path`` (into ``out``, with ``--import`` as given), under
+    ``mpiexec -n K`` for a job of K processes: resumed alike, the run continues step for step."""
+    launcher = f"mpiexec -n {processes} " if processes > 1 else ""
+    return f"{launcher}{PROG} train {resume_arguments(path, out=out, imports=imports)}"
 
 
 def same_folder(first: Path, second: Path) -> bool:

@@ -23,7 +23,7 @@ from ..inputs import InputSpec
 from ..layers import Convolution
 from ..optim import OPTIMIZERS, make_optimizer
 from ..report import confusion_matrix, matplotlib_available, plot_confusion_matrix, plot_curves, plot_filters
-from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder, resume_arguments
+from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder
 from ..serialization import FileWriteError
 from ..spec import BUILTIN_NAMES, SpecError
 from ..summary import format_summary
@@ -53,6 +53,7 @@ from .recorder import (
     RunRecorder,
     format_epoch_line,
     good_checkpoint_text,
+    resume_command,
     refuse_files_of_another_run,
     same_folder,
 )
@@ -293,7 +294,7 @@ def _train(args, world, held: list | None = None) -> int:
         normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None
         inputs = InputSpec.for_data(data, normalization)
     model, optimizer, start_epoch = _model_and_optimizer(settings, backend, checkpoint, args.conv_algorithm, inputs)
-    check_processes_agree(world, _run_facts(settings, checkpoint, images, labels, train_window, val_window, model))
+    check_processes_agree(world, _run_facts(settings, args.log_every, checkpoint, images, labels, train_window, val_window, model))
 
     refuse_batches_batchnorm_cannot_take(settings["batch_size"], communicator.size, model)
     last_batch_note = _last_batch_left_out(len(labels[train_window]), settings["batch_size"], communicator.size, model)
@@ -405,13 +406,15 @@ def _refuse_an_outdated_resume(out_dir: Path, checkpoint: Checkpoint, identity_w
     refuse_files_of_another_run(out_dir, checkpoint)
 
 
-def _run_facts(settings: dict, checkpoint, images, labels, train_window, val_window, model) -> dict:
-    """What every process of a job must share: the settings, the resumed epoch, the data (sizes,
-    the labels' digest and a sample of the images') and the parameter count."""
+def _run_facts(settings: dict, log_every: int, checkpoint, images, labels, train_window, val_window, model) -> dict:
+    """What every process of a job must share: the settings, the log interval (when the losses are
+    all-reduced), the resumed epoch, the data (sizes, the labels' digest and a sample of the
+    images') and the parameter count."""
     training = numpy.arange(len(labels))[train_window]  # positions only: the images are not copied
     return {
         # The data by content, not by name: a folder's absolute path may differ from machine to machine.
         **{f"--{key.replace('_', '-')}": value for key, value in settings.items() if key in SETTING_NAMES and key != "data"},
+        "--log-every": log_every,
         "the resumed epoch": None if checkpoint is None else checkpoint.epoch,
         "training images": len(training), "validation images": len(labels[val_window]),
         "an image shape": tuple(images.shape[1:]),
@@ -467,12 +470,12 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
             # Not rank 0: an epoch finished here, and rank 0 commits each one before the next step.
             last = out_dir / LAST_CHECKPOINT
             return f"rank 0 keeps the last epoch it committed in {last}" + (
-                f"; resume with: {PROG} train {resume_arguments(last, imports=args.imports_given)}" if resume_hint else "")
+                f"; resume with: {resume_command(last, None, args.imports_given, world.size)}" if resume_hint else "")
         if recorder is None:
             if checkpoint is None:
                 return NO_CHECKPOINT
             out = None if same_folder(out_dir, checkpoint.path.parent) else out_dir
-            return good_checkpoint_text(checkpoint.path, checkpoint.epoch, out, args.imports_given, resume_hint)
+            return good_checkpoint_text(checkpoint.path, checkpoint.epoch, out, args.imports_given, resume_hint, world.size)
         return recorder.intact_text(resume_hint=resume_hint)
 
     stage = "training"
