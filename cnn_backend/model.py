@@ -7,13 +7,18 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
+import numpy
+
 from .backend import Backend, get_backend
-from .data import count_non_finite_samples, prepare_images
+from .data import HOST_CHECK_SAMPLES, count_non_finite_samples, prepare_images
 from .init import as_integer, make_rng
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Layer, MaxPool, ReLU, ShapeError
-from .layers.base import NOT_BUILT_ADVICE, buffer_in_dtype, failed_build_path, training_mode, unbuilt_inner_layer, walk_layers
+from .layers.base import (
+    NOT_BUILT_ADVICE, buffer_in_dtype, failed_build_path, refuse_integer_input, refuse_non_real_input, training_mode,
+    unbuilt_inner_layer, walk_layers,
+)
 from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
@@ -144,13 +149,12 @@ class Sequential:
 
     def forward(self, x):
         """Logits for a batch. ``x`` may be a host array; it is sent to the device in the model's dtype."""
-        _refuse_integer_input(x, "Sequential")
+        refuse_integer_input(x, "Sequential")
         x = self.backend.to_device(x)
         self._output_shape = None  # until this pass completes: backward must not use a failed one's caches
         if x.ndim == 0 or x.shape[0] == 0:
             raise ShapeError(f"Sequential: expected a batch of at least one sample, got shape {tuple(x.shape)}")
-        if x.dtype.kind not in "biuf":  # a cast would drop imaginary parts, or fail on text deep inside
-            raise ValueError(f"Sequential: expected real numbers, got an array of dtype {x.dtype}; pass the images as numbers")
+        refuse_non_real_input(x, "Sequential")  # a cast would drop imaginary parts, or fail on text deep inside
         if x.dtype != self.backend.dtype:
             x = x.astype(self.backend.dtype)
         if self.input_shape is None:
@@ -189,7 +193,10 @@ class Sequential:
     def backward(self, grad):
         """Backpropagate the loss gradient (the shape of the last forward pass's output) through
         every layer, writing each parameter's gradient (replacing the previous one, not adding to
-        it); returns the input gradient (None unless the first layer's ``needs_input_grad``)."""
+        it); returns the input gradient (None unless the first layer's ``needs_input_grad``).
+
+        A float gradient of another precision is cast to the model's dtype, as ``forward`` casts its
+        input; an integer, boolean or complex one is refused (ShapeError)."""
         if self._output_shape is None:
             raise RuntimeError(
                 "Sequential.backward: no complete forward pass to backpropagate through (none yet, or the last one "
@@ -204,6 +211,14 @@ class Sequential:
         if shape is None or tuple(shape) != self._output_shape:
             got = f"shape {tuple(shape)}" if shape is not None else f"a {type(grad).__name__}"
             raise ShapeError(f"Sequential.backward: the gradient must be an array of the output's shape {self._output_shape}, got {got}")
+        dtype = getattr(grad, "dtype", None)
+        if dtype != self.backend.dtype:  # as forward casts its input: a float64 dy would make every layer's backward float64
+            if getattr(dtype, "kind", None) != "f":
+                raise ShapeError(
+                    f"Sequential.backward: the gradient holds {dtype} values; pass a float gradient (it is cast to the model's "
+                    f"{self.backend.dtype.name})"
+                )
+            grad = grad.astype(self.backend.dtype)
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         return grad
@@ -211,7 +226,8 @@ class Sequential:
     def predict_logits(self, x, batch_size: int = EVALUATION_BATCH_SIZE):
         """Logits for any number of samples, in evaluation mode, computed in batches (device array).
 
-        Refuses (ShapeError) an empty input and one holding NaN or infinity, whose predictions
+        Refuses (ShapeError) an empty input, one holding NaN or infinity, and one holding finite values
+        that the cast to the model's dtype would make infinite (1e39 for float32): their predictions
         would mean nothing.
         """
         batch_size = as_integer(batch_size, "batch_size", 1)
@@ -221,10 +237,16 @@ class Sequential:
             raise ShapeError(f"Sequential.predict_logits: expected a batch of samples, got a single number ({x.dtype})")
         if not len(x):
             raise ShapeError("Sequential.predict_logits: no samples to predict (an empty input)")
-        _refuse_integer_input(x, "Sequential.predict_logits")
+        refuse_integer_input(x, "Sequential.predict_logits")
         bad = count_non_finite_samples(x, self.backend)
         if bad:
             raise ShapeError(f"Sequential.predict_logits: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
+        bad = _count_overflowing_samples(x, self.backend)
+        if bad:  # finite here, infinite after forward's cast: the predictions would be NaN
+            raise ShapeError(
+                f"Sequential.predict_logits: {bad} of {len(x)} samples hold values too large for {self.backend.dtype.name}; "
+                "scale the input, or use a float64 model (dtype='float64')"
+            )
         was_training = self.training
         self.eval()
         try:
@@ -325,7 +347,9 @@ class Sequential:
 
     def load_state_dict(self, state: dict, buffers: dict | None = None) -> None:
         """Copy host arrays into the parameters (and, given ``buffers``, into the buffers); names
-        and shapes must match exactly. A model with buffers needs them all."""
+        and shapes must match exactly. A model with buffers needs them all. Arrays that are not
+        real numbers (complex, text, objects), or hold NaN, infinity or values too large for the
+        model's dtype, are refused in one line naming them, and then nothing is loaded."""
         own = dict(self.named_parameters())
         _check_names("parameters", own.keys(), state.keys())
         own_buffers = dict(self.named_buffers())
@@ -336,10 +360,11 @@ class Sequential:
             )
         if own_buffers or buffers:
             _check_names("buffers", own_buffers.keys(), (buffers or {}).keys())
-        # Every value is checked before any is copied: a refused state leaves the model as it was.
-        values = {name: self.backend.to_device(state[name]) for name in own}  # lists too; a host array on the CPU as it is
-        # Buffers are replaced, not written into, and small: each an array of its own, never the caller's.
-        buffer_values = {name: self.backend.xp.array(buffers[name]) for name in own_buffers}
+        # Every value is checked before any is copied: a refused state leaves the model as it was. Checked and
+        # cast on the host (a state read from a file is NumPy), then sent once in the model's dtype: no device
+        # reads, and a float64 state for a float32 model never sits on the device in float64.
+        values = {name: _host_numbers("parameter", name, state[name], "iuf", self.backend) for name in own}  # lists too
+        buffer_values = {name: _host_numbers("buffer", name, buffers[name], "biuf", self.backend) for name in own_buffers}  # flags too
         for name, param in own.items():
             _check_shape("parameter", name, values[name], param.data)
         for name, current in own_buffers.items():
@@ -349,7 +374,7 @@ class Sequential:
         def first_not_finite() -> tuple | None:  # (kind, name) of the first array holding NaN or infinity
             for kind, table in (("parameter", values), ("buffer", buffer_values)):
                 for name, value in table.items():
-                    if value.dtype.kind in "fc" and not bool(self.backend.xp.isfinite(value).all()):
+                    if value.dtype.kind == "f" and not numpy.isfinite(value).all():
                         return kind, name
             return None
 
@@ -360,10 +385,9 @@ class Sequential:
                 f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
                 f"use a checkpoint saved before the run diverged, or train again"
             )
-        with warnings.catch_warnings():  # NumPy's overflow warning for a float64 value beyond float32's range: refused below, in one line
-            warnings.simplefilter("ignore", RuntimeWarning)
+        with numpy.errstate(over="ignore"):  # a float64 value beyond float32's range: refused below, in one line
             # Cast in place in the dicts, one array at a time, and only where the dtype differs: the state is
-            # not held twice over on the device.
+            # not held twice over.
             for name, value in values.items():
                 values[name] = value.astype(dtype, copy=False)
             for name, value in buffer_values.items():
@@ -373,11 +397,12 @@ class Sequential:
             kind, name = found
             raise ValueError(f"{kind} {name} holds values too large for {dtype.name}: load it into a float64 model (dtype='float64')")
         for name, param in own.items():
-            # Copied into the parameter's own array (its view of the flat buffer): nothing is allocated, and
-            # no array of the caller's is kept, which a later change to the state would reach.
-            param.data[...] = values[name]
+            # Copied into the parameter's own array (its view of the flat buffer): one transfer in the model's dtype
+            # (none on the CPU), and no array of the caller's is kept, which a later change to the state would reach.
+            param.data[...] = self.backend.to_device(values[name])
         for name in own_buffers:
-            self.set_buffer(name, buffer_values[name])
+            # Buffers are replaced, not written into, and small: each an array of its own, never the caller's.
+            self.set_buffer(name, self.backend.xp.array(buffer_values[name]))
 
     def set_buffer(self, name: str, value) -> None:
         """Replace the buffer ``name`` (as in :meth:`named_buffers`) with the device array ``value``
@@ -551,13 +576,18 @@ def _refuse_layers_in_two_places(layers: list) -> None:
             places[id(inner)] = place
 
 
-def _refuse_integer_input(x, where: str) -> None:
-    """Raw 8-bit pixels would be read as values up to 255: refused, saying how to scale them."""
-    kind = getattr(getattr(x, "dtype", None), "kind", "f")
-    if kind in "biu":
-        raise ShapeError(
-            f"{where}: the input holds {x.dtype} values, not floats; pass images scaled to [0, 1] (images / 255), "
-            f"or cnn_backend.data.prepare_images(images, dtype, normalization)"
+def _count_overflowing_samples(x, backend: Backend) -> int:
+    """How many samples of finite float ``x`` become infinite when cast to the narrower float ``dtype``
+    (1e39 in float32); 0, at no cost, for input already as narrow. Cast a slice at a time, which bounds
+    the memory (on a device, a read per slice)."""
+    dtype = backend.dtype
+    if x.dtype.kind != "f" or x.dtype.itemsize <= dtype.itemsize:
+        return 0
+    with warnings.catch_warnings():  # NumPy's overflow warning for the cast: what is counted here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return sum(
+            count_non_finite_samples(x[start : start + HOST_CHECK_SAMPLES].astype(dtype), backend)
+            for start in range(0, len(x), HOST_CHECK_SAMPLES)
         )
 
 
@@ -567,6 +597,20 @@ def _check_names(what: str, expected, found) -> None:
         raise ModelFileError(
             f"{what} do not match the model: missing {sorted(missing) or 'none'}, unexpected {sorted(unexpected) or 'none'}"
         )
+
+
+def _host_numbers(what: str, name: str, value, kinds: str, backend: Backend):
+    """``value`` (a host or device array, or a list) as a host array; a one-line ValueError naming it
+    unless its dtype kind is one of ``kinds`` (complex would lose its imaginary part in the cast, text
+    would be parsed as numbers)."""
+    try:
+        array = backend.to_numpy(value)  # a host array as it is, a device array copied back
+    except (TypeError, ValueError):  # ragged lists, objects no array holds
+        array = None
+    if array is None or array.dtype.kind not in kinds:
+        shown = f"an array of dtype {array.dtype}" if array is not None else f"a {type(value).__name__}"
+        raise ValueError(f"{what} {name} must be an array of real numbers (integers or floats), got {shown}; load the arrays state_dict() gives")
+    return array
 
 
 def _check_shape(what: str, name: str, value, current) -> None:

@@ -439,9 +439,8 @@ class StepSchedule(ConstantSchedule):
 
     def __init__(self, base_lr: float, step_size: int, gamma: float = 0.1) -> None:
         super().__init__(base_lr)
-        if step_size < 1:
-            raise ValueError(f"StepSchedule: step_size must be >= 1, got {step_size!r}")
-        self.step_size, self.gamma = int(step_size), float(gamma)
+        # Refused, not truncated: int(1.5) would decay every step.
+        self.step_size, self.gamma = as_integer(step_size, "StepSchedule: step_size", 1), float(gamma)
 
     def __call__(self, step: int) -> float:
         return self.base_lr * self.gamma ** (step // self.step_size)
@@ -457,11 +456,13 @@ class CosineSchedule(ConstantSchedule):
 
     def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> None:
         super().__init__(base_lr)
-        if total_steps < 1 or not 0 <= warmup_steps < total_steps:
+        total_steps = as_integer(total_steps, "CosineSchedule: total_steps", 1)  # refused, not truncated
+        warmup_steps = as_integer(warmup_steps, "CosineSchedule: warmup_steps", 0)
+        if not warmup_steps < total_steps:
             raise ValueError(
                 f"CosineSchedule: need total_steps >= 1 and 0 <= warmup_steps < total_steps, got {total_steps}, {warmup_steps}"
             )
-        self.total_steps, self.warmup_steps, self.min_lr = int(total_steps), int(warmup_steps), float(min_lr)
+        self.total_steps, self.warmup_steps, self.min_lr = total_steps, warmup_steps, float(min_lr)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -490,12 +491,13 @@ class OneCycleSchedule(ConstantSchedule):
         self, base_lr: float, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4
     ) -> None:
         super().__init__(base_lr)
-        if total_steps < 2 or not 0.0 < pct_start < 1.0 or div_factor <= 0 or final_div_factor <= 0:
+        total_steps = as_integer(total_steps, "OneCycleSchedule: total_steps", 2)  # refused, not truncated
+        if not 0.0 < pct_start < 1.0 or div_factor <= 0 or final_div_factor <= 0:
             raise ValueError(
                 "OneCycleSchedule: need total_steps >= 2, 0 < pct_start < 1 and positive div_factor and final_div_factor, "
                 f"got {total_steps}, {pct_start}, {div_factor}, {final_div_factor}"
             )
-        self.total_steps, self.pct_start = int(total_steps), float(pct_start)
+        self.total_steps, self.pct_start = total_steps, float(pct_start)
         self.div_factor, self.final_div_factor = float(div_factor), float(final_div_factor)
 
     def __call__(self, step: int) -> float:

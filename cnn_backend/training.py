@@ -22,8 +22,9 @@ from .distributed import GradientAverager, SingleProcess, average_buffers, broad
 from .functional import cross_entropy_per_sample
 from .init import as_integer
 from .layers import BatchNorm, NonFiniteLogitsError, SoftmaxCrossEntropy
+from .layers.base import refuse_integer_input
 from .layers.loss import check_label_range
-from .model import EVALUATION_BATCH_SIZE, Sequential, _refuse_integer_input
+from .model import EVALUATION_BATCH_SIZE, Sequential
 from .optim import SCHEDULE_TYPES, ConstantSchedule, OneCycleSchedule, Optimizer
 
 # -- recipes ----------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def _check_validation(model: Sequential, validation) -> None:
     if not isinstance(validation, (tuple, list)) or len(validation) != 2:
         raise TypeError(f"fit: validation must be a pair (images, labels), got {type(validation).__name__}")
     images, labels = validation
-    _refuse_integer_input(images, "fit: validation")
+    refuse_integer_input(images, "fit: validation")
     labels = _checked_labels(images, labels, "fit: validation")
     outputs = _class_count(model)
     if outputs is not None:

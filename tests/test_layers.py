@@ -604,3 +604,68 @@ def test_a_residual_block_first_in_a_model_skips_its_input_gradient():
     y = model.forward(numpy.random.default_rng(0).standard_normal((2, 2, 6, 6)))
     assert model.backward(numpy.ones_like(y)) is None
     assert block.projection.params["weight"].grad is not None and block.layers[0].params["weight"].grad is not None
+
+
+# -- a layer called on its own: its input checked and cast as a model's is --------------------------
+
+_LAYERS_ON_THEIR_OWN = {
+    "Convolution": lambda be: Convolution(out_channels=2, kernel_size=3, backend=be),
+    "BatchNorm": lambda be: BatchNorm(backend=be),
+    "MaxPool": lambda be: MaxPool(2, backend=be),
+    "AvgPool": lambda be: AvgPool(2, backend=be),
+    "Dropout": lambda be: Dropout(0.5, backend=be),
+    "ReLU": lambda be: ReLU(backend=be),
+    "LeakyReLU": lambda be: LeakyReLU(backend=be),
+    "Tanh": lambda be: Tanh(backend=be),
+    "Flatten": lambda be: Flatten(backend=be),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS_ON_THEIR_OWN))
+@pytest.mark.parametrize("dtype", ["int64", "uint8", "bool"])
+def test_a_layer_called_on_its_own_refuses_integer_input_in_one_line(name, dtype):
+    layer = _LAYERS_ON_THEIR_OWN[name](cpu_backend("float32"))
+    layer.build((3, 6, 6), 0)
+    x = numpy.random.default_rng(0).integers(0, 3, (2, 3, 6, 6)).astype(dtype)
+    # Before: a UFuncTypeError deep inside NumPy, or integer output passed on
+    with pytest.raises(ShapeError, match=rf"^{name}: the input holds {dtype} values, not floats; pass images scaled to \[0, 1\]"):
+        layer(x)
+
+
+@pytest.mark.parametrize("name", ["ReLU", "MaxPool", "Convolution"])
+def test_a_layer_called_on_its_own_refuses_complex_input_in_one_line(name):
+    layer = _LAYERS_ON_THEIR_OWN[name](cpu_backend("float32"))
+    layer.build((3, 6, 6), 0)
+    with pytest.raises(ValueError, match=rf"^{name}: expected real numbers, got an array of dtype complex128; pass the images as numbers$"):
+        layer(numpy.ones((2, 3, 6, 6), dtype=complex))
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS_ON_THEIR_OWN))
+@pytest.mark.parametrize("layer_dtype, given", [("float32", "float64"), ("float64", "float32"), ("float32", "float16")])
+def test_a_layer_called_on_its_own_casts_float_input_to_its_dtype(name, layer_dtype, given):
+    def run(x):
+        layer = _LAYERS_ON_THEIR_OWN[name](cpu_backend(layer_dtype))
+        layer.build((3, 6, 6), 0)  # the same weights, and Dropout's mask, from seed 0 each time
+        return layer(x)
+
+    x = numpy.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(given)
+    out = run(x)
+    assert out.dtype == layer_dtype  # before: the input's dtype (float64 from a float32 layer)
+    numpy.testing.assert_array_equal(out, run(x.astype(layer_dtype)))
+
+
+def test_a_layer_called_with_input_in_its_dtype_gets_that_very_array_and_a_list_is_taken():
+    from cnn_backend.layers import Layer
+
+    class Seen(Layer):
+        def forward(self, x):
+            self.seen = x
+            return x
+
+    layer = Seen(backend=cpu_backend("float32"))
+    x = numpy.ones((2, 3), dtype=numpy.float32)
+    assert layer(x) is x  # no copy on the path whose dtype is right
+    taken = layer([[1.0, 2.0], [3.0, 4.0]])
+    assert taken.dtype == numpy.float32 and taken.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    with pytest.raises(ShapeError, match=r"^Seen: the input holds int64 values, not floats"):
+        layer([[1, 2], [3, 4]])

@@ -453,3 +453,100 @@ def test_a_model_is_a_sequence_of_its_layers():
     assert model[0] is model.layers[0] and isinstance(model[-1], FullyConnected)
     with pytest.raises(TypeError, match=r"a model is not sliced .*use model.layers\[a:b\]"):
         model[1:3]
+
+
+# -- dtypes at the edges: the gradient, predicted input, and loaded states --------------------------
+
+
+def test_backward_casts_a_float_gradient_of_another_precision_to_the_model_dtype():
+    model = seed_cnn(get_backend("cpu", "float32"), seed=0)
+    model.layers[0].needs_input_grad = True  # the input gradient shows the dtype the whole pass ran in
+    x = numpy.random.default_rng(0).random((4, 1, 28, 28), dtype=numpy.float32)
+    dy = numpy.random.default_rng(1).standard_normal((4, 10))  # float64, as a loss written in NumPy gives
+    model(x)
+    expected = model.backward(dy.astype(numpy.float32)).copy()
+    expected_grads = [p.grad.copy() for p in model.parameters()]
+    model(x)
+    dx = model.backward(dy)
+    assert dx.dtype == numpy.float32  # float64 before: every layer's backward ran in float64
+    numpy.testing.assert_array_equal(dx, expected)
+    for param, grad in zip(model.parameters(), expected_grads):
+        numpy.testing.assert_array_equal(param.grad, grad)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool", "complex128"])
+def test_backward_refuses_a_gradient_that_is_not_float_in_one_line(dtype):
+    model = seed_cnn(seed=0)
+    model(numpy.zeros((2, 1, 28, 28), dtype=numpy.float32))
+    with pytest.raises(ValueError, match=rf"^Sequential.backward: the gradient holds {dtype} values; pass a float gradient "
+                                         rf"\(it is cast to the model's float32\)$"):
+        model.backward(numpy.ones((2, 10), dtype=dtype))
+
+
+def test_predict_refuses_finite_input_that_overflows_the_model_dtype():
+    model = seed_cnn(get_backend("cpu", "float32"), seed=0)
+    x = numpy.zeros((3, 1, 28, 28))  # float64 host input
+    x[1, 0, 5, 5] = 1e39  # finite in float64, infinite in float32: every logit of the sample would be NaN
+    for predict in (model.predict, model.predict_logits):
+        with pytest.raises(ValueError, match=r"^Sequential.predict_logits: 1 of 3 samples hold values too large for float32; "
+                                             r"scale the input, or use a float64 model \(dtype='float64'\)$"):
+            predict(x)
+    x[1, 0, 5, 5] = float(numpy.finfo(numpy.float32).max)  # the largest float32 itself is taken
+    assert numpy.isfinite(model.predict_logits(x)).all()
+    wide = seed_cnn(get_backend("cpu", "float64"), seed=0)
+    x[1, 0, 5, 5] = 1e39
+    assert wide.predict(x).shape == (3,)  # a float64 model holds it
+
+
+@pytest.mark.parametrize("bad, shown", [
+    (lambda w: w + 5j, "complex128"),
+    (lambda w: numpy.full(w.shape, "nan"), "<U3"),
+    (lambda w: numpy.full(w.shape, "0.5"), "<U3"),
+    (lambda w: w.astype(object), "object"),
+    (lambda w: w > 0, "bool"),
+], ids=["complex", "text-nan", "text-number", "object", "bool"])
+def test_load_state_dict_refuses_arrays_that_are_not_real_numbers_and_changes_nothing(bad, shown):
+    model = plain_cnn(get_backend("cpu", "float64"), seed=0)
+    before = model.state_dict()
+    state = plain_cnn(get_backend("cpu", "float64"), seed=1).state_dict()
+    state["0.weight"] = bad(state["0.weight"])
+    # complex lost its imaginary part silently; "nan" text was called too large for the float64 model
+    with pytest.raises(ValueError, match=rf"^parameter 0\.weight must be an array of real numbers \(integers or floats\), "
+                                         rf"got an array of dtype {shown}; load the arrays state_dict\(\) gives$"):
+        model.load_state_dict(state)
+    for name, value in model.state_dict().items():
+        numpy.testing.assert_array_equal(value, before[name])
+
+
+def test_load_state_dict_refuses_a_complex_buffer_and_takes_integer_weights():
+    model = default_cnn(seed=0)
+    state, buffers = model.state_dict(), model.buffer_state_dict()
+    buffers["2.running_mean"] = buffers["2.running_mean"] + 1j
+    with pytest.raises(ValueError, match=r"^buffer 2\.running_mean must be an array of real numbers \(integers or floats\), "
+                                         r"got an array of dtype complex64;"):
+        model.load_state_dict(state, buffers)
+    buffers = model.buffer_state_dict()
+    state["0.weight"] = numpy.ones(state["0.weight"].shape, dtype=numpy.int64)  # integers are numbers: cast
+    model.load_state_dict(state, buffers)
+    assert model.state_dict()["0.weight"].dtype == numpy.float32 and (model.state_dict()["0.weight"] == 1).all()
+
+
+@pytest.mark.parametrize("model_dtype", ["float32", "float64"])
+def test_load_state_dict_checks_on_the_host_and_sends_each_array_once_in_the_model_dtype(model_dtype):
+    from cnn_backend.testing import standin_backend
+
+    device = standin_backend(model_dtype)
+    model = default_cnn(device, seed=0)
+    source = default_cnn(get_backend("cpu", "float64"), seed=1)  # a float64 file's arrays
+    state, buffers = source.state_dict(), source.buffer_state_dict()
+    device.usage.reset_counters()
+    model.load_state_dict(state, buffers)
+    # Before: sent in the file's float64, cast on the device, and two reads per array for the checks.
+    assert device.usage.device_reads == 0
+    assert device.usage.transfers_to_device == len(state) + len(buffers)
+    itemsize = numpy.dtype(model_dtype).itemsize
+    assert device.usage.bytes_allocated == itemsize * sum(value.size for value in [*state.values(), *buffers.values()])
+    for name, value in model.state_dict().items():
+        numpy.testing.assert_array_equal(value, state[name].astype(model_dtype))
+    for name, value in model.buffer_state_dict().items():
+        numpy.testing.assert_array_equal(value, buffers[name].astype(model_dtype))

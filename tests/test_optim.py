@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy
 import pytest
@@ -287,10 +288,40 @@ def test_one_cycle_schedule_matches_pytorch():
     numpy.testing.assert_allclose([cycle(step) for step in range(137)], expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [{"total_steps": 1}, {"pct_start": 1.0}, {"pct_start": 0.0}, {"div_factor": 0.0}, {"final_div_factor": -1.0}])
+@pytest.mark.parametrize("kwargs", [{"pct_start": 1.0}, {"pct_start": 0.0}, {"div_factor": 0.0}, {"final_div_factor": -1.0}])
 def test_one_cycle_schedule_refuses_bad_settings(kwargs):
     with pytest.raises(ValueError, match=r"OneCycleSchedule: need total_steps >= 2, 0 < pct_start < 1"):
         OneCycleSchedule(1.0, **{"total_steps": 10, **kwargs})
+
+
+@pytest.mark.parametrize("value", [1.5, "3", True, -1, numpy.float64(4.0)])
+@pytest.mark.parametrize("make, name, low", [
+    (lambda v: StepSchedule(0.1, step_size=v), "StepSchedule: step_size", 1),
+    (lambda v: CosineSchedule(0.1, total_steps=v), "CosineSchedule: total_steps", 1),
+    (lambda v: CosineSchedule(0.1, total_steps=20, warmup_steps=v), "CosineSchedule: warmup_steps", 0),
+    (lambda v: OneCycleSchedule(0.1, total_steps=v), "OneCycleSchedule: total_steps", 2),
+], ids=["step-size", "cosine-total", "cosine-warmup", "one-cycle-total"])
+def test_schedules_refuse_step_counts_that_are_not_integers_in_one_line(make, name, low, value):
+    # int(1.5) == 1 used to make StepSchedule decay every step; "3" failed later with a raw TypeError.
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer >= {low}, got {re.escape(repr(value))}$"):
+        make(value)
+
+
+def test_schedules_refuse_step_counts_below_their_minimum_with_the_same_words():
+    with pytest.raises(ValueError, match=r"^StepSchedule: step_size must be an integer >= 1, got 0$"):
+        StepSchedule(0.1, step_size=0)
+    with pytest.raises(ValueError, match=r"^OneCycleSchedule: total_steps must be an integer >= 2, got 1$"):
+        OneCycleSchedule(0.1, total_steps=1)
+    with pytest.raises(ValueError, match=r"^CosineSchedule: total_steps must be an integer >= 1, got 0$"):
+        CosineSchedule(0.1, total_steps=0)
+
+
+def test_schedules_keep_integer_step_counts_as_python_ints():
+    assert StepSchedule(0.1, step_size=numpy.int64(3)).config()["step_size"] == 3
+    assert type(StepSchedule(0.1, step_size=numpy.int64(3)).step_size) is int
+    cosine = CosineSchedule(0.1, total_steps=numpy.int32(10), warmup_steps=numpy.int32(2))
+    assert (type(cosine.total_steps), type(cosine.warmup_steps)) == (int, int)
+    assert type(OneCycleSchedule(0.1, total_steps=numpy.int64(10)).total_steps) is int
 
 
 @pytest.mark.parametrize("make", [SGD, Adam])

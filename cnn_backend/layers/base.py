@@ -163,6 +163,11 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__} defines no backward(dy): a layer implements forward and backward")
 
     def __call__(self, x):
+        """``forward(x)`` for a layer used on its own: input of another dtype is checked and cast first
+        (:func:`layer_input`), as a model's input is. A model calls ``forward`` itself, on input it
+        has already checked and cast."""
+        if getattr(x, "dtype", None) != self.backend.dtype:  # the whole cost when the input is right: no copy
+            x = layer_input(x, self.backend, type(self).__name__)
         return self.forward(x)
 
     def __repr__(self) -> str:
@@ -178,6 +183,33 @@ class Layer:
 
     def _not_built(self, what: str) -> ShapeError:
         return ShapeError(f"{self}: {what} is not known yet: build the layer with its input shape first (or give {what})")
+
+
+def refuse_integer_input(x, where: str) -> None:
+    """Raw 8-bit pixels would be read as values up to 255: refused, saying how to scale them."""
+    kind = getattr(getattr(x, "dtype", None), "kind", "f")
+    if kind in "biu":
+        raise ShapeError(
+            f"{where}: the input holds {x.dtype} values, not floats; pass images scaled to [0, 1] (images / 255), "
+            f"or cnn_backend.data.prepare_images(images, dtype, normalization)"
+        )
+
+
+def refuse_non_real_input(x, where: str) -> None:
+    """Complex input (a cast would drop the imaginary parts), text or objects (a cast fails deep inside): refused."""
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"{where}: expected real numbers, got an array of dtype {x.dtype}; pass the images as numbers")
+
+
+def layer_input(x, backend: Backend, where: str):
+    """``x`` (an array or a list) as input of a layer on ``backend``: integer, boolean, complex and
+    other non-float input refused in one line, as :meth:`Sequential.forward` refuses it; float input of
+    another precision cast to the backend's dtype (a float64 array into a float32 layer would
+    otherwise make its output, and everything after it, float64)."""
+    x = backend.to_device(x)  # a list too; no copy of an array already there
+    refuse_integer_input(x, where)
+    refuse_non_real_input(x, where)
+    return x.astype(backend.dtype, copy=False)
 
 
 def training_mode(mode, where: str) -> bool:

@@ -19,7 +19,11 @@ class SoftmaxCrossEntropy:
     ``check_inputs`` validates labels and logits (one device sync each); training loops that have
     validated labels on the host turn it off and watch the loss value instead. ``check_labels``
     (default: ``check_inputs``) checks the labels' range alone, for loops that watch the loss but
-    take labels from a loader that did not validate them. ``label_smoothing``
+    take labels from a loader that did not validate them. With the range check off, labels must be
+    in ``[0, classes)``: an out-of-range label raises IndexError on the CPU, but on CUDA CuPy wraps
+    it silently (label ``classes`` reads class 0, ``-1`` the last class) and the loss and gradient
+    are wrong without an error. Logits and labels may be host or device arrays, or lists (logits
+    given as a list are taken in the backend's dtype). ``label_smoothing``
     in [0, 1) replaces the one-hot target by ``(1 - label_smoothing) onehot + label_smoothing / K``
     (PyTorch's definition); it discourages over-confident logits.
     """
@@ -38,6 +42,8 @@ class SoftmaxCrossEntropy:
         self._dlogits = None
 
     def forward(self, logits, labels):
+        if not isinstance(logits, self.backend.xp.ndarray):  # a list (in the backend's dtype), or host logits for a device model
+            logits = self.backend.to_device(logits, None if hasattr(logits, "dtype") else self.backend.dtype)
         if not isinstance(labels, self.backend.xp.ndarray):  # a list, or host labels for a device model
             labels = self.backend.to_device(labels)
         if logits.ndim != 2:
@@ -53,7 +59,7 @@ class SoftmaxCrossEntropy:
         if labels.dtype.kind not in "iu":
             raise ShapeError(f"SoftmaxCrossEntropy: labels must be integer class indices, got dtype {labels.dtype}")
         if self.check_labels:
-            check_label_range(labels, logits.shape[1])
+            check_label_range(labels, logits.shape[1], self.backend)
         if self.check_inputs and not bool(self.backend.xp.isfinite(logits).all()):
             raise NonFiniteLogitsError("SoftmaxCrossEntropy: logits contain NaN or infinity (diverged training or bad input)")
         loss, self._dlogits = F.softmax_cross_entropy(self.backend, logits, labels, self.label_smoothing)
@@ -68,10 +74,14 @@ class SoftmaxCrossEntropy:
     __call__ = forward
 
 
-def check_label_range(labels, n_classes: int) -> None:
-    """Refuse class indices outside ``[0, n_classes)`` (host or device labels; a device read each)."""
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ShapeError(
-            f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], "
-            f"got values from {int(labels.min())} to {int(labels.max())}"
-        )
+def check_label_range(labels, n_classes: int, backend: Backend | None = None) -> None:
+    """Refuse class indices outside ``[0, n_classes)``: host labels, or device labels of ``backend``
+    (one device read of both bounds; without ``backend``, a read of each)."""
+    if not labels.size:
+        return
+    if backend is None:  # host labels, as fit and evaluate check them: the reads cost nothing there
+        low, high = int(labels.min()), int(labels.max())
+    else:  # both bounds stacked on the device and read back at once: one synchronisation, not two
+        low, high = backend.to_numpy(backend.xp.stack([labels.min(), labels.max()])).tolist()
+    if low < 0 or high >= n_classes:
+        raise ShapeError(f"SoftmaxCrossEntropy: labels must be in [0, {n_classes - 1}], got values from {low} to {high}")
