@@ -348,6 +348,30 @@ def test_batch_loader_and_fit_on_the_standin(standin, resident):
     assert histories[0] == histories[1]
 
 
+def test_fit_sends_the_validation_set_to_the_device_once_not_at_every_epoch(standin):
+    images, labels = host_images(40)
+    validation = (images[32:, None].astype(numpy.float32) / 255, labels[32:])
+    transfers = {}
+    for epochs in (1, 3):
+        for with_validation in (False, True):
+            model = seed_cnn(standin, seed=0)
+            loader = BatchLoader(images[:32], labels[:32], standin, batch_size=8)
+            optimizer = SGD(model.parameters(), lr=0.01, backend=standin)
+            standin.usage.reset_counters()
+            fit(model, optimizer, loader, epochs, validation=validation if with_validation else None)
+            transfers[epochs, with_validation] = standin.usage.transfers_to_device
+    assert transfers[1, True] - transfers[1, False] == 1 + 1  # the images once, one epoch's labels
+    assert transfers[3, True] - transfers[3, False] == 1 + 3
+
+
+def test_evaluate_mirrors_device_images_on_the_device(standin):
+    images, labels = host_images(24)
+    x = images[:, None].astype(numpy.float32) / 255
+    model = seed_cnn(standin, seed=1)
+    on_device = evaluate(model, standin.to_device(x), labels, batch_size=10, flip_average=True)
+    assert on_device == evaluate(model, x, labels, batch_size=10, flip_average=True)
+
+
 def test_evaluate_and_predict_on_the_standin(standin):
     images, labels = host_images(24)
     x = images[:, None].astype(numpy.float32) / 255
