@@ -86,7 +86,7 @@ def model(be, activation):
 @pytest.mark.parametrize("be", BACKENDS, ids=IDS)
 def test_a_model_fuses_a_batchnorm_and_its_relu_and_trains_the_same(be):
     rng = numpy.random.default_rng(3)
-    x, labels = rng.standard_normal((5, 1, 4, 4)), rng.integers(0, 3, size=5)
+    x = rng.standard_normal((5, 1, 4, 4))
     fused, separate = model(be, ReLU(be)), model(be, ReLU(be))
     logits = fused.forward(be.to_device(x))
     assert fused.layers[3]._positive is ReLU.APPLIED_BY_PREVIOUS

@@ -5,8 +5,6 @@ bad input refused in one line."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy
@@ -237,7 +235,7 @@ def test_a_renamed_class_folder_is_refused_by_evaluate_and_resume_instead_of_sco
     out = tmp_path / "run"
     train_seed_on(capsys, root, out)
     (root / "circle").rename(root / "zcircle")  # sorted, the folders now give labels square 0, triangle 1, zcircle 2
-    expected = (f"names its classes differently from the model: class 0 is 'square' there but 'circle' for the model, "
+    expected = ("names its classes differently from the model: class 0 is 'square' there but 'circle' for the model, "
                 "so its labels would score the wrong classes; pass data with the model's classes (circle, square, triangle)")
     for command in (["evaluate", out / "last.npz", "--range", "0:5"], ["train", "--resume", out / "last.npz", "--epochs", 2]):
         status, _, err = run_main(capsys, *command, "--device", "cpu")
@@ -450,8 +448,6 @@ def test_a_checkpoint_from_before_input_descriptions_evaluates_and_predicts_as_f
 
 
 def test_an_architecture_file_trains_on_colour_data_and_must_match_the_class_count(tmp_path, capsys):
-    from pathlib import Path
-
     resnet = Path(__file__).resolve().parent.parent / "examples" / "small-resnet.toml"
     data = make_cifar_folder(tmp_path / "cifar")
     out = tmp_path / "run"

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
