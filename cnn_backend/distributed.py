@@ -26,7 +26,7 @@ import copy
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy
 
@@ -119,7 +119,7 @@ class MpiCommunicator:
 
     def allreduce_sum(self, array):
         host = self._host_buffer(array)
-        _wait(self.comm.Iallreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM))
+        self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
         return self._store(array, host)
 
     def allreduce_mean(self, array):
@@ -129,7 +129,7 @@ class MpiCommunicator:
 
     def broadcast(self, array, root: int = 0):
         host = self._host_buffer(array)
-        _wait(self.comm.Ibcast(host, root=root))
+        self.comm.Bcast(host, root=root)
         return self._store(array, host)
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
@@ -140,7 +140,7 @@ class MpiCommunicator:
         return self.comm.allgather(value)
 
     def barrier(self) -> None:
-        _wait(self.comm.Ibarrier())
+        self.comm.Barrier()
 
     def abort(self, status: int = 1) -> None:
         abort_job(self.comm, status)
@@ -158,18 +158,6 @@ class MpiCommunicator:
         if host is not array:
             array[...] = self.backend.to_device(host)
         return array
-
-
-def _wait(request) -> None:
-    """Wait for a non-blocking MPI operation in a loop that returns to Python between tests.
-
-    A blocking collective holds the main thread in C, where Python's signal handlers cannot run: a
-    Ctrl-C or SIGTERM reaching rank 0 while another rank has already stopped for one would never
-    be taken, and rank 0 could neither report nor clean its run folder. MPI's own blocking wait
-    polls a core in the same way, so the loop costs nothing more.
-    """
-    while not request.Test():
-        pass
 
 
 class NcclCommunicator:
@@ -238,6 +226,35 @@ class NcclCommunicator:
 
 
 # -- choosing a communicator ------------------------------------------------------------------------
+
+
+class CheckedCollectives:
+    """``communicator`` with ``before()`` run ahead of each of its array collectives. Every process
+    of a job calls the same collectives in the same order, so ``before`` runs at the same points on
+    all of them: where the training command has the processes agree whether to stop
+    (:class:`cnn_backend.runfolder.AgreedStops`). Everything else is the communicator's own."""
+
+    def __init__(self, communicator, before: Callable[[], None]) -> None:
+        self._inner, self._before = communicator, before
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def allreduce_sum(self, array):
+        self._before()
+        return self._inner.allreduce_sum(array)
+
+    def allreduce_mean(self, array):
+        self._before()
+        return self._inner.allreduce_mean(array)
+
+    def broadcast(self, array, root: int = 0):
+        self._before()
+        return self._inner.broadcast(array, root)
+
+    def barrier(self) -> None:
+        self._before()
+        self._inner.barrier()
 
 
 def launched_by_mpi(environ=None) -> bool:

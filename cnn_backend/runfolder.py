@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy
+
 from .faults import pause_point
 from .serialization import TEMPORARY_SUFFIX, FileWriteError, atomic_path, temporary_name
 
@@ -155,6 +157,65 @@ class DeferredInterrupt:
                 signal.signal(signum, handler)
         if stopping:
             raise Interrupted(self.received)
+        return False
+
+
+class AgreedStops:
+    """In a job of several processes, stop together: a SIGINT or SIGTERM is held, and the processes
+    agree at their next collective operation (:meth:`agree`, which every one calls at the same
+    points) to raise :class:`Interrupted` on all of them at once.
+
+    Raised where it arrives, a signal that reaches one process (or all, a moment apart) makes that
+    one leave the collectives while the others wait in one, in C, where no Python signal handler
+    runs: rank 0 could neither report nor clean its folder. A second signal to a process raises at
+    once, for one held up outside the collectives.
+    """
+
+    def __init__(self, world) -> None:
+        self.world = world
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._hold) for signum in STOP_SIGNALS}
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        if self.received is not None:
+            self._stop(Interrupted(signum))
+        self.received = signum
+
+    def _stop(self, stop: Interrupted):
+        if _stop["inside"]:  # the command line ends on it: further signals are ignored (see stop_signals_raise)
+            _ignore_further_stop_signals(stop.signum)
+            self.previous = {}
+        raise stop
+
+    def agree(self) -> None:
+        """Raise :class:`Interrupted` on every process if a stop signal reached any: the signal of
+        the lowest such rank, named on the others ("terminated by SIGTERM on rank 1 of 2")."""
+        received = numpy.zeros(self.world.size)
+        received[self.world.rank] = self.received or 0
+        self.world.allreduce_sum(received)
+        stopped = numpy.flatnonzero(received)
+        if not stopped.size:
+            return
+        rank = int(stopped[0])
+        stop = Interrupted(self.received or int(received[rank]))
+        if not self.received:
+            stop.description += f" on rank {rank} of {self.world.size}"
+        self._stop(stop)
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        # Held past the last collective: rank 0 stops (its plots, its summary); the others have
+        # nothing left but to end, as rank 0's job does.
+        stopping = exc_type is None and self.received is not None and self.world.is_root
+        if not (stopping and _stop["inside"]):  # else straight from holding to ignoring, as DeferredInterrupt
+            for signum, handler in self.previous.items():  # none left once a stop was taken in the command line
+                signal.signal(signum, handler)
+        if stopping:
+            self._stop(Interrupted(self.received))
         return False
 
 

@@ -160,6 +160,61 @@ class GatheredFacts(SingleProcess):
         return self.everyone
 
 
+class OtherRanksReceived(SingleProcess):
+    """Rank ``rank`` of a job whose other ranks received the stop signals ``others`` (rank -> signal)."""
+
+    def __init__(self, rank: int, size: int, others: dict) -> None:
+        self.rank, self.size, self.is_root, self.others = rank, size, rank == 0, others
+        self.exchanges = 0
+
+    def allreduce_sum(self, array):
+        self.exchanges += 1
+        for rank, signum in self.others.items():
+            array[rank] += signum
+        return array
+
+
+def test_agreed_stops_raise_on_every_rank_the_signal_of_the_lowest_rank_that_received_one():
+    from cnn_backend.runfolder import AgreedStops, Interrupted
+
+    quiet = OtherRanksReceived(0, 3, {})
+    with AgreedStops(quiet) as stops:
+        stops.agree()  # no signal anywhere: training goes on
+    assert quiet.exchanges == 1
+
+    with pytest.raises(Interrupted) as raised, AgreedStops(OtherRanksReceived(0, 3, {2: signal.SIGINT, 1: signal.SIGTERM})) as stops:
+        stops.agree()
+    assert (raised.value.description, raised.value.exit_status) == ("terminated by SIGTERM on rank 1 of 3", 143)
+
+    with pytest.raises(Interrupted) as raised, AgreedStops(OtherRanksReceived(1, 3, {2: signal.SIGTERM})) as stops:
+        stops._hold(signal.SIGINT, None)  # this rank's own signal, named plainly
+        stops.agree()
+    assert (raised.value.description, raised.value.exit_status) == ("interrupted", 130)
+
+
+def test_agreed_stops_take_a_second_signal_at_once_and_one_held_past_the_last_collective_on_rank_0_alone():
+    from cnn_backend.runfolder import AgreedStops, Interrupted
+
+    with pytest.raises(Interrupted), AgreedStops(OtherRanksReceived(1, 2, {})) as stops:
+        stops._hold(signal.SIGTERM, None)
+        stops._hold(signal.SIGINT, None)  # a process held up outside the collectives still stops
+    with pytest.raises(Interrupted):
+        with AgreedStops(OtherRanksReceived(0, 2, {})) as stops:
+            stops._hold(signal.SIGTERM, None)
+    with AgreedStops(OtherRanksReceived(1, 2, {})) as stops:
+        stops._hold(signal.SIGTERM, None)  # rank 1 has nothing left to do: rank 0 ends the job
+
+
+def test_checked_collectives_run_the_check_before_each_array_collective():
+    from cnn_backend.distributed import CheckedCollectives
+
+    calls = []
+    checked = CheckedCollectives(SingleProcess(), lambda: calls.append("check"))
+    array = numpy.ones(3)
+    checked.allreduce_sum(array), checked.allreduce_mean(array), checked.broadcast(array), checked.barrier()
+    assert calls == ["check"] * 4 and checked.size == 1 and checked.is_root
+
+
 def test_processes_started_differently_are_refused_naming_the_first_difference():
     from cnn_backend.cli.train import _run_facts
 
@@ -559,18 +614,19 @@ def test_an_exception_on_rank_1_ends_both_processes_with_one_line(tmp_path):
 
 @needs_mpi
 def test_a_signal_to_rank_1_alone_ends_the_job_with_one_line_naming_it(tmp_path):
-    # SIGTERM reaches rank 1 alone in epoch 2 (its 13th step of 10 per epoch); rank 0 waits in the
-    # step's all-reduce and cannot know why, so rank 1 says it once its grace period has passed.
+    # SIGTERM reaches rank 1 alone in epoch 2 (its 13th step of 10 per epoch); held until the step's
+    # all-reduce, where rank 0 learns of it and reports it, naming the rank.
     result, elapsed = run_with_fault("os.kill(os.getpid(), signal.SIGTERM)", tmp_path, step=13)
     last = Path("run") / "last.npz"
     assert error_lines(result.stderr, prefix="cnn-backend: ") == [
-        f"cnn-backend: rank 1 of 2: terminated by SIGTERM during epoch 2; rank 0 keeps the last epoch it committed in "
-        f"{last}; resume with: mpiexec -n 2 cnn-backend train --resume {last}"
+        f"cnn-backend: terminated by SIGTERM on rank 1 of 2 during epoch 2; the last good checkpoint is {last} (epoch 1); "
+        f"resume with: mpiexec -n 2 cnn-backend train --resume {last}"
     ], result.stderr
-    assert result.returncode == 143 and elapsed < 45
+    assert result.returncode == 143 and elapsed < 9
     from cnn_backend.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / last).epoch == 1
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["best.npz", "history.jsonl", "last.npz"]
 
 
 @needs_mpi
@@ -591,27 +647,15 @@ def test_a_signal_to_rank_1_alone_before_training_is_named_too(tmp_path):
 
 
 @needs_mpi
-def test_a_signal_reaching_rank_0_while_it_waits_in_a_collective_is_taken_there(tmp_path):
-    # Rank 1 is stopped first and leaves the collectives; rank 0, waiting for it in the step's
-    # all-reduce, gets the same signal half a second later (a scheduler signalling every rank): it
-    # reports as one process would and cleans its folder, without waiting for rank 1's grace period.
-    fault = (
-        "import threading; pid_0 = int(open('rank0.pid').read()); "
-        "threading.Timer(0.5, os.kill, (pid_0, signal.SIGTERM)).start(); os.kill(os.getpid(), signal.SIGTERM)"
-    )
-    script = INJECT_ON_RANK_1.replace(
-        "training.train_step = failing_step\n",
-        "training.train_step = failing_step\n"
-        "if os.environ.get('PMI_RANK') == '0':\n    open('rank0.pid', 'w').write(str(os.getpid()))\n",
-    ).replace("FAULT", fault).replace("STEP", "3")
-    started = time.monotonic()
-    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *TRAIN_ARGS, "--epochs", "2", "--out", "run"], tmp_path, timeout=60)
-    elapsed = time.monotonic() - started
+def test_a_signal_to_one_rank_before_the_first_checkpoint_stops_every_rank_and_leaves_nothing(tmp_path):
+    # The signal is held until the next collective, where the ranks agree to stop: rank 0 reports it
+    # and removes its new folder, as one process would, without waiting for a grace period.
+    result, elapsed = run_with_fault("os.kill(os.getpid(), signal.SIGTERM)", tmp_path, step=3)
     assert error_lines(result.stderr, prefix="cnn-backend: ") == [
-        "cnn-backend: terminated by SIGTERM during epoch 1; no epoch finished, so no checkpoint was written"
+        "cnn-backend: terminated by SIGTERM on rank 1 of 2 during epoch 1; no epoch finished, so no checkpoint was written"
     ], result.stderr
-    assert result.returncode == 143 and elapsed < 9  # rank 1 would speak only after ten seconds
-    assert not (tmp_path / "run").exists()  # a failed start leaves nothing
+    assert result.returncode == 143 and elapsed < 9  # rank 1 alone would speak only after ten seconds
+    assert not (tmp_path / "run").exists()
 
 
 @needs_mpi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -16,14 +17,14 @@ from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import BatchLoader, Normalization
 from ..datasets import source_kind
 from ..datasets.folder import CHANNEL_CHOICES
-from ..distributed import bind_device, check_processes_agree, communicator_for_backend, world_communicator
+from ..distributed import CheckedCollectives, bind_device, check_processes_agree, communicator_for_backend, world_communicator
 from ..faults import pause_point
 from ..functional import CONV_ALGORITHMS
 from ..inputs import InputSpec
 from ..layers import Convolution
 from ..optim import OPTIMIZERS, make_optimizer
 from ..report import confusion_matrix, matplotlib_available, plot_confusion_matrix, plot_curves, plot_filters
-from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, RunFolder
+from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, AgreedStops, RunFolder
 from ..serialization import FileWriteError
 from ..spec import BUILTIN_NAMES, SpecError
 from ..summary import format_summary
@@ -486,12 +487,14 @@ def _train_in_folder(args, folder, out_dir, world, communicator, settings, backe
                                    history=history, best=best, resumed=checkpoint, inputs=inputs, imports=args.imports_given)
         pause_point("folder")
         started = time.perf_counter()
-        with quiet_float_warnings():
+        # In a job, a stop signal is held until the processes' next collective, where all agree to stop.
+        with quiet_float_warnings(), AgreedStops(world) if world.size > 1 else contextlib.nullcontext() as stops:
             fit(
                 model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
                 augment=make_augmentation(settings["augment"], backend, settings["seed"]),
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
-                on_epoch_end=epoch_finished, log_every=args.log_every, communicator=communicator,
+                on_epoch_end=epoch_finished, log_every=args.log_every,
+                communicator=communicator if stops is None else CheckedCollectives(communicator, stops.agree),
                 label_smoothing=settings["label_smoothing"],
             )
         training_seconds = time.perf_counter() - started
