@@ -10,7 +10,7 @@ while computing with NumPy and SciPy underneath::
     model = seed_cnn(be)             # runs exactly as on CUDA, minus the GPU
     be.usage.device_reads            # how often device values were read back (syncs on a GPU)
     be.usage.kernel_launches         # device operations that wrote device memory (launches on a GPU)
-    missing_cupy_names(be.usage)     # names the code took from xp / signal / arrays that CuPy lacks
+    missing_cupy_names(be.usage)     # names and keywords the code used that CuPy lacks or refuses
 
 What the stand-in enforces, like CuPy:
 
@@ -28,7 +28,10 @@ matrix products, creation functions that fill (``zeros``, ``ones``, ``full`` ...
 slices, copies, casts, fancy indexing, and transfers both ways. Calls whose result is a view of an
 input (``reshape`` of a contiguous array, ``.T``, slicing, ``broadcast_to`` ...) launch nothing, and
 ``empty``/``empty_like`` only allocate. ``bytes_allocated`` adds up the new arrays' sizes. A SciPy
-signal function counts as one launch although CuPy runs several kernels for it (FFTs, products).
+signal function counts as one launch although CuPy runs several kernels for it (FFTs, products). A
+``mean`` counts as the kernels CuPy runs for it under its default CUB accelerator: two (a CUB sum,
+then a division) where CUB takes it, one where CuPy falls back to its own reduction kernel (see
+:func:`_reduction_kernels`); ``var`` and ``std`` add their own kernels to that mean's.
 
 Where CuPy is lenient the stand-in is stricter, on purpose: a NumPy index array (``a[host_index]``)
 and a NumPy value assigned through an index array (``a[device_index] = host_values``) are silently
@@ -39,10 +42,13 @@ once, explicitly, with ``Backend.to_device``.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
+import inspect
 import operator
-from collections import Counter
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -82,6 +88,11 @@ class DeviceUsage:
     array_attributes: set[str] = field(default_factory=set)
     #: NumPy functions and ufuncs called on device arrays (CuPy forwards them to its own by name)
     dispatched_names: set[str] = field(default_factory=set)
+    #: methods and attributes read from objects ``xp`` returned, by type (``"Generator.random"``)
+    object_attributes: set[str] = field(default_factory=set)
+    #: keyword names passed, by call: ``"xp.sum"``, ``"signal.fftconvolve"``, ``"ndarray.astype"``,
+    #: ``"Generator.random"``, ``"numpy.mean"`` (a NumPy function called on device arrays)
+    keywords: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     #: device-to-host reads: ``get``, ``item``, ``tolist``, ``float``/``int``/``bool``, formatting
     device_reads: int = 0
     #: explicit host-to-device transfers through ``xp.asarray`` / ``xp.array``
@@ -100,11 +111,17 @@ class DeviceUsage:
         self.kernel_launches = self.bytes_allocated = 0
         self.launches_by_name = Counter()
 
-    def record_launch(self, name: str, allocated: int = 0) -> None:
-        """Count one device operation called ``name`` that allocated ``allocated`` bytes."""
-        self.kernel_launches += 1
+    def record_launch(self, name: str, allocated: int = 0, kernels: int = 1) -> None:
+        """Count one device operation called ``name`` that allocated ``allocated`` bytes and ran
+        ``kernels`` kernels."""
+        self.kernel_launches += kernels
         self.bytes_allocated += allocated
-        self.launches_by_name[name] += 1
+        self.launches_by_name[name] += kernels
+
+    def record_keywords(self, call: str, kwargs: dict) -> None:
+        """Note the keyword names a call passed (``call`` as in :attr:`keywords`)."""
+        if kwargs:
+            self.keywords[call].update(kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,11 +188,13 @@ def _host_arrays(value: Any, found: list) -> list:
     return found
 
 
-def _record_result(usage: DeviceUsage, name: str, result: Any, operands: Any, wrote: bool = False) -> None:
-    """Count the launch a call made: one if it wrote an output (``out=``, in place, or returned
-    nothing), or if it returned arrays that are not views of its (host-converted) ``operands``."""
+def _record_result(
+    usage: DeviceUsage, name: str, result: Any, operands: Any, wrote: bool = False, kernels: int = 1
+) -> None:
+    """Count the launch a call made (``kernels`` of them): if it wrote an output (``out=``, in place,
+    or returned nothing), or if it returned arrays that are not views of its (host-converted) ``operands``."""
     if wrote or result is None:
-        usage.record_launch(name)
+        usage.record_launch(name, kernels=kernels)
         return
     inputs = _host_arrays(operands, [])
     new = [
@@ -190,7 +209,40 @@ def _record_result(usage: DeviceUsage, name: str, result: Any, operands: Any, wr
     if name in ALLOCATING_ONLY:
         usage.bytes_allocated += allocated
     else:
-        usage.record_launch(name, allocated)
+        usage.record_launch(name, allocated, kernels)
+
+
+#: Kernels CuPy runs for these reductions where its CUB accelerator (on by default: CUPY_ACCELERATORS
+#: is "cub" unless set) takes them. ``mean`` is a CUB sum then ``true_divide(result, n, out=result)``
+#: (cupy/_core/_routines_statistics.pyx, _ndarray_mean); ``var`` is that mean then its own reduction,
+#: ``std`` that variance then a ``sqrt`` (_var, _std). Without CUB the mean is one fused kernel.
+CUB_REDUCTION_KERNELS = {"mean": 2, "var": 3, "std": 4}
+
+
+def _reduction_kernels(name: str, args: tuple, kwargs: dict) -> int:
+    """Kernels one call ``name(*args, **kwargs)`` runs on CuPy, its (host) array first (the array
+    itself for an ``ndarray.`` method): 1 but for the reductions in :data:`CUB_REDUCTION_KERNELS`."""
+    kernels = CUB_REDUCTION_KERNELS.get(name.removeprefix("ndarray."))
+    if kernels is None or not args or not isinstance(args[0], numpy.ndarray):
+        return 1
+    axis = kwargs.get("axis", args[1] if len(args) > 1 else None)
+    return kernels if _cub_reduces(args[0], axis) else kernels - 1
+
+
+def _cub_reduces(array: numpy.ndarray, axis: Any) -> bool:
+    """Whether CuPy's CUB path takes a reduction of ``array`` over ``axis`` (cupy/cuda/cub.pyx,
+    cub_reduction): a non-empty C- or F-contiguous array reduced over all its axes, or over
+    consecutive axes ending at the last (C order) or starting at the first (F order)."""
+    if array.size == 0 or not (array.flags.c_contiguous or array.flags.f_contiguous):
+        return False
+    ndim = array.ndim
+    axes = sorted({int(a) % ndim for a in (range(ndim) if axis is None else numpy.atleast_1d(axis))})
+    if len(axes) == ndim:
+        return True
+    if not axes or axes != list(range(axes[0], axes[-1] + 1)):
+        return False
+    # An array both C- and F-contiguous counts as C, as in cub_reduction.
+    return axes[-1] == ndim - 1 if array.flags.c_contiguous else axes[0] == 0
 
 
 def _dispatched_name(function: Any) -> str:
@@ -288,6 +340,7 @@ class DeviceArray:
         name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
         self._usage.dispatched_names.add(name)
         where = f"numpy.{name}"
+        self._usage.record_keywords(where, kwargs)
         out = kwargs.get("out")
         operands = (_to_host_operands(inputs, where), _to_host_operands(kwargs, where))
         result = getattr(ufunc, method)(*operands[0], **operands[1])
@@ -300,9 +353,10 @@ class DeviceArray:
         name = _dispatched_name(function)
         self._usage.dispatched_names.add(name)
         where = f"numpy.{name}"
+        self._usage.record_keywords(where, kwargs)
         operands = (_to_host_operands(args, where), _to_host_operands(kwargs, where))
         result = function(*operands[0], **operands[1])
-        _record_result(self._usage, name, result, operands)
+        _record_result(self._usage, name, result, operands, kernels=_reduction_kernels(name, *operands))
         return _to_device_results(result, self._usage)
 
     # -- indexing ------------------------------------------------------------------------------------
@@ -415,10 +469,12 @@ class _DeviceMethod:
         self._method, self._usage, self._where, self._owner = method, usage, where, owner
 
     def __call__(self, *args, **kwargs):
+        self._usage.record_keywords(self._where, kwargs)
         operands = (_to_host_operands(args, self._where), _to_host_operands(kwargs, self._where))
         result = self._method(*operands[0], **operands[1])
         out = kwargs.get("out")
-        _record_result(self._usage, self._where, result, (self._owner, operands), wrote=out is not None)
+        kernels = _reduction_kernels(self._where, (self._owner, *operands[0]), operands[1])
+        _record_result(self._usage, self._where, result, (self._owner, operands), wrote=out is not None, kernels=kernels)
         if isinstance(out, DeviceArray):
             return out  # as CuPy: the output array itself
         return _to_device_results(result, self._usage)
@@ -432,8 +488,10 @@ class _DeviceObject:
 
     def __getattr__(self, name: str):
         value = getattr(self._target, name)
+        qualified = f"{type(self._target).__name__}.{name}"
+        self._usage.object_attributes.add(qualified)
         if callable(value):
-            return _DeviceMethod(value, self._usage, f"{type(self._target).__name__}.{name}")
+            return _DeviceMethod(value, self._usage, qualified)
         return value
 
 
@@ -459,13 +517,15 @@ class DeviceFunction:
         self._transfers_host = transfers_host
 
     def __call__(self, *args, **kwargs):
+        where = f"{self._label}.{self.__name__}"
+        self._usage.record_keywords(where, kwargs)
         if self._transfers_host:
             return self._transfer(*args, **kwargs)
-        where = f"{self._label}.{self.__name__}"
         operands = (_to_host_operands(args, where), _to_host_operands(kwargs, where))
         result = self._function(*operands[0], **operands[1])
         out = kwargs.get("out")
-        _record_result(self._usage, self.__name__, result, operands, wrote=out is not None)
+        kernels = _reduction_kernels(self.__name__, *operands)
+        _record_result(self._usage, self.__name__, result, operands, wrote=out is not None, kernels=kernels)
         if isinstance(out, DeviceArray):
             return out  # as CuPy: the output array itself, so ``out is result`` holds
         return _to_device_results(result, self._usage)
@@ -645,7 +705,11 @@ def _star_exports(root: Path, module: str) -> set[str]:
     return _exported_names(root, module)
 
 
-def _has_dotted(root: Any, dotted: str, module_prefix: str) -> bool:
+_MISSING = object()
+
+
+def _resolve_dotted(root: Any, dotted: str, module_prefix: str) -> Any:
+    """``root.<dotted>``, or ``_MISSING``."""
     target = root
     for depth, part in enumerate(dotted.split(".")):
         if hasattr(target, part):
@@ -655,16 +719,144 @@ def _has_dotted(root: Any, dotted: str, module_prefix: str) -> bool:
         try:
             target = importlib.import_module(".".join([module_prefix, *dotted.split(".")[: depth + 1]]))
         except ImportError:
-            return False
-    return True
+            return _MISSING
+    return target
+
+
+def _has_dotted(root: Any, dotted: str, module_prefix: str) -> bool:
+    return _resolve_dotted(root, dotted, module_prefix) is not _MISSING
+
+
+#: The ufunc methods CuPy implements, and for which ufuncs (by ``ufunc.name``): every cupy.ufunc has
+#: all five, but reduce, accumulate and reduceat raise NotImplementedError except for these, and
+#: ``at`` except where the ufunc has a scatter kernel (``_scatter_op``: add, subtract, maximum,
+#: minimum, the bitwise ones ...). cupy/_core/_kernel.pyx, class ufunc; None: every ufunc.
+CUPY_UFUNC_METHODS = {
+    "reduce": {"cupy_add", "cupy_multiply"},
+    "accumulate": {"cupy_add", "cupy_multiply"},
+    "reduceat": {"cupy_add"},
+    "outer": None,
+    "at": None,  # checked against _scatter_op below
+}
+
+#: The keywords a cupy.ufunc call takes: it pops these (and the private ``_where``), then raises
+#: TypeError on any other, so NumPy's ``where=``, ``order=``, ``subok=`` fail (_kernel.pyx, ufunc.__call__).
+CUPY_UFUNC_KEYWORDS = frozenset({"out", "dtype", "casting"})
+
+#: Where a recorded call's namespace lives in CuPy (see DeviceUsage.keywords): ``xp.`` and ``numpy.``
+#: (dispatched) names on ``cupy``, array methods on ``cupy.ndarray``, methods of the objects ``xp``
+#: returns on their CuPy classes. ``signal.`` calls are read from the source (_signal_keywords).
+CUPY_NAMESPACES = {
+    "xp": "",
+    "numpy": "",
+    "ndarray": "ndarray.",
+    "Generator": "random.Generator.",
+    "RandomState": "random.RandomState.",
+}
+
+
+def _cupy_has(cupy: ModuleType, dotted: str) -> bool:
+    """Whether ``cupy.<dotted>`` exists and, for a ufunc method, is implemented for that ufunc."""
+    parent, _, method = dotted.rpartition(".")
+    ufunc = _resolve_dotted(cupy, parent, "cupy") if parent and method in CUPY_UFUNC_METHODS else None
+    if isinstance(ufunc, cupy.ufunc):
+        if method == "at":
+            return getattr(ufunc, "_scatter_op", None) is not None
+        implemented = CUPY_UFUNC_METHODS[method]
+        return implemented is None or ufunc.name in implemented
+    return _has_dotted(cupy, dotted, "cupy")
+
+
+def _accepted_keywords(cupy: ModuleType, call: str) -> frozenset[str] | None:
+    """The keyword names the CuPy function behind ``call`` takes; None where it takes any
+    (``**kwargs``) or where that cannot be told (not found: the name check reports it)."""
+    namespace, _, name = call.partition(".")
+    if namespace == "signal":
+        return _signal_keywords(name)
+    if namespace not in CUPY_NAMESPACES:
+        return None
+    target = _resolve_dotted(cupy, CUPY_NAMESPACES[namespace] + name, "cupy")
+    if target is _MISSING:
+        return None
+    if isinstance(target, cupy.ufunc):
+        return CUPY_UFUNC_KEYWORDS
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        # Cython functions and methods (cupy.ndarray's, the ufuncs') have no inspectable signature;
+        # CuPy compiles them with embedsignature, so their docstring opens with one. Skipped without.
+        return _docstring_keywords(getattr(target, "__doc__", None))
+    parameters = signature.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _docstring_keywords(doc: str | None) -> frozenset[str] | None:
+    """Keyword names from a Cython docstring's first line, ``_ndarray_base.sum(self, axis=None, ...) -> ...``."""
+    match = re.fullmatch(r"[\w.]+\((.*)\)(?:\s*->.*)?", (doc or "").partition("\n")[0].strip())
+    try:
+        tree = ast.parse(f"def f({match.group(1)}): pass") if match else None
+    except SyntaxError:
+        return None
+    return _ast_keywords(tree.body[0].args) if tree else None
+
+
+def _ast_keywords(arguments: ast.arguments) -> frozenset[str] | None:
+    """The names a parsed ``def`` takes by keyword; None if it takes ``**kwargs``."""
+    if arguments.kwarg is not None:
+        return None
+    return frozenset(arg.arg for arg in arguments.args + arguments.kwonlyargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _signal_definitions() -> dict[str, list[ast.arguments]]:
+    """The parameters of every top-level function in ``cupyx.scipy.signal``'s source, by name
+    (importing it needs the CUDA libraries, so ``inspect`` cannot be used; see cupy_signal_exports)."""
+    spec = importlib.util.find_spec("cupyx")
+    root = Path(next(iter(spec.submodule_search_locations))) / "scipy" / "signal"
+    definitions: dict[str, list[ast.arguments]] = defaultdict(list)
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef):
+                definitions[node.name].append(node.args)
+    return definitions
+
+
+def _signal_keywords(name: str) -> frozenset[str] | None:
+    """Keyword names of the one ``cupyx.scipy.signal`` function so named; None if not one."""
+    found = {_ast_keywords(arguments) for arguments in _signal_definitions().get(name, [])}
+    return found.pop() if len(found) == 1 else None
+
+
+def _unsupported_keywords(cupy: ModuleType, usage: DeviceUsage) -> list[str]:
+    """Recorded keyword arguments the CuPy function would refuse, as ``"xp.sum(where=)"``."""
+    unsupported = []
+    for call, names in usage.keywords.items():
+        accepted = _accepted_keywords(cupy, call)
+        if accepted is not None:
+            unsupported += [f"{call}({name}=)" for name in names - accepted]
+    return sorted(unsupported)
+
+
+def _cupy_has_object_attribute(cupy: ModuleType, qualified: str) -> bool:
+    """``"Generator.permutation"``: whether CuPy's counterpart of that type has the attribute."""
+    kind, _, name = qualified.partition(".")
+    return kind in CUPY_NAMESPACES and _has_dotted(cupy, CUPY_NAMESPACES[kind] + name, "cupy")
 
 
 def missing_cupy_names(usage: DeviceUsage) -> dict[str, list[str]]:
-    """Recorded names CuPy lacks, by where they were used; empty lists everywhere means all exist.
+    """Recorded names CuPy lacks or refuses, by where they were used; empty lists everywhere means
+    the code would run as written on CuPy, as far as names and keywords tell.
 
-    ``xp`` names are looked up on ``cupy``, ``signal`` names among the exports of
-    ``cupyx.scipy.signal``, array attributes on ``cupy.ndarray``, and NumPy functions called on
-    device arrays on ``cupy`` (where CuPy's dispatch looks for them).
+    ``xp`` names are looked up on ``cupy`` (a ufunc method, ``maximum.reduce``, must also be one
+    CuPy implements for that ufunc), ``signal`` names among the exports of ``cupyx.scipy.signal``,
+    array attributes on ``cupy.ndarray``, NumPy functions called on device arrays on ``cupy`` (where
+    CuPy's dispatch looks for them), and ``objects`` (methods of what ``xp`` returned, such as a
+    random Generator) on CuPy's class of that name. ``keywords`` lists keyword arguments the CuPy
+    function would refuse, as ``"xp.sum(where=)"``: a ufunc takes only ``out``, ``dtype`` and
+    ``casting``; other functions and methods what their signature names (``inspect``, the source
+    for ``signal``, the docstring for CuPy's compiled methods), and are not checked without one.
     """
     try:
         cupy = importlib.import_module("cupy")
@@ -675,10 +867,12 @@ def missing_cupy_names(usage: DeviceUsage) -> dict[str, list[str]]:
         ) from None
     signal_exports = cupy_signal_exports()
     return {
-        "xp": sorted(name for name in usage.module_names if not _has_dotted(cupy, name, "cupy")),
+        "xp": sorted(name for name in usage.module_names if not _cupy_has(cupy, name)),
         "signal": sorted(name for name in usage.signal_names if name.split(".")[0] not in signal_exports),
         "array": sorted(name for name in usage.array_attributes if not hasattr(cupy.ndarray, name)),
-        "dispatched": sorted(name for name in usage.dispatched_names if not _has_dotted(cupy, name, "cupy")),
+        "dispatched": sorted(name for name in usage.dispatched_names if not _cupy_has(cupy, name)),
+        "objects": sorted(name for name in usage.object_attributes if not _cupy_has_object_attribute(cupy, name)),
+        "keywords": _unsupported_keywords(cupy, usage),
     }
 
 

@@ -244,6 +244,15 @@ def test_every_numpy_function_applied_to_device_arrays_exists_in_cupy(usage):
     assert missing_cupy_names(usage)["dispatched"] == [], f"recorded: {sorted(usage.dispatched_names)}"
 
 
+def test_every_keyword_argument_is_one_cupy_takes(usage):
+    assert "out" in usage.keywords["xp.multiply"]  # keywords were recorded
+    assert missing_cupy_names(usage)["keywords"] == [], f"recorded: {dict(usage.keywords)}"
+
+
+def test_every_method_of_objects_xp_returned_exists_in_cupy(usage):
+    assert missing_cupy_names(usage)["objects"] == [], f"recorded: {sorted(usage.object_attributes)}"
+
+
 def test_cupyx_signal_exports_are_read_from_the_package_source():
     exports = cupy_signal_exports()
     assert {"fftconvolve", "correlate", "convolve2d", "czt"} <= exports  # czt arrives by a star import
@@ -256,13 +265,68 @@ def test_the_check_reports_names_cupy_lacks():
         signal_names={"fftconvolve", "no_such_filter"},
         array_attributes={"reshape", "get", "no_such_method"},
         dispatched_names={"exp", "no_such_ufunc"},
+        object_attributes={"Generator.random", "Generator.no_such_method", "NoSuchType.random"},
     )
+    # cupyx.scipy.signal's parameters are read from its source (importing it needs CUDA libraries).
+    usage.keywords["signal.fftconvolve"] = {"mode", "axes", "no_such_keyword"}
     assert missing_cupy_names(usage) == {
         "xp": ["linalg.no_such_function", "no_such_function"],
         "signal": ["no_such_filter"],
         "array": ["no_such_method"],
         "dispatched": ["no_such_ufunc"],
+        "objects": ["Generator.no_such_method", "NoSuchType.random"],
+        "keywords": ["signal.fftconvolve(no_such_keyword=)"],
     }
+
+
+def _small_device():
+    be = standin_backend("float32")
+    return be, be.to_device(numpy.arange(12, dtype=numpy.float32).reshape(3, 4))
+
+
+def test_ufunc_methods_cupy_does_not_implement_are_reported():
+    # Every cupy.ufunc has reduce/accumulate/at, but most raise NotImplementedError on the GPU.
+    be, a = _small_device()
+    xp = be.xp
+    xp.maximum.reduce(a, axis=1)  # CuPy reduces only add and multiply
+    numpy.maximum.accumulate(a, axis=1)  # forwarded by CuPy to cupy.maximum.accumulate
+    xp.add.reduce(a, axis=0)
+    xp.add.at(a, be.to_device(numpy.array([0, 0])), 1.0)  # add has a scatter kernel
+    xp.maximum.outer(a[0], a[1])
+    missing = missing_cupy_names(be.usage)
+    assert (missing["xp"], missing["dispatched"]) == (["maximum.reduce"], ["maximum.accumulate"])
+
+
+def test_keyword_arguments_cupy_refuses_are_reported():
+    be, a = _small_device()
+    xp = be.xp
+    mask, out = a > 4.0, xp.empty_like(a)
+    xp.multiply(a, 2.0, out=out, where=mask)  # a CuPy ufunc takes only out, dtype and casting
+    xp.sum(a, axis=1, where=mask)  # cupy.sum(a, axis, dtype, out, keepdims): inspect.signature
+    a.sum(axis=1, initial=1.0)  # compiled cupy.ndarray.sum: its signature from its docstring
+    numpy.sum(a, axis=1, where=mask)  # forwarded to cupy.sum with the same keywords
+    # Keywords CuPy takes.
+    xp.add(a, 1.0, out=out, dtype=xp.float32, casting="same_kind")
+    xp.sum(a, axis=1, keepdims=True)
+    a.astype(xp.float64, copy=False)
+    assert missing_cupy_names(be.usage)["keywords"] == [
+        "ndarray.sum(initial=)",
+        "numpy.sum(where=)",
+        "xp.multiply(where=)",
+        "xp.sum(where=)",
+    ]
+
+
+def test_methods_of_a_random_generator_from_xp_are_checked_on_cupys_generator():
+    import cupy
+
+    assert not hasattr(cupy.random.Generator, "permutation") and hasattr(cupy.random.Generator, "random")
+    be, _ = _small_device()
+    rng = be.xp.random.default_rng(0)
+    rng.random(3, dtype=be.xp.float32)
+    rng.permutation(5)
+    missing = missing_cupy_names(be.usage)
+    assert (missing["objects"], missing["keywords"]) == (["Generator.permutation"], [])
 
 
 def test_standin_arrays_offer_nothing_cupy_arrays_lack():
