@@ -2,8 +2,9 @@
 
     python scripts/make_bundled_subset.py [--source DIR] [--output DIR] [--count N]
 
-The source folder must hold the official ``train-images-idx3-ubyte.gz`` and
-``train-labels-idx1-ubyte.gz``; they are checked against the published MD5s before use. The output
+The source folder (default: where ``cnn-backend download`` puts the full set) must hold the official
+``train-images-idx3-ubyte.gz`` and ``train-labels-idx1-ubyte.gz``; they are checked against the
+published MD5s before use. The output
 is deterministic (IDX header with the new count, gzip level 9, mtime 0, fixed embedded name), so
 running the script again reproduces the same bytes given the same zlib. The script prints the
 sha256 of each file and says whether it matches ``BUNDLED_SHA256`` in ``cnn_backend/datasets/sources.py``
@@ -23,11 +24,8 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT))
     from cnn_backend import data
+from cnn_backend.datasets.sources import default_data_dir
 
-SOURCE_CANDIDATES = (
-    REPO_ROOT.parent / "shared" / "data" / "fashion-mnist",
-    Path("/work/shared/data/fashion-mnist"),
-)
 IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 
 
@@ -37,14 +35,14 @@ def sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--source", type=Path, help="folder with the official training files")
+    parser.add_argument("--source", type=Path, help="folder with the official training files (default: the downloaded full set)")
     parser.add_argument("--output", type=Path, default=data.BUNDLED_DIR, help="where to write (default: %(default)s)")
     parser.add_argument("--count", type=int, default=data.BUNDLED_COUNT, help="records to keep (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    source = args.source or next((folder for folder in SOURCE_CANDIDATES if folder.is_dir()), None)
-    if source is None:
-        parser.error("no source folder found; pass --source")
+    source = args.source or default_data_dir()
+    if not (source / IMAGES).is_file():
+        parser.error(f"{source} holds no {IMAGES}: run cnn-backend download, or pass --source")
     for name in (IMAGES, LABELS):
         digest = hashlib.md5((source / name).read_bytes()).hexdigest()
         if digest != data.OFFICIAL_MD5[name]:

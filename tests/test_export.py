@@ -38,9 +38,8 @@ from cnn_backend.export import (  # noqa: E402
 from cnn_backend.layers import Layer, SoftmaxCrossEntropy  # noqa: E402
 from cnn_backend.model import Sequential, plain_cnn, seed_cnn  # noqa: E402
 from cnn_backend.optim import make_optimizer  # noqa: E402
-from cnn_backend.spec import BUILTIN_LAYER_TYPES  # noqa: E402
+from cnn_backend.spec import BUILTIN_LAYER_TYPES, build_model  # noqa: E402
 from cnn_backend.training import train_step  # noqa: E402
-from cnn_backend.spec import build_model  # noqa: E402
 
 from layer_helpers import EXAMPLES, forget_layer_type, import_example_layers  # noqa: E402
 
@@ -237,10 +236,6 @@ GLOBAL_POOL_SPEC = {"layers": [
 
 
 def spec_network(spec: dict, seed: int, backend="cpu") -> Sequential:
-    build_model = pytest.importorskip("cnn_backend.spec", reason="architecture specs (cnn_backend.spec) are not available").build_model
-    for layer_type in ("BatchNorm", "AvgPool", "GlobalAvgPool", "LeakyReLU", "Tanh", "Sigmoid", "GELU", "Residual"):
-        if not hasattr(layer_module, layer_type):
-            pytest.skip(f"cnn_backend.layers has no {layer_type} layer")
     return build_model(spec, (1, 28, 28), backend=backend, seed=seed)
 
 
