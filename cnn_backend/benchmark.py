@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy
 
 from .backend import DeviceUnavailableError, get_backend
+from .data import FASHION_MNIST_SHAPE, NUM_CLASSES
 from .functional import CONV_ALGORITHMS, output_size
 from .layers import Convolution, FullyConnected, MaxPool, SoftmaxCrossEntropy
 from .model import ARCHITECTURES
@@ -42,7 +43,6 @@ from .training import train_step
 MODELS = ("seed", "default", "plain")
 BENCH_DEVICES = ("cpu", "cuda")
 LEARNING_RATE, MOMENTUM = 0.01, 0.9
-IMAGE_SHAPE, N_CLASSES = (1, 28, 28), 10
 #: distinct synthetic batches cycled through, so no step reuses the previous step's input
 N_BATCHES = 4
 #: environment variables that change which OpenBLAS kernel runs (and so GEMM speed)
@@ -383,7 +383,7 @@ def synthetic_batches(batch_size: int, seed: int, dtype) -> list[tuple[numpy.nda
     """``N_BATCHES`` host batches of uniform images in [0, 1) and labels, from a seeded generator."""
     rng = numpy.random.default_rng(seed)
     return [
-        (rng.random((batch_size, *IMAGE_SHAPE)).astype(dtype), rng.integers(0, N_CLASSES, size=batch_size))
+        (rng.random((batch_size, *FASHION_MNIST_SHAPE)).astype(dtype), rng.integers(0, NUM_CLASSES, size=batch_size))
         for _ in range(N_BATCHES)
     ]
 
@@ -396,7 +396,7 @@ def our_step_function(backend, model_name: str, algorithm: str, mode: str, batch
     if model_name in ARCHITECTURES:
         model = ARCHITECTURES[model_name](backend, seed=seed, algorithm=algorithm)
     else:
-        model = build_model(model_name, IMAGE_SHAPE, backend, seed, algorithm=algorithm)
+        model = build_model(model_name, FASHION_MNIST_SHAPE, backend, seed, algorithm=algorithm)
     device_batches = [(backend.to_device(x), backend.to_device(y)) for x, y in batches]
     if mode == "infer":
         model.eval()
@@ -542,7 +542,7 @@ def measure_configuration(backend, torch, torch_device, model_name, mode, batch_
 # == floating-point work and the machine's peak =======================================================
 
 
-def model_flops(model, input_shape=IMAGE_SHAPE) -> dict:
+def model_flops(model, input_shape=FASHION_MNIST_SHAPE) -> dict:
     """Floating-point operations per sample: ``{"infer": ..., "train": ...}``.
 
     Two per multiply-add of every convolution and dense layer; training adds the weight-gradient

@@ -29,14 +29,12 @@ import numpy
 from .backend import Backend
 from .inputs import INPUTS_KEY, InputSpec
 from .layers import Dropout
-from .model import CONFIG_KEY, Sequential
+from .model import BUFFER_PREFIX, CONFIG_KEY, PARAM_PREFIX, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
 from .serialization import ModelFileError, json_array, read_npz, stored_float_dtype
 
 STATE_KEY = "__training_state__"
 OPTIMIZER_PREFIX = "optim/"
-PARAM_PREFIX = "param/"
-BUFFER_PREFIX = "buffer/"
 FORMAT_VERSION = 1
 _REQUIRED_STATE = ("format", "epoch", "optimizer", "schedule", "settings", "rng", "best", "history")
 

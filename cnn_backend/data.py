@@ -50,15 +50,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUNDLED_COUNT", "BUNDLED_DIR", "BUNDLED_SHA256", "CLASS_NAMES", "DATA_DIR_ENV", "DataError", "DataSource",
-    "FULL_SPLIT", "IMAGE_SHAPE", "NUM_CLASSES", "OFFICIAL_BASE_URL", "OFFICIAL_MD5", "SEED_SPLIT", "SPLITS",
+    "FASHION_MNIST_SHAPE", "FULL_SPLIT", "IMAGE_SIZE", "NUM_CLASSES", "OFFICIAL_BASE_URL", "OFFICIAL_MD5", "SEED_SPLIT", "SPLITS",
     "BatchLoader", "default_data_dir", "describe_source", "download", "load_fashion_mnist", "prepare_images",
-    "Normalization", "read_idx", "read_images", "read_labels", "resolve_source", "split_train_validation",
+    "Normalization", "read_idx", "read_images", "read_labels", "resolve_source", "split_ranges", "split_train_validation",
     "stratified_holdout", "write_idx",
 ]
 
 CLASS_NAMES = FASHION_MNIST.class_names
 NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SHAPE = (28, 28)
+#: the per-sample shape (C, H, W) the built-in networks take: a Fashion-MNIST image
+FASHION_MNIST_SHAPE = FASHION_MNIST.image_shape
+#: (height, width) of a Fashion-MNIST image, as its IDX files store it
+IMAGE_SIZE = FASHION_MNIST_SHAPE[1:]
 
 #: (n_train, n_val) of the seed experiment: train[:5000], validation train[5000:10000].
 SEED_SPLIT = (5000, 5000)
@@ -72,14 +75,16 @@ OFFICIAL_MD5 = FASHION_MNIST.files
 DEFAULT_MAX_DEVICE_BYTES = 1 << 30
 
 
-def read_images(path: str | os.PathLike, image_shape: tuple[int, int] | None = IMAGE_SHAPE) -> numpy.ndarray:
+def split_ranges(n_train: int, n_val: int | None = None) -> tuple[str, str]:
+    """The ``START:STOP`` texts (as ``--train-split`` and ``--val-split`` take them) of
+    :func:`split_train_validation`'s split: ``(":n_train", "n_train:n_train + n_val")``, the
+    validation range open-ended when ``n_val`` is None."""
+    return f":{n_train}", f"{n_train}:{'' if n_val is None else n_train + n_val}"
+
+
+def read_images(path: str | os.PathLike, image_shape: tuple[int, int] | None = IMAGE_SIZE) -> numpy.ndarray:
     """Read an IDX image file: uint8, shape ``(N, H, W)``; ``image_shape`` (if given) must match."""
     return _read_idx_images(path, image_shape)
-
-
-def _label_problem(labels: numpy.ndarray, num_classes: int = NUM_CLASSES) -> str | None:
-    """Describe the first label outside ``0..num_classes-1``, or None when all are valid."""
-    return check_labels(labels, num_classes)
 
 
 def download(
@@ -267,14 +272,23 @@ def prepare_images(images, dtype="float32", normalization: Normalization | None 
     dtype = float_dtype(dtype)
     if images.ndim == 3:
         images = images[:, None]
-    scaled = images.astype(dtype)
-    scaled *= 1.0 / 255.0
-    if normalization is not None:
-        _check_normalization(normalization, scaled.shape[1])
-        mean, inverse_std = normalization.shaped(scaled.dtype)
-        scaled -= mean
-        scaled *= inverse_std
-    return scaled
+    if normalization is None:
+        return _scale_and_normalize(images, dtype)
+    _check_normalization(normalization, images.shape[1])
+    return _scale_and_normalize(images, dtype, *normalization.shaped(dtype))
+
+
+def _scale_and_normalize(images, dtype, mean=None, inverse_std=None):
+    """uint8 ``images`` as ``dtype`` in [0, 1], then ``(x - mean) * inverse_std`` when ``mean`` is
+    given: the one input transform of training, evaluation and prediction. It uses array methods
+    and in-place operators alone, so NumPy and CuPy arrays (with ``mean`` and ``inverse_std`` on the
+    same device, as :meth:`Normalization.shaped` gives them) go through the same steps."""
+    x = images.astype(dtype)
+    x *= 1.0 / 255.0  # a Python float keeps the array's dtype
+    if mean is not None:
+        x -= mean
+        x *= inverse_std
+    return x
 
 
 def _check_normalization(normalization: Normalization, channels: int) -> None:
@@ -349,7 +363,7 @@ class BatchLoader:
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         if not numpy.issubdtype(labels.dtype, numpy.integer):
             raise ValueError(f"labels must be integers, got {labels.dtype}")
-        problem = _label_problem(labels, num_classes)
+        problem = check_labels(labels, num_classes)
         if problem:
             raise DataError(f"{problem} (num_classes={num_classes}: give the data's class count as num_classes)")
         if normalization is not None:
@@ -443,10 +457,4 @@ class BatchLoader:
                 yield self._to_float(x), y
 
     def _to_float(self, x_uint8):
-        x = x_uint8.astype(self.backend.dtype)
-        x *= 1.0 / 255.0  # a Python float keeps the array's dtype
-        if self._normalization is not None:
-            mean, inverse_std = self._normalization
-            x -= mean
-            x *= inverse_std
-        return x
+        return _scale_and_normalize(x_uint8, self.backend.dtype, *(self._normalization or ()))

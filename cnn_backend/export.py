@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import numpy
 
-from .data import CLASS_NAMES, Normalization
+from .data import CLASS_NAMES, IMAGE_SIZE, Normalization
 from .inputs import generic_class_names
 from .serialization import write_atomically
 
@@ -46,7 +46,7 @@ INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME = "images", "logits", "probabilities
 BATCH_DIM = "batch"
 INSTALL_HINT = 'pip install "cnn-backend[onnx]"'
 #: Input height and width of networks whose files do not record an input shape (Fashion-MNIST's).
-DEFAULT_IMAGE_SIZE = (28, 28)
+DEFAULT_IMAGE_SIZE = IMAGE_SIZE
 #: the metadata entries the exporter writes (a user's ``metadata`` may not replace them)
 RESERVED_METADATA = frozenset({"preprocessing", "output", "opset", "architecture", "cnn_backend_version", "class_names"})
 

@@ -167,7 +167,7 @@ def _scratch(be: Backend, workspace: dict | None, name: str, shape: tuple, dtype
 # --------------------------------------------------------------------------------------------------
 
 
-def _parallel_axis(be: Backend, channels: int) -> int:
+def _parallel_axis(channels: int) -> int:
     """The axis of a batch-innermost ``(C, ...)`` array to cut into chunks: C, or N when C is too short."""
     return 0 if channels >= 4 else -1
 
@@ -281,7 +281,7 @@ def col2im(be: Backend, cols, input_shape, stride: int, padding: int):
             target = x_part[:, in_rows, in_cols]
             target += cols_part[:, i, j, out_rows, out_cols]  # in place through the view, no write-back
 
-    be.map_chunks(fold, cols, x_chwn, axis=_parallel_axis(be, channels))
+    be.map_chunks(fold, cols, x_chwn, axis=_parallel_axis(channels))
     return nchw_view(x_chwn)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy
 
 from .backend import cpu_backend
+from .init import as_integer, as_number
 from .layers import Layer, ShapeError
 from .layers.base import NOT_BUILT_ADVICE, failed_build_path, unbuilt_inner_layer, walk_layers
 
@@ -86,10 +87,11 @@ def check_layer_gradients(
     if (input_shape is None) == (x is None):
         raise ValueError("give either input_shape (per sample, e.g. (3, 5, 5)) or the batch x, not both or neither")
     shape = None if input_shape is None else _sample_shape(input_shape)
-    batch_size = _positive_integer("batch_size", batch_size)
-    eps = _finite_number("eps", eps, "> 0", lambda value: value > 0)
-    rtol = _finite_number("rtol", rtol, ">= 0", lambda value: value >= 0)
-    atol = _finite_number("atol", atol, ">= 0", lambda value: value >= 0)
+    # A wrong type raises TypeError, as a layer that is not a Layer does above; a bad value ValueError.
+    batch_size = as_integer(batch_size, "batch_size", 1, type_error=TypeError)
+    eps = as_number(eps, "eps", "a finite number > 0", lambda value: 0 < value < math.inf, type_error=TypeError)
+    rtol = as_number(rtol, "rtol", "a finite number >= 0", lambda value: 0 <= value < math.inf, type_error=TypeError)
+    atol = as_number(atol, "atol", "a finite number >= 0", lambda value: 0 <= value < math.inf, type_error=TypeError)
     if rtol == 0 and atol == 0:
         raise ValueError("rtol and atol are both 0, a tolerance finite differences never meet; give rtol > 0 or atol > 0")
     if x is not None:
@@ -195,17 +197,3 @@ def _sample_shape(input_shape) -> tuple[int, ...]:
     return tuple(int(size) for size in shape)
 
 
-def _positive_integer(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _finite_number(name: str, value, requirement: str, holds) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number {requirement}, got {value!r}")
-    if not (math.isfinite(value) and holds(float(value))):
-        raise ValueError(f"{name} must be a finite number {requirement}, got {value!r}")
-    return float(value)

@@ -22,12 +22,36 @@ def make_rng(seed: int | numpy.random.Generator | None) -> numpy.random.Generato
     return numpy.random.default_rng(seed)
 
 
-def as_integer(value, name: str, low: int) -> int:
+def as_integer(value, name: str, low: int, *, type_error: type[Exception] = ValueError) -> int:
     """``value`` as a Python int (NumPy integers included, booleans not); ValueError naming ``name``
-    when it is not an integer or is below ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    when it is below ``low``, ``type_error`` when it is not an integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise type_error(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def is_number(value) -> bool:
+    """A real number, NumPy scalars included; not a bool (True as a rate or a size is a mistake)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_number(value, name: str, requirement: str, holds, *, type_error: type[Exception] = ValueError) -> float:
+    """``value`` as a float if it is a number (:func:`is_number`) for which ``holds`` (given the float)
+    is true (NaN fails every comparison, so ``holds`` refuses it unless it says otherwise).
+
+    A number that fails ``holds`` raises ValueError "``name`` must be ``requirement``, got ...", with
+    ``requirement`` such as ``"> 0"`` or ``"in [0, 1)"``; anything else raises ``type_error`` with
+    "must be a number ``requirement``". A ``requirement`` that names the kind of number itself
+    (``"a finite number > 0"``) gives both the same words.
+    """
+    wanted = requirement if "number" in requirement else f"a number {requirement}"
+    if not is_number(value):
+        raise type_error(f"{name} must be {wanted}, got {value!r}")
+    if not holds(float(value)):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+    return float(value)
 
 
 def he_normal(rng: numpy.random.Generator, shape: tuple[int, ...], fan_in: int) -> numpy.ndarray:

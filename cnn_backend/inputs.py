@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from .data import CLASS_NAMES, Normalization, prepare_images
+from .data import CLASS_NAMES, FASHION_MNIST_SHAPE, Normalization, prepare_images
 from .datasets.base import DataError, LabelledImages, shape_text
 
 INPUTS_KEY = "__inputs__"
@@ -53,7 +53,7 @@ class InputSpec:
         """The assumed input of a file that records none: Fashion-MNIST's names (generic ones when
         the network has not ten outputs) and ``input_shape`` when the model config gives one, else 1x28x28."""
         names = CLASS_NAMES if num_outputs == len(CLASS_NAMES) else generic_class_names(num_outputs)
-        channels, height, width = (1, 28, 28)
+        channels, height, width = FASHION_MNIST_SHAPE
         if input_shape is not None and len(input_shape) == 3 and int(input_shape[0]) in (1, 3):
             channels, height, width = (int(size) for size in input_shape)
         return cls(tuple(names), channels, (height, width), None, recorded=False)

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy
 
+from .data import FASHION_MNIST_SHAPE, NUM_CLASSES
 from .layers import SoftmaxCrossEntropy
 from .model import ARCHITECTURES
 from .optim import make_optimizer
@@ -25,7 +26,6 @@ from .training import train_step
 
 #: the optimisers counted, with the settings the benchmark and the training defaults use
 OPTIMIZER_SETTINGS = {"sgd": {"lr": 0.01, "momentum": 0.9}, "adam": {"lr": 1e-3}}
-IMAGE_SHAPE, N_CLASSES = (1, 28, 28), 10
 
 
 def count_launches(
@@ -53,7 +53,7 @@ def count_launches(
         for param in params:
             param.detach_from_flat()
     rng = numpy.random.default_rng(seed)
-    x = backend.to_device(rng.random((batch_size, *IMAGE_SHAPE)).astype(dtype))
+    x = backend.to_device(rng.random((batch_size, *FASHION_MNIST_SHAPE)).astype(dtype))
     if mode == "infer":
         model.eval()
 
@@ -61,7 +61,7 @@ def count_launches(
             model.forward(x)
 
     elif mode == "train":
-        y = backend.to_device(rng.integers(0, N_CLASSES, size=batch_size))
+        y = backend.to_device(rng.integers(0, NUM_CLASSES, size=batch_size))
         updater = make_optimizer(optimizer, params, backend, **OPTIMIZER_SETTINGS[optimizer])
         # Labels are valid by construction: no per-step input checks (device reads), as in training.
         loss_fn = SoftmaxCrossEntropy(backend, check_inputs=False)

@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy
 
 from .backend import Backend, get_backend
-from .data import HOST_CHECK_SAMPLES, count_non_finite_samples, prepare_images
+from .data import FASHION_MNIST_SHAPE, HOST_CHECK_SAMPLES, count_non_finite_samples, prepare_images
 from .init import as_integer, make_rng
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
@@ -22,6 +22,8 @@ from .layers.base import (
 from .parameters import FlatParameters, Parameter
 
 CONFIG_KEY = "__model_config__"
+#: prefixes of the parameter and buffer arrays in a model file (``param/<layer>.<name>``)
+PARAM_PREFIX, BUFFER_PREFIX = "param/", "buffer/"
 #: how NumPy refuses an array larger than any memory (a ValueError, not a MemoryError)
 NUMPY_SIZE_ERRORS = ("Maximum allowed dimension exceeded", "array is too big")
 #: samples per forward pass when predicting or evaluating: large enough for fast matrix products,
@@ -504,8 +506,8 @@ class Sequential:
 
         ``extra`` maps names to host arrays stored beside the parameters (e.g. optimiser state).
         """
-        arrays = {f"param/{name}": value for name, value in self.state_dict().items()}
-        arrays.update({f"buffer/{name}": value for name, value in self.buffer_state_dict().items()})
+        arrays = {PARAM_PREFIX + name: value for name, value in self.state_dict().items()}
+        arrays.update({BUFFER_PREFIX + name: value for name, value in self.buffer_state_dict().items()})
         arrays[CONFIG_KEY] = json_array(self.config())
         if self.input_spec is not None:
             self._check_input_spec()
@@ -620,10 +622,6 @@ def _check_shape(what: str, name: str, value, current) -> None:
 
 # -- architectures -----------------------------------------------------------------------------------
 
-#: the per-sample shape of the images the built-in networks were designed for (Fashion-MNIST)
-FASHION_MNIST_SHAPE = (1, 28, 28)
-
-
 def seed_cnn(
     backend: Backend | str = "cpu", seed: int | None = 0, algorithm: str = "auto", input_shape=FASHION_MNIST_SHAPE,
     num_classes: int = 10,
@@ -661,8 +659,7 @@ def plain_cnn(
     num_classes: int = 10,
 ) -> Sequential:
     """A classic small CNN without BatchNorm: two 3x3 conv blocks (32, 64 filters), a 128-unit
-    dense layer and a 10-way output (the packaged ``architectures/plain.toml``, the default network
-    before the BatchNorm one); ``dropout`` > 0 adds a Dropout layer of that rate before the output
+    dense layer and a 10-way output (the packaged ``architectures/plain.toml``); ``dropout`` > 0 adds a Dropout layer of that rate before the output
     layer; ``input_shape`` and ``num_classes`` adapt it to other data.
 
     Each block is convolution, max-pool, ReLU: the same function as convolution, ReLU, max-pool

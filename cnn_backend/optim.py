@@ -17,12 +17,11 @@ per-parameter path.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Mapping, Sequence
 
 from .backend import DTYPES, Backend, backend_of
-from .init import as_integer
+from .init import as_integer, as_number, is_number
 from .layers import Layer
 from .parameters import FlatParameters, Parameter, shared_flat_buffer
 
@@ -47,7 +46,7 @@ class Optimizer:
 
     def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend | None = None) -> None:
         self.params = _checked_parameters(type(self).__name__, params)
-        self.lr = _checked(type(self).__name__, "learning rate", lr, "> 0", lambda value: value > 0)
+        self.lr = as_number(lr, f"{type(self).__name__}: learning rate", "> 0", lambda value: value > 0)
         self.steps = 0
         self._flat: FlatParameters | None = shared_flat_buffer(self.params)
         self.backend = self._parameters_backend() if backend is None else backend
@@ -115,7 +114,7 @@ class Optimizer:
         """Apply one update from the gradients stored in the parameters."""
         # Checked at every step, not only when built: a schedule (or code) sets ``lr`` between steps.
         # Zero is a schedule's start or end (no update); a negative rate would climb the loss.
-        if not (isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr >= 0):
+        if not (is_number(self.lr) and math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"{type(self).__name__}: the learning rate must be a finite number >= 0, got {self.lr!r} (set by a schedule or by code)")
         self._follow_parameters()
         self.steps += 1
@@ -247,8 +246,8 @@ class SGD(Optimizer):
         *,
         backend: Backend | None = None,
     ) -> None:
-        momentum = _checked("SGD", "momentum", momentum, "in [0, 1)", lambda value: 0.0 <= value < 1.0)
-        weight_decay = _checked("SGD", "weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
+        momentum = as_number(momentum, "SGD: momentum", "in [0, 1)", lambda value: 0.0 <= value < 1.0)
+        weight_decay = as_number(weight_decay, "SGD: weight_decay", ">= 0", lambda value: value >= 0)
         if nesterov and not momentum:
             # Nesterov without momentum is plain SGD: a momentum was forgotten (PyTorch refuses it too).
             raise ValueError(f"SGD: nesterov=True needs a momentum > 0, got momentum={momentum!r}")
@@ -306,13 +305,13 @@ class Adam(Optimizer):
             beta1, beta2 = betas
         except (TypeError, ValueError):  # not a pair
             beta1 = beta2 = None
-        if not (_is_number(beta1) and _is_number(beta2)):
+        if not (is_number(beta1) and is_number(beta2)):
             raise ValueError(f"Adam: betas must be a pair of numbers in [0, 1), got {betas!r}")
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Adam: betas must be in [0, 1), got {betas!r}")
         self.beta1, self.beta2 = float(beta1), float(beta2)
-        self.eps = _checked("Adam", "eps", eps, ">= 0", lambda value: value >= 0)
-        self.weight_decay = _checked("Adam", "weight_decay", weight_decay, ">= 0", lambda value: value >= 0)
+        self.eps = as_number(eps, "Adam: eps", ">= 0", lambda value: value >= 0)
+        self.weight_decay = as_number(weight_decay, "Adam: weight_decay", ">= 0", lambda value: value >= 0)
         super().__init__(params, lr, backend)
 
     def config(self) -> dict:
@@ -343,11 +342,6 @@ class Adam(Optimizer):
         xp.divide(m, work, out=work)
         work *= self.lr / self._correction1
         data -= work
-
-
-def _is_number(value) -> bool:
-    """A real number, NumPy scalars included; not a bool (True as a learning rate is a mistake)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _short(value) -> str:
@@ -384,16 +378,6 @@ def _checked_parameters(owner: str, params) -> list[Parameter]:
         if str(dtype) not in DTYPES:
             raise ValueError(f"{owner}: parameters of dtype {dtype} cannot be updated; use {' or '.join(DTYPES)}")
     return params
-
-
-def _checked(owner: str, name: str, value, requirement: str, holds) -> float:
-    """``value`` as a float if it is a number for which ``holds`` is true, else one line naming it
-    (NaN fails every comparison, so it is refused too)."""
-    if not _is_number(value):
-        raise ValueError(f"{owner}: {name} must be a number {requirement}, got {value!r}")
-    if not holds(float(value)):
-        raise ValueError(f"{owner}: {name} must be {requirement}, got {value!r}")
-    return float(value)
 
 
 OPTIMIZERS = {cls.name: cls for cls in (SGD, Adam)}

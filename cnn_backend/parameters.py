@@ -19,6 +19,7 @@ gradient is zero) and every all-reduce.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from .backend import Backend
@@ -148,7 +149,7 @@ class FlatParameters:
     def views(self, flat):
         """Per-parameter views (in order, with the parameters' shapes) of a 1-D array laid out like this buffer."""
         return [
-            flat[offset : offset + _size(param.data.shape)].reshape(param.data.shape)
+            flat[offset : offset + param.data.size].reshape(param.data.shape)
             for param, offset in zip(self.parameters, self.offsets)
         ]
 
@@ -162,13 +163,6 @@ class FlatParameters:
         return f"FlatParameters({len(self.parameters)} parameters, {self.size} elements, {self.dtype.name})"
 
 
-def _size(shape) -> int:
-    size = 1
-    for extent in shape:
-        size *= int(extent)
-    return size
-
-
 def flat_layout(shapes: Sequence[tuple], itemsize: int) -> tuple[list[int], int]:
     """Offsets (in elements) of arrays of ``shapes`` laid end to end, each aligned to
     :data:`ALIGNMENT_BYTES`, and the total length."""
@@ -177,7 +171,7 @@ def flat_layout(shapes: Sequence[tuple], itemsize: int) -> tuple[list[int], int]
     for shape in shapes:
         start = -(-end // step) * step
         offsets.append(start)
-        end = start + _size(shape)
+        end = start + math.prod(shape)
     return offsets, end
 
 

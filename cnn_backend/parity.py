@@ -27,6 +27,7 @@ import numpy
 
 from . import backend as backend_module
 from .backend import Backend
+from .data import FASHION_MNIST_SHAPE, NUM_CLASSES
 from .layers import SoftmaxCrossEntropy
 from .model import ARCHITECTURES, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
@@ -36,8 +37,6 @@ DEVICES = ("cuda", "standin")
 DATA_SOURCES = ("synthetic", "bundled")
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 CONV_CHOICES = ("auto", "gemm", "signal")
-IMAGE_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
 
 #: Largest normwise relative difference accepted after up to a few dozen steps. Rounding differs
 #: between devices (reduction order, FFT library) and compounds through the updates, so these are
@@ -310,7 +309,7 @@ def host_batches(data: str, steps: int, batch_size: int, dtype, seed: int = 0) -
     count = steps * batch_size
     if data == "synthetic":
         rng = numpy.random.default_rng(seed)
-        images = rng.random((count, *IMAGE_SHAPE)).astype(dtype)
+        images = rng.random((count, *FASHION_MNIST_SHAPE)).astype(dtype)
         labels = rng.integers(0, NUM_CLASSES, size=count, dtype=numpy.int64)
     elif data == "bundled":
         from .data import load_fashion_mnist, prepare_images
@@ -365,7 +364,7 @@ def compare(
 
         algorithm = None if conv_algorithm == "auto" else conv_algorithm
         try:
-            models = [build_model(model, (1, 28, 28), be, seed, algorithm=algorithm) for be in (reference, device)]
+            models = [build_model(model, FASHION_MNIST_SHAPE, be, seed, algorithm=algorithm) for be in (reference, device)]
         except SpecError as exc:
             raise SpecError(f"{model}: {exc}") from None
     else:

@@ -14,9 +14,15 @@ from typing import Sequence
 
 import numpy
 
+from . import functional as F
+from .backend import cpu_backend, get_backend
 from .datasets.base import DataError
 from .datasets.folder import decode_image
 from .inputs import InputSpec
+from .model import EVALUATION_BATCH_SIZE
+
+#: classes shown per image, here and by ``cnn-backend predict --top``
+DEFAULT_TOP = 3
 
 
 @dataclass
@@ -54,13 +60,15 @@ def read_image_file(path: str | os.PathLike, inputs: InputSpec) -> numpy.ndarray
 
 
 def softmax(logits: numpy.ndarray) -> numpy.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exponentials = numpy.exp(shifted)
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
+    """Class probabilities of host ``logits`` ``(N, classes)``, from the loss's stable log-softmax."""
+    return numpy.exp(F.log_softmax(cpu_backend(parallel=False), logits))
 
 
-def predict_files(model, inputs: InputSpec, paths: Sequence[str | os.PathLike], top: int = 5, batch_size: int = 256) -> list[Prediction]:
-    """A :class:`Prediction` per path, in order, with the ``top`` most likely classes."""
+def predict_files(
+    model, inputs: InputSpec, paths: Sequence[str | os.PathLike], top: int = DEFAULT_TOP, batch_size: int = EVALUATION_BATCH_SIZE,
+) -> list[Prediction]:
+    """A :class:`Prediction` per path, in order, with the ``top`` most likely classes
+    (``batch_size`` images per forward pass)."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     predictions = [Prediction(Path(path)) for path in paths]
@@ -85,16 +93,18 @@ def predict_files(model, inputs: InputSpec, paths: Sequence[str | os.PathLike], 
 
 
 def predict_images(
-    checkpoint: str | os.PathLike, paths: str | os.PathLike | Sequence[str | os.PathLike], *, top: int = 5, device: str = "cpu",
+    checkpoint: str | os.PathLike, paths: str | os.PathLike | Sequence[str | os.PathLike], *, top: int = DEFAULT_TOP,
+    device: str = "auto", batch_size: int = EVALUATION_BATCH_SIZE,
 ) -> list[Prediction]:
     """Load ``checkpoint`` (or a model file) onto ``device`` and predict ``paths`` (one path or a
-    sequence of them; a list of one prediction per image): the Python counterpart of ``cnn-backend predict``."""
+    sequence of them; a list of one prediction per image): the Python counterpart of ``cnn-backend predict``,
+    with its defaults. ``device="auto"`` runs on a usable CUDA GPU, else on the CPU (without CuPy
+    installed that costs one failed import); give ``"cpu"`` to keep CuPy out."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    from .backend import get_backend
     from .checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, require_training_state=False)
     backend = get_backend(device, loaded.dtype)
     model = loaded.build_model(backend)
-    return predict_files(model, loaded.input_spec(), paths, top=top)
+    return predict_files(model, loaded.input_spec(), paths, top=top, batch_size=batch_size)

@@ -448,7 +448,7 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
         return entry
     registered = LAYER_TYPES.get(kind)
     if registered is None or _qualified_name(registered) != _qualified_name(type(layer)):
-        return _unregistered_entry(layer, kind, label)
+        return _unregistered_entry(layer, label)
     options = layer_options(kind)
     if type(layer).config is Layer.config:
         unread = [option for option in options if option != "layers" and not hasattr(layer, option)]
@@ -477,7 +477,7 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
     return normalized
 
 
-def _unregistered_entry(layer: Layer, kind: str, label: str) -> dict:
+def _unregistered_entry(layer: Layer, label: str) -> dict:
     """The entry of a class that is not registered: written so that its files load once it is."""
     entry = {key: _plain_value(value) for key, value in layer.spec().items()}
     if _holds_layer_list(layer) and ("layers" in entry or _defines_children(type(layer))):

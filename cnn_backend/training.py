@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy
 
-from .data import BatchLoader, BatchShare
+from .data import SEED_SPLIT, BatchLoader, BatchShare, split_ranges
 from .distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
 from .functional import cross_entropy_per_sample
 from .init import as_integer
@@ -46,8 +46,8 @@ RECIPES: dict[str, dict] = {
         "dropout": 0.0,
         "augment": "none",
         "label_smoothing": 0.0,
-        "train_split": ":5000",
-        "val_split": "5000:10000",
+        "train_split": split_ranges(*SEED_SPLIT)[0],
+        "val_split": split_ranges(*SEED_SPLIT)[1],
     },
     "default": {
         # The BatchNorm network with random 1-pixel shifts and flips, label smoothing and a larger

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cnn_backend import threads  # noqa: E402
 from cnn_backend.backend import DeviceUnavailableError, get_backend  # noqa: E402
-from cnn_backend.benchmark import IMAGE_SHAPE, synthetic_batches  # noqa: E402
+from cnn_backend.benchmark import synthetic_batches  # noqa: E402
+from cnn_backend.data import FASHION_MNIST_SHAPE  # noqa: E402
 from cnn_backend.layers import SoftmaxCrossEntropy  # noqa: E402
 from cnn_backend.model import Sequential  # noqa: E402
 from cnn_backend.optim import Adam  # noqa: E402
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     try:
         backend = get_backend(args.device, args.dtype)
         label, spec = resolve_spec(args.model)
-        model = Sequential.from_spec(spec, IMAGE_SHAPE, backend=backend, seed=0)
+        model = Sequential.from_spec(spec, FASHION_MNIST_SHAPE, backend=backend, seed=0)
     except (DeviceUnavailableError, SpecError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -487,6 +487,17 @@ def test_a_float64_model_file_is_evaluated_and_predicted_in_float64(tmp_path, ca
     assert dtypes == [numpy.float64]
 
 
+def test_predict_images_has_the_command_line_defaults():
+    import inspect
+
+    from cnn_backend.cli import build_parser
+    from cnn_backend.predict import predict_images
+
+    args = build_parser().parse_args(["predict", "model.npz", "image.png"])
+    defaults = {name: parameter.default for name, parameter in inspect.signature(predict_images).parameters.items()}
+    assert {name: defaults[name] for name in ("top", "device", "batch_size")} == {"top": args.top, "device": args.device, "batch_size": args.batch_size}
+
+
 def test_evaluate_test_split_needs_the_download(trained, capsys, monkeypatch):
     monkeypatch.setenv("CNN_BACKEND_DATA", str(trained / "no-data-here"))
     status, _, err = run_main(capsys, "evaluate", trained / "last.npz", "--split", "test", "--data", "auto", "--device", "cpu")

@@ -301,7 +301,7 @@ def test_class_names_are_compared_only_where_the_files_store_them(tmp_path):
     trained_on_folder.check(load_dataset("bundled"), "--data bundled")
     with pytest.raises(DataError, match=r"names its classes differently from the model: class 0 is 'T-shirt/top' there but '0'"):
         digits.check(load_dataset("bundled"), "--data bundled")  # names both sides know still count
-    assert "class_names_assumed" not in InputSpec.for_data(load_dataset("bundled")).config()  # files as before
+    assert "class_names_assumed" not in InputSpec.for_data(load_dataset("bundled")).config()  # only assumed names are marked in the file
 
 
 def test_a_hold_out_run_resumes_only_on_its_own_hold_out_and_image_size(tmp_path, capsys):
@@ -421,7 +421,7 @@ def test_download_takes_a_dataset_name(tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "download_dataset", lambda name, directory: calls.append((name, directory)) or directory)
     status, stdout, _ = run_main(capsys, "download", "cifar10", "--data-dir", tmp_path / "c")
-    assert status == 0 and calls == [("cifar10", tmp_path / "c")] and "CIFAR-10 is ready in" in stdout
+    assert status == 0 and calls == [("cifar10", tmp_path / "c")] and "CIFAR-10 (50,000 train, 10,000 test images) is ready in" in stdout
     status, _, err = run_main(capsys, "download", "imagenet")
     assert status == 2 and "invalid choice: 'imagenet'" in err
 

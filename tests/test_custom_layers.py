@@ -525,7 +525,7 @@ def test_a_registered_subclass_of_a_built_in_layer_keeps_its_own_options_in_spec
         {"type": "ScaledResidual", "gain": 0.5, "layers": [{"type": "Convolution", "out_channels": 3, "kernel_size": 3, "padding": 1}]},
         {"type": "Flatten"}, {"type": "WideFullyConnected", "out_features": 2, "width": 2},
     ]}  # fmt: skip
-    model = build_model(spec, (1, 6, 6), seed=0)  # refused before: spec() of the built-in parent dropped gain, shift, width
+    model = build_model(spec, (1, 6, 6), seed=0)  # spec() keeps the subclasses' own gain, shift and width
     recorded = model.config()["layers"]
     assert recorded[0] == {"type": "GainConvolution", "out_channels": 3, "kernel_size": 3, "gain": 2.0}
     assert recorded[1] == {"type": "ShiftedBatchNorm", "shift": 0.5, "momentum": 0.2}  # what config() gives, no num_features
@@ -535,7 +535,7 @@ def test_a_registered_subclass_of_a_built_in_layer_keeps_its_own_options_in_spec
     assert copy.deepcopy(model)[2].gain == 0.5
     x = images(n=2, seed=1)[:, :, :6, :6]
     numpy.testing.assert_array_equal(loaded.eval().forward(x), model.eval().forward(x))
-    assert model.summary().rows[0].description == "out_channels=3, kernel_size=3, gain=2.0"  # spec() no longer KeyErrors
+    assert model.summary().rows[0].description == "out_channels=3, kernel_size=3, gain=2.0"  # the summary reads the subclass's own options too
 
 
 class Pad(Layer):
@@ -572,7 +572,7 @@ def test_tuple_options_are_written_as_lists_and_load_back(tmp_path):
     built_in_python = Sequential([Pad((2, 1)), Corners([(1, 2), (3, 4)]), Flatten(), FullyConnected(out_features=2)], input_shape=(1, 2, 2))
     document = json.loads(json.dumps(built_in_python.config()))
     assert document["layers"][:2] == [{"type": "Pad", "pads": [2, 1]}, {"type": "Corners", "points": [[1, 2], [3, 4]]}]
-    loaded = Sequential.load(built_in_python.save(tmp_path / "model.npz"))  # refused before: config() gives pads=(2, 1)
+    loaded = Sequential.load(built_in_python.save(tmp_path / "model.npz"))  # config() gives a tuple, pads=(2, 1)
     assert (loaded[0].pads, loaded[1].points) == ((2, 1), [(1, 2), (3, 4)])
     # A file's lists, a Python spec's tuples (nested ones too) and a tuple default all build and record alike.
     for pad, corners in (({"pads": [2, 1]}, {"points": [[1, 2], [3, 4]]}), ({"pads": (2, 1)}, {"points": [(1, 2), (3, 4)]}), ({}, {})):
@@ -586,7 +586,7 @@ def test_an_unregistered_container_saves_its_inner_layers_and_loads_once_registe
     from cnn_backend.layers import Tanh
 
     model = Sequential([Convolution(out_channels=2, kernel_size=3), Block([Tanh()]), Flatten(), FullyConnected(out_features=2)], input_shape=(1, 5, 5))
-    path = model.save(tmp_path / "model.npz")  # a TypeError before: the default config() gives the Tanh object
+    path = model.save(tmp_path / "model.npz")  # the default config() holds the Tanh object itself
     assert model.config()["layers"][1] == {"type": "Block", "layers": [{"type": "Tanh"}]}
     with pytest.raises(ModelFileError, match=r"unknown layer type 'Block'.*register_layer"):
         Sequential.load(path)

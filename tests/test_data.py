@@ -296,6 +296,14 @@ def test_split_train_validation_conventions():
         data.split_train_validation(images, labels, *data.FULL_SPLIT)
 
 
+def test_the_recipe_and_command_line_ranges_are_the_splits_as_text():
+    from cnn_backend.cli.settings import FULL_DATA_SIZE, FULL_RANGES
+    from cnn_backend.training import RECIPES
+
+    assert (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]) == (":5000", "5000:10000")
+    assert (FULL_DATA_SIZE, FULL_RANGES) == (60_000, (":50000", "50000:"))
+
+
 def test_class_names():
     assert len(data.CLASS_NAMES) == 10
     assert data.CLASS_NAMES[0] == "T-shirt/top" and data.CLASS_NAMES[9] == "Ankle boot"
@@ -585,6 +593,37 @@ def test_pixel_scaling_is_exact_for_black_and_white():
     images[1] = 255
     (x, _), = BatchLoader(images, numpy.array([0, 1]), backend, 2, shuffle=False).epoch(0)
     assert x[0].max() == 0.0 and x[1].min() == 1.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_images_are_scaled_and_normalised_bit_for_bit_as_the_step_by_step_formula(dtype):
+    from cnn_backend.testing import standin_backend
+
+    images = numpy.random.default_rng(5).integers(0, 256, (6, 3, 4, 5), dtype=numpy.uint8)
+    images[0] = 0
+    images[1] = 255
+
+    def formula(normalization):  # the steps written out: scale, then normalise
+        x = images.astype(dtype)
+        x *= 1.0 / 255.0
+        if normalization is not None:
+            mean, inverse_std = normalization.shaped(x.dtype)
+            x -= mean
+            x *= inverse_std
+        return x
+
+    for normalization in (None, data.Normalization((0.5, 0.25, 0.125), (0.3, 0.2, 0.7))):
+        expected = formula(normalization)
+        prepared = prepare_images(images, dtype, normalization)
+        assert prepared.dtype == expected.dtype
+        numpy.testing.assert_array_equal(prepared, expected)
+        for backend in (get_backend("cpu", dtype), standin_backend(dtype)):
+            for max_device_bytes in (0, 1 << 30):  # batches sent one by one, or the whole set on the device
+                loader = BatchLoader(images, numpy.zeros(6, int), backend, 6, shuffle=False, normalization=normalization,
+                                     max_device_bytes=max_device_bytes)
+                (x, _), = loader.epoch(0)
+                assert x.dtype == expected.dtype
+                numpy.testing.assert_array_equal(backend.to_numpy(x), expected)
 
 
 def test_order_is_reproducible_per_epoch():

@@ -150,6 +150,23 @@ def test_registry_rows_are_complete_and_checksums_are_md5s():
         datasets.dataset_info("svhn")
 
 
+def test_the_docs_dataset_table_gives_the_registry_sizes_shapes_and_classes():
+    table = (Path(__file__).resolve().parent.parent / "docs" / "datasets.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        name = re.match(r"`([\w-]+)`", cells[0])
+        if line.startswith("| `") and name and name[1] in DATASETS:
+            rows[name[1]] = cells
+    assert set(rows) == set(DATASETS)
+    for name, info in DATASETS.items():
+        _, _, sizes, shape, classes, download, *_ = rows[name]
+        assert sizes == " / ".join(f"{info.split_sizes[split]:,}" for split in ("train", "test")), name
+        assert shape == "x".join(map(str, info.image_shape)), name
+        assert download.startswith(f"{info.size_text}, "), name
+        assert classes == ("0-9" if name == "mnist" else ", ".join(info.class_names)), name
+
+
 # ------------------------------------------------------------------------------------ IDX sets
 
 

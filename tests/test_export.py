@@ -506,7 +506,7 @@ def test_constants_are_float32_unless_an_integer_or_boolean_dtype_is_asked_for()
 
     graph = GraphBuilder(onnx, DEFAULT_OPSET)
     floats = [numpy.array([2, 3], dtype=numpy.int32), [0, -1], numpy.uint8(4), 2, 2.0, numpy.arange(3.0), numpy.float16(0.5)]
-    for index, value in enumerate(floats):  # an integer-valued factor stays a float, as before there were dtypes
+    for index, value in enumerate(floats):  # an integer-valued factor stays a float unless a dtype is given
         graph.constant(f"f{index}", value)
     graph.constant("axes", [0, -1], dtype="int64")
     graph.constant("whole", numpy.array([3.0]), dtype="int64")

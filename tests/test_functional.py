@@ -425,31 +425,28 @@ def clean_default(monkeypatch):
 
 
 def test_auto_rule_picks_gemm_for_the_models(clean_default):
-    be = get_backend("cpu")
     for weight_shape in [(1, 1, 6, 6), (32, 1, 3, 3), (64, 32, 3, 3)]:  # seed; default's two layers
-        assert resolve_conv_algorithm("auto", be, weight_shape, 1) == "gemm"
-    assert resolve_conv_algorithm("auto", be) == "gemm"
+        assert resolve_conv_algorithm("auto", weight_shape, 1) == "gemm"
+    assert resolve_conv_algorithm("auto") == "gemm"
 
 
 def test_auto_rule_picks_signal_for_large_single_channel_kernels(clean_default):
-    be = get_backend("cpu")
-    assert resolve_conv_algorithm("auto", be, (1, 1, 15, 15), 1) == "signal"
+    assert resolve_conv_algorithm("auto", (1, 1, 15, 15), 1) == "signal"
     # A strided layer would throw most of the FFT's stride-1 output away.
-    assert resolve_conv_algorithm("auto", be, (1, 1, 15, 15), 2) == "gemm"
+    assert resolve_conv_algorithm("auto", (1, 1, 15, 15), 2) == "gemm"
 
 
 def test_explicit_algorithm_passes_through(clean_default):
-    be = get_backend("cpu")
     F.set_default_conv_algorithm("signal")
-    assert resolve_conv_algorithm("gemm", be, (1, 1, 3, 3), 1) == "gemm"
+    assert resolve_conv_algorithm("gemm", (1, 1, 3, 3), 1) == "gemm"
 
 
 def test_global_default_overrides_auto(clean_default, monkeypatch):
     be = get_backend("cpu")
     monkeypatch.setenv(F.CONV_ALGORITHM_ENV, "signal")
-    assert resolve_conv_algorithm("auto", be, (64, 32, 3, 3), 1) == "signal"
+    assert resolve_conv_algorithm("auto", (64, 32, 3, 3), 1) == "signal"
     F.set_default_conv_algorithm("gemm")  # the function wins over the environment
-    assert resolve_conv_algorithm("auto", be, (64, 32, 3, 3), 1) == "gemm"
+    assert resolve_conv_algorithm("auto", (64, 32, 3, 3), 1) == "gemm"
     F.set_default_conv_algorithm("auto")  # back to the environment
     assert F.get_default_conv_algorithm() == "signal"
     layer = Convolution(1, 2, 3, rng=0, backend=be)

@@ -595,6 +595,17 @@ def test_bad_arguments_of_the_new_layers(make, message):
         make()
 
 
+def test_numpy_floats_are_accepted_as_numbers_and_text_is_refused():
+    batchnorm, leaky = BatchNorm(3, momentum=numpy.float32(0.1), eps=numpy.float64(1e-5)), LeakyReLU(numpy.float32(0.2))
+    assert type(batchnorm.momentum) is float and batchnorm.momentum == float(numpy.float32(0.1))
+    assert type(leaky.negative_slope) is float and leaky.negative_slope == float(numpy.float32(0.2))
+    assert Dropout(numpy.float32(0.25)).rate == 0.25
+    with pytest.raises(ValueError, match=r"^BatchNorm: momentum must be a number in \[0, 1\], got '0.1'$"):
+        BatchNorm(3, momentum="0.1")
+    with pytest.raises(ValueError, match=r"^LeakyReLU: negative_slope must be a finite number, got '0.2'$"):
+        LeakyReLU("0.2")
+
+
 def test_a_residual_block_first_in_a_model_skips_its_input_gradient():
     from cnn_backend import Sequential
 
@@ -650,7 +661,7 @@ def test_a_layer_called_on_its_own_casts_float_input_to_its_dtype(name, layer_dt
 
     x = numpy.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(given)
     out = run(x)
-    assert out.dtype == layer_dtype  # before: the input's dtype (float64 from a float32 layer)
+    assert out.dtype == layer_dtype  # not the input's dtype (float64 into a float32 layer)
     numpy.testing.assert_array_equal(out, run(x.astype(layer_dtype)))
 
 

@@ -468,7 +468,7 @@ def test_backward_casts_a_float_gradient_of_another_precision_to_the_model_dtype
     expected_grads = [p.grad.copy() for p in model.parameters()]
     model(x)
     dx = model.backward(dy)
-    assert dx.dtype == numpy.float32  # float64 before: every layer's backward ran in float64
+    assert dx.dtype == numpy.float32  # a float64 gradient is taken in the model's dtype at every layer
     numpy.testing.assert_array_equal(dx, expected)
     for param, grad in zip(model.parameters(), expected_grads):
         numpy.testing.assert_array_equal(param.grad, grad)

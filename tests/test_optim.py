@@ -302,7 +302,7 @@ def test_one_cycle_schedule_refuses_bad_settings(kwargs):
     (lambda v: OneCycleSchedule(0.1, total_steps=v), "OneCycleSchedule: total_steps", 2),
 ], ids=["step-size", "cosine-total", "cosine-warmup", "one-cycle-total"])
 def test_schedules_refuse_step_counts_that_are_not_integers_in_one_line(make, name, low, value):
-    # int(1.5) == 1 used to make StepSchedule decay every step; "3" failed later with a raw TypeError.
+    # Truncating 1.5 to 1 would make StepSchedule decay every step; "3" would fail later with a raw TypeError.
     with pytest.raises(ValueError, match=rf"^{name} must be an integer >= {low}, got {re.escape(repr(value))}$"):
         make(value)
 

@@ -411,3 +411,21 @@ def test_built_in_networks_adapt_to_the_input_shape_and_the_class_count():
     assert plain.layers[0].in_channels == 3 and plain.layers[7].in_features == 64 * 8 * 8
     many = build_for_run({**settings, "model": "seed"}, get_backend("cpu"), "auto", InputSpec(tuple(map(str, range(100))), 1, (28, 28)))
     assert many.output_shape == (100,)
+
+
+def test_the_builtin_option_table_has_the_constructors_names_and_defaults():
+    from cnn_backend.layers import LAYER_TYPES
+    from cnn_backend.layers.base import constructor_options
+    from cnn_backend.spec import BUILTIN_OPTIONS, REQUIRED
+
+    assert set(BUILTIN_OPTIONS) <= set(LAYER_TYPES)
+    for kind, options in BUILTIN_OPTIONS.items():
+        parameters = constructor_options(LAYER_TYPES[kind])
+        # Residual's projection is made by build and kept out of specs (docs/layers.md).
+        assert set(options) == set(parameters) - ({"projection"} if kind == "Residual" else set()), kind
+        for name, (_, default, _) in options.items():
+            given = parameters[name].default
+            if default is REQUIRED:  # no default, or None where an inferred size comes before it (Convolution(8, 3))
+                assert given is parameters[name].empty or given is None, (kind, name, given)
+            else:
+                assert given == default and type(given) is type(default), (kind, name, given, default)

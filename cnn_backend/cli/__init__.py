@@ -29,22 +29,17 @@ from ..data import download
 from ..datasets import download_dataset
 from ..distributed import abort_job, launcher_rank
 from ..runfolder import stop_signals_raise
-from .arguments import parse_range, select_range
-from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, USER_ERRORS, failure, print_error
-from .evaluate import add_evaluate_command, add_predict_command, load_evaluation_data, run_evaluate, run_predict
-from .recorder import EpochProgress, RunRecorder, format_epoch_line
-from .runtime import DEFAULT_MODEL, INPUT_SHAPE, build_model, check_spec_file, load_spec_model, open_backend
-from .settings import SETTING_NAMES, load_training_data, optimizer_config, resolve_ranges, resolve_settings, resolve_validation
-from .train import add_train_command, run_train
-from .utility import add_download_command, add_summary_command, run_download, run_summary
+from .console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, failure, print_error
+from .evaluate import add_evaluate_command, add_predict_command
+# The steps of setting up a run, which the tests call from here.
+from .runtime import build_model, open_backend
+from .settings import resolve_ranges, resolve_settings
+from .train import add_train_command
+from .utility import add_download_command, add_summary_command
 
 __all__ = [
-    "DEFAULT_MODEL", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "INPUT_SHAPE", "OPTIONAL_COMMANDS",
-    "PROG", "SETTING_NAMES", "USER_ERRORS", "EpochProgress", "OneLineParser", "RunRecorder", "build_model", "build_parser",
-    "check_spec_file", "download", "download_dataset", "format_epoch_line", "get_backend", "load_evaluation_data",
-    "load_optional_command", "load_spec_model", "load_training_data", "main", "open_backend", "optimizer_config",
-    "parse_range", "resolve_ranges", "resolve_settings", "resolve_validation", "run_download", "run_evaluate",
-    "run_predict", "run_summary", "run_train", "select_range",
+    "EXIT_FAILED", "EXIT_USAGE", "build_model", "download", "download_dataset", "get_backend", "main", "open_backend",
+    "resolve_ranges", "resolve_settings",
 ]
 
 #: commands provided by optional modules, loaded only when invoked: name -> (module, help)

@@ -12,7 +12,7 @@ from ..data import DataError, stratified_holdout
 from ..datasets import load_dataset, source_kind
 from ..inputs import InputSpec
 from ..model import EVALUATION_BATCH_SIZE
-from ..predict import predict_files
+from ..predict import DEFAULT_TOP, predict_files
 from ..report import classification_report, confusion_matrix, format_report, write_json
 from ..serialization import FileWriteError
 from ..training import evaluate
@@ -58,10 +58,12 @@ def add_predict_command(commands) -> None:
     predict_parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help=CHECKPOINT_HELP)
     predict_parser.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="image files")
     add_import_option(predict_parser)
-    predict_parser.add_argument("--top", type=positive_int, default=3, metavar="K", help="classes to show per image (default: 3)")
+    predict_parser.add_argument("--top", type=positive_int, default=DEFAULT_TOP, metavar="K",
+                                help=f"classes to show per image (default: {DEFAULT_TOP})")
     predict_parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     predict_parser.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
-    predict_parser.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default: 256)")
+    predict_parser.add_argument("--batch-size", type=positive_int, default=EVALUATION_BATCH_SIZE, help="images per forward pass "
+                                f"(default: {EVALUATION_BATCH_SIZE})")
 
 
 def _refuse_changed_ranges(stored: dict, data, source, path) -> None:

@@ -8,13 +8,12 @@ import numpy
 
 from .. import cli as package  # get_backend is looked up there, so that tests can replace it
 from ..backend import DeviceUnavailableError
+from ..data import FASHION_MNIST_SHAPE
 from ..inputs import InputSpec
 from ..model import ARCHITECTURES
 from ..spec import BUILTIN_NAMES, SpecError, build_model as build_spec_model, normalize_spec, resolve_spec
 
 DEFAULT_MODEL = "default"
-#: the per-sample shape of Fashion-MNIST images, which the built-in networks were designed for
-INPUT_SHAPE = (1, 28, 28)
 
 
 def quiet_float_warnings():
@@ -47,7 +46,7 @@ def build_model(settings: dict, backend, conv_algorithm: str, inputs: InputSpec 
     return build_builtin_model(settings, backend, conv_algorithm, inputs.input_shape, inputs.num_classes)
 
 
-def build_builtin_model(settings: dict, backend, conv_algorithm: str = "auto", input_shape=INPUT_SHAPE, num_classes: int = 10):
+def build_builtin_model(settings: dict, backend, conv_algorithm: str = "auto", input_shape=FASHION_MNIST_SHAPE, num_classes: int = 10):
     """The built-in network ``settings["model"]`` with ``settings["dropout"]`` (the recipe's, unless
     --dropout gave another), as train builds it; errors name the network."""
     options = {"input_shape": input_shape, "num_classes": num_classes}

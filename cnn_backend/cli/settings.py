@@ -10,7 +10,7 @@ import numpy
 
 from ..augment import WITHOUT_FLIPS
 from ..checkpoint import Checkpoint
-from ..data import BUNDLED_COUNT, DataError, stratified_holdout
+from ..data import BUNDLED_COUNT, FULL_SPLIT, DataError, split_ranges, stratified_holdout
 from ..datasets import DATASETS, load_dataset, source_kind
 from ..datasets.folder import parse_image_size
 from ..spec import BUILTIN_NAMES
@@ -40,8 +40,8 @@ SETTING_NAMES = (
 FIXED_BY_CHECKPOINT = ("model", "optimizer", "dropout", "normalize", "image_size", "channels")
 #: what ``source_kind`` calls a folder given by its path (not a dataset name)
 FOLDER_KINDS = ("idx-folder", "cifar10-folder", "image-folder")
-#: the training/validation split of a full 60,000-image training set
-FULL_DATA_SIZE, FULL_SPLIT = 60_000, (":50000", "50000:")
+#: the training/validation ranges of a full 60,000-image training set (validation to the end)
+FULL_DATA_SIZE, FULL_RANGES = sum(FULL_SPLIT), split_ranges(FULL_SPLIT[0])
 #: share of a smaller data set (the bundled 10,000 images) used for training; the rest validates
 FALLBACK_TRAIN_SHARE = 0.8
 #: share of an image folder (ordered by class) held out per class when no split is given
@@ -162,13 +162,13 @@ def resolve_ranges(settings: dict, total: int, given_why: str = "as requested") 
     train_text, val_text = settings["train_split"], settings["val_split"]
     if train_text is None or val_text is None:
         if total >= FULL_DATA_SIZE:
-            defaults, why = FULL_SPLIT, "the full-data split"
+            defaults, why = FULL_RANGES, "the full-data split"
         else:
             cut = int(total * FALLBACK_TRAIN_SHARE)
             defaults = (f":{cut}", f"{cut}:{total}")
             why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available"
             if total == BUNDLED_COUNT:
-                why += f" (the full-data split {FULL_SPLIT[0]}/{FULL_SPLIT[1]} needs `cnn-backend download`)"
+                why += f" (the full-data split {FULL_RANGES[0]}/{FULL_RANGES[1]} needs `cnn-backend download`)"
         train_text = train_text or defaults[0]
         val_text = val_text or defaults[1]
     elif (train_text, val_text) == (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]):

@@ -63,7 +63,7 @@ from .settings import (
     DROPOUT_MODELS,
     FALLBACK_TRAIN_SHARE,
     FOLDER_VALIDATION_FRACTION,
-    FULL_SPLIT,
+    FULL_RANGES,
     SETTING_NAMES,
     array_digest,
     load_training_data,
@@ -129,10 +129,10 @@ def add_train_command(commands) -> None:
                        f"{FOLDER_VALIDATION_FRACTION:g})")
     model.add_argument("--train-split", type=range_text, metavar="START:STOP", help="training images, a slice of the "
                        f"training set (default: seed model {RECIPES['seed']['train_split']}; other models "
-                       f"{FULL_SPLIT[0]} on the full data, the first {FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set "
+                       f"{FULL_RANGES[0]} on the full data, the first {FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set "
                        "such as the bundled one)")
     model.add_argument("--val-split", type=range_text, metavar="START:STOP", help="validation images (default: "
-                       f"seed model {RECIPES['seed']['val_split']}; other models {FULL_SPLIT[1]} on the full data, "
+                       f"seed model {RECIPES['seed']['val_split']}; other models {FULL_RANGES[1]} on the full data, "
                        f"the last {100 - FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set)")
 
     optimisation = train.add_argument_group("optimisation")
@@ -321,8 +321,9 @@ def _train(args, world, held: list | None = None) -> int:
             _refuse_an_outdated_resume(folder.path, checkpoint, resumed_identity)
         out_dir = world.broadcast_object(folder.path if folder is not None else None)
         return _train_in_folder(
-            args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch, checkpoint,
-            loader, schedule, schedule_settings, validation, lines, inputs, held,
+            args, folder, out_dir, world=world, communicator=communicator, settings=settings, backend=backend, model=model,
+            optimizer=optimizer, start_epoch=start_epoch, checkpoint=checkpoint, loader=loader, schedule=schedule,
+            schedule_settings=schedule_settings, validation=validation, lines=lines, inputs=inputs, held=held,
         )
     finally:
         if folder is not None:
@@ -426,7 +427,7 @@ def _run_facts(settings: dict, log_every: int, checkpoint, images, labels, train
     }
 
 
-def _train_in_folder(args, folder, out_dir, world, communicator, settings, backend, model, optimizer, start_epoch,
+def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, backend, model, optimizer, start_epoch,
                      checkpoint, loader, schedule, schedule_settings, validation, lines, inputs: InputSpec,
                      held: list | None = None) -> int:
     """The training run; ``folder`` is None on the processes other than rank 0, which neither print

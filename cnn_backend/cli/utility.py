@@ -8,12 +8,13 @@ from pathlib import Path
 
 from .. import cli as package  # get_backend, download and download_dataset are looked up there, so that tests can replace them
 from ..backend import DTYPES
+from ..data import FASHION_MNIST_SHAPE
 from ..datasets import DATA_DIR_ENV, DATASETS, dataset_dir
 from ..spec import BUILTIN_NAMES
 from ..summary import format_summary
 from .arguments import add_command, add_import_option, input_shape_text, model_text
 from .console import EXIT_OK, PROG, say
-from .runtime import DEFAULT_MODEL, INPUT_SHAPE, build_builtin_model, load_spec_model
+from .runtime import DEFAULT_MODEL, build_builtin_model, load_spec_model
 from .settings import resolve_settings
 
 
@@ -27,7 +28,7 @@ def add_summary_command(commands) -> None:
     summary_parser.add_argument("--model", type=model_text, default=DEFAULT_MODEL, metavar="seed|default|plain|FILE",
                                 help="a built-in network or a .toml/.json architecture file (default: default)")
     add_import_option(summary_parser)
-    summary_parser.add_argument("--input-shape", type=input_shape_text, default=INPUT_SHAPE, metavar="C,H,W",
+    summary_parser.add_argument("--input-shape", type=input_shape_text, default=FASHION_MNIST_SHAPE, metavar="C,H,W",
                                 help="per-sample input shape, channels,height,width (or features) (default: 1,28,28, Fashion-MNIST)")
     summary_parser.add_argument("--dtype", choices=DTYPES, default="float32", help="for the parameter memory (default: float32)")
 
@@ -39,7 +40,8 @@ def add_download_command(commands) -> None:
         description="Download a dataset's official files and check their published MD5s (CIFAR-10 is then unpacked).",
     )
     download_parser.add_argument("name", nargs="?", default="fashion-mnist", choices=tuple(DATASETS), metavar="NAME",
-                                 help=f"one of {', '.join(DATASETS)} (default: fashion-mnist)")
+                                 help=f"one of {', '.join(f'{name} ({info.size_text})' for name, info in DATASETS.items())} "
+                                 "(default: fashion-mnist)")
     download_parser.add_argument("--data-dir", type=Path, metavar="DIR", help="target folder (default: "
                                  "$CNN_BACKEND_DATA/NAME, else NAME in the user cache)")
 
@@ -68,5 +70,6 @@ def run_download(args) -> int:
     where = ""
     if args.data_dir is not None and directory != dataset_dir(args.name) and args.name != "fashion-mnist":
         where = f"; --data {args.name} reads {dataset_dir(args.name)}: set ${DATA_DIR_ENV} to the folder above one named {args.name}"
-    say(f"{info.title} is ready in {directory} (all files verified){where}")
+    sizes = ", ".join(f"{count:,} {split}" for split, count in info.split_sizes.items())
+    say(f"{info.title} ({sizes} images) is ready in {directory} (all files verified){where}")
     return EXIT_OK

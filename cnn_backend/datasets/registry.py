@@ -8,7 +8,7 @@ Python version; the MD5 of the *binary* version used here is the one on the data
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class DatasetInfo:
     ``format`` is ``"idx"`` (``split_files`` names the images and labels file of each split) or
     ``"cifar10-binary"`` (``split_files`` names the batch files inside ``archive_folder``).
     ``mirror_symmetric``: a left-right mirrored image keeps its class (clothes, photographs; not
-    digits or characters), so training-time flips suit it.
+    digits or characters), so training-time flips suit it. ``split_sizes`` (images per split) and
+    ``size_text`` (the download's size) are for messages; docs/datasets.md's table repeats them, and
+    a test checks that the two agree.
     """
 
     name: str
@@ -36,7 +38,6 @@ class DatasetInfo:
     citation: str
     archive_folder: str | None = None
     size_text: str = ""
-    notes: dict = field(default_factory=dict)
     mirror_symmetric: bool = False
 
     @property

@@ -7,7 +7,7 @@
 * ``"bundled"``: the bundled subset;
 * ``"mnist"``, ``"kmnist"``, ``"cifar10"``: a registered dataset in ``dataset_dir(name)``
   (``cnn-backend download NAME`` puts it there);
-* a folder: IDX files (read as Fashion-MNIST, as before), the CIFAR-10 binary batches (or their
+* a folder: IDX files (read as Fashion-MNIST), the CIFAR-10 binary batches (or their
   archive), or class folders of images (:mod:`.folder`).
 """
 
@@ -122,7 +122,7 @@ def resolve_source(split: str = "train", source: str | os.PathLike = "auto") -> 
 def load_fashion_source(resolved: DataSource) -> LabelledImages:
     if resolved.kind == "bundled":
         verify_bundled(resolved.images_path, resolved.labels_path)
-    images, labels = load_idx_pair(resolved.images_path, resolved.labels_path, FASHION_MNIST.num_classes, (28, 28))
+    images, labels = load_idx_pair(resolved.images_path, resolved.labels_path, FASHION_MNIST.num_classes, FASHION_MNIST.image_shape[1:])
     return LabelledImages(images, labels, FASHION_MNIST.class_names, resolved.describe())
 
 

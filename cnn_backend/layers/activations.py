@@ -6,6 +6,7 @@ import math
 
 from .. import functional as F
 from ..backend import Backend
+from ..init import as_number
 from .base import Layer
 
 
@@ -45,9 +46,7 @@ class LeakyReLU(Layer):
 
     def __init__(self, negative_slope: float = 0.01, *, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) or not math.isfinite(negative_slope):
-            raise ValueError(f"LeakyReLU: negative_slope must be a finite number, got {negative_slope!r}")
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = as_number(negative_slope, "LeakyReLU: negative_slope", "a finite number", math.isfinite)
 
     def config(self) -> dict:
         return {"negative_slope": self.negative_slope}

@@ -114,8 +114,7 @@ class Layer:
 
     def set_buffer(self, name: str, value) -> None:
         """Replace the buffer at dotted ``name`` (own or a child's) with the device array ``value``."""
-        head, _, rest = name.partition(".")
-        if not rest:
+        if "." not in name:
             self.buffers[name] = value
             return
         for child_name, child in self.children():

@@ -119,7 +119,7 @@ class Convolution(Layer):
             )
         weight = self.params["weight"].data
         bias = self.params["bias"].data if self.bias else None
-        algorithm = resolve_conv_algorithm(self.algorithm, self.backend, weight.shape, self.stride)
+        algorithm = resolve_conv_algorithm(self.algorithm, weight.shape, self.stride)
         if algorithm == "gemm" and self.runs_banded(x.shape):
             y, self._cache = F.conv2d_forward_banded(self.backend, x, weight, bias, self.stride, self.padding, self._workspace)
         else:
@@ -151,7 +151,7 @@ class Convolution(Layer):
         if self.training != pool.training or (self.training and self.needs_input_grad):
             return False
         weight_shape = (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
-        if resolve_conv_algorithm(self.algorithm, self.backend, weight_shape, self.stride) != "gemm":
+        if resolve_conv_algorithm(self.algorithm, weight_shape, self.stride) != "gemm":
             return False
         out_h, out_w = (F.output_size(size, self.kernel_size, 1, self.padding) for size in input_shape[2:])
         return out_h % 2 == 0 and out_w % 2 == 0 and min(out_h, out_w) >= 2 and F.conv_maxpool_pays(*weight_shape[1:], self.out_channels)
@@ -199,7 +199,7 @@ class Convolution(Layer):
         return dx
 
 
-def resolve_conv_algorithm(algorithm: str, backend: Backend, weight_shape=None, stride: int = 1) -> str:
+def resolve_conv_algorithm(algorithm: str, weight_shape=None, stride: int = 1) -> str:
     """The algorithm ``"auto"`` stands for; explicit choices (``"gemm"``, ``"signal"``) pass through.
 
     ``"auto"`` first consults the global default (:func:`cnn_backend.functional.set_default_conv_algorithm`,

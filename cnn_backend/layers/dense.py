@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy
 
 from .. import functional as F
 from ..backend import Backend
-from ..init import initial_weight, make_rng
+from ..init import as_number, initial_weight, make_rng
 from ..parameters import Parameter
 from .base import Layer, ShapeError, _optional_size, _size, missing_size_after_positional
 
@@ -23,10 +22,7 @@ class Flatten(Layer):
     """
 
     def _build(self, input_shape: tuple, rng) -> tuple:
-        size = 1
-        for extent in input_shape:
-            size *= extent
-        return (size,)
+        return (math.prod(input_shape),)
 
     def forward(self, x):
         if x.ndim < 2:
@@ -154,11 +150,7 @@ class Dropout(Layer):
 
     def __init__(self, rate: float = 0.5, *, rng=None, backend: Backend | str | None = None) -> None:
         super().__init__(backend)
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
-            raise ValueError(f"Dropout: rate must be a number in [0, 1), got {rate!r}")
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"Dropout: rate must be in [0, 1), got {rate!r}")
-        self.rate = float(rate)
+        self.rate = as_number(rate, "Dropout: rate", "in [0, 1)", lambda value: 0.0 <= value < 1.0)
         # Without a generator of its own, build() hands it the model's (the draws then continue
         # the parameter initialisation's stream, as in the built-in networks).
         self._own_rng = rng is not None

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
-
 from .. import functional as F
 from ..backend import Backend, cpu_backend, get_backend
+from ..init import as_number
 from .base import ShapeError
 
 
@@ -35,10 +34,9 @@ class SoftmaxCrossEntropy:
         self.backend = cpu_backend() if backend is None else get_backend(backend)
         self.check_inputs = check_inputs
         self.check_labels = check_inputs if check_labels is None else check_labels
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-                or not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = as_number(
+            label_smoothing, "SoftmaxCrossEntropy: label_smoothing", "a number in [0, 1)", lambda value: 0.0 <= value < 1.0
+        )
         self._dlogits = None
 
     def forward(self, logits, labels):

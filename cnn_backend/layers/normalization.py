@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from .. import functional as F
 from ..backend import Backend
+from ..init import as_number
 from ..parameters import Parameter
 from .base import Layer, ShapeError, _optional_size
 
@@ -27,14 +30,9 @@ class BatchNorm(Layer):
     ) -> None:
         super().__init__(backend)
         num_features = _optional_size("BatchNorm", "num_features", num_features, 1)
-        for name, value in (("momentum", momentum), ("eps", eps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"BatchNorm: {name} must be a number, got {value!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum!r}")
-        if not 0.0 < eps < float("inf"):
-            raise ValueError(f"BatchNorm: eps must be a finite number > 0, got {eps!r}")
-        self.num_features, self.momentum, self.eps = num_features, float(momentum), float(eps)
+        momentum = as_number(momentum, "BatchNorm: momentum", "in [0, 1]", lambda value: 0.0 <= value <= 1.0)
+        eps = as_number(eps, "BatchNorm: eps", "a finite number > 0", lambda value: 0.0 < value < math.inf)
+        self.num_features, self.momentum, self.eps = num_features, momentum, eps
         self._cache = None
         if num_features is not None:
             self._create_parameters()
@@ -58,7 +56,7 @@ class BatchNorm(Layer):
         return {"num_features": self.num_features, "momentum": self.momentum, "eps": self.eps}
 
     def macs(self) -> int:
-        return 0 if self.output_shape is None else _element_count(self.output_shape)
+        return 0 if self.output_shape is None else math.prod(self.output_shape)
 
     def _as_rows(self, x):
         """``x`` as a ``(features, samples)`` 2-D array: one row per channel (4-D: over N, H, W in
@@ -137,10 +135,3 @@ class BatchNorm(Layer):
         if not self.needs_input_grad:
             return None
         return self._from_rows(dx_rows, shape)
-
-
-def _element_count(shape) -> int:
-    count = 1
-    for extent in shape:
-        count *= extent
-    return count
