@@ -19,7 +19,7 @@ from ..training import evaluate
 from .arguments import DATA_METAVAR, add_command, add_import_option, json_report_path, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
-from .settings import data_digest, data_not_found, ranges_digest
+from .settings import data_digest, data_not_found, ranges_digest, refuse_changed_images
 
 CHECKPOINT_HELP = "a .npz written by train (or Sequential.save)"
 
@@ -66,6 +66,10 @@ def add_predict_command(commands) -> None:
                                 f"(default: {EVALUATION_BATCH_SIZE})")
 
 
+#: what to do when the checkpoint's own validation images can no longer be told apart
+OTHER_IMAGES_ADVICE = "pass --range START:STOP, or evaluate --split test"
+
+
 def _refuse_changed_ranges(stored: dict, data, source, path) -> None:
     """The checkpoint's own validation range indexes the data's order: refused once its images (or
     the training range's) are others, where a file added before them shifted every index."""
@@ -74,11 +78,10 @@ def _refuse_changed_ranges(stored: dict, data, source, path) -> None:
         return
     train_window = select_range(stored["train_split"], len(data), "--train-split")
     val_window = select_range(stored["val_split"], len(data), "--range")
-    if ranges_digest(data, train_window, val_window) != recorded:
-        raise ValueError(
-            f"{source}: the images changed since {path} was trained (files added, removed, renamed or replaced), so its "
-            f"validation range would now hold other images, some it may have trained on; pass --range START:STOP, or evaluate --split test"
-        )
+    refuse_changed_images(
+        source, path, recorded, ranges_digest(data, train_window, val_window),
+        "its validation range would now hold other images, some it may have trained on", OTHER_IMAGES_ADVICE,
+    )
 
 
 def run_evaluate(args) -> int:
@@ -111,12 +114,10 @@ def run_evaluate(args) -> int:
             raise ValueError(f"{args.checkpoint} stores no validation range; pass --range START:STOP or --split test")
         _refuse_changed_ranges(stored, data, source, checkpoint.path)
     if range_text is None:
-        recorded = stored.get("holdout_of")  # checkpoints from before it was recorded have none
-        if recorded is not None and recorded != data_digest(data):
-            raise ValueError(
-                f"{source}: the images changed since {checkpoint.path} was trained (files added, removed, renamed or replaced), "
-                f"so its hold-out would now take images it trained on; pass --range START:STOP, or evaluate --split test"
-            )
+        refuse_changed_images(  # checkpoints from before the digest was recorded have none
+            source, checkpoint.path, stored.get("holdout_of"), data_digest(data),
+            "its hold-out would now take images it trained on", OTHER_IMAGES_ADVICE,
+        )
         window = stratified_holdout(labels, stored["val_fraction"], stored.get("seed", 0))[1]
         window_text, label = "hold-out", f"hold-out ({len(window):,} images)"
     else:

@@ -257,6 +257,17 @@ def data_digest(data) -> str:
     return array_digest(data.labels, data.images)
 
 
+def refuse_changed_images(source, path, recorded: str | None, current: str, consequence: str, advice: str) -> None:
+    """Refuse data whose digest differs from the one ``path`` recorded when it was trained (None:
+    a checkpoint that records none): its hold-out or ranges, which index the data's order, would
+    now select other images."""
+    if recorded is not None and recorded != current:
+        raise ValueError(
+            f"{source}: the images changed since {path} was trained (files added, removed, renamed or replaced), "
+            f"so {consequence}; {advice}"
+        )
+
+
 def missing_classes_notes(data, train_window, val_window) -> list[str]:
     """A note for each split that lacks some of the data's classes (a range of a folder ordered by
     class, say): validating on classes never trained on, or training without them."""

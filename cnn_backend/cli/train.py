@@ -69,6 +69,7 @@ from .settings import (
     load_training_data,
     missing_classes_notes,
     optimizer_config,
+    refuse_changed_images,
     refuse_other_ranges,
     resolve_settings,
     resolve_validation,
@@ -284,11 +285,10 @@ def _train(args, world, held: list | None = None) -> int:
                 settings[key] = None
     train_window, val_window, split_line = resolve_validation(settings, data, explicit, resumed=checkpoint is not None)
     for digest, selection in (("holdout_of", "its hold-out"), ("ranges_of", "its ranges")):
-        if checkpoint is not None and checkpoint.settings.get(digest) not in (None, settings.get(digest)):
-            raise ValueError(
-                f"{settings['data']}: the images changed since {checkpoint.path} was trained (files added, removed, renamed or "
-                f"replaced), so {selection} would now mix training and validation images; resume on the same files, "
-                f"or start a new run"
+        if checkpoint is not None:
+            refuse_changed_images(
+                settings["data"], checkpoint.path, checkpoint.settings.get(digest), settings.get(digest),
+                f"{selection} would now mix training and validation images", "resume on the same files, or start a new run",
             )
     split_notes = missing_classes_notes(data, train_window, val_window)
     if checkpoint is None:
