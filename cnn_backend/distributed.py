@@ -288,6 +288,11 @@ def launcher_rank(environ=None) -> int | None:
     return None
 
 
+def launcher_size(environ=None) -> int | None:
+    """The number of processes the MPI launcher started, from its environment (None when not known)."""
+    return _launcher_size(os.environ if environ is None else environ)
+
+
 def _launcher_size(environ) -> int | None:
     for name in LAUNCHER_SIZE_VARIABLES:
         try:

@@ -98,8 +98,8 @@ def predict_images(
 ) -> list[Prediction]:
     """Load ``checkpoint`` (or a model file) onto ``device`` and predict ``paths`` (one path or a
     sequence of them; a list of one prediction per image): the Python counterpart of ``cnn-backend predict``,
-    with its defaults. ``device="auto"`` runs on a usable CUDA GPU, else on the CPU (without CuPy
-    installed that costs one failed import); give ``"cpu"`` to keep CuPy out."""
+    with its defaults. ``device="auto"`` runs on a usable CUDA GPU, else on the CPU: it imports CuPy
+    where it is installed (about a second without a GPU); give ``"cpu"`` to keep CuPy out."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     from .checkpoint import load_checkpoint

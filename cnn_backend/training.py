@@ -479,8 +479,8 @@ def fit(
     """Train for epochs ``start_epoch .. epochs``; returns one :class:`EpochStats` per epoch.
 
     ``validation`` is ``(images, labels)`` on the host (images as
-    :func:`cnn_backend.data.prepare_images` returns them), sent to the device once and evaluated
-    after every epoch. ``on_epoch_start(epoch)`` runs before an epoch's first step,
+    :func:`cnn_backend.data.prepare_images` returns them), evaluated after every epoch (sent to the
+    device once in a single process). ``on_epoch_start(epoch)`` runs before an epoch's first step,
     ``on_epoch_end(stats)`` after its validation. ``communicator``: see :class:`Trainer`; validation
     is then shared among the processes too, in chunks of ``validation_batch_size`` images (the
     samples per forward pass). ``label_smoothing``: that of the training loss (see :class:`Trainer`).
@@ -493,10 +493,11 @@ def fit(
         raise ValueError(f"fit: start_epoch {start_epoch} is after the last epoch (epochs={epochs}): nothing would be trained")
     if validation is not None:
         _check_validation(model, validation)
-        # On the device once, not again at every epoch's evaluation (a GPU would receive the whole
-        # set in floats each time); only a device array's check for NaN then runs per epoch.
-        images, labels = validation
-        validation = (model.backend.to_device(images, dtype=model.backend.dtype), labels)
+        if communicator is None or communicator.size == 1:
+            # On the device once, not again at every epoch's evaluation (a GPU would receive the whole
+            # set in floats each time). Processes of a job each send only their share, per epoch.
+            images, labels = validation
+            validation = (model.backend.to_device(images, dtype=model.backend.dtype), labels)
     trainer = Trainer(
         model, optimizer, loader, schedule=schedule, augment=augment, log_every=log_every, communicator=communicator,
         label_smoothing=label_smoothing,

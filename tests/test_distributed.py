@@ -138,6 +138,22 @@ def test_under_an_mpi_launcher_without_mpi4py_one_line_says_what_to_install(monk
     assert launcher_rank({"MPI_LOCALRANKID": "1"}) is None and launcher_rank({}) is None
 
 
+def test_without_mpi4py_a_command_other_than_train_under_a_launcher_of_several_is_refused_by_rank_0_alone(monkeypatch, capsys):
+    from cnn_backend.cli import main
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` fail
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("PMI_RANK", rank)
+        monkeypatch.setenv("PMI_SIZE", "2")
+        assert main(["summary", "--model", "seed"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == ("cnn-backend: error: summary runs in one process: start it without mpiexec (train alone "
+                                "shares its work among the processes of a job)\n" if said else "")
+    monkeypatch.setenv("PMI_SIZE", "1")  # a launcher of one process: the command runs, and MPI is not started
+    assert main(["summary", "--model", "seed"]) == 0 and "total: 1,257 parameters" in capsys.readouterr().out
+
+
 def test_each_rank_takes_gpu_local_rank_modulo_the_device_count():
     assert [device_index(rank, 4) for rank in range(6)] == [0, 1, 2, 3, 0, 1]
     with pytest.raises(ValueError):

@@ -680,3 +680,7 @@ def test_a_layer_called_with_input_in_its_dtype_gets_that_very_array_and_a_list_
     assert taken.dtype == numpy.float32 and taken.tolist() == [[1.0, 2.0], [3.0, 4.0]]
     with pytest.raises(ShapeError, match=r"^Seen: the input holds int64 values, not floats"):
         layer([[1, 2], [3, 4]])
+    # On a device, a host array already in the layer's dtype is sent there too.
+    device = standin_backend("float32")
+    on_device = Seen(backend=device)(x)
+    assert isinstance(on_device, device.xp.ndarray) and device.to_numpy(on_device).tolist() == x.tolist()

@@ -27,7 +27,7 @@ from .. import __version__
 from ..backend import get_backend
 from ..data import download
 from ..datasets import download_dataset
-from ..distributed import abort_job, launcher_rank
+from ..distributed import abort_job, launcher_rank, launcher_size
 from ..runfolder import stop_signals_raise
 from .console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, failure, print_error
 from .evaluate import add_evaluate_command, add_predict_command
@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if args.command != "train":
-        _refuse_a_job_of_several_processes(args.command)
+        try:
+            _refuse_a_job_of_several_processes(args.command)
+        except SystemExit as exc:  # refused, in one line from rank 0
+            return exc.code
     try:
         with stop_signals_raise():
             return args.handler(args)
@@ -125,10 +128,14 @@ def _refuse_a_job_of_several_processes(command: str) -> None:
     would run once per process, each printing (and writing) the same, so a job of several is
     refused in one line by rank 0. Returns when this is not such a job."""
     rank = launcher_rank()
-    if rank is not None:
-        _end_job_for_a_usage_error(
-            f"{command} runs in one process: start it without mpiexec (train alone shares its work among the processes of a job)", rank
-        )
+    size = launcher_size()  # from the launcher's environment: no need to start MPI to know it
+    if rank is None or size == 1:
+        return
+    text = f"{command} runs in one process: start it without mpiexec (train alone shares its work among the processes of a job)"
+    _end_job_for_a_usage_error(text, rank)  # rank 0 says it once and ends the job (with mpi4py)
+    if size is not None:  # several processes but no mpi4py to end them with: rank 0 says it, each stops
+        print_error(text)
+        raise SystemExit(EXIT_USAGE)
 
 
 def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParser:

@@ -512,7 +512,9 @@ def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, ba
         else:
             epoch = progress.epoch or start_epoch
             saved = recorder is not None and recorder.last_saved_epoch == epoch  # stopped while writing its files
-            report_error(f"{what} {'after' if saved else 'during'} epoch {epoch}; {intact(resume_hint=True)}", prefix="")
+            # After the last epoch's files there is nothing left to resume (--resume would refuse it).
+            finished = saved and epoch == settings["epochs"]
+            report_error(f"{what} {'after' if saved else 'during'} epoch {epoch}; {intact(resume_hint=not finished)}", prefix="")
         return getattr(exc, "exit_status", EXIT_INTERRUPTED)
     except NonFiniteLossError as exc:
         progress.close()

@@ -165,7 +165,7 @@ class Layer:
         """``forward(x)`` for a layer used on its own: input of another dtype is checked and cast first
         (:func:`layer_input`), as a model's input is. A model calls ``forward`` itself, on input it
         has already checked and cast."""
-        if getattr(x, "dtype", None) != self.backend.dtype:  # the whole cost when the input is right: no copy
+        if not isinstance(x, self.backend.xp.ndarray) or x.dtype != self.backend.dtype:  # the whole cost when right
             x = layer_input(x, self.backend, type(self).__name__)
         return self.forward(x)
 
