@@ -205,20 +205,27 @@ def test_a_second_signal_while_the_first_is_handled_keeps_the_first_ones_message
     assert not (tmp_path / "run").exists()
 
 
-def test_a_stop_while_the_last_epoch_is_saved_offers_no_resume(tmp_path):
-    # The last epoch's files are written whole; --resume of a finished run would be refused.
+def train_with_ctrl_c_while_an_epoch_is_saved(tmp_path, epochs: int, at_exit: str = "") -> subprocess.CompletedProcess:
+    """A training run sent SIGINT while its first epoch's history is written (held back until the
+    epoch's files are whole); ``at_exit``: a statement registered to run as the process exits."""
     script = (
-        "import os, signal, sys\n"
+        "import atexit, os, signal, sys\n"
         "import cnn_backend.cli.recorder as recorder\n"
         "def ctrl_c(name):\n"
         "    if name == 'history':\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
         "recorder.pause_point = ctrl_c\n"
+        f"{at_exit}\n"
         "from cnn_backend.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, "train", *SMALL, "--epochs", "1", "--out", "run"], cwd=tmp_path, env=_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run([sys.executable, "-c", script, "train", *SMALL, "--epochs", str(epochs), "--out", "run"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_a_stop_while_the_last_epoch_is_saved_offers_no_resume(tmp_path):
+    # The last epoch's files are written whole; --resume of a finished run would be refused.
+    result = train_with_ctrl_c_while_an_epoch_is_saved(tmp_path, epochs=1)
     assert result.returncode == 130, result.stderr
     last = Path("run") / "last.npz"
     assert one_line(result.stderr) == f"cnn-backend: interrupted after epoch 1; the last good checkpoint is {last} (epoch 1)"
@@ -229,19 +236,7 @@ def test_a_second_signal_as_the_stopped_run_exits_keeps_the_first_ones_status(tm
     # Ctrl-C while an epoch is saved (held back until its files are written), then SIGTERM while the
     # process shuts down, after the command returned: the interpreter's default for SIGTERM would
     # kill it, its status then SIGTERM's under the message of Ctrl-C.
-    script = (
-        "import atexit, os, signal, sys\n"
-        "import cnn_backend.cli.recorder as recorder\n"
-        "def ctrl_c(name):\n"
-        "    if name == 'history':\n"
-        "        os.kill(os.getpid(), signal.SIGINT)\n"
-        "recorder.pause_point = ctrl_c\n"
-        "atexit.register(os.kill, os.getpid(), signal.SIGTERM)\n"
-        "from cnn_backend.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script, "train", *SMALL, "--epochs", "2", "--out", "run"], cwd=tmp_path, env=_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = train_with_ctrl_c_while_an_epoch_is_saved(tmp_path, epochs=2, at_exit="atexit.register(os.kill, os.getpid(), signal.SIGTERM)")
     assert result.returncode == 130, result.stderr
     assert one_line(result.stderr).startswith("cnn-backend: interrupted after epoch 1; the last good checkpoint is")
 
