@@ -197,8 +197,9 @@ class Sequential:
         every layer, writing each parameter's gradient (replacing the previous one, not adding to
         it); returns the input gradient (None unless the first layer's ``needs_input_grad``).
 
-        A float gradient of another precision is cast to the model's dtype, as ``forward`` casts its
-        input; an integer, boolean or complex one is refused (ShapeError)."""
+        A float gradient of another precision is cast to the model's dtype, and a host array sent to
+        the model's device, as ``forward`` treats its input; an integer, boolean or complex one is
+        refused (ShapeError)."""
         if self._output_shape is None:
             raise RuntimeError(
                 "Sequential.backward: no complete forward pass to backpropagate through (none yet, or the last one "
@@ -221,6 +222,8 @@ class Sequential:
                     f"{self.backend.dtype.name})"
                 )
             grad = grad.astype(self.backend.dtype)
+        if not isinstance(grad, self.backend.xp.ndarray):  # a host array for a device model: sent once, as forward's input
+            grad = self.backend.to_device(grad)
         for layer in reversed(self.layers):
             grad = layer.backward(grad)
         return grad

@@ -54,10 +54,15 @@ def test_host_labels_are_range_checked_with_the_same_message():
 
 @pytest.mark.parametrize("options", [{"check_inputs": False}, {"check_labels": False}])
 def test_with_the_range_check_off_an_out_of_range_label_raises_on_the_cpu_and_the_docs_say_cuda_wraps_it(options):
+    logits = numpy.array([[0.0, 1.0, 2.0], [2.0, 1.0, 0.5]], dtype=numpy.float32)
     with pytest.raises(IndexError):  # NumPy's own error; CuPy would wrap label 3 to class 0 instead
-        SoftmaxCrossEntropy("cpu", **options)(numpy.zeros((2, 3), dtype=numpy.float32), numpy.array([0, 3]))
+        SoftmaxCrossEntropy("cpu", **options)(logits, numpy.array([0, 3]))
+    # A negative label counts from the end, silently, on the CPU as on CUDA.
+    loss = SoftmaxCrossEntropy("cpu", **options)
+    assert float(loss(logits, numpy.array([0, -1]))) == float(loss(logits, numpy.array([0, 2])))
     docstring = " ".join(SoftmaxCrossEntropy.__doc__.split())
-    assert "an out-of-range label raises IndexError on the CPU, but on CUDA CuPy wraps it silently" in docstring
+    assert "a label ``>= classes`` raises IndexError on the CPU but is wrapped silently by CuPy on CUDA" in docstring
+    assert "a negative label counts from the end on both" in docstring
     docs = " ".join((Path(__file__).parents[1] / "docs" / "layers.md").read_text().split())
-    assert "With that check off, labels must be in range: an out-of-range label raises IndexError on the CPU, " \
-           "but on a CUDA GPU CuPy wraps it silently" in docs
+    assert "With that check off, labels must be in range: a label `>= classes` raises IndexError on the CPU but is " \
+           "wrapped silently by CuPy on a CUDA GPU" in docs and "a negative label counts from the end on both" in docs

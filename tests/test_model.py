@@ -474,6 +474,22 @@ def test_backward_casts_a_float_gradient_of_another_precision_to_the_model_dtype
         numpy.testing.assert_array_equal(param.grad, grad)
 
 
+def test_backward_sends_a_host_gradient_to_the_models_device():
+    from cnn_backend.testing import standin_backend
+
+    device = standin_backend("float32")
+    model = seed_cnn(device, seed=0)
+    x = numpy.random.default_rng(0).random((4, 1, 28, 28), dtype=numpy.float32)
+    dy = numpy.random.default_rng(1).standard_normal((4, 10)).astype(numpy.float32)
+    model(device.to_device(x))
+    model.backward(dy)  # a host array: sent to the device, as forward's input is
+    on_host = [device.to_numpy(p.grad) for p in model.parameters()]
+    model(device.to_device(x))
+    model.backward(device.to_device(dy))
+    for grad, param in zip(on_host, model.parameters()):
+        numpy.testing.assert_array_equal(grad, device.to_numpy(param.grad))
+
+
 @pytest.mark.parametrize("dtype", ["int64", "bool", "complex128"])
 def test_backward_refuses_a_gradient_that_is_not_float_in_one_line(dtype):
     model = seed_cnn(seed=0)

@@ -19,9 +19,9 @@ class SoftmaxCrossEntropy:
     validated labels on the host turn it off and watch the loss value instead. ``check_labels``
     (default: ``check_inputs``) checks the labels' range alone, for loops that watch the loss but
     take labels from a loader that did not validate them. With the range check off, labels must be
-    in ``[0, classes)``: an out-of-range label raises IndexError on the CPU, but on CUDA CuPy wraps
-    it silently (label ``classes`` reads class 0, ``-1`` the last class) and the loss and gradient
-    are wrong without an error. Logits and labels may be host or device arrays, or lists (logits
+    in ``[0, classes)``: a label ``>= classes`` raises IndexError on the CPU but is wrapped silently by
+    CuPy on CUDA (``classes`` reads class 0), and a negative label counts from the end on both
+    (``-1`` reads the last class): the loss and gradient are then wrong without an error. Logits and labels may be host or device arrays, or lists (logits
     given as a list are taken in the backend's dtype). ``label_smoothing``
     in [0, 1) replaces the one-hot target by ``(1 - label_smoothing) onehot + label_smoothing / K``
     (PyTorch's definition); it discourages over-confident logits.
