@@ -520,26 +520,18 @@ EXPORTERS: dict[str, Exporter] = {
 def checkpoint_preparation(checkpoint, n_classes: int | None) -> tuple[list[str] | None, Normalization | None]:
     """Class names and input normalisation of a checkpoint, for the metadata and the graph's first nodes.
 
-    Read from the run settings when recorded there (``class_names``; ``normalization`` as
-    ``{"mean": [...], "std": [...]}``), else Fashion-MNIST's class names when the network has 10
-    outputs (``n_classes``; None when unknown) and no normalisation: what runs that record neither
-    were trained on.
+    What training recorded about its input (``__inputs__``, the same record ``evaluate``, ``predict``
+    and ``Sequential.load`` read); for files that record none, the run settings' ``class_names``, else
+    Fashion-MNIST's class names when the network has 10 outputs (``n_classes``; None when unknown),
+    and no normalisation: what such runs were trained on.
     """
     inputs = checkpoint.input_spec() if hasattr(checkpoint, "input_spec") else None
-    if inputs is not None and inputs.recorded:  # what training recorded about its input (``__inputs__``)
+    if inputs is not None and inputs.recorded:
         return list(inputs.class_names), inputs.normalization
-    settings = checkpoint.settings
-    names = settings.get("class_names")
+    names = checkpoint.settings.get("class_names")
     if names is None and n_classes == len(CLASS_NAMES):
         names = CLASS_NAMES
-    recorded = settings.get("normalization")
-    normalization = None
-    if recorded:
-        try:
-            normalization = Normalization(tuple(map(float, recorded["mean"])), tuple(map(float, recorded["std"])))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ExportError(f"{checkpoint.path}: unreadable normalisation {recorded!r} ({_one_line(exc)})") from None
-    return (list(names) if names is not None else None), normalization
+    return (list(names) if names is not None else None), None
 
 
 # == the export command =============================================================================

@@ -80,3 +80,31 @@ def test_flip_mirrors_some_samples_and_shifts_none():
     unchanged = [bool(numpy.array_equal(y[n], x[n])) for n in range(len(x))]
     assert all(m != u for m, u in zip(mirrored, unchanged)), "each sample is its input or its mirror, nothing else"
     assert 0 < sum(mirrored) < len(x)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "standin"])
+def test_normalised_images_are_padded_with_black_as_normalised(backend):
+    # Cropping normalised images equals normalising cropped ones: the shifted-in border is black
+    # either way (torchvision's RandomCrop before Normalize), not the mean colour that 0 would be.
+    from cnn_backend.data import Normalization
+    from cnn_backend.testing import standin_backend
+
+    be = standin_backend("float64") if backend == "standin" else get_backend("cpu", "float64")
+    rng = numpy.random.default_rng(0)
+    images = rng.random((6, 3, 8, 8))
+    norm = Normalization(mean=(0.2, 0.5, 0.7), std=(0.3, 0.25, 0.1))
+    mean, std = numpy.array(norm.mean)[None, :, None, None], numpy.array(norm.std)[None, :, None, None]
+    plain = RandomCropFlip(be, padding=2, seed=3)
+    normalised = make_augmentation("crop-flip", be, seed=3, normalization=norm)
+    expected = (be.to_numpy(plain(be.to_device(images), 1, 1)) - mean) / std
+    got = be.to_numpy(normalised(be.to_device((images - mean) / std), 1, 1))
+    numpy.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    assert normalised.config()["fill"] == pytest.approx([-0.2 / 0.3, -0.5 / 0.25, -0.7 / 0.1])
+
+
+def test_a_fill_that_is_not_one_number_per_channel_is_refused_in_one_line():
+    be = get_backend("cpu", "float32")
+    with pytest.raises(ValueError, match=r"^RandomCropFlip: fill must be a finite number or one per channel, got \[nan\]$"):
+        RandomCropFlip(be, fill=float("nan"))
+    with pytest.raises(ValueError, match=r"^RandomCropFlip: fill has 2 values for images of 3 channels$"):
+        RandomCropFlip(be, fill=(0.1, 0.2))(numpy.zeros((2, 3, 4, 4), dtype=numpy.float32), 1, 1)

@@ -492,7 +492,7 @@ def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, ba
         with quiet_float_warnings(), AgreedStops(world) if world.size > 1 else contextlib.nullcontext() as stops:
             fit(
                 model, optimizer, loader, settings["epochs"], validation=validation, schedule=schedule,
-                augment=make_augmentation(settings["augment"], backend, settings["seed"]),
+                augment=make_augmentation(settings["augment"], backend, settings["seed"], inputs.normalization),
                 start_epoch=start_epoch, on_epoch_start=progress.start, on_interval=progress.update,
                 on_epoch_end=epoch_finished, log_every=args.log_every,
                 communicator=communicator if stops is None else CheckedCollectives(communicator, stops.agree),
