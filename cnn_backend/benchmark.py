@@ -61,7 +61,7 @@ QUICK = {"train_batch_sizes": [8], "infer_batch_sizes": [16], "repeats": 1, "war
 
 def _csv(choices: Sequence[str] | None = None, kind: Callable = str):
     def parse(text: str) -> list:
-        values = [kind(item.strip()) for item in text.split(",") if item.strip()]
+        values = list(dict.fromkeys(kind(item.strip()) for item in text.split(",") if item.strip()))  # once each
         if not values:
             raise argparse.ArgumentTypeError("expected a comma-separated list")
         if choices is not None:
@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="each repeat runs at least this many seconds, and at least 2 steps (default: 0.5)",
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float dtype (default: float32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the weights (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthetic data and the weights (default: 0)")
     parser.add_argument(
         "--threads", type=positive_int, default=None,
         help="threads for our BLAS (through threadpoolctl) and for PyTorch (default: the thread count "

@@ -53,6 +53,12 @@ ROUTING_HINT = (
     "likely a max-pool or ReLU routing a gradient differently between candidates within float32 rounding of each other "
     "(real images' flat backgrounds make such near ties common): rerun with --dtype float64 to tell it from a device fault"
 )
+#: said when a layer's weights part while every gradient of that step agreed
+UPDATE_HINT = (
+    "the weights parted while the gradients agreed: an update that divides by the gradients' size (Adam) turns float32 "
+    "rounding of a near-zero gradient into a step the size of the learning rate; rerun with --dtype float64 or "
+    "--optimizer sgd to tell it from a device fault"
+)
 
 
 @dataclass(frozen=True)
@@ -136,11 +142,18 @@ class ParityReport:
         if self.passed:
             return f"verdict: PASS ({worst}; tolerance {self.tolerance:.0e})"
         first = self.first_failure()
-        hint = f"; {ROUTING_HINT}" if self.dtype == "float32" and _routed_gradient(first) else ""
+        hint = ""
+        if self.dtype == "float32" and _routed_gradient(first):
+            hint = f"; {ROUTING_HINT}"
+        elif self.dtype == "float32" and first.quantity == "weight" and self._gradients_agree(first.step):
+            hint = f"; {UPDATE_HINT}"
         return (
             f"verdict: FAIL (first beyond tolerance {self.tolerance:.0e}: step {first.step}, {first.layer} "
             f"{first.quantity} {first.name}, relative difference {first.max_rel:.2e}; {worst}){hint}"
         )
+
+    def _gradients_agree(self, step: int) -> bool:
+        return all(d.max_rel <= self.tolerance for d in self.differences if d.step == step and d.quantity == "gradient")
 
     def format(self) -> str:
         parts = [self.description] if self.description else []
@@ -408,7 +421,7 @@ def device_backend(name: str, dtype) -> Backend:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``parity`` command's options."""
     # Imported here: the command line's package loads this module only when the command is run.
-    from .cli.arguments import add_import_option, learning_rate, positive_float, positive_int
+    from .cli.arguments import add_import_option, learning_rate, non_negative_int, positive_float, positive_int
 
     parser.add_argument(
         "--device",
@@ -427,7 +440,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd", help="sgd (momentum 0.9) or adam (default: sgd)")
     parser.add_argument("--lr", type=learning_rate, default=None, help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
     parser.add_argument("--data", choices=DATA_SOURCES, default="synthetic", help="batches from seeded noise or the bundled subset (default: synthetic)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and the synthetic data (default: 0)")
     parser.add_argument(
         "--tolerance",
         type=positive_float,

@@ -118,6 +118,7 @@ QUICK_SEED = ["--quick", "--no-torch", "--no-memory", "--models", "seed", "--alg
         (["--threads", "0"], "argument --threads: must be a positive integer, got '0'"),
         (["--repeats", "0"], "argument --repeats: must be a positive integer, got '0'"),
         (["--warmup", "-1"], "argument --warmup: must be an integer >= 0, got '-1'"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
     ],
 )
 def test_bad_settings_are_refused_in_the_standard_line_before_measuring(capsys, options, message):
@@ -181,3 +182,10 @@ def test_an_unusable_device_asked_for_is_reported_in_the_standard_line(capsys, m
     assert not any(line.startswith("benchmark:") for line in err.splitlines())
     # Not asked for: the GPU is left out with the reason alone, the CPU measured.
     assert benchmark.usable_devices(None) == (["cpu"], {"cuda": "CuPy found no usable CUDA device"})
+
+
+def test_a_value_listed_twice_is_measured_once():
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    args = parser.parse_args(["--algorithms", "gemm,gemm,signal,gemm", "--models", "seed,seed"])
+    assert args.algorithms == ["gemm", "signal"] and args.models == ["seed"]

@@ -513,6 +513,31 @@ def test_the_routing_hint_follows_only_a_routing_layers_input_gradient_in_float3
     assert line.endswith(ROUTING_HINT) == hinted, line
 
 
+@pytest.mark.parametrize("gradient_rel, hinted", [(1e-6, True), (1e-3, False)])
+def test_weights_parting_while_the_gradients_agree_are_put_down_to_the_update_in_float32(gradient_rel, hinted):
+    report = parity.ParityReport("cpu", "standin", "float32", 1e-4, 1)
+    report.differences = [
+        Difference(1, "9 FullyConnected", "gradient", "weight", 1e-9, gradient_rel),
+        Difference(1, "9 FullyConnected", "weight", "weight", 1e-3, 3e-3),
+    ]
+    line = report.summary()
+    assert line.endswith(parity.UPDATE_HINT) == hinted, line
+    assert "(Adam)" in parity.UPDATE_HINT and "--optimizer sgd" in parity.UPDATE_HINT
+
+
+def test_adam_in_float32_fails_with_the_update_hint_and_passes_in_float64(capsys):
+    command = ["--device", "standin", "--model", "default", "--optimizer", "adam", "--steps", "1", "--quiet"]
+    assert parity.main(command) == 1
+    assert capsys.readouterr().out.rstrip("\n").endswith(parity.UPDATE_HINT)
+    assert parity.main([*command, "--dtype", "float64"]) == 0
+    assert capsys.readouterr().out.startswith("verdict: PASS")
+
+
+def test_a_negative_seed_is_refused_before_anything_runs(capsys):
+    assert parity.main(["--device", "standin", "--seed", "-1"]) == 2
+    assert capsys.readouterr().err == "cnn-backend: error: argument --seed: must be an integer >= 0, got '-1'; see cnn-backend parity --help\n"
+
+
 def test_parity_is_a_subcommand_of_the_command_line(capsys):
     from cnn_backend import cli
 
