@@ -198,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         **environment,
         "torch": torch_info,
         "gemm_peak_flops": peak,
+        "gemm_peak_size": peak_gemm_size(args.quick),
         "results": results,
         "peak_memory": memory,
     }
@@ -571,11 +572,16 @@ def model_flops(model, input_shape=FASHION_MNIST_SHAPE) -> dict:
     return {"infer": forward, "train": forward + backward}
 
 
+def peak_gemm_size(quick: bool) -> int:
+    """The side of the square product :func:`measure_gemm_peak` times."""
+    return PEAK_GEMM_SIZE // 2 if quick else PEAK_GEMM_SIZE
+
+
 def measure_gemm_peak(backend, quick: bool = False) -> float:
     """The best rate (FLOP/s) of a large square product in the backend's dtype, on all BLAS threads."""
     # --quick: a smaller product, but still one large enough to reach the peak (at 256^3 a first,
     # cold call made every model's share of it read 1,000-2,000%).
-    size = PEAK_GEMM_SIZE // 2 if quick else PEAK_GEMM_SIZE
+    size = peak_gemm_size(quick)
     rng = numpy.random.default_rng(0)
     a, b = (backend.to_device(rng.random((size, size)).astype(backend.dtype)) for _ in range(2))
     a @ b  # untimed: wakes BLAS's threads and the device
@@ -665,7 +671,8 @@ def format_table(report: dict) -> str:
     for device, note in report["settings"]["device_notes"].items():
         lines.append(f"{device}: not measured ({note})")
     for device, peak in report.get("gemm_peak_flops", {}).items():
-        lines.append(f"{device}: matrix-product peak {peak / 1e9:,.0f} GFLOP/s ({PEAK_GEMM_SIZE}^3 product, best of {PEAK_GEMM_REPEATS})")
+        size = report.get("gemm_peak_size", PEAK_GEMM_SIZE)
+        lines.append(f"{device}: matrix-product peak {peak / 1e9:,.0f} GFLOP/s ({size}^3 product, best of {PEAK_GEMM_REPEATS})")
     header = ("device", "model", "algorithm", "mode", "batch", "samples/s", "range", "of peak",
               "torch NCHW", "ratio", "torch CL", "ratio")  # fmt: skip
     rows = [header]

@@ -29,6 +29,8 @@ def test_quick_run_writes_the_report(tmp_path, capsys):
     assert {"settings", "machine", "libraries", "blas", "environment", "torch", "results", "peak_memory"} <= set(report)
     assert report["gemm_peak_flops"]["cpu"] > 0
     assert report["settings"]["quick"] is True
+    assert report["gemm_peak_size"] == 1024  # --quick times a smaller product, and says which
+    assert "matrix-product peak" in benchmark.format_table(report) and "(1024^3 product" in benchmark.format_table(report)
     assert {"cpu_model", "logical_cores", "usable_cores", "compute_threads"} <= set(report["machine"])
     assert {"python", "numpy", "scipy", "cupy", "torch"} <= set(report["libraries"])
     assert set(report["environment"]) == {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"}
