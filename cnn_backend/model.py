@@ -7,8 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
-import numpy
-
 from .backend import Backend, get_backend
 from .data import FASHION_MNIST_SHAPE, HOST_CHECK_SAMPLES, count_non_finite_samples, prepare_images
 from .init import as_integer, make_rng
@@ -379,7 +377,7 @@ class Sequential:
         def first_not_finite() -> tuple | None:  # (kind, name) of the first array holding NaN or infinity
             for kind, table in (("parameter", values), ("buffer", buffer_values)):
                 for name, value in table.items():
-                    if value.dtype.kind == "f" and not numpy.isfinite(value).all():
+                    if value.dtype.kind == "f" and count_non_finite_samples(value.reshape(1, -1), self.backend):
                         return kind, name
             return None
 
@@ -390,7 +388,8 @@ class Sequential:
                 f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
                 f"use a checkpoint saved before the run diverged, or train again"
             )
-        with numpy.errstate(over="ignore"):  # a float64 value beyond float32's range: refused below, in one line
+        with warnings.catch_warnings():  # NumPy's overflow warning for a float64 value beyond float32's range: refused below
+            warnings.simplefilter("ignore", RuntimeWarning)
             # Cast in place in the dicts, one array at a time, and only where the dtype differs: the state is
             # not held twice over.
             for name, value in values.items():

@@ -10,6 +10,7 @@ import pytest
 from cnn_backend import ModelFileError, Sequential, default_cnn, get_backend, plain_cnn, seed_cnn
 from cnn_backend.layers import BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU
 from cnn_backend.serialization import write_npz_atomic
+from layer_helpers import Block
 
 
 def test_same_seed_same_weights_different_seed_different_weights():
@@ -390,43 +391,16 @@ def test_old_format_files_with_a_list_of_layers_still_load(tmp_path):
 
 
 def test_eval_and_train_reach_the_layers_inside_a_custom_container():
-    from cnn_backend.layers import BatchNorm, Dropout, Layer
-
-    class Block(Layer):
-        """A container as base.py describes one: its layers are its children."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def children(self):
-            return [(f"inner.{i}", layer) for i, layer in enumerate(self.inner)]
-
-        def _build(self, shape, rng):
-            for layer in self.inner:
-                shape = layer.build(shape, rng)
-            return shape
-
-        def forward(self, x):
-            for layer in self.inner:
-                x = layer.forward(x)
-            return x
-
-        def backward(self, grad):
-            for layer in reversed(self.inner):
-                grad = layer.backward(grad)
-            return grad
-
     block = Block([FullyConnected(out_features=8), BatchNorm(), Dropout(0.5)])
     model = Sequential([Flatten(), block, FullyConnected(out_features=3)], input_shape=(1, 6, 6), rng=0)
     x = numpy.random.default_rng(0).random((5, 1, 6, 6), dtype=numpy.float32)
     model.eval()
-    assert not any(layer.training for layer in block.inner)
-    running_mean = block.inner[1].buffers["running_mean"].copy()
+    assert not any(layer.training for layer in block.layers)
+    running_mean = block.layers[1].buffers["running_mean"].copy()
     numpy.testing.assert_array_equal(model.predict_logits(x), model.predict_logits(x))  # no dropout, no batch statistics
-    numpy.testing.assert_array_equal(block.inner[1].buffers["running_mean"], running_mean)
+    numpy.testing.assert_array_equal(block.layers[1].buffers["running_mean"], running_mean)
     model.train()
-    assert all(layer.training for layer in block.inner)
+    assert all(layer.training for layer in block.layers)
 
 
 def test_a_deep_copy_is_independent_and_computes_the_same():
