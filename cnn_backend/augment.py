@@ -36,6 +36,7 @@ class RandomCropFlip:
             raise ValueError(f"RandomCropFlip: fill must be a finite number or one per channel, got {fill.tolist()!r}")
         self.backend, self.padding, self.flip_probability, self.seed = backend, int(padding), float(flip_probability), int(seed)
         self.fill = tuple(fill.tolist())
+        self._fill_on_device = (None, None)  # (channels, dtype) and the fill sent for them
         self.batch_share: tuple[int, int] | None = None
 
     @classmethod
@@ -81,11 +82,18 @@ class RandomCropFlip:
         n, channels, height, width = x.shape
         if len(self.fill) not in (1, channels):
             raise ValueError(f"RandomCropFlip: fill has {len(self.fill)} values for images of {channels} channels")
-        fill = numpy.broadcast_to(numpy.asarray(self.fill, dtype=x.dtype), (channels,))
         padded = xp.empty((n, channels, height + 2 * pad, width + 2 * pad), dtype=x.dtype)
-        padded[...] = self.backend.to_device(fill)[None, :, None, None]
+        padded[...] = self._device_fill(channels, x.dtype)[None, :, None, None]
         padded[:, :, pad:pad + height, pad:pad + width] = x
         return padded
+
+    def _device_fill(self, channels: int, dtype):
+        """The fill, one value per channel, on the device: sent once, not at every batch."""
+        key = (channels, numpy.dtype(dtype))
+        if self._fill_on_device[0] != key:
+            host = numpy.broadcast_to(numpy.asarray(self.fill, dtype=dtype), (channels,))
+            self._fill_on_device = (key, self.backend.to_device(host))
+        return self._fill_on_device[1]
 
 
 #: each named augmentation's crop padding (the largest shift, in pixels) and flip probability

@@ -46,8 +46,7 @@ RECIPES: dict[str, dict] = {
         "dropout": 0.0,
         "augment": "none",
         "label_smoothing": 0.0,
-        "train_split": split_ranges(*SEED_SPLIT)[0],
-        "val_split": split_ranges(*SEED_SPLIT)[1],
+        **dict(zip(("train_split", "val_split"), split_ranges(*SEED_SPLIT))),
     },
     "default": {
         # The BatchNorm network with random 1-pixel shifts and flips, label smoothing and a larger

@@ -108,3 +108,18 @@ def test_a_fill_that_is_not_one_number_per_channel_is_refused_in_one_line():
         RandomCropFlip(be, fill=float("nan"))
     with pytest.raises(ValueError, match=r"^RandomCropFlip: fill has 2 values for images of 3 channels$"):
         RandomCropFlip(be, fill=(0.1, 0.2))(numpy.zeros((2, 3, 4, 4), dtype=numpy.float32), 1, 1)
+
+
+def test_the_fill_of_normalised_images_is_sent_to_the_device_once():
+    from cnn_backend.data import Normalization
+    from cnn_backend.testing import standin_backend
+
+    be = standin_backend("float32")
+    augment = make_augmentation("crop-flip", be, normalization=Normalization(mean=(0.5,), std=(0.25,)))
+    x = be.to_device(numpy.zeros((4, 1, 6, 6), dtype=numpy.float32))
+    transfers = []
+    for step in (1, 2, 3):
+        be.usage.reset_counters()
+        augment(x, 1, step)
+        transfers.append(be.usage.transfers_to_device)
+    assert transfers[0] == transfers[1] + 1 and transfers[1] == transfers[2]  # the crop and flip choices, per step
