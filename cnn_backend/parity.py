@@ -8,8 +8,9 @@ read back and compared, so a divergence is reported at the step and layer where 
     python scripts/parity.py --dtype float64
 
 Exit status: 0 when every difference is within the tolerance, 1 when one is not (or a device result
-has the wrong dtype, shape or array type), 2 when the device is unavailable or the run cannot be set
-up (a bad option, a network without 10 outputs; one line says why).
+has the wrong dtype, shape or array type, or the device's training diverges while the CPU's does
+not), 2 when the device is unavailable or the run cannot be set up (a bad option, a network without
+10 outputs, a learning rate at which the CPU's training itself diverges; one line says why).
 
 Differences are measured per tensor: ``max abs`` is ``max |device - cpu|`` and ``max rel`` is that
 divided by ``max |cpu|``, so entries that cancel to almost zero do not inflate it.
@@ -29,6 +30,7 @@ from . import backend as backend_module
 from .backend import Backend
 from .data import FASHION_MNIST_SHAPE, NUM_CLASSES
 from .layers import SoftmaxCrossEntropy
+from .layers.loss import NonFiniteLogitsError
 from .model import ARCHITECTURES, Sequential
 from .optim import OPTIMIZERS, Optimizer, make_optimizer
 from .training import OPTIMIZER_DEFAULTS, refuse_batches_batchnorm_cannot_take
@@ -272,6 +274,10 @@ def _check_device_array(value, device: Backend, dtype: numpy.dtype, where: str) 
     return None
 
 
+class TrainingDivergedError(ValueError):
+    """The reference (CPU) training itself diverged: the options, not a device, are at fault."""
+
+
 def compare_models(
     reference_model: Sequential,
     device_model: Sequential,
@@ -295,7 +301,21 @@ def compare_models(
     )
     runs = [(model, SoftmaxCrossEntropy(model.backend), make_optimizer(model)) for model in (reference_model, device_model)]
     for step, (x, y) in enumerate(batches, start=1):
-        reference_trace, device_trace = (traced_step(model, loss, optim, x, y) for model, loss, optim in runs)
+        # Overflow on the way to non-finite logits is reported once, as the divergence below.
+        with numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                reference_trace = traced_step(*runs[0], x, y)
+            except NonFiniteLogitsError:
+                raise TrainingDivergedError(
+                    f"parity: training diverged on the {reference.name} at step {step} (its logits became NaN or infinity), "
+                    f"so there is nothing to compare; use a lower --lr (now {runs[0][2].lr:g}) or fewer --steps"
+                ) from None
+            try:
+                device_trace = traced_step(*runs[1], x, y)
+            except NonFiniteLogitsError:
+                report.problems.append(f"step {step}: the {device.name} logits became NaN or infinity while the {reference.name} ones stayed finite")
+                report.steps = step
+                break
         expected_values = [reference.to_numpy(expected) for _, _, _, expected in reference_trace]
         scales = _layer_state_scales(reference_trace, expected_values)
         for (layer, quantity, name, _), expected, (_, _, _, actual) in zip(reference_trace, expected_values, device_trace):

@@ -475,6 +475,36 @@ def test_parity_command_exits_1_when_the_device_computes_differently(monkeypatch
     assert capsys.readouterr().out.startswith("verdict: FAIL (first beyond tolerance 1e-04: step 1, 0 Convolution")
 
 
+def test_parity_command_says_in_one_line_when_the_cpu_training_itself_diverges(capsys):
+    status = parity.main(["--device", "standin", "--model", "default", "--steps", "4", "--batch-size", "4", "--lr", "1e30", "--quiet"])
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("cnn-backend: error: parity: training diverged on the cpu at step ")
+    assert captured.err.endswith("use a lower --lr (now 1e+30) or fewer --steps\n")
+    assert captured.err.count("\n") == 1  # no overflow warnings before it
+
+
+class OverflowsOnTheDevice(Layer):
+    """A layer whose device result overflows while the CPU's stays finite."""
+
+    def forward(self, x):
+        return x * self.backend.xp.asarray(float("inf"), dtype=x.dtype) if self.backend.name == "standin" else x
+
+    def backward(self, dy):
+        return dy
+
+
+def test_a_device_whose_training_diverges_alone_fails_the_comparison_at_that_step():
+    cpu, device = get_backend("cpu", "float32"), standin_backend("float32")
+    reference_model = Sequential([FullyConnected(784, 10, rng=0, backend=cpu), OverflowsOnTheDevice(cpu)])
+    device_model = Sequential([FullyConnected(784, 10, rng=0, backend=device), OverflowsOnTheDevice(device)])
+    batches = [(x.reshape(len(x), -1), y) for x, y in parity.host_batches("synthetic", 3, 4, "float32")]
+    report = parity.compare_models(reference_model, device_model, batches, parity.optimizer_factory("sgd"))
+    assert report.verdict == "fail" and report.steps == 1
+    assert report.problems == ["step 1: the standin logits became NaN or infinity while the cpu ones stayed finite"]
+
+
 ROUTING_HINT = (
     "; likely a max-pool or ReLU routing a gradient differently between candidates within float32 rounding of each other "
     "(real images' flat backgrounds make such near ties common): rerun with --dtype float64 to tell it from a device fault"
