@@ -52,7 +52,9 @@ MEMORY_STEPS, QUICK_MEMORY_STEPS = 10, 2
 PAUSE_SECONDS = 0.2
 #: the square product whose best rate is taken as the machine's matrix-product peak
 PEAK_GEMM_SIZE, PEAK_GEMM_REPEATS = 2048, 5
-#: what --quick overrides: a smoke run of every code path, not a measurement
+#: the run-length options' defaults, and --quick's (a smoke run of every code path, not a
+#: measurement); an option given on the command line is kept either way
+FULL = {"train_batch_sizes": [64, 128], "infer_batch_sizes": [256], "repeats": 5, "warmup": 3, "min_time": 0.5}
 QUICK = {"train_batch_sizes": [8], "infer_batch_sizes": [16], "repeats": 1, "warmup": 1, "min_time": 0.0}
 
 
@@ -92,17 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--models", type=_csv(MODELS), default=list(MODELS), help="comma-separated models (default: seed,default,plain)"
     )
     parser.add_argument(
-        "--train-batch-sizes", type=_csv(kind=int), default=[64, 128], help="training batch sizes (default: 64,128)"
+        "--train-batch-sizes", type=_csv(kind=int), default=None, help="training batch sizes (default: 64,128)"
     )
     parser.add_argument(
-        "--infer-batch-sizes", type=_csv(kind=int), default=[256], help="inference batch sizes (default: 256)"
+        "--infer-batch-sizes", type=_csv(kind=int), default=None, help="inference batch sizes (default: 256)"
     )
     parser.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed repeats per figure; the median is reported (default: 5)"
+        "--repeats", type=positive_int, default=None, help="timed repeats per figure; the median is reported (default: 5)"
     )
-    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps before timing (default: 3)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None, help="untimed steps before timing (default: 3)")
     parser.add_argument(
-        "--min-time", type=positive_float, default=0.5,
+        "--min-time", type=positive_float, default=None,
         help="each repeat runs at least this many seconds, and at least 2 steps (default: 0.5)",
     )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="float dtype (default: float32)")
@@ -116,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument(
         "--quick", action="store_true",
-        help="a smoke run: tiny batches, one repeat, no warm-up minimum time (figures are not meaningful)",
+        help="a smoke run: tiny batches, one repeat, no warm-up minimum time, where those options are not given (figures are not meaningful)",
     )
     parser.add_argument(
         "--launches", action="store_true",
@@ -144,16 +146,14 @@ def run(args: argparse.Namespace) -> int:
     when a device asked for with ``--devices`` is not usable: the command line reports both in one
     line, exit status 2.
     """
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
+    settle_run_length(args)
     # Checked before minutes of measuring, not after: the report would be lost.
     _refuse_an_unwritable_report(Path(args.json))
     if args.launches:
         return run_launch_count(args)
 
     environment = describe_environment()
-    for line in environment_warnings(environment):
+    for line in environment_warnings(environment, args.threads):
         print(f"warning: {line}", file=sys.stderr)
     threads = args.threads or environment["machine"]["compute_threads"]
     if args.threads:
@@ -204,6 +204,13 @@ def run(args: argparse.Namespace) -> int:
     }
     print(format_table(report))
     return write_report(report, Path(args.json))
+
+
+def settle_run_length(args: argparse.Namespace) -> None:
+    """Give the run-length options not given on the command line --quick's values, or the defaults."""
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def run_launch_count(args: argparse.Namespace) -> int:
@@ -304,7 +311,8 @@ def blas_info() -> list[dict]:
     return [{key: entry.get(key) for key in keys} for entry in threadpool_info()]
 
 
-def environment_warnings(environment: dict) -> list[str]:
+def environment_warnings(environment: dict, threads: int | None = None) -> list[str]:
+    """What makes this run's figures unrepresentative of the machine, one line each."""
     effects = {
         "OPENBLAS_CORETYPE": "forces that kernel instead of the one OpenBLAS picks for this CPU",
         "OPENBLAS_L2_SIZE": "overrides the cache size OpenBLAS sizes its GEMM blocks for",
@@ -317,6 +325,12 @@ def environment_warnings(environment: dict) -> list[str]:
     ]
     if not environment["blas"]:
         warnings.append("threadpoolctl is not installed: the BLAS library and its thread count are not reported")
+    cores = environment["machine"]["usable_cores"]
+    if threads is not None and threads > cores:
+        warnings.append(
+            f"--threads {threads} is more than the {cores} usable cores: the threads take turns on them, so the figures "
+            f"(ours and PyTorch's) do not show this machine's speed; use --threads {cores} or fewer"
+        )
     return warnings
 
 

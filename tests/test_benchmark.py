@@ -71,7 +71,26 @@ def test_mounts_on_a_subcommand_parser():
     parser = argparse.ArgumentParser()
     benchmark.add_arguments(parser.add_subparsers().add_parser("benchmark"))
     args = parser.parse_args(["benchmark", "--train-batch-sizes", "32,64", "--out", "x.json"])
-    assert args.train_batch_sizes == [32, 64] and args.json == Path("x.json") and args.repeats == 5
+    assert args.train_batch_sizes == [32, 64] and args.json == Path("x.json")
+    benchmark.settle_run_length(args)
+    assert args.train_batch_sizes == [32, 64] and args.repeats == 5 and args.min_time == 0.5
+
+
+@pytest.mark.parametrize("threads, warned", [(None, False), (2, False), (3, True)])
+def test_more_threads_than_usable_cores_is_warned_about(threads, warned):
+    environment = {"environment": {}, "blas": [{"user_api": "blas"}], "machine": {"usable_cores": 2}}
+    lines = benchmark.environment_warnings(environment, threads)
+    assert lines == (["--threads 3 is more than the 2 usable cores: the threads take turns on them, so the figures "
+                      "(ours and PyTorch's) do not show this machine's speed; use --threads 2 or fewer"] if warned else [])
+
+
+def test_quick_shortens_only_the_options_not_given():
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--repeats", "3", "--infer-batch-sizes", "64"])
+    benchmark.settle_run_length(args)
+    assert (args.repeats, args.infer_batch_sizes) == (3, [64])  # given beside --quick: kept
+    assert (args.train_batch_sizes, args.warmup, args.min_time) == ([8], 1, 0.0)  # not given: --quick's
 
 
 def test_flops_per_sample_count_every_product_of_the_default_model():
