@@ -124,6 +124,34 @@ def test_memory_running_out_after_an_epoch_names_the_checkpoint_to_resume(tmp_pa
     )
 
 
+@pytest.mark.parametrize(
+    "argv, advice",
+    [
+        (["benchmark", "--quick", "--no-torch", "--no-memory", "--models", "seed", "--algorithms", "gemm"],
+         "try a smaller network, or a smaller --train-batch-sizes and --infer-batch-sizes"),
+        (["parity", "--device", "standin", "--steps", "1", "--batch-size", "2"], "try a smaller network, or a smaller --batch-size"),
+    ],
+)
+def test_memory_running_out_names_the_commands_own_batch_option(tmp_path, capsys, monkeypatch, argv, advice):
+    from cnn_backend.layers import FullyConnected
+
+    def out_of_memory(*args, **options):
+        raise MemoryError("Unable to allocate 12.0 GiB for an array")
+
+    monkeypatch.setattr(FullyConnected, "forward", out_of_memory)
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(capsys, *argv)
+    assert status == cli.EXIT_FAILED
+    assert one_error_line(err) == f"cnn-backend: error: Unable to allocate 12.0 GiB for an array; {advice}"
+
+
+def test_memory_running_out_in_a_command_without_batches_suggests_only_a_smaller_network():
+    from cnn_backend.cli.console import failure
+
+    status, message, _ = failure(MemoryError("Unable to allocate 12.0 GiB for an array"), "export")
+    assert (status, message) == (cli.EXIT_FAILED, "Unable to allocate 12.0 GiB for an array; try a smaller network")
+
+
 # -- evaluate --split test on a folder without one ---------------------------------------------
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         with stop_signals_raise():
             return args.handler(args)
     except BaseException as exc:
-        status, message, prefix = failure(exc)
+        status, message, prefix = failure(exc, args.command)
         print_error(message, prefix)
         return status
 

@@ -20,9 +20,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError, DistributedSetupError)
 
 
-def failure(exc: BaseException) -> tuple[int, str, str]:
-    """Exit status, message and prefix of a failed command; exceptions that are not known errors
-    propagate (with their traceback)."""
+#: the option that sets how many images a command holds at once, where it is not --batch-size
+BATCH_OPTIONS = {"benchmark": "--train-batch-sizes and --infer-batch-sizes", "summary": None, "download": None, "export": None}
+
+
+def failure(exc: BaseException, command: str | None = None) -> tuple[int, str, str]:
+    """Exit status, message and prefix of a failed ``command``; exceptions that are not known
+    errors propagate (with their traceback)."""
     if isinstance(exc, KeyboardInterrupt):
         return getattr(exc, "exit_status", EXIT_INTERRUPTED), getattr(exc, "description", "interrupted"), ""
     if isinstance(exc, USER_ERRORS):
@@ -30,13 +34,17 @@ def failure(exc: BaseException) -> tuple[int, str, str]:
     if isinstance(exc, OSError):
         return EXIT_FAILED, str(exc), "error: "
     if isinstance(exc, MemoryError):  # NumPy's and CuPy's out-of-memory errors are MemoryErrors
-        return EXIT_FAILED, out_of_memory(exc), "error: "
+        return EXIT_FAILED, out_of_memory(exc, BATCH_OPTIONS.get(command, "--batch-size")), "error: "
     raise exc
 
 
-def out_of_memory(exc: MemoryError) -> str:
-    """What ran out, and what to do."""
-    return f"{' '.join(str(exc).split()) or 'out of memory'}; try a smaller network, or a smaller --batch-size"
+def out_of_memory(exc: MemoryError, batch_option: str | None = "--batch-size") -> str:
+    """What ran out, and what to do: a smaller network, or fewer images at once through
+    ``batch_option`` where the command has one."""
+    what = " ".join(str(exc).split()) or "out of memory"
+    if batch_option is None:
+        return f"{what}; try a smaller network"
+    return f"{what}; try a smaller network, or a smaller {batch_option}"
 
 
 def print_error(message, prefix: str = "error: ") -> None:
