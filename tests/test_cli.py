@@ -255,11 +255,14 @@ def test_a_residual_network_from_a_file_trains_evaluates_and_resumes_exactly(tmp
         (["train", "--lr", "nan"], "--lr: must be a finite number > 0"),
         (["train", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["fly"], "invalid choice: 'fly'"),
+        (["train", "--epochz", "3"], "unrecognized arguments: --epochz 3"),
+        (["evaluate", "run/best.npz", "--out", "x"], "unrecognized arguments: --out x"),
+        (["summary", "--model", "seed", "extra"], "unrecognized arguments: extra"),
     ],
 )
 def test_bad_arguments_are_usage_errors(capsys, args, message):
     status, _, err = run_main(capsys, *args)
-    help_command = "cnn-backend train" if args[0] == "train" else "cnn-backend"
+    help_command = "cnn-backend" if args[0] == "fly" else f"cnn-backend {args[0]}"
     # One line: the message and where to read more, no usage block.
     assert status == 2 and err.count("\n") == 1 and "usage:" not in err, err
     assert err.startswith("cnn-backend: error: ") and message in err and err.rstrip().endswith(f"; see {help_command} --help")

@@ -705,7 +705,7 @@ def test_a_bad_option_on_rank_1_alone_ends_the_job_in_one_line(tmp_path):
     result = run_job([MPIEXEC, "-n", "1", *good, ":", "-n", "1", *good, "--bogus"], tmp_path, timeout=60)
     assert result.returncode == 2 and time.monotonic() - started < 30
     assert error_lines(result.stderr) == [
-        "cnn-backend: error: rank 1 of 2: unrecognized arguments: --bogus; see cnn-backend --help"
+        "cnn-backend: error: rank 1 of 2: unrecognized arguments: --bogus; see cnn-backend train --help"
     ], result.stderr
 
 

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     parser = build_parser({command: optional_module} if optional_module else {})
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser, so the line points at that command's --help
+            parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version, or a usage error already reported in one line
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if args.command != "train":
@@ -158,6 +160,7 @@ def build_parser(optional_modules: dict | None = None) -> argparse.ArgumentParse
         if module is not None:
             module.add_arguments(sub)
             sub.set_defaults(handler=module.run)
+    parser.command_parsers = commands.choices
     return parser
 
 
