@@ -38,7 +38,7 @@ from .model import ARCHITECTURES
 from .optim import SGD
 from .serialization import FileWriteError, write_atomically
 from .spec import build_model
-from .training import train_step
+from .training import has_batchnorm, train_step
 
 MODELS = ("seed", "default", "plain")
 BENCH_DEVICES = ("cpu", "cuda")
@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     settle_run_length(args)
     # Checked before minutes of measuring, not after: the report would be lost.
     _refuse_an_unwritable_report(Path(args.json))
+    _refuse_single_sample_batches_for_batchnorm(args.models, args.train_batch_sizes)
     if args.launches:
         return run_launch_count(args)
 
@@ -252,6 +253,19 @@ def _refuse_an_unwritable_report(path: Path) -> None:
 
 
 # == what we run on =================================================================================
+
+
+def _refuse_single_sample_batches_for_batchnorm(models: Sequence[str], train_batch_sizes: Sequence[int]) -> None:
+    """ValueError (one line) before measuring when a network with BatchNorm would train on batches
+    of one: its statistics need two or more samples."""
+    if 1 not in train_batch_sizes:
+        return
+    named = [name for name in models if has_batchnorm(ARCHITECTURES[name]("cpu", seed=0))]
+    if named:
+        raise ValueError(
+            f"--train-batch-sizes includes 1, but the {', '.join(named)} network{'s have' if len(named) > 1 else ' has'} "
+            f"BatchNorm, which cannot take statistics over a single sample; train with batches of 2 or more"
+        )
 
 
 def describe_environment() -> dict:

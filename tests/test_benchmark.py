@@ -149,6 +149,19 @@ def test_bad_settings_are_refused_in_the_standard_line_before_measuring(capsys, 
     assert err == f"cnn-backend: error: {message}; see cnn-backend benchmark --help\n"
 
 
+@pytest.mark.parametrize("launches", [[], ["--launches"]])
+def test_batches_of_one_for_a_batchnorm_network_are_refused_before_measuring(tmp_path, capsys, launches):
+    path = tmp_path / "bench.json"
+    argv = [*QUICK_SEED, "--models", "seed,default", "--train-batch-sizes", "1,8", *launches, "--json", str(path)]
+    assert benchmark.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and not path.exists()
+    assert err == (
+        "cnn-backend: error: --train-batch-sizes includes 1, but the default network has BatchNorm, which cannot take "
+        "statistics over a single sample; train with batches of 2 or more\n"
+    )
+
+
 def test_a_report_path_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys):
     (tmp_path / "reports.json").mkdir()
     (tmp_path / "blocker").write_text("a file, not a folder")
