@@ -142,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark the arguments describe, print the table and write the JSON.
 
     Returns 0, or 1 when writing the JSON fails at the end (the table is printed first). Raises
-    ValueError when the JSON's folder cannot be written (checked first), and DeviceUnavailableError
-    when a device asked for with ``--devices`` is not usable: the command line reports both in one
-    line, exit status 2.
+    OSError when the JSON's folder cannot be written (checked first; exit status 1), and
+    DeviceUnavailableError when a device asked for with ``--devices`` is not usable (exit status 2):
+    the command line reports both in one line.
     """
     settle_run_length(args)
     # Checked before minutes of measuring, not after: the report would be lost.
@@ -241,15 +241,16 @@ def write_report(report: dict, path: Path) -> int:
 
 
 def _refuse_an_unwritable_report(path: Path) -> None:
-    """ValueError (one line) when ``path`` cannot be written: a file where a folder must be, or a folder
-    this user may not write in. Missing folders are fine: they are made when the report is written."""
+    """OSError (one line; exit status 1, as for any file that cannot be written) when ``path`` cannot
+    be written: a file where a folder must be, or a folder this user may not write in. Missing
+    folders are fine: they are made when the report is written."""
     folder = path.absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise ValueError(f"cannot write {path}: {folder} is a file, not a folder; choose another --json PATH.json")
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder; choose another --json PATH.json")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path}: no permission to write in {folder}; choose another --json PATH.json")
+        raise PermissionError(f"cannot write {path}: no permission to write in {folder}; choose another --json PATH.json")
 
 
 # == what we run on =================================================================================

@@ -170,8 +170,8 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_measuring(tmp_pa
         (str(tmp_path / "reports.json"), f"argument --json/--out: '{tmp_path / 'reports.json'}' is a folder"),
         (str(tmp_path / "blocker" / "x.json"), f"cannot write {tmp_path / 'blocker' / 'x.json'}: {tmp_path / 'blocker'} is a file, not a folder"),
     ]
-    for path, message in cases:
-        assert benchmark.main([*QUICK_SEED, "--json", path]) == 2
+    for (path, message), status in zip(cases, [2, 2, 1]):  # a path the file system refuses: 1, as in every command
+        assert benchmark.main([*QUICK_SEED, "--json", path]) == status
         out, err = capsys.readouterr()
         assert out == "", "nothing is measured"
         assert err.startswith(f"cnn-backend: error: {message}") and err.count("\n") == 1

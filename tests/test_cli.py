@@ -533,6 +533,13 @@ def test_download_fetches_into_the_given_folder(tmp_path, capsys, monkeypatch):
     assert status == 0 and calls == [tmp_path] and f"ready in {tmp_path}" in out
 
 
+def test_a_data_folder_that_cannot_be_made_is_one_line_exit_1_as_any_unwritable_path(tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    status, out, err = run_main(capsys, "download", "mnist", "--data-dir", tmp_path / "blocker" / "data")
+    assert status == 1 and out == ""
+    assert err == f"cnn-backend: error: cannot create the data directory {tmp_path / 'blocker' / 'data'}: Not a directory\n"
+
+
 # -- settings and splits ------------------------------------------------------------------------------
 
 

@@ -78,7 +78,8 @@ def download_files(
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the data directory {directory}: {exc.strerror or exc}") from None
+        # An OSError, as for any path that cannot be written (exit status 1 on the command line).
+        raise OSError(f"cannot create the data directory {directory}: {exc.strerror or exc}") from None
     try:
         _fetch_missing(directory, files, mirrors, retries, backoff, timeout, progress, by_hand)
     except BaseException:
