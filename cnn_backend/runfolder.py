@@ -341,11 +341,13 @@ class RunFolder:
             self._descriptor = None
 
 
-def resume_arguments(checkpoint: Path, *, out: Path | None = None, imports=()) -> str:
-    """``--resume CHECKPOINT [--out DIR] [--import MODULE ...]``, quoted for a shell: the ``--import``
-    arguments as given, without which a network with a layer of one's own cannot be rebuilt."""
+def resume_arguments(checkpoint: Path, *, out: Path | None = None, imports=(), options=()) -> str:
+    """``--resume CHECKPOINT [--out DIR] [--import MODULE ...] [OPTIONS]``, quoted for a shell: the
+    ``--import`` arguments as given, without which a network with a layer of one's own cannot be
+    rebuilt, and ``options`` (words) the checkpoint does not hold yet."""
     words = ["--resume", str(checkpoint), *(["--out", str(out)] if out is not None else [])]
     words += [word for text in imports for word in ("--import", text)]
+    words += [str(word) for word in options]
     return " ".join(shlex.quote(word) for word in words)
 
 

@@ -287,7 +287,8 @@ def test_interrupt_after_resuming_elsewhere_says_how_to_resume_into_the_same_fol
     process = start_stopped("train", "--resume", Path("A") / "last.npz", "--out", "NEW", "--epochs", 3, "--device", "cpu", "--quiet",
                             cwd=tmp_path, at="step@1")
     line = one_line(finish(process, signal.SIGINT).stderr)
-    assert f"resume with: cnn-backend train --resume {Path('A') / 'last.npz'} --out NEW" in line, line
+    # A's checkpoint holds --epochs 1: the hint repeats the --epochs 3 given since, which no checkpoint holds yet.
+    assert line.endswith(f"resume with: cnn-backend train --resume {Path('A') / 'last.npz'} --out NEW --epochs 3"), line
     assert not (tmp_path / "NEW").exists()
 
 
@@ -316,7 +317,7 @@ def test_every_resume_hint_of_a_network_with_an_own_layer_repeats_import_as_give
     # Stopped on resuming, before its folder's history is started again: the checkpoint resumed is the good one.
     stopped = start_stopped(*shlex.split(hint)[1:], "--epochs", 2, "--no-plots", cwd=tmp_path, at="replace history.jsonl@1")
     line = one_line(finish(stopped, signal.SIGINT).stderr)
-    assert line.endswith(f"the last good checkpoint is {Path('run') / 'last.npz'} (epoch 1); resume with: {hint}"), line
+    assert line.endswith(f"the last good checkpoint is {Path('run') / 'last.npz'} (epoch 1); resume with: {hint} --epochs 2"), line
 
     # The hint as it is pasted into a shell works: without --import the network could not be rebuilt.
     words = shlex.split(hint)

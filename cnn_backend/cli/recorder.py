@@ -64,9 +64,11 @@ class RunRecorder:
     cannot split (see :mod:`cnn_backend.runfolder` for the order)."""
 
     def __init__(self, folder: RunFolder, model, optimizer, schedule, settings: dict, *, history: list[dict], best: dict,
-                 resumed: Checkpoint | None = None, inputs: InputSpec | None = None, imports=()) -> None:
+                 resumed: Checkpoint | None = None, inputs: InputSpec | None = None, imports=(),
+                 resume_options=()) -> None:
         self.folder, self.out_dir = folder, folder.path
         self.imports = tuple(imports)  # --import as given, repeated in the resume hint
+        self.resume_options = tuple(resume_options)  # what a hint naming ``resumed`` repeats
         self.processes = int(settings.get("processes", 1))  # an mpiexec job's, repeated there too
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.inputs = inputs
@@ -121,7 +123,8 @@ class RunRecorder:
         if self.last_saved_epoch is not None:
             return good_checkpoint_text(self.out_dir / LAST_CHECKPOINT, self.last_saved_epoch, None, self.imports, resume_hint, self.processes)
         if self.resumed is not None:
-            return good_checkpoint_text(self.resumed.path, self.resumed.epoch, self.out_dir, self.imports, resume_hint, self.processes)
+            return good_checkpoint_text(self.resumed.path, self.resumed.epoch, self.out_dir, self.imports, resume_hint,
+                                        self.processes, self.resume_options)
         return NO_CHECKPOINT
 
 
@@ -129,20 +132,37 @@ class RunRecorder:
 NO_CHECKPOINT = "no epoch finished, so no checkpoint was written"
 
 
-def good_checkpoint_text(path: Path, epoch: int, out: Path | None, imports, resume_hint: bool, processes: int = 1) -> str:
+def good_checkpoint_text(path: Path, epoch: int, out: Path | None, imports, resume_hint: bool, processes: int = 1,
+                         options=()) -> str:
     """Which checkpoint is good after a failure and, with ``resume_hint``, the command that resumes
-    it (into ``out`` when that is not the checkpoint's own folder; ``--import`` as given)."""
+    it (into ``out`` when that is not the checkpoint's own folder; ``--import`` as given; the
+    setting ``options`` the checkpoint does not hold yet)."""
     text = f"the last good checkpoint is {path} (epoch {epoch})"
     if resume_hint:
-        text += f"; resume with: {resume_command(path, out, imports, processes)}"
+        text += f"; resume with: {resume_command(path, out, imports, processes, options)}"
     return text
 
 
-def resume_command(path: Path, out: Path | None, imports, processes: int = 1) -> str:
-    """The command that resumes ``path`` (into ``out``, with ``--import`` as given), under
-    ``mpiexec -n K`` for a job of K processes: resumed alike, the run continues step for step."""
+def resume_command(path: Path, out: Path | None, imports, processes: int = 1, options=()) -> str:
+    """The command that resumes ``path`` (into ``out``, with ``--import`` as given, and
+    ``options``), under ``mpiexec -n K`` for a job of K processes: resumed alike, the run
+    continues step for step."""
     launcher = f"mpiexec -n {processes} " if processes > 1 else ""
-    return f"{launcher}{PROG} train {resume_arguments(path, out=out, imports=imports)}"
+    return f"{launcher}{PROG} train {resume_arguments(path, out=out, imports=imports, options=options)}"
+
+
+def options_not_stored(explicit: dict, checkpoint: Checkpoint) -> list[str]:
+    """The setting options given on this command line whose values ``checkpoint`` does not hold
+    (``--epochs 12`` on resuming a finished 10-epoch run), as words: a resume hint that names that
+    checkpoint repeats them, or the pasted hint would train to the stored settings instead."""
+    stored = checkpoint.settings
+    words = []
+    for key, value in explicit.items():
+        if stored.get(key) == value:
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return words
 
 
 def same_folder(first: Path, second: Path) -> bool:

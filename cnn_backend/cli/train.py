@@ -54,6 +54,7 @@ from .recorder import (
     RunRecorder,
     format_epoch_line,
     good_checkpoint_text,
+    options_not_stored,
     resume_command,
     refuse_files_of_another_run,
     same_folder,
@@ -324,6 +325,9 @@ def _train(args, world, held: list | None = None) -> int:
             args, folder, out_dir, world=world, communicator=communicator, settings=settings, backend=backend, model=model,
             optimizer=optimizer, start_epoch=start_epoch, checkpoint=checkpoint, loader=loader, schedule=schedule,
             schedule_settings=schedule_settings, validation=validation, lines=lines, inputs=inputs, held=held,
+            # Until this run saves an epoch, a resume hint names the checkpoint it resumed, which holds
+            # the settings of before: the hint repeats the ones given now.
+            pending_options=options_not_stored(explicit, checkpoint) if checkpoint is not None else (),
         )
     finally:
         if folder is not None:
@@ -429,9 +433,10 @@ def _run_facts(settings: dict, log_every: int, checkpoint, images, labels, train
 
 def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, backend, model, optimizer, start_epoch,
                      checkpoint, loader, schedule, schedule_settings, validation, lines, inputs: InputSpec,
-                     held: list | None = None) -> int:
+                     held: list | None = None, pending_options=()) -> int:
     """The training run; ``folder`` is None on the processes other than rank 0, which neither print
-    nor write (their failure report goes into ``held``, see :func:`_train`)."""
+    nor write (their failure report goes into ``held``, see :func:`_train`). ``pending_options``:
+    what a resume hint naming ``checkpoint`` repeats."""
     announce = say if world.is_root else silent
 
     def report_error(message, prefix: str = "error: ") -> None:
@@ -477,7 +482,8 @@ def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, ba
             if checkpoint is None:
                 return NO_CHECKPOINT
             out = None if same_folder(out_dir, checkpoint.path.parent) else out_dir
-            return good_checkpoint_text(checkpoint.path, checkpoint.epoch, out, args.imports_given, resume_hint, world.size)
+            return good_checkpoint_text(checkpoint.path, checkpoint.epoch, out, args.imports_given, resume_hint, world.size,
+                                        pending_options)
         return recorder.intact_text(resume_hint=resume_hint)
 
     stage = "training"
@@ -485,7 +491,8 @@ def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, ba
         if folder is not None:
             recorder = RunRecorder(folder, model, optimizer, schedule,
                                    {**settings, "device": backend.name, "processes": communicator.size},
-                                   history=history, best=best, resumed=checkpoint, inputs=inputs, imports=args.imports_given)
+                                   history=history, best=best, resumed=checkpoint, inputs=inputs, imports=args.imports_given,
+                                   resume_options=pending_options)
         pause_point("folder")
         started = time.perf_counter()
         # In a job, a stop signal is held until the processes' next collective, where all agree to stop.
