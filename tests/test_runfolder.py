@@ -183,7 +183,7 @@ def test_sigterm_during_a_checkpoint_write_finishes_it_and_says_how_to_resume(tm
     assert line.startswith("cnn-backend: terminated by SIGTERM after epoch 2; the last good checkpoint is run")
     assert f"(epoch 2); resume with: cnn-backend train --resume {Path('run') / 'last.npz'}" in line
     assert load_checkpoint(tmp_path / "run" / "last.npz").epoch == 2
-    assert [row["epoch"] for row in read_history(tmp_path / "run" / "history.jsonl")] == [1, 2]
+    assert [row["epoch"] for row in read_history(tmp_path / "run" / "history.jsonl")] == [1]
     assert load_checkpoint(tmp_path / "run" / "best.npz").epoch <= 2
     assert hidden_files(tmp_path / "run") == []
 
@@ -280,6 +280,29 @@ def test_divergence_after_resuming_elsewhere_names_the_resumed_checkpoint(tmp_pa
     line = one_line(result.stderr)
     assert result.returncode == 1 and f"the last good checkpoint is {Path('A') / 'last.npz'} (epoch 1)" in line, line
     assert not (tmp_path / "NEW").exists()
+
+
+def test_closing_the_output_stops_a_run_as_sigpipe_does_naming_the_checkpoint_to_resume(tmp_path):
+    # `cnn-backend train ... | head`: the reader goes away before epoch 1's line is printed.
+    shown = [arg for arg in SMALL if arg != "--quiet"]
+    process = start_stopped("train", *shown, "--epochs", 3, "--log-every", 2, "--out", "run", cwd=tmp_path, at="step@3")
+    process.stdout.close()
+    process.send_signal(signal.SIGCONT)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=TIMEOUT) == 141  # 128 + SIGPIPE, as a shell reports it
+    last = Path("run") / "last.npz"
+    assert one_line(stderr) == (
+        f"cnn-backend: stopped: its standard output was closed after epoch 1; the last good checkpoint is {last} (epoch 1); "
+        f"resume with: cnn-backend train --resume {last}"
+    )
+    assert [row["epoch"] for row in read_history(tmp_path / "run" / "history.jsonl")] == [1]
+
+
+def test_other_commands_stop_silently_when_their_output_is_closed(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "cnn_backend", "summary", "--model", "default"], cwd=tmp_path, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    process.stdout.close()  # gone before the first line
+    assert process.wait(timeout=TIMEOUT) == 141 and process.stderr.read() == ""
 
 
 def test_interrupt_after_resuming_elsewhere_says_how_to_resume_into_the_same_folder(tmp_path):

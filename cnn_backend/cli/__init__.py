@@ -29,7 +29,7 @@ from ..data import download
 from ..datasets import download_dataset
 from ..distributed import abort_job, launcher_rank, launcher_size
 from ..runfolder import stop_signals_raise
-from .console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, failure, print_error
+from .console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, failure, output_closed, print_error
 from .evaluate import add_evaluate_command, add_predict_command
 # The steps of setting up a run, which the tests call from here.
 from .runtime import build_model, open_backend
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals_raise():
             return args.handler(args)
+    except BrokenPipeError:
+        return output_closed()
     except BaseException as exc:
         status, message, prefix = failure(exc, args.command)
         print_error(message, prefix)

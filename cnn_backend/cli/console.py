@@ -5,6 +5,7 @@ Results go to stdout; errors go to stderr as ``cnn-backend: error: <message>``, 
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..backend import DeviceUnavailableError
@@ -15,6 +16,8 @@ from ..serialization import ModelFileError
 
 PROG = "cnn-backend"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: 128 + SIGPIPE: what a shell reports for a command whose output's reader went away (``| head``)
+EXIT_OUTPUT_CLOSED = 141
 
 #: errors a user can fix from the command line: reported in one line, exit status 2
 USER_ERRORS = (DeviceUnavailableError, DataError, ModelFileError, ShapeError, ValueError, DistributedSetupError)
@@ -45,6 +48,18 @@ def out_of_memory(exc: MemoryError, batch_option: str | None = "--batch-size") -
     if batch_option is None:
         return f"{what}; try a smaller network"
     return f"{what}; try a smaller network, or a smaller {batch_option}"
+
+
+def output_closed() -> int:
+    """Standard output's reader went away (``... | head``): send what is still to be printed
+    nowhere, so that the interpreter's last flush does not fail again, and return the status a
+    shell gives a command stopped by SIGPIPE. Nothing is said: the reader left on purpose."""
+    devnull = open(os.devnull, "w")
+    try:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind sys.stdout
+        sys.stdout = devnull
+    return EXIT_OUTPUT_CLOSED
 
 
 def print_error(message, prefix: str = "error: ") -> None:

@@ -47,7 +47,9 @@ from .arguments import (
     range_text,
     select_range,
 )
-from .console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, out_of_memory, print_error, say, silent
+from .console import (
+    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, failure, out_of_memory, output_closed, print_error, say, silent,
+)
 from .recorder import (
     NO_CHECKPOINT,
     EpochProgress,
@@ -511,9 +513,12 @@ def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, ba
         stage = "plots"
         pause_point("plots")
         plots = [] if args.no_plots else _write_training_plots(out_dir, model, recorder.history, validation, inputs.class_names)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, BrokenPipeError) as exc:
         progress.close()
-        what = getattr(exc, "description", "interrupted")
+        if isinstance(exc, BrokenPipeError):  # `train ... | head`: stopped as by SIGPIPE, with the checkpoint named
+            what, status = "stopped: its standard output was closed", output_closed()
+        else:
+            what, status = getattr(exc, "description", "interrupted"), getattr(exc, "exit_status", EXIT_INTERRUPTED)
         if stage == "plots":
             report_error(f"{what} while drawing the plots; training finished: {intact(resume_hint=False)}", prefix="")
         else:
@@ -522,7 +527,7 @@ def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, ba
             # After the last epoch's files there is nothing left to resume (--resume would refuse it).
             finished = saved and epoch == settings["epochs"]
             report_error(f"{what} {'after' if saved else 'during'} epoch {epoch}; {intact(resume_hint=not finished)}", prefix="")
-        return getattr(exc, "exit_status", EXIT_INTERRUPTED)
+        return status
     except NonFiniteLossError as exc:
         progress.close()
         report_error(f"{exc}; {intact(resume_hint=False)}")
