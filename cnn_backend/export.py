@@ -171,6 +171,8 @@ def check_onnx_path(path: str | os.PathLike) -> None:
     """The file to write must end in ``.onnx``: a swapped argument order then never replaces a checkpoint."""
     if Path(path).suffix.lower() != ".onnx":
         raise ExportError(f"OUT.onnx names the ONNX file to write and must end in .onnx, got {str(path)!r}")
+    if Path(path).is_dir():  # a usage error, as evaluate's --json naming a folder is
+        raise ExportError(f"OUT.onnx {str(path)!r} is a folder; name a file such as {str(Path(path) / 'model.onnx')!r}")
 
 
 def _check_preparation(class_names, normalization) -> list[str] | None:

@@ -540,6 +540,13 @@ def test_a_data_folder_that_cannot_be_made_is_one_line_exit_1_as_any_unwritable_
     assert err == f"cnn-backend: error: cannot create the data directory {tmp_path / 'blocker' / 'data'}: Not a directory\n"
 
 
+def test_a_data_folder_named_by_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    status, out, err = run_main(capsys, "download", "mnist", "--data-dir", tmp_path / "afile")
+    assert status == 2 and out == ""
+    assert err == f"cnn-backend: error: --data-dir {tmp_path / 'afile'} is a file, not a folder; choose another --data-dir\n"
+
+
 # -- settings and splits ------------------------------------------------------------------------------
 
 

@@ -575,6 +575,16 @@ def test_an_output_name_without_onnx_is_refused_so_the_checkpoint_survives_swapp
     assert checkpoint.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
 
 
+def test_an_output_name_that_is_a_folder_is_a_usage_error_as_in_evaluate(tmp_path, capsys):
+    checkpoint = save_model(seed_cnn(), tmp_path / "model.npz")
+    (tmp_path / "out.onnx").mkdir()
+    assert main(["export", str(checkpoint), str(tmp_path / "out.onnx")]) == 2
+    assert one_error_line(capsys) == (
+        f"cnn-backend: error: OUT.onnx '{tmp_path / 'out.onnx'}' is a folder; name a file such as '{tmp_path / 'out.onnx' / 'model.onnx'}'"
+    )
+    assert list((tmp_path / "out.onnx").iterdir()) == []
+
+
 def test_metadata_may_not_replace_the_exporters_own_entries():
     with pytest.raises(ExportError, match=r"metadata key 'class_names', 'opset' is written by the exporter itself"):
         build_onnx_model(seed_cnn(), metadata={"opset": "7", "class_names": "oops", "author": "me"})
