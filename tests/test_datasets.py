@@ -538,9 +538,10 @@ def test_train_and_test_layout(tmp_path):
     assert datasets.has_test_split(root)
 
     save(root / "test" / "c" / "4.png", random_uint8((4, 4, 3), 4))
-    with pytest.raises(DataError) as excinfo:
-        load_dataset(root, "test")
-    assert_one_line(excinfo, r"class folders c are not in .*train")
+    for split in ("test", "train"):  # found on training too, not first at evaluation
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(root, split, cache=False)
+        assert_one_line(excinfo, r"test: class folders c are not in .*train")
 
 
 FOLDER_PROBLEMS = {
@@ -688,10 +689,10 @@ def test_a_class_folder_name_that_is_not_utf8_is_refused_in_one_line(tmp_path):
         save(split / "train" / name / "a.png", random_uint8((4, 4), 1))
     save(split / "test" / "x" / "a.png", random_uint8((4, 4), 1))
     save(undecodable(split / "test", b"caf\xe9") / "b.png", random_uint8((4, 4), 2))
-    assert len(load_dataset(split, "train")) == 2
-    with pytest.raises(DataError) as excinfo:
-        load_dataset(split, "test")
-    assert_one_line(excinfo, re.escape(f"{split}/test/caf\ufffd: the class folder's name is not valid UTF-8"), "rename it")
+    for which in ("test", "train"):  # the test folder is checked on training too
+        with pytest.raises(DataError) as excinfo:
+            load_dataset(split, which)
+        assert_one_line(excinfo, re.escape(f"{split}/test/caf\ufffd: the class folder's name is not valid UTF-8"), "rename it")
 
 
 def test_one_cache_entry_serves_loads_that_name_or_leave_out_the_same_channels_and_size(tmp_path, monkeypatch):

@@ -332,12 +332,14 @@ def load_image_folder(
         raise DataError(f"{_shown(class_folder)}: no class folders; expected {_shown(class_folder)}/<class name>/<image files>")
     if len(class_names) == 1:
         raise DataError(f"{_shown(class_folder)}: only one class folder ({class_names[0]}); a classifier needs at least two")
-    if folder != class_folder:
-        split_classes = find_classes(folder)
-        _check_class_names(folder, split_classes)
-        unknown = sorted(set(split_classes) - set(class_names))
+    # A test folder is checked on training too: a class it adds would be found only at evaluation.
+    test_folder = root / "test" if has_split_layout(root) else None
+    if test_folder is not None and test_folder.is_dir():
+        test_classes = find_classes(test_folder)
+        _check_class_names(test_folder, test_classes)
+        unknown = sorted(set(test_classes) - set(class_names))
         if unknown:
-            raise DataError(f"{_shown(folder)}: class folders {', '.join(unknown)} are not in {_shown(class_folder)}")
+            raise DataError(f"{_shown(test_folder)}: class folders {', '.join(unknown)} are not in {_shown(class_folder)}")
     files, others = list_images(folder, class_names)
     if split == "train":
         counts = Counter(item.label for item in files)
