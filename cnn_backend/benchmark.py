@@ -358,7 +358,9 @@ def usable_devices(requested: list[str] | None) -> tuple[list[str], dict]:
             get_backend(device)
         except DeviceUnavailableError as exc:
             if requested:
-                raise
+                others = [name for name in requested if name != device]
+                instead = f"--devices {','.join(others)}" if others else "--devices cpu"
+                raise DeviceUnavailableError(f"{exc.reason}; leave {device} out ({instead})", exc.device) from None
             notes[device] = exc.reason  # tried because it might be there, not asked for: why it is not
             continue
         devices.append(device)

@@ -435,7 +435,12 @@ def device_backend(name: str, dtype) -> Backend:
         from .testing import standin_backend
 
         return standin_backend(dtype)
-    return backend_module.get_backend(name, dtype)
+    try:
+        return backend_module.get_backend(name, dtype)
+    except backend_module.DeviceUnavailableError as exc:
+        raise backend_module.DeviceUnavailableError(
+            f"{exc.reason}; `--device standin` checks the comparison and the device boundary without a GPU", exc.device
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -212,7 +212,9 @@ def test_an_unusable_device_asked_for_is_reported_in_the_standard_line(capsys, m
     assert benchmark.main([*QUICK_SEED, "--devices", "cuda"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.splitlines()[-1] == "cnn-backend: error: CUDA was requested but CuPy found no usable CUDA device"
+    assert err.splitlines()[-1] == "cnn-backend: error: CUDA was requested but CuPy found no usable CUDA device; leave cuda out (--devices cpu)"
+    assert benchmark.main([*QUICK_SEED, "--devices", "cpu,cuda"]) == 2
+    assert capsys.readouterr().err.endswith("; leave cuda out (--devices cpu)\n")
     assert not any(line.startswith("benchmark:") for line in err.splitlines())
     # Not asked for: the GPU is left out with the reason alone, the CPU measured.
     assert benchmark.usable_devices(None) == (["cpu"], {"cuda": "CuPy found no usable CUDA device"})

@@ -456,7 +456,10 @@ def test_parity_command_without_the_device_says_why_in_one_line_and_exits_2(monk
     assert parity.main(["--device", "cuda"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "cnn-backend: error: CUDA was requested but CuPy found no usable CUDA device\n"
+    assert captured.err == (
+        "cnn-backend: error: CUDA was requested but CuPy found no usable CUDA device; "
+        "`--device standin` checks the comparison and the device boundary without a GPU\n"
+    )
 
 
 def test_parity_command_exits_1_when_the_device_computes_differently(monkeypatch, capsys):
