@@ -268,6 +268,12 @@ def test_bad_arguments_are_usage_errors(capsys, args, message):
     assert err.startswith("cnn-backend: error: ") and message in err and err.rstrip().endswith(f"; see {help_command} --help")
 
 
+def test_an_empty_range_says_what_a_range_must_be(capsys):
+    status, _, err = run_main(capsys, "train", "--data", "bundled", "--train-split", "5:2")
+    assert status == 2
+    assert err == "cnn-backend: error: --train-split 5:2 selects no images: START must be below STOP, within the 10,000 images available\n"
+
+
 @pytest.mark.parametrize(
     "corrupt, message",
     [

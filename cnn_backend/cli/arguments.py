@@ -267,7 +267,7 @@ def select_range(text: str, total: int, option: str) -> slice:
             + ("; run `cnn-backend download` for the full 60,000" if total == BUNDLED_COUNT else "")
         )
     if start >= stop:
-        raise ValueError(f"{option} {text} selects no images")
+        raise ValueError(f"{option} {text} selects no images: START must be below STOP, within the {total:,} images available")
     return slice(start, stop)
 
 
