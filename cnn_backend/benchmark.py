@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--algorithms", type=_csv(CONV_ALGORITHMS + ("auto",)), default=list(CONV_ALGORITHMS),
-        help="comma-separated convolution algorithms (default: gemm,signal)",
+        help="comma-separated convolution algorithms: gemm, signal, or auto (the one each layer would pick) "
+        "(default: gemm,signal)",
     )
     parser.add_argument(
         "--models", type=_csv(MODELS), default=list(MODELS), help="comma-separated models (default: seed,default,plain)"
