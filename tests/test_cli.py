@@ -121,7 +121,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, optimizer):
     assert cli("train", *options, "--epochs", 1, "--out", "split", cwd=tmp_path).returncode == 0
     resumed = cli("train", "--resume", tmp_path / "split" / "last.npz", "--epochs", 2, "--device", "cpu", "--quiet", "--no-plots", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming: " in resumed.stdout and "training epochs 2-2" in resumed.stdout
+    assert "resuming: " in resumed.stdout and "training epoch 2\n" in resumed.stdout
 
     straight, split = parameters(tmp_path / "straight" / "last.npz"), parameters(tmp_path / "split" / "last.npz")
     assert straight.keys() == split.keys() and any(key.startswith("optim/") for key in straight)
@@ -272,6 +272,14 @@ def test_an_empty_range_says_what_a_range_must_be(capsys):
     status, _, err = run_main(capsys, "train", "--data", "bundled", "--train-split", "5:2")
     assert status == 2
     assert err == "cnn-backend: error: --train-split 5:2 selects no images: START must be below STOP, within the 10,000 images available\n"
+
+
+def test_a_schedule_that_changes_on_resuming_is_described_in_words():
+    from cnn_backend.cli.train import _describe_schedule
+
+    cosine = {"name": "cosine", "base_lr": 0.002, "total_steps": 125, "warmup_steps": 12, "min_lr": 0.0}
+    assert _describe_schedule(cosine) == "cosine (base lr 0.002, total steps 125, warmup steps 12, min lr 0)"
+    assert _describe_schedule({"name": "constant"}) == "constant"
 
 
 @pytest.mark.parametrize(

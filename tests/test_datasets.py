@@ -509,7 +509,8 @@ def test_strict_refuses_unusable_files_in_one_line(tmp_path):
     for attempt in range(2):  # decoding afresh, then from the cache
         with pytest.raises(DataError) as excinfo:
             load_dataset(root, strict=True)
-        assert_one_line(excinfo, r"skipped 2 of 7 files", r"cat/broken\.png", r"refused \(strict\)")
+        assert_one_line(excinfo, r": 2 of 7 files are not usable images: ", r"cat/broken\.png", r"refused \(strict\)")
+        assert "skipped" not in str(excinfo.value)  # refused, not skipped
 
 
 def test_a_mode_pillow_cannot_convert_is_skipped_or_refused(tmp_path):

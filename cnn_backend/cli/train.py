@@ -457,9 +457,11 @@ def _train_in_folder(args, folder, out_dir, *, world, communicator, settings, ba
     for line in lines:
         announce(line)
     if checkpoint is not None:
-        announce(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training epochs {start_epoch}-{settings['epochs']}")
+        epochs = f"epoch {start_epoch}" if start_epoch == settings["epochs"] else f"epochs {start_epoch}-{settings['epochs']}"
+        announce(f"resuming: {checkpoint.path} (epoch {checkpoint.epoch}), training {epochs}")
         if checkpoint.schedule != schedule_settings:
-            announce(f"note: the learning-rate schedule changes on resuming, from {checkpoint.schedule} to {schedule_settings}")
+            announce(f"note: the learning-rate schedule changes on resuming, from {_describe_schedule(checkpoint.schedule)} "
+                     f"to {_describe_schedule(schedule_settings)}")
     announce(f"outputs: {out_dir}")
     announce(format_summary(model.summary()))
 
@@ -560,6 +562,17 @@ def _summary_line(recorder: RunRecorder, epochs_run: int, seconds: float, backen
         f"done: {best}; {epochs_run} epoch{'s' if epochs_run != 1 else ''} in {seconds:.1f} s, "
         f"{throughput:,.0f} training samples/s on {backend.name} ({backend.dtype.name})"
     )
+
+
+def _describe_schedule(schedule: dict | None) -> str:
+    """``cosine (base lr 0.002, total steps 125, warmup steps 12, min lr 0)`` for a schedule's settings."""
+    if not schedule:
+        return "none"
+    details = ", ".join(
+        f"{key.replace('_', ' ')} {value:g}" if isinstance(value, (int, float)) else f"{key.replace('_', ' ')} {value}"
+        for key, value in schedule.items() if key != "name"
+    )
+    return f"{schedule.get('name', 'schedule')} ({details})" if details else str(schedule.get("name"))
 
 
 def _describe_settings(settings: dict) -> str:

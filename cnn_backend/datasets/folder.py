@@ -381,9 +381,12 @@ class _Decoded:
 def _finish(decoded: _Decoded, folder: Path, strict: bool) -> LabelledImages:
     notes = ()
     if decoded.skipped:
-        summary = _skipped_summary(decoded.skipped, decoded.total, folder)
         if strict:
-            raise DataError(f"{summary}; refused (strict): remove or fix them, or load without --strict to skip them")
+            raise DataError(
+                f"{_shown(folder)}: {len(decoded.skipped)} of {decoded.total} files are not usable images: "
+                f"{_named(decoded.skipped)}; refused (strict): remove or fix them, or load without --strict to skip them"
+            )
+        summary = _skipped_summary(decoded.skipped, decoded.total, folder)
         notes = (summary,)
         logger.info("%s", summary)
     channels, height, width = decoded.images.shape[1:]
@@ -395,9 +398,13 @@ def _finish(decoded: _Decoded, folder: Path, strict: bool) -> LabelledImages:
 
 
 def _skipped_summary(skipped, total: int, folder: Path) -> str:
+    return f"{_shown(folder)}: skipped {len(skipped)} of {total} files that are not usable images: {_named(skipped)}"
+
+
+def _named(skipped) -> str:
+    """The first few ``(name, reason)`` of ``skipped``, and how many more."""
     shown = "; ".join(f"{_shown(name)} ({reason})" for name, reason in skipped[:_NAMES_SHOWN])
-    more = f"; and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else ""
-    return f"{_shown(folder)}: skipped {len(skipped)} of {total} files that are not usable images: {shown}{more}"
+    return shown + (f"; and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else "")
 
 
 def _decode_folder(folder, class_names, files, others, channels, size, cache_split, listing) -> _Decoded:
