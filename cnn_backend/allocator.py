@@ -39,7 +39,7 @@ _applied: bool | None = None
 def keep_freed_memory() -> bool:
     """Fix glibc's thresholds as the module says, once per process; True when they are in force.
 
-    Does nothing (False) off glibc, when ``CNN_BACKEND_KEEP_FREED_MEMORY=0``, or when one of
+    Does nothing (False) off glibc, when ``CNN_BACKEND_KEEP_FREED_MEMORY=0`` (or false, no, off), or when one of
     glibc's ``MALLOC_*_THRESHOLD_`` variables is set.
     """
     global _applied
@@ -48,8 +48,21 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def requested_by_environment() -> bool:
+    """Whether ``$CNN_BACKEND_KEEP_FREED_MEMORY`` leaves the thresholds on (unset: on); ValueError,
+    one line, for a value that is neither on (1, true, yes, on) nor off (0, false, no, off)."""
+    text = os.environ.get(KEEP_FREED_MEMORY_ENV, "").strip()
+    if text.lower() in ("", "1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(
+        f"{KEEP_FREED_MEMORY_ENV}={text!r} is neither on nor off; set it to 0 (leave glibc's malloc as it is) or 1, or unset it"
+    )
+
+
 def _apply() -> bool:
-    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip() == "0" or any(name in os.environ for name in GLIBC_VARIABLES):
+    if not requested_by_environment() or any(name in os.environ for name in GLIBC_VARIABLES):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

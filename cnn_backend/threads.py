@@ -73,7 +73,8 @@ def _usable_cores() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _count_from_environment() -> int | None:
+def count_from_environment() -> int | None:
+    """``$CNN_BACKEND_NUM_THREADS`` as a count (None when unset); ValueError, one line, when it is not one."""
     text = os.environ.get(THREADS_ENV, "").strip()
     if not text:
         return None
@@ -90,7 +91,7 @@ def thread_count() -> int:
     """How many threads (the caller's included) chunked operations use."""
     global _thread_count
     if _thread_count is None:
-        count = _count_from_environment()
+        count = count_from_environment()
         if count is None:
             blas = [c.get_num_threads() for c in _blas()]
             count = blas[0] if blas else _usable_cores()

@@ -67,3 +67,18 @@ def test_training_steps_reuse_freed_memory():
 def test_malloc_is_left_alone_when_asked(variable, value):
     applied, _ = faults_per_step(**{variable: value})
     assert applied == "False"
+
+
+@pytest.mark.parametrize("value, requested", [("", True), ("1", True), ("On", True), ("0", False), ("false", False), ("off", False)])
+def test_the_variable_reads_the_usual_words_for_on_and_off(monkeypatch, value, requested):
+    monkeypatch.setenv(allocator.KEEP_FREED_MEMORY_ENV, value)
+    assert allocator.requested_by_environment() is requested
+
+
+def test_a_value_that_is_neither_on_nor_off_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv(allocator.KEEP_FREED_MEMORY_ENV, "maybe")
+    with pytest.raises(ValueError) as excinfo:
+        allocator.requested_by_environment()
+    assert str(excinfo.value) == (
+        "CNN_BACKEND_KEEP_FREED_MEMORY='maybe' is neither on nor off; set it to 0 (leave glibc's malloc as it is) or 1, or unset it"
+    )

@@ -283,6 +283,23 @@ def test_a_schedule_that_changes_on_resuming_is_described_in_words():
 
 
 @pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("CNN_BACKEND_NUM_THREADS", "abc", "CNN_BACKEND_NUM_THREADS='abc' is not a thread count"),
+        ("CNN_BACKEND_CONV_ALGORITHM", "fast", "CNN_BACKEND_CONV_ALGORITHM='fast' is not a convolution algorithm"),
+        ("CNN_BACKEND_KEEP_FREED_MEMORY", "maybe", "CNN_BACKEND_KEEP_FREED_MEMORY='maybe' is neither on nor off"),
+    ],
+)
+@pytest.mark.parametrize("command", [["train", "--model", "seed", "--data", "bundled", "--out", "run"], ["summary", "--model", "seed"]])
+def test_a_malformed_variable_is_refused_before_anything_is_printed_or_written(tmp_path, capsys, monkeypatch, variable, value, message, command):
+    monkeypatch.setenv(variable, value)
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run_main(capsys, *command)
+    assert status == 2 and out == "" and list(tmp_path.iterdir()) == []
+    assert err.startswith(f"cnn-backend: error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
     "corrupt, message",
     [
         (lambda data: data[: len(data) // 2], "not an .npz archive"),

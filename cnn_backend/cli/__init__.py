@@ -32,7 +32,7 @@ from ..runfolder import stop_signals_raise
 from .console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, failure, output_closed, print_error
 from .evaluate import add_evaluate_command, add_predict_command
 # The steps of setting up a run, which the tests call from here.
-from .runtime import build_model, open_backend
+from .runtime import build_model, check_environment_variables, open_backend
 from .settings import resolve_ranges, resolve_settings
 from .train import add_train_command
 from .utility import add_download_command, add_summary_command
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:  # refused, in one line from rank 0
             return exc.code
     try:
+        if args.command != "train":  # train checks them in every process of a job, where a failure ends the job
+            check_environment_variables()
         with stop_signals_raise():
             return args.handler(args)
     except BrokenPipeError:

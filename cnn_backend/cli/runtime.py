@@ -16,6 +16,16 @@ from ..spec import BUILTIN_NAMES, SpecError, build_model as build_spec_model, no
 DEFAULT_MODEL = "default"
 
 
+def check_environment_variables() -> None:
+    """Refuse a malformed ``CNN_BACKEND_*`` variable in one line before a command prints or writes
+    anything: each is otherwise read only when first needed, in the middle of a run's start."""
+    from .. import allocator, functional, threads
+
+    threads.count_from_environment()
+    functional.get_default_conv_algorithm()
+    allocator.requested_by_environment()
+
+
 def quiet_float_warnings():
     """Overflow warnings would only repeat what the non-finite loss check reports in one line."""
     return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")

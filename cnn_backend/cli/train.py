@@ -61,7 +61,7 @@ from .recorder import (
     refuse_files_of_another_run,
     same_folder,
 )
-from .runtime import build_model, check_spec_file, open_backend, quiet_float_warnings
+from .runtime import build_model, check_environment_variables, check_spec_file, open_backend, quiet_float_warnings
 from .settings import (
     DROPOUT_MODELS,
     FALLBACK_TRAIN_SHARE,
@@ -259,6 +259,7 @@ def _train(args, world, held: list | None = None) -> int:
     """Train in this process; ``world`` is the job's communicator (one process for a plain run).
     Rank 0 alone prints and writes files; the other processes put the ``(message, prefix)`` of
     their failure report in ``held``, said only if rank 0 does not end the job first."""
+    check_environment_variables()
     # The file's identity before it is read: once the folder is locked, a change means another run
     # committed an epoch in between.
     resumed_identity = _file_identity(args.resume) if args.resume else None
