@@ -324,6 +324,15 @@ def test_a_hold_out_run_resumes_only_on_its_own_hold_out_and_image_size(tmp_path
     assert status == 0 and "hold-out of every class (3 images, seed 0): as the checkpoint records" in out
 
 
+def test_one_range_given_for_a_recipe_with_ranges_takes_the_rest_not_the_recipes_other_range(tmp_path, capsys):
+    status, stdout, err = run_main(capsys, "train", "--model", "seed", "--data", "bundled", "--val-split", "0:1000", "--epochs", 1,
+                                   "--device", "cpu", "--out", tmp_path / "run", "--no-plots")
+    assert status == 0, err
+    # The seed recipe's training range [0:5000] would hold the 1,000 validation images.
+    assert "split: training on [1000:10000] (9,000 images), validating on [0:1000] (1,000 images)" in stdout
+    assert "overlap" not in stdout
+
+
 def test_a_run_validated_on_a_range_resumes_only_on_its_own_ranges(tmp_path, capsys):
     out = tmp_path / "run"
     status, _, err = run_main(capsys, "train", "--model", "seed", "--epochs", 1, "--train-split", ":256", "--val-split", "8000:8128",
@@ -340,13 +349,15 @@ def test_a_run_validated_on_a_range_resumes_only_on_its_own_ranges(tmp_path, cap
     status, stdout, err = run_main(capsys, *resume, "--train-split", "0:256")  # the same images, written otherwise
     assert status == 0, err
     assert [row["epoch"] for row in read_history(out / "history.jsonl")] == [1, 2]
-    # An open end is resolved against the data: the fallback split records 8000:10000 of the bundled 10,000.
-    out = tmp_path / "fallback"
-    status, _, err = run_main(capsys, "train", "--model", "plain", "--epochs", 1, "--train-split", "9000:9064", "--device", "cpu",
-                              "--out", out, "--quiet", "--no-plots")
+    # One range given: the other is the larger side left of the bundled 10,000, recorded with both ends.
+    out = tmp_path / "rest"
+    status, stdout, err = run_main(capsys, "train", "--model", "plain", "--epochs", 1, "--train-split", "9000:9064", "--device", "cpu",
+                                   "--out", out, "--no-plots")
     assert status == 0, err
-    assert load_checkpoint(out / "last.npz").settings["val_split"] == "8000:10000"
-    status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--val-split", "8000:", "--device", "cpu", "--quiet", "--no-plots")
+    assert ("split: training on [9000:9064] (64 images), validating on [0:9000] (9,000 images): --train-split as given, "
+            "the other range the rest of the 10,000 images available\n") in stdout
+    assert load_checkpoint(out / "last.npz").settings["val_split"] == "0:9000"
+    status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--val-split", ":9000", "--device", "cpu", "--quiet", "--no-plots")
     assert status == 0, err
 
 

@@ -160,7 +160,12 @@ def resolve_ranges(settings: dict, total: int, given_why: str = "as requested") 
     checkpoints record the ranges actually used.
     """
     train_text, val_text = settings["train_split"], settings["val_split"]
-    if train_text is None or val_text is None:
+    given = None if (train_text is None) == (val_text is None) else "--train-split" if val_text is None else "--val-split"
+    rest = _rest_of(train_text if val_text is None else val_text, total) if given else None
+    if rest is not None:  # one range given: the other is the larger side left over, so they do not overlap
+        train_text, val_text = (train_text, rest) if val_text is None else (rest, val_text)
+        why = f"{given} as given, the other range the rest of the {total:,} images available"
+    elif train_text is None or val_text is None:
         if total >= FULL_DATA_SIZE:
             defaults, why = FULL_RANGES, "the full-data split"
         else:
@@ -169,6 +174,8 @@ def resolve_ranges(settings: dict, total: int, given_why: str = "as requested") 
             why = f"{FALLBACK_TRAIN_SHARE:.0%}/{1 - FALLBACK_TRAIN_SHARE:.0%} of the {total:,} images available"
             if total == BUNDLED_COUNT:
                 why += f" (the full-data split {FULL_RANGES[0]}/{FULL_RANGES[1]} needs `cnn-backend download`)"
+        if given:  # it leaves no images over
+            why = f"{given} as given, the other range by default ({why})"
         train_text = train_text or defaults[0]
         val_text = val_text or defaults[1]
     elif (train_text, val_text) == (RECIPES["seed"]["train_split"], RECIPES["seed"]["val_split"]):
@@ -182,6 +189,19 @@ def resolve_ranges(settings: dict, total: int, given_why: str = "as requested") 
     if train_window.start < val_window.stop and val_window.start < train_window.stop:
         line += " (warning: the two ranges overlap, validation accuracy is optimistic)"
     return train_window, val_window, line
+
+
+def _rest_of(text: str, total: int) -> str | None:
+    """The longer of the two ranges that ``text`` leaves of ``total`` images (None: it leaves
+    none, or ``text`` is not a range of them, which :func:`select_range` then reports)."""
+    start, stop = parse_range(text)
+    start, stop = start or 0, total if stop is None else stop
+    if not 0 <= start < stop <= total:
+        return None
+    before, after = start, total - stop
+    if max(before, after) == 0:
+        return None
+    return f"0:{start}" if before >= after else f"{stop}:{total}"
 
 
 def load_training_data(settings: dict, checkpoint: Checkpoint | None = None):

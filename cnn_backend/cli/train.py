@@ -137,7 +137,8 @@ def add_train_command(commands) -> None:
                        "such as the bundled one)")
     model.add_argument("--val-split", type=range_text, metavar="START:STOP", help="validation images (default: "
                        f"seed model {RECIPES['seed']['val_split']}; other models {FULL_RANGES[1]} on the full data, "
-                       f"the last {100 - FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set)")
+                       f"the last {100 - FALLBACK_TRAIN_SHARE * 100:.0f}%% of a smaller set; with --train-split alone, "
+                       "the larger side it leaves)")
 
     optimisation = train.add_argument_group("optimisation")
     optimisation.add_argument("--epochs", type=positive_int, help=f"last epoch to train (default: {recipe_default('epochs')})")
@@ -281,9 +282,11 @@ def _train(args, world, held: list | None = None) -> int:
         inputs.check(data, f"--data {settings['data']}")
         refuse_other_ranges(checkpoint, explicit, len(labels))
     if checkpoint is None and (source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder")
-                               or not _recipe_ranges_fit(settings, explicit, len(labels))):
+                               or not _recipe_ranges_fit(settings, explicit, len(labels))
+                               or ("train_split" in explicit) != ("val_split" in explicit)):
         # A recipe's ranges (the seed experiment's 5,000 + 5,000) are made for the 60,000-image IDX
-        # sets: other data, or an IDX folder of fewer images, is split by the general rule.
+        # sets: other data, or an IDX folder of fewer images, is split by the general rule; so is a
+        # run given one range, whose other range is then the rest (no overlap with the recipe's).
         for key in ("train_split", "val_split"):
             if key not in explicit:
                 settings[key] = None
