@@ -411,12 +411,18 @@ class WidensToFloat64(Layer):
         return dy.astype("float32")
 
 
-def test_parity_run_reports_a_device_result_of_the_wrong_dtype():
+def dense_parity_report(reference_tail, device_tail, steps: int = 1):
+    """Parity of ``FullyConnected(784, 10)`` followed by ``reference_tail`` on the CPU and by
+    ``device_tail`` on the stand-in device (layer classes taking the backend), on flat batches."""
     cpu, device = get_backend("cpu", "float32"), standin_backend("float32")
-    reference_model = Sequential([FullyConnected(784, 10, rng=0, backend=cpu), Flatten(cpu)])
-    device_model = Sequential([FullyConnected(784, 10, rng=0, backend=device), WidensToFloat64(device)])
-    batches = [(x.reshape(len(x), -1), y) for x, y in parity.host_batches("synthetic", 1, 4, "float32")]
-    report = parity.compare_models(reference_model, device_model, batches, parity.optimizer_factory("sgd"))
+    reference_model = Sequential([FullyConnected(784, 10, rng=0, backend=cpu), reference_tail(cpu)])
+    device_model = Sequential([FullyConnected(784, 10, rng=0, backend=device), device_tail(device)])
+    batches = [(x.reshape(len(x), -1), y) for x, y in parity.host_batches("synthetic", steps, 4, "float32")]
+    return parity.compare_models(reference_model, device_model, batches, parity.optimizer_factory("sgd"))
+
+
+def test_parity_run_reports_a_device_result_of_the_wrong_dtype():
+    report = dense_parity_report(Flatten, WidensToFloat64)
     assert all(d.max_rel <= report.tolerance for d in report.differences)  # the values agree ...
     assert report.verdict == "fail"  # ... but one device result is no longer float32
     assert any("dtype float64 on standin, expected float32" in problem for problem in report.problems)
@@ -499,11 +505,7 @@ class OverflowsOnTheDevice(Layer):
 
 
 def test_a_device_whose_training_diverges_alone_fails_the_comparison_at_that_step():
-    cpu, device = get_backend("cpu", "float32"), standin_backend("float32")
-    reference_model = Sequential([FullyConnected(784, 10, rng=0, backend=cpu), OverflowsOnTheDevice(cpu)])
-    device_model = Sequential([FullyConnected(784, 10, rng=0, backend=device), OverflowsOnTheDevice(device)])
-    batches = [(x.reshape(len(x), -1), y) for x, y in parity.host_batches("synthetic", 3, 4, "float32")]
-    report = parity.compare_models(reference_model, device_model, batches, parity.optimizer_factory("sgd"))
+    report = dense_parity_report(OverflowsOnTheDevice, OverflowsOnTheDevice, steps=3)
     assert report.verdict == "fail" and report.steps == 1
     assert report.problems == ["step 1: the standin logits became NaN or infinity while the cpu ones stayed finite"]
 
