@@ -183,7 +183,7 @@ def test_sigterm_during_a_checkpoint_write_finishes_it_and_says_how_to_resume(tm
     assert line.startswith("cnn-backend: terminated by SIGTERM after epoch 2; the last good checkpoint is run")
     assert f"(epoch 2); resume with: cnn-backend train --resume {Path('run') / 'last.npz'}" in line
     assert load_checkpoint(tmp_path / "run" / "last.npz").epoch == 2
-    assert [row["epoch"] for row in read_history(tmp_path / "run" / "history.jsonl")] == [1]
+    assert [row["epoch"] for row in read_history(tmp_path / "run" / "history.jsonl")] == [1, 2]
     assert load_checkpoint(tmp_path / "run" / "best.npz").epoch <= 2
     assert hidden_files(tmp_path / "run") == []
 
