@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -86,7 +87,7 @@ class Sequential:
         cannot take the shape it receives.
         """
         rng = make_rng(rng)  # every layer draws from it (a layer of one's own need not make its own)
-        shape = tuple(int(size) for size in input_shape)
+        shape = _sample_shape(input_shape)
         self.input_shape = shape
         for index, layer in enumerate(self.layers):
             top = f"layer {index} ({type(layer).__name__})"
@@ -157,17 +158,18 @@ class Sequential:
         refuse_non_real_input(x, "Sequential")  # a cast would drop imaginary parts, or fail on text deep inside
         if x.dtype != self.backend.dtype:
             x = x.astype(self.backend.dtype)
-        if self.input_shape is None:
-            self.input_shape = tuple(x.shape[1:])
+        sample_shape = tuple(x.shape[1:])
         try:
             x = self._forward_layers(x)
         except ShapeError as exc:
-            if self.input_shape != tuple(x.shape[1:]):  # the usual cause: say it rather than its effect deep inside
+            if self.input_shape not in (None, sample_shape):  # the usual cause: say it rather than its effect deep inside
                 one_sample = "; for a single sample, pass x[None] (a batch of one)" if tuple(x.shape) == self.input_shape else ""
                 raise ShapeError(
-                    f"{exc}; the model was built for samples of shape {self.input_shape}, this batch's are {tuple(x.shape[1:])}{one_sample}"
+                    f"{exc}; the model was built for samples of shape {self.input_shape}, this batch's are {sample_shape}{one_sample}"
                 ) from None
             raise
+        if self.input_shape is None:  # recorded from the first batch that passes, never from a refused one
+            self.input_shape = sample_shape
         self._output_shape, self._predicted_since_forward = tuple(x.shape), False
         return x
 
@@ -561,6 +563,21 @@ def _runs_as(layer, cls: type) -> bool:
     subclass that changes either would silently lose."""
     kind = type(layer)
     return isinstance(layer, cls) and kind.forward is cls.forward and kind.backward is cls.backward
+
+
+def _sample_shape(input_shape) -> tuple:
+    """``input_shape`` as a tuple of positive ints; ShapeError (one line) for anything else."""
+    try:
+        shape = () if isinstance(input_shape, (str, bytes)) else tuple(input_shape)
+    except TypeError:
+        shape = ()
+    # NumPy integers count (a shape read from an array); bools and floats do not, as in model files.
+    if not shape or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1 for size in shape):
+        raise ShapeError(
+            f"Sequential: input_shape must be one sample's shape, positive integers without the batch axis "
+            f"(such as (1, 28, 28) or (784,)), got {input_shape!r}"
+        )
+    return tuple(int(size) for size in shape)
 
 
 def _refuse_layers_in_two_places(layers: list) -> None:

@@ -8,7 +8,7 @@ import numpy
 import pytest
 
 from cnn_backend import ModelFileError, Sequential, default_cnn, get_backend, plain_cnn, seed_cnn
-from cnn_backend.layers import BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU
+from cnn_backend.layers import BatchNorm, Convolution, Dropout, Flatten, FullyConnected, Layer, MaxPool, ReLU, ShapeError
 from cnn_backend.serialization import write_npz_atomic
 from layer_helpers import Block
 
@@ -540,3 +540,27 @@ def test_load_state_dict_checks_on_the_host_and_sends_each_array_once_in_the_mod
         numpy.testing.assert_array_equal(value, state[name].astype(model_dtype))
     for name, value in model.buffer_state_dict().items():
         numpy.testing.assert_array_equal(value, buffers[name].astype(model_dtype))
+
+
+def test_a_refused_first_batch_records_no_input_shape_and_the_model_saves_and_loads(tmp_path):
+    x = numpy.random.default_rng(0).random((2, 1, 6, 6)).astype(numpy.float32)
+    model = Sequential([Convolution(1, 4, 3, rng=0), Flatten(), FullyConnected(64, 3, rng=0)])
+    with pytest.raises(ShapeError, match=r"expected input of shape \(N, 1, H, W\)"):
+        model(x.transpose(0, 2, 3, 1))  # NHWC by mistake
+    assert model.input_shape is None
+    expected = model(x)
+    assert model.input_shape == (1, 6, 6)
+    loaded = Sequential.load(model.save(tmp_path / "model.npz"))
+    numpy.testing.assert_array_equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 6.9, 6), (True, 6, 6), (0, 6, 6), (1, -6, 6), "1,6,6", (), 6])
+def test_an_input_shape_that_is_not_positive_integers_is_refused_in_one_line(shape):
+    with pytest.raises(ShapeError) as excinfo:
+        Sequential([Convolution(out_channels=4, kernel_size=3, padding=1), Flatten(), FullyConnected(out_features=3)], input_shape=shape)
+    assert str(excinfo.value) == (
+        "Sequential: input_shape must be one sample's shape, positive integers without the batch axis "
+        f"(such as (1, 28, 28) or (784,)), got {shape!r}"
+    )
+    # NumPy integers, as a shape read from an array gives them, count.
+    assert Sequential([Flatten()], input_shape=numpy.array([1, 6, 6])).input_shape == (1, 6, 6)
