@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy  # noqa: E402
 
-from cnn_backend.backend import get_backend  # noqa: E402
 from cnn_backend.layers import Convolution, FullyConnected  # noqa: E402
 from cnn_backend.model import default_cnn  # noqa: E402
 
@@ -42,14 +41,18 @@ def timings(call, repeats: int) -> list[float]:
     return seconds
 
 
-def product_shapes(batch: int) -> list[tuple[str, int, int, int]]:
-    """``(what, m, k, n)`` of the second convolution's and first dense layer's three products."""
+def timed_layers() -> tuple[Convolution, FullyConnected]:
+    """The default network's second convolution and first dense layer."""
     model = default_cnn("cpu", seed=0)
     convolution = [layer for layer in model.layers if isinstance(layer, Convolution)][1]
-    dense = next(layer for layer in model.layers if isinstance(layer, FullyConnected))
-    index = model.layers.index(convolution)
-    _, height, width = model.layer_output_shapes()[index] if hasattr(model, "layer_output_shapes") else (None, 14, 14)
-    patch = convolution.in_channels * convolution.kernel_size[0] * convolution.kernel_size[1]
+    return convolution, next(layer for layer in model.layers if isinstance(layer, FullyConnected))
+
+
+def product_shapes(batch: int) -> list[tuple[str, int, int, int]]:
+    """``(what, m, k, n)`` of the second convolution's and first dense layer's three products."""
+    convolution, dense = timed_layers()
+    _, height, width = convolution.output_shape
+    patch = convolution.in_channels * convolution.kernel_size ** 2
     pixels, filters = height * width * batch, convolution.out_channels
     features, units = dense.in_features, dense.out_features
     return [
@@ -85,10 +88,11 @@ def describe(seconds: list[float]) -> str:
 
 def compare_convolutions(torch, batch: int, repeats: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    backend = get_backend("cpu", "float32")
-    ours = Convolution(16, 48, 3, padding=1, bias=False, rng=0, backend=backend)
+    ours, _ = timed_layers()
     ours.needs_input_grad = True
-    images = numpy.random.default_rng(0).standard_normal((batch, 16, 14, 14), dtype=numpy.float32)
+    channels, filters, size, padding = ours.in_channels, ours.out_channels, ours.kernel_size, ours.padding
+    _, height, width = ours.output_shape
+    images = numpy.random.default_rng(0).standard_normal((batch, channels, height, width), dtype=numpy.float32)
     # The layer before hands on a batch-innermost array, seen as (N, C, H, W).
     x = numpy.ascontiguousarray(images.transpose(1, 2, 3, 0)).transpose(3, 0, 1, 2)
     gradient = numpy.ones_like(ours.forward(x))
@@ -99,9 +103,9 @@ def compare_convolutions(torch, batch: int, repeats: int, threads: int) -> None:
 
     rows = [("ours (batch-innermost)", lambda: ours.forward(x), ours_both)]
     for mode, memory_format in (("PyTorch NCHW", torch.contiguous_format), ("PyTorch channels-last", torch.channels_last)):
-        layer = torch.nn.Conv2d(16, 48, 3, padding=1, bias=False).to(memory_format=memory_format)
+        layer = torch.nn.Conv2d(channels, filters, size, padding=padding, bias=False).to(memory_format=memory_format)
         inputs = torch.from_numpy(images).to(memory_format=memory_format).requires_grad_()
-        upstream = torch.ones(batch, 48, 14, 14).to(memory_format=memory_format)
+        upstream = torch.ones(batch, filters, height, width).to(memory_format=memory_format)
 
         def forward(layer=layer, inputs=inputs):
             with torch.no_grad():
@@ -111,7 +115,8 @@ def compare_convolutions(torch, batch: int, repeats: int, threads: int) -> None:
             layer(inputs).backward(upstream)
 
         rows.append((mode, forward, both))
-    print(f"second convolution (16 -> 48, 3x3 on 14x14) at batch {batch}, {threads} threads, ms, median (range):")
+    print(f"second convolution ({channels} -> {filters}, {size}x{size} on {height}x{width}) at batch {batch}, "
+          f"{threads} threads, ms, median (range):")
     for name, forward, both in rows:
         print(f"  {name:24} forward {describe(timings(forward, repeats))}   forward + backward {describe(timings(both, repeats))}")
 
