@@ -450,10 +450,7 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
     if registered is None or _qualified_name(registered) != _qualified_name(type(layer)):
         return _unregistered_entry(layer, label)
     options = layer_options(kind)
-    if type(layer).config is Layer.config:
-        unread = [option for option in options if option != "layers" and not hasattr(layer, option)]
-        if unread:
-            raise SpecError(f"{label}: define config() returning its options ({kind} has no attribute {unread[0]!r} to read that option from)")
+    _refuse_unread_options(layer, options, label)
     config = layer.config()
     if not isinstance(config, dict):
         raise SpecError(f"{label}: {kind}.config() returned {type(config).__name__}: return a dict of its constructor's options")
@@ -477,8 +474,19 @@ def spec_entry(layer: Layer, label: str = "") -> dict:
     return normalized
 
 
+def _refuse_unread_options(layer: Layer, options, label: str) -> None:
+    """With the default ``config()``, an option kept under another attribute name would be left out
+    of the file, which would then rebuild the layer with the option's default: refused instead."""
+    if type(layer).config is Layer.config:
+        unread = [option for option in options if option != "layers" and not hasattr(layer, option)]
+        if unread:
+            kind = type(layer).__name__
+            raise SpecError(f"{label}: define config() returning its options ({kind} has no attribute {unread[0]!r} to read that option from)")
+
+
 def _unregistered_entry(layer: Layer, label: str) -> dict:
     """The entry of a class that is not registered: written so that its files load once it is."""
+    _refuse_unread_options(layer, constructor_options(type(layer)), label)
     entry = {key: _plain_value(value) for key, value in layer.spec().items()}
     if _holds_layer_list(layer) and ("layers" in entry or _defines_children(type(layer))):
         entry["layers"] = _inner_entries(layer, label)  # the default config() gives the layer objects themselves

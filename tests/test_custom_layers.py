@@ -838,3 +838,34 @@ def test_a_registered_residual_subclass_offers_no_projection_option():
     assert model.config()["layers"][1] == block
     with pytest.raises(SpecError, match=r"layer 0 \(GainResidual\): unknown option 'projection'"):
         build_model({"layers": [{**block, "projection": 3}, {"type": "Flatten"}, {"type": "FullyConnected", "out_features": 2}]}, (2, 4, 4))
+
+
+class KeepsItsFactorElsewhere(Layer):
+    """An option kept under another attribute name, with the default config()."""
+
+    def __init__(self, factor: float = 2.0, *, backend=None):
+        super().__init__(backend)
+        self.f = factor
+
+    def forward(self, x):
+        return x * self.f
+
+    def backward(self, dy):
+        return dy * self.f
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_an_option_the_default_config_cannot_read_is_refused_on_saving_whether_registered_or_not(tmp_path, registered):
+    if registered:
+        register_layer(KeepsItsFactorElsewhere)
+    try:
+        model = Sequential([Flatten(), KeepsItsFactorElsewhere(3.0), FullyConnected(out_features=2)], input_shape=(4,), rng=0)
+        with pytest.raises(SpecError) as excinfo:
+            model.save(tmp_path / "model.npz")
+        assert str(excinfo.value) == (
+            "layer 1 (KeepsItsFactorElsewhere): define config() returning its options "
+            "(KeepsItsFactorElsewhere has no attribute 'factor' to read that option from)"
+        )
+        assert list(tmp_path.iterdir()) == []  # no file that would load with factor 2.0
+    finally:
+        forget_layer_type("KeepsItsFactorElsewhere")
