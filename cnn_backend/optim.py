@@ -46,7 +46,7 @@ class Optimizer:
 
     def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend | None = None) -> None:
         self.params = _checked_parameters(type(self).__name__, params)
-        self.lr = as_number(lr, f"{type(self).__name__}: learning rate", "> 0", lambda value: value > 0)
+        self.lr = as_number(lr, f"{type(self).__name__}: learning rate", "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
         self.steps = 0
         self._flat: FlatParameters | None = shared_flat_buffer(self.params)
         self.backend = self._parameters_backend() if backend is None else backend
@@ -109,6 +109,14 @@ class Optimizer:
             flat = xp.zeros(self._flat.size, dtype=self._flat.dtype)
             return flat, self._flat.views(flat)
         return None, [xp.zeros_like(p.data) for p in self.params]
+
+    def zero_grad(self) -> None:
+        """Set every parameter's gradient to zero, as PyTorch's ``optimizer.zero_grad()`` does. Here
+        each backward pass replaces the gradients instead of adding to them, so a training loop
+        need not call it; it is kept for loops written for PyTorch."""
+        for parameter in self.params:
+            if parameter.grad is not None:
+                parameter.grad[...] = 0
 
     def step(self) -> None:
         """Apply one update from the gradients stored in the parameters."""
@@ -247,7 +255,9 @@ class SGD(Optimizer):
         backend: Backend | None = None,
     ) -> None:
         momentum = as_number(momentum, "SGD: momentum", "in [0, 1)", lambda value: 0.0 <= value < 1.0)
-        weight_decay = as_number(weight_decay, "SGD: weight_decay", ">= 0", lambda value: value >= 0)
+        weight_decay = as_number(weight_decay, "SGD: weight_decay", "a finite number >= 0", _finite_at_least(0))
+        if not isinstance(nesterov, bool):  # "no" would be true
+            raise ValueError(f"SGD: nesterov must be true or false, got {nesterov!r}")
         if nesterov and not momentum:
             # Nesterov without momentum is plain SGD: a momentum was forgotten (PyTorch refuses it too).
             raise ValueError(f"SGD: nesterov=True needs a momentum > 0, got momentum={momentum!r}")
@@ -310,8 +320,8 @@ class Adam(Optimizer):
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Adam: betas must be in [0, 1), got {betas!r}")
         self.beta1, self.beta2 = float(beta1), float(beta2)
-        self.eps = as_number(eps, "Adam: eps", ">= 0", lambda value: value >= 0)
-        self.weight_decay = as_number(weight_decay, "Adam: weight_decay", ">= 0", lambda value: value >= 0)
+        self.eps = as_number(eps, "Adam: eps", "a finite number >= 0", _finite_at_least(0))
+        self.weight_decay = as_number(weight_decay, "Adam: weight_decay", "a finite number >= 0", _finite_at_least(0))
         super().__init__(params, lr, backend)
 
     def config(self) -> dict:
@@ -400,13 +410,17 @@ def _cosine_between(start: float, end: float, fraction: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * fraction))
 
 
+def _finite_at_least(lowest: float):
+    return lambda value: math.isfinite(value) and value >= lowest
+
+
 class ConstantSchedule:
     """The base learning rate at every step."""
 
     name = "constant"
 
     def __init__(self, base_lr: float) -> None:
-        self.base_lr = float(base_lr)
+        self.base_lr = as_number(base_lr, f"{type(self).__name__}: base_lr", "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
 
     def __call__(self, step: int) -> float:
         return self.base_lr
@@ -424,7 +438,8 @@ class StepSchedule(ConstantSchedule):
     def __init__(self, base_lr: float, step_size: int, gamma: float = 0.1) -> None:
         super().__init__(base_lr)
         # Refused, not truncated: int(1.5) would decay every step.
-        self.step_size, self.gamma = as_integer(step_size, "StepSchedule: step_size", 1), float(gamma)
+        self.step_size = as_integer(step_size, "StepSchedule: step_size", 1)
+        self.gamma = as_number(gamma, "StepSchedule: gamma", "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
 
     def __call__(self, step: int) -> float:
         return self.base_lr * self.gamma ** (step // self.step_size)
@@ -446,7 +461,8 @@ class CosineSchedule(ConstantSchedule):
             raise ValueError(
                 f"CosineSchedule: need total_steps >= 1 and 0 <= warmup_steps < total_steps, got {total_steps}, {warmup_steps}"
             )
-        self.total_steps, self.warmup_steps, self.min_lr = total_steps, warmup_steps, float(min_lr)
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        self.min_lr = as_number(min_lr, "CosineSchedule: min_lr", "a finite number >= 0", _finite_at_least(0))
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -475,14 +491,11 @@ class OneCycleSchedule(ConstantSchedule):
         self, base_lr: float, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4
     ) -> None:
         super().__init__(base_lr)
-        total_steps = as_integer(total_steps, "OneCycleSchedule: total_steps", 2)  # refused, not truncated
-        if not 0.0 < pct_start < 1.0 or div_factor <= 0 or final_div_factor <= 0:
-            raise ValueError(
-                "OneCycleSchedule: need total_steps >= 2, 0 < pct_start < 1 and positive div_factor and final_div_factor, "
-                f"got {total_steps}, {pct_start}, {div_factor}, {final_div_factor}"
-            )
-        self.total_steps, self.pct_start = total_steps, float(pct_start)
-        self.div_factor, self.final_div_factor = float(div_factor), float(final_div_factor)
+        self.total_steps = as_integer(total_steps, "OneCycleSchedule: total_steps", 2)  # refused, not truncated
+        self.pct_start = as_number(pct_start, "OneCycleSchedule: pct_start", "in (0, 1)", lambda value: 0.0 < value < 1.0)
+        positive = lambda value: math.isfinite(value) and value > 0  # noqa: E731
+        self.div_factor = as_number(div_factor, "OneCycleSchedule: div_factor", "a finite number > 0", positive)
+        self.final_div_factor = as_number(final_div_factor, "OneCycleSchedule: final_div_factor", "a finite number > 0", positive)
 
     def __call__(self, step: int) -> float:
         initial_lr = self.base_lr / self.div_factor

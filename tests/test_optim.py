@@ -230,7 +230,7 @@ def test_load_state_dict_ignores_a_velocity_sgd_without_momentum_does_not_keep()
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: SGD([], lr=0, backend=CPU64), r"SGD: learning rate must be > 0"),
+        (lambda: SGD([], lr=0, backend=CPU64), r"SGD: learning rate must be a finite number > 0"),
         (lambda: SGD([], lr=0.1, momentum=1.0, backend=CPU64), r"SGD: momentum must be in \[0, 1\)"),
         (lambda: Adam([], betas=(0.9, 1.0), backend=CPU64), r"Adam: betas must be in \[0, 1\)"),
         (lambda: make_optimizer("rmsprop", [], CPU64), r"unknown optimizer 'rmsprop'; choose one of sgd, adam"),
@@ -288,10 +288,22 @@ def test_one_cycle_schedule_matches_pytorch():
     numpy.testing.assert_allclose([cycle(step) for step in range(137)], expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [{"pct_start": 1.0}, {"pct_start": 0.0}, {"div_factor": 0.0}, {"final_div_factor": -1.0}])
-def test_one_cycle_schedule_refuses_bad_settings(kwargs):
-    with pytest.raises(ValueError, match=r"OneCycleSchedule: need total_steps >= 2, 0 < pct_start < 1"):
-        OneCycleSchedule(1.0, **{"total_steps": 10, **kwargs})
+@pytest.mark.parametrize("make, message", [
+    (lambda: OneCycleSchedule(1.0, 10, pct_start=1.0), "OneCycleSchedule: pct_start must be in (0, 1), got 1.0"),
+    (lambda: OneCycleSchedule(1.0, 10, pct_start=0.0), "OneCycleSchedule: pct_start must be in (0, 1), got 0.0"),
+    (lambda: OneCycleSchedule(1.0, 10, div_factor=0.0), "OneCycleSchedule: div_factor must be a finite number > 0, got 0.0"),
+    (lambda: OneCycleSchedule(1.0, 10, div_factor="25"), "OneCycleSchedule: div_factor must be a finite number > 0, got '25'"),
+    (lambda: OneCycleSchedule(1.0, 10, final_div_factor=float("nan")), "OneCycleSchedule: final_div_factor must be a finite number > 0, got nan"),
+    (lambda: StepSchedule(0.1, 10, gamma=-2), "StepSchedule: gamma must be a finite number > 0, got -2"),
+    (lambda: StepSchedule(float("nan"), 10), "StepSchedule: base_lr must be a finite number > 0, got nan"),
+    (lambda: StepSchedule("abc", 10), "StepSchedule: base_lr must be a finite number > 0, got 'abc'"),
+    (lambda: CosineSchedule(0.1, 100, min_lr=-0.5), "CosineSchedule: min_lr must be a finite number >= 0, got -0.5"),
+    (lambda: ConstantSchedule(0), "ConstantSchedule: base_lr must be a finite number > 0, got 0"),
+])
+def test_schedules_refuse_bad_settings_when_made_not_mid_training(make, message):
+    with pytest.raises(ValueError) as excinfo:
+        make()
+    assert str(excinfo.value) == message
 
 
 @pytest.mark.parametrize("value", [1.5, "3", True, -1, numpy.float64(4.0)])
@@ -425,3 +437,18 @@ def test_a_generator_of_parameters_is_taken():
     opt = SGD((q for q in [p]), lr=0.1)
     opt.step()
     numpy.testing.assert_allclose(p.data, [0.95, -2.1])
+
+
+def test_zero_grad_clears_the_gradients_as_pytorchs_does():
+    from cnn_backend.model import seed_cnn
+
+    model = seed_cnn("cpu")
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.forward(numpy.random.default_rng(0).random((2, 1, 28, 28), dtype=numpy.float32))
+    model.backward(numpy.ones((2, 10), dtype=numpy.float32))
+    assert all(numpy.abs(p.grad).sum() > 0 for p in model.parameters())
+    optimizer.zero_grad()
+    assert all(not p.grad.any() for p in model.parameters())
+    before = [p.data.copy() for p in model.parameters()]
+    optimizer.step()  # a zero gradient and no velocity yet: no update
+    assert all(numpy.array_equal(p.data, old) for p, old in zip(model.parameters(), before))
