@@ -228,6 +228,29 @@ class Sequential:
             grad = layer.backward(grad)
         return grad
 
+    def check_samples(self, x, who: str):
+        """``x`` as an array (host or device) of samples this model can predict; ShapeError, one line
+        beginning with ``who``, for a single number, an empty input, an integer one, samples holding
+        NaN or infinity, or finite values the cast to the model's dtype would make infinite (1e39
+        for float32): their predictions would mean nothing."""
+        if not isinstance(x, self.backend.xp.ndarray):
+            x = self.backend.to_numpy(x)
+        if x.ndim == 0:
+            raise ShapeError(f"{who}: expected a batch of samples, got a single number ({x.dtype})")
+        if not len(x):
+            raise ShapeError(f"{who}: no samples to predict (an empty input)")
+        refuse_integer_input(x, who)
+        bad = count_non_finite_samples(x, self.backend)
+        if bad:
+            raise ShapeError(f"{who}: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
+        bad = _count_overflowing_samples(x, self.backend)
+        if bad:  # finite here, infinite after forward's cast: the predictions would be NaN
+            raise ShapeError(
+                f"{who}: {bad} of {len(x)} samples hold values too large for {self.backend.dtype.name}; "
+                "scale the input, or use a float64 model (dtype='float64')"
+            )
+        return x
+
     def predict_logits(self, x, batch_size: int = EVALUATION_BATCH_SIZE):
         """Logits for any number of samples, in evaluation mode, computed in batches (device array).
 
@@ -236,22 +259,7 @@ class Sequential:
         would mean nothing.
         """
         batch_size = as_integer(batch_size, "batch_size", 1)
-        if not isinstance(x, self.backend.xp.ndarray):
-            x = self.backend.to_numpy(x)
-        if x.ndim == 0:
-            raise ShapeError(f"Sequential.predict_logits: expected a batch of samples, got a single number ({x.dtype})")
-        if not len(x):
-            raise ShapeError("Sequential.predict_logits: no samples to predict (an empty input)")
-        refuse_integer_input(x, "Sequential.predict_logits")
-        bad = count_non_finite_samples(x, self.backend)
-        if bad:
-            raise ShapeError(f"Sequential.predict_logits: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
-        bad = _count_overflowing_samples(x, self.backend)
-        if bad:  # finite here, infinite after forward's cast: the predictions would be NaN
-            raise ShapeError(
-                f"Sequential.predict_logits: {bad} of {len(x)} samples hold values too large for {self.backend.dtype.name}; "
-                "scale the input, or use a float64 model (dtype='float64')"
-            )
+        x = self.check_samples(x, "Sequential.predict_logits")
         was_training = self.training
         self.eval()
         try:

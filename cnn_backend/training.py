@@ -21,8 +21,7 @@ from .data import SEED_SPLIT, BatchLoader, BatchShare, split_ranges
 from .distributed import GradientAverager, SingleProcess, average_buffers, broadcast_parameters
 from .functional import cross_entropy_per_sample
 from .init import as_integer
-from .layers import BatchNorm, NonFiniteLogitsError, SoftmaxCrossEntropy
-from .layers.base import refuse_integer_input
+from .layers import BatchNorm, NonFiniteLogitsError, ShapeError, SoftmaxCrossEntropy
 from .layers.loss import check_label_range
 from .model import EVALUATION_BATCH_SIZE, Sequential
 from .optim import SCHEDULE_TYPES, ConstantSchedule, OneCycleSchedule, Optimizer
@@ -264,7 +263,14 @@ def _check_validation(model: Sequential, validation) -> None:
     if not isinstance(validation, (tuple, list)) or len(validation) != 2:
         raise TypeError(f"fit: validation must be a pair (images, labels), got {type(validation).__name__}")
     images, labels = validation
-    refuse_integer_input(images, "fit: validation")
+    images = model.check_samples(images, "fit: validation")
+    taken, given = model.input_shape, tuple(images.shape[1:])
+    if taken is not None and given != tuple(taken):
+        channels_last = len(given) == 3 and given == (*taken[1:], taken[0])
+        raise ShapeError(
+            f"fit: validation samples have shape {given}, the model takes {tuple(taken)}"
+            + ("; pass images as (N, C, H, W), not (N, H, W, C)" if channels_last else "")
+        )
     labels = _checked_labels(images, labels, "fit: validation")
     outputs = _class_count(model)
     if outputs is not None:

@@ -271,6 +271,12 @@ def test_evaluate_refuses_float_labels(fashion):
     (lambda x, y: (prepare_images(x), y.astype(numpy.float64)), r"^fit: validation: labels must be integer class indices, got float64$"),
     (lambda x, y: (prepare_images(x), y + 1), r"^SoftmaxCrossEntropy: labels must be in \[0, 9\], got values from 1 to 10$"),
     (lambda x, y: (x, y), r"^fit: validation: the input holds uint8 values, not floats; "),
+    (lambda x, y: (prepare_images(x)[:0], y[:0]), r"^fit: validation: no samples to predict \(an empty input\)$"),
+    (lambda x, y: (numpy.where(numpy.arange(len(x))[:, None, None, None] < 2, numpy.nan, prepare_images(x)), y),
+     r"^fit: validation: 2 of 500 samples contain NaN or infinity; clean the input first$"),
+    (lambda x, y: (prepare_images(x).transpose(0, 2, 3, 1), y),
+     r"^fit: validation samples have shape \(28, 28, 1\), the model takes \(1, 28, 28\); pass images as \(N, C, H, W\), not \(N, H, W, C\)$"),
+    (lambda x, y: (prepare_images(x)[:, :, :20, :20], y), r"^fit: validation samples have shape \(1, 20, 20\), the model takes \(1, 28, 28\)$"),
 ])
 def test_fit_checks_the_validation_set_before_the_first_epoch(fashion, bad, expected):
     model, optimizer, loader = small_run(fashion)
