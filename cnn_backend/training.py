@@ -360,6 +360,8 @@ class Trainer:
         pending, total_loss, total_correct, samples, step = [], 0.0, 0, 0, 0
         correct_acc = None
         for step, (x, y) in enumerate(self.loader.epoch(epoch), start=1):
+            if step > steps_per_epoch:  # its losses would be left out of the epoch's, and the schedule's steps off
+                raise ValueError(_uncounted_batches(self.loader, epoch, f"more than {steps_per_epoch}"))
             share = self._share(step - 1, len(y))
             # The rate depends only on the global step, so a resumed run follows the same schedule.
             self.optimizer.lr = self.schedule((epoch - 1) * steps_per_epoch + step - 1)
@@ -391,6 +393,8 @@ class Trainer:
                     on_interval(step, total_loss / samples, total_correct / samples)
         if step == 0:
             raise ValueError("the training data yields no batch: use a smaller batch size or more data")
+        if step < steps_per_epoch:
+            raise ValueError(_uncounted_batches(self.loader, epoch, str(step)))
         average_buffers(self.model, self.communicator)
         return total_loss / samples, total_correct / samples, samples
 
@@ -405,6 +409,13 @@ class Trainer:
         self.model.set_batch_share(share)
         if self._share_augment is not None:
             self._share_augment(share)
+
+
+def _uncounted_batches(loader, epoch: int, yielded: str) -> str:
+    return (
+        f"the loader's epoch({epoch}) yielded {yielded} batches, but its len() says {len(loader)}: "
+        f"make {type(loader).__name__}.__len__ count the batches each epoch yields"
+    )
 
 
 def _check_trainer_arguments(model: Sequential, optimizer, loader) -> bool:

@@ -253,6 +253,32 @@ class NegativeLabelLoader:
             yield x, y
 
 
+class MiscountingLoader:
+    """Batches of a real loader, with a len() that is ``off`` from the count it yields."""
+
+    def __init__(self, loader, off: int) -> None:
+        self.loader, self.off = loader, off
+
+    def __len__(self) -> int:
+        return len(self.loader) + self.off
+
+    def epoch(self, index: int):
+        yield from self.loader.epoch(index)
+
+
+@pytest.mark.parametrize("off, yielded", [(-1, "more than {}"), (1, "{}")])
+def test_a_custom_loader_whose_len_miscounts_its_batches_is_refused(fashion, off, yielded):
+    model, optimizer, loader = small_run(fashion)
+    counted = MiscountingLoader(loader, off)
+    with pytest.raises(ValueError) as excinfo:
+        fit(model, optimizer, counted, 1)
+    said = yielded.format(len(loader) - 1 if off < 0 else len(loader))
+    assert str(excinfo.value) == (
+        f"the loader's epoch(1) yielded {said} batches, but its len() says {len(counted)}: "
+        "make MiscountingLoader.__len__ count the batches each epoch yields"
+    )
+
+
 def test_a_custom_loader_yielding_a_negative_label_is_refused(fashion):
     model, optimizer, loader = small_run(fashion)
     with pytest.raises(ValueError, match=r"^SoftmaxCrossEntropy: labels must be in \[0, 9\], got values from -1 to \d$"):
