@@ -320,9 +320,11 @@ def _nearby_multiples(value: int, factor: int) -> list[int]:
 class BatchLoader:
     """Minibatches ``(x, y)`` on the backend's device, in a seeded order that any epoch reproduces.
 
-    ``x`` has shape ``(B, C, H, W)`` (NCHW) in ``backend.dtype``, scaled to [0, 1] (then normalised
-    per channel when ``normalization`` is given); ``y`` is int64, each label below ``num_classes``.
-    Images go to the device as uint8 (4x less traffic than float32) and are converted there. When
+    ``x`` has shape ``(B, C, H, W)`` (NCHW) in ``backend.dtype``: uint8 ``images`` (pixels) scaled
+    to [0, 1] (then normalised per channel when ``normalization`` is given), float ``images`` (data
+    already prepared: spectrograms, normalised images) as they are; ``y`` is int64, each label below
+    ``num_classes``. Pixels go to the device as uint8 (4x less traffic than float32) and are
+    converted there. When
     the split needs at most ``max_device_bytes`` on the device it is sent once, and each epoch sends
     only its permutation; otherwise each batch is gathered on the host and sent on its own.
 
@@ -353,8 +355,16 @@ class BatchLoader:
     ):
         images = numpy.asarray(images)
         labels = numpy.asarray(labels)
-        if images.dtype != numpy.uint8:
-            raise ValueError(f"images must be uint8 (as loaded), got {images.dtype}")
+        if images.dtype != numpy.uint8 and images.dtype.kind != "f":
+            raise ValueError(
+                f"images must be uint8 pixels (0-255, scaled to [0, 1] on the device) or floats (used as they are), got {images.dtype}"
+            )
+        if images.dtype.kind == "f":
+            if normalization is not None:  # its mean and std are those of pixels scaled to [0, 1]
+                raise ValueError("normalization applies to uint8 pixels; normalise float images before giving them to the loader")
+            bad = int((~numpy.isfinite(images.reshape(len(images), -1))).any(axis=1).sum()) if images.size else 0
+            if bad:
+                raise DataError(f"{bad} of {len(images)} images contain NaN or infinity; clean them first")
         if images.ndim == 3:
             images = images[:, None]  # add the channel axis: (N, H, W) -> (N, 1, H, W)
         if images.ndim != 4:
@@ -456,5 +466,7 @@ class BatchLoader:
                 y = self.backend.to_device(self._host_labels[index])
                 yield self._to_float(x), y
 
-    def _to_float(self, x_uint8):
-        return _scale_and_normalize(x_uint8, self.backend.dtype, *(self._normalization or ()))
+    def _to_float(self, x):
+        if x.dtype.kind == "f":  # prepared by the caller: only the model's dtype is given to it
+            return x if x.dtype == self.backend.dtype else x.astype(self.backend.dtype)
+        return _scale_and_normalize(x, self.backend.dtype, *(self._normalization or ()))

@@ -673,13 +673,30 @@ def test_batch_loader_rejects_bad_input():
     assert len(BatchLoader(images, numpy.array([0, 1, 12, 3]), "cpu", 2, num_classes=13)) == 2  # a device name will do
     with pytest.raises(DataError, match=r"found -1 at record 0"):
         BatchLoader(images, numpy.array([-1, 1, 2, 3]), backend, 2)
-    with pytest.raises(ValueError, match="images must be uint8"):
-        BatchLoader(images.astype(numpy.float32), numpy.zeros(4, int), backend, 2)
+    with pytest.raises(ValueError, match=r"images must be uint8 pixels \(0-255, scaled to \[0, 1\] on the device\) or floats "
+                                         r"\(used as they are\), got int32"):
+        BatchLoader(images.astype(numpy.int32), numpy.zeros(4, int), backend, 2)
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
         BatchLoader(images, numpy.zeros(3, int), backend, 2)
     for wrong in (0, True, 2.0):
         with pytest.raises(ValueError, match=rf"batch_size must be an integer >= 1, got {wrong!r}"):
             BatchLoader(images, numpy.zeros(4, int), backend, wrong)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_batch_loader_takes_float_images_as_they_are_in_the_models_dtype(dtype):
+    rng = numpy.random.default_rng(0)
+    images = rng.normal(size=(5, 2, 3, 3)).astype(numpy.float64)  # already prepared: negative values too
+    labels = rng.integers(0, 10, size=5)
+    loader = BatchLoader(images, labels, get_backend("cpu", dtype), 2, shuffle=False)
+    batches = list(loader.epoch(1))
+    assert [len(y) for _, y in batches] == [2, 2, 1]
+    assert all(x.dtype == numpy.dtype(dtype) for x, _ in batches)
+    numpy.testing.assert_array_equal(numpy.concatenate([x for x, _ in batches]), images.astype(dtype))
+    with pytest.raises(DataError, match=r"^1 of 5 images contain NaN or infinity; clean them first$"):
+        BatchLoader(numpy.where(numpy.arange(5)[:, None, None, None] == 3, numpy.inf, images), labels, "cpu", 2)
+    with pytest.raises(ValueError, match=r"^normalization applies to uint8 pixels; normalise float images before"):
+        BatchLoader(images, labels, "cpu", 2, normalization=data.Normalization((0.5, 0.5), (0.2, 0.2)))
 
 
 def test_prepare_images_scales_to_unit_range_with_a_channel_axis():
