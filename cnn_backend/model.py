@@ -516,8 +516,15 @@ class Sequential:
         """Write architecture and parameters to ``path`` (.npz), atomically, with :attr:`input_spec`
         when the model has one (what evaluation and prediction need to prepare images).
 
-        ``extra`` maps names to host arrays stored beside the parameters (e.g. optimiser state).
+        ``extra`` maps names to host arrays stored beside the parameters (e.g. optimiser state);
+        names the model's own entries use and arrays of Python objects (which loading, never
+        unpickling, would refuse) are refused, as is a model with no parameters built yet.
         """
+        if not self.parameters():  # Sequential.load would refuse the file
+            if any(layer.inferred_sizes for _, layer in self.named_layers()):
+                raise ValueError("Sequential.save: the model is not built (its sizes are inferred from the input): "
+                                 "give Sequential input_shape=, or run it on a batch first")
+            raise ValueError("Sequential.save: the model has no parameters, so there is nothing to save")
         arrays = {PARAM_PREFIX + name: value for name, value in self.state_dict().items()}
         arrays.update({BUFFER_PREFIX + name: value for name, value in self.buffer_state_dict().items()})
         arrays[CONFIG_KEY] = json_array(self.config())
@@ -525,6 +532,11 @@ class Sequential:
             self._check_input_spec()
             arrays[INPUTS_KEY] = json_array(self.input_spec.config())
         for name, value in (extra or {}).items():
+            if name in arrays or str(name).startswith((PARAM_PREFIX, BUFFER_PREFIX)):
+                raise ValueError(f"Sequential.save: extra entry {name!r} would replace the model's own; give it another name")
+            if getattr(value, "dtype", None) is not None and value.dtype.kind == "O":
+                raise ValueError(f"Sequential.save: extra entry {name!r} holds Python objects, which a model file cannot hold (it is "
+                                 "read without unpickling); store numbers or text")
             arrays[name] = value
         return write_npz_atomic(path, arrays)
 

@@ -564,3 +564,25 @@ def test_an_input_shape_that_is_not_positive_integers_is_refused_in_one_line(sha
     )
     # NumPy integers, as a shape read from an array gives them, count.
     assert Sequential([Flatten()], input_shape=numpy.array([1, 6, 6])).input_shape == (1, 6, 6)
+
+
+def test_save_refuses_what_load_would_refuse_and_writes_nothing(tmp_path):
+    built = Sequential([Flatten(), FullyConnected(out_features=3)], input_shape=(4,), rng=0)
+    cases = [
+        (lambda: Sequential([Flatten(), FullyConnected(out_features=3)]).save(tmp_path / "a.npz"),
+         "Sequential.save: the model is not built (its sizes are inferred from the input): give Sequential input_shape=, or run it on a batch first"),
+        (lambda: Sequential([Flatten(), ReLU()], input_shape=(4,)).save(tmp_path / "a.npz"),
+         "Sequential.save: the model has no parameters, so there is nothing to save"),
+        (lambda: built.save(tmp_path / "a.npz", extra={"param/1.weight": numpy.zeros((4, 3))}),
+         "Sequential.save: extra entry 'param/1.weight' would replace the model's own; give it another name"),
+        (lambda: built.save(tmp_path / "a.npz", extra={"note": numpy.array([None, 1], dtype=object)}),
+         "Sequential.save: extra entry 'note' holds Python objects, which a model file cannot hold (it is read without "
+         "unpickling); store numbers or text"),
+    ]
+    for save, message in cases:
+        with pytest.raises(ValueError) as excinfo:
+            save()
+        assert str(excinfo.value) == message
+    assert list(tmp_path.iterdir()) == []
+    loaded = Sequential.load(built.save(tmp_path / "a.npz", extra={"note": numpy.array(["text"])}))
+    numpy.testing.assert_array_equal(loaded.state_dict()["1.weight"], built.state_dict()["1.weight"])
