@@ -53,6 +53,11 @@ class Sequential:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("Sequential needs at least one layer")
+        if rng is not None and input_shape is None:  # it would seed nothing, silently
+            raise ValueError(
+                "Sequential: rng seeds the layers as they are built for input_shape, and no input_shape was given; "
+                "pass input_shape= too, or seed each layer with its own rng= (Dropout(rate, rng=...) too)"
+            )
         for index, layer in enumerate(self.layers):
             if not isinstance(layer, Layer):
                 raise ValueError(

@@ -586,3 +586,15 @@ def test_save_refuses_what_load_would_refuse_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     loaded = Sequential.load(built.save(tmp_path / "a.npz", extra={"note": numpy.array(["text"])}))
     numpy.testing.assert_array_equal(loaded.state_dict()["1.weight"], built.state_dict()["1.weight"])
+
+
+def test_a_seed_without_an_input_shape_is_refused_rather_than_ignored():
+    with pytest.raises(ValueError) as excinfo:
+        Sequential([Convolution(1, 4, 3, rng=0), Flatten(), Dropout(0.5), FullyConnected(64, 4, rng=0)], rng=0)
+    assert str(excinfo.value) == (
+        "Sequential: rng seeds the layers as they are built for input_shape, and no input_shape was given; "
+        "pass input_shape= too, or seed each layer with its own rng= (Dropout(rate, rng=...) too)"
+    )
+    seeded = [Sequential([Flatten(), Dropout(0.5), FullyConnected(out_features=4)], input_shape=(1, 8, 8), rng=3) for _ in range(2)]
+    x = numpy.ones((2, 1, 8, 8), numpy.float32)
+    numpy.testing.assert_array_equal(seeded[0](x), seeded[1](x))  # the same weights and the same dropout draws
