@@ -76,6 +76,14 @@ def fan_in_uniform(rng: numpy.random.Generator, shape: tuple[int, ...], fan_in: 
 INITIALIZERS = ("he", "glorot", "fan_in_uniform")
 
 
+def check_init(scheme, layer: str) -> str:
+    """``scheme`` when it names one of ``INITIALIZERS``; ValueError naming ``layer`` otherwise
+    (checked when the layer is made, not when its weights are first drawn)."""
+    if scheme not in INITIALIZERS:
+        raise ValueError(f"{layer}: init must be one of {', '.join(INITIALIZERS)}, got {scheme!r}")
+    return scheme
+
+
 def initial_weight(rng: numpy.random.Generator, shape: tuple[int, ...], fan_in: int, fan_out: int, scheme: str):
     """Draw a weight tensor with the named scheme (one of ``INITIALIZERS``)."""
     if scheme == "he":

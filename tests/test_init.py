@@ -9,6 +9,7 @@ import pytest
 
 from cnn_backend import get_backend
 from cnn_backend.init import INITIALIZERS, initial_weight
+from cnn_backend.layers import Convolution, FullyConnected
 from cnn_backend.spec import SpecError, build_model
 
 FAN_IN, FAN_OUT = 288, 576
@@ -61,3 +62,14 @@ def test_a_spec_layer_takes_the_scheme_by_name():
     assert numpy.abs(dense.params["weight"].data).max() <= 1 / math.sqrt(8 * 26 * 26)
     with pytest.raises(SpecError, match="init must be one of he, glorot, fan_in_uniform, got .orthogonal."):
         build_model(spec("orthogonal"), (1, 28, 28), get_backend("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("make, layer", [
+    (lambda init: Convolution(out_channels=4, kernel_size=3, init=init), "Convolution"),
+    (lambda init: FullyConnected(out_features=3, init=init), "FullyConnected"),
+])
+@pytest.mark.parametrize("init", [None, "xavier"])
+def test_a_layer_refuses_an_unknown_init_when_made_naming_itself(make, layer, init):
+    with pytest.raises(ValueError) as excinfo:
+        make(init)
+    assert str(excinfo.value) == f"{layer}: init must be one of he, glorot, fan_in_uniform, got {init!r}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import Backend
-from ..init import initial_weight, make_rng
+from ..init import check_init, initial_weight, make_rng
 from ..parameters import Parameter
 from .base import Layer, ShapeError, _optional_size, _size, missing_size_after_positional
 
@@ -49,7 +49,7 @@ class Convolution(Layer):
             raise ValueError(f"Convolution: algorithm must be one of auto, {', '.join(F.CONV_ALGORITHMS)}, got {algorithm!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.bias, self.algorithm, self.init = bias, algorithm, init
+        self.bias, self.algorithm, self.init = bias, algorithm, check_init(init, "Convolution")
         self._cache = None
         # im2col buffers reused from step to step (see functional.conv2d_forward's ``workspace``).
         self._workspace: dict = {}

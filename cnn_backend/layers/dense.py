@@ -8,7 +8,7 @@ import numpy
 
 from .. import functional as F
 from ..backend import Backend
-from ..init import as_number, initial_weight, make_rng
+from ..init import as_number, check_init, initial_weight, make_rng
 from ..parameters import Parameter
 from .base import Layer, ShapeError, _optional_size, _size, missing_size_after_positional
 
@@ -68,7 +68,7 @@ class FullyConnected(Layer):
             raise missing_size_after_positional("FullyConnected", "out_features", (in_features,), ("in_features", "out_features"))
         in_features = _optional_size("FullyConnected", "in_features", in_features, 1)
         out_features = _size("FullyConnected", "out_features", out_features, 1)
-        self.in_features, self.out_features, self.init = in_features, out_features, init
+        self.in_features, self.out_features, self.init = in_features, out_features, check_init(init, "FullyConnected")
         if in_features is not None:
             self._create_parameters(rng)
 
