@@ -9,7 +9,7 @@ import numpy
 import pytest
 
 from cnn_backend import SGD, Adam, get_backend
-from cnn_backend.layers import Dropout, ShapeError, SoftmaxCrossEntropy
+from cnn_backend.layers import Dropout, Flatten, ReLU, ShapeError, SoftmaxCrossEntropy
 from cnn_backend.model import plain_cnn
 
 from layer_helpers import Block
@@ -284,3 +284,13 @@ def test_children_that_are_not_name_layer_pairs_are_refused_in_one_line():
         Sequential([Tanh(), Block([Bare([ReLU()])])])
     with pytest.raises(ValueError, match=rf"^Bare: children\(\) gives ReLU\(\), not a \(name, layer\) pair; {pairs}"):
         check_layer_gradients(Bare([ReLU()]), input_shape=(3,))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Flatten(1), "Flatten: backend must be a device name (cpu, cuda, auto) or a Backend, got 1; Flatten takes no other arguments"),
+    (lambda: ReLU(True), "ReLU: backend must be a device name (cpu, cuda, auto) or a Backend, got True; ReLU takes no other arguments"),
+])
+def test_a_pytorch_style_positional_argument_to_a_layer_without_options_is_named(make, message):
+    with pytest.raises(TypeError) as excinfo:
+        make()
+    assert str(excinfo.value) == message

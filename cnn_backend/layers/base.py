@@ -32,6 +32,11 @@ class Layer:
     def __init__(self, backend: Backend | str | None = None) -> None:
         # Parameters are created directly in the backend's dtype, so float32 and float64 models
         # are both cast from the same float64 host draw.
+        if backend is not None and not isinstance(backend, (str, Backend)):  # Flatten(1), as nn.Flatten(1) is written
+            name = type(self).__name__
+            options = list(constructor_options(type(self)))
+            advice = f"{name} takes no other arguments" if not options else f"give {name}'s options by name ({', '.join(options)})"
+            raise TypeError(f"{name}: backend must be a device name (cpu, cuda, auto) or a Backend, got {backend!r}; {advice}")
         self.backend: Backend = cpu_backend() if backend is None else get_backend(backend)
         self.params: dict[str, Parameter] = {}
         self.buffers: dict = {}
