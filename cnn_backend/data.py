@@ -353,6 +353,10 @@ class BatchLoader:
         rank: int = 0,
         size: int = 1,
     ):
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, (bool, numpy.bool_)):  # "False" would be true
+                raise ValueError(f"BatchLoader: {name} must be true or false, got {flag!r}")
+        num_classes = as_integer(num_classes, "BatchLoader: num_classes", 1)
         images = numpy.asarray(images)
         labels = numpy.asarray(labels)
         if images.dtype != numpy.uint8 and images.dtype.kind != "f":
@@ -436,6 +440,7 @@ class BatchLoader:
 
     def order(self, epoch_index: int) -> numpy.ndarray:
         """Host permutation of sample indices for this epoch (identity when not shuffling)."""
+        epoch_index = as_integer(epoch_index, "BatchLoader: the epoch index", 0)  # seeds the order
         if not self.shuffle:
             return numpy.arange(self.num_samples)
         return numpy.random.default_rng((self.seed, int(epoch_index))).permutation(self.num_samples)

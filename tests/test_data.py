@@ -704,3 +704,22 @@ def test_prepare_images_scales_to_unit_range_with_a_channel_axis():
     prepared = prepare_images(images, "float64")
     assert prepared.shape == (1, 1, 2, 2) and prepared.dtype == numpy.float64
     numpy.testing.assert_allclose(prepared[0, 0], [[0.0, 1.0], [0.2, 0.4]])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"shuffle": "no"}, "BatchLoader: shuffle must be true or false, got 'no'"),
+    ({"drop_last": "False"}, "BatchLoader: drop_last must be true or false, got 'False'"),
+    ({"num_classes": "3"}, "BatchLoader: num_classes must be an integer >= 1, got '3'"),
+    ({"num_classes": 3.0}, "BatchLoader: num_classes must be an integer >= 1, got 3.0"),
+    ({"num_classes": 0}, "BatchLoader: num_classes must be an integer >= 1, got 0"),
+])
+def test_batch_loader_options_are_checked_when_made(options, message):
+    with pytest.raises(ValueError) as excinfo:
+        BatchLoader(numpy.zeros((4, 2, 2), numpy.uint8), numpy.zeros(4, int), "cpu", 2, **options)
+    assert str(excinfo.value) == message
+
+
+def test_a_negative_epoch_index_is_refused_in_one_line():
+    loader = BatchLoader(numpy.zeros((4, 2, 2), numpy.uint8), numpy.zeros(4, int), "cpu", 2)
+    with pytest.raises(ValueError, match=r"^BatchLoader: the epoch index must be an integer >= 0, got -1$"):
+        loader.order(-1)
