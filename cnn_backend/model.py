@@ -65,6 +65,15 @@ class Sequential:
                     f"objects (cnn_backend.layers), or build the network from a spec (cnn_backend.spec.build_model)"
                 )
         _refuse_layers_in_two_places(self.layers)
+        if backend is None:  # the layers' own: a layer made for another device or dtype is not moved unasked
+            first = self.layers[0].backend
+            for index, layer in enumerate(self.layers[1:], start=1):
+                if (layer.backend.name, layer.backend.dtype) != (first.name, first.dtype):
+                    raise ValueError(
+                        f"Sequential: layer {index} ({type(layer).__name__}) is on {layer.backend.name} in "
+                        f"{layer.backend.dtype.name}, layer 0 on {first.name} in {first.dtype.name}; make the layers "
+                        f"with one backend, or pass Sequential(..., backend=...) to move them all to it"
+                    )
         self.backend = self.layers[0].backend if backend is None else get_backend(backend)
         for layer in self.layers:
             if layer.backend is not self.backend:

@@ -598,3 +598,15 @@ def test_a_seed_without_an_input_shape_is_refused_rather_than_ignored():
     seeded = [Sequential([Flatten(), Dropout(0.5), FullyConnected(out_features=4)], input_shape=(1, 8, 8), rng=3) for _ in range(2)]
     x = numpy.ones((2, 1, 8, 8), numpy.float32)
     numpy.testing.assert_array_equal(seeded[0](x), seeded[1](x))  # the same weights and the same dropout draws
+
+
+def test_layers_made_for_another_dtype_are_refused_unless_a_backend_is_named():
+    float64 = get_backend("cpu", "float64")
+    with pytest.raises(ValueError) as excinfo:
+        Sequential([Flatten(), FullyConnected(4, 3, rng=0, backend=float64)])
+    assert str(excinfo.value) == (
+        "Sequential: layer 1 (FullyConnected) is on cpu in float64, layer 0 on cpu in float32; make the layers with one "
+        "backend, or pass Sequential(..., backend=...) to move them all to it"
+    )
+    moved = Sequential([Flatten(), FullyConnected(4, 3, rng=0, backend=float64)], backend=get_backend("cpu", "float32"))
+    assert moved.layers[1].params["weight"].data.dtype == numpy.float32
