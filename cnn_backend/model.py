@@ -167,9 +167,9 @@ class Sequential:
         refuse_integer_input(x, "Sequential")
         x = self.backend.to_device(x)
         self._output_shape = None  # until this pass completes: backward must not use a failed one's caches
+        refuse_non_real_input(x, "Sequential")  # a cast would drop imaginary parts, or fail on text deep inside
         if x.ndim == 0 or x.shape[0] == 0:
             raise ShapeError(f"Sequential: expected a batch of at least one sample, got shape {tuple(x.shape)}")
-        refuse_non_real_input(x, "Sequential")  # a cast would drop imaginary parts, or fail on text deep inside
         if x.dtype != self.backend.dtype:
             x = x.astype(self.backend.dtype)
         sample_shape = tuple(x.shape[1:])
@@ -249,6 +249,7 @@ class Sequential:
         for float32): their predictions would mean nothing."""
         if not isinstance(x, self.backend.xp.ndarray):
             x = self.backend.to_numpy(x)
+        refuse_non_real_input(x, who)  # text first: "abc" is no single number either
         if x.ndim == 0:
             raise ShapeError(f"{who}: expected a batch of samples, got a single number ({x.dtype})")
         if not len(x):

@@ -294,3 +294,13 @@ def test_a_pytorch_style_positional_argument_to_a_layer_without_options_is_named
     with pytest.raises(TypeError) as excinfo:
         make()
     assert str(excinfo.value) == message
+
+
+def test_text_given_as_input_is_called_text_not_a_single_number():
+    from cnn_backend import seed_cnn
+
+    model = seed_cnn("cpu")
+    for call, who in ((model.predict, "Sequential.predict_logits"), (model.forward, "Sequential")):
+        with pytest.raises(ValueError) as excinfo:
+            call("abc")
+        assert str(excinfo.value) == f"{who}: expected real numbers, got an array of dtype <U3; pass the images as numbers"
