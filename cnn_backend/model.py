@@ -377,10 +377,15 @@ class Sequential:
         """Copy host arrays into the parameters (and, given ``buffers``, into the buffers); names
         and shapes must match exactly. A model with buffers needs them all. Arrays that are not
         real numbers (complex, text, objects), or hold NaN, infinity or values too large for the
-        model's dtype, are refused in one line naming them, and then nothing is loaded."""
+        model's dtype, are refused in one line naming them, and then nothing is loaded. One dict
+        holding the buffers beside the parameters (PyTorch's ``state_dict`` is such a dict) is taken
+        apart by name."""
         own = dict(self.named_parameters())
-        _check_names("parameters", own.keys(), state.keys())
         own_buffers = dict(self.named_buffers())
+        if buffers is None and own_buffers and set(own_buffers) <= set(state):
+            buffers = {name: state[name] for name in own_buffers}
+            state = {name: value for name, value in state.items() if name not in own_buffers}
+        _check_names("parameters", own.keys(), state.keys())
         if own_buffers and buffers is None:  # PyTorch's state_dict holds the buffers; ours are a second dict
             raise ModelFileError(
                 f"the model has buffers ({', '.join(sorted(own_buffers)[:3])}{', ...' if len(own_buffers) > 3 else ''}) and none were given: "
@@ -671,7 +676,7 @@ def _host_numbers(what: str, name: str, value, kinds: str, backend: Backend):
 
 def _check_shape(what: str, name: str, value, current) -> None:
     if tuple(value.shape) != tuple(current.shape):
-        raise ModelFileError(f"{what} {name} has shape {tuple(value.shape)} in the file, the model expects {tuple(current.shape)}")
+        raise ModelFileError(f"{what} {name} has shape {tuple(value.shape)} in the state given, the model expects {tuple(current.shape)}")
 
 
 # -- architectures -----------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_mismatched_parameters_are_refused(tmp_path):
         model.load_state_dict(state)
     seed = seed_cnn()
     state["4.weight"] = numpy.zeros((10, 121))
-    with pytest.raises(ModelFileError, match=r"parameter 4.weight has shape \(10, 121\) in the file, the model expects \(121, 10\)"):
+    with pytest.raises(ModelFileError, match=r"parameter 4.weight has shape \(10, 121\) in the state given, the model expects \(121, 10\)"):
         seed.load_state_dict(state)
     before = seed.state_dict()
     state["0.weight"] = numpy.ones_like(state["0.weight"])
@@ -610,3 +610,12 @@ def test_layers_made_for_another_dtype_are_refused_unless_a_backend_is_named():
     )
     moved = Sequential([Flatten(), FullyConnected(4, 3, rng=0, backend=float64)], backend=get_backend("cpu", "float32"))
     assert moved.layers[1].params["weight"].data.dtype == numpy.float32
+
+
+def test_one_dict_holding_the_buffers_beside_the_parameters_loads_as_pytorchs_does():
+    source = default_cnn("cpu", seed=1)
+    source.layers[2].buffers["running_mean"][...] = 0.5  # a buffer that differs from a fresh model's
+    target = default_cnn("cpu", seed=0)
+    target.load_state_dict({**source.state_dict(), **source.buffer_state_dict()})
+    for name, value in {**source.state_dict(), **source.buffer_state_dict()}.items():
+        numpy.testing.assert_array_equal({**target.state_dict(), **target.buffer_state_dict()}[name], value, err_msg=name)
