@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy
 
 from .backend import Backend
+from .init import as_integer
 from .inputs import INPUTS_KEY, InputSpec
 from .layers import Dropout
 from .model import BUFFER_PREFIX, CONFIG_KEY, PARAM_PREFIX, Sequential
@@ -56,7 +57,13 @@ def save_checkpoint(
 
     ``settings`` are the run's arguments (JSON-ready); ``best`` is ``{"epoch", "val_accuracy"}``;
     ``history`` the metrics rows of every finished epoch; ``inputs`` what the model expects as input.
+    What :func:`load_checkpoint` would refuse is refused here, before anything is written: an epoch
+    below 1, an optimiser that does not update this model's parameters.
     """
+    epoch = as_integer(epoch, "save_checkpoint: epoch (the number of epochs finished)", 1)
+    if {id(parameter) for parameter in optimizer.params} != {id(parameter) for parameter in model.parameters()}:
+        raise ValueError("save_checkpoint: the optimizer does not update this model's parameters; "
+                         "pass the optimiser made with model.parameters()")
     optimizer_state = optimizer.state_dict()
     steps = int(optimizer_state.pop("steps"))
     state = {

@@ -134,6 +134,18 @@ def test_checkpoint_keeps_the_training_state(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["c.npz"]  # written atomically, no temporary left
 
 
+def test_a_checkpoint_load_would_refuse_is_refused_when_saved_and_nothing_is_written(tmp_path):
+    backend = get_backend("cpu")
+    model = tiny_model(backend)
+    optimizer = make_optimizer("sgd", model.parameters(), backend, lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match=r"^save_checkpoint: epoch \(the number of epochs finished\) must be an integer >= 1, got 0$"):
+        save(tmp_path / "c.npz", model, optimizer, epoch=0)
+    other = make_optimizer("sgd", tiny_model(backend).parameters(), backend, lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match=r"^save_checkpoint: the optimizer does not update this model's parameters; "):
+        save(tmp_path / "c.npz", model, other, epoch=1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_is_also_a_plain_model_file(tmp_path):
     backend = get_backend("cpu")
     model = seed_cnn(backend, seed=1)
