@@ -1,8 +1,19 @@
-"""Helpers for the tests that run the command line in this process."""
+"""Helpers for the tests that run the command line, or a script of scripts/, in this process."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 from cnn_backend import cli
+
+
+def load_script(path: Path):
+    """The script at ``path`` (scripts/NAME.py) as a module, its functions callable from a test."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_main(capsys, *args) -> tuple[int, str, str]:

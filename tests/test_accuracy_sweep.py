@@ -4,13 +4,14 @@ schemes, and its random shifts and erasing change images as they say."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "torch_accuracy_sweep.py"
 
@@ -44,10 +45,7 @@ def test_a_bad_configuration_is_refused_in_one_line(config, message):
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("torch_accuracy_sweep", SCRIPT)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    return sweep
+    return load_script(SCRIPT)
 
 
 def test_the_reference_default_network_has_the_library_default_arithmetic():

@@ -3,7 +3,6 @@ PyTorch's."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -11,19 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "torch_layer_times.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("torch_layer_times", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_products_timed_are_the_three_of_each_layer_in_a_training_step():
-    script = load_script()
+    script = load_script(SCRIPT)
     convolution, dense = script.timed_layers()
     shapes = script.product_shapes(8)
     flops = [2 * m * k * n for _, m, k, n in shapes]
