@@ -13,6 +13,12 @@ import numbers
 import numpy
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type (a string where a number belongs): a TypeError, as Python and
+    PyTorch raise for one, and a ValueError, so that ``except ValueError`` catches it as it catches
+    every other refused argument."""
+
+
 def make_rng(seed: int | numpy.random.Generator | None) -> numpy.random.Generator:
     """A Generator from a seed, an existing Generator (returned as is), or None (fresh entropy)."""
     if isinstance(seed, numpy.random.Generator):
@@ -22,7 +28,7 @@ def make_rng(seed: int | numpy.random.Generator | None) -> numpy.random.Generato
     return numpy.random.default_rng(seed)
 
 
-def as_integer(value, name: str, low: int, *, type_error: type[Exception] = ValueError) -> int:
+def as_integer(value, name: str, low: int, *, type_error: type[Exception] = ArgumentTypeError) -> int:
     """``value`` as a Python int (NumPy integers included, booleans not); ValueError naming ``name``
     when it is below ``low``, ``type_error`` when it is not an integer."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -37,7 +43,7 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def as_number(value, name: str, requirement: str, holds, *, type_error: type[Exception] = ValueError) -> float:
+def as_number(value, name: str, requirement: str, holds, *, type_error: type[Exception] = ArgumentTypeError) -> float:
     """``value`` as a float if it is a number (:func:`is_number`) for which ``holds`` (given the float)
     is true (NaN fails every comparison, so ``holds`` refuses it unless it says otherwise).
 

@@ -8,8 +8,8 @@ import warnings
 import numpy
 import pytest
 
-from cnn_backend import SGD, Adam, get_backend
-from cnn_backend.layers import Dropout, Flatten, ReLU, ShapeError, SoftmaxCrossEntropy
+from cnn_backend import SGD, Adam, Sequential, get_backend
+from cnn_backend.layers import Dropout, Flatten, FullyConnected, ReLU, ShapeError, SoftmaxCrossEntropy
 from cnn_backend.model import plain_cnn
 
 from layer_helpers import Block
@@ -304,3 +304,14 @@ def test_text_given_as_input_is_called_text_not_a_single_number():
         with pytest.raises(ValueError) as excinfo:
             call("abc")
         assert str(excinfo.value) == f"{who}: expected real numbers, got an array of dtype <U3; pass the images as numbers"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Dropout("0.5"),
+    lambda: SGD(Sequential([FullyConnected(4, 3, rng=0)]).parameters(), lr="0.1"),
+    lambda: FullyConnected(out_features="4"),
+])
+def test_an_argument_of_the_wrong_type_is_a_type_error_that_except_value_error_also_catches(make):
+    with pytest.raises(TypeError) as excinfo:
+        make()
+    assert isinstance(excinfo.value, ValueError) and "\n" not in str(excinfo.value)

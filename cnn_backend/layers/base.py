@@ -340,7 +340,7 @@ def _size(layer: str, name: str, value, low: int) -> int:
     try:
         return as_integer(value, name, low)
     except ValueError as exc:
-        raise ValueError(f"{layer}: {exc}") from None
+        raise type(exc)(f"{layer}: {exc}") from None  # a wrong type stays a TypeError too
 
 
 def _optional_size(layer: str, name: str, value, low: int) -> int | None:
