@@ -79,9 +79,7 @@ def save_checkpoint(
     }
     extra = {OPTIMIZER_PREFIX + key: value for key, value in optimizer_state.items()}
     extra[STATE_KEY] = json_array(state)
-    if inputs is not None:
-        extra[INPUTS_KEY] = json_array(inputs.config())
-    return model.save(path, extra=extra)
+    return model.save(path, extra=extra, inputs=inputs)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .datasets.download import download_files
 from .datasets.idx import read_idx, read_labels, write_idx
 from .datasets.idx import read_images as _read_idx_images
 from .datasets.registry import FASHION_MNIST
-from .init import as_integer
+from .init import as_integer, is_flag
 from .datasets.sources import (
     BUNDLED_COUNT,
     BUNDLED_DIR,
@@ -291,6 +291,18 @@ def _scale_and_normalize(images, dtype, mean=None, inverse_std=None):
     return x
 
 
+def _refuse_unusable_floats(images: numpy.ndarray, dtype) -> None:
+    """DataError for float samples holding NaN or infinity, or values the cast to ``dtype`` would
+    make infinite (1e39 for float32): training on them would only end in a non-finite loss."""
+    if not images.size:
+        return
+    flat = images.reshape(len(images), -1)
+    with numpy.errstate(invalid="ignore"):
+        bad = int(((~numpy.isfinite(flat)) | (numpy.abs(flat) > numpy.finfo(dtype).max)).any(axis=1).sum())
+    if bad:
+        raise DataError(f"{bad} of {len(images)} images contain NaN, infinity or values too large for {numpy.dtype(dtype).name}; clean them first")
+
+
 def _check_normalization(normalization: Normalization, channels: int) -> None:
     if normalization.channels != channels:
         raise ValueError(f"the normalisation has {normalization.channels} channels, the images have {channels}")
@@ -354,7 +366,7 @@ class BatchLoader:
         size: int = 1,
     ):
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
-            if not isinstance(flag, (bool, numpy.bool_)):  # "False" would be true
+            if not is_flag(flag):  # "False" would be true
                 raise ValueError(f"BatchLoader: {name} must be true or false, got {flag!r}")
         num_classes = as_integer(num_classes, "BatchLoader: num_classes", 1)
         images = numpy.asarray(images)
@@ -363,12 +375,8 @@ class BatchLoader:
             raise ValueError(
                 f"images must be uint8 pixels (0-255, scaled to [0, 1] on the device) or floats (used as they are), got {images.dtype}"
             )
-        if images.dtype.kind == "f":
-            if normalization is not None:  # its mean and std are those of pixels scaled to [0, 1]
-                raise ValueError("normalization applies to uint8 pixels; normalise float images before giving them to the loader")
-            bad = int((~numpy.isfinite(images.reshape(len(images), -1))).any(axis=1).sum()) if images.size else 0
-            if bad:
-                raise DataError(f"{bad} of {len(images)} images contain NaN or infinity; clean them first")
+        if images.dtype.kind == "f" and normalization is not None:  # its mean and std are those of pixels scaled to [0, 1]
+            raise ValueError("normalization applies to uint8 pixels; normalise float images before giving them to the loader")
         if images.ndim == 3:
             images = images[:, None]  # add the channel axis: (N, H, W) -> (N, 1, H, W)
         if images.ndim != 4:
@@ -394,11 +402,13 @@ class BatchLoader:
             )
 
         self.backend = backend = get_backend(backend)  # a Backend, or a device name as Sequential takes
+        if images.dtype.kind == "f":
+            _refuse_unusable_floats(images, backend.dtype)
         self.batch_size = int(batch_size)
         self.rank, self.size = int(rank), int(size)
-        self.shuffle = shuffle
+        self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.drop_last = drop_last
+        self.drop_last = bool(drop_last)
         self.num_samples = len(images)
         self._host_images = numpy.ascontiguousarray(images)
         self._host_labels = labels.astype(numpy.int64)
@@ -472,6 +482,6 @@ class BatchLoader:
                 yield self._to_float(x), y
 
     def _to_float(self, x):
-        if x.dtype.kind == "f":  # prepared by the caller: only the model's dtype is given to it
-            return x if x.dtype == self.backend.dtype else x.astype(self.backend.dtype)
+        if x.dtype.kind == "f":  # prepared by the caller: only the model's dtype is given to it, in a copy
+            return x.astype(self.backend.dtype)  # never a view of the stored images, which a step may change
         return _scale_and_normalize(x, self.backend.dtype, *(self._normalization or ()))

@@ -38,6 +38,11 @@ def as_integer(value, name: str, low: int, *, type_error: type[Exception] = Argu
     return int(value)
 
 
+def is_flag(value) -> bool:
+    """True or False, NumPy's booleans included (not a string such as "no", which is true)."""
+    return isinstance(value, (bool, numpy.bool_))
+
+
 def is_number(value) -> bool:
     """A real number, NumPy scalars included; not a bool (True as a rate or a size is a mistake)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -532,9 +532,9 @@ class Sequential:
 
     # -- files ---------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write architecture and parameters to ``path`` (.npz), atomically, with :attr:`input_spec`
-        when the model has one (what evaluation and prediction need to prepare images).
+    def save(self, path: str | os.PathLike, extra: dict | None = None, *, inputs: InputSpec | None = None) -> Path:
+        """Write architecture and parameters to ``path`` (.npz), atomically, with ``inputs`` (default:
+        :attr:`input_spec`) when there is one (what evaluation and prediction need to prepare images).
 
         ``extra`` maps names to host arrays stored beside the parameters (e.g. optimiser state);
         names the model's own entries use and arrays of Python objects (which loading, never
@@ -548,11 +548,12 @@ class Sequential:
         arrays = {PARAM_PREFIX + name: value for name, value in self.state_dict().items()}
         arrays.update({BUFFER_PREFIX + name: value for name, value in self.buffer_state_dict().items()})
         arrays[CONFIG_KEY] = json_array(self.config())
-        if self.input_spec is not None:
-            self._check_input_spec()
-            arrays[INPUTS_KEY] = json_array(self.input_spec.config())
+        inputs = self.input_spec if inputs is None else inputs
+        if inputs is not None:
+            self._check_input_spec(inputs)
+            arrays[INPUTS_KEY] = json_array(inputs.config())
         for name, value in (extra or {}).items():
-            if name in arrays or str(name).startswith((PARAM_PREFIX, BUFFER_PREFIX)):
+            if name in arrays or name in (CONFIG_KEY, INPUTS_KEY) or str(name).startswith((PARAM_PREFIX, BUFFER_PREFIX)):
                 raise ValueError(f"Sequential.save: extra entry {name!r} would replace the model's own; give it another name")
             if getattr(value, "dtype", None) is not None and value.dtype.kind == "O":
                 raise ValueError(f"Sequential.save: extra entry {name!r} holds Python objects, which a model file cannot hold (it is "
@@ -560,9 +561,8 @@ class Sequential:
             arrays[name] = value
         return write_npz_atomic(path, arrays)
 
-    def _check_input_spec(self) -> None:
+    def _check_input_spec(self, spec) -> None:
         """Refuse an input description the network cannot serve: its files would fail only when used."""
-        spec = self.input_spec
         if not isinstance(spec, InputSpec):
             raise TypeError(f"model.input_spec must be a cnn_backend.inputs.InputSpec or None, not {type(spec).__name__}")
         built_for = self.input_shape

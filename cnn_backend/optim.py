@@ -21,7 +21,7 @@ import warnings
 from typing import Mapping, Sequence
 
 from .backend import DTYPES, Backend, backend_of
-from .init import as_integer, as_number, is_number
+from .init import as_integer, as_number, is_flag, is_number
 from .layers import Layer
 from .parameters import FlatParameters, Parameter, shared_flat_buffer
 
@@ -256,7 +256,7 @@ class SGD(Optimizer):
     ) -> None:
         momentum = as_number(momentum, "SGD: momentum", "in [0, 1)", lambda value: 0.0 <= value < 1.0)
         weight_decay = as_number(weight_decay, "SGD: weight_decay", "a finite number >= 0", _finite_at_least(0))
-        if not isinstance(nesterov, bool):  # "no" would be true
+        if not is_flag(nesterov):  # "no" would be true
             raise ValueError(f"SGD: nesterov must be true or false, got {nesterov!r}")
         if nesterov and not momentum:
             # Nesterov without momentum is plain SGD: a momentum was forgotten (PyTorch refuses it too).

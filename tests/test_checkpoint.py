@@ -146,6 +146,20 @@ def test_a_checkpoint_load_would_refuse_is_refused_when_saved_and_nothing_is_wri
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_loaded_model_with_an_input_description_is_checkpointed_again(tmp_path):
+    from cnn_backend.inputs import InputSpec
+
+    backend = get_backend("cpu")
+    model = tiny_model(backend)
+    model.input_spec = InputSpec(("ant", "bee", "cow"), 1, (4, 4), None)
+    first = load_checkpoint(save(tmp_path / "a.npz", model, make_optimizer("sgd", model.parameters(), backend, lr=0.05)))
+    loaded = Sequential.load(first.path)  # a model read from a checkpoint carries its input description
+    optimizer = make_optimizer("sgd", loaded.parameters(), backend, lr=0.05)
+    again = load_checkpoint(save(tmp_path / "b.npz", loaded, optimizer, epoch=2, inputs=loaded.input_spec))
+    assert again.input_spec().config() == first.input_spec().config()
+    assert list(again.input_spec().class_names) == ["ant", "bee", "cow"]
+
+
 def test_a_checkpoint_is_also_a_plain_model_file(tmp_path):
     backend = get_backend("cpu")
     model = seed_cnn(backend, seed=1)

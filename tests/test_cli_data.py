@@ -355,7 +355,7 @@ def test_a_run_validated_on_a_range_resumes_only_on_its_own_ranges(tmp_path, cap
                                    "--out", out, "--no-plots")
     assert status == 0, err
     assert ("split: training on [9000:9064] (64 images), validating on [0:9000] (9,000 images): --train-split as given, "
-            "the other range the rest of the 10,000 images available\n") in stdout
+            "the other range the larger side it leaves of the 10,000 images available ([9064:10000] unused)\n") in stdout
     assert load_checkpoint(out / "last.npz").settings["val_split"] == "0:9000"
     status, _, err = run_main(capsys, "train", "--resume", out / "last.npz", "--epochs", 2, "--val-split", ":9000", "--device", "cpu", "--quiet", "--no-plots")
     assert status == 0, err

@@ -693,8 +693,16 @@ def test_batch_loader_takes_float_images_as_they_are_in_the_models_dtype(dtype):
     assert [len(y) for _, y in batches] == [2, 2, 1]
     assert all(x.dtype == numpy.dtype(dtype) for x, _ in batches)
     numpy.testing.assert_array_equal(numpy.concatenate([x for x, _ in batches]), images.astype(dtype))
-    with pytest.raises(DataError, match=r"^1 of 5 images contain NaN or infinity; clean them first$"):
+    with pytest.raises(DataError, match=r"^1 of 5 images contain NaN, infinity or values too large for float32; clean them first$"):
         BatchLoader(numpy.where(numpy.arange(5)[:, None, None, None] == 3, numpy.inf, images), labels, "cpu", 2)
+    with pytest.raises(DataError, match=r"^2 of 5 images contain NaN, infinity or values too large for float32; "):
+        BatchLoader(numpy.where(numpy.arange(5)[:, None, None, None] < 2, 1e39, images), labels, "cpu", 2)
+    assert len(BatchLoader(numpy.where(numpy.arange(5)[:, None, None, None] < 2, 1e39, images), labels, get_backend("cpu", "float64"), 2)) == 3
+    # Batches are copies: a step that changes one in place does not change the data set.
+    stored = images.astype(dtype)
+    first, _ = next(iter(BatchLoader(stored, labels, get_backend("cpu", dtype), 2, shuffle=False).epoch(1)))
+    first *= 0
+    assert stored.any()
     with pytest.raises(ValueError, match=r"^normalization applies to uint8 pixels; normalise float images before"):
         BatchLoader(images, labels, "cpu", 2, normalization=data.Normalization((0.5, 0.5), (0.2, 0.2)))
 

@@ -452,3 +452,9 @@ def test_zero_grad_clears_the_gradients_as_pytorchs_does():
     before = [p.data.copy() for p in model.parameters()]
     optimizer.step()  # a zero gradient and no velocity yet: no update
     assert all(numpy.array_equal(p.data, old) for p, old in zip(model.parameters(), before))
+
+
+def test_nesterov_takes_numpys_booleans_as_python_ones():
+    from cnn_backend.model import seed_cnn
+
+    assert SGD(seed_cnn("cpu").parameters(), lr=0.1, momentum=0.9, nesterov=numpy.True_).nesterov is True

@@ -305,6 +305,18 @@ def test_other_commands_stop_silently_when_their_output_is_closed(tmp_path):
     assert process.wait(timeout=TIMEOUT) == 141 and process.stderr.read() == ""
 
 
+@pytest.mark.parametrize("args", [["train", "--lr", "-5"], ["summary", "--model", "nosuch.toml"]])
+def test_an_error_keeps_its_exit_status_when_nobody_reads_stderr(tmp_path, args):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader of stderr is gone before the command starts
+    try:
+        result = subprocess.run([sys.executable, "-m", "cnn_backend", *args], cwd=tmp_path, env=_env(), stderr=write_end,
+                                stdout=subprocess.PIPE, timeout=TIMEOUT)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 2 and result.stdout == b""
+
+
 def test_interrupt_after_resuming_elsewhere_says_how_to_resume_into_the_same_folder(tmp_path):
     assert cli("train", *SMALL, "--epochs", 1, "--out", "A", cwd=tmp_path).returncode == 0
     process = start_stopped("train", "--resume", Path("A") / "last.npz", "--out", "NEW", "--epochs", 3, "--device", "cpu", "--quiet",

@@ -54,17 +54,25 @@ def output_closed() -> int:
     """Standard output's reader went away (``... | head``): send what is still to be printed
     nowhere, so that the interpreter's last flush does not fail again, and return the status a
     shell gives a command stopped by SIGPIPE. Nothing is said: the reader left on purpose."""
+    _send_nowhere("stdout")
+    return EXIT_OUTPUT_CLOSED
+
+
+def _send_nowhere(name: str) -> None:
+    """Point ``sys.<name>`` (stdout or stderr) at the null device, file descriptor included."""
     devnull = open(os.devnull, "w")
     try:
-        os.dup2(devnull.fileno(), sys.stdout.fileno())
-    except (AttributeError, OSError, ValueError):  # no file descriptor behind sys.stdout
-        sys.stdout = devnull
-    return EXIT_OUTPUT_CLOSED
+        os.dup2(devnull.fileno(), getattr(sys, name).fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind it
+        setattr(sys, name, devnull)
 
 
 def print_error(message, prefix: str = "error: ") -> None:
     text = " ".join(str(message).split())  # always one line
-    print(f"{PROG}: {prefix}{text}", file=sys.stderr, flush=True)
+    try:
+        print(f"{PROG}: {prefix}{text}", file=sys.stderr, flush=True)
+    except BrokenPipeError:  # nobody reads stderr either: the exit status alone says what happened
+        _send_nowhere("stderr")
 
 
 def say(*parts) -> None:

@@ -161,10 +161,11 @@ def resolve_ranges(settings: dict, total: int, given_why: str = "as requested") 
     """
     train_text, val_text = settings["train_split"], settings["val_split"]
     given = None if (train_text is None) == (val_text is None) else "--train-split" if val_text is None else "--val-split"
-    rest = _rest_of(train_text if val_text is None else val_text, total) if given else None
+    rest, unused = _rest_of(train_text if val_text is None else val_text, total) if given else (None, None)
     if rest is not None:  # one range given: the other is the larger side left over, so they do not overlap
         train_text, val_text = (train_text, rest) if val_text is None else (rest, val_text)
-        why = f"{given} as given, the other range the rest of the {total:,} images available"
+        why = f"{given} as given, the other range the larger side it leaves of the {total:,} images available"
+        why += f" ([{unused}] unused)" if unused else ""
     elif train_text is None or val_text is None:
         if total >= FULL_DATA_SIZE:
             defaults, why = FULL_RANGES, "the full-data split"
@@ -191,17 +192,19 @@ def resolve_ranges(settings: dict, total: int, given_why: str = "as requested") 
     return train_window, val_window, line
 
 
-def _rest_of(text: str, total: int) -> str | None:
-    """The longer of the two ranges that ``text`` leaves of ``total`` images (None: it leaves
-    none, or ``text`` is not a range of them, which :func:`select_range` then reports)."""
+def _rest_of(text: str, total: int) -> tuple[str | None, str | None]:
+    """The longer of the two ranges that ``text`` leaves of ``total`` images, and the shorter one
+    when it is not empty (left unused); ``(None, None)`` when it leaves none, or ``text`` is not a
+    range of them (which :func:`select_range` then reports)."""
     start, stop = parse_range(text)
     start, stop = start or 0, total if stop is None else stop
     if not 0 <= start < stop <= total:
-        return None
-    before, after = start, total - stop
-    if max(before, after) == 0:
-        return None
-    return f"0:{start}" if before >= after else f"{stop}:{total}"
+        return None, None
+    before, after = f"0:{start}" if start else None, f"{stop}:{total}" if stop < total else None
+    if before is None and after is None:
+        return None, None
+    longer_before = start >= total - stop
+    return (before, after) if longer_before else (after, before)
 
 
 def load_training_data(settings: dict, checkpoint: Checkpoint | None = None):
