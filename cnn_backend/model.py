@@ -173,9 +173,17 @@ class Sequential:
         if x.dtype != self.backend.dtype:
             x = x.astype(self.backend.dtype)
         sample_shape = tuple(x.shape[1:])
+        # A batch of another shape than the model was built for is the usual refused one: the running
+        # statistics it would move on the way to the refusal are kept to be put back (a fully
+        # convolutional network takes other sizes, so such a batch is not refused up front).
+        kept = None
+        if self.training and self.input_shape not in (None, sample_shape):
+            kept = [(value, value.copy()) for _, value in self.named_buffers()]
         try:
             x = self._forward_layers(x)
         except ShapeError as exc:
+            for value, before in kept or ():
+                value[...] = before
             if self.input_shape not in (None, sample_shape):  # the usual cause: say it rather than its effect deep inside
                 one_sample = "; for a single sample, pass x[None] (a batch of one)" if tuple(x.shape) == self.input_shape else ""
                 raise ShapeError(

@@ -619,3 +619,15 @@ def test_one_dict_holding_the_buffers_beside_the_parameters_loads_as_pytorchs_do
     target.load_state_dict({**source.state_dict(), **source.buffer_state_dict()})
     for name, value in {**source.state_dict(), **source.buffer_state_dict()}.items():
         numpy.testing.assert_array_equal({**target.state_dict(), **target.buffer_state_dict()}[name], value, err_msg=name)
+
+
+def test_a_batch_refused_for_its_shape_leaves_the_running_statistics_as_they_were():
+    model = Sequential([Convolution(out_channels=2, kernel_size=3, padding=1), BatchNorm(), ReLU(), Flatten(), FullyConnected(out_features=3)],
+                       input_shape=(1, 6, 6), rng=0)
+    before = model.buffer_state_dict()
+    with pytest.raises(ShapeError, match=r"the model was built for samples of shape \(1, 6, 6\), this batch's are \(1, 8, 8\)"):
+        model(numpy.random.default_rng(0).random((4, 1, 8, 8)).astype(numpy.float32) * 100)
+    for name, value in model.buffer_state_dict().items():
+        numpy.testing.assert_array_equal(value, before[name], err_msg=name)
+    model(numpy.ones((4, 1, 6, 6), numpy.float32))  # a batch of the right shape still moves them
+    assert not numpy.array_equal(model.buffer_state_dict()["1.running_mean"], before["1.running_mean"])
