@@ -258,6 +258,8 @@ def test_a_residual_network_from_a_file_trains_evaluates_and_resumes_exactly(tmp
         (["train", "--epochz", "3"], "unrecognized arguments: --epochz 3"),
         (["evaluate", "run/best.npz", "--out", "x"], "unrecognized arguments: --out x"),
         (["summary", "--model", "seed", "extra"], "unrecognized arguments: extra"),
+        (["download", "--epochs", "2"], "unrecognized arguments: --epochs;"),  # not "invalid choice: '2'" for NAME
+        (["download", "nosuch", "--data-d", "x"], "argument NAME: invalid choice: 'nosuch'"),  # --data-d: --data-dir abbreviated
     ],
 )
 def test_bad_arguments_are_usage_errors(capsys, args, message):

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             print_error(exc)
             return EXIT_USAGE
     parser = build_parser({command: optional_module} if optional_module else {})
+    for command_parser in parser.command_parsers.values():
+        command_parser.given_arguments = argv
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's parser, so the line points at that command's --help
@@ -94,13 +96,40 @@ class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line, ``cnn-backend: error: <message>; see <command> --help``, exit 2
     (instead of argparse's usage block before the message)."""
 
+    #: the whole command line, set by main: a stray option can make argparse report its value instead
+    given_arguments: list[str] = []
+
     def error(self, message: str):
+        # Only a positional argument takes a stray option's value for its own.
+        stray = self._stray_options() if "invalid choice" in message and not message.startswith("argument -") else []
+        if stray:  # `download --epochs 2`: the 2 was taken for NAME; the option is the mistake
+            message = f"unrecognized arguments: {' '.join(stray)}"
         text = f"{message}; see {self.prog} --help"
         rank = launcher_rank()
         if rank is not None:
             _end_job_for_a_usage_error(text, rank)
         print_error(text)
         raise SystemExit(EXIT_USAGE)
+
+
+    def _stray_options(self) -> list[str]:
+        """The options on the command line that this parser does not know."""
+        known = self._option_string_actions  # every option string this parser takes, -h included
+        stray = []
+        for word in self.given_arguments:
+            name = word.split("=")[0]
+            if not word.startswith("-") or _is_number(word) or any(option.startswith(name) for option in known):
+                continue  # a value, a negative number, or an option (abbreviations count, as argparse takes them)
+            stray.append(word)
+        return stray
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 #: seconds a process other than rank 0 waits, after a usage error, for rank 0 to end the job
