@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy
 
 from .backend import cpu_backend
-from .init import as_integer, as_number
+from .init import as_integer, as_number, positive_sizes
 from .layers import Layer, ShapeError
 from .layers.base import NOT_BUILT_ADVICE, failed_build_path, unbuilt_inner_layer, walk_layers
 
@@ -187,13 +187,9 @@ def _compare(what: str, analytic, numerical: numpy.ndarray, rtol: float, atol: f
 
 def _sample_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints; a lone int is the shape of a vector."""
-    sizes = (input_shape,) if isinstance(input_shape, numbers.Integral) else input_shape
-    try:
-        shape = tuple(sizes)
-    except TypeError:
-        shape = None
-    if not shape or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1 for size in shape):
+    shape = positive_sizes((input_shape,) if isinstance(input_shape, numbers.Integral) else input_shape)
+    if shape is None:
         raise ValueError(f"input_shape must be the shape of one sample, positive integers such as (3, 5, 5) or 5, got {input_shape!r}")
-    return tuple(int(size) for size in shape)
+    return shape
 
 

@@ -38,6 +38,18 @@ def as_integer(value, name: str, low: int, *, type_error: type[Exception] = Argu
     return int(value)
 
 
+def positive_sizes(value) -> tuple[int, ...] | None:
+    """``value`` (a shape: a sequence of sizes) as a tuple of positive Python ints, NumPy integers
+    included; None when it is empty, not a sequence, or holds anything else (bools, floats, text)."""
+    try:
+        sizes = tuple(value)
+    except TypeError:
+        return None
+    if not sizes or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1 for size in sizes):
+        return None
+    return tuple(int(size) for size in sizes)
+
+
 def is_flag(value) -> bool:
     """True or False, NumPy's booleans included (not a string such as "no", which is true)."""
     return isinstance(value, (bool, numpy.bool_))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Iterable
 
 from .backend import Backend, get_backend
 from .data import FASHION_MNIST_SHAPE, HOST_CHECK_SAMPLES, count_non_finite_samples, prepare_images
-from .init import as_integer, make_rng
+from .init import as_integer, make_rng, positive_sizes
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Layer, MaxPool, ReLU, ShapeError
@@ -561,7 +560,7 @@ class Sequential:
             self._check_input_spec(inputs)
             arrays[INPUTS_KEY] = json_array(inputs.config())
         for name, value in (extra or {}).items():
-            if name in arrays or name in (CONFIG_KEY, INPUTS_KEY) or str(name).startswith((PARAM_PREFIX, BUFFER_PREFIX)):
+            if name in arrays or name == INPUTS_KEY or str(name).startswith((PARAM_PREFIX, BUFFER_PREFIX)):
                 raise ValueError(f"Sequential.save: extra entry {name!r} would replace the model's own; give it another name")
             if getattr(value, "dtype", None) is not None and value.dtype.kind == "O":
                 raise ValueError(f"Sequential.save: extra entry {name!r} holds Python objects, which a model file cannot hold (it is "
@@ -615,17 +614,13 @@ def _runs_as(layer, cls: type) -> bool:
 
 def _sample_shape(input_shape) -> tuple:
     """``input_shape`` as a tuple of positive ints; ShapeError (one line) for anything else."""
-    try:
-        shape = () if isinstance(input_shape, (str, bytes)) else tuple(input_shape)
-    except TypeError:
-        shape = ()
-    # NumPy integers count (a shape read from an array); bools and floats do not, as in model files.
-    if not shape or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1 for size in shape):
+    shape = positive_sizes(input_shape)  # NumPy integers count (a shape read from an array); bools and floats do not
+    if shape is None:
         raise ShapeError(
             f"Sequential: input_shape must be one sample's shape, positive integers without the batch axis "
             f"(such as (1, 28, 28) or (784,)), got {input_shape!r}"
         )
-    return tuple(int(size) for size in shape)
+    return shape
 
 
 def _refuse_layers_in_two_places(layers: list) -> None:

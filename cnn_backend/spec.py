@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .backend import Backend, get_backend
 from .functional import CONV_ALGORITHMS
-from .init import INITIALIZERS, as_integer, make_rng
+from .init import INITIALIZERS, as_integer, make_rng, positive_sizes
 from .layers import LAYER_TYPES, Layer, ShapeError
 from .layers.base import constructor_options
 from .model import Sequential
@@ -526,14 +526,10 @@ def _inner_entries(layer: Layer, label: str) -> list[dict]:
 
 
 def _check_input_shape(input_shape) -> tuple:
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        shape = ()
-    # NumPy integers count, as everywhere else (a shape read from an array's .shape, or an array).
-    if len(shape) not in (1, 3) or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in shape):
+    shape = positive_sizes(input_shape)  # NumPy integers count, as everywhere else (a shape read from an array's .shape)
+    if shape is None or len(shape) not in (1, 3):
         raise SpecError(f"the input shape must be (channels, height, width) or (features,) of positive integers, got {input_shape!r}")
-    return tuple(int(s) for s in shape)
+    return shape
 
 
 def build_model(
