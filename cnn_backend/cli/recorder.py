@@ -17,6 +17,7 @@ from ..inputs import InputSpec
 from ..report import HistoryWriter, read_history
 from ..runfolder import BEST_CHECKPOINT, HISTORY_FILE, LAST_CHECKPOINT, DeferredInterrupt, RunFolder, resume_arguments
 from .console import PROG
+from .settings import option_words
 
 
 class EpochProgress:
@@ -156,13 +157,7 @@ def options_not_stored(explicit: dict, checkpoint: Checkpoint) -> list[str]:
     (``--epochs 12`` on resuming a finished 10-epoch run), as words: a resume hint that names that
     checkpoint repeats them, or the pasted hint would train to the stored settings instead."""
     stored = checkpoint.settings
-    words = []
-    for key, value in explicit.items():
-        if stored.get(key) == value:
-            continue
-        flag = "--" + key.replace("_", "-")
-        words += [flag] if value is True else [flag, str(value)]
-    return words
+    return [word for key, value in explicit.items() if stored.get(key) != value for word in option_words(key, value)]
 
 
 def same_folder(first: Path, second: Path) -> bool:

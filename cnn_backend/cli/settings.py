@@ -134,9 +134,19 @@ def _same_range(first: str, second: str | None, total: int) -> bool:
     return (start or 0, total if stop is None else stop) == (other_start or 0, total if other_stop is None else other_stop)
 
 
+def option_flag(key: str) -> str:
+    """The command-line option of a setting: ``train_split`` -> ``--train-split``."""
+    return "--" + key.replace("_", "-")
+
+
+def option_words(key: str, value=True) -> list[str]:
+    """A setting as the words that give it on the command line: the flag alone for a flag (a
+    boolean value), else the flag and the value."""
+    return [option_flag(key)] if isinstance(value, bool) else [option_flag(key), str(value)]
+
+
 def _as_option(key: str, value=True) -> str:
-    flag = "--" + key.replace("_", "-")
-    return flag if isinstance(value, bool) else f"{flag} {value}"
+    return " ".join(option_words(key, value))
 
 
 def _as_trained(key: str, value) -> str:

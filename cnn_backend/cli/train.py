@@ -71,6 +71,7 @@ from .settings import (
     array_digest,
     load_training_data,
     missing_classes_notes,
+    option_flag,
     optimizer_config,
     refuse_changed_images,
     refuse_other_ranges,
@@ -425,7 +426,7 @@ def _run_facts(settings: dict, log_every: int, checkpoint, images, labels, train
     training = numpy.arange(len(labels))[train_window]  # positions only: the images are not copied
     return {
         # The data by content, not by name: a folder's absolute path may differ from machine to machine.
-        **{f"--{key.replace('_', '-')}": value for key, value in settings.items() if key in SETTING_NAMES and key != "data"},
+        **{option_flag(key): value for key, value in settings.items() if key in SETTING_NAMES and key != "data"},
         "--log-every": log_every,
         "the resumed epoch": None if checkpoint is None else checkpoint.epoch,
         "training images": len(training), "validation images": len(labels[val_window]),
