@@ -46,7 +46,7 @@ class Optimizer:
 
     def __init__(self, params: Sequence[Parameter], lr: float, backend: Backend | None = None) -> None:
         self.params = _checked_parameters(type(self).__name__, params)
-        self.lr = as_number(lr, f"{type(self).__name__}: learning rate", "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
+        self.lr = as_number(lr, f"{type(self).__name__}: learning rate", "a finite number > 0", _finite_positive)
         self.steps = 0
         self._flat: FlatParameters | None = shared_flat_buffer(self.params)
         self.backend = self._parameters_backend() if backend is None else backend
@@ -255,7 +255,7 @@ class SGD(Optimizer):
         backend: Backend | None = None,
     ) -> None:
         momentum = as_number(momentum, "SGD: momentum", "in [0, 1)", lambda value: 0.0 <= value < 1.0)
-        weight_decay = as_number(weight_decay, "SGD: weight_decay", "a finite number >= 0", _finite_at_least(0))
+        weight_decay = as_number(weight_decay, "SGD: weight_decay", "a finite number >= 0", _finite_non_negative)
         if not is_flag(nesterov):  # "no" would be true
             raise ValueError(f"SGD: nesterov must be true or false, got {nesterov!r}")
         if nesterov and not momentum:
@@ -320,8 +320,8 @@ class Adam(Optimizer):
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"Adam: betas must be in [0, 1), got {betas!r}")
         self.beta1, self.beta2 = float(beta1), float(beta2)
-        self.eps = as_number(eps, "Adam: eps", "a finite number >= 0", _finite_at_least(0))
-        self.weight_decay = as_number(weight_decay, "Adam: weight_decay", "a finite number >= 0", _finite_at_least(0))
+        self.eps = as_number(eps, "Adam: eps", "a finite number >= 0", _finite_non_negative)
+        self.weight_decay = as_number(weight_decay, "Adam: weight_decay", "a finite number >= 0", _finite_non_negative)
         super().__init__(params, lr, backend)
 
     def config(self) -> dict:
@@ -410,8 +410,12 @@ def _cosine_between(start: float, end: float, fraction: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * fraction))
 
 
-def _finite_at_least(lowest: float):
-    return lambda value: math.isfinite(value) and value >= lowest
+def _finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def _finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
 class ConstantSchedule:
@@ -420,7 +424,7 @@ class ConstantSchedule:
     name = "constant"
 
     def __init__(self, base_lr: float) -> None:
-        self.base_lr = as_number(base_lr, f"{type(self).__name__}: base_lr", "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
+        self.base_lr = as_number(base_lr, f"{type(self).__name__}: base_lr", "a finite number > 0", _finite_positive)
 
     def __call__(self, step: int) -> float:
         return self.base_lr
@@ -439,7 +443,7 @@ class StepSchedule(ConstantSchedule):
         super().__init__(base_lr)
         # Refused, not truncated: int(1.5) would decay every step.
         self.step_size = as_integer(step_size, "StepSchedule: step_size", 1)
-        self.gamma = as_number(gamma, "StepSchedule: gamma", "a finite number > 0", lambda value: math.isfinite(value) and value > 0)
+        self.gamma = as_number(gamma, "StepSchedule: gamma", "a finite number > 0", _finite_positive)
 
     def __call__(self, step: int) -> float:
         return self.base_lr * self.gamma ** (step // self.step_size)
@@ -462,7 +466,7 @@ class CosineSchedule(ConstantSchedule):
                 f"CosineSchedule: need total_steps >= 1 and 0 <= warmup_steps < total_steps, got {total_steps}, {warmup_steps}"
             )
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
-        self.min_lr = as_number(min_lr, "CosineSchedule: min_lr", "a finite number >= 0", _finite_at_least(0))
+        self.min_lr = as_number(min_lr, "CosineSchedule: min_lr", "a finite number >= 0", _finite_non_negative)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -493,9 +497,8 @@ class OneCycleSchedule(ConstantSchedule):
         super().__init__(base_lr)
         self.total_steps = as_integer(total_steps, "OneCycleSchedule: total_steps", 2)  # refused, not truncated
         self.pct_start = as_number(pct_start, "OneCycleSchedule: pct_start", "in (0, 1)", lambda value: 0.0 < value < 1.0)
-        positive = lambda value: math.isfinite(value) and value > 0  # noqa: E731
-        self.div_factor = as_number(div_factor, "OneCycleSchedule: div_factor", "a finite number > 0", positive)
-        self.final_div_factor = as_number(final_div_factor, "OneCycleSchedule: final_div_factor", "a finite number > 0", positive)
+        self.div_factor = as_number(div_factor, "OneCycleSchedule: div_factor", "a finite number > 0", _finite_positive)
+        self.final_div_factor = as_number(final_div_factor, "OneCycleSchedule: final_div_factor", "a finite number > 0", _finite_positive)
 
     def __call__(self, step: int) -> float:
         initial_lr = self.base_lr / self.div_factor

@@ -7,7 +7,7 @@ import inspect
 import numpy
 
 from ..backend import Backend, cpu_backend, get_backend
-from ..init import as_integer, make_rng
+from ..init import as_integer, is_flag, make_rng
 from ..parameters import Parameter
 
 
@@ -218,7 +218,7 @@ def layer_input(x, backend: Backend, where: str):
 
 def training_mode(mode, where: str) -> bool:
     """``mode`` as a bool; anything else (a string "False" is true) refused in one line."""
-    if not isinstance(mode, (bool, numpy.bool_)):
+    if not is_flag(mode):
         raise TypeError(f"{where}(mode): mode must be True (training) or False (evaluation), got {mode!r}")
     return bool(mode)
 
