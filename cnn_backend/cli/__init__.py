@@ -111,7 +111,6 @@ class OneLineParser(argparse.ArgumentParser):
         print_error(text)
         raise SystemExit(EXIT_USAGE)
 
-
     def _stray_options(self) -> list[str]:
         """The options on the command line that this parser does not know."""
         known = self._option_string_actions  # every option string this parser takes, -h included

@@ -63,7 +63,7 @@ def run_download(args) -> int:
     # The data module reports each file (fetched, or already present and verified) at INFO.
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
     info = DATASETS[args.name]
-    if args.data_dir is not None and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+    if args.data_dir is not None and args.data_dir.exists() and not args.data_dir.is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is a file, not a folder; choose another --data-dir")
     if args.name == "fashion-mnist":
         directory = package.download(args.data_dir)
