@@ -50,6 +50,34 @@ def test_backward_before_forward_says_so(layer, gradient):
         layer.backward(gradient)
 
 
+def _layers_used_on_their_own():
+    from cnn_backend.layers import GELU, AvgPool, BatchNorm, GlobalAvgPool, LeakyReLU, Residual, Sigmoid, Tanh
+
+    images = (2, 3, 8, 8)
+    return [
+        (ReLU(), images), (LeakyReLU(), images), (Tanh(), images), (Sigmoid(), images), (GELU(), images),
+        (Dropout(0.5, rng=0), images), (MaxPool(2), images), (AvgPool(2), images), (GlobalAvgPool(), images),
+        (BatchNorm(), images), (Convolution(out_channels=4, kernel_size=3), images), (Flatten(), images),
+        (FullyConnected(out_features=5), (2, 7)), (Residual([Convolution(out_channels=3, kernel_size=3, padding=1)]), images),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("layer, input_shape", _layers_used_on_their_own(), ids=lambda value: type(value).__name__)
+@pytest.mark.parametrize("wrong", ["one sample", "one more column"])
+def test_backward_refuses_a_gradient_of_another_shape_and_takes_the_right_one_after(layer, input_shape, wrong):
+    # A gradient of a batch of one would broadcast against a batch of two in element-wise layers:
+    # refused by its shape, before the cache is consumed.
+    layer.build(input_shape[1:], rng=0)
+    x = numpy.random.default_rng(0).random(input_shape).astype(numpy.float32)
+    y = layer(x)
+    bad_shape = (1, *y.shape[1:]) if wrong == "one sample" else (*y.shape[:-1], y.shape[-1] + 1)
+    message = rf"backward needs a gradient of the forward pass's output shape {re.escape(str(tuple(y.shape)))}, got shape {re.escape(str(bad_shape))}$"
+    with pytest.raises(ShapeError, match=message):
+        layer.backward(numpy.ones(bad_shape, numpy.float32))
+    dx = layer.backward(numpy.ones(y.shape, numpy.float32))
+    assert dx.shape == x.shape
+
+
 def test_backward_of_a_model_before_forward_says_so():
     message = r"^Sequential.backward: no complete forward pass to backpropagate through \(none yet, or the last one failed\); call the model on a batch first$"
     with pytest.raises(RuntimeError, match=message):

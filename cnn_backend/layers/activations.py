@@ -33,9 +33,11 @@ class ReLU(Layer):
         positive, output = self._positive, self._output
         if positive is None and output is None:
             raise self._forward_first()
-        self._positive = self._output = None
         if positive is self.APPLIED_BY_PREVIOUS:
+            self._positive = None
             return dy
+        self._expect_gradient(dy, (output if positive is None else positive).shape)
+        self._positive = self._output = None
         if positive is None:
             positive = F.relu_mask(self.backend, output)
         return F.multiply(self.backend, dy, positive)
@@ -64,6 +66,7 @@ class LeakyReLU(Layer):
     def backward(self, dy):
         if self._slope is None:
             raise self._forward_first()
+        self._expect_gradient(dy, self._slope.shape)
         dx = dy * self._slope
         self._slope = None
         return dx
@@ -81,6 +84,7 @@ class Tanh(Layer):
     def backward(self, dy):
         if self._y is None:
             raise self._forward_first()
+        self._expect_gradient(dy, self._y.shape)
         y, self._y = self._y, None
         return dy * (1.0 - y * y)
 
@@ -100,6 +104,7 @@ class Sigmoid(Layer):
     def backward(self, dy):
         if self._y is None:
             raise self._forward_first()
+        self._expect_gradient(dy, self._y.shape)
         y, self._y = self._y, None
         return dy * (y * (1.0 - y))
 
@@ -124,6 +129,7 @@ class GELU(Layer):
         if self._saved is None:
             raise self._forward_first()
         x, squared, t = self._saved
+        self._expect_gradient(dy, x.shape)
         self._saved = None
         inner_derivative = (1.0 + (3.0 * self.COEFFICIENT) * squared) * self.SQRT_2_OVER_PI
         return dy * (0.5 * (1.0 + t) + (0.5 * x) * (1.0 - t * t) * inner_derivative)

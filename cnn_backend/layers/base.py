@@ -181,6 +181,16 @@ class Layer:
     def _forward_first(self) -> RuntimeError:
         return RuntimeError(f"{self}: backward needs a forward pass first (call forward, then backward once)")
 
+    def _expect_gradient(self, dy, output_shape) -> None:
+        """ShapeError unless ``dy`` has ``output_shape``, that of the last forward pass's output: a
+        gradient of another shape would otherwise broadcast into a wrong one (a batch of one against
+        a batch of 64), or fail deep inside with NumPy's words. Checked before the cache is
+        consumed, so that backward can be called again with the right gradient."""
+        shape = getattr(dy, "shape", None)
+        if shape is None or tuple(shape) != tuple(output_shape):
+            got = f"shape {tuple(shape)}" if shape is not None else f"a {type(dy).__name__}"
+            raise ShapeError(f"{self}: backward needs a gradient of the forward pass's output shape {tuple(output_shape)}, got {got}")
+
     def _expect_rank(self, x, rank: int, layout: str) -> None:
         if x.ndim != rank:
             raise ShapeError(f"{self}: expected a {rank}-D input {layout}, got shape {tuple(x.shape)}")

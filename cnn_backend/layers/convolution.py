@@ -124,6 +124,7 @@ class Convolution(Layer):
             y, self._cache = F.conv2d_forward_banded(self.backend, x, weight, bias, self.stride, self.padding, self._workspace)
         else:
             y, self._cache = F.conv2d_forward(self.backend, x, weight, bias, self.stride, self.padding, algorithm, self._workspace)
+        self._output_shape = tuple(y.shape)
         return y
 
     def runs_banded(self, input_shape) -> bool:
@@ -167,6 +168,7 @@ class Convolution(Layer):
         )
         if not self.training:  # a backward pass through evaluation finds the pooling's winners again
             self._cache = ("evaluated-maxpool2x2", x)
+        self._output_shape = tuple(y.shape)
         return y
 
     def _unpool_evaluated(self, dy, x):
@@ -184,6 +186,7 @@ class Convolution(Layer):
     def backward(self, dy):
         if self._cache is None:
             raise self._forward_first()
+        self._expect_gradient(dy, self._output_shape)
         weight, bias = self.params["weight"], self.params.get("bias")
         grad_out = (weight.grad_view, None if bias is None else bias.grad_view)
         if self._cache[0] == "evaluated-maxpool2x2":

@@ -40,6 +40,7 @@ class Flatten(Layer):
     def backward(self, dy):
         if self._shape is None:
             raise self._forward_first()
+        self._expect_gradient(dy, (self._shape[0], math.prod(self._shape[1:])))
         if self._through_batch_innermost:
             n, c, h, w = self._shape
             return F.nchw_view(dy.T.reshape(c, h, w, n))
@@ -115,6 +116,7 @@ class FullyConnected(Layer):
     def backward(self, dy):
         if self._x is None:
             raise self._forward_first()
+        self._expect_gradient(dy, (self._x.shape[0], self.out_features))
         xp = self.backend.xp
         weight, bias = self.params["weight"], self.params["bias"]
         x, self._x = self._x, None
@@ -198,4 +200,7 @@ class Dropout(Layer):
         return keep
 
     def backward(self, dy):
-        return dy if self._mask is None else F.multiply(self.backend, dy, self._mask)
+        if self._mask is None:
+            return dy
+        self._expect_gradient(dy, self._mask.shape)
+        return F.multiply(self.backend, dy, self._mask)

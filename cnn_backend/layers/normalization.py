@@ -117,6 +117,7 @@ class BatchNorm(Layer):
             raise self._forward_first()
         # relu: a fused ReLU's mask (batch statistics) or its output (running statistics), or None
         mode, shape, saved, factor, relu = self._cache
+        self._expect_gradient(dy, shape)
         self._cache = None
         dy_rows = self._as_rows(dy)
         weight = self.params["weight"].data

@@ -28,6 +28,11 @@ class _WindowPool(Layer):
             raise ShapeError(f"window {self.pool_size}x{self.pool_size} is larger than its input {h}x{w}")
         return (channels, F.output_size(h, self.pool_size, self.stride, 0), F.output_size(w, self.pool_size, self.stride, 0))
 
+    def _pooled_shape(self, input_shape) -> tuple:
+        """``(N, C, OH, OW)``: the output shape for an input of ``input_shape`` (N, C, H, W)."""
+        n, c, h, w = input_shape
+        return (n, c, F.output_size(h, self.pool_size, self.stride, 0), F.output_size(w, self.pool_size, self.stride, 0))
+
     def _expect_windowed_input(self, x) -> None:
         self._expect_rank(x, 4, "(N, C, H, W)")
         if min(x.shape[2:]) < self.pool_size:
@@ -51,6 +56,7 @@ class MaxPool(_WindowPool):
         y, self._cache = F.maxpool_forward(self.backend, x, self.pool_size, self.stride, for_backward=self.training)
         if not self.training:
             self._cache = (self.EVALUATED, x)
+        self._output_shape = tuple(y.shape)
         return y
 
     #: the cache after a forward pass run by the convolution before it (Convolution.forward_maxpool2x2)
@@ -64,9 +70,10 @@ class MaxPool(_WindowPool):
     def backward(self, dy):
         if self._cache is None:
             raise self._forward_first()
-        if self._cache is self.POOLED_BY_PREVIOUS:
+        if self._cache is self.POOLED_BY_PREVIOUS:  # the convolution before checks dy
             self._cache = None
             return dy
+        self._expect_gradient(dy, self._output_shape)
         if self._cache[0] == self.EVALUATED:
             _, self._cache = F.maxpool_forward(self.backend, self._cache[1], self.pool_size, self.stride, for_backward=True)
         dx = F.maxpool_backward(self.backend, dy, self._cache)
@@ -105,6 +112,7 @@ class AvgPool(_WindowPool):
     def backward(self, dy):
         if self._shape is None:
             raise self._forward_first()
+        self._expect_gradient(dy, self._pooled_shape(self._shape))
         n, c, h, w = self._shape
         self._shape = None
         out_h, out_w = dy.shape[2:]
@@ -137,6 +145,7 @@ class GlobalAvgPool(Layer):
         if self._shape is None:
             raise self._forward_first()
         n, c, h, w = self._shape
+        self._expect_gradient(dy, (n, c))
         self._shape = None
         dx = self.backend.xp.empty((c, h * w, n), dtype=dy.dtype)
         dx[...] = (dy.T * (1.0 / (h * w)))[:, None, :]
