@@ -172,11 +172,13 @@ class Sequential:
         if x.dtype != self.backend.dtype:
             x = x.astype(self.backend.dtype)
         sample_shape = tuple(x.shape[1:])
-        # A batch of another shape than the model was built for is the usual refused one: the running
-        # statistics it would move on the way to the refusal are kept to be put back (a fully
-        # convolutional network takes other sizes, so such a batch is not refused up front).
+        # A batch of another shape than the model was built for is the usual refused one, and a
+        # training batch of one sample, which a BatchNorm deep inside refuses after those before it
+        # took their statistics: the running statistics it would move on the way to the refusal are
+        # kept to be put back (a fully convolutional network takes other sizes, so such a batch is
+        # not refused up front).
         kept = None
-        if self.training and self.input_shape not in (None, sample_shape):
+        if self.training and (self.input_shape not in (None, sample_shape) or x.shape[0] == 1):
             kept = [(value, value.copy()) for _, value in self.named_buffers()]
         try:
             x = self._forward_layers(x)

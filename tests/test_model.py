@@ -631,3 +631,15 @@ def test_a_batch_refused_for_its_shape_leaves_the_running_statistics_as_they_wer
         numpy.testing.assert_array_equal(value, before[name], err_msg=name)
     model(numpy.ones((4, 1, 6, 6), numpy.float32))  # a batch of the right shape still moves them
     assert not numpy.array_equal(model.buffer_state_dict()["1.running_mean"], before["1.running_mean"])
+
+
+def test_a_training_batch_of_one_sample_refused_deep_inside_leaves_the_running_statistics_as_they_were():
+    # The convolution's BatchNorm takes statistics over 36 pixels of the one sample; the dense
+    # layer's BatchNorm then refuses a single value per feature.
+    model = Sequential([Convolution(out_channels=2, kernel_size=3, padding=1), BatchNorm(), ReLU(), Flatten(),
+                        FullyConnected(out_features=3), BatchNorm()], input_shape=(1, 6, 6), rng=0)  # fmt: skip
+    before = model.buffer_state_dict()
+    with pytest.raises(ShapeError, match=r"training needs more than one value per channel"):
+        model(numpy.random.default_rng(0).random((1, 1, 6, 6)).astype(numpy.float32) * 100)
+    for name, value in model.buffer_state_dict().items():
+        numpy.testing.assert_array_equal(value, before[name], err_msg=name)
