@@ -72,12 +72,9 @@ class LeakyReLU(Layer):
         return dx
 
 
-class Tanh(Layer):
-    """``tanh(x)``; its derivative ``1 - tanh(x)^2`` comes from the output."""
-
-    def forward(self, x):
-        self._y = self.backend.xp.tanh(x)
-        return self._y
+class _DerivedFromOutput(Layer):
+    """An activation whose derivative is a function of its output: forward keeps the output,
+    backward multiplies ``dy`` by :meth:`_derivative` of it."""
 
     _y = None
 
@@ -86,10 +83,24 @@ class Tanh(Layer):
             raise self._forward_first()
         self._expect_gradient(dy, self._y.shape)
         y, self._y = self._y, None
-        return dy * (1.0 - y * y)
+        return dy * self._derivative(y)
+
+    def _derivative(self, y):
+        raise NotImplementedError
 
 
-class Sigmoid(Layer):
+class Tanh(_DerivedFromOutput):
+    """``tanh(x)``; its derivative ``1 - tanh(x)^2`` comes from the output."""
+
+    def forward(self, x):
+        self._y = self.backend.xp.tanh(x)
+        return self._y
+
+    def _derivative(self, y):
+        return 1.0 - y * y
+
+
+class Sigmoid(_DerivedFromOutput):
     """``1 / (1 + exp(-x))``, computed as ``(1 + tanh(x / 2)) / 2`` (no overflow for large ``|x|``)."""
 
     def forward(self, x):
@@ -99,14 +110,8 @@ class Sigmoid(Layer):
         self._y = y
         return y
 
-    _y = None
-
-    def backward(self, dy):
-        if self._y is None:
-            raise self._forward_first()
-        self._expect_gradient(dy, self._y.shape)
-        y, self._y = self._y, None
-        return dy * (y * (1.0 - y))
+    def _derivative(self, y):
+        return y * (1.0 - y)
 
 
 class GELU(Layer):
