@@ -199,8 +199,20 @@ class Normalization:
 
     @classmethod
     def from_images(cls, images, chunk: int = 4096) -> "Normalization":
-        """Mean and standard deviation of each channel of uint8 ``(N, C, H, W)`` images, in [0, 1] units."""
+        """Mean and standard deviation of each channel of uint8 ``(N, C, H, W)`` images (or ``(N, H, W)``,
+        one channel), in [0, 1] units. Other dtypes are refused: float images may already be scaled,
+        and dividing them by 255 again would give statistics near 0 without a word."""
         images = numpy.asarray(images) if not isinstance(images, numpy.ndarray) else images
+        if images.dtype != numpy.uint8:
+            raise ValueError(
+                f"Normalization.from_images: expected uint8 pixels (0-255), got {images.dtype}; pass the raw images "
+                f"(statistics are taken in [0, 1] units from them)"
+            )
+        if images.ndim == 3:
+            images = images[:, None]
+        if images.ndim != 4 or not images.size:
+            raise ValueError(f"Normalization.from_images: expected images of shape (N, C, H, W) or (N, H, W), got {images.shape}")
+        refuse_channels_last(images, "Normalization.from_images")
         channels = images.shape[1]
         total = numpy.zeros(channels)
         squares = numpy.zeros(channels)
@@ -256,6 +268,23 @@ def count_non_finite_samples(images, backend) -> int:
     return bad
 
 
+#: channel counts of images: a 4-D array with one of them last and none second is channels-last
+IMAGE_CHANNEL_COUNTS = (1, 3, 4)
+
+
+def refuse_channels_last(images, who: str) -> None:
+    """ValueError for 4-D ``images`` laid out ``(N, H, W, C)`` (as Pillow, Keras and OpenCV give
+    them), which would otherwise be read as ``C = H`` channels of ``H = W`` by ``W = C`` pixels:
+    taken so when the last axis is a channel count (at most 4 pixels wide as a width, which no
+    image trained on is) and the two before it are 8 or more (image sides, too many channels)."""
+    shape = images.shape
+    if len(shape) == 4 and shape[-1] in IMAGE_CHANNEL_COUNTS and min(shape[1], shape[2]) >= 8:
+        raise ValueError(
+            f"{who}: images of shape {shape} look like (N, H, W, C), {shape[-1]} channels last; "
+            f"pass images.transpose(0, 3, 1, 2), of shape (N, C, H, W)"
+        )
+
+
 def prepare_images(images, dtype="float32", normalization: Normalization | None = None) -> numpy.ndarray:
     """Host uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` as model input on the host: ``(N, C, H, W)``
     in [0, 1], then normalised per channel when ``normalization`` is given (what :class:`BatchLoader`
@@ -269,6 +298,7 @@ def prepare_images(images, dtype="float32", normalization: Normalization | None 
         )
     if images.ndim not in (3, 4):
         raise ValueError(f"prepare_images takes images of shape (N, H, W) or (N, C, H, W), got {images.shape}")
+    refuse_channels_last(images, "prepare_images")
     dtype = float_dtype(dtype)
     if images.ndim == 3:
         images = images[:, None]
@@ -381,6 +411,7 @@ class BatchLoader:
             images = images[:, None]  # add the channel axis: (N, H, W) -> (N, 1, H, W)
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, H, W) or (N, C, H, W), got {images.shape}")
+        refuse_channels_last(images, "BatchLoader")
         if labels.ndim != 1 or len(labels) != len(images):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         if not numpy.issubdtype(labels.dtype, numpy.integer):

@@ -96,8 +96,21 @@ def test_gz_output_is_deterministic_and_leaves_no_temporary_files(tmp_path):
 
 def test_write_idx_rejects_types_idx_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="IDX cannot store dtype int64"):
-        data.write_idx(tmp_path / "a.idx", numpy.zeros(3, dtype=numpy.int64))
+        data.write_idx(tmp_path / "a.idx", numpy.array([0, 2**40], dtype=numpy.int64))
+    with pytest.raises(ValueError, match="IDX cannot store dtype complex128"):
+        data.write_idx(tmp_path / "a.idx", numpy.zeros(3, dtype=numpy.complex128))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "values, stored", [([0, 9, 255], numpy.uint8), ([-3, 100], numpy.int8), ([-1, 300], numpy.int16), ([0, 70000], numpy.int32)]
+)
+def test_write_idx_stores_other_integers_in_the_smallest_idx_type_that_holds_them(tmp_path, values, stored):
+    # The int64 labels the loaders return write back as the uint8 labels of MNIST's own files.
+    data.write_idx(tmp_path / "labels.gz", numpy.array(values, dtype=numpy.int64))
+    read = data.read_idx(tmp_path / "labels.gz")
+    assert read.dtype == stored
+    numpy.testing.assert_array_equal(read, values)
 
 
 def idx_header(code: int, *dims: int) -> bytes:

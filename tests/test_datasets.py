@@ -773,3 +773,165 @@ def test_a_folder_of_fashion_mnist_pngs_gives_the_idx_pixels_back(tmp_path):
     numpy.testing.assert_array_equal(loaded.images, bundled.images[order])
     names = [bundled.class_names[int(bundled.labels[i])].replace("/", "-") for i in order]
     assert [loaded.class_names[label] for label in loaded.labels] == names
+
+
+def test_a_class_folder_named_train_beside_other_classes_is_a_class(tmp_path):
+    # bus/car/train, the train class's images in sub-folders by year: three classes, not a split layout.
+    root = tmp_path / "vehicles"
+    for name, seed in (("bus/1.png", 1), ("car/2.png", 2), ("train/2019/3.png", 3), ("train/2020/4.png", 4)):
+        save(root / name, random_uint8((4, 4, 3), seed))
+    loaded = load_dataset(root)
+    assert loaded.class_names == ("bus", "car", "train")
+    assert loaded.labels.tolist() == [0, 1, 2, 2]
+    assert not datasets.has_test_split(root)
+
+
+@pytest.mark.parametrize("splits", [("Testing", "Training"), ("train", "val"), ("test", "train")])
+def test_folders_named_as_splits_are_not_taken_for_classes(tmp_path, splits):
+    # Training/ and Testing/ of class folders (a Kaggle layout), or split folders holding images
+    # directly: a classifier of the splits is refused in one line that says what to do.
+    root = tmp_path / "splits"
+    for index, split in enumerate(splits):
+        save(root / split / f"{index}.png", random_uint8((4, 4, 3), index))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root)
+    assert_one_line(excinfo, rf"its folders {', '.join(splits)} look like splits, not classes; use the layout .*train/<class>/<images>",
+                    rf"or pass --data .*{splits[0]} to read one split's class folders")
+
+
+def test_a_validation_folder_beside_train_is_named_as_not_read(tmp_path):
+    root = tmp_path / "trainval"
+    for name, seed in (("train/a/1.png", 1), ("train/b/2.png", 2), ("val/a/3.png", 3), ("val/b/4.png", 4)):
+        save(root / name, random_uint8((4, 4, 3), seed))
+    loaded = load_dataset(root)
+    assert loaded.class_names == ("a", "b") and len(loaded) == 2
+    (note,) = loaded.notes
+    assert re.fullmatch(rf"{re.escape(str(root / 'val'))} is not read: the validation images are held out of .*train; "
+                        rf"score a model on it with evaluate --data .*val --range :", note), note
+    assert load_dataset(root / "val").class_names == ("a", "b")  # what the note advises reads it
+
+
+def test_a_large_automatic_image_size_gets_a_note_and_a_chosen_one_none(tmp_path):
+    root = tmp_path / "photos"
+    for name, seed in (("a/1.png", 1), ("b/2.png", 2)):
+        save(root / name, random_uint8((300, 260), seed))
+    (note,) = load_dataset(root, cache=False).notes
+    assert "its most common image size, 300x260, is the network's input size; pass --image-size (e.g. --image-size 64)" in note
+    assert load_dataset(root, image_size=32, cache=False).notes == ()
+
+
+def test_a_disk_too_full_for_the_cache_decodes_without_it_and_leaves_nothing(tmp_path, data_root, monkeypatch, caplog):
+    # Reserved up front: without the reservation a full disk is SIGBUS at a write through the map.
+    root = tmp_path / "pictures"
+    arrays = make_folder(root)
+
+    def disk_full(descriptor, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    with caplog.at_level(logging.INFO, logger="cnn_backend.data"):
+        loaded = load_dataset(root)
+    numpy.testing.assert_array_equal(loaded.images[0], arrays["cat/a.png"].transpose(2, 0, 1))
+    assert "cannot write the image cache (No space left on device); decoding without it" in caplog.text
+    assert list((data_root / image_folder.CACHE_FOLDER).iterdir()) == []
+
+
+def test_a_full_disk_while_the_entry_is_completed_keeps_the_images_and_leaves_nothing(tmp_path, data_root, monkeypatch):
+    root = tmp_path / "pictures"
+    arrays = make_folder(root)
+
+    def disk_full(*args, **options):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(image_folder.numpy, "save", disk_full)
+    loaded = load_dataset(root)
+    numpy.testing.assert_array_equal(loaded.images[0], arrays["cat/a.png"].transpose(2, 0, 1))
+    assert list((data_root / image_folder.CACHE_FOLDER).iterdir()) == []
+
+
+def test_an_entry_left_half_written_by_a_killed_process_is_removed_by_the_next_decode(tmp_path, data_root):
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    cache = data_root / image_folder.CACHE_FOLDER
+    abandoned = cache / f".0123456789abcdef01234567-3x8x6.{dead_pid}.partial"
+    running = cache / f".0123456789abcdef01234567-3x8x6.{os.getpid() + 0}.partial.other"  # not a staging name
+    live = cache / f".0123456789abcdef01234567-1x8x6.{os.getpid()}.partial"
+    for folder in (abandoned, running, live):
+        folder.mkdir(parents=True)
+        (folder / "images.npy").write_bytes(b"\0" * 64)
+    load_dataset(make_folder(tmp_path / "pictures") and tmp_path / "pictures")
+    assert not abandoned.exists()
+    assert running.exists() and live.exists()  # a running process's staging is its own
+
+
+def test_undecodable_images_are_named_before_files_that_are_not_images(tmp_path):
+    root = tmp_path / "messy"
+    save(root / "a" / "1.png", random_uint8((4, 4), 1))
+    save(root / "b" / "2.png", random_uint8((4, 4), 2))
+    for name in ("a/a.txt", "a/b.txt", "a/c.txt"):
+        (root / name).write_text("notes")
+    (root / "b" / "z_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (note,) = load_dataset(root).notes
+    assert re.search(r"skipped 4 of 6 files that are not usable images: b/z_truncated\.png \(cannot read .*\); a/a\.txt", note), note
+
+
+def test_a_cache_entry_whose_meta_lacks_a_field_is_decoded_again(tmp_path, data_root):
+    root = tmp_path / "pictures"
+    make_folder(root)
+    first = load_dataset(root)
+    (entry,) = [path for path in (data_root / image_folder.CACHE_FOLDER).iterdir()]
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["class_names"]
+    (entry / "meta.json").write_text(json.dumps(meta))
+    again = load_dataset(root)
+    assert "(cached)" not in again.source and again.class_names == first.class_names
+    numpy.testing.assert_array_equal(again.images, first.images)
+
+
+def test_an_image_folder_records_the_file_of_each_image_cached_or_not(tmp_path):
+    root = tmp_path / "pictures"
+    make_folder(root)
+    expected = ("cat/a.png", "cat/b.png", "dog/c.png", "dog/e.jpg", "dog/deeper/d.png")  # broken.png skipped
+    assert load_dataset(root).files == expected
+    cached = load_dataset(root)
+    assert "(cached)" in cached.source and cached.files == expected
+
+
+def test_a_first_decode_shows_a_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    root = tmp_path / "pictures"
+    make_folder(root)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    load_dataset(root, progress=False)
+    assert terminal.getvalue() == ""
+    load_dataset(root, cache=False)
+    assert re.search(r"decoding .*pictures: .*0/5", terminal.getvalue())  # a bar over the 5 readable images
+
+
+@pytest.mark.parametrize(
+    "source, pattern",
+    [
+        ("", r"^the data is named by an empty string; name a dataset \(.*\) or a folder$"),
+        ("arrays.npz", r"arrays\.npz: not a folder \(--data takes a dataset name or a folder\); arrays train from Python \(BatchLoader"),
+        ("cifar", r"cifar-10-batches-py: CIFAR-10's Python \(pickle\) version; this library reads its binary version .*cnn-backend download cifar10"),
+    ],
+)
+def test_data_that_is_no_folder_of_a_known_kind_says_what_to_do(tmp_path, monkeypatch, source, pattern):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arrays.npz").write_bytes(b"PK")
+    pickled = tmp_path / "cifar" / "cifar-10-batches-py"
+    pickled.mkdir(parents=True)
+    for name in ("data_batch_1", "batches.meta", "test_batch"):
+        (pickled / name).write_bytes(b"\x80")
+    with pytest.raises(DataError) as excinfo:
+        datasets.source_kind(source)
+    assert_one_line(excinfo, pattern)

@@ -3,6 +3,8 @@ device, CPU and stand-in), the stratified hold-out, and crop-flip on colour imag
 
 from __future__ import annotations
 
+import re
+
 import numpy
 import pytest
 
@@ -116,3 +118,29 @@ def test_normalised_colour_batches_and_crop_flip_match_the_cpu(device_under_test
     for (cpu_x, cpu_y), (device_x, device_y) in zip(*results):
         numpy.testing.assert_allclose(device_x, cpu_x, rtol=1e-6, atol=1e-6)
         numpy.testing.assert_array_equal(device_y, cpu_y)
+
+
+def test_normalization_from_images_refuses_floats_and_takes_single_channel_images():
+    pixels = numpy.random.default_rng(0).integers(0, 256, (5, 6, 7), dtype=numpy.uint8)
+    with pytest.raises(ValueError, match=r"^Normalization.from_images: expected uint8 pixels \(0-255\), got float32; pass the raw images"):
+        Normalization.from_images(pixels.astype(numpy.float32) / 255)
+    single = Normalization.from_images(pixels)  # (N, H, W): one channel, as BatchLoader and prepare_images take it
+    numpy.testing.assert_allclose(single.mean, [pixels.mean() / 255], rtol=1e-12)
+    numpy.testing.assert_allclose(single.std, [pixels.std() / 255], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "who, call",
+    [
+        ("BatchLoader", lambda images: BatchLoader(images, numpy.arange(len(images)) % 2, "cpu", 2, num_classes=2)),
+        ("prepare_images", prepare_images),
+        ("Normalization.from_images", Normalization.from_images),
+    ],
+)
+def test_channels_last_images_are_refused_saying_how_to_transpose_them(who, call):
+    # (N, H, W, C) pixels, as Pillow, Keras and OpenCV give them, would be read as 28 channels of 28x3.
+    images = numpy.random.default_rng(0).integers(0, 256, (4, 28, 28, 3), dtype=numpy.uint8)
+    with pytest.raises(ValueError, match=rf"^{re.escape(who)}: images of shape \(4, 28, 28, 3\) look like \(N, H, W, C\), 3 channels last; "
+                                         r"pass images.transpose\(0, 3, 1, 2\), of shape \(N, C, H, W\)$"):
+        call(images)
+    call(images.transpose(0, 3, 1, 2))  # the same images, channels first

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..backend import DEVICES, DTYPES
 from ..checkpoint import load_checkpoint
 from ..data import DataError, stratified_holdout
-from ..datasets import load_dataset, source_kind
+from ..datasets import has_test_split, load_dataset, source_kind
 from ..inputs import InputSpec
 from ..model import EVALUATION_BATCH_SIZE
 from ..predict import DEFAULT_TOP, predict_files
@@ -66,8 +66,9 @@ def add_predict_command(commands) -> None:
                                 f"(default: {EVALUATION_BATCH_SIZE})")
 
 
-#: what to do when the checkpoint's own validation images can no longer be told apart
-OTHER_IMAGES_ADVICE = "pass --range START:STOP, or evaluate --split test"
+def _other_images_advice(source) -> str:
+    """What to do when the checkpoint's own validation images can no longer be told apart."""
+    return "pass --range START:STOP" + (", or evaluate --split test" if has_test_split(source) else "")
 
 
 def _refuse_changed_ranges(stored: dict, data, source, path) -> None:
@@ -80,7 +81,8 @@ def _refuse_changed_ranges(stored: dict, data, source, path) -> None:
     val_window = select_range(stored["val_split"], len(data), "--range")
     refuse_changed_images(
         source, path, recorded, ranges_digest(data, train_window, val_window),
-        "its validation range would now hold other images, some it may have trained on", OTHER_IMAGES_ADVICE,
+        "its validation range would now hold other images, some it may have trained on", _other_images_advice(source),
+        pixel_digest=lambda: ranges_digest(data, train_window, val_window, by_pixels=True), trained_on=stored.get("data"),
     )
 
 
@@ -116,7 +118,8 @@ def run_evaluate(args) -> int:
     if range_text is None:
         refuse_changed_images(  # checkpoints from before the digest was recorded have none
             source, checkpoint.path, stored.get("holdout_of"), data_digest(data),
-            "its hold-out would now take images it trained on", OTHER_IMAGES_ADVICE,
+            "its hold-out would now take images it trained on", _other_images_advice(source),
+            pixel_digest=lambda: data_digest(data, by_pixels=True), trained_on=stored.get("data"),
         )
         window = stratified_holdout(labels, stored["val_fraction"], stored.get("seed", 0))[1]
         window_text, label = "hold-out", f"hold-out ({len(window):,} images)"

@@ -217,9 +217,10 @@ def _rest_of(text: str, total: int) -> tuple[str | None, str | None]:
     return (before, after) if longer_before else (after, before)
 
 
-def load_training_data(settings: dict, checkpoint: Checkpoint | None = None):
+def load_training_data(settings: dict, checkpoint: Checkpoint | None = None, progress: bool = True):
     """The training split of ``settings["data"]``, with the folder options the settings name. A
-    folder is written back as an absolute path, so that the checkpoints find it from anywhere."""
+    folder is written back as an absolute path, so that the checkpoints find it from anywhere.
+    ``progress``: a bar on a terminal while a folder's images are first decoded."""
     try:
         kind = source_kind(settings["data"])
     except DataError as exc:
@@ -229,7 +230,7 @@ def load_training_data(settings: dict, checkpoint: Checkpoint | None = None):
         if any(value is not None for value in folder_options.values()):
             raise ValueError(f"--channels and --image-size apply to folders of images only, not to --data {settings['data']}")
         folder_options = {}
-    data = load_dataset(settings["data"], "train", strict=bool(settings["strict"]), **folder_options)
+    data = load_dataset(settings["data"], "train", strict=bool(settings["strict"]), progress=progress, **folder_options)
     if kind in FOLDER_KINDS:
         settings["data"] = str(Path(settings["data"]).expanduser().resolve())
     return data
@@ -279,26 +280,53 @@ def array_digest(*arrays) -> str:
     return hasher.hexdigest()[:32]
 
 
-def ranges_digest(data, train_window: slice, val_window: slice) -> str:
+def ranges_digest(data, train_window: slice, val_window: slice, *, by_pixels: bool = False) -> str:
     """A digest of the images and labels a range run trains and validates on: the same while those
-    images are (a folder's file added before them shifts every index after it)."""
-    return array_digest(data.labels[train_window], data.images[train_window], data.labels[val_window], data.images[val_window])
+    images are (a folder's file added before them shifts every index after it). An image folder's
+    images are identified by their file names, which no decoder changes; ``by_pixels`` digests
+    the pixels instead, as checkpoints recorded before the names were."""
+    return array_digest(*_identity(data, train_window, by_pixels), *_identity(data, val_window, by_pixels))
 
 
-def data_digest(data) -> str:
-    """A digest of every image and label, in order: the same only for the same files."""
-    return array_digest(data.labels, data.images)
+def data_digest(data, *, by_pixels: bool = False) -> str:
+    """A digest of every image and label, in order: the same only for the same files (see
+    :func:`ranges_digest` for ``by_pixels``)."""
+    return array_digest(*_identity(data, slice(None), by_pixels))
 
 
-def refuse_changed_images(source, path, recorded: str | None, current: str, consequence: str, advice: str) -> None:
+def _identity(data, window: slice, by_pixels: bool) -> tuple:
+    """The labels of ``window`` and what identifies its images: file names, else pixels."""
+    if data.files and not by_pixels:
+        names = "\0".join(data.files[window]).encode("utf-8", "surrogateescape")
+        return data.labels[window], numpy.frombuffer(names, dtype=numpy.uint8)
+    return data.labels[window], data.images[window]
+
+
+def refuse_changed_images(source, path, recorded: str | None, current: str, consequence: str, advice: str,
+                          pixel_digest=None, trained_on=None) -> None:
     """Refuse data whose digest differs from the one ``path`` recorded when it was trained (None:
     a checkpoint that records none): its hold-out or ranges, which index the data's order, would
-    now select other images."""
-    if recorded is not None and recorded != current:
-        raise ValueError(
-            f"{source}: the images changed since {path} was trained (files added, removed, renamed or replaced), "
-            f"so {consequence}; {advice}"
-        )
+    now select other images. ``pixel_digest()``, when given, is the digest by pixels, which a
+    checkpoint recorded before image folders were identified by file names. ``trained_on``: the
+    data the checkpoint was trained on, named when ``source`` is another folder."""
+    if recorded is None or recorded == current or (pixel_digest is not None and recorded == pixel_digest()):
+        return
+    if trained_on is not None and not _same_data(source, trained_on):
+        raise ValueError(f"{source} is not the data {path} was trained on ({trained_on}), so {consequence}; {advice}")
+    raise ValueError(
+        f"{source}: the images changed since {path} was trained (files added, removed, renamed or replaced), "
+        f"so {consequence}; {advice}"
+    )
+
+
+def _same_data(source, trained_on) -> bool:
+    """Whether two ``--data`` values name the same data (a folder by its real path)."""
+    if str(source) == str(trained_on):
+        return True
+    try:
+        return Path(source).expanduser().resolve() == Path(trained_on).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def missing_classes_notes(data, train_window, val_window) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -69,10 +70,12 @@ from .settings import (
     FULL_RANGES,
     SETTING_NAMES,
     array_digest,
+    data_digest,
     load_training_data,
     missing_classes_notes,
     option_flag,
     optimizer_config,
+    ranges_digest,
     refuse_changed_images,
     refuse_other_ranges,
     resolve_settings,
@@ -276,7 +279,7 @@ def _train(args, world, held: list | None = None) -> int:
         device_line += f"; rank {world.rank} on GPU {gpu}"
     communicator, distributed_line = communicator_for_backend(world, backend)
 
-    data = load_training_data(settings, checkpoint if "data" not in explicit else None)
+    data = load_training_data(settings, checkpoint if "data" not in explicit else None, progress=not args.quiet and world.is_root)
     images, labels = data.images, data.labels
     if checkpoint is not None:  # first: other images (--image-size, --channels) also change a hold-out's digest
         inputs = checkpoint.input_spec()
@@ -292,11 +295,16 @@ def _train(args, world, held: list | None = None) -> int:
             if key not in explicit:
                 settings[key] = None
     train_window, val_window, split_line = resolve_validation(settings, data, explicit, resumed=checkpoint is not None)
+    by_pixels = {
+        "holdout_of": functools.partial(data_digest, data, by_pixels=True),
+        "ranges_of": functools.partial(ranges_digest, data, train_window, val_window, by_pixels=True),
+    }
     for digest, selection in (("holdout_of", "its hold-out"), ("ranges_of", "its ranges")):
         if checkpoint is not None:
             refuse_changed_images(
                 settings["data"], checkpoint.path, checkpoint.settings.get(digest), settings.get(digest),
                 f"{selection} would now mix training and validation images", "resume on the same files, or start a new run",
+                pixel_digest=by_pixels[digest], trained_on=checkpoint.settings.get("data"),
             )
     split_notes = missing_classes_notes(data, train_window, val_window)
     if checkpoint is None:

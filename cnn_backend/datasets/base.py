@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,10 @@ class LabelledImages:
     indices into ``class_names``), ``source``, one line saying where the data came from,
     ``notes``, lines worth showing the user (files skipped, say), and ``names_assumed``: True when
     the files store no class names and these are assumed (a folder of IDX files is named as
-    Fashion-MNIST, though it may hold MNIST's digits)."""
+    Fashion-MNIST, though it may hold MNIST's digits). ``files``: for an image folder, each image's
+    file name relative to its split's folder, in the images' order: what identifies the data
+    independently of the decoder (Pillow versions resize some images one grey level apart);
+    empty for data whose files are arrays."""
 
     images: numpy.ndarray
     labels: numpy.ndarray
@@ -29,12 +33,15 @@ class LabelledImages:
     source: str = ""
     notes: tuple[str, ...] = ()
     names_assumed: bool = False
+    files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.images.dtype != numpy.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.ndim}-D {self.images.dtype}")
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"{len(self.images)} images but labels of shape {self.labels.shape}")
+        if self.files and len(self.files) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.files)} file names")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -79,3 +86,25 @@ def check_labels(labels: numpy.ndarray, num_classes: int) -> str | None:
 
 def shape_text(shape) -> str:
     return "x".join(str(size) for size in shape)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, count: int) -> None:
+        pass
+
+
+def progress_bar(enabled: bool, total: int | None, description: str, **options):
+    """A tqdm bar on standard error for long work (downloads, a first decode of an image folder),
+    shown when ``enabled`` and standard error is a terminal; else an object that does nothing.
+    ``options`` go to tqdm (``unit``, ``unit_scale``)."""
+    if not (enabled and sys.stderr.isatty()):
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, leave=False, file=sys.stderr, dynamic_ncols=True, **options)

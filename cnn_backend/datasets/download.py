@@ -22,7 +22,6 @@ import http.client
 import logging
 import os
 import shutil
-import sys
 import tarfile
 import time
 import urllib.error
@@ -31,7 +30,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
-from .base import DATA_DIR_ENV, DataError
+from .base import DATA_DIR_ENV, DataError, progress_bar
 
 logger = logging.getLogger("cnn_backend.data")
 
@@ -174,23 +173,8 @@ def _fetch(url: str, destination: Path, algorithm: str, *, timeout: float, progr
     return hasher.hexdigest()
 
 
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        return False
-
-    def update(self, count: int) -> None:
-        pass
-
-
 def _progress_bar(enabled: bool, total: int | None, description: str):
-    if not (enabled and sys.stderr.isatty()):
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, leave=False, file=sys.stderr)
+    return progress_bar(enabled, total, description, unit="B", unit_scale=True, unit_divisor=1024)
 
 
 def digest_algorithm(digest: str) -> str:

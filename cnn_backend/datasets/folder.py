@@ -27,6 +27,7 @@ because class names are written as text into checkpoints, exported models and re
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy
 
-from .base import DataError, LabelledImages, data_root
+from .base import DataError, LabelledImages, data_root, progress_bar
 
 logger = logging.getLogger("cnn_backend.data")
 
@@ -51,6 +52,8 @@ CHANNEL_CHOICES = (1, 3)
 CACHE_FOLDER = "image-folders"
 _CACHE_VERSION = 2  # 2: entries keyed on the resolved channels and size
 _NAMES_SHOWN = 3
+#: why a file whose extension is no image extension is skipped
+NOT_AN_IMAGE = "not an image file extension"
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,40 @@ def find_classes(directory: Path) -> list[str]:
     return entries
 
 
+#: folders beside ``train`` that hold a validation split, which the train/test layout does not read
+#: (the validation images are held out of ``train``): named in a note
+VALIDATION_FOLDERS = ("val", "valid", "validation")
+#: names of split folders in any case: a root whose only folders are such names is refused unless it
+#: is the train/test layout, rather than read as two "classes" named after the splits
+_SPLIT_LIKE = frozenset({"train", "training", "test", "testing", *VALIDATION_FOLDERS})
+
+
 def has_split_layout(root: Path) -> bool:
-    """True when ``root/train`` holds class folders (the train/test layout)."""
+    """True when ``root/train`` holds class folders and ``root`` holds no other folders than
+    ``test`` and a validation split (the train/test layout): a class folder named ``train`` beside
+    other classes (bus, car, train) is a class."""
     train = root / "train"
-    return train.is_dir() and bool(find_classes(train))
+    if not (train.is_dir() and find_classes(train)):
+        return False
+    return set(find_classes(root)) <= {"train", "test", *VALIDATION_FOLDERS}
+
+
+def unread_validation_folders(root: Path) -> list[str]:
+    """The validation-split folders beside ``train`` in the train/test layout (none are read)."""
+    if not has_split_layout(root):
+        return []
+    return [name for name in find_classes(root) if name in VALIDATION_FOLDERS]
+
+
+def _refuse_split_names_as_classes(root: Path, class_names: list[str]) -> None:
+    """DataError when every class folder of ``root`` is named as a split (Training/Testing, val, a
+    train folder of images): a classifier of the splits is never what was meant."""
+    if len(class_names) >= 2 and all(name.lower() in _SPLIT_LIKE for name in class_names):
+        raise DataError(
+            f"{_shown(root)}: its folders {', '.join(class_names)} look like splits, not classes; use the layout "
+            f"{_shown(root / 'train')}/<class>/<images> (and {_shown(root / 'test')}/<class>/<images>), "
+            f"or pass --data {_shown(root / class_names[0])} to read one split's class folders"
+        )
 
 
 def looks_like_image_folder(root: Path) -> bool:
@@ -175,7 +208,7 @@ def list_images(folder: Path, class_names: list[str]) -> tuple[list[ImageFile], 
                     others.append((name, "broken link: its target does not exist"))
                     continue
                 if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    others.append((name, "not an image file extension"))
+                    others.append((name, NOT_AN_IMAGE))
                     continue
                 stat = entry.stat()
             except OSError as exc:
@@ -314,11 +347,14 @@ def load_image_folder(
     image_size=None,
     strict: bool = False,
     cache: bool = True,
+    progress: bool = True,
 ) -> LabelledImages:
     """Load one split of an image folder (see the module docstring) as :class:`LabelledImages`.
 
     ``channels`` is 1, 3 or None (3 if any image is colour); ``image_size`` is None (the most
-    common size), N or ``"HxW"``. Skipped files are summarised in the result's ``notes``.
+    common size), N or ``"HxW"``. Skipped files are summarised in the result's ``notes``, beside a
+    validation folder the layout does not read and an automatic size above 256 pixels a side.
+    ``progress``: a progress bar on standard error (when it is a terminal) while images are decoded.
     """
     root = Path(root).expanduser()
     channels = check_channels(channels)
@@ -328,6 +364,8 @@ def load_image_folder(
     folder, class_folder = split_folder(root, split)
     class_names = find_classes(class_folder)
     _check_class_names(class_folder, class_names)
+    if class_folder == root:
+        _refuse_split_names_as_classes(root, class_names)
     if not class_names:
         raise DataError(f"{_shown(class_folder)}: no class folders; expected {_shown(class_folder)}/<class name>/<image files>")
     if len(class_names) == 1:
@@ -362,10 +400,33 @@ def load_image_folder(
         if resolved is not None:
             cached = _read_cache(_cache_dir(folder, split, *resolved), listing)
             if cached is not None:
-                return _finish(cached, folder, strict)
+                return _finish(cached, folder, strict, files, _layout_notes(root, split, size, cached.images.shape))
 
-    decoded = _decode_folder(folder, class_names, files, others, channels, size, split if cache else None, listing)
-    return _finish(decoded, folder, strict)
+    decoded = _decode_folder(folder, class_names, files, others, channels, size, split if cache else None, listing, progress)
+    return _finish(decoded, folder, strict, files, _layout_notes(root, split, size, decoded.images.shape))
+
+
+#: an image side above which the automatic size (the most common one) gets a note: Keras's
+#: ``image_dataset_from_directory`` resizes to 256x256 unless told otherwise
+LARGE_IMAGE_SIDE = 256
+
+
+def _layout_notes(root: Path, split: str, size_given, shape: tuple) -> tuple[str, ...]:
+    """Notes on what the layout leaves unread and on an automatic image size too large to train on."""
+    notes = []
+    if split == "train":
+        for name in unread_validation_folders(root):
+            notes.append(
+                f"{_shown(root / name)} is not read: the validation images are held out of {_shown(root / 'train')}; "
+                f"score a model on it with evaluate --data {_shown(root / name)} --range :"
+            )
+    height, width = shape[2:]
+    if size_given is None and max(height, width) > LARGE_IMAGE_SIDE:
+        notes.append(
+            f"{_shown(root)}: its most common image size, {height}x{width}, is the network's input size; "
+            f"pass --image-size (e.g. --image-size 64) for a smaller, faster network and cache"
+        )
+    return tuple(notes)
 
 
 @dataclass
@@ -378,8 +439,8 @@ class _Decoded:
     from_cache: bool
 
 
-def _finish(decoded: _Decoded, folder: Path, strict: bool) -> LabelledImages:
-    notes = ()
+def _finish(decoded: _Decoded, folder: Path, strict: bool, files: list[ImageFile], layout_notes: tuple[str, ...] = ()) -> LabelledImages:
+    notes = layout_notes
     if decoded.skipped:
         if strict:
             raise DataError(
@@ -387,14 +448,17 @@ def _finish(decoded: _Decoded, folder: Path, strict: bool) -> LabelledImages:
                 f"{_named(decoded.skipped)}; refused (strict): remove or fix them, or load without --strict to skip them"
             )
         summary = _skipped_summary(decoded.skipped, decoded.total, folder)
-        notes = (summary,)
+        notes = (summary, *notes)
         logger.info("%s", summary)
     channels, height, width = decoded.images.shape[1:]
     source = (
         f"image folder {_shown(folder)}: {len(decoded.images):,} images, {len(decoded.class_names)} classes, "
         f"{channels}x{height}x{width}" + (" (cached)" if decoded.from_cache else "")
     )
-    return LabelledImages(decoded.images, decoded.labels, decoded.class_names, source, notes)
+    # The images are the listed files less the skipped ones, in the listing's order (cached or not).
+    skipped = {name for name, _ in decoded.skipped}
+    names = tuple(item.relative for item in files if item.relative not in skipped)
+    return LabelledImages(decoded.images, decoded.labels, decoded.class_names, source, notes, files=names)
 
 
 def _skipped_summary(skipped, total: int, folder: Path) -> str:
@@ -407,7 +471,7 @@ def _named(skipped) -> str:
     return shown + (f"; and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else "")
 
 
-def _decode_folder(folder, class_names, files, others, channels, size, cache_split, listing) -> _Decoded:
+def _decode_folder(folder, class_names, files, others, channels, size, cache_split, listing, progress=False) -> _Decoded:
     """Decode every readable image; ``cache_split`` is the split to cache them under (None: no cache)."""
     skipped = list(others)
     headers = []
@@ -427,30 +491,28 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
     channels = automatic["channels"] if channels is None else channels
     size = tuple(automatic["size"]) if size is None else size
 
-    staging = cache_dir = None
+    shape = (len(readable), channels, *size)
+    staging = cache_dir = images = None
     if cache_split is not None:
         cache_dir = _cache_dir(folder, cache_split, channels, size)
-        staging = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            staging.mkdir(parents=True)
-        except OSError as exc:  # a read-only cache folder: decode into memory, uncached
-            logger.info("%s: cannot write the image cache (%s); decoding without it", staging.parent, exc.strerror or exc)
+        _remove_abandoned_stagings()
+        staging = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}{_STAGING_SUFFIX}")
+        images = _staged_images(staging, shape)
+        if images is None:
             staging = None
     try:
-        shape = (len(readable), channels, *size)
-        if staging is not None:
-            images = numpy.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=numpy.uint8, shape=shape)
-        else:
+        if images is None:
             images = numpy.empty(shape, dtype=numpy.uint8)
         keep = numpy.zeros(len(readable), dtype=bool)
-        for row, index in enumerate(readable):
-            item = files[index]
-            try:
-                images[row] = decode_image(folder / item.relative, channels, size)
-                keep[row] = True
-            except DataError as exc:
-                skipped.append((item.relative, str(exc)))
+        with progress_bar(progress, len(readable), f"decoding {_shown(folder)}", unit="image") as bar:
+            for row, index in enumerate(readable):
+                item = files[index]
+                try:
+                    images[row] = decode_image(folder / item.relative, channels, size)
+                    keep[row] = True
+                except DataError as exc:
+                    skipped.append((item.relative, str(exc)))
+                bar.update(1)
         labels = numpy.asarray([files[index].label for index in readable], dtype=numpy.int64)
         if not keep.all():
             images, labels = numpy.ascontiguousarray(images[keep]), labels[keep]
@@ -461,27 +523,23 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
         lost = [name for label, name in enumerate(class_names) if label in listed and label not in present]
         if lost:
             raise DataError(f"{_shown(folder / lost[0])}: none of its image files can be decoded, so the class would have no images")
-        skipped.sort()
+        # Images that could not be decoded first: a note shows the first few, and the files that
+        # are not images at all matter less.
+        skipped.sort(key=lambda pair: (pair[1] == NOT_AN_IMAGE, pair[0]))
         decoded = _Decoded(images, labels, tuple(class_names), skipped, len(files) + len(others), False)
         if staging is not None:
-            if not keep.all():
-                del images  # the memory map of the uncompacted file; the compacted copy replaces it
-                numpy.save(staging / "images.compact.npy", decoded.images)
-                os.replace(staging / "images.compact.npy", staging / "images.npy")
-            else:
-                decoded.images.flush()
-            numpy.save(staging / "labels.npy", labels)
             meta = {
                 "version": _CACHE_VERSION, "listing": listing, "class_names": list(class_names),
                 "skipped": skipped, "total": decoded.total, "automatic": automatic,
             }
-            # ensure_ascii (the default) writes a file name's surrogate escapes as \udcXX: they read back unchanged.
-            (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
             try:
+                _write_staged_entry(staging, decoded, keep.all(), meta)
                 if cache_dir.exists():
                     shutil.rmtree(cache_dir)
                 os.replace(staging, cache_dir)
-            except OSError:  # another process put its entry there first: keep this result in memory
+            except OSError as exc:  # a full disk, or another process put its entry there first: keep this result in memory
+                if exc.errno == errno.ENOSPC:
+                    logger.info("%s: cannot write the image cache (%s); decoded without it", staging.parent, exc.strerror)
                 decoded.images = numpy.array(decoded.images)
                 return decoded
             staging = None
@@ -496,6 +554,73 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
 
 
 # ------------------------------------------------------------------------------------- cache
+
+#: the end of the name of an entry still being written, ``.<entry>.<pid>.partial``
+_STAGING_SUFFIX = ".partial"
+
+
+def _staged_images(staging: Path, shape: tuple):
+    """A new entry's ``images.npy`` in ``staging``, memory-mapped for writing, with its disk space
+    reserved up front; None (decode into memory, uncached) when the cache folder cannot be
+    written or the disk cannot hold it. Without the reservation a full disk would surface as
+    SIGBUS, killing the process without a word, at the first write through the map."""
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        images = numpy.lib.format.open_memmap(staging / "images.npy", mode="w+", dtype=numpy.uint8, shape=shape)
+        _reserve(staging / "images.npy")
+        return images
+    except OSError as exc:
+        logger.info("%s: cannot write the image cache (%s); decoding without it", staging.parent, exc.strerror or exc)
+        shutil.rmtree(staging, ignore_errors=True)
+        return None
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now (OSError ENOSPC when the disk cannot hold it); a file
+    system that cannot reserve space is left to fill it as it goes."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _write_staged_entry(staging: Path, decoded: "_Decoded", all_kept: bool, meta: dict) -> None:
+    """Complete the entry in ``staging``: the images compacted when some failed to decode, the
+    labels and ``meta.json`` (written last: an entry without it is never read)."""
+    if all_kept:
+        decoded.images.flush()
+    else:  # the memory map holds empty rows for the failed images: the compacted copy replaces it
+        numpy.save(staging / "images.compact.npy", decoded.images)
+        os.replace(staging / "images.compact.npy", staging / "images.npy")
+    numpy.save(staging / "labels.npy", decoded.labels)
+    # ensure_ascii (the default) writes a file name's surrogate escapes as \udcXX: they read back unchanged.
+    (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def _remove_abandoned_stagings() -> None:
+    """Remove the entries left half-written by processes that no longer run (killed with SIGKILL,
+    or by the out-of-memory killer, while decoding): nothing else would ever clear them."""
+    for staging in cache_root().glob(f".*{_STAGING_SUFFIX}"):
+        pid = staging.name.removesuffix(_STAGING_SUFFIX).rpartition(".")[2]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
 
 
 def cache_root() -> Path:
@@ -578,5 +703,8 @@ def _read_cache(cache_dir: Path, listing: str) -> _Decoded | None:
         return None
     if images.dtype != numpy.uint8 or images.ndim != 4 or labels.shape != (len(images),):
         return None
-    skipped = [tuple(pair) for pair in meta.get("skipped", [])]
-    return _Decoded(images, labels.astype(numpy.int64), tuple(meta["class_names"]), skipped, int(meta.get("total", 0)), True)
+    try:
+        skipped = [tuple(pair) for pair in meta.get("skipped", [])]
+        return _Decoded(images, labels.astype(numpy.int64), tuple(meta["class_names"]), skipped, int(meta.get("total", 0)), True)
+    except (KeyError, TypeError, ValueError):  # an entry whose meta.json another program wrote: decoded again
+        return None

@@ -49,14 +49,30 @@ def read_idx(path: str | os.PathLike) -> numpy.ndarray:
     return _decode_idx(raw, path)
 
 
+def _storable(array: numpy.ndarray) -> numpy.ndarray:
+    """An integer array of a type IDX has no code for (int64 labels, say) as the smallest IDX
+    integer type that holds its values; any other array as it is (refused later if IDX cannot
+    store it)."""
+    if array.dtype.kind not in "iu" or array.dtype.newbyteorder("=") in _IDX_CODES:
+        return array
+    low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    for dtype in (numpy.uint8, numpy.int8, numpy.int16, numpy.int32):
+        limits = numpy.iinfo(dtype)
+        if limits.min <= low and high <= limits.max:
+            return array.astype(dtype)
+    return array
+
+
 def write_idx(path: str | os.PathLike, array: Any) -> None:
     """Write ``array`` as an IDX file, gzip-compressed (with mtime 0) when the name ends in ``.gz``.
+    Integers of a type IDX has no code for (int64, uint16, ...) are stored as the smallest of its
+    integer types that holds their values.
 
     The file appears atomically: it is written to a temporary file in the same directory and then
     renamed, so a reader never sees half a file. Equal inputs give byte-identical files.
     """
     path = Path(path)
-    array = numpy.asarray(array)
+    array = _storable(numpy.asarray(array))
     code = _IDX_CODES.get(array.dtype.newbyteorder("="))
     if code is None:
         raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of uint8, int8, int16, int32, float32, float64")

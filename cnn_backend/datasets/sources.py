@@ -216,11 +216,18 @@ def source_kind(source: str | os.PathLike) -> str:
         return FASHION_MNIST.name
     if isinstance(source, str) and source in DATASETS:
         return source
+    if not str(source).strip():  # Path("") is the working folder: an unset variable in --data "$DATA"
+        raise DataError(f"the data is named by an empty string; name a dataset ({', '.join(NAMED_SOURCES)}) or a folder")
     directory = Path(source).expanduser()
     if not directory.exists():
         raise DataError(f"{directory}: no such folder, and not a dataset name ({', '.join(NAMED_SOURCES)})")
     if not directory.is_dir():
-        raise DataError(f"{directory}: not a folder (--data takes a dataset name or a folder)")
+        arrays = (
+            "; arrays train from Python (BatchLoader(images, labels, ...) and fit: docs/datasets.md)"
+            if directory.suffix.lower() in (".npz", ".npy", ".csv") else ""
+        )
+        raise DataError(f"{directory}: not a folder (--data takes a dataset name or a folder){arrays}")
+    _refuse_cifar_python_version(directory)
     if any(find_idx_file(directory, name) for name in FASHION_MNIST.files):
         return "idx-folder"
     cifar = DATASETS["cifar10"]
@@ -234,6 +241,17 @@ def source_kind(source: str | os.PathLike) -> str:
     )
 
 
+def _refuse_cifar_python_version(directory: Path) -> None:
+    """DataError for CIFAR-10's Python version (pickled batches, torchvision's download), which
+    would otherwise be taken for an image folder of one class or for no data at all."""
+    for batches in (directory, directory / "cifar-10-batches-py"):
+        if (batches / "data_batch_1").is_file() and (batches / "batches.meta").is_file():
+            raise DataError(
+                f"{batches}: CIFAR-10's Python (pickle) version; this library reads its binary version "
+                f"(data_batch_1.bin ...): run cnn-backend download cifar10, or put cifar-10-binary.tar.gz in the folder"
+            )
+
+
 def load_dataset(
     source: str | os.PathLike = "auto",
     split: str = "train",
@@ -242,9 +260,11 @@ def load_dataset(
     image_size=None,
     strict: bool = False,
     cache: bool = True,
+    progress: bool = True,
 ) -> LabelledImages:
     """Load ``split`` of ``source`` (see the module docstring) as host uint8 ``(N, C, H, W)`` images,
-    int64 labels and class names. ``channels``, ``image_size`` and ``strict`` apply to image folders."""
+    int64 labels and class names. ``channels``, ``image_size`` and ``strict`` apply to image folders;
+    ``progress`` shows a bar on standard error (a terminal) while a folder's images are first decoded."""
     _check_split(split)
     kind = source_kind(source)
     if kind != "image-folder" and (channels is not None or image_size is not None):
@@ -256,7 +276,7 @@ def load_dataset(
     elif kind == "cifar10-folder":
         loaded = load_registered(DATASETS["cifar10"], split, Path(source).expanduser())
     elif kind == "image-folder":
-        loaded = load_image_folder(source, split, channels=channels, image_size=image_size, strict=strict, cache=cache)
+        loaded = load_image_folder(source, split, channels=channels, image_size=image_size, strict=strict, cache=cache, progress=progress)
     else:
         loaded = load_registered(DATASETS[kind], split)
     logger.info("%s (%s images)", loaded.source, f"{len(loaded):,}")
