@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,9 +189,6 @@ def load_checkpoint(path: str | os.PathLike, *, require_training_state: bool = T
     cnn_backend file, or lacks part of the state.
     """
     path = Path(path)
-    if path.is_file() and not zipfile.is_zipfile(path):
-        # Checked first: numpy would report any other content as "pickled data".
-        raise ModelFileError(f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)")
     arrays = read_npz(path)
     if CONFIG_KEY not in arrays:
         raise ModelFileError(f"{path}: not a cnn_backend model or checkpoint (no model config inside)")

@@ -31,7 +31,7 @@ import numpy
 
 from .data import CLASS_NAMES, IMAGE_SIZE, Normalization
 from .inputs import generic_class_names
-from .serialization import write_atomically
+from .serialization import FileWriteError, write_atomically
 
 #: Written when ``--opset`` is left out: the first opset with a Gelu operator, read by ONNX Runtime
 #: 1.18 and later and by TensorRT 10.
@@ -102,6 +102,7 @@ def build_onnx_model(
     onnx = import_onnx()
     check_opset(opset, onnx)
     opset = int(opset)  # a NumPy integer too, once check_opset has taken it
+    _refuse_over_protobuf_limit(model)
     class_names = _check_preparation(class_names, normalization)
     recorded = getattr(model, "input_spec", None)
     if recorded is not None:
@@ -155,6 +156,22 @@ def build_onnx_model(
     return proto
 
 
+#: the most bytes one protobuf message, and so one ONNX file holding its weights, can take
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _refuse_over_protobuf_limit(model) -> None:
+    """ExportError, before any work, for a network whose float32 weights alone exceed what one ONNX
+    file can hold (protobuf would fail to serialise it, deep inside, after building the graph)."""
+    arrays = [param.data for _, param in model.named_parameters()] + [value for _, value in model.named_buffers()]
+    weight_bytes = 4 * sum(int(array.size) for array in arrays)
+    if weight_bytes > PROTOBUF_LIMIT:
+        raise ExportError(
+            f"the network's weights take {weight_bytes / 2**30:.1f} GiB as float32, more than the 2 GiB one ONNX file "
+            f"can hold; export a smaller network (fewer units in its widest dense layer)"
+        )
+
+
 def import_onnx():
     """The ``onnx`` module, or ExportError saying how to install it."""
     try:
@@ -171,7 +188,11 @@ def check_onnx_path(path: str | os.PathLike) -> None:
     """The file to write must end in ``.onnx``: a swapped argument order then never replaces a checkpoint."""
     if Path(path).suffix.lower() != ".onnx":
         raise ExportError(f"OUT.onnx names the ONNX file to write and must end in .onnx, got {str(path)!r}")
-    if Path(path).is_dir():  # a usage error, as evaluate's --json naming a folder is
+    try:
+        is_folder = Path(path).is_dir()
+    except OSError as exc:  # a folder on the way that may not be entered, a name too long
+        raise FileWriteError(Path(path), exc) from None
+    if is_folder:  # a usage error, as evaluate's --json naming a folder is
         raise ExportError(f"OUT.onnx {str(path)!r} is a folder; name a file such as {str(Path(path) / 'model.onnx')!r}")
 
 

@@ -427,6 +427,13 @@ class Sequential:
                 f"{kind} {name} holds NaN or infinite values, so the model's outputs would too; "
                 f"use a checkpoint saved before the run diverged, or train again"
             )
+        negative = next((name for name, value in buffer_values.items()
+                         if name.rpartition(".")[2] == "running_var" and bool((value < 0).any())), None)
+        if negative is not None:  # BatchNorm would take the square root of it: NaN outputs
+            raise ValueError(
+                f"buffer {negative} holds negative variances, which no training writes (the file is damaged), so the "
+                f"model's outputs would be NaN; use another checkpoint, or train again"
+            )
         with warnings.catch_warnings():  # NumPy's overflow warning for a float64 value beyond float32's range: refused below
             warnings.simplefilter("ignore", RuntimeWarning)
             # Cast in place in the dicts, one array at a time, and only where the dtype differs: the state is

@@ -16,7 +16,7 @@ import numpy
 
 from . import functional as F
 from .backend import cpu_backend, get_backend
-from .datasets.base import DataError
+from .datasets.base import DataError, printable
 from .datasets.folder import decode_image
 from .inputs import InputSpec
 from .model import EVALUATION_BATCH_SIZE
@@ -38,18 +38,23 @@ class Prediction:
         return self.error is None
 
     def as_dict(self) -> dict:
+        # printable: a lone surrogate of a name that is not UTF-8 would make invalid JSON
         if self.error is not None:
-            return {"path": str(self.path), "error": self.error}
-        return {"path": str(self.path), "top": [{"class": name, "probability": probability} for name, probability in self.top]}
+            return {"path": printable(self.path), "error": printable(self.error)}
+        return {"path": printable(self.path), "top": [{"class": name, "probability": probability} for name, probability in self.top]}
 
 
 def read_image_file(path: str | os.PathLike, inputs: InputSpec) -> numpy.ndarray:
     """One image file as uint8 ``(C, H, W)`` in the model's channel count and size; DataError
     (one line, naming the file) when it cannot be used."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_folder, exists = path.is_dir(), path.exists()
+    except OSError as exc:  # a folder on the way that may not be entered, a name too long
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if is_folder:
         raise DataError(f"{path}: a directory, not an image file")
-    if not path.exists():
+    if not exists:
         raise DataError(f"{path}: no such file")
     try:
         return decode_image(path, inputs.channels, inputs.image_size)
@@ -57,6 +62,15 @@ def read_image_file(path: str | os.PathLike, inputs: InputSpec) -> numpy.ndarray
         raise DataError(f"{path}: {exc}") from None
     except OSError as exc:  # permission denied and the like
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def refuse_models_of_no_images(model) -> None:
+    """ValueError, before any file is read, for a model whose samples are not 1- or 3-channel images
+    (feature vectors, 2 or 4 channels): image files cannot be made into its input."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None and (len(shape) != 3 or shape[0] not in (1, 3)):
+        kind = f"feature vectors of {shape[0]} values" if len(shape) == 1 else f"samples of shape {tuple(shape)}"
+        raise ValueError(f"the model takes {kind}, not 1- or 3-channel images: image files cannot be predicted with it")
 
 
 def softmax(logits: numpy.ndarray) -> numpy.ndarray:
@@ -71,6 +85,7 @@ def predict_files(
     (``batch_size`` images per forward pass)."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
+    refuse_models_of_no_images(model)
     predictions = [Prediction(Path(path)) for path in paths]
     decoded, rows = [], []
     for index, prediction in enumerate(predictions):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import secrets
@@ -47,12 +48,14 @@ def atomic_path(path: str | os.PathLike):
     """
     path = _replaceable_file(Path(path))
     temporary = temporary_name(path)
+    created, written = [], False
     try:
-        _make_parent_folders(path)
+        created = _make_parent_folders(path)
         yield temporary
         _keep_permissions(path, temporary)
         pause_point(f"replace {path.name}")
         os.replace(temporary, path)
+        written = True
         _sync_directory(path.parent)
     except FileWriteError:
         raise
@@ -61,6 +64,10 @@ def atomic_path(path: str | os.PathLike):
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
+        if not written:  # a failed write leaves nothing behind, the folders made for it included
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _replaceable_file(path: Path) -> Path:
@@ -74,9 +81,12 @@ def _replaceable_file(path: Path) -> Path:
     return path
 
 
-def _make_parent_folders(path: Path) -> None:
+def _make_parent_folders(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``; returns them, deepest first."""
+    missing = list(itertools.takewhile(lambda folder: not folder.exists(), path.parents))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        return missing
     except (FileExistsError, NotADirectoryError) as exc:
         blocking = next((parent for parent in reversed(path.parents) if parent.exists() and not parent.is_dir()), None)
         if blocking is None:
@@ -132,14 +142,10 @@ def write_npz_atomic(path: str | os.PathLike, arrays: dict) -> Path:
 
 def read_npz(path: str | os.PathLike) -> dict:
     """All arrays of an ``.npz`` file, refusing pickled objects; one-line error when unreadable."""
-    if Path(path).is_dir():
-        found = [name for name in ("best.npz", "last.npz") if (Path(path) / name).is_file()]
-        named = " or ".join(str(Path(path) / name) for name in found)
-        hint = f"give a checkpoint in it: {named}" if found else "give a .npz model file or checkpoint"
-        raise ModelFileError(f"{path}: a folder, not a model file; {hint}")
-    if Path(path).is_file() and not zipfile.is_zipfile(path):
-        # Checked first: numpy would call any other content "pickled data" and suggest pickle.
-        raise ModelFileError(f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)")
+    try:
+        _refuse_what_is_no_npz(Path(path))
+    except OSError as exc:  # a folder on the way that may not be entered, a name too long
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
         with numpy.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
@@ -147,6 +153,24 @@ def read_npz(path: str | os.PathLike) -> dict:
         raise ModelFileError(f"{path}: no such file") from None
     except Exception as exc:  # zipfile.BadZipFile, ValueError (pickled or corrupt), OSError
         raise ModelFileError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+#: extensions of image files: a model file named so is an argument given in the wrong place
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def _refuse_what_is_no_npz(path: Path) -> None:
+    """ModelFileError for a folder, an image, or a file without a zip structure."""
+    if path.is_dir():
+        found = [name for name in ("best.npz", "last.npz") if (path / name).is_file()]
+        named = " or ".join(str(path / name) for name in found)
+        hint = f"give a checkpoint in it: {named}" if found else "give a .npz model file or checkpoint"
+        raise ModelFileError(f"{path}: a folder, not a model file; {hint}")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # Checked first: numpy would call any other content "pickled data" and suggest pickle.
+        if path.suffix.lower() in _IMAGE_SUFFIXES:
+            raise ModelFileError(f"{path}: an image, not a model file; the model file (.npz) comes first, then the images")
+        raise ModelFileError(f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)")
 
 
 def stored_float_dtype(arrays) -> str:

@@ -557,3 +557,66 @@ def test_evaluating_another_folder_than_the_trained_one_says_so(tmp_path, capsys
     one_error_line(err, f"{other} is not the data {out / 'last.npz'} was trained on ({root}), so its hold-out would now take "
                         "images it trained on; pass --range START:STOP")
     assert run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--data", other, "--range", ":")[0] == 0
+
+
+def test_a_path_that_cannot_be_looked_up_is_one_files_error_and_the_others_are_predicted(tmp_path, capsys):
+    model_file = seed_cnn("cpu", seed=0).save(tmp_path / "model.npz")
+    good = save_png(tmp_path / "good.png", numpy.full((28, 28), 200))
+    too_long = tmp_path / ("a" * 300 + ".png")  # longer than a file name may be: the lookup itself fails
+    status, stdout, err = run_main(capsys, "predict", model_file, too_long, good)
+    assert status == 2
+    errors = [line for line in err.strip().splitlines() if "error" in line]
+    assert errors == [f"cnn-backend: error: {too_long}: cannot read (File name too long)"]
+    assert stdout.startswith(f"{good}: ")
+
+
+def test_file_names_that_are_not_utf8_print_with_a_replacement_character_and_valid_json(tmp_path, capsys):
+    import os
+
+    model_file = seed_cnn("cpu", seed=0).save(tmp_path / "model.npz")
+    folder = os.fsencode(tmp_path)
+    odd = os.fsdecode(folder + b"/bad\xffname.png")  # a Latin-1 name: a surrogate escape in Python
+    save_png(Path(odd), numpy.full((28, 28), 200))
+    missing = os.fsdecode(folder + b"/gone\xfe.png")
+    status, stdout, err = run_main(capsys, "predict", model_file, odd, missing)
+    assert status == 2
+    assert stdout.startswith(f"{tmp_path}/bad\ufffdname.png: ") and "\udcff" not in stdout
+    assert f"{tmp_path}/gone\ufffd.png: no such file" in err
+    status, stdout, _ = run_main(capsys, "predict", model_file, odd, "--json")
+    assert status == 0
+    document = json.loads(stdout)
+    assert document["predictions"][0]["path"] == f"{tmp_path}/bad\ufffdname.png"
+    stdout.encode("utf-8")  # strict: no lone surrogate left
+
+
+def test_a_model_that_takes_no_images_is_refused_by_predict_before_reading_them(tmp_path, capsys):
+    from cnn_backend.spec import build_model
+
+    vectors = build_model([{"type": "FullyConnected", "out_features": 4}], input_shape=(20,), backend="cpu", seed=0)
+    model_file = vectors.save(tmp_path / "vectors.npz")
+    good = save_png(tmp_path / "good.png", numpy.full((28, 28), 200))
+    status, _, err = run_main(capsys, "predict", model_file, good)
+    assert status == 2
+    one_error_line(err, "the model takes feature vectors of 20 values, not 1- or 3-channel images: image files cannot be predicted with it")
+
+
+def test_an_image_given_where_the_model_file_goes_says_the_model_comes_first(tmp_path, capsys):
+    model_file = seed_cnn("cpu", seed=0).save(tmp_path / "model.npz")
+    good = save_png(tmp_path / "good.png", numpy.full((28, 28), 200))
+    status, _, err = run_main(capsys, "predict", good, model_file)
+    assert status == 2
+    one_error_line(err, f"{good}: an image, not a model file; the model file (.npz) comes first, then the images")
+
+
+def test_a_full_standard_output_is_named_as_such(tmp_path):
+    import subprocess
+    import sys
+
+    model_file = seed_cnn("cpu", seed=0).save(tmp_path / "model.npz")
+    good = save_png(tmp_path / "good.png", numpy.full((28, 28), 200))
+    with open("/dev/full", "w") as full:
+        finished = subprocess.run([sys.executable, "-m", "cnn_backend", "predict", str(model_file), str(good), "--device", "cpu"],
+                                  stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert finished.returncode == 1
+    assert finished.stderr.strip().splitlines()[-1] == "cnn-backend: error: cannot write standard output: No space left on device"
+    assert "Exception ignored" not in finished.stderr

@@ -15,6 +15,7 @@ import os
 import re
 import tarfile
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -935,3 +936,20 @@ def test_data_that_is_no_folder_of_a_known_kind_says_what_to_do(tmp_path, monkey
     with pytest.raises(DataError) as excinfo:
         datasets.source_kind(source)
     assert_one_line(excinfo, pattern)
+
+
+#: a fuzzed 136-byte TIFF on which Pillow warns "Truncated File Read" before failing
+DAMAGED_TIFF = bytes.fromhex(
+    "49492a00080000000a0000010400010000002400000001010400010000002800000002010300030000008600000003010300"
+    "010000000100000006010300010000000200000011010400010000008c0000001501030001000000030000001601040001000000"
+    "280000001701040001000000e01000001c0103000100000001000000000000000800"
+)
+
+
+def test_pillows_warnings_on_a_damaged_file_stay_off_the_console(tmp_path):
+    path = tmp_path / "damaged.tif"
+    path.write_bytes(DAMAGED_TIFF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning would fail the test
+        with pytest.raises(DataError):
+            image_folder.decode_image(path, 1, (28, 28))

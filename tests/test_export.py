@@ -645,3 +645,31 @@ def test_missing_onnx_package_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == 'cnn-backend: error: ONNX export needs the onnx package, which is not installed: pip install "cnn-backend[onnx]"'
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_network_too_large_for_one_onnx_file_is_refused_before_any_work(tmp_path, monkeypatch):
+    import cnn_backend.export as export_module
+
+    model = seed_cnn("cpu", seed=0)
+    weights = 4 * sum(param.data.size for _, param in model.named_parameters())
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", weights - 1)  # stands in for 2 GiB
+    with pytest.raises(ExportError, match=r"^the network's weights take 0.0 GiB as float32, more than the 2 GiB one ONNX file can hold; "
+                                          r"export a smaller network"):
+        export_onnx(model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    import cnn_backend.serialization as serialization
+
+    def disk_full(temporary, *args, **options):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(serialization, "_keep_permissions", disk_full)
+    with pytest.raises(OSError, match=r"cannot write .*a/b/model.onnx: No space left on device"):
+        export_onnx(seed_cnn("cpu", seed=0), tmp_path / "a" / "b" / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    with pytest.raises(OSError):
+        export_onnx(seed_cnn("cpu", seed=0), tmp_path / "kept" / "new" / "model.onnx")
+    assert [path.name for path in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zipfile
 
 import numpy
@@ -643,3 +644,15 @@ def test_a_training_batch_of_one_sample_refused_deep_inside_leaves_the_running_s
         model(numpy.random.default_rng(0).random((1, 1, 6, 6)).astype(numpy.float32) * 100)
     for name, value in model.buffer_state_dict().items():
         numpy.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_a_negative_running_variance_is_refused_on_load():
+    model = default_cnn("cpu", seed=0)
+    state, buffers = model.state_dict(), model.buffer_state_dict()
+    name = next(name for name in buffers if name.endswith("running_var"))
+    buffers[name] = -numpy.abs(buffers[name]) - 1.0  # BatchNorm would take its square root: NaN outputs
+    before = model.buffer_state_dict()
+    with pytest.raises(ValueError, match=rf"^buffer {re.escape(name)} holds negative variances, which no training writes \(the file is damaged\)"):
+        model.load_state_dict(state, buffers)
+    for key, value in model.buffer_state_dict().items():
+        numpy.testing.assert_array_equal(value, before[key], err_msg=key)

@@ -10,6 +10,7 @@ import sys
 
 from ..backend import DeviceUnavailableError
 from ..data import DataError
+from ..datasets.base import printable
 from ..distributed import DistributedSetupError
 from ..layers import ShapeError
 from ..serialization import ModelFileError
@@ -68,7 +69,7 @@ def _send_nowhere(name: str) -> None:
 
 
 def print_error(message, prefix: str = "error: ") -> None:
-    text = " ".join(str(message).split())  # always one line
+    text = " ".join(printable(message).split())  # always one line
     try:
         print(f"{PROG}: {prefix}{text}", file=sys.stderr, flush=True)
     except BrokenPipeError:  # nobody reads stderr either: the exit status alone says what happened
@@ -76,7 +77,15 @@ def print_error(message, prefix: str = "error: ") -> None:
 
 
 def say(*parts) -> None:
-    print(*parts, flush=True)
+    """Print a result line on standard output (file names that are not UTF-8 shown with U+FFFD, so
+    that a strict UTF-8 console takes them); a full disk or device behind it is said as such."""
+    try:
+        print(*(printable(part) for part in parts), flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        _send_nowhere("stdout")  # what is still buffered would fail again at exit
+        raise OSError(f"cannot write standard output: {exc.strerror or exc}") from None
 
 
 def silent(*parts, **options) -> None:

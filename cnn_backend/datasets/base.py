@@ -108,3 +108,9 @@ def progress_bar(enabled: bool, total: int | None, description: str, **options):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=description, leave=False, file=sys.stderr, dynamic_ncols=True, **options)
+
+
+def printable(text) -> str:
+    """``text`` (a path, a message) as text that prints anywhere: bytes of a file name that are not
+    UTF-8 (surrogate escapes) become U+FFFD instead of making a strict UTF-8 output fail."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy
 
-from .base import DataError, LabelledImages, data_root, progress_bar
+from .base import DataError, LabelledImages, data_root, printable, progress_bar
 
 logger = logging.getLogger("cnn_backend.data")
 
@@ -65,9 +65,8 @@ class ImageFile:
 
 
 def _shown(path) -> str:
-    """``path`` as text that prints anywhere: bytes that are not UTF-8 (surrogate escapes in a file
-    name) become U+FFFD instead of making ``print`` fail."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """``path`` as text that prints anywhere (see :func:`printable`)."""
+    return printable(path)
 
 
 def _check_class_names(folder: Path, names) -> None:
@@ -293,7 +292,11 @@ def decode_image(path: str | os.PathLike, channels: int, size: tuple[int, int] |
         raise
     except UnidentifiedImageError:
         raise DataError("not an image Pillow recognises") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except OSError as exc:
+        if exc.errno is not None and exc.strerror:  # the file system's refusal (permission denied), not the decoder's
+            raise DataError(f"cannot read ({exc.strerror})") from None
+        raise DataError(f"cannot decode ({_reason(exc)})") from None
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode ({_reason(exc)})") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
@@ -328,6 +331,9 @@ def _open_image(path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Pillow's UserWarnings on damaged files ("Truncated File Read", "Tag data larger than
+        # file"): multi-line Python warnings, where a file that fails is reported in one line anyway.
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
         with Image.open(path) as image:
             yield image
 
