@@ -87,10 +87,11 @@ class InputSpec:
             text += ", normalised per channel"
         return text + ("" if self.recorded else " (assumed: the file records no input description; set model.input_spec before saving it to record one)")
 
-    def check(self, data: LabelledImages, what: str) -> None:
+    def check(self, data: LabelledImages, what: str) -> str | None:
         """Refuse data whose image shape, class count or class names (in label order) differ from
         what the model was trained on: the same count under other names would be scored silently
-        against the wrong classes (a renamed class folder reorders them all)."""
+        against the wrong classes (a renamed class folder reorders them all). Returns a note when
+        the names differ but one side's are assumed (IDX files store none): paired by index."""
         if data.image_shape != self.input_shape:
             raise DataError(
                 f"the model was trained on {shape_text(self.input_shape)} images but {what} has "
@@ -109,6 +110,12 @@ class InputSpec:
                 f"but {self.class_names[first]!r} for the model, so its labels would score the wrong classes; pass data with "
                 f"the model's classes ({_listed(self.class_names)})"
             )
+        if differ and self.recorded:
+            return (
+                f"{what} names its classes {_listed(data.class_names, 3)} and the model {_listed(self.class_names, 3)}, "
+                f"one of them assumed (IDX files store no names): its labels are paired with the model's classes by index"
+            )
+        return None
 
     def prepare(self, images, dtype) -> numpy.ndarray:
         """Host uint8 ``(N, C, H, W)`` images as the model's float input, on the host."""

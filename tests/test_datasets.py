@@ -953,3 +953,11 @@ def test_pillows_warnings_on_a_damaged_file_stay_off_the_console(tmp_path):
         warnings.simplefilter("error")  # any warning would fail the test
         with pytest.raises(DataError):
             image_folder.decode_image(path, 1, (28, 28))
+
+
+def test_a_folder_of_idx_files_says_its_class_names_are_assumed(tmp_path):
+    write_idx_split(tmp_path / "digits", "train", 5)
+    loaded = load_dataset(tmp_path / "digits")
+    assert loaded.names_assumed
+    assert loaded.notes == (f"{tmp_path / 'digits'}: IDX files store no class names, so Fashion-MNIST's are assumed for labels 0-9 "
+                            f"(reports and predictions show them)",)

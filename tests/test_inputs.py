@@ -36,3 +36,13 @@ def test_check_refuses_other_shapes_and_class_counts():
     three = LabelledImages(numpy.zeros((2, 1, 4, 4), dtype=numpy.uint8), numpy.array([0, 1]), ("a", "b", "c"))
     with pytest.raises(DataError, match="the model knows 2 classes but this data has 3"):
         spec.check(three, "this data")
+
+
+def test_names_that_differ_where_one_side_is_assumed_are_paired_by_index_with_a_note():
+    spec = InputSpec(("cat", "dog"), 1, (4, 4))
+    images = numpy.zeros((2, 1, 4, 4), dtype=numpy.uint8)
+    assumed = LabelledImages(images, numpy.array([0, 1]), ("T-shirt/top", "Trouser"), names_assumed=True)
+    note = spec.check(assumed, "--data idx")
+    assert note == ("--data idx names its classes T-shirt/top, Trouser and the model cat, dog, one of them assumed "
+                    "(IDX files store no names): its labels are paired with the model's classes by index")
+    assert spec.check(LabelledImages(images, numpy.array([0, 1]), ("cat", "dog")), "--data same") is None

@@ -103,7 +103,7 @@ def run_evaluate(args) -> int:
         except DataError as exc:  # the training data's folder has moved
             raise data_not_found(exc, checkpoint) from None
     data = load_evaluation_data(source, args.split, inputs, bool(stored.get("strict")))
-    inputs.check(data, f"--data {source} ({args.split})")
+    pairing_note = inputs.check(data, f"--data {source} ({args.split})")
     images, labels = data.images, data.labels
     range_text, why = args.range, "as requested"
     if range_text is None and args.split == "test":
@@ -130,8 +130,9 @@ def run_evaluate(args) -> int:
     say(f"checkpoint: {checkpoint.path}" + (f" (epoch {checkpoint.epoch}, {stored.get('model')} model)" if checkpoint.is_training_checkpoint else ""))
     say(device_line)
     say(f"data: {data.source}")
-    for note in data.notes:
-        say(f"note: {note}")
+    for note in [*data.notes, pairing_note]:
+        if note:
+            say(f"note: {note}")
     say(f"input: {inputs.describe()}")
     say(f"evaluating on {args.split} {label}: {why}")
 

@@ -281,9 +281,10 @@ def _train(args, world, held: list | None = None) -> int:
 
     data = load_training_data(settings, checkpoint if "data" not in explicit else None, progress=not args.quiet and world.is_root)
     images, labels = data.images, data.labels
+    pairing_note = None
     if checkpoint is not None:  # first: other images (--image-size, --channels) also change a hold-out's digest
         inputs = checkpoint.input_spec()
-        inputs.check(data, f"--data {settings['data']}")
+        pairing_note = inputs.check(data, f"--data {settings['data']}")
         refuse_other_ranges(checkpoint, explicit, len(labels))
     if checkpoint is None and (source_kind(settings["data"]) in ("cifar10", "cifar10-folder", "image-folder")
                                or not _recipe_ranges_fit(settings, explicit, len(labels))
@@ -323,7 +324,7 @@ def _train(args, world, held: list | None = None) -> int:
     schedule_settings = schedule_for_run(settings["schedule"], settings["lr"], settings["epochs"], len(loader))
     schedule = schedule_from_config(schedule_settings)
     validation = (inputs.prepare(images[val_window], backend.dtype), labels[val_window])
-    lines = [device_line, distributed_line, f"data: {data.source}", *(f"note: {note}" for note in data.notes),
+    lines = [device_line, distributed_line, f"data: {data.source}", *(f"note: {note}" for note in [*data.notes, pairing_note] if note),
              f"input: {inputs.describe()}", split_line,
              *(f"note: {note}" for note in [*split_notes, last_batch_note] if note)]
     del images, labels, data  # the loader and the validation set keep what they use

@@ -272,7 +272,11 @@ def load_dataset(
     if kind == FASHION_MNIST.name or kind == "idx-folder":
         loaded = load_fashion_source(resolve_source(split, source))
         if kind == "idx-folder":  # IDX files hold no class names: Fashion-MNIST's are a guess
-            loaded = replace(loaded, names_assumed=True)
+            assumed = (
+                f"{source}: IDX files store no class names, so Fashion-MNIST's are assumed for labels 0-"
+                f"{len(loaded.class_names) - 1} (reports and predictions show them)"
+            )
+            loaded = replace(loaded, names_assumed=True, notes=(*loaded.notes, assumed))
     elif kind == "cifar10-folder":
         loaded = load_registered(DATASETS["cifar10"], split, Path(source).expanduser())
     elif kind == "image-folder":
