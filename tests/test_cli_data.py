@@ -620,3 +620,17 @@ def test_a_full_standard_output_is_named_as_such(tmp_path):
     assert finished.returncode == 1
     assert finished.stderr.strip().splitlines()[-1] == "cnn-backend: error: cannot write standard output: No space left on device"
     assert "Exception ignored" not in finished.stderr
+
+
+def test_an_evaluate_range_holding_training_images_gets_a_note(tmp_path, capsys):
+    from cnn_backend.data import stratified_holdout
+
+    root = make_image_folder(tmp_path / "shapes")  # 18 images, 6 of each class in order: a 0.2 hold-out of every class
+    out = tmp_path / "run"
+    train_seed_on(capsys, root, out)
+    held_out = len(stratified_holdout(numpy.repeat([0, 1, 2], 6), 0.2, 0)[1])
+    status, stdout, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--range", ":")
+    assert status == 0, err
+    assert f"note: {18 - held_out} of the 18 images in --range : are ones the model trained on: its accuracy on them is optimistic" in stdout
+    status, stdout, _ = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")  # its own hold-out: no note
+    assert status == 0 and "trained on" not in stdout

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy
+
 from ..backend import DEVICES, DTYPES
 from ..checkpoint import load_checkpoint
 from ..data import DataError, stratified_holdout
@@ -19,7 +21,7 @@ from ..training import evaluate
 from .arguments import DATA_METAVAR, add_command, add_import_option, json_report_path, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
-from .settings import data_digest, data_not_found, ranges_digest, refuse_changed_images
+from .settings import data_digest, data_not_found, ranges_digest, refuse_changed_images, same_data
 
 CHECKPOINT_HELP = "a .npz written by train (or Sequential.save)"
 
@@ -86,6 +88,24 @@ def _refuse_changed_ranges(stored: dict, data, source, path) -> None:
     )
 
 
+def _trained_on_note(stored: dict, data, source, window: slice, args) -> str | None:
+    """A note when an explicit ``--range`` of the data the checkpoint was trained on holds images
+    it trained on (its accuracy is then optimistic), as train notes overlapping ranges."""
+    if args.split != "train" or not stored.get("data") or not same_data(source, stored["data"]):
+        return None
+    selected = numpy.arange(len(data))[window]
+    if stored.get("val_fraction"):
+        trained = stratified_holdout(data.labels, stored["val_fraction"], stored.get("seed", 0))[0]
+    elif stored.get("train_split") is not None:
+        trained = numpy.arange(len(data))[select_range(stored["train_split"], len(data), "--train-split")]
+    else:
+        return None
+    count = int(numpy.isin(selected, trained, assume_unique=True).sum())
+    if not count:
+        return None
+    return f"{count:,} of the {len(selected):,} images in --range {args.range} are ones the model trained on: its accuracy on them is optimistic"
+
+
 def run_evaluate(args) -> int:
     """The ``evaluate`` command."""
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
@@ -126,11 +146,12 @@ def run_evaluate(args) -> int:
     else:
         window = select_range(range_text, len(images), "--range")
         window_text, label = f"{window.start}:{window.stop}", range_label(window)
+    overlap_note = _trained_on_note(stored, data, source, window, args) if args.range is not None else None
 
     say(f"checkpoint: {checkpoint.path}" + (f" (epoch {checkpoint.epoch}, {stored.get('model')} model)" if checkpoint.is_training_checkpoint else ""))
     say(device_line)
     say(f"data: {data.source}")
-    for note in [*data.notes, pairing_note]:
+    for note in [*data.notes, pairing_note, overlap_note]:
         if note:
             say(f"note: {note}")
     say(f"input: {inputs.describe()}")

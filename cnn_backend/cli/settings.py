@@ -311,7 +311,7 @@ def refuse_changed_images(source, path, recorded: str | None, current: str, cons
     data the checkpoint was trained on, named when ``source`` is another folder."""
     if recorded is None or recorded == current or (pixel_digest is not None and recorded == pixel_digest()):
         return
-    if trained_on is not None and not _same_data(source, trained_on):
+    if trained_on is not None and not same_data(source, trained_on):
         raise ValueError(f"{source} is not the data {path} was trained on ({trained_on}), so {consequence}; {advice}")
     raise ValueError(
         f"{source}: the images changed since {path} was trained (files added, removed, renamed or replaced), "
@@ -319,7 +319,7 @@ def refuse_changed_images(source, path, recorded: str | None, current: str, cons
     )
 
 
-def _same_data(source, trained_on) -> bool:
+def same_data(source, trained_on) -> bool:
     """Whether two ``--data`` values name the same data (a folder by its real path)."""
     if str(source) == str(trained_on):
         return True
