@@ -961,3 +961,47 @@ def test_a_folder_of_idx_files_says_its_class_names_are_assumed(tmp_path):
     assert loaded.names_assumed
     assert loaded.notes == (f"{tmp_path / 'digits'}: IDX files store no class names, so Fashion-MNIST's are assumed for labels 0-9 "
                             f"(reports and predictions show them)",)
+
+
+def truncate_after_header(path: Path) -> None:
+    """Cut an image file short: Pillow still reads its header, but cannot decode its pixels."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    image_folder.read_header(path)  # still readable
+    with pytest.raises(DataError):
+        image_folder.decode_image(path, 1, None)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_images_of_undecodable_files_are_left_out_chunk_by_chunk_exactly(tmp_path, monkeypatch, cache):
+    # Compacted without a second copy of every image: in chunks, in place or into the entry's new file.
+    monkeypatch.setattr(image_folder, "_COMPACTION_BYTES", 2 * 4 * 4)  # two rows at a time
+    root = tmp_path / "pictures"
+    expected = []
+    for index in range(9):
+        name = f"{'ab'[index % 2]}/{index}.png"
+        if index in (1, 4, 5):  # a header that reads, pixels that do not: found only while decoding
+            save(root / name, random_uint8((4, 4), index))
+            truncate_after_header(root / name)
+        else:
+            expected.append((name, save(root / name, random_uint8((4, 4), index))))
+    loaded = load_dataset(root, cache=cache)
+    order = sorted(expected, key=lambda pair: (pair[0][0], int(pair[0][2:-4])))  # class a's files, then b's
+    assert loaded.files == tuple(name for name, _ in order)
+    numpy.testing.assert_array_equal(loaded.images[:, 0], numpy.stack([pixels for _, pixels in order]))
+    if cache:
+        again = load_dataset(root)
+        assert "(cached)" in again.source
+        numpy.testing.assert_array_equal(again.images, loaded.images)
+
+
+def test_the_cached_file_is_cut_to_the_images_that_decoded(tmp_path, data_root):
+    root = tmp_path / "pictures"
+    make_folder(root)
+    truncate_after_header(root / "dog" / "c.png")
+    loaded = load_dataset(root)
+    assert loaded.images.shape == (4, 3, 8, 6)  # c.png left out
+    (entry,) = (data_root / image_folder.CACHE_FOLDER).iterdir()
+    stored = numpy.load(entry / "images.npy", mmap_mode="r")
+    assert stored.shape == (4, 3, 8, 6) and (entry / "images.npy").stat().st_size == stored.offset + stored.nbytes
+    numpy.testing.assert_array_equal(load_dataset(root).images, loaded.images)

@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -521,7 +523,8 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
                 bar.update(1)
         labels = numpy.asarray([files[index].label for index in readable], dtype=numpy.int64)
         if not keep.all():
-            images, labels = numpy.ascontiguousarray(images[keep]), labels[keep]
+            labels = labels[keep]
+            images = _kept_rows(images, keep, staging)
         if not len(labels):
             raise DataError(f"{_shown(folder)}: none of its {len(files)} image files can be decoded")
         present = set(labels.tolist())
@@ -539,7 +542,7 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
                 "skipped": skipped, "total": decoded.total, "automatic": automatic,
             }
             try:
-                _write_staged_entry(staging, decoded, keep.all(), meta)
+                _write_staged_entry(staging, decoded, meta)
                 if cache_dir.exists():
                     shutil.rmtree(cache_dir)
                 os.replace(staging, cache_dir)
@@ -597,14 +600,48 @@ def _reserve(path: Path) -> None:
         os.close(descriptor)
 
 
-def _write_staged_entry(staging: Path, decoded: "_Decoded", all_kept: bool, meta: dict) -> None:
-    """Complete the entry in ``staging``: the images compacted when some failed to decode, the
-    labels and ``meta.json`` (written last: an entry without it is never read)."""
-    if all_kept:
-        decoded.images.flush()
-    else:  # the memory map holds empty rows for the failed images: the compacted copy replaces it
-        numpy.save(staging / "images.compact.npy", decoded.images)
-        os.replace(staging / "images.compact.npy", staging / "images.npy")
+#: bytes copied at a time when the images of files that failed to decode are left out
+_COMPACTION_BYTES = 32 * 2**20
+
+
+def _kept_rows(images, keep, staging: Path | None):
+    """``images[keep]`` without a second copy of the images (one undecodable file among a folder
+    of photos would otherwise double the peak memory): the kept rows moved to the front in place,
+    in chunks (each row only ever moves forward, and a chunk is gathered before it is written);
+    the memory-mapped file of ``staging`` is then cut to them, its header rewritten in place."""
+    rows = numpy.flatnonzero(keep)
+    step = max(1, _COMPACTION_BYTES // max(1, images[0].nbytes))
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
+        images[start:start + len(chunk)] = images[chunk]
+    if staging is None:
+        return images[:len(rows)]
+    images.flush()
+    shape, dtype, offset = (len(rows), *images.shape[1:]), images.dtype, images.offset
+    del images  # the map of the whole file goes before the file is cut
+    _shrink_npy(staging / "images.npy", shape, dtype, offset)
+    return numpy.load(staging / "images.npy", mmap_mode="r+")
+
+
+def _shrink_npy(path: Path, shape: tuple, dtype, offset: int) -> None:
+    """Rewrite the header of the ``.npy`` file ``path`` for ``shape`` (fewer rows) and cut the file
+    after them. NumPy pads a header so that the first axis can change in place; OSError if this
+    one's length would differ."""
+    header = io.BytesIO()
+    numpy.lib.format.write_array_header_1_0(
+        header, {"descr": numpy.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    if len(header.getvalue()) != offset:
+        raise OSError(f"the header of {path} cannot be rewritten in place")
+    with open(path, "r+b") as stream:
+        stream.write(header.getvalue())
+        stream.truncate(offset + math.prod(shape) * dtype.itemsize)
+
+
+def _write_staged_entry(staging: Path, decoded: "_Decoded", meta: dict) -> None:
+    """Complete the entry in ``staging``: the labels and ``meta.json`` (written last: an entry
+    without it is never read)."""
+    decoded.images.flush()
     numpy.save(staging / "labels.npy", decoded.labels)
     # ensure_ascii (the default) writes a file name's surrogate escapes as \udcXX: they read back unchanged.
     (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
