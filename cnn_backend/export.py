@@ -578,21 +578,34 @@ def run(args: argparse.Namespace) -> int:
     """The ``export`` command: load the checkpoint on the CPU, write the graph, print one summary line."""
     from .backend import get_backend
     from .checkpoint import load_checkpoint
+    from .datasets.base import printable
 
     check_onnx_path(args.out)
     import_onnx()  # before any work: a missing package is reported first
     checkpoint = load_checkpoint(args.checkpoint, require_training_state=False)
+    _refuse_beyond_float32(checkpoint)
     model = checkpoint.build_model(get_backend("cpu", "float32"))
     class_names, normalization = checkpoint_preparation(checkpoint, getattr(model.layers[-1], "out_features", None))
     path = export_onnx(model, args.out, opset=args.opset, softmax=args.softmax, class_names=class_names, normalization=normalization)
     shape = ", ".join([BATCH_DIM, *map(str, resolve_input_shape(model))])
     output = PROBABILITIES_NAME if args.softmax else LOGITS_NAME
     print(
-        f"wrote {path}: opset {args.opset}, input {INPUT_NAME} float32 ({shape}) in [0, 1]"
-        f"{', normalised in the graph' if normalization else ''}, output {output}",
+        printable(f"wrote {path}: opset {args.opset}, input {INPUT_NAME} float32 ({shape}) in [0, 1]"
+                  f"{', normalised in the graph' if normalization else ''}, output {output}"),
         flush=True,
     )
     return 0
+
+
+def _refuse_beyond_float32(checkpoint) -> None:
+    """ExportError for a float64 file whose weights float32, the graph's type, cannot hold."""
+    largest = float(numpy.finfo(numpy.float32).max)
+    for name, array in {**checkpoint.parameters, **checkpoint.buffers}.items():
+        if array.dtype.kind == "f" and array.size and float(numpy.abs(array).max()) > largest:
+            raise ExportError(
+                f"{checkpoint.path}: {name} holds values beyond float32's range, and an ONNX export is written in "
+                f"float32: this model cannot be exported"
+            )
 
 
 def _opset_number(text: str) -> int:

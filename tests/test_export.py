@@ -673,3 +673,15 @@ def test_a_failed_export_leaves_no_folder_it_made(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export_onnx(seed_cnn("cpu", seed=0), tmp_path / "kept" / "new" / "model.onnx")
     assert [path.name for path in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_float64_model_beyond_float32s_range_is_refused_by_export_in_one_line(tmp_path, capsys):
+    model = seed_cnn(get_backend("cpu", "float64"), seed=0)
+    model.layers[0].params["weight"].data[0, 0, 0, 0] = 1e300  # finite in float64, infinite in float32
+    model.save(tmp_path / "wide.npz")
+    status = main(["export", str(tmp_path / "wide.npz"), str(tmp_path / "wide.onnx")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.strip() == (f"cnn-backend: error: {tmp_path / 'wide.npz'}: 0.weight holds values beyond float32's range, and an ONNX "
+                           f"export is written in float32: this model cannot be exported")
+    assert not (tmp_path / "wide.onnx").exists()
