@@ -516,15 +516,21 @@ ROUTING_HINT = (
 )
 
 
-def test_parity_on_bundled_images_parts_in_float32_with_a_hint_at_the_max_pool_and_passes_in_float64(capsys):
+def test_parity_on_bundled_images_passes_in_float64_and_where_float32_parts_names_the_max_pool(capsys):
     # Fashion-MNIST's flat backgrounds tie max-pool windows within float32 rounding: the plain
     # network's runs part at the second step, on the stand-in as on a GPU.
+    # Whether a window ties depends on the BLAS kernel's rounding (OpenBLAS's Haswell kernel parts
+    # the runs at step 2, 4 MaxPool; its Zen kernel keeps them together): where they part, the
+    # verdict names the routing and the hint; the hint's rules are checked case by case below.
     command = ["--device", "standin", "--model", "plain", "--data", "bundled", "--steps", "3", "--quiet"]
-    assert parity.main(command) == 1
+    status = parity.main(command)
     verdict = capsys.readouterr().out
-    assert verdict.count("\n") == 1 and verdict.endswith(ROUTING_HINT + "\n"), verdict
-    # here step 2, 4 MaxPool; another machine's rounding may tie another window first
-    assert re.match(r"verdict: FAIL \(first beyond tolerance 1e-04: step \d, \d (MaxPool|ReLU) gradient input, ", verdict), verdict
+    assert verdict.count("\n") == 1, verdict
+    if status == 1:
+        assert verdict.endswith(ROUTING_HINT + "\n"), verdict
+        assert re.match(r"verdict: FAIL \(first beyond tolerance 1e-04: step \d, \d (MaxPool|ReLU) gradient input, ", verdict), verdict
+    else:
+        assert status == 0 and verdict.startswith("verdict: PASS"), verdict
     assert parity.main([*command, "--dtype", "float64"]) == 0
     assert capsys.readouterr().out.startswith("verdict: PASS")
 
