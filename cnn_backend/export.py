@@ -598,10 +598,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _refuse_beyond_float32(checkpoint) -> None:
-    """ExportError for a float64 file whose weights float32, the graph's type, cannot hold."""
+    """ExportError for a float64 file whose finite weights float32, the graph's type, cannot hold
+    (NaN and infinity are refused when the model is built, as for every command)."""
     largest = float(numpy.finfo(numpy.float32).max)
     for name, array in {**checkpoint.parameters, **checkpoint.buffers}.items():
-        if array.dtype.kind == "f" and array.size and float(numpy.abs(array).max()) > largest:
+        finite = array[numpy.isfinite(array)] if array.dtype.kind == "f" else array[:0]
+        if finite.size and float(numpy.abs(finite).max()) > largest:
             raise ExportError(
                 f"{checkpoint.path}: {name} holds values beyond float32's range, and an ONNX export is written in "
                 f"float32: this model cannot be exported"
