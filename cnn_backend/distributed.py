@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -92,8 +94,7 @@ class MpiCommunicator:
     """
 
     def __init__(self, comm=None, backend=None) -> None:
-        from mpi4py import MPI
-
+        MPI = import_mpi()
         self._mpi = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.backend = backend
@@ -257,6 +258,26 @@ class CheckedCollectives:
         self._inner.barrier()
 
 
+def import_mpi():
+    """mpi4py's ``MPI`` module, initialising MPI on first use. ``MPI_Init`` waits for every process
+    of the job, in C, where no Python signal handler runs: Ctrl-C and SIGTERM take their default
+    action meanwhile, so that a job one of whose processes stopped before it got there ends instead
+    of waiting for it forever. DistributedSetupError (one line) when mpi4py finds no MPI library."""
+    stop_signals = [signal.SIGINT, signal.SIGTERM]
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {number: signal.getsignal(number) for number in stop_signals} if in_main_thread else {}
+    try:
+        for number in handlers:
+            signal.signal(number, signal.SIG_DFL)
+        from mpi4py import MPI
+    except RuntimeError as exc:  # mpi4py installed, its MPI library missing (a module not loaded, mpich removed)
+        raise DistributedSetupError(f"mpi4py cannot load an MPI library ({' '.join(str(exc).split())}): {MPI_INSTALL_HINT}") from None
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+    return MPI
+
+
 def launched_by_mpi(environ=None) -> bool:
     """Whether an MPI launcher (``mpiexec``, ``mpirun``, ``srun --mpi``) started this process."""
     environ = os.environ if environ is None else environ
@@ -307,16 +328,21 @@ def world_communicator(environ=None):
     :class:`MpiCommunicator` on ``COMM_WORLD``; raises :class:`DistributedSetupError` when launched
     by MPI on several processes without mpi4py."""
     environ = os.environ if environ is None else environ
-    if not launched_by_mpi(environ):
+    if not launched_by_mpi(environ) or _launcher_size(environ) == 1:  # one process: MPI is not needed
         return SingleProcess()
     try:
         import mpi4py  # noqa: F401
     except ImportError:
-        if _launcher_size(environ) == 1:
-            return SingleProcess()
         raise DistributedSetupError(f"started by an MPI launcher but mpi4py is not installed: {MPI_INSTALL_HINT}") from None
     # MPI is initialised on import; a job of one process is still a single-process run.
     world = MpiCommunicator()
+    started = _launcher_size(environ)
+    if started is not None and started != world.size:
+        # Each process is then a job of its own: K full runs side by side, each writing its own folder.
+        raise DistributedSetupError(
+            f"the launcher started {started} processes but MPI sees {world.size}: mpi4py uses another MPI library "
+            f"than this mpiexec; launch with the mpiexec of mpi4py's MPI ({MPI_INSTALL_HINT})"
+        )
     return world if world.size > 1 else SingleProcess()
 
 

@@ -277,6 +277,26 @@ def _check_validation(model: Sequential, validation) -> None:
         check_label_range(labels, outputs)
 
 
+def _check_loader_share(loader, communicator) -> None:
+    """ValueError when a loader that shares its batches among processes (BatchLoader's ``rank`` and
+    ``size``) disagrees with the communicator: without one, each process would train alone on its
+    share; with a loader of the whole batch, each would do all the work; with another size, part of
+    every batch would go unused."""
+    rank, size = getattr(loader, "rank", None), getattr(loader, "size", None)
+    if not isinstance(rank, int) or not isinstance(size, int):
+        return  # a loader of one's own: its sharing is its own business
+    if (rank, size) == (communicator.rank, communicator.size):
+        return
+    if communicator.size == 1:
+        advice = "pass the job's communicator (fit(..., communicator=world_communicator()))"
+    else:
+        advice = f"make it BatchLoader(..., rank={communicator.rank}, size={communicator.size}), as the communicator's"
+    raise ValueError(
+        f"the loader takes share {rank} of {size} of each batch, but the communicator is process {communicator.rank} "
+        f"of {communicator.size}; {advice}"
+    )
+
+
 def _class_count(model: Sequential) -> int | None:
     """The model's number of outputs (classes), or None while it is not known (an unbuilt model)."""
     shape = model.output_shape
@@ -327,6 +347,7 @@ class Trainer:
         self.augment = augment
         self.log_every = max(1, int(log_every))
         self.communicator = communicator or SingleProcess()
+        _check_loader_share(loader, self.communicator)
         self.average_gradients = GradientAverager(model, self.communicator)
         replaced = broadcast_parameters(model, self.communicator)
         if replaced:

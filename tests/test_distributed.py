@@ -26,6 +26,7 @@ import pytest
 from cnn_backend.data import BatchLoader
 from cnn_backend.distributed import (
     DistributedSetupError,
+    MPI_INSTALL_HINT,
     GradientAverager,
     SingleProcess,
     average_buffers,
@@ -780,3 +781,78 @@ def test_ctrl_c_through_mpiexec_leaves_the_last_complete_checkpoint(tmp_path):
 
     checkpoint = load_checkpoint(tmp_path / "run" / "last.npz")
     assert checkpoint.epoch >= 1 and len(history(tmp_path / "run" / "history.jsonl")) == checkpoint.epoch
+
+
+@needs_mpi
+def test_ctrl_c_while_rank_1_waits_to_report_its_error_ends_the_job_with_that_error(tmp_path):
+    # Rank 1 alone lacks its data: it waits for rank 0 (in a collective) before it reports. A Ctrl-C
+    # then ends the wait, not the process: it reports and ends the job instead of hanging in MPI_Finalize.
+    good = cli(*TRAIN_ARGS, "--epochs", "1", "--out", "run")
+    bad = [*good, "--data", str(tmp_path / "missing")]
+    process = subprocess.Popen(
+        [MPIEXEC, "-n", "1", *good, ":", "-n", "1", *bad], cwd=tmp_path, env=job_environment(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        time.sleep(6)  # both started; rank 1 is in its grace wait (30 s)
+        assert process.poll() is None, process.communicate()
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 15
+    assert process.returncode == 2
+    assert error_lines(stderr) == [f"cnn-backend: error: rank 1 of 2: {tmp_path / 'missing'}: no such folder, and not a dataset name "
+                                   "(auto, bundled, fashion-mnist, mnist, kmnist, cifar10)"], stderr
+
+
+@needs_mpi
+def test_a_launcher_of_another_mpi_than_mpi4pys_is_refused_in_one_line(tmp_path):
+    # Open MPI's mpirun with MPICH's mpi4py: each process would be a job of its own, K runs side by side.
+    env = {**job_environment(), "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}
+    result = subprocess.run(cli(*TRAIN_ARGS, "--epochs", "1", "--out", "run"), cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=JOB_TIMEOUT)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        "cnn-backend: error: the launcher started 2 processes but MPI sees 1: mpi4py uses another MPI library than this "
+        f"mpiexec; launch with the mpiexec of mpi4py's MPI ({MPI_INSTALL_HINT})"
+    ], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_mpi4py_without_a_loadable_mpi_library_is_one_line_per_process(tmp_path):
+    env = {**job_environment(), "MPI4PY_LIBMPI": str(tmp_path / "libmpi-missing.so")}
+    result = subprocess.run([MPIEXEC, "-n", "2", "-genv", "MPI4PY_LIBMPI", env["MPI4PY_LIBMPI"], *cli(*TRAIN_ARGS, "--epochs", "1")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 2 and all(line.startswith("cnn-backend: error: mpi4py cannot load an MPI library (") for line in lines), result.stderr
+    alone = run_job([MPIEXEC, "-n", "1", "-genv", "MPI4PY_LIBMPI", env["MPI4PY_LIBMPI"], *cli("summary", "--model", "seed")], tmp_path)
+    assert alone.returncode == 0  # one process: MPI is never loaded
+
+
+@needs_mpi
+def test_a_signal_to_rank_1_while_rank_0_draws_the_plots_changes_nothing(tmp_path):
+    # The other ranks wait for rank 0 to finish in a collective, their handlers in place: SIGTERM to
+    # rank 1 then no longer kills the job while rank 0 writes the plots.
+    script = (
+        "import os, signal, sys, time\n"
+        "import cnn_backend.cli.train as train_command\n"
+        "def plots(name):\n"
+        "    if name == 'plots':\n"
+        "        time.sleep(1.0)\n"
+        "        with open('rank1.pid') as f: os.kill(int(f.read()), signal.SIGTERM)\n"
+        "        time.sleep(1.0)\n"
+        "train_command.pause_point = plots\n"
+        "if os.environ.get('PMI_RANK') == '1':\n"
+        "    open('rank1.pid', 'w').write(str(os.getpid()))\n"
+        "from cnn_backend.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = [arg for arg in TRAIN_ARGS if arg != "--no-plots"]
+    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *args, "--epochs", "1", "--out", "run"], tmp_path, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "history.jsonl").exists() and any(path.suffix == ".png" for path in (tmp_path / "run").iterdir())

@@ -321,3 +321,24 @@ def test_a_batchnorm_network_refuses_a_last_batch_of_one_sample_up_front(fashion
     with pytest.raises(ValueError, match=r"^the last batch of each epoch \(65 images in batches of 64\) gives BatchNorm 1 sample, and it cannot take statistics over a single one: pass drop_last=True to the BatchLoader, or another batch size$"):
         fit(model, optimizer, loader, 1)
     Trainer(model, optimizer, BatchLoader(train_x[:65], train_y[:65], model.backend, 64, drop_last=True))  # accepted
+
+
+def test_a_loader_sharing_its_batches_otherwise_than_the_communicator_is_refused():
+    from cnn_backend.distributed import SingleProcess
+    from cnn_backend.model import seed_cnn
+    from cnn_backend.optim import SGD
+    from cnn_backend.training import Trainer
+
+    images = numpy.zeros((8, 1, 28, 28), numpy.uint8)
+    model = seed_cnn("cpu", seed=0)
+    half = BatchLoader(images, numpy.arange(8) % 10, "cpu", 4, rank=0, size=2)  # a share, and no communicator given
+    with pytest.raises(ValueError, match=r"^the loader takes share 0 of 2 of each batch, but the communicator is process 0 of 1; "
+                                         r"pass the job's communicator \(fit\(\.\.\., communicator=world_communicator\(\)\)\)$"):
+        Trainer(model, SGD(model.parameters(), lr=0.1), half)
+
+    class TwoProcesses(SingleProcess):
+        rank, size = 1, 2
+
+    whole = BatchLoader(images, numpy.arange(8) % 10, "cpu", 4)  # the whole batch on every process: twice the work
+    with pytest.raises(ValueError, match=r"the communicator is process 1 of 2; make it BatchLoader\(\.\.\., rank=1, size=2\)"):
+        Trainer(model, SGD(model.parameters(), lr=0.1), whole, communicator=TwoProcesses())

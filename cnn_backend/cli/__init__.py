@@ -16,6 +16,7 @@ and network a command runs on; :mod:`.console` the exit statuses and one-line me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -27,7 +28,7 @@ from .. import __version__
 from ..backend import get_backend
 from ..data import download
 from ..datasets import download_dataset
-from ..distributed import abort_job, launcher_rank, launcher_size
+from ..distributed import DistributedSetupError, abort_job, import_mpi, launcher_rank, launcher_size
 from ..runfolder import stop_signals_raise
 from .console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, failure, output_closed, print_error
 from .evaluate import add_evaluate_command, add_predict_command
@@ -141,8 +142,8 @@ def _end_job_for_a_usage_error(text: str, rank: int) -> None:
     waits for it in a collective operation, so that rank says so itself after a grace period and
     ends the job. Returns only when there is no job of several processes to end."""
     try:
-        from mpi4py import MPI  # initialises MPI, as every process of the job does
-    except ImportError:
+        MPI = import_mpi()  # initialises MPI, as every process of the job does
+    except (ImportError, DistributedSetupError):
         if rank != 0:
             raise SystemExit(EXIT_USAGE)
         return
@@ -150,7 +151,9 @@ def _end_job_for_a_usage_error(text: str, rank: int) -> None:
     if size == 1:
         return
     if rank != 0:
-        time.sleep(USAGE_ERROR_GRACE_SECONDS)  # ended here by rank 0 if its command line was wrong too
+        # Ended here by rank 0 if its command line was wrong too; Ctrl-C ends the wait, not the report.
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(USAGE_ERROR_GRACE_SECONDS)
         text = f"rank {rank} of {size}: {text}"
     print_error(text)
     abort_job(MPI.COMM_WORLD, EXIT_USAGE)

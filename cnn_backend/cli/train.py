@@ -245,19 +245,30 @@ def _train_in_job(args, world) -> int:
             _wait_for_rank_0(world, USAGE_GRACE_SECONDS if status == EXIT_USAGE else FAILURE_GRACE_SECONDS)
             print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
             world.abort(status)
-    if status != EXIT_OK:
-        # Rank 0 has reported (a non-finite loss, Ctrl-C) and ends the job; the others give it time.
-        _wait_for_rank_0(world, FAILURE_GRACE_SECONDS if status == EXIT_FAILED else INTERRUPT_GRACE_SECONDS)
-        if held:  # still running: rank 0 did not meet this (a signal sent to this process alone)
-            message, prefix = held[-1]
-            print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
-        world.abort(status)
+    if status == EXIT_OK:
+        # Rank 0 alone finishes the run (the plots, the summary): the others wait for it here, where
+        # their signal handlers stay in place, instead of in MPI_Finalize, where a Ctrl-C or SIGTERM
+        # would kill them and MPI the job without a word. A stop signal rank 0 meets meanwhile ends
+        # the job from there (MPI_Abort); one held here after the run finished changes nothing.
+        with contextlib.suppress(KeyboardInterrupt):
+            world.barrier()
+        return status
+    # Rank 0 has reported (a non-finite loss, Ctrl-C) and ends the job; the others give it time.
+    _wait_for_rank_0(world, FAILURE_GRACE_SECONDS if status == EXIT_FAILED else INTERRUPT_GRACE_SECONDS)
+    if held:  # still running: rank 0 did not meet this (a signal sent to this process alone)
+        message, prefix = held[-1]
+        print_error(f"rank {world.rank} of {world.size}: {message}", prefix)
+    world.abort(status)
     return status
 
 
 def _wait_for_rank_0(world, seconds: float) -> None:
+    """Give rank 0 ``seconds`` to report and end the job first. Ctrl-C or SIGTERM ends the wait,
+    not the process: it goes on to report and end the job itself, where exiting would leave the
+    others waiting in a collective operation (and this one in ``MPI_Finalize``) forever."""
     if not world.is_root:
-        time.sleep(seconds)
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(seconds)
 
 
 def _train(args, world, held: list | None = None) -> int:
