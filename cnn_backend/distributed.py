@@ -54,6 +54,22 @@ class DistributedSetupError(RuntimeError):
 # -- communicators ----------------------------------------------------------------------------------
 
 
+def collective_array(array, operation: str, floats: bool = False):
+    """``array`` if a collective ``operation`` can work on it in place: an array (NumPy or the
+    device's), contiguous, of numbers (floats for a mean, which divides in place); TypeError or
+    ValueError in one line otherwise, before anything is changed. Every communicator checks alike,
+    so code that a job would refuse is refused in one process too."""
+    dtype, flags = getattr(array, "dtype", None), getattr(array, "flags", None)
+    if dtype is None or flags is None:
+        raise TypeError(f"{operation} works in place on an array (NumPy or the device's), got {type(array).__name__}")
+    if not flags.c_contiguous:
+        raise ValueError(f"{operation} needs a contiguous array (numpy.ascontiguousarray), got one of strides {array.strides}")
+    if dtype.kind not in ("f" if floats else "iuf"):
+        wanted = "float" if floats else "number"
+        raise TypeError(f"{operation} takes an array of {wanted}s, got {dtype}" + ("; cast it first" if dtype.kind in "iub" else ""))
+    return array
+
+
 class SingleProcess:
     """The communicator of a run in one process: every collective is the identity."""
 
@@ -61,13 +77,13 @@ class SingleProcess:
     name = "single process"
 
     def allreduce_sum(self, array):
-        return array
+        return collective_array(array, "allreduce_sum")
 
     def allreduce_mean(self, array):
-        return array
+        return collective_array(array, "allreduce_mean", floats=True)
 
     def broadcast(self, array, root: int = 0):
-        return array
+        return collective_array(array, "broadcast")
 
     def broadcast_object(self, value: Any, root: int = 0) -> Any:
         return value
@@ -119,17 +135,17 @@ class MpiCommunicator:
         return f"{self.size} processes, MPI through mpi4py ({library})"
 
     def allreduce_sum(self, array):
-        host = self._host_buffer(array)
+        host = self._host_buffer(collective_array(array, "allreduce_sum"))
         self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
         return self._store(array, host)
 
     def allreduce_mean(self, array):
-        self.allreduce_sum(array)
+        self.allreduce_sum(collective_array(array, "allreduce_mean", floats=True))
         array *= 1.0 / self.size  # a Python float keeps the array's dtype
         return array
 
     def broadcast(self, array, root: int = 0):
-        host = self._host_buffer(array)
+        host = self._host_buffer(collective_array(array, "broadcast"))
         self.comm.Bcast(host, root=root)
         return self._store(array, host)
 
@@ -148,8 +164,6 @@ class MpiCommunicator:
 
     def _host_buffer(self, array) -> numpy.ndarray:
         if isinstance(array, numpy.ndarray):
-            if not array.flags.c_contiguous:
-                raise ValueError("collective operations need a contiguous array")
             return array
         if self.backend is None:
             raise ValueError("a device array reached an MPI communicator created without its backend")
@@ -183,19 +197,19 @@ class NcclCommunicator:
         return f"{self.size} processes, NCCL on the GPUs (rendezvous and control over MPI)"
 
     def allreduce_sum(self, array):
-        if isinstance(array, numpy.ndarray):
+        if isinstance(collective_array(array, "allreduce_sum"), numpy.ndarray):
             return self.mpi.allreduce_sum(array)
         pointer, count, kind = self._buffer(array)
         self.comm.allReduce(pointer, pointer, count, kind, self.nccl.NCCL_SUM, self._stream())
         return array
 
     def allreduce_mean(self, array):
-        self.allreduce_sum(array)
+        self.allreduce_sum(collective_array(array, "allreduce_mean", floats=True))
         array *= 1.0 / self.size
         return array
 
     def broadcast(self, array, root: int = 0):
-        if isinstance(array, numpy.ndarray):
+        if isinstance(collective_array(array, "broadcast"), numpy.ndarray):
             return self.mpi.broadcast(array, root)
         pointer, count, kind = self._buffer(array)
         self.comm.bcast(pointer, count, kind, root, self._stream())
@@ -215,8 +229,6 @@ class NcclCommunicator:
         self.mpi.abort(status)
 
     def _buffer(self, array) -> tuple[int, int, int]:
-        if not array.flags.c_contiguous:
-            raise ValueError("collective operations need a contiguous array")
         kind = self._types.get(numpy.dtype(array.dtype))
         if kind is None:
             raise ValueError(f"NCCL collectives here take float32 or float64 arrays, got {array.dtype}")

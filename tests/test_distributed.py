@@ -856,3 +856,41 @@ def test_a_signal_to_rank_1_while_rank_0_draws_the_plots_changes_nothing(tmp_pat
     result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script, *args, "--epochs", "1", "--out", "run"], tmp_path, timeout=90)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "history.jsonl").exists() and any(path.suffix == ".png" for path in (tmp_path / "run").iterdir())
+
+
+COLLECTIVE_MISUSES = """
+import numpy, sys
+from cnn_backend.distributed import {communicator}
+world = {communicator}()
+ints = numpy.array([1, 2, 3])
+for call, expected in [
+    (lambda: world.allreduce_sum([1.0, 2.0]), "TypeError: allreduce_sum works in place on an array (NumPy or the device's), got list"),
+    (lambda: world.allreduce_mean(ints), "TypeError: allreduce_mean takes an array of floats, got int64; cast it first"),
+    (lambda: world.allreduce_sum(numpy.zeros(3, bool)), "TypeError: allreduce_sum takes an array of numbers, got bool; cast it first"),
+    (lambda: world.broadcast(numpy.zeros((2, 2))[:, 0]), "ValueError: broadcast needs a contiguous array (numpy.ascontiguousarray), got one of strides (16,)"),
+]:
+    try:
+        call()
+    except (TypeError, ValueError) as exc:
+        assert f"{{type(exc).__name__}}: {{exc}}" == expected, (str(exc), expected)
+    else:
+        raise AssertionError(f"not refused: {{expected}}")
+assert ints.tolist() == [1, 2, 3]  # refused before anything was changed
+world.barrier()  # every rank got here: rank 0 says so
+if world.rank == 0:
+    print("refused alike", world.size)
+"""
+
+
+def test_a_single_process_refuses_the_collectives_a_job_would_refuse(tmp_path):
+    result = run_job([sys.executable, "-c", COLLECTIVE_MISUSES.format(communicator="SingleProcess")], tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["refused alike 1"]
+
+
+@needs_mpi
+def test_mpi_communicators_refuse_misused_collectives_in_one_line_before_changing_anything(tmp_path):
+    script = COLLECTIVE_MISUSES.format(communicator="MpiCommunicator")
+    result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script], tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["refused alike 2"]
