@@ -894,3 +894,12 @@ def test_mpi_communicators_refuse_misused_collectives_in_one_line_before_changin
     result = run_job([MPIEXEC, "-n", "2", sys.executable, "-c", script], tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["refused alike 2"]
+
+
+@needs_mpi
+@pytest.mark.parametrize("argument", ["--version", "--help"])
+def test_help_and_version_under_mpiexec_are_shown_once(tmp_path, argument):
+    result = run_job(on_two_ranks(argument), tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    first_line = result.stdout.splitlines()[0]
+    assert result.stdout.count(first_line) == 1, result.stdout

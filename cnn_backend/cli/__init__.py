@@ -54,6 +54,8 @@ OPTIONAL_COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if launcher_rank() not in (None, 0) and any(arg in ("-h", "--help", "--version") for arg in argv):
+        return EXIT_OK  # under mpiexec, rank 0 alone shows the help or the version, once
     command = _command_name(argv)
     optional_module = None
     if command in OPTIONAL_COMMANDS:
