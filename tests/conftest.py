@@ -79,3 +79,12 @@ def registry_restored():
     yield
     LAYER_TYPES.clear()
     LAYER_TYPES.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def no_blas_overrides(monkeypatch):
+    """The benchmark warns, on stderr, when OPENBLAS_CORETYPE or OPENBLAS_L2_SIZE is set (some
+    machines set them for every process): tests of its output run as on a machine without them,
+    and a test of the warnings sets them itself."""
+    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        monkeypatch.delenv(name, raising=False)
