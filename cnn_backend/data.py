@@ -273,12 +273,13 @@ IMAGE_CHANNEL_COUNTS = (1, 3, 4)
 
 
 def refuse_channels_last(images, who: str) -> None:
-    """ValueError for 4-D ``images`` laid out ``(N, H, W, C)`` (as Pillow, Keras and OpenCV give
-    them), which would otherwise be read as ``C = H`` channels of ``H = W`` by ``W = C`` pixels:
+    """ValueError for uint8 ``images`` laid out ``(N, H, W, C)`` (as Pillow, Keras and OpenCV give
+    pixels), which would otherwise be read as ``C = H`` channels of ``H = W`` by ``W = C`` pixels:
     taken so when the last axis is a channel count (at most 4 pixels wide as a width, which no
-    image trained on is) and the two before it are 8 or more (image sides, too many channels)."""
+    image trained on is) and the two before it are 8 or more (image sides, too many channels).
+    Float input is any data, as it is given (signals of shape ``(N, C, L, 1)``, say)."""
     shape = images.shape
-    if len(shape) == 4 and shape[-1] in IMAGE_CHANNEL_COUNTS and min(shape[1], shape[2]) >= 8:
+    if images.dtype == numpy.uint8 and len(shape) == 4 and shape[-1] in IMAGE_CHANNEL_COUNTS and min(shape[1], shape[2]) >= 8:
         raise ValueError(
             f"{who}: images of shape {shape} look like (N, H, W, C), {shape[-1]} channels last; "
             f"pass images.transpose(0, 3, 1, 2), of shape (N, C, H, W)"

@@ -60,7 +60,7 @@ def collective_array(array, operation: str, floats: bool = False):
     ValueError in one line otherwise, before anything is changed. Every communicator checks alike,
     so code that a job would refuse is refused in one process too."""
     dtype, flags = getattr(array, "dtype", None), getattr(array, "flags", None)
-    if dtype is None or flags is None:
+    if dtype is None or flags is None or getattr(array, "ndim", 0) == 0:  # a NumPy scalar has a dtype, and no place to write
         raise TypeError(f"{operation} works in place on an array (NumPy or the device's), got {type(array).__name__}")
     if not flags.c_contiguous:
         raise ValueError(f"{operation} needs a contiguous array (numpy.ascontiguousarray), got one of strides {array.strides}")

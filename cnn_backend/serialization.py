@@ -169,7 +169,7 @@ def _refuse_what_is_no_npz(path: Path) -> None:
     if path.is_file() and not zipfile.is_zipfile(path):
         # Checked first: numpy would call any other content "pickled data" and suggest pickle.
         if path.suffix.lower() in _IMAGE_SUFFIXES:
-            raise ModelFileError(f"{path}: an image, not a model file; the model file (.npz) comes first, then the images")
+            raise ModelFileError(f"{path}: an image, not a model file (.npz); the model file comes first on the command line")
         raise ModelFileError(f"{path}: not an .npz archive (no zip structure: truncated, or another kind of file)")
 
 

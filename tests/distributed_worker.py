@@ -127,7 +127,7 @@ class FakeDeviceArray:
 
     def __init__(self, host) -> None:
         self.host = host
-        self.flags, self.dtype, self.size = host.flags, host.dtype, host.size
+        self.flags, self.dtype, self.size, self.ndim = host.flags, host.dtype, host.size, host.ndim
         self.data = SimpleNamespace(ptr=12345)
 
     def __imul__(self, factor):

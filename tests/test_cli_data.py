@@ -605,7 +605,7 @@ def test_an_image_given_where_the_model_file_goes_says_the_model_comes_first(tmp
     good = save_png(tmp_path / "good.png", numpy.full((28, 28), 200))
     status, _, err = run_main(capsys, "predict", good, model_file)
     assert status == 2
-    one_error_line(err, f"{good}: an image, not a model file; the model file (.npz) comes first, then the images")
+    one_error_line(err, f"{good}: an image, not a model file (.npz); the model file comes first on the command line")
 
 
 def test_a_full_standard_output_is_named_as_such(tmp_path):
@@ -634,3 +634,16 @@ def test_an_evaluate_range_holding_training_images_gets_a_note(tmp_path, capsys)
     assert f"note: {18 - held_out} of the 18 images in --range : are ones the model trained on: its accuracy on them is optimistic" in stdout
     status, stdout, _ = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu")  # its own hold-out: no note
     assert status == 0 and "trained on" not in stdout
+
+
+def test_evaluate_range_after_the_folder_shrank_gives_the_scores_without_the_note(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "shapes")
+    out = tmp_path / "run"
+    status, _, err = run_main(capsys, "train", "--data", root, "--model", "seed", "--epochs", 1, "--batch-size", 4,
+                              "--train-split", ":12", "--val-split", "12:", "--device", "cpu", "--out", out, "--quiet", "--no-plots")
+    assert status == 0, err
+    for index in range(1, 6):  # a third of the images gone: the recorded ranges no longer fit
+        (root / "triangle" / f"{index}.png").unlink()
+    status, stdout, err = run_main(capsys, "evaluate", out / "last.npz", "--device", "cpu", "--range", ":")
+    assert status == 0, err
+    assert "trained on" not in stdout and "accuracy" in stdout

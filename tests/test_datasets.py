@@ -857,15 +857,19 @@ def test_an_entry_left_half_written_by_a_killed_process_is_removed_by_the_next_d
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(finished.stdout)
     cache = data_root / image_folder.CACHE_FOLDER
-    abandoned = cache / f".0123456789abcdef01234567-3x8x6.{dead_pid}.partial"
-    running = cache / f".0123456789abcdef01234567-3x8x6.{os.getpid() + 0}.partial.other"  # not a staging name
-    live = cache / f".0123456789abcdef01234567-1x8x6.{os.getpid()}.partial"
-    for folder in (abandoned, running, live):
+    host = image_folder._HOST
+    abandoned = cache / f".0123456789abcdef01234567-3x8x6.{host}.{dead_pid}.partial"
+    not_a_staging = cache / f".0123456789abcdef01234567-3x8x6.{host}.{dead_pid}.partial.other"
+    live = cache / f".0123456789abcdef01234567-1x8x6.{host}.{os.getpid()}.partial"
+    elsewhere = cache / f".0123456789abcdef01234567-1x8x6.another-machine.{dead_pid}.partial"  # a shared cache
+    for folder in (abandoned, not_a_staging, live, elsewhere):
         folder.mkdir(parents=True)
         (folder / "images.npy").write_bytes(b"\0" * 64)
-    load_dataset(make_folder(tmp_path / "pictures") and tmp_path / "pictures")
+    make_folder(tmp_path / "pictures")
+    load_dataset(tmp_path / "pictures")
     assert not abandoned.exists()
-    assert running.exists() and live.exists()  # a running process's staging is its own
+    # a running process's staging is its own, and another machine's PIDs mean nothing here
+    assert not_a_staging.exists() and live.exists() and elsewhere.exists()
 
 
 def test_undecodable_images_are_named_before_files_that_are_not_images(tmp_path):
@@ -1005,3 +1009,28 @@ def test_the_cached_file_is_cut_to_the_images_that_decoded(tmp_path, data_root):
     stored = numpy.load(entry / "images.npy", mmap_mode="r")
     assert stored.shape == (4, 3, 8, 6) and (entry / "images.npy").stat().st_size == stored.offset + stored.nbytes
     numpy.testing.assert_array_equal(load_dataset(root).images, loaded.images)
+
+
+@pytest.mark.parametrize("beside", ["unlabeled", "__MACOSX", "Test"])
+def test_a_split_layout_keeps_its_splits_beside_other_folders(tmp_path, beside):
+    root = tmp_path / "split"
+    for name, seed in (("train/a/1.png", 1), ("train/b/2.png", 2), ("test/b/3.png", 3), (f"{beside}/x.png", 4)):
+        save(root / name, random_uint8((4, 4, 3), seed))
+    if beside == "Test":
+        (root / "test" / "b" / "3.png").unlink()
+        (root / "test" / "b").rmdir()
+        (root / "test").rmdir()
+        save(root / "Test" / "b" / "3.png", random_uint8((4, 4, 3), 3))
+    loaded = load_dataset(root)
+    assert loaded.class_names == ("a", "b") and len(loaded) == 2  # train/'s classes, not the root's folders
+
+
+def test_a_folder_holding_cifars_binary_and_python_versions_is_read_as_the_binary_one(tmp_path):
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    (folder / "cifar-10-binary.tar.gz").write_bytes(b"placed by hand")
+    pickled = folder / "cifar-10-batches-py"
+    pickled.mkdir()
+    for name in ("data_batch_1", "batches.meta"):
+        (pickled / name).write_bytes(b"\x80")
+    assert datasets.source_kind(folder) == "cifar10-folder"

@@ -865,6 +865,7 @@ world = {communicator}()
 ints = numpy.array([1, 2, 3])
 for call, expected in [
     (lambda: world.allreduce_sum([1.0, 2.0]), "TypeError: allreduce_sum works in place on an array (NumPy or the device's), got list"),
+    (lambda: world.allreduce_sum(numpy.float64(1.0)), "TypeError: allreduce_sum works in place on an array (NumPy or the device's), got float64"),
     (lambda: world.allreduce_mean(ints), "TypeError: allreduce_mean takes an array of floats, got int64; cast it first"),
     (lambda: world.allreduce_sum(numpy.zeros(3, bool)), "TypeError: allreduce_sum takes an array of numbers, got bool; cast it first"),
     (lambda: world.broadcast(numpy.zeros((2, 2))[:, 0]), "ValueError: broadcast needs a contiguous array (numpy.ascontiguousarray), got one of strides (16,)"),

@@ -144,3 +144,10 @@ def test_channels_last_images_are_refused_saying_how_to_transpose_them(who, call
                                          r"pass images.transpose\(0, 3, 1, 2\), of shape \(N, C, H, W\)$"):
         call(images)
     call(images.transpose(0, 3, 1, 2))  # the same images, channels first
+
+
+def test_float_input_shaped_like_channels_last_is_taken_as_given():
+    # (N, 12, 64, 1): twelve channels of 64 x 1 signals, float: any data goes through as it is
+    signals = numpy.random.default_rng(0).random((4, 12, 64, 1)).astype(numpy.float32)
+    x, _ = next(iter(BatchLoader(signals, numpy.arange(4) % 2, "cpu", 4, num_classes=2).epoch(1)))
+    assert x.shape == (4, 12, 64, 1)

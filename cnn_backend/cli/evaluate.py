@@ -94,11 +94,18 @@ def _trained_on_note(stored: dict, data, source, window: slice, args) -> str | N
     if args.split != "train" or not stored.get("data") or not same_data(source, stored["data"]):
         return None
     selected = numpy.arange(len(data))[window]
-    if stored.get("val_fraction"):
-        trained = stratified_holdout(data.labels, stored["val_fraction"], stored.get("seed", 0))[0]
-    elif stored.get("train_split") is not None:
-        trained = numpy.arange(len(data))[select_range(stored["train_split"], len(data), "--train-split")]
-    else:
+    try:
+        if stored.get("val_fraction") and stored.get("holdout_of") in (data_digest(data), data_digest(data, by_pixels=True)):
+            trained = stratified_holdout(data.labels, stored["val_fraction"], stored.get("seed", 0))[0]
+        elif stored.get("train_split") is not None and stored.get("val_split") is not None:
+            train_window = select_range(stored["train_split"], len(data), "--train-split")
+            val_window = select_range(stored["val_split"], len(data), "--range")
+            if stored.get("ranges_of") not in (None, ranges_digest(data, train_window, val_window)):
+                return None
+            trained = numpy.arange(len(data))[train_window]
+        else:
+            return None
+    except ValueError:  # the data changed since (fewer images than the ranges): which were trained on is not known
         return None
     count = int(numpy.isin(selected, trained, assume_unique=True).sum())
     if not count:

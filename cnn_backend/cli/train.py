@@ -318,6 +318,7 @@ def _train(args, world, held: list | None = None) -> int:
                 f"{selection} would now mix training and validation images", "resume on the same files, or start a new run",
                 pixel_digest=by_pixels[digest], trained_on=checkpoint.settings.get("data"),
             )
+    del by_pixels  # they hold the data, which is let go below
     split_notes = missing_classes_notes(data, train_window, val_window)
     if checkpoint is None:
         normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -115,14 +116,22 @@ VALIDATION_FOLDERS = ("val", "valid", "validation")
 _SPLIT_LIKE = frozenset({"train", "training", "test", "testing", *VALIDATION_FOLDERS})
 
 
+#: folders beside ``train`` that a split layout may hold besides its splits (STL-10's unlabeled
+#: images, the resource forks of a zip made on a Mac), in lower case
+_BESIDE_SPLITS = frozenset({"unlabeled", "unlabelled", "__macosx"})
+
+
 def has_split_layout(root: Path) -> bool:
-    """True when ``root/train`` holds class folders and ``root`` holds no other folders than
-    ``test`` and a validation split (the train/test layout): a class folder named ``train`` beside
-    other classes (bus, car, train) is a class."""
+    """True when ``root/train`` holds class folders, beside a ``test`` folder or only beside folders
+    of another split (val, Test, unlabeled, __MACOSX): the train/test layout. A class folder named
+    ``train`` beside other classes and no test folder (bus, car, train) is a class."""
     train = root / "train"
     if not (train.is_dir() and find_classes(train)):
         return False
-    return set(find_classes(root)) <= {"train", "test", *VALIDATION_FOLDERS}
+    if (root / "test").is_dir():
+        return True
+    others = {name.lower() for name in find_classes(root)} - {"train"}
+    return others <= _SPLIT_LIKE | _BESIDE_SPLITS
 
 
 def unread_validation_folders(root: Path) -> list[str]:
@@ -504,7 +513,7 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
     if cache_split is not None:
         cache_dir = _cache_dir(folder, cache_split, channels, size)
         _remove_abandoned_stagings()
-        staging = cache_dir.with_name(f".{cache_dir.name}.{os.getpid()}{_STAGING_SUFFIX}")
+        staging = cache_dir.with_name(f".{cache_dir.name}.{_HOST}.{os.getpid()}{_STAGING_SUFFIX}")
         images = _staged_images(staging, shape)
         if images is None:
             staging = None
@@ -524,7 +533,12 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
         labels = numpy.asarray([files[index].label for index in readable], dtype=numpy.int64)
         if not keep.all():
             labels = labels[keep]
-            images = _kept_rows(images, keep, staging)
+            if staging is None:
+                images = _kept_rows(images, keep)
+            else:  # the map is released before the file is cut to the kept rows (Windows refuses to cut a mapped file)
+                images.flush()
+                del images
+                images = _kept_rows_of_file(staging / "images.npy", keep)
         if not len(labels):
             raise DataError(f"{_shown(folder)}: none of its {len(files)} image files can be decoded")
         present = set(labels.tolist())
@@ -604,23 +618,28 @@ def _reserve(path: Path) -> None:
 _COMPACTION_BYTES = 32 * 2**20
 
 
-def _kept_rows(images, keep, staging: Path | None):
+def _kept_rows(images, keep):
     """``images[keep]`` without a second copy of the images (one undecodable file among a folder
     of photos would otherwise double the peak memory): the kept rows moved to the front in place,
-    in chunks (each row only ever moves forward, and a chunk is gathered before it is written);
-    the memory-mapped file of ``staging`` is then cut to them, its header rewritten in place."""
+    in chunks (each row only ever moves forward, and a chunk is gathered before it is written)."""
     rows = numpy.flatnonzero(keep)
     step = max(1, _COMPACTION_BYTES // max(1, images[0].nbytes))
     for start in range(0, len(rows), step):
         chunk = rows[start:start + step]
         images[start:start + len(chunk)] = images[chunk]
-    if staging is None:
-        return images[:len(rows)]
+    return images[:len(rows)]
+
+
+def _kept_rows_of_file(path: Path, keep):
+    """:func:`_kept_rows` of the ``.npy`` file ``path`` (no other map of it open), which is then cut
+    to them, its header rewritten in place; returns the file's new memory map."""
+    images = numpy.load(path, mmap_mode="r+")
+    kept = _kept_rows(images, keep)
     images.flush()
-    shape, dtype, offset = (len(rows), *images.shape[1:]), images.dtype, images.offset
-    del images  # the map of the whole file goes before the file is cut
-    _shrink_npy(staging / "images.npy", shape, dtype, offset)
-    return numpy.load(staging / "images.npy", mmap_mode="r+")
+    shape, dtype, offset = kept.shape, images.dtype, images.offset
+    del images, kept  # every map of the file goes before the file is cut
+    _shrink_npy(path, shape, dtype, offset)
+    return numpy.load(path, mmap_mode="r+")
 
 
 def _shrink_npy(path: Path, shape: tuple, dtype, offset: int) -> None:
@@ -647,12 +666,21 @@ def _write_staged_entry(staging: Path, decoded: "_Decoded", meta: dict) -> None:
     (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
+#: this machine's name, in staging names: a cache shared between machines (a network file system)
+#: holds other machines' stagings, whose processes no PID here can tell about
+_HOST = "".join(character if character.isalnum() or character in "-_" else "_" for character in socket.gethostname()) or "host"
+
+
 def _remove_abandoned_stagings() -> None:
-    """Remove the entries left half-written by processes that no longer run (killed with SIGKILL,
-    or by the out-of-memory killer, while decoding): nothing else would ever clear them."""
-    for staging in cache_root().glob(f".*{_STAGING_SUFFIX}"):
-        pid = staging.name.removesuffix(_STAGING_SUFFIX).rpartition(".")[2]
-        if pid.isdigit() and not _process_exists(int(pid)):
+    """Remove the entries this machine's processes left half-written and no longer run to finish
+    (killed with SIGKILL, or by the out-of-memory killer, while decoding): nothing else would ever
+    clear them. Other machines' stagings are left alone, and so is every staging where a process
+    cannot be looked up without a signal (``os.kill(pid, 0)`` sends Ctrl-C on Windows)."""
+    if os.name != "posix":
+        return
+    for staging in cache_root().glob(f".*.{_HOST}.*{_STAGING_SUFFIX}"):
+        host, _, pid = staging.name.removesuffix(_STAGING_SUFFIX).rpartition(".")
+        if host.endswith(f".{_HOST}") and pid.isdigit() and not _process_exists(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
 
 

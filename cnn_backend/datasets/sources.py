@@ -227,12 +227,12 @@ def source_kind(source: str | os.PathLike) -> str:
             if directory.suffix.lower() in (".npz", ".npy", ".csv") else ""
         )
         raise DataError(f"{directory}: not a folder (--data takes a dataset name or a folder){arrays}")
-    _refuse_cifar_python_version(directory)
     if any(find_idx_file(directory, name) for name in FASHION_MNIST.files):
         return "idx-folder"
     cifar = DATASETS["cifar10"]
     if _cifar_batch_folder(directory, cifar) is not None or any((directory / name).is_file() for name in cifar.files):
         return "cifar10-folder"
+    _refuse_cifar_python_version(directory)  # after the binary version, which a folder may hold beside it
     if looks_like_image_folder(directory):
         return "image-folder"
     raise DataError(
