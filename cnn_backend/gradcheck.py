@@ -132,12 +132,24 @@ def check_layer_gradients(
     def objective() -> float:
         return float((numpy.asarray(checked.forward(x)) * probe).sum())
 
+    def backward():
+        # A copy each time: a backward that writes into dy (dy[mask] = 0) would otherwise change
+        # the probe the finite differences use too, and agree with them on the wrong gradient.
+        given = probe.copy()
+        gradient = checked.backward(given)
+        if not numpy.array_equal(given, probe):
+            raise GradientCheckError(
+                "backward changed its argument dy in place; a layer before it in a model (a Residual's shortcut) reads "
+                "the same array: compute into a new array (dy * mask, not dy[mask] = 0)"
+            )
+        return gradient
+
     checked.forward(x)
-    dx = checked.backward(probe)
+    dx = backward()
     worst = {"input": _compare("the input gradient", dx, numerical_gradient(objective, x, eps), rtol, atol)}
     for name, param in checked.named_parameters():
         checked.forward(x)
-        checked.backward(probe)
+        backward()
         if param.grad is None:
             raise GradientCheckError(f"backward left the gradient of parameter {name!r} unset: assign param.grad")
         analytic = numpy.array(param.grad)

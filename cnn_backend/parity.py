@@ -269,7 +269,7 @@ def _layer_state_scales(trace, values) -> dict:
 def _check_device_array(value, device: Backend, dtype: numpy.dtype, where: str) -> str | None:
     if not isinstance(value, device.xp.ndarray):
         return f"{where}: expected a {device.name} array, got {type(value).__module__}.{type(value).__name__}"
-    if value.dtype != dtype:
+    if value.dtype != dtype and value.dtype.kind == "f":  # integer and boolean buffers (counters, flags) keep their own
         return f"{where}: dtype {value.dtype} on {device.name}, expected {dtype}"
     return None
 

@@ -869,3 +869,21 @@ def test_an_option_the_default_config_cannot_read_is_refused_on_saving_whether_r
         assert list(tmp_path.iterdir()) == []  # no file that would load with factor 2.0
     finally:
         forget_layer_type("KeepsItsFactorElsewhere")
+
+
+class ClipsGradientInPlace(Layer):
+    """A ReLU whose backward zeroes dy where the input was negative, in place (the wrong idiom)."""
+
+    def forward(self, x):
+        self._negative = x < 0
+        return x * (x >= 0)
+
+    def backward(self, dy):
+        dy[self._negative] = 0
+        return dy
+
+
+def test_gradient_check_refuses_a_backward_that_changes_dy_in_place():
+    # The finite differences would read the same changed probe and agree with the wrong gradient.
+    with pytest.raises(GradientCheckError, match=r"^backward changed its argument dy in place; .*compute into a new array"):
+        check_layer_gradients(ClipsGradientInPlace(), input_shape=(3, 4, 4))

@@ -638,3 +638,24 @@ def test_parity_refuses_a_batch_of_one_for_a_batchnorm_network_up_front(capsys):
     # without BatchNorm one sample a step is fine
     assert parity.main(["--device", "standin", "--model", "seed", "--batch-size", "1", "--steps", "1", "--quiet"]) == 0
     assert capsys.readouterr().out.startswith("verdict: PASS")
+
+
+class CountsItsSteps(Layer):
+    """The identity, with an integer buffer counting its training forward passes (a custom layer's state)."""
+
+    def __init__(self, backend=None) -> None:
+        super().__init__(backend)
+        self.buffers["count"] = self.backend.xp.zeros(1, dtype="int64")
+
+    def forward(self, x):
+        if self.training:
+            self.buffers["count"] += 1
+        return x
+
+    def backward(self, dy):
+        return dy
+
+
+def test_an_integer_buffer_is_compared_without_being_asked_for_the_float_dtype():
+    report = dense_parity_report(CountsItsSteps, CountsItsSteps, steps=2)
+    assert report.problems == [] and report.verdict == "pass", report.problems
