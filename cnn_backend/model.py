@@ -14,7 +14,7 @@ from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
 from .layers import LAYER_TYPES, BatchNorm, Convolution, Layer, MaxPool, ReLU, ShapeError
 from .layers.base import (
-    NOT_BUILT_ADVICE, buffer_in_dtype, failed_build_path, refuse_integer_input, refuse_non_real_input, training_mode,
+    NOT_BUILT_ADVICE, LayerDefinitionError, buffer_in_dtype, failed_build_path, refuse_integer_input, refuse_non_real_input, training_mode,
     unbuilt_inner_layer, walk_layers,
 )
 from .parameters import FlatParameters, Parameter
@@ -62,6 +62,12 @@ class Sequential:
                 raise ValueError(
                     f"Sequential: item {index} is a {type(layer).__name__} ({layer!r:.40}), not a layer; pass layer "
                     f"objects (cnn_backend.layers), or build the network from a spec (cnn_backend.spec.build_model)"
+                )
+        for index, layer in enumerate(self.layers):
+            if not all(hasattr(layer, name) for name in ("backend", "params", "buffers", "training")):
+                raise LayerDefinitionError(
+                    f"Sequential: layer {index} ({type(layer).__name__}) was made without Layer.__init__: call "
+                    f"super().__init__(backend) in its __init__"
                 )
         _refuse_layers_in_two_places(self.layers)
         if backend is None:  # the layers' own: a layer made for another device or dtype is not moved unasked
@@ -181,7 +187,7 @@ class Sequential:
         if self.training and (self.input_shape not in (None, sample_shape) or x.shape[0] == 1):
             kept = [(value, value.copy()) for _, value in self.named_buffers()]
         try:
-            x = self._forward_layers(x)
+            x = self._forward_layers(x, declared=sample_shape == self.input_shape)
         except ShapeError as exc:
             for value, before in kept or ():
                 value[...] = before
@@ -198,8 +204,13 @@ class Sequential:
 
     __call__ = forward
 
-    def _forward_layers(self, x):
-        layers, index = self.layers, 0
+    def _forward_layers(self, x, declared: bool = False):
+        """The layers' forward passes. ``declared``: the samples have the shape the model was built
+        for, so each layer's output must have the shape its build declared (a layer of one's own
+        that returns another is named here, not by the layer after it). Records each layer's input
+        shape for :meth:`backward`'s check of the gradients (a fused pair's stays None)."""
+        layers, index, count = self.layers, 0, len(x)
+        self._input_shapes = [None] * len(layers)
         while index < len(layers):
             layer, following = layers[index], layers[index + 1] if index + 1 < len(layers) else None
             if _runs_as(layer, Convolution) and _runs_as(following, MaxPool) and layer.runs_with_maxpool(following, x.shape):
@@ -211,8 +222,17 @@ class Sequential:
                 following.applied_by_previous()
                 index += 2
             else:
+                self._input_shapes[index] = tuple(x.shape)
                 x = layer.forward(x)
                 index += 1
+            last = layers[index - 1]
+            if x is None:
+                raise LayerDefinitionError(f"layer {index - 1} ({type(last).__name__}): forward returned None; return its output")
+            if declared and last.output_shape is not None and tuple(x.shape) != (count, *last.output_shape):
+                raise ShapeError(
+                    f"layer {index - 1} ({type(last).__name__}): forward returned shape {tuple(x.shape)}, but its build "
+                    f"declared {last.output_shape} per sample, {(count, *last.output_shape)} for this batch"
+                )
         return x
 
     def backward(self, grad):
@@ -247,8 +267,15 @@ class Sequential:
             grad = grad.astype(self.backend.dtype)
         if not isinstance(grad, self.backend.xp.ndarray):  # a host array for a device model: sent once, as forward's input
             grad = self.backend.to_device(grad)
-        for layer in reversed(self.layers):
+        for index in reversed(range(len(self.layers))):
+            layer = self.layers[index]
             grad = layer.backward(grad)
+            expected = self._input_shapes[index]
+            if grad is not None and expected is not None and tuple(grad.shape) != expected:
+                raise ShapeError(
+                    f"layer {index} ({type(layer).__name__}): backward returned a gradient of shape {tuple(grad.shape)}, "
+                    f"its input had shape {expected}"
+                )
         return grad
 
     def check_samples(self, x, who: str):

@@ -887,3 +887,69 @@ def test_gradient_check_refuses_a_backward_that_changes_dy_in_place():
     # The finite differences would read the same changed probe and agree with the wrong gradient.
     with pytest.raises(GradientCheckError, match=r"^backward changed its argument dy in place; .*compute into a new array"):
         check_layer_gradients(ClipsGradientInPlace(), input_shape=(3, 4, 4))
+
+
+class WithoutBackward(Layer):
+    def forward(self, x):
+        return x * x
+
+
+class WithoutLayerInit(Layer):
+    def __init__(self, scale: float = 2.0, *, backend=None) -> None:
+        self.scale = scale  # super().__init__(backend) forgotten
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class ForgetsToReturn(Layer):
+    def forward(self, x):
+        x * 2.0
+
+    def backward(self, dy):
+        return dy * 2.0
+
+
+class HalvesTheWidth(Layer):
+    """Declares its input's shape (no _build) but returns half of it: the layer after would be blamed."""
+
+    def forward(self, x):
+        return x[..., ::2]
+
+    def backward(self, dy):
+        return dy
+
+
+class GradientOfAnotherShape(Layer):
+    def forward(self, x):
+        return x
+
+    def backward(self, dy):
+        return dy[0]  # one sample's gradient, not the batch's
+
+
+def flat_network(layer):
+    return Sequential([Convolution(out_channels=2, kernel_size=3, padding=1), layer, Flatten(), FullyConnected(out_features=3)],
+                      input_shape=(1, 6, 6), rng=0)
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (WithoutBackward, r"^WithoutBackward defines no backward\(dy\): a layer implements forward and backward$"),
+        (WithoutLayerInit, r"^Sequential: layer 1 \(WithoutLayerInit\) was made without Layer.__init__: call super\(\).__init__\(backend\) in its __init__$"),
+        (ForgetsToReturn, r"^layer 1 \(ForgetsToReturn\): forward returned None; return its output$"),
+        (HalvesTheWidth, r"^layer 1 \(HalvesTheWidth\): forward returned shape \(4, 2, 6, 3\), but its build declared \(2, 6, 6\) per sample, \(4, 2, 6, 6\) for this batch$"),
+        (GradientOfAnotherShape, r"^layer 1 \(GradientOfAnotherShape\): backward returned a gradient of shape \(2, 6, 6\), its input had shape \(4, 2, 6, 6\)$"),
+    ],
+    ids=lambda value: getattr(value, "__name__", value),
+)
+def test_a_layer_of_ones_own_that_cannot_work_is_named_in_one_line(make, pattern):
+    from cnn_backend.layers import LayerDefinitionError, ShapeError
+
+    x = numpy.random.default_rng(0).random((4, 1, 6, 6)).astype(numpy.float32)
+    with pytest.raises((LayerDefinitionError, ShapeError), match=pattern) as excinfo:
+        model = flat_network(make())
+        logits = model(x)
+        model.backward(numpy.ones_like(logits))
+    assert isinstance(excinfo.value, ValueError)  # the command line says it in one line (exit 2)

@@ -464,7 +464,7 @@ def test_cli_exports_a_layer_of_ones_own_with_its_module_and_refuses_it_without(
     "writer, message",
     [
         (lambda self, graph, prefix, x, shape: {}["missing"], r"its export_onnx failed \(KeyError: 'missing'\)"),
-        (lambda self, graph, prefix, x, shape: Layer.forward(self, x), r"its export_onnx failed \(NotImplementedError: Doubling defines no forward\(x\)"),
+        (lambda self, graph, prefix, x, shape: Layer.forward(self, x), r"its export_onnx failed \(LayerDefinitionError: Doubling defines no forward\(x\)"),
         (lambda self, graph, prefix, x, shape: x, r"export_onnx must return \(output tensor name, per-sample shape\)"),
         (lambda self, graph, prefix, x, shape: (None, shape), r"export_onnx must return \(output tensor name"),
     ],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..parameters import Parameter
 from .activations import GELU, LeakyReLU, ReLU, Sigmoid, Tanh
-from .base import Layer, ShapeError
+from .base import Layer, LayerDefinitionError, ShapeError
 from .convolution import Convolution, resolve_conv_algorithm
 from .dense import Dropout, Flatten, FullyConnected
 from .loss import NonFiniteLogitsError, SoftmaxCrossEntropy
@@ -40,6 +40,7 @@ __all__ = [
     "GELU",
     "GlobalAvgPool",
     "Layer",
+    "LayerDefinitionError",
     "LeakyReLU",
     "MaxPool",
     "NonFiniteLogitsError",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import inspect
 
-import numpy
-
 from ..backend import Backend, cpu_backend, get_backend
 from ..init import as_integer, is_flag, make_rng
 from ..parameters import Parameter
@@ -13,6 +11,12 @@ from ..parameters import Parameter
 
 class ShapeError(ValueError):
     """An input whose shape, dtype or values a layer cannot take."""
+
+
+class LayerDefinitionError(NotImplementedError, TypeError, ValueError):
+    """A layer class of one's own that cannot work as written (no forward or backward, no call to
+    ``Layer.__init__``, a forward returning nothing): a NotImplementedError or TypeError, as Python
+    raises for such code, and a ValueError, so that the command line says it in one line."""
 
 
 class Layer:
@@ -161,10 +165,10 @@ class Layer:
         return entry
 
     def forward(self, x):
-        raise NotImplementedError(f"{type(self).__name__} defines no forward(x): a layer implements forward and backward")
+        raise LayerDefinitionError(f"{type(self).__name__} defines no forward(x): a layer implements forward and backward")
 
     def backward(self, dy):
-        raise NotImplementedError(f"{type(self).__name__} defines no backward(dy): a layer implements forward and backward")
+        raise LayerDefinitionError(f"{type(self).__name__} defines no backward(dy): a layer implements forward and backward")
 
     def __call__(self, x):
         """``forward(x)`` for a layer used on its own: input of another dtype is checked and cast first
