@@ -953,3 +953,17 @@ def test_a_layer_of_ones_own_that_cannot_work_is_named_in_one_line(make, pattern
         logits = model(x)
         model.backward(numpy.ones_like(logits))
     assert isinstance(excinfo.value, ValueError)  # the command line says it in one line (exit 2)
+
+
+def test_gradient_check_passes_correct_layers_at_modest_sizes_and_still_catches_a_gradient_ten_percent_off():
+    # The objective's rounding grows with its size: the tolerance grows with it (16 channels of 12x12
+    # used to be called wrong), and a backward 10% off is still found at that size.
+    check_layer_gradients(Convolution(out_channels=16, kernel_size=3, padding=1), input_shape=(16, 12, 12))
+    check_layer_gradients(BatchNorm(), input_shape=(16, 16, 16))
+
+    class TenPercentOff(Convolution):
+        def backward(self, dy):
+            return super().backward(dy) * 1.1
+
+    with pytest.raises(GradientCheckError, match=r"^the input gradient differs from its finite differences"):
+        check_layer_gradients(TenPercentOff(out_channels=16, kernel_size=3, padding=1), input_shape=(16, 12, 12))
