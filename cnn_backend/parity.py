@@ -19,6 +19,7 @@ divided by ``max |cpu|``, so entries that cancel to almost zero do not inflate i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
@@ -223,14 +224,16 @@ def traced_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Opti
     if h.dtype != be.dtype:
         h = h.astype(be.dtype)
     for index, layer in enumerate(model.layers):
-        h = layer.forward(h)
+        with _named(index, layer, "forward"):
+            h = layer.forward(h)
         trace.append((_layer_label(index, layer), "activation", "output", h))
     loss = loss_fn.forward(h, be.to_device(y))
     trace.append(("loss", "loss", "loss", loss))
     grad = loss_fn.backward()
     for index in reversed(range(len(model.layers))):
         layer = model.layers[index]
-        grad = layer.backward(grad)
+        with _named(index, layer, "backward"):
+            grad = layer.backward(grad)
         label = _layer_label(index, layer)
         for name, param in layer.named_parameters():
             trace.append((label, "gradient", name, param.grad))
@@ -243,6 +246,21 @@ def traced_step(model: Sequential, loss_fn: SoftmaxCrossEntropy, optimizer: Opti
         for name, value in layer.named_buffers():  # BatchNorm's running statistics, compared with the weights
             trace.append((_layer_label(index, layer), "weight", name, value))
     return trace
+
+
+class DeviceBoundaryError(ValueError):
+    """A layer that let a host array into the device's work (a buffer made with NumPy, not sent
+    with ``to_device``): the stand-in device refuses it where CuPy would; named by layer."""
+
+
+@contextlib.contextmanager
+def _named(index: int, layer, phase: str):
+    from .testing import HostArrayError
+
+    try:
+        yield
+    except HostArrayError as exc:
+        raise DeviceBoundaryError(f"{_layer_label(index, layer)}: {phase} {' '.join(str(exc).split())}") from None
 
 
 #: the trace's names of tensors compared on their own; every other name is a parameter or buffer
@@ -312,6 +330,10 @@ def compare_models(
                 ) from None
             try:
                 device_trace = traced_step(*runs[1], x, y)
+            except DeviceBoundaryError as exc:  # what CuPy would refuse: a verdict, not a crash
+                report.problems.append(f"step {step}: {exc}")
+                report.steps = step
+                break
             except NonFiniteLogitsError:
                 report.problems.append(f"step {step}: the {device.name} logits became NaN or infinity while the {reference.name} ones stayed finite")
                 report.steps = step
@@ -398,8 +420,8 @@ def compare(
         algorithm = None if conv_algorithm == "auto" else conv_algorithm
         try:
             models = [build_model(model, FASHION_MNIST_SHAPE, be, seed, algorithm=algorithm) for be in (reference, device)]
-        except SpecError as exc:
-            raise SpecError(f"{model}: {exc}") from None
+        except SpecError as exc:  # named by its file once
+            raise SpecError(str(exc) if str(exc).startswith(str(model)) else f"{model}: {exc}") from None
     else:
         raise ValueError(f"model must be one of {', '.join(ARCHITECTURES)} or an architecture file (.toml, .json), got {model!r}")
     _refuse_a_model_the_data_cannot_train(models[0], model, batch_size)
@@ -408,7 +430,25 @@ def compare(
         f"parity: {model} model, {device.dtype.name}, convolution {conv_algorithm}, {optimizer}, "
         f"{steps} steps of {batch_size} {data} images, {reference.name} vs {device.name}"
     )
-    return compare_models(*models, batches, optimizer_factory(optimizer, lr), tolerance, description)
+    report = compare_models(*models, batches, optimizer_factory(optimizer, lr), tolerance, description)
+    report.problems += _names_cupy_lacks(device)
+    return report
+
+
+def _names_cupy_lacks(device: Backend) -> list[str]:
+    """On the stand-in device, a problem for each name the run used that CuPy lacks or refuses (a
+    layer of one's own calling ``xp.errstate``, say): values that agree on the stand-in say nothing
+    of a GPU where the layer would not run. None where CuPy is not installed to check against."""
+    usage = getattr(device, "usage", None)
+    if usage is None:
+        return []
+    from .testing import missing_cupy_names
+
+    try:
+        missing = missing_cupy_names(usage)
+    except ImportError:
+        return []
+    return [f"the {device.name} run used {kind} {name}, which CuPy lacks or refuses" for kind, names in missing.items() for name in names]
 
 
 def _refuse_a_model_the_data_cannot_train(network: Sequential, name: str, batch_size: int) -> None:

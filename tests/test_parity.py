@@ -659,3 +659,47 @@ class CountsItsSteps(Layer):
 def test_an_integer_buffer_is_compared_without_being_asked_for_the_float_dtype():
     report = dense_parity_report(CountsItsSteps, CountsItsSteps, steps=2)
     assert report.problems == [] and report.verdict == "pass", report.problems
+
+
+class UsesErrstate(Layer):
+    """The identity, computed under ``xp.errstate``, which CuPy does not have."""
+
+    def forward(self, x):
+        with self.backend.xp.errstate(over="ignore"):
+            return x * 1.0
+
+    def backward(self, dy):
+        return dy
+
+
+class KeepsAHostBuffer(Layer):
+    """Adds a NumPy array (never sent to the device) to its input."""
+
+    def forward(self, x):
+        return x - numpy.zeros(1, dtype=x.dtype)
+
+    def backward(self, dy):
+        return dy
+
+
+def standin_parity_of(tail, tmp_path):
+    from cnn_backend import register_layer
+
+    register_layer(tail)
+    spec = tmp_path / "net.toml"
+    spec.write_text("\n".join(['[[layers]]', 'type = "Flatten"', '[[layers]]', 'type = "FullyConnected"', 'out_features = 10',
+                                '[[layers]]', f'type = "{tail.__name__}"', '']))
+    return parity.compare(get_backend("cpu", "float32"), standin_backend("float32"), model=str(spec), steps=1, batch_size=4)
+
+
+def test_standin_parity_fails_a_layer_that_uses_a_name_cupy_lacks(tmp_path, registry_restored):
+    pytest.importorskip("cupy")  # the names are checked against CuPy itself
+    report = standin_parity_of(UsesErrstate, tmp_path)
+    assert report.verdict == "fail"
+    assert "the standin run used xp errstate, which CuPy lacks or refuses" in report.problems
+
+
+def test_standin_parity_fails_a_layer_that_mixes_in_a_host_array_naming_it(tmp_path, registry_restored):
+    report = standin_parity_of(KeepsAHostBuffer, tmp_path)
+    assert report.verdict == "fail"
+    assert report.problems[0].startswith("step 1: 2 KeepsAHostBuffer: forward operator sub: a NumPy array was mixed with device arrays"), report.problems
