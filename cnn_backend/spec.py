@@ -203,6 +203,21 @@ def _normalize_layers(layers, parents: str) -> list[dict]:
     return [_normalize_layer(index, entry, parents) for index, entry in enumerate(layers)]
 
 
+#: the names Keras and PyTorch give the built-in types, in lower case: what a hint suggests for them
+FRAMEWORK_TYPE_NAMES = {
+    "dense": "FullyConnected", "linear": "FullyConnected", "conv2d": "Convolution", "maxpool2d": "MaxPool",
+    "maxpooling2d": "MaxPool", "avgpool2d": "AvgPool", "averagepooling2d": "AvgPool", "batchnorm2d": "BatchNorm",
+    "batchnorm1d": "BatchNorm", "batchnormalization": "BatchNorm", "globalaveragepooling2d": "GlobalAvgPool",
+    "adaptiveavgpool2d": "GlobalAvgPool",
+}
+#: Keras's and PyTorch's names of the built-in layers' options: what a hint suggests for them
+FRAMEWORK_OPTION_NAMES = {
+    "units": "out_features", "filters": "out_channels", "kernel": "kernel_size", "strides": "stride",
+    "pool": "pool_size", "p": "rate", "dropout": "rate", "kernel_initializer": "init", "use_bias": "bias",
+    "alpha": "negative_slope",
+}
+
+
 def _normalize_layer(index: int, entry, parents: str) -> dict:
     return _normalize_entry(entry, _label(index, entry, parents))
 
@@ -217,7 +232,9 @@ def _normalize_entry(entry, label: str, *, inner_checked: bool = False) -> dict:
     kind = entry["type"]
     known = [*BUILTIN_OPTIONS, *(name for name in LAYER_TYPES if name not in BUILTIN_OPTIONS)]
     if not isinstance(kind, str) or kind not in LAYER_TYPES:
-        close = difflib.get_close_matches(str(kind), known, n=1)
+        close = [FRAMEWORK_TYPE_NAMES[str(kind).lower()]] if str(kind).lower() in FRAMEWORK_TYPE_NAMES else (
+            difflib.get_close_matches(str(kind), known, n=1) or [name for name in known if name.lower() == str(kind).lower()]
+        )
         hint = f"did you mean {close[0]}? " if close else ""
         raise SpecError(
             f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(known)} "
@@ -229,7 +246,8 @@ def _normalize_entry(entry, label: str, *, inner_checked: bool = False) -> dict:
         if name == "type":
             continue
         if name not in options:
-            close = difflib.get_close_matches(name, options, n=1)
+            alias = FRAMEWORK_OPTION_NAMES.get(name)
+            close = [alias] if alias in options else difflib.get_close_matches(name, options, n=1)
             if name.startswith("in_") or name in LAYER_TYPES[kind].inferred_sizes:
                 why = "input sizes are inferred from the input shape; leave it out"
             elif close:

@@ -429,3 +429,20 @@ def test_the_builtin_option_table_has_the_constructors_names_and_defaults():
                 assert given is parameters[name].empty or given is None, (kind, name, given)
             else:
                 assert given == default and type(given) is type(default), (kind, name, given, default)
+
+
+@pytest.mark.parametrize(
+    "entry, hint",
+    [
+        ({"type": "Dense", "units": 10}, "unknown layer type 'Dense'; did you mean FullyConnected?"),
+        ({"type": "Linear", "out_features": 10}, "unknown layer type 'Linear'; did you mean FullyConnected?"),
+        ({"type": "Conv2d", "out_channels": 4, "kernel_size": 3}, "unknown layer type 'Conv2d'; did you mean Convolution?"),
+        ({"type": "relu"}, "unknown layer type 'relu'; did you mean ReLU?"),
+        ({"type": "FullyConnected", "units": 10}, "unknown option 'units' (did you mean out_features?)"),
+        ({"type": "Convolution", "filters": 4, "kernel_size": 3}, "unknown option 'filters' (did you mean out_channels?)"),
+        ({"type": "Convolution", "out_channels": 4, "kernel_size": 3, "kernel_initializer": "he"}, "unknown option 'kernel_initializer' (did you mean init?)"),
+    ],
+)
+def test_keras_and_pytorch_names_are_answered_with_ours(entry, hint):
+    with pytest.raises(SpecError, match=re.escape(hint)):
+        build_model([entry], input_shape=(1, 8, 8), backend="cpu", seed=0)
