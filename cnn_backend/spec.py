@@ -322,7 +322,7 @@ def register_layer(cls: type) -> type:
     class holds, an option called ``type``, one called ``layers`` on a class without ``children()``,
     and a container without that argument are refused. See ``docs/custom-layers.md``.
     """
-    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+    if not (isinstance(cls, type) and issubclass(cls, Layer)) or cls is Layer:
         raise TypeError(f"register_layer takes a subclass of cnn_backend.layers.Layer, got {cls!r}")
     name = cls.__name__
     if name in BUILTIN_LAYER_TYPES:

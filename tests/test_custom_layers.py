@@ -4,6 +4,7 @@ the public finite-difference check, and a registered layer through training, sav
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy
 import pytest
@@ -967,3 +968,21 @@ def test_gradient_check_passes_correct_layers_at_modest_sizes_and_still_catches_
 
     with pytest.raises(GradientCheckError, match=r"^the input gradient differs from its finite differences"):
         check_layer_gradients(TenPercentOff(out_channels=16, kernel_size=3, padding=1), input_shape=(16, 12, 12))
+
+
+@pytest.mark.parametrize("declared", [(1.5, 8, 8), (0, 8, 8), (-1, 8, 8), "abc", ()])
+def test_a_build_that_declares_an_impossible_shape_is_named_at_that_layer(declared):
+    from cnn_backend.layers import LayerDefinitionError
+
+    class DeclaresBadly(Layer):
+        def _build(self, input_shape, rng):
+            return declared
+
+    with pytest.raises(LayerDefinitionError, match=rf"^DeclaresBadly._build returned {re.escape(repr(declared))}: return the per-sample "
+                                                   r"output shape as positive integers"):
+        DeclaresBadly().build((1, 8, 8))
+
+
+def test_the_layer_base_class_itself_is_not_registered():
+    with pytest.raises(TypeError, match=r"^register_layer takes a subclass of cnn_backend.layers.Layer, got <class 'cnn_backend.layers.base.Layer'>$"):
+        register_layer(Layer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 
 from ..backend import Backend, cpu_backend, get_backend
 from ..init import as_integer, is_flag, make_rng
@@ -61,7 +62,7 @@ class Layer:
             output_shape = self._build(input_shape, make_rng(rng))
             if output_shape is None:
                 raise ShapeError(f"{type(self).__name__}._build returned None: return the per-sample output shape")
-            output_shape = tuple(output_shape)
+            output_shape = _declared_shape(self, output_shape)
         except Exception as exc:
             # Marked on the way out, so that whoever reports it can name the path down to the
             # inner layer that failed, whatever a container's _build in between is (failed_build_path).
@@ -201,6 +202,20 @@ class Layer:
 
     def _not_built(self, what: str) -> ShapeError:
         return ShapeError(f"{self}: {what} is not known yet: build the layer with its input shape first (or give {what})")
+
+
+def _declared_shape(layer: "Layer", shape) -> tuple:
+    """What ``_build`` returned, as a tuple of positive ints; LayerDefinitionError otherwise (a
+    float, a zero or a string would be blamed on the layer after it)."""
+    try:
+        sizes = tuple(shape)
+    except TypeError:
+        sizes = None
+    if not sizes or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0 for size in sizes):
+        raise LayerDefinitionError(
+            f"{type(layer).__name__}._build returned {shape!r}: return the per-sample output shape as positive integers"
+        )
+    return tuple(int(size) for size in sizes)
 
 
 def refuse_integer_input(x, where: str) -> None:
