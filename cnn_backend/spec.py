@@ -185,6 +185,13 @@ def normalize_spec(document) -> dict:
     if "layers" not in document:
         raise SpecError("the spec has no layers: add [[layers]] tables, each with a type")
     normalized = {key: document[key] for key in ("name", "description") if key in document}
+    # Printed in summaries and run headers: no terminal escapes, and the name on one line.
+    if "name" in normalized and not (isinstance(normalized["name"], str) and normalized["name"].isprintable()):
+        raise SpecError(f"the spec's name must be one line of printable text, got {normalized['name']!r}")
+    if "description" in normalized and not (
+        isinstance(normalized["description"], str) and normalized["description"].replace("\n", " ").replace("\t", " ").isprintable()
+    ):
+        raise SpecError(f"the spec's description must be printable text, got {normalized['description']!r}")
     for key, value in normalized.items():
         if not isinstance(value, str):
             raise SpecError(f"the spec's {key} must be a string, got {value!r}")

@@ -446,3 +446,11 @@ def test_the_builtin_option_table_has_the_constructors_names_and_defaults():
 def test_keras_and_pytorch_names_are_answered_with_ours(entry, hint):
     with pytest.raises(SpecError, match=re.escape(hint)):
         build_model([entry], input_shape=(1, 8, 8), backend="cpu", seed=0)
+
+
+@pytest.mark.parametrize("key, text", [("name", "net\nwork"), ("name", "net\x1b[2Jwork"), ("description", "a\x1b[31m red one"), ("name", 3)])
+def test_a_spec_name_or_description_that_would_not_print_as_text_is_refused(key, text):
+    layers = [{"type": "Flatten"}, {"type": "FullyConnected", "out_features": 10}]
+    with pytest.raises(SpecError, match=rf"^the spec's {key} must be (one line of )?printable text, got "):
+        build_model({"layers": layers, key: text}, input_shape=(1, 8, 8), backend="cpu", seed=0)
+    build_model({"layers": layers, "description": "two lines\nof description"}, input_shape=(1, 8, 8), backend="cpu", seed=0)
