@@ -225,6 +225,21 @@ FRAMEWORK_OPTION_NAMES = {
 }
 
 
+def _unregistered_layer_class(name: str):
+    """A Layer subclass named ``name`` that is defined (its module imported) but not registered."""
+    registered = set(LAYER_TYPES.values())
+    pending, seen = list(Layer.__subclasses__()), set()
+    while pending:
+        cls = pending.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if cls.__name__ == name and cls not in registered:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
 def _normalize_layer(index: int, entry, parents: str) -> dict:
     return _normalize_entry(entry, _label(index, entry, parents))
 
@@ -243,6 +258,12 @@ def _normalize_entry(entry, label: str, *, inner_checked: bool = False) -> dict:
             difflib.get_close_matches(str(kind), known, n=1) or [name for name in known if name.lower() == str(kind).lower()]
         )
         hint = f"did you mean {close[0]}? " if close else ""
+        unregistered = _unregistered_layer_class(str(kind))
+        if unregistered is not None:  # imported, but its module forgot the decorator: --import alone cannot help
+            raise SpecError(
+                f"{label}: unknown layer type {kind!r}: {unregistered.__module__}.{unregistered.__name__} is a layer class, "
+                f"but not registered: decorate it with @cnn_backend.register_layer (or call cnn_backend.register_layer on it)"
+            )
         raise SpecError(
             f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(known)} "
             f"(a layer class of your own: cnn_backend.register_layer, or --import MODULE on the command line)"

@@ -88,7 +88,11 @@ def test_options_are_checked_by_their_annotation_or_default_and_required_ones_mu
 
 
 def test_an_unknown_type_points_to_registration():
-    with pytest.raises(SpecError, match=r"unknown layer type 'ChannelScale'.*cnn_backend\.register_layer, or --import MODULE"):
+    with pytest.raises(SpecError, match=r"unknown layer type 'NoSuchScale'.*cnn_backend\.register_layer, or --import MODULE"):
+        build_model(spec_with({"type": "NoSuchScale"}), (1, 8, 8))
+    # a class defined (its module imported) but not registered: the decorator is what is missing
+    with pytest.raises(SpecError, match=r"unknown layer type 'ChannelScale': layer_helpers.ChannelScale is a layer class, but not "
+                                        r"registered: decorate it with @cnn_backend.register_layer"):
         build_model(spec_with({"type": "ChannelScale"}), (1, 8, 8))
 
 
@@ -986,3 +990,13 @@ def test_a_build_that_declares_an_impossible_shape_is_named_at_that_layer(declar
 def test_the_layer_base_class_itself_is_not_registered():
     with pytest.raises(TypeError, match=r"^register_layer takes a subclass of cnn_backend.layers.Layer, got <class 'cnn_backend.layers.base.Layer'>$"):
         register_layer(Layer)
+
+
+def test_a_layer_class_defined_but_not_registered_is_named_with_the_missing_decorator():
+    class ForgotTheDecorator(Layer):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(SpecError, match=r"^layer 0 \(ForgotTheDecorator\): unknown layer type 'ForgotTheDecorator': .*ForgotTheDecorator "
+                                        r"is a layer class, but not registered: decorate it with @cnn_backend.register_layer"):
+        build_model([{"type": "ForgotTheDecorator"}], input_shape=(4,), backend="cpu", seed=0)
