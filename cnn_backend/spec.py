@@ -226,7 +226,8 @@ FRAMEWORK_OPTION_NAMES = {
 
 
 def _unregistered_layer_class(name: str):
-    """A Layer subclass named ``name`` that is defined (its module imported) but not registered."""
+    """A Layer subclass named ``name`` that is defined at the top of an imported module but not
+    registered (a class of a module no longer imported, or local to a function, does not count)."""
     registered = set(LAYER_TYPES.values())
     pending, seen = list(Layer.__subclasses__()), set()
     while pending:
@@ -234,7 +235,7 @@ def _unregistered_layer_class(name: str):
         if cls in seen:
             continue
         seen.add(cls)
-        if cls.__name__ == name and cls not in registered:
+        if cls.__name__ == name and cls not in registered and getattr(sys.modules.get(cls.__module__), name, None) is cls:
             return cls
         pending.extend(cls.__subclasses__())
     return None

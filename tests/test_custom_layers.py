@@ -992,11 +992,14 @@ def test_the_layer_base_class_itself_is_not_registered():
         register_layer(Layer)
 
 
-def test_a_layer_class_defined_but_not_registered_is_named_with_the_missing_decorator():
-    class ForgotTheDecorator(Layer):
-        def forward(self, x):
-            return x
+class ForgotTheDecorator(Layer):
+    """Defined at the top of a module, as a layer of one's own is, but never registered."""
 
+    def forward(self, x):
+        return x
+
+
+def test_a_layer_class_defined_but_not_registered_is_named_with_the_missing_decorator():
     with pytest.raises(SpecError, match=r"^layer 0 \(ForgotTheDecorator\): unknown layer type 'ForgotTheDecorator': .*ForgotTheDecorator "
                                         r"is a layer class, but not registered: decorate it with @cnn_backend.register_layer"):
         build_model([{"type": "ForgotTheDecorator"}], input_shape=(4,), backend="cpu", seed=0)
