@@ -794,7 +794,7 @@ def test_ctrl_c_while_rank_1_waits_to_report_its_error_ends_the_job_with_that_er
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
-        time.sleep(6)  # both started; rank 1 is in its grace wait (30 s)
+        time.sleep(12)  # both started, rank 0 waiting in a collective; rank 1 in its grace wait (30 s)
         assert process.poll() is None, process.communicate()
         started = time.monotonic()
         process.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
