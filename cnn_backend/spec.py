@@ -122,11 +122,15 @@ def parse_spec_text(text: str, syntax: str = "toml", source: str = "spec") -> di
             raise SpecError(f"{source}: JSON syntax error at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         except _RepeatedKey as exc:  # TOML refuses a repeated key as a syntax error; so does this
             raise SpecError(f"{source}: JSON: the key {exc.args[0]!r} appears twice in one table") from None
+        except RecursionError:
+            raise SpecError(f"{source}: JSON nested too deep to read; a network nests containers {MAX_NESTING} deep at most") from None
     else:
         try:
             document = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise SpecError(f"{source}: TOML syntax error: {exc}") from None
+        except RecursionError:
+            raise SpecError(f"{source}: TOML nested too deep to read; a network nests containers {MAX_NESTING} deep at most") from None
     if not isinstance(document, (dict, list)):
         raise SpecError(f"{source}: a spec is a table with a 'layers' list, got {type(document).__name__}")
     return document
@@ -185,21 +189,26 @@ def normalize_spec(document) -> dict:
     if "layers" not in document:
         raise SpecError("the spec has no layers: add [[layers]] tables, each with a type")
     normalized = {key: document[key] for key in ("name", "description") if key in document}
-    # Printed in summaries and run headers: no terminal escapes, and the name on one line.
-    if "name" in normalized and not (isinstance(normalized["name"], str) and normalized["name"].isprintable()):
-        raise SpecError(f"the spec's name must be one line of printable text, got {normalized['name']!r}")
-    if "description" in normalized and not (
-        isinstance(normalized["description"], str) and normalized["description"].replace("\n", " ").replace("\t", " ").isprintable()
-    ):
-        raise SpecError(f"the spec's description must be printable text, got {normalized['description']!r}")
     for key, value in normalized.items():
         if not isinstance(value, str):
             raise SpecError(f"the spec's {key} must be a string, got {value!r}")
+    # Printed in summaries and run headers: no terminal escapes, and the name on one line.
+    if not normalized.get("name", "").isprintable():
+        raise SpecError(f"the spec's name must be one line of printable text, got {normalized['name']!r}")
+    if not normalized.get("description", "").replace("\n", " ").replace("\t", " ").isprintable():
+        raise SpecError(f"the spec's description must be printable text, got {normalized['description']!r}")
     normalized["layers"] = _normalize_layers(document["layers"], "")
     return normalized
 
 
+#: how deep containers (Residual blocks) may nest: far beyond any real network, well within
+#: Python's recursion limit, which building and running the layers also spend
+MAX_NESTING = 100
+
+
 def _normalize_layers(layers, parents: str) -> list[dict]:
+    if parents.count(" > ") >= MAX_NESTING:
+        raise SpecError(f"{parents.rstrip('> ').strip()}: containers nested more than {MAX_NESTING} deep; flatten the network")
     if isinstance(layers, tuple):  # a spec built in Python: the list a file would hold
         layers = list(layers)
     if not isinstance(layers, list):

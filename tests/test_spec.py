@@ -448,9 +448,23 @@ def test_keras_and_pytorch_names_are_answered_with_ours(entry, hint):
         build_model([entry], input_shape=(1, 8, 8), backend="cpu", seed=0)
 
 
-@pytest.mark.parametrize("key, text", [("name", "net\nwork"), ("name", "net\x1b[2Jwork"), ("description", "a\x1b[31m red one"), ("name", 3)])
+@pytest.mark.parametrize("key, text", [("name", "net\nwork"), ("name", "net\x1b[2Jwork"), ("description", "a\x1b[31m red one")])
 def test_a_spec_name_or_description_that_would_not_print_as_text_is_refused(key, text):
     layers = [{"type": "Flatten"}, {"type": "FullyConnected", "out_features": 10}]
     with pytest.raises(SpecError, match=rf"^the spec's {key} must be (one line of )?printable text, got "):
         build_model({"layers": layers, key: text}, input_shape=(1, 8, 8), backend="cpu", seed=0)
     build_model({"layers": layers, "description": "two lines\nof description"}, input_shape=(1, 8, 8), backend="cpu", seed=0)
+
+
+def test_containers_nested_beyond_any_real_network_are_refused_in_one_line(tmp_path):
+    def nested(depth):
+        return {"type": "ReLU"} if depth == 0 else {"type": "Residual", "layers": [nested(depth - 1)]}
+
+    network = lambda depth: {"layers": [nested(depth), {"type": "GlobalAvgPool"}, {"type": "FullyConnected", "out_features": 10}]}
+    build_model(network(20), input_shape=(1, 8, 8), backend="cpu", seed=0)
+    with pytest.raises(SpecError, match=r"containers nested more than 100 deep; flatten the network$"):
+        build_model(network(300), input_shape=(1, 8, 8), backend="cpu", seed=0)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(SpecError, match=r"JSON nested too deep to read; a network nests containers 100 deep at most$"):
+        read_spec_file(deep)
