@@ -21,7 +21,7 @@ from ..training import evaluate
 from .arguments import DATA_METAVAR, add_command, add_import_option, json_report_path, positive_int, range_label, range_text, select_range
 from .console import EXIT_OK, EXIT_USAGE, PROG, print_error, say
 from .runtime import open_backend, quiet_float_warnings
-from .settings import data_digest, data_not_found, ranges_digest, refuse_changed_images, same_data
+from .settings import data_digest, data_not_found, digest_matches, ranges_digest, refuse_changed_images, same_data
 
 CHECKPOINT_HELP = "a .npz written by train (or Sequential.save)"
 
@@ -82,9 +82,9 @@ def _refuse_changed_ranges(stored: dict, data, source, path) -> None:
     train_window = select_range(stored["train_split"], len(data), "--train-split")
     val_window = select_range(stored["val_split"], len(data), "--range")
     refuse_changed_images(
-        source, path, recorded, ranges_digest(data, train_window, val_window),
+        source, path, recorded, ranges_digest(data, train_window, val_window), data,
         "its validation range would now hold other images, some it may have trained on", _other_images_advice(source),
-        pixel_digest=lambda: ranges_digest(data, train_window, val_window, by_pixels=True), trained_on=stored.get("data"),
+        windows=(train_window, val_window), trained_on=stored.get("data"),
     )
 
 
@@ -95,14 +95,14 @@ def _trained_on_note(stored: dict, data, source, window: slice, args) -> str | N
         return None
     selected = numpy.arange(len(data))[window]
     try:
-        if stored.get("val_fraction") and stored.get("holdout_of") in (data_digest(data), data_digest(data, by_pixels=True)):
+        recorded = stored.get("holdout_of")
+        if stored.get("val_fraction") and recorded is not None and digest_matches(recorded, data_digest(data), data):
             trained = stratified_holdout(data.labels, stored["val_fraction"], stored.get("seed", 0))[0]
         elif stored.get("train_split") is not None and stored.get("val_split") is not None:
-            train_window = select_range(stored["train_split"], len(data), "--train-split")
-            val_window = select_range(stored["val_split"], len(data), "--range")
-            if stored.get("ranges_of") not in (None, ranges_digest(data, train_window, val_window)):
+            windows = (select_range(stored["train_split"], len(data), "--train-split"), select_range(stored["val_split"], len(data), "--range"))
+            if not digest_matches(stored.get("ranges_of"), ranges_digest(data, *windows), data, windows):
                 return None
-            trained = numpy.arange(len(data))[train_window]
+            trained = numpy.arange(len(data))[windows[0]]
         else:
             return None
     except ValueError:  # the data changed since (fewer images than the ranges): which were trained on is not known
@@ -144,9 +144,8 @@ def run_evaluate(args) -> int:
         _refuse_changed_ranges(stored, data, source, checkpoint.path)
     if range_text is None:
         refuse_changed_images(  # checkpoints from before the digest was recorded have none
-            source, checkpoint.path, stored.get("holdout_of"), data_digest(data),
-            "its hold-out would now take images it trained on", _other_images_advice(source),
-            pixel_digest=lambda: data_digest(data, by_pixels=True), trained_on=stored.get("data"),
+            source, checkpoint.path, stored.get("holdout_of"), data_digest(data), data,
+            "its hold-out would now take images it trained on", _other_images_advice(source), trained_on=stored.get("data"),
         )
         window = stratified_holdout(labels, stored["val_fraction"], stored.get("seed", 0))[1]
         window_text, label = "hold-out", f"hold-out ({len(window):,} images)"

@@ -302,14 +302,25 @@ def _identity(data, window: slice, by_pixels: bool) -> tuple:
     return data.labels[window], data.images[window]
 
 
-def refuse_changed_images(source, path, recorded: str | None, current: str, consequence: str, advice: str,
-                          pixel_digest=None, trained_on=None) -> None:
-    """Refuse data whose digest differs from the one ``path`` recorded when it was trained (None:
-    a checkpoint that records none): its hold-out or ranges, which index the data's order, would
-    now select other images. ``pixel_digest()``, when given, is the digest by pixels, which a
-    checkpoint recorded before image folders were identified by file names. ``trained_on``: the
-    data the checkpoint was trained on, named when ``source`` is another folder."""
-    if recorded is None or recorded == current or (pixel_digest is not None and recorded == pixel_digest()):
+def digest_matches(recorded: str | None, current: str | None, data, windows: tuple = ()) -> bool:
+    """Whether the digest a checkpoint ``recorded`` (None: it recorded none) is that of ``data``:
+    ``current`` (:func:`data_digest`, or :func:`ranges_digest` of ``windows``, the training and
+    validation windows of a range run), or, for an image folder, its digest by pixels, which
+    checkpoints recorded before image folders were identified by file names."""
+    if recorded is None or recorded == current:
+        return True
+    if not data.files:  # identified by its pixels already
+        return False
+    return recorded == (ranges_digest(data, *windows, by_pixels=True) if windows else data_digest(data, by_pixels=True))
+
+
+def refuse_changed_images(source, path, recorded: str | None, current: str | None, data, consequence: str, advice: str,
+                          *, windows: tuple = (), trained_on=None) -> None:
+    """Refuse data whose digest differs from the one ``path`` recorded when it was trained (see
+    :func:`digest_matches`): its hold-out or ranges, which index the data's order, would now
+    select other images. ``trained_on``: the data the checkpoint was trained on, named when
+    ``source`` is another folder."""
+    if digest_matches(recorded, current, data, windows):
         return
     if trained_on is not None and not same_data(source, trained_on):
         raise ValueError(f"{source} is not the data {path} was trained on ({trained_on}), so {consequence}; {advice}")

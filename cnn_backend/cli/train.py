@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import sys
 import time
@@ -70,12 +69,10 @@ from .settings import (
     FULL_RANGES,
     SETTING_NAMES,
     array_digest,
-    data_digest,
     load_training_data,
     missing_classes_notes,
     option_flag,
     optimizer_config,
-    ranges_digest,
     refuse_changed_images,
     refuse_other_ranges,
     resolve_settings,
@@ -307,18 +304,13 @@ def _train(args, world, held: list | None = None) -> int:
             if key not in explicit:
                 settings[key] = None
     train_window, val_window, split_line = resolve_validation(settings, data, explicit, resumed=checkpoint is not None)
-    by_pixels = {
-        "holdout_of": functools.partial(data_digest, data, by_pixels=True),
-        "ranges_of": functools.partial(ranges_digest, data, train_window, val_window, by_pixels=True),
-    }
-    for digest, selection in (("holdout_of", "its hold-out"), ("ranges_of", "its ranges")):
+    for digest, selection, windows in (("holdout_of", "its hold-out", ()), ("ranges_of", "its ranges", (train_window, val_window))):
         if checkpoint is not None:
             refuse_changed_images(
-                settings["data"], checkpoint.path, checkpoint.settings.get(digest), settings.get(digest),
+                settings["data"], checkpoint.path, checkpoint.settings.get(digest), settings.get(digest), data,
                 f"{selection} would now mix training and validation images", "resume on the same files, or start a new run",
-                pixel_digest=by_pixels[digest], trained_on=checkpoint.settings.get("data"),
+                windows=windows, trained_on=checkpoint.settings.get("data"),
             )
-    del by_pixels  # they hold the data, which is let go below
     split_notes = missing_classes_notes(data, train_window, val_window)
     if checkpoint is None:
         normalization = Normalization.from_images(images[train_window]) if settings["normalize"] else None
