@@ -63,7 +63,6 @@ class Sequential:
                     f"Sequential: item {index} is a {type(layer).__name__} ({layer!r:.40}), not a layer; pass layer "
                     f"objects (cnn_backend.layers), or build the network from a spec (cnn_backend.spec.build_model)"
                 )
-        for index, layer in enumerate(self.layers):
             if not all(hasattr(layer, name) for name in ("backend", "params", "buffers", "training")):
                 raise LayerDefinitionError(
                     f"Sequential: layer {index} ({type(layer).__name__}) was made without Layer.__init__: call "

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import inspect
-import numbers
 
 from ..backend import Backend, cpu_backend, get_backend
-from ..init import as_integer, is_flag, make_rng
+from ..init import as_integer, is_flag, make_rng, positive_sizes
 from ..parameters import Parameter
 
 
@@ -207,15 +206,12 @@ class Layer:
 def _declared_shape(layer: "Layer", shape) -> tuple:
     """What ``_build`` returned, as a tuple of positive ints; LayerDefinitionError otherwise (a
     float, a zero or a string would be blamed on the layer after it)."""
-    try:
-        sizes = tuple(shape)
-    except TypeError:
-        sizes = None
-    if not sizes or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0 for size in sizes):
+    sizes = positive_sizes(shape)
+    if sizes is None:
         raise LayerDefinitionError(
             f"{type(layer).__name__}._build returned {shape!r}: return the per-sample output shape as positive integers"
         )
-    return tuple(int(size) for size in sizes)
+    return sizes
 
 
 def refuse_integer_input(x, where: str) -> None:
