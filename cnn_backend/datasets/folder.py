@@ -67,11 +67,6 @@ class ImageFile:
     mtime_ns: int
 
 
-def _shown(path) -> str:
-    """``path`` as text that prints anywhere (see :func:`printable`)."""
-    return printable(path)
-
-
 def _check_class_names(folder: Path, names) -> None:
     """Refuse class folders whose names are not UTF-8: class names are stored as text (checkpoints,
     ONNX metadata, reports), where such a name cannot be written or would not read back the same."""
@@ -79,7 +74,7 @@ def _check_class_names(folder: Path, names) -> None:
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise DataError(
-            f"{_shown(folder / bad[0])}: the class folder's name is not valid UTF-8{more}; rename it "
+            f"{printable(folder / bad[0])}: the class folder's name is not valid UTF-8{more}; rename it "
             "(class names are stored as text in checkpoints, exported models and reports)"
         )
 
@@ -100,11 +95,11 @@ def find_classes(directory: Path) -> list[str]:
     try:
         entries = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
     except FileNotFoundError:
-        raise DataError(f"{_shown(directory)}: no such folder") from None
+        raise DataError(f"{printable(directory)}: no such folder") from None
     except NotADirectoryError:
-        raise DataError(f"{_shown(directory)}: not a folder") from None
+        raise DataError(f"{printable(directory)}: not a folder") from None
     except OSError as exc:
-        raise DataError(f"{_shown(directory)}: cannot list ({exc.strerror or exc})") from None
+        raise DataError(f"{printable(directory)}: cannot list ({exc.strerror or exc})") from None
     return entries
 
 
@@ -134,21 +129,14 @@ def has_split_layout(root: Path) -> bool:
     return others <= _SPLIT_LIKE | _BESIDE_SPLITS
 
 
-def unread_validation_folders(root: Path) -> list[str]:
-    """The validation-split folders beside ``train`` in the train/test layout (none are read)."""
-    if not has_split_layout(root):
-        return []
-    return [name for name in find_classes(root) if name in VALIDATION_FOLDERS]
-
-
 def _refuse_split_names_as_classes(root: Path, class_names: list[str]) -> None:
     """DataError when every class folder of ``root`` is named as a split (Training/Testing, val, a
     train folder of images): a classifier of the splits is never what was meant."""
     if len(class_names) >= 2 and all(name.lower() in _SPLIT_LIKE for name in class_names):
         raise DataError(
-            f"{_shown(root)}: its folders {', '.join(class_names)} look like splits, not classes; use the layout "
-            f"{_shown(root / 'train')}/<class>/<images> (and {_shown(root / 'test')}/<class>/<images>), "
-            f"or pass --data {_shown(root / class_names[0])} to read one split's class folders"
+            f"{printable(root)}: its folders {', '.join(class_names)} look like splits, not classes; use the layout "
+            f"{printable(root / 'train')}/<class>/<images> (and {printable(root / 'test')}/<class>/<images>), "
+            f"or pass --data {printable(root / class_names[0])} to read one split's class folders"
         )
 
 
@@ -165,11 +153,11 @@ def split_folder(root: Path, split: str) -> tuple[Path, Path]:
     instead = "evaluate the checkpoint's validation images instead (--split train, the default)"
     if has_split_layout(root):
         if split == "test" and not (root / "test").is_dir():
-            raise DataError(f"{_shown(root)}: no test split (no test folder beside train); {instead}, or add {_shown(root / 'test')}/<class>/<images>")
+            raise DataError(f"{printable(root)}: no test split (no test folder beside train); {instead}, or add {printable(root / 'test')}/<class>/<images>")
         return root / split, root / "train"
     if split == "test":
         raise DataError(
-            f"{_shown(root)}: no test split (the folder is root/<class>/..., not root/train and root/test); "
+            f"{printable(root)}: no test split (the folder is root/<class>/..., not root/train and root/test); "
             f"{instead}, or pass --data a folder with train and test sub-folders"
         )
     return root, root
@@ -377,35 +365,36 @@ def load_image_folder(
     channels = check_channels(channels)
     size = parse_image_size(image_size)
     if not root.is_dir():
-        raise DataError(f"{_shown(root)}: no such folder" if not root.exists() else f"{_shown(root)}: not a folder")
+        raise DataError(f"{printable(root)}: no such folder" if not root.exists() else f"{printable(root)}: not a folder")
     folder, class_folder = split_folder(root, split)
+    split_layout = class_folder != root  # the classes are train's
     class_names = find_classes(class_folder)
     _check_class_names(class_folder, class_names)
-    if class_folder == root:
+    if not split_layout:
         _refuse_split_names_as_classes(root, class_names)
     if not class_names:
-        raise DataError(f"{_shown(class_folder)}: no class folders; expected {_shown(class_folder)}/<class name>/<image files>")
+        raise DataError(f"{printable(class_folder)}: no class folders; expected {printable(class_folder)}/<class name>/<image files>")
     if len(class_names) == 1:
-        raise DataError(f"{_shown(class_folder)}: only one class folder ({class_names[0]}); a classifier needs at least two")
+        raise DataError(f"{printable(class_folder)}: only one class folder ({class_names[0]}); a classifier needs at least two")
     # A test folder is checked on training too: a class it adds would be found only at evaluation.
-    test_folder = root / "test" if has_split_layout(root) else None
+    test_folder = root / "test" if split_layout else None
     if test_folder is not None and test_folder.is_dir():
         test_classes = find_classes(test_folder)
         _check_class_names(test_folder, test_classes)
         unknown = sorted(set(test_classes) - set(class_names))
         if unknown:
-            raise DataError(f"{_shown(test_folder)}: class folders {', '.join(unknown)} are not in {_shown(class_folder)}")
+            raise DataError(f"{printable(test_folder)}: class folders {', '.join(unknown)} are not in {printable(class_folder)}")
     files, others = list_images(folder, class_names)
     if split == "train":
         counts = Counter(item.label for item in files)
         empty = [name for label, name in enumerate(class_names) if counts[label] == 0]
         if empty:
             raise DataError(
-                f"{_shown(folder / empty[0])}: no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                f"{printable(folder / empty[0])}: no image files ({', '.join(IMAGE_EXTENSIONS)})"
                 + (f"; {len(empty) - 1} more empty class folders" if len(empty) > 1 else "")
             )
     if not files:
-        raise DataError(f"{_shown(folder)}: no image files in its class folders ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{printable(folder)}: no image files in its class folders ({', '.join(IMAGE_EXTENSIONS)})")
 
     listing = _listing_digest(class_names, files, others)
     if cache:
@@ -417,10 +406,10 @@ def load_image_folder(
         if resolved is not None:
             cached = _read_cache(_cache_dir(folder, split, *resolved), listing)
             if cached is not None:
-                return _finish(cached, folder, strict, files, _layout_notes(root, split, size, cached.images.shape))
+                return _finish(cached, folder, strict, files, _layout_notes(root, split, split_layout, size, cached.images.shape))
 
     decoded = _decode_folder(folder, class_names, files, others, channels, size, split if cache else None, listing, progress)
-    return _finish(decoded, folder, strict, files, _layout_notes(root, split, size, decoded.images.shape))
+    return _finish(decoded, folder, strict, files, _layout_notes(root, split, split_layout, size, decoded.images.shape))
 
 
 #: an image side above which the automatic size (the most common one) gets a note: Keras's
@@ -428,19 +417,20 @@ def load_image_folder(
 LARGE_IMAGE_SIDE = 256
 
 
-def _layout_notes(root: Path, split: str, size_given, shape: tuple) -> tuple[str, ...]:
-    """Notes on what the layout leaves unread and on an automatic image size too large to train on."""
+def _layout_notes(root: Path, split: str, split_layout: bool, size_given, shape: tuple) -> tuple[str, ...]:
+    """Notes on the validation folder a split layout leaves unread and on an automatic image size
+    too large to train on."""
     notes = []
-    if split == "train":
-        for name in unread_validation_folders(root):
+    if split == "train" and split_layout:
+        for name in (name for name in find_classes(root) if name in VALIDATION_FOLDERS):
             notes.append(
-                f"{_shown(root / name)} is not read: the validation images are held out of {_shown(root / 'train')}; "
-                f"score a model on it with evaluate --data {_shown(root / name)} --range :"
+                f"{printable(root / name)} is not read: the validation images are held out of {printable(root / 'train')}; "
+                f"score a model on it with evaluate --data {printable(root / name)} --range :"
             )
     height, width = shape[2:]
     if size_given is None and max(height, width) > LARGE_IMAGE_SIDE:
         notes.append(
-            f"{_shown(root)}: its most common image size, {height}x{width}, is the network's input size; "
+            f"{printable(root)}: its most common image size, {height}x{width}, is the network's input size; "
             f"pass --image-size (e.g. --image-size 64) for a smaller, faster network and cache"
         )
     return tuple(notes)
@@ -461,7 +451,7 @@ def _finish(decoded: _Decoded, folder: Path, strict: bool, files: list[ImageFile
     if decoded.skipped:
         if strict:
             raise DataError(
-                f"{_shown(folder)}: {len(decoded.skipped)} of {decoded.total} files are not usable images: "
+                f"{printable(folder)}: {len(decoded.skipped)} of {decoded.total} files are not usable images: "
                 f"{_named(decoded.skipped)}; refused (strict): remove or fix them, or load without --strict to skip them"
             )
         summary = _skipped_summary(decoded.skipped, decoded.total, folder)
@@ -469,7 +459,7 @@ def _finish(decoded: _Decoded, folder: Path, strict: bool, files: list[ImageFile
         logger.info("%s", summary)
     channels, height, width = decoded.images.shape[1:]
     source = (
-        f"image folder {_shown(folder)}: {len(decoded.images):,} images, {len(decoded.class_names)} classes, "
+        f"image folder {printable(folder)}: {len(decoded.images):,} images, {len(decoded.class_names)} classes, "
         f"{channels}x{height}x{width}" + (" (cached)" if decoded.from_cache else "")
     )
     # The images are the listed files less the skipped ones, in the listing's order (cached or not).
@@ -479,12 +469,12 @@ def _finish(decoded: _Decoded, folder: Path, strict: bool, files: list[ImageFile
 
 
 def _skipped_summary(skipped, total: int, folder: Path) -> str:
-    return f"{_shown(folder)}: skipped {len(skipped)} of {total} files that are not usable images: {_named(skipped)}"
+    return f"{printable(folder)}: skipped {len(skipped)} of {total} files that are not usable images: {_named(skipped)}"
 
 
 def _named(skipped) -> str:
     """The first few ``(name, reason)`` of ``skipped``, and how many more."""
-    shown = "; ".join(f"{_shown(name)} ({reason})" for name, reason in skipped[:_NAMES_SHOWN])
+    shown = "; ".join(f"{printable(name)} ({reason})" for name, reason in skipped[:_NAMES_SHOWN])
     return shown + (f"; and {len(skipped) - _NAMES_SHOWN} more" if len(skipped) > _NAMES_SHOWN else "")
 
 
@@ -500,7 +490,7 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
             skipped.append((item.relative, str(exc)))
     readable = [index for index, header in enumerate(headers) if header is not None]
     if not readable:
-        raise DataError(f"{_shown(folder)}: none of its {len(files)} image files can be read")
+        raise DataError(f"{printable(folder)}: none of its {len(files)} image files can be read")
     automatic = {
         "channels": 3 if any(headers[index][0] not in GREY_MODES for index in readable) else 1,
         "size": list(Counter(headers[index][1] for index in readable).most_common(1)[0][0]),
@@ -521,7 +511,7 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
         if images is None:
             images = numpy.empty(shape, dtype=numpy.uint8)
         keep = numpy.zeros(len(readable), dtype=bool)
-        with progress_bar(progress, len(readable), f"decoding {_shown(folder)}", unit="image") as bar:
+        with progress_bar(progress, len(readable), f"decoding {printable(folder)}", unit="image") as bar:
             for row, index in enumerate(readable):
                 item = files[index]
                 try:
@@ -540,12 +530,12 @@ def _decode_folder(folder, class_names, files, others, channels, size, cache_spl
                 del images
                 images = _kept_rows_of_file(staging / "images.npy", keep)
         if not len(labels):
-            raise DataError(f"{_shown(folder)}: none of its {len(files)} image files can be decoded")
+            raise DataError(f"{printable(folder)}: none of its {len(files)} image files can be decoded")
         present = set(labels.tolist())
         listed = {item.label for item in files}
         lost = [name for label, name in enumerate(class_names) if label in listed and label not in present]
         if lost:
-            raise DataError(f"{_shown(folder / lost[0])}: none of its image files can be decoded, so the class would have no images")
+            raise DataError(f"{printable(folder / lost[0])}: none of its image files can be decoded, so the class would have no images")
         # Images that could not be decoded first: a note shows the first few, and the files that
         # are not images at all matter less.
         skipped.sort(key=lambda pair: (pair[1] == NOT_AN_IMAGE, pair[0]))
