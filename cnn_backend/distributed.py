@@ -135,14 +135,18 @@ class MpiCommunicator:
         return f"{self.size} processes, MPI through mpi4py ({library})"
 
     def allreduce_sum(self, array):
-        host = self._host_buffer(collective_array(array, "allreduce_sum"))
-        self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
-        return self._store(array, host)
+        return self._sum(collective_array(array, "allreduce_sum"))
 
     def allreduce_mean(self, array):
-        self.allreduce_sum(collective_array(array, "allreduce_mean", floats=True))
+        self._sum(collective_array(array, "allreduce_mean", floats=True))
         array *= 1.0 / self.size  # a Python float keeps the array's dtype
         return array
+
+    def _sum(self, array):
+        """The all-reduce of an array :func:`collective_array` has taken (checked once a step)."""
+        host = self._host_buffer(array)
+        self.comm.Allreduce(self._mpi.IN_PLACE, host, op=self._mpi.SUM)
+        return self._store(array, host)
 
     def broadcast(self, array, root: int = 0):
         host = self._host_buffer(collective_array(array, "broadcast"))
@@ -197,15 +201,19 @@ class NcclCommunicator:
         return f"{self.size} processes, NCCL on the GPUs (rendezvous and control over MPI)"
 
     def allreduce_sum(self, array):
-        if isinstance(collective_array(array, "allreduce_sum"), numpy.ndarray):
-            return self.mpi.allreduce_sum(array)
-        pointer, count, kind = self._buffer(array)
-        self.comm.allReduce(pointer, pointer, count, kind, self.nccl.NCCL_SUM, self._stream())
-        return array
+        return self._sum(collective_array(array, "allreduce_sum"))
 
     def allreduce_mean(self, array):
-        self.allreduce_sum(collective_array(array, "allreduce_mean", floats=True))
+        self._sum(collective_array(array, "allreduce_mean", floats=True))
         array *= 1.0 / self.size
+        return array
+
+    def _sum(self, array):
+        """As :meth:`MpiCommunicator._sum`: host arrays through MPI, device arrays through NCCL."""
+        if isinstance(array, numpy.ndarray):
+            return self.mpi._sum(array)
+        pointer, count, kind = self._buffer(array)
+        self.comm.allReduce(pointer, pointer, count, kind, self.nccl.NCCL_SUM, self._stream())
         return array
 
     def broadcast(self, array, root: int = 0):
