@@ -578,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``export`` command: load the checkpoint on the CPU, write the graph, print one summary line."""
     from .backend import get_backend
     from .checkpoint import load_checkpoint
-    from .datasets.base import printable
+    from .cli.console import say
 
     check_onnx_path(args.out)
     import_onnx()  # before any work: a missing package is reported first
@@ -589,10 +589,9 @@ def run(args: argparse.Namespace) -> int:
     path = export_onnx(model, args.out, opset=args.opset, softmax=args.softmax, class_names=class_names, normalization=normalization)
     shape = ", ".join([BATCH_DIM, *map(str, resolve_input_shape(model))])
     output = PROBABILITIES_NAME if args.softmax else LOGITS_NAME
-    print(
-        printable(f"wrote {path}: opset {args.opset}, input {INPUT_NAME} float32 ({shape}) in [0, 1]"
-                  f"{', normalised in the graph' if normalization else ''}, output {output}"),
-        flush=True,
+    say(
+        f"wrote {path}: opset {args.opset}, input {INPUT_NAME} float32 ({shape}) in [0, 1]"
+        f"{', normalised in the graph' if normalization else ''}, output {output}"
     )
     return 0
 
