@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,21 @@ def count_non_finite_samples(images, backend) -> int:
     return bad
 
 
+def count_samples_not_finite_in_dtype(images, backend) -> int:
+    """How many samples of ``images`` hold NaN or infinity once in ``backend.dtype``: NaN and
+    infinity, and finite values the cast to a narrower float makes infinite (1e39 in float32).
+    A wider input is cast a slice at a time, which bounds the memory (on a device, a read per slice)."""
+    dtype = backend.dtype
+    if images.dtype.kind != "f" or images.dtype.itemsize <= dtype.itemsize:
+        return count_non_finite_samples(images, backend)
+    with warnings.catch_warnings():  # NumPy's overflow warning for the cast: what is counted here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return sum(
+            count_non_finite_samples(images[start : start + HOST_CHECK_SAMPLES].astype(dtype), backend)
+            for start in range(0, len(images), HOST_CHECK_SAMPLES)
+        )
+
+
 #: channel counts of images: a 4-D array with one of them last and none second is channels-last
 IMAGE_CHANNEL_COUNTS = (1, 3, 4)
 
@@ -320,18 +336,6 @@ def _scale_and_normalize(images, dtype, mean=None, inverse_std=None):
         x -= mean
         x *= inverse_std
     return x
-
-
-def _refuse_unusable_floats(images: numpy.ndarray, dtype) -> None:
-    """DataError for float samples holding NaN or infinity, or values the cast to ``dtype`` would
-    make infinite (1e39 for float32): training on them would only end in a non-finite loss."""
-    if not images.size:
-        return
-    flat = images.reshape(len(images), -1)
-    with numpy.errstate(invalid="ignore"):
-        bad = int(((~numpy.isfinite(flat)) | (numpy.abs(flat) > numpy.finfo(dtype).max)).any(axis=1).sum())
-    if bad:
-        raise DataError(f"{bad} of {len(images)} images contain NaN, infinity or values too large for {numpy.dtype(dtype).name}; clean them first")
 
 
 def _check_normalization(normalization: Normalization, channels: int) -> None:
@@ -434,8 +438,11 @@ class BatchLoader:
             )
 
         self.backend = backend = get_backend(backend)  # a Backend, or a device name as Sequential takes
-        if images.dtype.kind == "f":
-            _refuse_unusable_floats(images, backend.dtype)
+        bad = count_samples_not_finite_in_dtype(images, backend)  # 0 for pixels
+        if bad:  # training on them would only end in a non-finite loss
+            raise DataError(
+                f"{bad} of {len(images)} images contain NaN, infinity or values too large for {backend.dtype.name}; clean them first"
+            )
         self.batch_size = int(batch_size)
         self.rank, self.size = int(rank), int(size)
         self.shuffle = bool(shuffle)

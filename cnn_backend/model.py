@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .backend import Backend, get_backend
-from .data import FASHION_MNIST_SHAPE, HOST_CHECK_SAMPLES, count_non_finite_samples, prepare_images
+from .data import FASHION_MNIST_SHAPE, count_non_finite_samples, count_samples_not_finite_in_dtype, prepare_images
 from .init import as_integer, make_rng, positive_sizes
 from .inputs import INPUTS_KEY, InputSpec
 from .serialization import ModelFileError, json_array, write_npz_atomic
@@ -293,7 +293,7 @@ class Sequential:
         bad = count_non_finite_samples(x, self.backend)
         if bad:
             raise ShapeError(f"{who}: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
-        bad = _count_overflowing_samples(x, self.backend)
+        bad = count_samples_not_finite_in_dtype(x, self.backend)
         if bad:  # finite here, infinite after forward's cast: the predictions would be NaN
             raise ShapeError(
                 f"{who}: {bad} of {len(x)} samples hold values too large for {self.backend.dtype.name}; "
@@ -673,21 +673,6 @@ def _refuse_layers_in_two_places(layers: list) -> None:
                     f"make another (weights are not shared)"
                 )
             places[id(inner)] = place
-
-
-def _count_overflowing_samples(x, backend: Backend) -> int:
-    """How many samples of finite float ``x`` become infinite when cast to the narrower float ``dtype``
-    (1e39 in float32); 0, at no cost, for input already as narrow. Cast a slice at a time, which bounds
-    the memory (on a device, a read per slice)."""
-    dtype = backend.dtype
-    if x.dtype.kind != "f" or x.dtype.itemsize <= dtype.itemsize:
-        return 0
-    with warnings.catch_warnings():  # NumPy's overflow warning for the cast: what is counted here
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return sum(
-            count_non_finite_samples(x[start : start + HOST_CHECK_SAMPLES].astype(dtype), backend)
-            for start in range(0, len(x), HOST_CHECK_SAMPLES)
-        )
 
 
 def _check_names(what: str, expected, found) -> None:
