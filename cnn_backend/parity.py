@@ -330,12 +330,11 @@ def compare_models(
                 ) from None
             try:
                 device_trace = traced_step(*runs[1], x, y)
-            except DeviceBoundaryError as exc:  # what CuPy would refuse: a verdict, not a crash
-                report.problems.append(f"step {step}: {exc}")
-                report.steps = step
-                break
-            except NonFiniteLogitsError:
-                report.problems.append(f"step {step}: the {device.name} logits became NaN or infinity while the {reference.name} ones stayed finite")
+            except (DeviceBoundaryError, NonFiniteLogitsError) as exc:  # what CuPy would refuse, or the device alone diverging: a verdict
+                problem = exc if isinstance(exc, DeviceBoundaryError) else (
+                    f"the {device.name} logits became NaN or infinity while the {reference.name} ones stayed finite"
+                )
+                report.problems.append(f"step {step}: {problem}")
                 report.steps = step
                 break
         expected_values = [reference.to_numpy(expected) for _, _, _, expected in reference_trace]
