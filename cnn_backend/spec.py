@@ -264,16 +264,17 @@ def _normalize_entry(entry, label: str, *, inner_checked: bool = False) -> dict:
     kind = entry["type"]
     known = [*BUILTIN_OPTIONS, *(name for name in LAYER_TYPES if name not in BUILTIN_OPTIONS)]
     if not isinstance(kind, str) or kind not in LAYER_TYPES:
-        close = [FRAMEWORK_TYPE_NAMES[str(kind).lower()]] if str(kind).lower() in FRAMEWORK_TYPE_NAMES else (
-            difflib.get_close_matches(str(kind), known, n=1) or [name for name in known if name.lower() == str(kind).lower()]
-        )
-        hint = f"did you mean {close[0]}? " if close else ""
         unregistered = _unregistered_layer_class(str(kind))
         if unregistered is not None:  # imported, but its module forgot the decorator: --import alone cannot help
             raise SpecError(
                 f"{label}: unknown layer type {kind!r}: {unregistered.__module__}.{unregistered.__name__} is a layer class, "
                 f"but not registered: decorate it with @cnn_backend.register_layer (or call cnn_backend.register_layer on it)"
             )
+        lowered = str(kind).lower()
+        close = [FRAMEWORK_TYPE_NAMES[lowered]] if lowered in FRAMEWORK_TYPE_NAMES else (
+            difflib.get_close_matches(str(kind), known, n=1) or [name for name in known if name.lower() == lowered]
+        )
+        hint = f"did you mean {close[0]}? " if close else ""
         raise SpecError(
             f"{label}: unknown layer type {kind!r}; {hint}known types: {', '.join(known)} "
             f"(a layer class of your own: cnn_backend.register_layer, or --import MODULE on the command line)"
