@@ -290,16 +290,17 @@ class Sequential:
         if not len(x):
             raise ShapeError(f"{who}: no samples to predict (an empty input)")
         refuse_integer_input(x, who)
-        bad = count_non_finite_samples(x, self.backend)
-        if bad:
-            raise ShapeError(f"{who}: {bad} of {len(x)} samples contain NaN or infinity; clean the input first")
-        bad = count_samples_not_finite_in_dtype(x, self.backend)
-        if bad:  # finite here, infinite after forward's cast: the predictions would be NaN
-            raise ShapeError(
-                f"{who}: {bad} of {len(x)} samples hold values too large for {self.backend.dtype.name}; "
-                "scale the input, or use a float64 model (dtype='float64')"
-            )
-        return x
+        bad = count_samples_not_finite_in_dtype(x, self.backend)  # one device read for input of the model's dtype
+        if not bad:
+            return x
+        non_finite = count_non_finite_samples(x, self.backend)  # which it is, read only when something is wrong
+        if non_finite:
+            raise ShapeError(f"{who}: {non_finite} of {len(x)} samples contain NaN or infinity; clean the input first")
+        # finite here, infinite after forward's cast: the predictions would be NaN
+        raise ShapeError(
+            f"{who}: {bad} of {len(x)} samples hold values too large for {self.backend.dtype.name}; "
+            "scale the input, or use a float64 model (dtype='float64')"
+        )
 
     def predict_logits(self, x, batch_size: int = EVALUATION_BATCH_SIZE):
         """Logits for any number of samples, in evaluation mode, computed in batches (device array).
